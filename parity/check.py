@@ -1,0 +1,193 @@
+"""The parity gate: compare the candidate pipeline with the fixture, stage by stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.checkpoints import StrictLoadError
+from parity.compare import compare_arrays
+from parity.errors import SpecError
+from parity.fixtures import Fixture, environment, load_fixture
+from parity.pipeline import Pipeline, build_pipeline
+from parity.results import ConfigDiff, Report, StageResult, Status
+from parity.spec import Spec
+
+__all__ = ["STAGE_ORDER", "run_check", "diff_config"]
+
+STAGE_ORDER = ("load", "pixels", "embedding", "head", "outputs")
+# Which stage a recorded configuration field can move first.
+_SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
+# Fields a spec sets directly, so a differing value has a one-line fix.
+_SETTABLE = {
+    "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"},
+    "backbone": {"model", "kwargs", "extract"},
+    "head": {"class"},
+    "runtime": {"dtype"},
+}
+
+Progress = Callable[[int, int], None]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key != "kwargs":
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tuple[ConfigDiff, ...]:
+    """Fields present on both sides whose values differ (lists and tuples compare equal)."""
+    ref, cand = _flatten(recorded), _flatten(candidate)
+
+    def norm(value: Any) -> Any:
+        return [norm(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return tuple(
+        ConfigDiff(field, ref[field], cand[field])
+        for field in ref
+        if field in cand and norm(ref[field]) != norm(cand[field])
+    )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
+    fixes = []
+    for diff in diffs:
+        section, _, key = diff.field.partition(".")
+        if _SECTION_STAGE.get(section) != stage:
+            continue
+        if key in _SETTABLE.get(section, ()):
+            fixes.append(
+                f"Fix: set [{section}].{key} = {_toml(diff.reference)} "
+                f"(the fixture was made with it; the candidate has {_toml(diff.candidate)})"
+            )
+        else:
+            fixes.append(f"{diff.field}: reference {_toml(diff.reference)}, candidate {_toml(diff.candidate)}")
+    return fixes
+
+
+def _compare_stage(stage: str, candidate, reference, spec: Spec, names, *, cosine=False) -> StageResult:
+    comparison = compare_arrays(np.asarray(candidate), reference, tolerance=spec.tolerance(stage),
+                                names=names, cosine=cosine)
+    return StageResult(stage, Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
+
+
+def _embed_all(pipeline: Pipeline, fixture: Fixture, progress: Progress | None) -> np.ndarray:
+    import torch
+
+    size, total, chunks = pipeline.spec.runtime.batch_size, len(fixture.rows), []
+    for start in range(0, total, size):
+        rows = fixture.rows[start:start + size]
+        chunks.append(pipeline.embed(torch.stack([pipeline.preprocess(row.image) for row in rows])).numpy())
+        if progress:
+            progress(start + len(rows), total)
+    return np.concatenate(chunks)
+
+
+def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: Fixture, names) -> StageResult:
+    biases = np.array([row.input_biases for row in fixture.rows], dtype=np.int64).reshape(len(fixture.rows), -1)
+    try:
+        outputs = pipeline.run_head(embeddings, biases).numpy()
+    except (RuntimeError, ValueError, IndexError) as e:
+        return StageResult(stage, Status.FAIL, f"the head raised {type(e).__name__}: {e}")
+    return _compare_stage(stage, outputs, fixture.outputs, pipeline.spec, names)
+
+
+def _with_notes(result: StageResult, notes: list[str]) -> StageResult:
+    if result.status is not Status.FAIL or not notes:
+        return result
+    from dataclasses import replace
+
+    return replace(result, notes=result.notes + tuple(notes))
+
+
+def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
+              progress: Progress | None = None) -> Report:
+    """Run the gate: strict load, golden pixels, embeddings, head on reference embeddings, outputs.
+
+    Raises:
+        SpecError: no fixtures given, or the spec cannot be built into a pipeline.
+        FixtureError: the fixture is missing, tampered with, or inconsistent.
+        CheckpointError: a checkpoint cannot be read at all.
+    """
+    root = Path(fixtures) if fixtures is not None else spec.fixtures
+    if root is None:
+        raise SpecError(f"{spec.path}: no fixtures to check against; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    fixture = load_fixture(root)
+    device_name = device or spec.runtime.device
+    report = dict(spec=str(spec.path), fixtures=str(root), device=device_name, dtype=spec.runtime.dtype)
+    try:
+        pipeline = build_pipeline(spec, device=device_name)
+    except StrictLoadError as e:
+        failed = StageResult("load", Status.FAIL, str(e).splitlines()[0], key_diffs=(e.key_diff,))
+        skipped = tuple(StageResult(s, Status.SKIP, "not run: weights did not load") for s in STAGE_ORDER[1:])
+        return Report(**report, stages=(failed, *skipped))
+
+    recorded = dict(fixture.pipeline, versions=fixture.manifest.get("producer", {}).get("versions", {}))
+    diffs = diff_config(recorded, dict(pipeline.describe(), versions=environment()))
+    names = fixture.names
+    stages = {"load": StageResult("load", Status.PASS, "backbone and head loaded with strict=True")}
+
+    golden = [row for row in fixture.rows if row.name in fixture.golden_pixels]
+    if golden:
+        import torch
+
+        pixels = torch.stack([pipeline.preprocess(row.image) for row in golden]).numpy()
+        reference = np.stack([fixture.golden_pixels[row.name] for row in golden])
+        stages["pixels"] = _compare_stage("pixels", pixels, reference, spec, [row.name for row in golden])
+    else:
+        stages["pixels"] = StageResult("pixels", Status.SKIP, "the fixture has no golden pixels")
+
+    embeddings = _embed_all(pipeline, fixture, progress)
+    stages["embedding"] = _compare_stage("embedding", embeddings, fixture.embeddings, spec, names, cosine=True)
+    stages["head"] = _run_head("head", pipeline, fixture.embeddings, fixture, names)
+    if embeddings.shape != fixture.embeddings.shape:
+        stages["outputs"] = StageResult("outputs", Status.SKIP, "not run: candidate embeddings have the wrong shape")
+    else:
+        stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, names)
+
+    first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
+    for name in STAGE_ORDER[1:]:
+        notes = _fixes(diffs, name)
+        if name == "embedding":
+            notes = _embedding_notes(stages, embeddings.shape, fixture.embeddings.shape, diffs) + notes
+        if name != first and not notes and first is not None:
+            notes.append(f"follows from the drift first seen at the {first} stage")
+        stages[name] = _with_notes(stages[name], notes)
+    return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs)
+
+
+def _embedding_notes(stages: dict[str, StageResult], got: tuple, expected: tuple,
+                     diffs: tuple[ConfigDiff, ...]) -> list[str]:
+    if got != expected:
+        return [
+            f"the candidate embedding is {got[1:]} per sample, the reference {expected[1:]}: the extraction "
+            "returns a different tensor. timm's forward() gives the head output (the CLIP projection); "
+            "pre-logits features come from forward_head(forward_features(x), pre_logits=True)."
+        ]
+    if stages["pixels"].status is not Status.FAIL:
+        note = ("weights loaded with strict=True and the pixels match, yet the embeddings moved: "
+                "the backbone computes differently")
+        activation = next((d for d in diffs if d.field == "backbone.activation"), None)
+        if activation is not None:
+            note += (f" (activation {', '.join(activation.reference)} in the reference, "
+                     f"{', '.join(activation.candidate)} in the candidate; identical keys, so strict loading cannot see it)")
+        return [note]
+    return []

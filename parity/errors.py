@@ -1,0 +1,31 @@
+"""Exception hierarchy: every parity error is a `ParityError` and also a builtin."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ParityError",
+    "SpecError",
+    "FixtureError",
+    "CheckpointError",
+    "DriftError",
+]
+
+
+class ParityError(Exception):
+    """Root of every error parity raises on purpose."""
+
+
+class SpecError(ParityError, ValueError):
+    """The spec file is missing, malformed, or asks for something impossible."""
+
+
+class FixtureError(ParityError, OSError):
+    """Fixture data is missing, inconsistent, or fails its checksum."""
+
+
+class CheckpointError(ParityError, RuntimeError):
+    """A checkpoint cannot be read, or does not load with ``strict=True``."""
+
+
+class DriftError(ParityError, AssertionError):
+    """The candidate pipeline does not reproduce the reference."""

@@ -1,0 +1,150 @@
+"""Result records: frozen dataclasses that carry numbers and no formatting logic."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "Tolerance",
+    "SampleError",
+    "Comparison",
+    "KeyDiff",
+    "Status",
+    "StageResult",
+    "ConfigDiff",
+    "Report",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Element-wise ``|a - b| <= atol + rtol * |b|`` plus an optional per-row cosine floor."""
+
+    atol: float
+    rtol: float
+    min_cosine: float | None = None
+    origin: str = "default"
+
+    def describe(self) -> str:
+        text = f"atol={self.atol:.1e} rtol={self.rtol:.1e}"
+        if self.min_cosine is not None:
+            text += f" cos>={self.min_cosine:g}"
+        return text
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """How far one sample (one row) is from its reference."""
+
+    name: str
+    max_abs: float
+    cosine: float | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Numbers from comparing a candidate array against its reference."""
+
+    candidate_shape: tuple[int, ...]
+    reference_shape: tuple[int, ...]
+    tolerance: Tolerance
+    max_abs: float = float("nan")
+    mean_abs: float = float("nan")
+    max_rel: float = float("nan")
+    mismatched: int = 0
+    total: int = 0
+    min_cosine: float | None = None
+    nonfinite: int = 0
+    required_atol: float = float("nan")
+    worst: tuple[SampleError, ...] = ()
+
+    @property
+    def shapes_match(self) -> bool:
+        return self.candidate_shape == self.reference_shape
+
+    @property
+    def passed(self) -> bool:
+        if not self.shapes_match or self.nonfinite or self.mismatched:
+            return False
+        return self.tolerance.min_cosine is None or (
+            self.min_cosine is not None and self.min_cosine >= self.tolerance.min_cosine
+        )
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass(frozen=True)
+class KeyDiff:
+    """Why a state_dict does not load into a module with ``strict=True``."""
+
+    target: str
+    source: str
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    @property
+    def loads(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+
+class Status(str, enum.Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The verdict for one pipeline stage, with its evidence."""
+
+    stage: str
+    status: Status
+    headline: str
+    metric: str = ""
+    comparison: Comparison | None = None
+    key_diffs: tuple[KeyDiff, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.status is not Status.FAIL
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """A configuration field whose candidate value differs from what the fixture recorded."""
+
+    field: str
+    reference: object
+    candidate: object
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one parity check found."""
+
+    spec: str
+    fixtures: str
+    device: str
+    dtype: str
+    stages: tuple[StageResult, ...]
+    config_diffs: tuple[ConfigDiff, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(self.stages) and any(s.status is Status.PASS for s in self.stages)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def first_failure(self) -> StageResult | None:
+        return next((s for s in self.stages if s.status is Status.FAIL), None)
+
+    def stage(self, name: str) -> StageResult:
+        for result in self.stages:
+            if result.stage == name:
+                return result
+        raise KeyError(f"no stage named {name!r}; stages: {[s.stage for s in self.stages]}")

@@ -1,0 +1,1 @@
+"""The training-time side of the bundled example: models as trained and the fixture builder."""
