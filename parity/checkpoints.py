@@ -9,7 +9,7 @@ from pathlib import Path
 from parity.errors import CheckpointError
 from parity.results import KeyDiff
 
-__all__ = ["StrictLoadError", "read_state_dict", "diff_state_dict", "load_state_dict_strict"]
+__all__ = ["StrictLoadError", "read_state_dict", "diff_state_dict", "load_state_dict_strict", "explain_key_diff"]
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema", "state_dict_ema", "model_ema")
 _SHOWN_KEYS = 12
@@ -115,7 +115,7 @@ def explain_key_diff(diff: KeyDiff) -> str:
         tuple(f"{k}: {list(m)} vs {list(c)}" for k, m, c in diff.shape_mismatches),
     )
     lines.append(
-        "Note: the inference class must be the architecture the weights were trained with; "
-        "loading with strict=False would leave these layers randomly initialised."
+        "Fix: build the module the weights were trained with ([head].class and kwargs, or "
+        "[backbone].model and kwargs); strict=False would leave these layers randomly initialised."
     )
     return "\n".join(lines)

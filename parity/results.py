@@ -27,9 +27,9 @@ class Tolerance:
     origin: str = "default"
 
     def describe(self) -> str:
-        text = f"atol={self.atol:.1e} rtol={self.rtol:.1e}"
+        text = f"atol {self.atol:.2g}, rtol {self.rtol:.2g}"
         if self.min_cosine is not None:
-            text += f" cos>={self.min_cosine:g}"
+            text += f", cos >= {self.min_cosine:g}"
         return text
 
 

@@ -1,0 +1,73 @@
+"""pytest plugin: ``--parity-*`` options and fixtures that run the gate once per session.
+
+Nothing heavy is imported at plugin import time; torch and timm load inside the fixtures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_REPORT_KEY = pytest.StashKey[object]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("parity", "training-inference parity gate")
+    group.addoption("--parity-spec", dest="parity_spec", default=None, metavar="SPEC",
+                    help="TOML spec of the candidate inference path (default: ini parity_spec)")
+    group.addoption("--parity-fixtures", dest="parity_fixtures", default=None, metavar="DIR",
+                    help="fixture directory (default: the spec's `fixtures` field)")
+    group.addoption("--parity-device", dest="parity_device", default=None, metavar="DEVICE",
+                    help="override the spec's [runtime].device (cpu, cuda, cuda:N)")
+    parser.addini("parity_spec", "default spec for --parity-spec, relative to the rootdir", default="")
+
+
+def _spec_path(config: pytest.Config) -> Path | None:
+    if config.option.parity_spec:
+        return Path(config.option.parity_spec)
+    ini = config.getini("parity_spec")
+    return config.rootpath / ini if ini else None
+
+
+@pytest.fixture(scope="session")
+def parity_spec(request: pytest.FixtureRequest):
+    """The parsed spec named by ``--parity-spec`` (or the ``parity_spec`` ini value)."""
+    from parity.spec import load_spec
+
+    path = _spec_path(request.config)
+    if path is None:
+        pytest.skip("no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini")
+    return load_spec(path)
+
+
+@pytest.fixture(scope="session")
+def parity_device(request: pytest.FixtureRequest, parity_spec) -> str:
+    """The device the gate runs on; CUDA requests skip with a reason on a CPU-only machine."""
+    device = request.config.option.parity_device or parity_spec.runtime.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"--parity-device {device}: CUDA is not available on this machine")
+    return device
+
+
+@pytest.fixture(scope="session")
+def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
+    """Run the gate once for the session and share the `Report` between tests."""
+    from parity.check import run_check
+
+    report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device)
+    request.config.stash[_REPORT_KEY] = report
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    report = config.stash.get(_REPORT_KEY, None)
+    if report is None:
+        return
+    from parity.report import render_text
+
+    terminalreporter.write_sep("=", "parity report")
+    terminalreporter.write(render_text(report))

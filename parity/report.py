@@ -1,0 +1,141 @@
+"""Rendering of reports: console (rich), plain text and JSON. No math happens here."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from parity.checkpoints import explain_key_diff
+from parity.results import Comparison, Report, StageResult, Status
+
+__all__ = ["render_report", "render_text", "format_stage", "to_json", "write_json"]
+
+_STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
+
+
+def _num(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def _metric(result: StageResult) -> tuple[str, str, str]:
+    """(metric name, value, tolerance) for the summary table."""
+    c = result.comparison
+    if c is None:
+        if result.stage == "load":
+            return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+        return "-", "-", "-"
+    if not c.shapes_match:
+        return "shape", f"{list(c.candidate_shape)} vs {list(c.reference_shape)}", "equal shapes"
+    value = f"max abs {_num(c.max_abs)}"
+    if c.min_cosine is not None:
+        value += f", min cos {c.min_cosine:.6f}"
+    return "max abs" + (", cosine" if c.min_cosine is not None else ""), value, c.tolerance.describe()
+
+
+def _comparison_lines(c: Comparison) -> list[str]:
+    if not c.shapes_match:
+        return [f"Shapes differ: candidate {list(c.candidate_shape)}, reference {list(c.reference_shape)}"]
+    lines = [
+        f"Number of differences: {c.mismatched} / {c.total} "
+        f"({100 * c.mismatched / max(c.total, 1):.1f}%) outside {c.tolerance.describe()} [{c.tolerance.origin}]",
+        f"max abs {_num(c.max_abs)}, mean abs {_num(c.mean_abs)}, max rel {_num(c.max_rel)}"
+        + (f", min cosine {c.min_cosine:.6f}" if c.min_cosine is not None else ""),
+    ]
+    if c.nonfinite:
+        lines.append(f"{c.nonfinite} non-finite value(s) (NaN/Inf) in the candidate")
+    if c.mismatched:
+        lines.append(f"Would pass with atol >= {_num(c.required_atol)} at rtol {c.tolerance.rtol:.1e}")
+    if c.worst:
+        worst = ", ".join(
+            f"{s.name} ({_num(s.max_abs)}" + (f", cos {s.cosine:.6f}" if s.cosine is not None else "") + ")"
+            for s in c.worst
+        )
+        lines.append(f"Worst samples: {worst}")
+    return lines
+
+
+def format_stage(result: StageResult) -> str:
+    """Plain-text account of one stage: headline, then evidence, then notes and fixes."""
+    headline = result.headline or (
+        "within tolerance" if result.status is Status.PASS else "drifted beyond tolerance"
+    )
+    lines = [f"{result.stage}: {result.status.value} - {headline}"]
+    if result.comparison is not None and result.status is Status.FAIL:
+        lines += [f"  {line}" for line in _comparison_lines(result.comparison)]
+    for diff in result.key_diffs:
+        lines += [f"  {line}" for line in explain_key_diff(diff).splitlines()]
+    lines += [f"  {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def render_report(report: Report, console: Console) -> None:
+    """Print the summary table, the failing stages' evidence and the configuration diff."""
+    table = Table(title=f"parity check: {Path(report.spec).name} on {report.device}/{report.dtype}",
+                  title_justify="left")
+    for column in ("stage", "metric", "value", "tolerance", "verdict"):
+        table.add_column(column, no_wrap=column in ("stage", "verdict"))
+    for result in report.stages:
+        metric, value, tolerance = _metric(result)
+        table.add_row(result.stage, metric, value, tolerance, Text(result.status.value, style=_STYLE[result.status]))
+    console.print(table)
+    for result in report.stages:
+        if result.status is Status.FAIL:
+            console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
+                          highlight=False, soft_wrap=True)
+    if report.config_diffs:
+        console.print("Configuration differences vs the fixture (reference -> candidate):", style="bold")
+        for diff in report.config_diffs:
+            console.print(f"  {diff.field}: {diff.reference!r} -> {diff.candidate!r}", highlight=False, markup=False)
+    first = report.first_failure
+    if report.passed:
+        console.print(Text("PARITY: the candidate reproduces the reference.", style="bold green"))
+    elif first is not None:
+        console.print(Text(f"DRIFT: first drifted stage: {first.stage}.", style="bold red"))
+    else:
+        console.print(Text("NO VERDICT: no stage was compared.", style="bold yellow"))
+
+
+def render_text(report: Report, *, width: int = 120) -> str:
+    """The console rendering as plain text (for pytest summaries and logs)."""
+    buffer = io.StringIO()
+    render_report(report, Console(file=buffer, width=width, no_color=True, emoji=False, highlight=False))
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    data = _plain(report)
+    data["passed"] = report.passed
+    data["first_failure"] = report.first_failure.stage if report.first_failure else None
+    for stage, result in zip(data["stages"], report.stages):
+        stage["passed"] = bool(result)
+        stage["text"] = format_stage(result)
+    return data
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")

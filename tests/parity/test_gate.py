@@ -1,0 +1,25 @@
+"""The release gate: run with ``pytest tests/parity --parity-spec SPEC [--parity-fixtures DIR]``."""
+
+from __future__ import annotations
+
+import pytest
+
+from parity.check import STAGE_ORDER
+from parity.errors import DriftError
+from parity.report import format_stage
+from parity.results import Status
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_stage_parity(parity_report, stage: str) -> None:
+    result = parity_report.stage(stage)
+    if result.status is Status.SKIP:
+        pytest.skip(f"{stage}: {result.headline}")
+    if result.status is Status.FAIL:
+        raise DriftError(format_stage(result))
+
+
+def test_gate_passes(parity_report) -> None:
+    if not parity_report.passed:
+        first = parity_report.first_failure
+        raise DriftError(f"the candidate drifted; first drifted stage: {first.stage if first else 'none compared'}")
