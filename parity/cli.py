@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args, console, errors)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
-        errors.print(str(e), markup=False, highlight=False)
+        errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
 
 

@@ -96,7 +96,7 @@ def render_report(report: Report, console: Console) -> None:
     if report.config_diffs:
         console.print("Configuration differences vs the fixture (reference -> candidate):", style="bold")
         for diff in report.config_diffs:
-            console.print(f"  {diff.field}: {diff.reference!r} -> {diff.candidate!r}", highlight=False, markup=False)
+            console.print(f"  {diff.field}: {diff.reference!r} -> {diff.candidate!r}", highlight=False, markup=False, soft_wrap=True)
     first = report.first_failure
     if report.passed:
         console.print(Text("PARITY: the candidate reproduces the reference.", style="bold green"))
@@ -130,7 +130,8 @@ def _plain(value: Any) -> Any:
 def to_json(report: Report) -> dict[str, Any]:
     data = _plain(report)
     data["passed"] = report.passed
-    data["first_failure"] = report.first_failure.stage if report.first_failure else None
+    first = report.first_failure
+    data["first_failure"] = first.stage if first is not None else None
     for stage, result in zip(data["stages"], report.stages):
         stage["passed"] = bool(result)
         stage["text"] = format_stage(result)

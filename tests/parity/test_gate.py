@@ -22,4 +22,4 @@ def test_stage_parity(parity_report, stage: str) -> None:
 def test_gate_passes(parity_report) -> None:
     if not parity_report.passed:
         first = parity_report.first_failure
-        raise DriftError(f"the candidate drifted; first drifted stage: {first.stage if first else 'none compared'}")
+        raise DriftError(f"the candidate drifted; first drifted stage: {first.stage if first is not None else 'none compared'}")

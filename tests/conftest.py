@@ -1,0 +1,50 @@
+"""Shared helpers: the bundled example's spec and fixture, and ways to derive drifted copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from parity.fixtures import MANIFEST, sha256_file
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_SPEC = ROOT / "specs" / "clip_dnn.toml"
+EXAMPLE_FIXTURES = ROOT / "fixtures" / "clip_dnn"
+
+
+def write_spec(directory: Path, replacements: dict[str, str] | None = None, name: str = "candidate.toml") -> Path:
+    """A copy of the example spec in ``directory`` with absolute paths and text replacements applied."""
+    text = EXAMPLE_SPEC.read_text().replace('"../fixtures/', f'"{ROOT / "fixtures"}/')
+    for old, new in (replacements or {}).items():
+        assert old in text, f"{old!r} not in the example spec"
+        text = text.replace(old, new)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def reseal(fixture_dir: Path) -> None:
+    """Recompute the manifest's checksums after a test edited a fixture on purpose."""
+    manifest = json.loads((fixture_dir / MANIFEST).read_text())
+    for rel, entry in manifest["files"].items():
+        entry["sha256"] = sha256_file(fixture_dir / rel)
+        entry["bytes"] = (fixture_dir / rel).stat().st_size
+    (fixture_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture
+def fixture_copy(tmp_path: Path) -> Path:
+    """A private copy of the example fixture that a test may tamper with."""
+    return Path(shutil.copytree(EXAMPLE_FIXTURES, tmp_path / "clip_dnn"))
+
+
+@pytest.fixture(scope="session")
+def example_spec():
+    from parity.spec import load_spec
+
+    return load_spec(EXAMPLE_SPEC)

@@ -1,0 +1,18 @@
+"""Head classes that do not match the trained weights, for the strict-load tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CustomDNN(nn.Module):
+    """A simplified inference-time head: embedding only, no bias-embedding layers."""
+
+    def __init__(self, input_dim: int = 64, hidden_dim: int = 128, num_outputs: int = 5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, num_outputs)
+
+    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(embedding)))

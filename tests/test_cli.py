@@ -1,0 +1,80 @@
+"""`parity check`: exit 0 on parity, 1 on drift, 2 on usage/config errors, with messages that say why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
+from tests.conftest import EXAMPLE_SPEC, ROOT, reseal, write_spec
+
+
+def test_check_passes_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["check", "--spec", str(EXAMPLE_SPEC), "--json", str(out)]) == EXIT_PASS
+    assert "PARITY: the candidate reproduces the reference." in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["passed"] is True and report["first_failure"] is None
+    assert [s["stage"] for s in report["stages"]] == ["load", "pixels", "embedding", "head", "outputs"]
+
+
+def test_drift_exits_1_and_names_the_stage(tmp_path, capsys):
+    spec = write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"'})
+    out = tmp_path / "report.json"
+    assert main(["check", "--spec", str(spec), "--json", str(out)]) == EXIT_DRIFT
+    text = capsys.readouterr().out
+    assert "DRIFT: first drifted stage: pixels." in text
+    assert 'Fix: set [preprocess].interpolation = "bicubic"' in text
+    assert json.loads(out.read_text())["first_failure"] == "pixels"
+
+
+def test_missing_spec_exits_2(tmp_path, capsys):
+    assert main(["check", "--spec", str(tmp_path / "nope.toml")]) == EXIT_USAGE
+    assert f"spec file not found: {tmp_path / 'nope.toml'}. Pass an existing TOML file with --spec." in capsys.readouterr().err
+
+
+def test_misspelled_field_exits_2(tmp_path, capsys):
+    spec = write_spec(tmp_path, {"interpolation =": "interpolaton ="})
+    assert main(["check", "--spec", str(spec)]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown field [preprocess].interpolaton. Did you mean 'interpolation'?" in err
+
+
+def test_row_count_mismatch_exits_2(tmp_path, fixture_copy, capsys):
+    meta_path = fixture_copy / "clip_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["rows"].pop()
+    meta_path.write_text(json.dumps(meta))
+    reseal(fixture_copy)
+    assert main(["check", "--spec", str(EXAMPLE_SPEC), "--fixtures", str(fixture_copy)]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{fixture_copy / 'clip.npy'} has 16 rows but clip_metadata.json lists 15 samples." in err
+    assert "every row of the array must map to one metadata entry" in err
+
+
+def test_corrupted_fixture_is_refused_with_exit_2(fixture_copy, capsys):
+    path = fixture_copy / "clip.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert main(["check", "--spec", str(EXAMPLE_SPEC), "--fixtures", str(fixture_copy)]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"checksum mismatch for {path}" in err
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["chekc"])
+    assert exc.value.code == EXIT_USAGE
+
+
+def test_console_script_exit_code_on_drift(tmp_path):
+    """The installed entry point, in a fresh process, as CI runs it."""
+    spec = write_spec(tmp_path, {'extract = "pre_logits"': 'extract = "forward"'})
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", "check", "--spec", str(spec)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == EXIT_DRIFT, proc.stderr
+    assert "DRIFT: first drifted stage: embedding." in proc.stdout

@@ -1,0 +1,73 @@
+"""The pytest plugin, exercised through inline pytest sessions (one per option)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLE_SPEC, ROOT, write_spec
+
+GATE = (ROOT / "tests" / "parity" / "test_gate.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def loaded_modules(example_spec) -> None:
+    """Import everything the gate imports lazily, before any inline session runs.
+
+    Inline sessions drop the modules they imported when they end; dropping and
+    re-importing torch's extension modules crashes the interpreter.
+    """
+    from parity.check import run_check
+
+    run_check(example_spec)
+
+
+@pytest.fixture
+def gate(pytester: pytest.Pytester, loaded_modules) -> pytest.Pytester:
+    pytester.makepyfile(test_gate=GATE)
+    return pytester
+
+
+def test_parity_spec_option_runs_the_gate(gate):
+    result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC))
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*parity report*", "*PARITY: the candidate reproduces the reference.*"])
+
+
+def test_drifted_spec_fails_the_stages_that_moved(gate, tmp_path: Path):
+    spec = write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"'})
+    result = gate.runpytest("--parity-spec", str(spec))
+    result.assert_outcomes(passed=2, failed=4)
+    result.stdout.fnmatch_lines([
+        "*DriftError: pixels: FAIL - drifted beyond tolerance*",
+        '*Fix: set [[]preprocess].interpolation = "bicubic"*',
+        "*DRIFT: first drifted stage: pixels.*",
+    ])
+
+
+def test_parity_fixtures_option_overrides_the_spec(gate, tmp_path: Path):
+    result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC), "--parity-fixtures", str(tmp_path / "missing"))
+    result.assert_outcomes(errors=6)
+    result.stdout.fnmatch_lines([f"*FixtureError: fixture directory not found: {tmp_path / 'missing'}*"])
+
+
+def test_parity_device_cuda_skips_without_a_gpu(gate):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the skip path is for CPU-only machines")
+    result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC), "--parity-device", "cuda", "-rs")
+    result.assert_outcomes(skipped=6)
+    result.stdout.fnmatch_lines(["*--parity-device cuda: CUDA is not available on this machine*"])
+
+
+def test_without_a_spec_the_gate_skips_with_a_reason(gate):
+    result = gate.runpytest("-rs")
+    result.assert_outcomes(skipped=6)
+    result.stdout.fnmatch_lines(["*no parity spec: pass --parity-spec SPEC*"])
+
+
+def test_ini_parity_spec_is_the_default(gate):
+    gate.makeini(f"[pytest]\nparity_spec = {EXAMPLE_SPEC}\n")
+    gate.runpytest().assert_outcomes(passed=6)
