@@ -8,17 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from parity.checkpoints import StrictLoadError
+from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.errors import SpecError
 from parity.fixtures import Fixture, environment, load_fixture
 from parity.pipeline import Pipeline, build_pipeline
-from parity.results import ConfigDiff, Report, StageResult, Status
+from parity.results import ConfigDiff, Report, StageResult, Status, TensorDiff
 from parity.spec import Spec
 
 __all__ = ["STAGE_ORDER", "run_check", "diff_config"]
 
-STAGE_ORDER = ("load", "pixels", "embedding", "head", "outputs")
+STAGE_ORDER = ("load", "weights", "pixels", "embedding", "head", "outputs")
 # Which stage a recorded configuration field can move first.
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
@@ -143,7 +143,8 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     recorded = dict(fixture.pipeline, versions=fixture.manifest.get("producer", {}).get("versions", {}))
     diffs = diff_config(recorded, dict(pipeline.describe(), versions=environment()))
     names = fixture.names
-    stages = {"load": StageResult("load", Status.PASS, "backbone and head loaded with strict=True")}
+    stages = {"load": StageResult("load", Status.PASS, _load_headline(spec)),
+              "weights": _weights_stage(pipeline, fixture)}
 
     golden = [row for row in fixture.rows if row.name in fixture.golden_pixels]
     if golden:
@@ -172,6 +173,64 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)
     return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs)
+
+
+def _load_headline(spec: Spec) -> str:
+    headline = "backbone and head loaded with strict=True"
+    for section, part in (("backbone", spec.backbone), ("head", spec.head)):
+        explicit = [f"state_dict_key {part.state_dict_key!r}"] if part.state_dict_key else []
+        explicit += [f"key_map {dict(part.key_map)}"] if part.key_map else []
+        explicit += [f"drop_keys {list(part.drop_keys)}"] if part.drop_keys else []
+        if explicit:
+            headline += f"; {section}: " + ", ".join(explicit)
+    return headline
+
+
+def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
+    """Bit-identity of the deployed weights with the trained ones, by per-tensor sha256."""
+    recorded = fixture.manifest.get("weights")
+    if not recorded:
+        return StageResult("weights", Status.SKIP, "the fixture records no weight fingerprints")
+    diffs: list[TensorDiff] = []
+    checked = 0
+    for part, entry in recorded.items():
+        got = pipeline.fingerprints.get(part)
+        if got is None:
+            continue
+        checked += len(entry["tensors"])
+        changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
+        diffs += _measure(pipeline, fixture, part, entry.get("file"), changed)
+    if not checked:
+        return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint")
+    if not diffs:
+        return StageResult("weights", Status.PASS, f"{checked} tensors bit-identical to the trained weights")
+    parts = sorted({d.part for d in diffs})
+    return StageResult(
+        "weights", Status.FAIL, f"{len(diffs)} of {checked} tensors differ from the trained weights",
+        tensor_diffs=tuple(diffs),
+        notes=tuple(f"Fix: deploy the {part} checkpoint the fixture was made with "
+                    f"({recorded[part].get('file')}), or rebuild the fixture from the new one" for part in parts),
+    )
+
+
+def _measure(pipeline: Pipeline, fixture: Fixture, part: str, file: str | None, names: list[str]) -> list[TensorDiff]:
+    """How far each changed tensor moved, when the fixture keeps a copy of the trained file."""
+    if not names:
+        return []
+    module = pipeline.backbone if part == "backbone" else pipeline.head
+    current = module.state_dict()
+    trained = {}
+    if file and (fixture.root / file).is_file():
+        trained = read_state_dict(fixture.root / file)
+    out = []
+    for name in names:
+        old = trained.get(name)
+        if old is None or name not in current or tuple(old.shape) != tuple(current[name].shape):
+            out.append(TensorDiff(part, name, None, "not comparable with the trained copy"))
+        else:
+            delta = (current[name].detach().double().cpu() - old.double()).abs().max().item()
+            out.append(TensorDiff(part, name, delta))
+    return out
 
 
 def _embedding_notes(stages: dict[str, StageResult], got: tuple, expected: tuple,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -9,9 +10,18 @@ from pathlib import Path
 from parity.errors import CheckpointError
 from parity.results import KeyDiff
 
-__all__ = ["StrictLoadError", "read_state_dict", "diff_state_dict", "load_state_dict_strict", "explain_key_diff"]
-
-_NESTING_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema", "state_dict_ema", "model_ema")
+__all__ = [
+    "StrictLoadError",
+    "read_checkpoint",
+    "nested_entries",
+    "select_state_dict",
+    "remap_keys",
+    "read_state_dict",
+    "fingerprint",
+    "diff_state_dict",
+    "load_state_dict_strict",
+    "explain_key_diff",
+]
 _SHOWN_KEYS = 12
 
 
@@ -23,14 +33,14 @@ class StrictLoadError(CheckpointError):
         self.key_diff = key_diff
 
 
-def read_state_dict(path: str | Path) -> dict:
-    """Read a flat ``{name: tensor}`` state_dict without executing pickled code.
+def read_checkpoint(path: str | Path) -> Mapping:
+    """Read a checkpoint file as it is (possibly nested) without executing pickled code.
 
     ``.safetensors`` files go through safetensors; anything else through
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``, which refuses pickles that need arbitrary code.
 
     Raises:
-        CheckpointError: missing file, a pickle that needs arbitrary code, or a nested checkpoint.
+        CheckpointError: missing or unreadable file, or a pickle that needs arbitrary code.
     """
     import torch
 
@@ -47,24 +57,118 @@ def read_state_dict(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} cannot be read with torch.load(weights_only=True): it pickles objects other "
-            f"than tensors ({str(e).splitlines()[0]}).\n"
-            "Note: parity never runs pickled code. If you trust the file, convert it once in a "
-            "separate process: sd = torch.load(path, weights_only=False)['state_dict' or ...]; "
-            "safetensors.torch.save_file(sd, 'weights.safetensors')."
+            f"than tensors and plain containers ({str(e).splitlines()[0]}).\n"
+            "Why: since torch 2.6 torch.load defaults to weights_only=True; older checkpoints often "
+            "pickle numpy scalars, argparse Namespaces or whole modules, which would run code to load.\n"
+            "Note: parity never runs pickled code. If you trust the file, convert it once, in a "
+            "separate process: sd = torch.load(path, weights_only=False)['state_dict'] (or the "
+            "module's .state_dict()); safetensors.torch.save_file(sd, 'weights.safetensors')."
         ) from e
     except Exception as e:  # safetensors and torch raise a variety of types on corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    nested = [k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)]
-    if nested or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        where = f" under {nested!r}" if nested else ""
         raise CheckpointError(
-            f"{path} is a nested checkpoint{where}, not a flat state_dict "
-            f"(top-level keys: {sorted(state)[:_SHOWN_KEYS]}).\n"
-            "Note: save the module's state_dict() itself, e.g. torch.save(ckpt['state_dict'], path)."
+            f"{path} holds a {type(state).__name__}, not a state_dict.\n"
+            "Note: save module.state_dict(), not the module."
         )
-    return dict(state)
+    return state
+
+
+def nested_entries(checkpoint: Mapping) -> list[str]:
+    """Top-level keys of a checkpoint whose values are themselves state_dicts."""
+    import torch
+
+    return [k for k, v in checkpoint.items()
+            if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())]
+
+
+def select_state_dict(checkpoint: Mapping, *, key: str | None, source: str) -> dict:
+    """The flat ``{name: tensor}`` mapping inside a checkpoint.
+
+    Raises:
+        CheckpointError: ``key`` is absent, or the checkpoint is nested and no ``key`` says where.
+    """
+    import torch
+
+    if key is not None:
+        if not isinstance(checkpoint.get(key), Mapping):
+            raise CheckpointError(
+                f"{source} has no state_dict under {key!r}; nested state_dicts: {nested_entries(checkpoint)}"
+            )
+        checkpoint = checkpoint[key]
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint)
+    nested = nested_entries(checkpoint)
+    others = sorted(k for k in checkpoint if k not in nested)
+    fix = (f'Fix: set state_dict_key = "{_preferred(nested)}" in the spec section that names this file'
+           if nested else "Note: save the module's state_dict() itself.")
+    raise CheckpointError(
+        f"{source} is a nested checkpoint, not a flat state_dict: state_dicts under {nested}, "
+        f"other entries {others[:_SHOWN_KEYS]}.\n{fix}"
+    )
+
+
+def _preferred(nested: list[str]) -> str:
+    for name in ("state_dict", "model_state_dict", "model", "module"):
+        if name in nested:
+            return name
+    return nested[0]
+
+
+def remap_keys(state_dict: Mapping, key_map: Mapping[str, str], drop_keys=(), *, source: str) -> dict:
+    """Apply an explicit key mapping: the longest matching checkpoint prefix is replaced.
+
+    Raises:
+        CheckpointError: an entry matches no key, or two keys map to the same name.
+    """
+    out: dict = {}
+    used: set[str] = set()
+    dropped = set(drop_keys)
+    missing_drops = dropped - set(state_dict)
+    if missing_drops:
+        raise CheckpointError(f"{source}: drop_keys {sorted(missing_drops)} are not in the checkpoint")
+    prefixes = sorted(key_map, key=len, reverse=True)
+    for key, value in state_dict.items():
+        if key in dropped:
+            continue
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        name = key if prefix is None else key_map[prefix] + key[len(prefix):]
+        if prefix is not None:
+            used.add(prefix)
+        if name in out:
+            raise CheckpointError(f"{source}: key_map sends two checkpoint keys to {name!r}")
+        out[name] = value
+    unused = [p for p in key_map if p not in used]
+    if unused:
+        raise CheckpointError(f"{source}: key_map entries {unused} match no checkpoint key")
+    return out
+
+
+def read_state_dict(path: str | Path, *, key: str | None = None, key_map: Mapping[str, str] | None = None,
+                    drop_keys=()) -> dict:
+    """Read a checkpoint safely and return its flat state_dict, with any explicit key mapping applied.
+
+    Raises:
+        CheckpointError: see `read_checkpoint`, `select_state_dict` and `remap_keys`.
+    """
+    source = str(path)
+    state = select_state_dict(read_checkpoint(path), key=key, source=source)
+    if key_map or drop_keys:
+        state = remap_keys(state, key_map or {}, drop_keys, source=source)
+    return state
+
+
+def fingerprint(state_dict: Mapping) -> dict[str, str]:
+    """sha256 per tensor over dtype, shape and bytes: equal fingerprints mean bit-identical weights."""
+    import torch
+
+    prints = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        prints[name] = digest.hexdigest()
+    return prints
 
 
 def diff_state_dict(module, state_dict: Mapping, *, target: str, source: str) -> KeyDiff:
@@ -75,12 +179,18 @@ def diff_state_dict(module, state_dict: Mapping, *, target: str, source: str) ->
         for k in expected
         if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
     )
+    dtypes = tuple(
+        (k, str(expected[k].dtype).replace("torch.", ""), str(state_dict[k].dtype).replace("torch.", ""))
+        for k in expected
+        if k in state_dict and expected[k].dtype != state_dict[k].dtype
+    )
     return KeyDiff(
         target=target,
         source=source,
         missing=tuple(k for k in expected if k not in state_dict),
         unexpected=tuple(k for k in state_dict if k not in expected),
         shape_mismatches=shapes,
+        dtype_mismatches=dtypes,
     )
 
 
@@ -98,7 +208,7 @@ def load_state_dict_strict(module, state_dict: Mapping, *, target: str, source: 
 
 
 def explain_key_diff(diff: KeyDiff) -> str:
-    """The message for a state_dict that does not load: what, the keys, and the fix."""
+    """The message for a state_dict that does not load: what, the keys, the cause and the fix."""
 
     def listing(title: str, keys: tuple[str, ...]) -> list[str]:
         if not keys:
@@ -107,15 +217,29 @@ def explain_key_diff(diff: KeyDiff) -> str:
         more = [f"    ... and {len(keys) - _SHOWN_KEYS} more"] if len(keys) > _SHOWN_KEYS else []
         return [f"  {title} ({len(keys)}):", *shown, *more]
 
+    fix = diff.fix
     lines = [f"{diff.source} does not load into {diff.target} with strict=True"]
+    lines += [f"  Cause: {cause}" for cause in (fix.causes if fix else ())]
+    if fix is not None and fix.verified:
+        lines.append(f"  Fix: add to [{diff.section}] in the spec (loading stays strict=True):")
+        lines += [f"      {line}" for line in fix.spec_lines]
+    else:
+        where = "[head].class and kwargs" if diff.section == "head" else "[backbone].model and kwargs"
+        lines.append(
+            f"  Fix: build the module the weights were trained with ({where}); `parity inspect CHECKPOINT` "
+            "prints a class that loads them. strict=False would leave these layers randomly initialised."
+        )
+    if diff.inferred:
+        lines.append("  The checkpoint's architecture, inferred from its tensors:")
+        lines += [f"      {layer.path or '<root>'}: {layer.call}" for layer in diff.inferred]
     lines += listing("Missing key(s): in the module, not in the checkpoint", diff.missing)
     lines += listing("Unexpected key(s): in the checkpoint, not in the module", diff.unexpected)
     lines += listing(
         "Size mismatch(es): module vs checkpoint",
         tuple(f"{k}: {list(m)} vs {list(c)}" for k, m, c in diff.shape_mismatches),
     )
-    lines.append(
-        "Fix: build the module the weights were trained with ([head].class and kwargs, or "
-        "[backbone].model and kwargs); strict=False would leave these layers randomly initialised."
+    lines += listing(
+        "Dtype difference(s): module vs checkpoint (cast on load)",
+        tuple(f"{k}: {m} vs {c}" for k, m, c in diff.dtype_mismatches),
     )
     return "\n".join(lines)

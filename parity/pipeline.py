@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from parity.checkpoints import load_state_dict_strict, read_state_dict
-from parity.errors import SpecError
+from parity.checkpoints import (
+    StrictLoadError,
+    diff_state_dict,
+    explain_key_diff,
+    fingerprint,
+    nested_entries,
+    read_checkpoint,
+    remap_keys,
+    select_state_dict,
+)
+from parity.errors import CheckpointError, SpecError
+from parity.forensics import propose_key_fix, summarize_checkpoint
+from parity.results import KeyDiff
 from parity.images import load_image
 from parity.spec import Spec
 
-__all__ = ["Pipeline", "build_pipeline", "import_object", "extract_embedding", "describe_backbone"]
+__all__ = [
+    "Pipeline",
+    "build_pipeline",
+    "create_backbone",
+    "create_head",
+    "load_weights",
+    "import_object",
+    "extract_embedding",
+    "summarize_structure",
+    "describe_backbone",
+    "describe_head",
+    "describe_data_config",
+]
 
 _DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
@@ -52,6 +77,24 @@ def extract_embedding(model, pixels, mode: str):
     raise SpecError(f"unknown extract mode {mode!r}")
 
 
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+
+
+def summarize_structure(module) -> dict[str, str]:
+    """Module class per path and parameter shape per name, with repeated blocks folded to ``*``.
+
+    ``blocks.0.mlp.act`` .. ``blocks.23.mlp.act`` become one ``blocks.*.mlp.act`` entry when
+    every block agrees; this is what a strict load cannot see (QuickGELU vs GELU, ReLU vs GELU).
+    """
+    entries: dict[str, set[str]] = {}
+    for name, child in module.named_modules():
+        if name:
+            entries.setdefault(_INDEX.sub("*", name), set()).add(type(child).__name__)
+    for name, tensor in module.state_dict().items():
+        entries.setdefault(_INDEX.sub("*", name), set()).add(str(list(tensor.shape)))
+    return {k: " | ".join(sorted(v)) for k, v in entries.items()}
+
+
 def describe_backbone(model, *, name: str, kwargs: dict, extract: str) -> dict[str, Any]:
     """Static facts about a backbone that a strict state_dict load cannot see."""
     # QuickGELU vs GELU leaves every key identical, so record the activation classes.
@@ -64,7 +107,12 @@ def describe_backbone(model, *, name: str, kwargs: dict, extract: str) -> dict[s
         "extract": extract,
         "activation": activations,
         "embedding_dim": dim,
+        "structure": summarize_structure(model),
     }
+
+
+def describe_head(head, *, class_path: str) -> dict[str, Any]:
+    return {"class": class_path, "structure": summarize_structure(head)}
 
 
 def describe_data_config(config: dict) -> dict[str, Any]:
@@ -82,6 +130,7 @@ class Pipeline:
     data_config: dict[str, Any]
     device: Any
     dtype: Any
+    fingerprints: dict[str, dict[str, str]]
 
     def preprocess(self, image: Image.Image | str | Path):
         """Pixels (3, H, W) float32 on the CPU; paths are decoded with the shared loader."""
@@ -120,7 +169,7 @@ class Pipeline:
             "backbone": describe_backbone(self.backbone, name=spec.backbone.model,
                                           kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract),
             "preprocess": describe_data_config(self.data_config),
-            "head": {"class": spec.head.class_path},
+            "head": describe_head(self.head, class_path=spec.head.class_path),
             "runtime": {"device": str(self.device), "dtype": spec.runtime.dtype},
         }
 
@@ -136,13 +185,86 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def create_backbone(spec: Spec):
+    """The timm model the spec names, with random weights (checkpoints load separately)."""
+    import timm
+
+    bb = spec.backbone
+    try:
+        return timm.create_model(bb.model, pretrained=False, **bb.kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise SpecError(f"{spec.path}: timm cannot create [backbone].model {bb.model!r} with {dict(bb.kwargs)}: {e}") from e
+
+
+def create_head(spec: Spec):
+    """An instance of ``[head].class`` built with ``[head].kwargs``."""
+    head_cls = import_object(spec.head.class_path)
+    try:
+        return head_cls(**spec.head.kwargs)
+    except TypeError as e:
+        raise SpecError(f"{spec.path}: [head].kwargs do not fit {spec.head.class_path}: {e}") from e
+
+
+def _convert_open_clip(state: dict, model) -> dict:
+    """OpenAI / open_clip key layout → timm, with timm's own checkpoint filter."""
+    import sys
+
+    pos = state.get("visual.positional_embedding")
+    if pos is not None and pos.shape[0] != model.pos_embed.shape[1]:
+        # timm would interpolate the position embeddings without a word: a silent input-size drift.
+        raise CheckpointError(
+            f"the checkpoint's position embeddings have {pos.shape[0]} tokens, the model {model.pos_embed.shape[1]}: "
+            "it was trained at another input size. Use the model name whose input size matches."
+        )
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        raise CheckpointError(f"timm has no checkpoint filter for {type(model).__name__}; convert the checkpoint to timm keys")
+    return filter_fn(state, model)
+
+
+def load_weights(module, path: Path, *, section: str, target: str, state_dict_key: str | None,
+                 key_map: Mapping[str, str], drop_keys: Sequence[str], convert=None) -> dict[str, str]:
+    """Load ``path`` into ``module`` with ``strict=True`` and return per-tensor fingerprints.
+
+    Raises:
+        StrictLoadError: keys or shapes do not match; the error's ``key_diff`` carries the
+            recognised cause, the explicit spec fix when one exists, and the architecture
+            inferred from the checkpoint's tensors.
+    """
+    source = f"{section} checkpoint {path}"
+    checkpoint = read_checkpoint(path)
+    try:
+        state = select_state_dict(checkpoint, key=state_dict_key, source=source)
+        if key_map or drop_keys:
+            state = remap_keys(state, key_map, drop_keys, source=source)
+        if convert is not None:
+            state = convert(state, module)
+        diff = diff_state_dict(module, state, target=target, source=source)
+    except CheckpointError as e:
+        if not nested_entries(checkpoint):
+            raise
+        diff = KeyDiff(target=target, source=source, missing=tuple(module.state_dict()), unexpected=tuple(checkpoint))
+        state = {}
+        reason = str(e)
+    else:
+        reason = None
+    if not diff.loads:
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        fix = propose_key_fix(checkpoint, shapes, key=None, source=source)
+        inferred = () if fix.verified else summarize_checkpoint(checkpoint, path=str(path)).layers
+        diff = dataclasses.replace(diff, section=section, fix=fix, inferred=inferred)
+        raise StrictLoadError(reason or explain_key_diff(diff), diff)
+    module.load_state_dict(state, strict=True)
+    return fingerprint(module.state_dict())
+
+
 def build_pipeline(spec: Spec, *, device: str | None = None) -> Pipeline:
     """Create the backbone and head, load both checkpoints with ``strict=True``, set eval mode.
 
     Raises:
         SpecError: the model name, head class or kwargs cannot be used.
         CheckpointError: a checkpoint is unreadable or does not load strictly
-            (`StrictLoadError` carries the key diff).
+            (`StrictLoadError` carries the key diff and the proposed fix).
     """
     import timm
     import torch
@@ -150,25 +272,23 @@ def build_pipeline(spec: Spec, *, device: str | None = None) -> Pipeline:
     torch_device = resolve_device(device or spec.runtime.device)
     dtype = getattr(torch, spec.runtime.dtype)
     bb = spec.backbone
-    try:
-        backbone = timm.create_model(bb.model, pretrained=False, **bb.kwargs)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise SpecError(f"{spec.path}: timm cannot create [backbone].model {bb.model!r} with {dict(bb.kwargs)}: {e}") from e
+    backbone = create_backbone(spec)
+    fingerprints = {}
     if bb.checkpoint is not None:
-        load_state_dict_strict(backbone, read_state_dict(bb.checkpoint),
-                               target=f"timm {bb.model}", source=f"backbone checkpoint {bb.checkpoint}")
+        fingerprints["backbone"] = load_weights(
+            backbone, bb.checkpoint, section="backbone", target=f"timm {bb.model}",
+            state_dict_key=bb.state_dict_key, key_map=bb.key_map, drop_keys=bb.drop_keys,
+            convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None)
     # Layered like timm: explicit spec fields, then the model's pretrained_cfg, then timm's defaults.
     data_config = timm.data.resolve_model_data_config(backbone, args=spec.preprocess.overrides())
     transform = timm.data.create_transform(**data_config, is_training=False)
 
-    head_cls = import_object(spec.head.class_path)
-    try:
-        head = head_cls(**spec.head.kwargs)
-    except TypeError as e:
-        raise SpecError(f"{spec.path}: [head].kwargs do not fit {spec.head.class_path}: {e}") from e
-    load_state_dict_strict(head, read_state_dict(spec.head.weights),
-                           target=spec.head.class_path, source=f"head weights {spec.head.weights}")
+    head = create_head(spec)
+    hd = spec.head
+    fingerprints["head"] = load_weights(
+        head, hd.weights, section="head", target=hd.class_path,
+        state_dict_key=hd.state_dict_key, key_map=hd.key_map, drop_keys=hd.drop_keys)
     backbone.eval().to(torch_device, dtype)
     head.eval().to(torch_device, dtype)
-    return Pipeline(spec=spec, backbone=backbone, head=head, transform=transform,
-                    data_config=data_config, device=torch_device, dtype=dtype)
+    return Pipeline(spec=spec, backbone=backbone, head=head, transform=transform, data_config=data_config,
+                    device=torch_device, dtype=dtype, fingerprints=fingerprints)

@@ -19,6 +19,7 @@ from parity.results import Comparison, Report, StageResult, Status
 
 __all__ = ["render_report", "render_text", "format_stage", "to_json", "write_json"]
 
+_SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
 
 
@@ -34,6 +35,8 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
     if c is None:
         if result.stage == "load":
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+        if result.stage == "weights" and result.status is not Status.SKIP:
+            return "sha256 per tensor", result.headline, "bit-identical"
         return "-", "-", "-"
     if not c.shapes_match:
         return "shape", f"{list(c.candidate_shape)} vs {list(c.reference_shape)}", "equal shapes"
@@ -75,6 +78,10 @@ def format_stage(result: StageResult) -> str:
         lines += [f"  {line}" for line in _comparison_lines(result.comparison)]
     for diff in result.key_diffs:
         lines += [f"  {line}" for line in explain_key_diff(diff).splitlines()]
+    for t in result.tensor_diffs[:_SHOWN_TENSORS]:
+        lines.append(f"  {t.part}.{t.name}: " + (f"max abs {_num(t.max_abs)}" if t.max_abs is not None else t.reason))
+    if len(result.tensor_diffs) > _SHOWN_TENSORS:
+        lines.append(f"  ... and {len(result.tensor_diffs) - _SHOWN_TENSORS} more")
     lines += [f"  {note}" for note in result.notes]
     return "\n".join(lines)
 

@@ -9,7 +9,10 @@ __all__ = [
     "Tolerance",
     "SampleError",
     "Comparison",
+    "LayerGuess",
+    "KeyFix",
     "KeyDiff",
+    "TensorDiff",
     "Status",
     "StageResult",
     "ConfigDiff",
@@ -76,6 +79,41 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class LayerGuess:
+    """A layer inferred from the tensors under one module path, e.g. ``Linear(80, 128)``."""
+
+    path: str
+    kind: str
+    args: tuple[int, ...]
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def call(self) -> str:
+        return f"{self.kind}({', '.join(map(str, self.args))})"
+
+
+@dataclass(frozen=True)
+class KeyFix:
+    """A recognised cause of a key mismatch and the explicit spec change that loads strictly."""
+
+    causes: tuple[str, ...]
+    state_dict_key: str | None = None
+    key_map: tuple[tuple[str, str], ...] = ()
+    drop_keys: tuple[str, ...] = ()
+    verified: bool = False
+
+    @property
+    def spec_lines(self) -> list[str]:
+        """The TOML that goes into the spec section naming the checkpoint."""
+        lines = [f'state_dict_key = "{self.state_dict_key}"'] if self.state_dict_key else []
+        if self.key_map:
+            lines.append("key_map = { " + ", ".join(f'"{a}" = "{b}"' for a, b in self.key_map) + " }")
+        if self.drop_keys:
+            lines.append("drop_keys = [" + ", ".join(f'"{k}"' for k in self.drop_keys) + "]")
+        return lines
+
+
+@dataclass(frozen=True)
 class KeyDiff:
     """Why a state_dict does not load into a module with ``strict=True``."""
 
@@ -84,10 +122,24 @@ class KeyDiff:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    dtype_mismatches: tuple[tuple[str, str, str], ...] = ()
+    section: str = "head"
+    fix: KeyFix | None = None
+    inferred: tuple[LayerGuess, ...] = ()
 
     @property
     def loads(self) -> bool:
         return not (self.missing or self.unexpected or self.shape_mismatches)
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """A deployed weight tensor that is not bit-identical to the trained one."""
+
+    part: str
+    name: str
+    max_abs: float | None = None
+    reason: str = "values differ"
 
 
 class Status(str, enum.Enum):
@@ -106,6 +158,7 @@ class StageResult:
     metric: str = ""
     comparison: Comparison | None = None
     key_diffs: tuple[KeyDiff, ...] = ()
+    tensor_diffs: tuple[TensorDiff, ...] = ()
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:

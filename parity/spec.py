@@ -18,6 +18,7 @@ __all__ = [
     "EXTRACT_MODES",
     "INTERPOLATIONS",
     "CROP_MODES",
+    "CHECKPOINT_FORMATS",
     "DTYPES",
     "STAGES",
     "BackboneSpec",
@@ -32,6 +33,7 @@ __all__ = [
 EXTRACT_MODES = ("pre_logits", "forward", "cls", "mean_tokens")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
+CHECKPOINT_FORMATS = ("timm", "open_clip")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 STAGES = ("pixels", "embedding", "head", "outputs")
 
@@ -62,7 +64,11 @@ class BackboneSpec:
     library: str = "timm"
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
+    checkpoint_format: str = "timm"
     extract: str = "pre_logits"
+    state_dict_key: str | None = None
+    key_map: Mapping[str, str] = field(default_factory=dict)
+    drop_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ class HeadSpec:
     class_path: str
     weights: Path
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    state_dict_key: str | None = None
+    key_map: Mapping[str, str] = field(default_factory=dict)
+    drop_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,17 @@ def _input_size(table: _Table) -> tuple[int, int, int] | None:
     return tuple(size)  # type: ignore[return-value]
 
 
+def _loading(table: _Table) -> dict[str, Any]:
+    """The explicit checkpoint-loading fields shared by [backbone] and [head]."""
+    key_map = table.get("key_map", dict, {})
+    if not all(isinstance(v, str) for v in key_map.values()):
+        raise SpecError(f"{table.path}: {table._name('key_map')} must map checkpoint prefixes to strings, got {key_map!r}")
+    drop = table.get("drop_keys", list, [])
+    if not all(isinstance(k, str) for k in drop):
+        raise SpecError(f"{table.path}: {table._name('drop_keys')} must be a list of key names, got {drop!r}")
+    return {"state_dict_key": table.get("state_dict_key", str, None), "key_map": key_map, "drop_keys": tuple(drop)}
+
+
 def _path(base: Path, value: str | None) -> Path | None:
     return None if value is None else (base / value).resolve()
 
@@ -262,7 +282,9 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         model=bb.get("model", str),
         kwargs=bb.get("kwargs", dict, {}),
         checkpoint=_path(base, bb.get("checkpoint", str, None)),
+        checkpoint_format=bb.get("checkpoint_format", str, "timm", choices=CHECKPOINT_FORMATS),
         extract=bb.get("extract", str, "pre_logits", choices=EXTRACT_MODES),
+        **_loading(bb),
     )
     bb.finish()
 
@@ -284,6 +306,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         class_path=hd.get("class", str),
         weights=_path(base, hd.get("weights", str)),  # type: ignore[arg-type]
         kwargs=hd.get("kwargs", dict, {}),
+        **_loading(hd),
     )
     hd.finish()
     if ":" not in head.class_path:

@@ -22,7 +22,8 @@ import torch
 from parity.errors import ParityError
 from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, stage_fixture
 from parity.images import load_image
-from parity.pipeline import describe_backbone, describe_data_config
+from parity.checkpoints import fingerprint
+from parity.pipeline import describe_backbone, describe_data_config, describe_head
 from reference.models import MultiLabelRegressionNN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,11 +188,16 @@ def build(out: Path, *, source: Path, force: bool = False) -> Path:
             "pipeline": {
                 "backbone": describe_backbone(backbone, name=MODEL, kwargs=MODEL_KWARGS, extract="pre_logits"),
                 "preprocess": describe_data_config(config),
-                "head": {"class": HEAD_CLASS, "kwargs": HEAD_KWARGS},
+                "head": {**describe_head(head, class_path=HEAD_CLASS), "kwargs": HEAD_KWARGS},
                 "runtime": {"device": "cpu", "dtype": "float32"},
             },
             "producer": {"script": "reference/build_fixtures.py", "seed": SEED, "versions": environment()},
             "head_training": training,
+            # Per-tensor sha256: `parity check` proves the deployed weights are these, bit for bit.
+            "weights": {
+                "backbone": {"file": "backbone.safetensors", "tensors": fingerprint(backbone.state_dict())},
+                "head": {"file": "dnnV1_model_best.pth", "tensors": fingerprint(state)},
+            },
             "golden_pixels": list(GOLDEN),
         })
     return out
