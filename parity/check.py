@@ -12,6 +12,7 @@ from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.errors import SpecError
 from parity.fixtures import Fixture, environment, load_fixture
+from parity.forensics import diff_structure
 from parity.pipeline import Pipeline, build_pipeline
 from parity.results import ConfigDiff, Report, StageResult, Status, TensorDiff
 from parity.spec import Spec
@@ -36,7 +37,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key != "kwargs":
+        if isinstance(value, Mapping) and key not in ("kwargs", "structure"):
             flat.update(_flatten(value, name + "."))
         else:
             flat[name] = value
@@ -50,11 +51,15 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
     def norm(value: Any) -> Any:
         return [norm(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    return tuple(
-        ConfigDiff(field, ref[field], cand[field])
-        for field in ref
-        if field in cand and norm(ref[field]) != norm(cand[field])
-    )
+    diffs: list[ConfigDiff] = []
+    for field in ref:
+        if field not in cand or norm(ref[field]) == norm(cand[field]):
+            continue
+        if field.endswith(".structure"):
+            diffs += diff_structure(ref[field], cand[field], prefix=field + ".")
+        else:
+            diffs.append(ConfigDiff(field, ref[field], cand[field]))
+    return tuple(diffs)
 
 
 def _toml(value: Any) -> str:

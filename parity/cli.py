@@ -1,4 +1,8 @@
-"""Command line: ``parity check``. Exit 0 on parity, 1 on drift, 2 on a usage or config error."""
+"""Command line: ``parity check`` and ``parity inspect``.
+
+Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
+usage or configuration error.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,60 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
     check.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
                        help="also write the full report as JSON")
+    inspect = commands.add_parser(
+        "inspect", help="show what a checkpoint holds and why it does (not) load",
+        description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
+                    "architecture inferred from its tensors. With --against or --class, also the strict-load "
+                    "key diff, its recognised cause and the spec change that fixes it.")
+    inspect.add_argument("checkpoint", type=Path, help=".safetensors, .pth, .pt or .bin file")
+    inspect.add_argument("--key", default=None, help="entry of a nested checkpoint to show (default: the main one)")
+    target = inspect.add_mutually_exclusive_group()
+    target.add_argument("--against", type=Path, default=None, metavar="SPEC",
+                        help="compare with the module the spec builds (and its loading fields)")
+    target.add_argument("--class", dest="class_path", default=None, metavar="PKG.MODULE:NAME",
+                        help="compare with this class (code you trust: it is imported)")
+    inspect.add_argument("--kwargs", default="{}", help="JSON constructor kwargs for --class")
+    inspect.add_argument("--part", choices=("head", "backbone"), default=None,
+                         help="with --against: which spec section the checkpoint is for (default: by path)")
     return parser
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from parity.checkpoints import read_checkpoint
+    from parity.errors import SpecError
+    from parity.forensics import diagnose_load, summarize_checkpoint
+    from parity.report import render_inspection
+
+    checkpoint = read_checkpoint(args.checkpoint)
+    summary = summarize_checkpoint(checkpoint, path=str(args.checkpoint), key=args.key)
+    if args.against is None and args.class_path is None:
+        render_inspection(summary, console)
+        return EXIT_PASS
+    loading: dict = {}
+    if args.class_path is not None:
+        from parity.pipeline import import_object
+
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"--kwargs is not valid JSON: {e}") from e
+        module, section, target = import_object(args.class_path)(**kwargs), "head", args.class_path
+    else:
+        from parity.pipeline import create_backbone, create_head
+        from parity.spec import load_spec
+
+        spec = load_spec(args.against)
+        section = args.part or ("backbone" if spec.backbone.checkpoint == args.checkpoint.resolve() else "head")
+        part = getattr(spec, section)
+        loading = {"state_dict_key": part.state_dict_key, "key_map": part.key_map, "drop_keys": part.drop_keys}
+        module = create_backbone(spec) if section == "backbone" else create_head(spec)
+        target = spec.backbone.model if section == "backbone" else spec.head.class_path
+    _, diff = diagnose_load(checkpoint, module, section=section, target=target,
+                            source=f"{section} checkpoint {args.checkpoint}", **loading)
+    render_inspection(summary, console, key_diff=diff)
+    return EXIT_PASS if diff.loads else EXIT_DRIFT
 
 
 def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -54,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
-        return _check(args, console, errors)
+        return {"check": _check, "inspect": lambda a, c, _: _inspect(a, c)}[args.command](args, console, errors)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

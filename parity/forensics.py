@@ -6,12 +6,18 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from parity.checkpoints import nested_entries, remap_keys, select_state_dict
+import dataclasses
+import re
+
+from parity.checkpoints import diff_state_dict, nested_entries, remap_keys, select_state_dict
 from parity.errors import CheckpointError
-from parity.results import KeyFix, LayerGuess
+from parity.results import ConfigDiff, KeyDiff, KeyFix, LayerGuess
 
 __all__ = ["CheckpointSummary", "summarize_checkpoint", "infer_layers", "module_source", "describe_layers",
-           "propose_key_fix"]
+           "propose_key_fix", "diagnose_load", "summarize_structure", "diff_structure", "ABSENT"]
+
+ABSENT = "<absent>"
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
 # Prefixes whose origin is known, with the words that explain them.
 _KNOWN_PREFIXES = {
@@ -22,7 +28,7 @@ _KNOWN_PREFIXES = {
 }
 _EMA_ENTRIES = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
 # Bookkeeping buffers that wrappers add and no network has.
-_WRAPPER_BUFFERS = {"n_averaged": "torch.optim.swa_utils.AveragedModel's update counter (EMA/SWA)"}
+_WRAPPER_BUFFERS = {"n_averaged": "AveragedModel's update counter"}
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,9 @@ def _guess(path: str, leaves: dict[str, tuple[int, ...]]) -> LayerGuess:
     if names == {"weight"} and len(w) == 2 and "emb" in path.lower():
         return LayerGuess(path, "Embedding", (w[0], w[1]), tensors)
     if names <= {"weight", "bias"} and w is not None and len(w) == 2:
-        return LayerGuess(path, "Linear", (w[1], w[0]) + (() if b is not None else (0,)), tensors)
+        return LayerGuess(path, "Linear", (w[1], w[0]), tensors, bias=b is not None)
     if names <= {"weight", "bias"} and w is not None and len(w) == 4:
-        return LayerGuess(path, "Conv2d", (w[1], w[0], w[2], w[3]), tensors)
+        return LayerGuess(path, "Conv2d", (w[1], w[0], w[2], w[3]), tensors, bias=b is not None)
     return LayerGuess(path, "Tensors", (), tensors)
 
 
@@ -123,7 +129,7 @@ def describe_layers(layers: tuple[LayerGuess, ...]) -> list[str]:
     return lines
 
 
-def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "InferredHead") -> str:
+def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "InferredModule") -> str:
     """Python source of an ``nn.Module`` whose state_dict keys and shapes match ``layers``.
 
     Only the structure is recoverable: activations, dropout and ``forward`` hold no tensors.
@@ -141,8 +147,6 @@ def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "Inferred
         """(code, trailing comment) for one node of the module tree."""
         pad = " " * indent
         if isinstance(node, LayerGuess):
-            if node.kind == "Linear" and len(node.args) == 3:
-                return f"nn.Linear({node.args[0]}, {node.args[1]}, bias=False)", ""
             if node.kind == "Tensors":
                 return "nn.Module()", "could not infer: " + ", ".join(f"{n}{list(s)}" for n, s in node.tensors)
             return f"nn.{node.call}", ""
@@ -160,11 +164,14 @@ def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "Inferred
         return container.format(lines, pad), ""
 
     body = ""
+    root = tree.pop("", None)
+    for leaf, shape in root.tensors if isinstance(root, LayerGuess) else ():
+        body += f"        self.{leaf} = nn.Parameter(torch.zeros({list(shape)}))\n"
     for name, child in tree.items():
         code, comment = render(child, 8)
         body += f"        self.{name} = {code}" + (f"  # {comment}" if comment else "") + "\n"
     return (
-        "from torch import nn\n\n\n"
+        "import torch\nfrom torch import nn\n\n\n"
         f"class {class_name}(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
@@ -238,7 +245,9 @@ def propose_key_fix(checkpoint: Mapping, module_shapes: Mapping[str, tuple[int, 
     src, dst = best or ("", "")
     if best is not None:
         key_map.append(best)
-        causes.append(_prefix_words(src, dst))
+        causes.append(_prefix_words(src, dst) if not (src == "module." and "n_averaged" in drop) else
+                      "saved from torch.optim.swa_utils.AveragedModel (EMA/SWA weights), "
+                      "which holds the network as 'module.'")
         shapes = {(dst + k[len(src):] if k.startswith(src) else k): s for k, s in shapes.items()}
 
     unexpected = {k: s for k, s in shapes.items() if k not in module_shapes}
@@ -280,3 +289,58 @@ def _loads(state: Mapping, module_shapes: Mapping[str, tuple[int, ...]], fix: Ke
     except CheckpointError:
         return False
     return {k: tuple(v.shape) for k, v in mapped.items()} == dict(module_shapes)
+
+
+def diagnose_load(checkpoint: Mapping, module, *, section: str, target: str, source: str,
+                  state_dict_key: str | None = None, key_map: Mapping[str, str] | None = None,
+                  drop_keys=(), convert=None) -> tuple[dict | None, KeyDiff]:
+    """Apply the spec's explicit loading fields and compare with ``module``.
+
+    Returns ``(state_dict, diff)`` when it loads with ``strict=True``; otherwise
+    ``(None, diff)`` where ``diff`` carries the recognised causes, the proposed spec fix
+    (verified by applying it) and, when no fix exists, the checkpoint's inferred architecture.
+    """
+    try:
+        state = select_state_dict(checkpoint, key=state_dict_key, source=source)
+        if key_map or drop_keys:
+            state = remap_keys(state, key_map or {}, drop_keys, source=source)
+        if convert is not None:
+            state = convert(state, module)
+        diff = dataclasses.replace(diff_state_dict(module, state, target=target, source=source), section=section)
+    except CheckpointError:
+        if not nested_entries(checkpoint):
+            raise
+        state, diff = None, KeyDiff(target=target, source=source, missing=tuple(module.state_dict()),
+                                    unexpected=tuple(checkpoint), section=section)
+    if state is not None and diff.loads:
+        return state, diff
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    fix = propose_key_fix(checkpoint, shapes, key=None, source=source)
+    inferred = () if fix.verified else summarize_checkpoint(checkpoint, path=source).layers
+    return None, dataclasses.replace(diff, fix=fix, inferred=inferred)
+
+
+def summarize_structure(module) -> dict[str, str]:
+    """Module class per path and parameter shape per name, with repeated blocks folded to ``*``.
+
+    ``blocks.0.mlp.act`` .. ``blocks.23.mlp.act`` become one ``blocks.*.mlp.act`` entry when
+    every block agrees. This is what a strict load cannot see: QuickGELU vs GELU, ReLU vs
+    GELU, a Dropout swapped for an Identity all leave the keys unchanged.
+    """
+    entries: dict[str, set[str]] = {}
+    for name, child in module.named_modules():
+        if name:
+            entries.setdefault(_INDEX.sub("*", name), set()).add(type(child).__name__)
+    for name, tensor in module.state_dict().items():
+        entries.setdefault(_INDEX.sub("*", name), set()).add(str(list(tensor.shape)))
+    return {k: " | ".join(sorted(v)) for k, v in entries.items()}
+
+
+def diff_structure(reference: Mapping[str, str], candidate: Mapping[str, str], *, prefix: str = "") -> tuple[ConfigDiff, ...]:
+    """Entries whose class or shape differs, or that only one side has (shown as ``<absent>``)."""
+    names = list(reference) + [k for k in candidate if k not in reference]
+    return tuple(
+        ConfigDiff(prefix + name, reference.get(name, ABSENT), candidate.get(name, ABSENT))
+        for name in names
+        if reference.get(name, ABSENT) != candidate.get(name, ABSENT)
+    )

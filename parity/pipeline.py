@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +10,9 @@ from typing import Any
 
 from PIL import Image
 
-from parity.checkpoints import (
-    StrictLoadError,
-    diff_state_dict,
-    explain_key_diff,
-    fingerprint,
-    nested_entries,
-    read_checkpoint,
-    remap_keys,
-    select_state_dict,
-)
+from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import CheckpointError, SpecError
-from parity.forensics import propose_key_fix, summarize_checkpoint
-from parity.results import KeyDiff
+from parity.forensics import diagnose_load, summarize_structure
 from parity.images import load_image
 from parity.spec import Spec
 
@@ -36,7 +24,6 @@ __all__ = [
     "load_weights",
     "import_object",
     "extract_embedding",
-    "summarize_structure",
     "describe_backbone",
     "describe_head",
     "describe_data_config",
@@ -75,24 +62,6 @@ def extract_embedding(model, pixels, mode: str):
     if mode == "mean_tokens":
         return tokens[:, getattr(model, "num_prefix_tokens", 1):].mean(dim=1)
     raise SpecError(f"unknown extract mode {mode!r}")
-
-
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
-
-
-def summarize_structure(module) -> dict[str, str]:
-    """Module class per path and parameter shape per name, with repeated blocks folded to ``*``.
-
-    ``blocks.0.mlp.act`` .. ``blocks.23.mlp.act`` become one ``blocks.*.mlp.act`` entry when
-    every block agrees; this is what a strict load cannot see (QuickGELU vs GELU, ReLU vs GELU).
-    """
-    entries: dict[str, set[str]] = {}
-    for name, child in module.named_modules():
-        if name:
-            entries.setdefault(_INDEX.sub("*", name), set()).add(type(child).__name__)
-    for name, tensor in module.state_dict().items():
-        entries.setdefault(_INDEX.sub("*", name), set()).add(str(list(tensor.shape)))
-    return {k: " | ".join(sorted(v)) for k, v in entries.items()}
 
 
 def describe_backbone(model, *, name: str, kwargs: dict, extract: str) -> dict[str, Any]:
@@ -231,29 +200,11 @@ def load_weights(module, path: Path, *, section: str, target: str, state_dict_ke
             recognised cause, the explicit spec fix when one exists, and the architecture
             inferred from the checkpoint's tensors.
     """
-    source = f"{section} checkpoint {path}"
-    checkpoint = read_checkpoint(path)
-    try:
-        state = select_state_dict(checkpoint, key=state_dict_key, source=source)
-        if key_map or drop_keys:
-            state = remap_keys(state, key_map, drop_keys, source=source)
-        if convert is not None:
-            state = convert(state, module)
-        diff = diff_state_dict(module, state, target=target, source=source)
-    except CheckpointError as e:
-        if not nested_entries(checkpoint):
-            raise
-        diff = KeyDiff(target=target, source=source, missing=tuple(module.state_dict()), unexpected=tuple(checkpoint))
-        state = {}
-        reason = str(e)
-    else:
-        reason = None
-    if not diff.loads:
-        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        fix = propose_key_fix(checkpoint, shapes, key=None, source=source)
-        inferred = () if fix.verified else summarize_checkpoint(checkpoint, path=str(path)).layers
-        diff = dataclasses.replace(diff, section=section, fix=fix, inferred=inferred)
-        raise StrictLoadError(reason or explain_key_diff(diff), diff)
+    state, diff = diagnose_load(read_checkpoint(path), module, section=section, target=target,
+                                source=f"{section} checkpoint {path}", state_dict_key=state_dict_key,
+                                key_map=key_map, drop_keys=drop_keys, convert=convert)
+    if state is None:
+        raise StrictLoadError(explain_key_diff(diff), diff)
     module.load_state_dict(state, strict=True)
     return fingerprint(module.state_dict())
 

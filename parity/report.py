@@ -15,9 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.checkpoints import explain_key_diff
-from parity.results import Comparison, Report, StageResult, Status
+from parity.forensics import CheckpointSummary, describe_layers, module_source
+from parity.results import Comparison, KeyDiff, Report, StageResult, Status
 
-__all__ = ["render_report", "render_text", "format_stage", "to_json", "write_json"]
+__all__ = ["render_report", "render_text", "render_inspection", "format_stage", "to_json", "write_json"]
 
 _SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
@@ -118,6 +119,37 @@ def render_text(report: Report, *, width: int = 120) -> str:
     buffer = io.StringIO()
     render_report(report, Console(file=buffer, width=width, no_color=True, emoji=False, highlight=False))
     return buffer.getvalue()
+
+
+def render_inspection(summary: CheckpointSummary, console: Console, *, key_diff: KeyDiff | None = None) -> None:
+    """`parity inspect`: nesting, tensors grouped by module, inferred architecture, and any key diff."""
+    if summary.nested:
+        console.print(f"nested checkpoint: state_dicts under {list(summary.nested)}; showing {summary.selected!r}"
+                      + (f"; other entries {list(summary.other_entries)}" if summary.other_entries else ""),
+                      highlight=False, soft_wrap=True)
+    table = Table(title=f"{summary.path}: {len(summary.tensors)} tensors, {summary.total_params:,} parameters",
+                  title_justify="left")
+    for column in ("module", "inferred layer", "tensor", "shape", "dtype"):
+        table.add_column(column)
+    dtypes = {name: dtype for name, _, dtype in summary.tensors}
+    for layer in summary.layers:
+        for i, (leaf, shape) in enumerate(layer.tensors):
+            name = f"{layer.path}.{leaf}" if layer.path else leaf
+            table.add_row(layer.path if i == 0 else "", layer.call if i == 0 and layer.kind != "Tensors" else "",
+                          leaf, str(list(shape)), dtypes.get(name, ""))
+    console.print(table)
+    for line in describe_layers(summary.layers):
+        console.print(f"- {line}", highlight=False, soft_wrap=True)
+    console.print("A module that loads these tensors with strict=True (structure only; forward is not recorded):")
+    console.print(module_source(summary.layers), markup=False, highlight=False, soft_wrap=True)
+    if key_diff is not None:
+        if key_diff.loads:
+            console.print(Text(f"{key_diff.source} loads into {key_diff.target} with strict=True.", style="bold green"))
+            for name, module_dtype, ckpt_dtype in key_diff.dtype_mismatches:
+                console.print(f"  note: {name} is {ckpt_dtype} in the checkpoint, {module_dtype} in the module (cast on load)",
+                              highlight=False, soft_wrap=True)
+        else:
+            console.print(Text(explain_key_diff(key_diff), style="red"), highlight=False, soft_wrap=True)
 
 
 def _plain(value: Any) -> Any:

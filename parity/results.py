@@ -86,10 +86,16 @@ class LayerGuess:
     kind: str
     args: tuple[int, ...]
     tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    bias: bool = True
 
     @property
     def call(self) -> str:
-        return f"{self.kind}({', '.join(map(str, self.args))})"
+        if self.kind == "Conv2d":
+            c_in, c_out, kh, kw = self.args
+            args = f"{c_in}, {c_out}, kernel_size=({kh}, {kw})"
+        else:
+            args = ", ".join(map(str, self.args))
+        return f"{self.kind}({args}{'' if self.bias else ', bias=False'})"
 
 
 @dataclass(frozen=True)
