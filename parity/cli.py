@@ -1,4 +1,4 @@
-"""Command line: ``parity check`` and ``parity inspect``.
+"""Command line: ``parity check``, ``parity inspect`` and ``parity diff-structure``.
 
 Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
 usage or configuration error.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 __all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE"]
 
@@ -45,7 +46,40 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--kwargs", default="{}", help="JSON constructor kwargs for --class")
     inspect.add_argument("--part", choices=("head", "backbone"), default=None,
                          help="with --against: which spec section the checkpoint is for (default: by path)")
+    structure = commands.add_parser(
+        "diff-structure", help="compare the candidate's module structure with the reference's",
+        description="Build the spec's backbone and head (no weights, no images) and list every module class "
+                    "and parameter shape that differs from what the fixture recorded: what strict loading "
+                    "cannot see (QuickGELU vs GELU, ReLU vs GELU in the head).")
+    structure.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
+    structure.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
     return parser
+
+
+def _diff_structure(args: argparse.Namespace, console: Console) -> int:
+    from parity.errors import SpecError
+    from parity.fixtures import load_fixture
+    from parity.forensics import diff_structure, summarize_structure
+    from parity.pipeline import create_backbone, create_head
+    from parity.report import render_config_diffs
+    from parity.spec import load_spec
+
+    spec = load_spec(args.spec)
+    root = args.fixtures or spec.fixtures
+    if root is None:
+        raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    recorded = load_fixture(root).pipeline
+    diffs = ()
+    for section, module in (("backbone", create_backbone(spec)), ("head", create_head(spec))):
+        reference = recorded.get(section, {}).get("structure")
+        if reference is None:
+            console.print(f"{section}: the fixture records no structure", style="yellow")
+            continue
+        diffs += diff_structure(reference, summarize_structure(module), prefix=f"{section}.")
+    render_config_diffs(diffs, console, title="Structure differences (reference -> candidate):")
+    if not diffs:
+        console.print(Text("The candidate's modules have the reference's structure.", style="bold green"))
+    return EXIT_DRIFT if diffs else EXIT_PASS
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
@@ -111,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
-        return {"check": _check, "inspect": lambda a, c, _: _inspect(a, c)}[args.command](args, console, errors)
+        if args.command == "check":
+            return _check(args, console, errors)
+        return {"inspect": _inspect, "diff-structure": _diff_structure}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

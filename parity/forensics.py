@@ -327,13 +327,19 @@ def summarize_structure(module) -> dict[str, str]:
     every block agrees. This is what a strict load cannot see: QuickGELU vs GELU, ReLU vs
     GELU, a Dropout swapped for an Identity all leave the keys unchanged.
     """
-    entries: dict[str, set[str]] = {}
-    for name, child in module.named_modules():
-        if name:
-            entries.setdefault(_INDEX.sub("*", name), set()).add(type(child).__name__)
-    for name, tensor in module.state_dict().items():
-        entries.setdefault(_INDEX.sub("*", name), set()).add(str(list(tensor.shape)))
-    return {k: " | ".join(sorted(v)) for k, v in entries.items()}
+    items = [(name, type(child).__name__) for name, child in module.named_modules() if name]
+    items += [(name, str(list(tensor.shape))) for name, tensor in module.state_dict().items()]
+    groups: dict[str, dict[str, str]] = {}
+    for name, value in items:
+        groups.setdefault(_INDEX.sub("*", name), {})[name] = value
+    summary: dict[str, str] = {}
+    for pattern, members in groups.items():
+        values = set(members.values())
+        if len(values) == 1:  # fold only where every index agrees, so positions stay visible
+            summary[pattern] = values.pop()
+        else:
+            summary.update(members)
+    return summary
 
 
 def diff_structure(reference: Mapping[str, str], candidate: Mapping[str, str], *, prefix: str = "") -> tuple[ConfigDiff, ...]:

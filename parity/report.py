@@ -18,7 +18,8 @@ from parity.checkpoints import explain_key_diff
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.results import Comparison, KeyDiff, Report, StageResult, Status
 
-__all__ = ["render_report", "render_text", "render_inspection", "format_stage", "to_json", "write_json"]
+__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "format_stage", "to_json",
+           "write_json"]
 
 _SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
@@ -101,10 +102,7 @@ def render_report(report: Report, console: Console) -> None:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
                           highlight=False, soft_wrap=True)
-    if report.config_diffs:
-        console.print("Configuration differences vs the fixture (reference -> candidate):", style="bold")
-        for diff in report.config_diffs:
-            console.print(f"  {diff.field}: {diff.reference!r} -> {diff.candidate!r}", highlight=False, markup=False, soft_wrap=True)
+    render_config_diffs(report.config_diffs, console)
     first = report.first_failure
     if report.passed:
         console.print(Text("PARITY: the candidate reproduces the reference.", style="bold green"))
@@ -112,6 +110,15 @@ def render_report(report: Report, console: Console) -> None:
         console.print(Text(f"DRIFT: first drifted stage: {first.stage}.", style="bold red"))
     else:
         console.print(Text("NO VERDICT: no stage was compared.", style="bold yellow"))
+
+
+def render_config_diffs(diffs, console: Console, *,
+                        title: str = "Configuration differences vs the fixture (reference -> candidate):") -> None:
+    if diffs:
+        console.print(title, style="bold")
+    for diff in diffs:
+        console.print(f"  {diff.field}: {diff.reference!r} -> {diff.candidate!r}", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 def render_text(report: Report, *, width: int = 120) -> str:

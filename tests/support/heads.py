@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reference.models import MultiLabelRegressionNN
+
 
 class CustomDNN(nn.Module):
     """A simplified inference-time head: embedding only, no bias-embedding layers."""
@@ -16,3 +18,13 @@ class CustomDNN(nn.Module):
 
     def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(embedding)))
+
+
+class ReluRegressionNN(MultiLabelRegressionNN):
+    """The trained head re-declared with ReLU for GELU: identical keys, different function."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for i, layer in enumerate(self.mlp):
+            if isinstance(layer, nn.GELU):
+                self.mlp[i] = nn.ReLU()
