@@ -81,6 +81,10 @@ def _averaged_model(head):
     return torch.optim.swa_utils.AveragedModel(head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99)).state_dict()
 
 
+def _lightning_style(head):
+    return {"model." + k: v for k, v in head.state_dict().items()}
+
+
 def _renamed(head):
     return {k.replace("output.", "fc_out."): v for k, v in head.state_dict().items()}
 
@@ -90,6 +94,8 @@ def _renamed(head):
                  ['key_map = { "module." = "" }'], id="DataParallel"),
     pytest.param(_compiled, "saved from a torch.compile'd module (every key starts with '_orig_mod.')",
                  ['key_map = { "_orig_mod." = "" }'], id="torch.compile"),
+    pytest.param(_lightning_style, "saved from a training wrapper that holds the network as `model` "
+                 "(every key starts with 'model.')", ['key_map = { "model." = "" }'], id="model-wrapper"),
     pytest.param(_training_checkpoint, "the weights are nested under 'state_dict' in a training checkpoint "
                  "(other entries: ['epoch', 'optimizer'])", ['state_dict_key = "state_dict"'], id="nested"),
     pytest.param(_timm_ema, "'state_dict_ema' holds EMA weights: use state_dict_key = \"state_dict_ema\" instead if "
