@@ -24,7 +24,8 @@ STAGE_ORDER = ("load", "weights", "pixels", "embedding", "head", "outputs")
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
 _SETTABLE = {
-    "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"},
+    "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend",
+                   "channel_order", "value_scale"},
     "backbone": {"model", "kwargs", "extract"},
     "head": {"class"},
     "runtime": {"dtype"},

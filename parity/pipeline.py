@@ -14,6 +14,7 @@ from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, r
 from parity.errors import CheckpointError, SpecError
 from parity.forensics import diagnose_load, summarize_structure
 from parity.images import load_image
+from parity.preprocess import Preprocess, create_preprocess
 from parity.spec import Spec
 
 __all__ = [
@@ -84,8 +85,11 @@ def describe_head(head, *, class_path: str) -> dict[str, Any]:
     return {"class": class_path, "structure": summarize_structure(head)}
 
 
-def describe_data_config(config: dict) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in _DATA_CONFIG_KEYS}
+def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
+                         value_scale: str = "unit") -> dict[str, Any]:
+    """The resolved preprocessing as recorded in manifests: timm's data config plus the variant."""
+    described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in _DATA_CONFIG_KEYS}
+    return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Pipeline:
     spec: Spec
     backbone: Any
     head: Any
-    transform: Any
+    transform: Preprocess
     data_config: dict[str, Any]
     device: Any
     dtype: Any
@@ -137,7 +141,7 @@ class Pipeline:
         return {
             "backbone": describe_backbone(self.backbone, name=spec.backbone.model,
                                           kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract),
-            "preprocess": describe_data_config(self.data_config),
+            "preprocess": describe_data_config(self.data_config, **spec.preprocess.variant()),
             "head": describe_head(self.head, class_path=spec.head.class_path),
             "runtime": {"device": str(self.device), "dtype": spec.runtime.dtype},
         }
@@ -232,7 +236,7 @@ def build_pipeline(spec: Spec, *, device: str | None = None) -> Pipeline:
             convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None)
     # Layered like timm: explicit spec fields, then the model's pretrained_cfg, then timm's defaults.
     data_config = timm.data.resolve_model_data_config(backbone, args=spec.preprocess.overrides())
-    transform = timm.data.create_transform(**data_config, is_training=False)
+    transform = create_preprocess(data_config, **spec.preprocess.variant())
 
     head = create_head(spec)
     hd = spec.head

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import SpecError
+from parity.preprocess import CHANNEL_ORDERS, RESIZE_BACKENDS, VALUE_SCALES
 from parity.results import Tolerance
 
 __all__ = [
@@ -34,6 +35,7 @@ EXTRACT_MODES = ("pre_logits", "forward", "cls", "mean_tokens")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
 CHECKPOINT_FORMATS = ("timm", "open_clip")
+_VARIANT_FIELDS = ("resize_backend", "channel_order", "value_scale")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 STAGES = ("pixels", "embedding", "head", "outputs")
 
@@ -81,9 +83,16 @@ class PreprocessSpec:
     crop_mode: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    resize_backend: str = "pil"
+    channel_order: str = "rgb"
+    value_scale: str = "unit"
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields that go into timm's data config (the rest select the transform's variant)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k not in _VARIANT_FIELDS}
+
+    def variant(self) -> dict[str, str]:
+        return {k: getattr(self, k) for k in _VARIANT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -296,6 +305,9 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         crop_mode=pp.get("crop_mode", str, None, choices=CROP_MODES),
         mean=_triple(pp, "mean"),
         std=_triple(pp, "std"),
+        resize_backend=pp.get("resize_backend", str, "pil", choices=RESIZE_BACKENDS),
+        channel_order=pp.get("channel_order", str, "rgb", choices=CHANNEL_ORDERS),
+        value_scale=pp.get("value_scale", str, "unit", choices=VALUE_SCALES),
     )
     pp.finish()
     if preprocess.std is not None and min(preprocess.std) <= 0:
