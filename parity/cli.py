@@ -1,4 +1,4 @@
-"""Command line: ``parity check``, ``parity inspect`` and ``parity diff-structure``.
+"""Command line: ``parity check``, ``matrix``, ``inspect`` and ``diff-structure``.
 
 Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
 usage or configuration error.
@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--kwargs", default="{}", help="JSON constructor kwargs for --class")
     inspect.add_argument("--part", choices=("head", "backbone"), default=None,
                          help="with --against: which spec section the checkpoint is for (default: by path)")
+    matrix = commands.add_parser(
+        "matrix", help="run the variant matrix and print the sensitivity table",
+        description="Run every cell of the spec's [matrix] (or the --axis overrides) against the reference "
+                    "embeddings. Exit 0 when every deployment cell reproduces the reference.")
+    matrix.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
+    matrix.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                        help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
+    matrix.add_argument("--device", default=None, help="default device for cells (cpu, cuda)")
+    matrix.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
+                        help="also write the matrix report as JSON")
     structure = commands.add_parser(
         "diff-structure", help="compare the candidate's module structure with the reference's",
         description="Build the spec's backbone and head (no weights, no images) and list every module class "
@@ -54,6 +65,45 @@ def _parser() -> argparse.ArgumentParser:
     structure.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
     structure.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
     return parser
+
+
+def _axis_values(text: str) -> list:
+    values: list = []
+    for raw in text.split(","):
+        raw = raw.strip()
+        if raw in ("true", "false"):
+            values.append(raw == "true")
+        else:
+            try:
+                values.append(float(raw))
+            except ValueError:
+                values.append(raw)
+    return values
+
+
+def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from rich.progress import Progress
+
+    from parity.errors import SpecError
+    from parity.report import render_matrix, write_json
+    from parity.spec import load_spec
+    from parity.variants import parse_axes, run_matrix
+
+    spec = load_spec(args.spec)
+    axes = dict(spec.matrix)
+    for item in args.axis:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SpecError(f"--axis {item!r}: expected NAME=V1,V2")
+        axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
+        task = progress.add_task("backbone passes", total=None)
+        report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device,
+                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    render_matrix(report, console)
+    if args.json_path is not None:
+        write_json(report, args.json_path)
+    return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
@@ -141,12 +191,14 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console, errors = Console(), Console(stderr=True)
+    # Logs (CI) are not terminals: give tables room instead of rich's 80-column fallback.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    errors = Console(stderr=True)
     from parity.errors import ParityError
 
     try:
-        if args.command == "check":
-            return _check(args, console, errors)
+        if args.command in ("check", "matrix"):
+            return {"check": _check, "matrix": _matrix}[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 _REPORT_KEY = pytest.StashKey[object]()
+_MATRIX_KEY = pytest.StashKey[object]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,6 +54,33 @@ def parity_device(request: pytest.FixtureRequest, parity_spec) -> str:
     return device
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per matrix cell, with the cell's readable id (``pre_logits-bicubic-pil-cpu-float32``)."""
+    if "parity_cell" not in metafunc.fixturenames:
+        return
+    path = _spec_path(metafunc.config)
+    if path is None:
+        metafunc.parametrize("parity_cell", [pytest.param(None, marks=pytest.mark.skip(
+            reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))], ids=["no-spec"])
+        return
+    from parity.spec import load_spec
+    from parity.variants import expand_matrix
+
+    cells = expand_matrix(load_spec(path), device=metafunc.config.option.parity_device)
+    metafunc.parametrize("parity_cell", cells, ids=[cell.id for cell in cells])
+
+
+@pytest.fixture(scope="session")
+def parity_matrix(request: pytest.FixtureRequest, parity_spec):
+    """Run the spec's matrix once for the session (shared trunk passes) and share the `MatrixReport`."""
+    from parity.variants import run_matrix
+
+    report = run_matrix(parity_spec, fixtures=request.config.option.parity_fixtures,
+                        device=request.config.option.parity_device)
+    request.config.stash[_MATRIX_KEY] = report
+    return report
+
+
 @pytest.fixture(scope="session")
 def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     """Run the gate once for the session and share the `Report` between tests."""
@@ -64,10 +92,10 @@ def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    report = config.stash.get(_REPORT_KEY, None)
-    if report is None:
-        return
-    from parity.report import render_text
+    for key, title in ((_REPORT_KEY, "parity report"), (_MATRIX_KEY, "parity matrix")):
+        report = config.stash.get(key, None)
+        if report is not None:
+            from parity.report import render_text
 
-    terminalreporter.write_sep("=", "parity report")
-    terminalreporter.write(render_text(report))
+            terminalreporter.write_sep("=", title)
+            terminalreporter.write(render_text(report))

@@ -17,9 +17,10 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.results import Comparison, KeyDiff, Report, StageResult, Status
+from parity.variants import MatrixReport
 
-__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "format_stage", "to_json",
-           "write_json"]
+__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix",
+           "format_stage", "to_json", "write_json"]
 
 _SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
@@ -121,10 +122,11 @@ def render_config_diffs(diffs, console: Console, *,
                       soft_wrap=True)
 
 
-def render_text(report: Report, *, width: int = 120) -> str:
+def render_text(report: Report | MatrixReport, *, width: int = 120) -> str:
     """The console rendering as plain text (for pytest summaries and logs)."""
     buffer = io.StringIO()
-    render_report(report, Console(file=buffer, width=width, no_color=True, emoji=False, highlight=False))
+    console = Console(file=buffer, width=width, no_color=True, emoji=False, highlight=False)
+    (render_matrix if isinstance(report, MatrixReport) else render_report)(report, console)
     return buffer.getvalue()
 
 
@@ -159,6 +161,45 @@ def render_inspection(summary: CheckpointSummary, console: Console, *, key_diff:
             console.print(Text(explain_key_diff(key_diff), style="red"), highlight=False, soft_wrap=True)
 
 
+def render_matrix(report: MatrixReport, console: Console) -> None:
+    """The sensitivity table: one row per cell, then which axis values reproduce the reference."""
+    table = Table(title=f"parity matrix: {Path(report.spec).name}, {len(report.cells)} cells", title_justify="left")
+    for column in ("cell", "role", "max abs", "min cos", "verdict"):
+        table.add_column(column, no_wrap=True)
+    tolerances: dict[str, str] = {}
+    for result in report.cells:
+        c = result.comparison
+        if c is None:
+            metrics = ("-", "-")
+        else:
+            tolerances.setdefault(str(result.cell["dtype"]), c.tolerance.describe())
+            metrics = ((_num(c.max_abs), f"{c.min_cosine:.6f}") if c.shapes_match
+                       else (f"shape {list(c.candidate_shape[1:])}", "-"))
+        verdict = {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[result.status]
+        table.add_row(result.cell.id, "deploy" if result.cell.deployment else "probe", *metrics,
+                      Text(verdict, style=_STYLE[result.status]))
+    console.print(table)
+    for dtype, tolerance in tolerances.items():
+        console.print(f"tolerance for {dtype} cells: {tolerance}", highlight=False)
+    skipped = {r.reason for r in report.cells if r.status is Status.SKIP}
+    for reason in sorted(skipped):
+        console.print(f"skipped cells: {reason}", style="yellow", highlight=False)
+    for axis in report.axes:
+        values = list(dict.fromkeys(r.cell[axis] for r in report.cells if r.status is not Status.SKIP))
+        good = report.reproducing(axis)
+        if len(values) > 1:
+            bad = [v for v in values if v not in good]
+            console.print(f"{axis}: reproduces the reference with {', '.join(map(str, good)) or 'none'}"
+                          + (f"; drifts with {', '.join(map(str, bad))}" if bad else ""), highlight=False, soft_wrap=True)
+    for group in report.equivalent_modes:
+        console.print(f"extraction modes {', '.join(group)} gave bit-identical embeddings for this model",
+                      highlight=False, soft_wrap=True)
+    if report.passed:
+        console.print(Text("MATRIX: every deployment cell reproduces the reference.", style="bold green"))
+    else:
+        console.print(Text("MATRIX: a deployment cell drifted (or none ran).", style="bold red"))
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -173,8 +214,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(report: Report) -> dict[str, Any]:
+def to_json(report: Report | MatrixReport) -> dict[str, Any]:
     data = _plain(report)
+    if isinstance(report, MatrixReport):
+        data["passed"] = report.passed
+        data["reproducing"] = {axis: report.reproducing(axis) for axis in report.axes}
+        return data
     data["passed"] = report.passed
     first = report.first_failure
     data["first_failure"] = first.stage if first is not None else None
@@ -184,5 +229,5 @@ def to_json(report: Report) -> dict[str, Any]:
     return data
 
 
-def write_json(report: Report, path: str | Path) -> None:
+def write_json(report: Report | MatrixReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")

@@ -47,7 +47,7 @@ _DEFAULT_ATOL_RTOL = {
     "float16": (1e-2, 1e-2),
     "bfloat16": (5e-2, 5e-2),
 }
-_DEFAULT_MIN_COSINE = {"float64": 0.999999, "float32": 0.99999, "float16": 0.999, "bfloat16": 0.99}
+_DEFAULT_MIN_COSINE = {"float64": 0.999999, "float32": 0.99999, "float16": 0.9995, "bfloat16": 0.999}
 
 
 def default_tolerance(stage: str, dtype: str) -> Tolerance:
@@ -124,6 +124,7 @@ class Spec:
     runtime: RuntimeSpec = RuntimeSpec()
     fixtures: Path | None = None
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+    matrix: Mapping[str, tuple] = field(default_factory=dict)
 
     def tolerance(self, stage: str) -> Tolerance:
         return self.tolerances.get(stage) or default_tolerance(stage, self.runtime.dtype)
@@ -346,6 +347,10 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         if tol is not None:
             tolerances[stage] = tol
     tol_table.finish()
+    root.seen.add("matrix")
+    from parity.variants import parse_axes  # variants builds on spec; the import is deferred
+
+    matrix = parse_axes(root.get("matrix", dict, {}), where=f"{path}: [matrix]")
     root.finish()
     return Spec(
         path=path.resolve(),
@@ -356,4 +361,5 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         runtime=runtime,
         fixtures=fixtures,
         tolerances=tolerances,
+        matrix=matrix,
     )

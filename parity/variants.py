@@ -1,0 +1,356 @@
+"""Variant matrices: extraction mode × preprocessing × device × dtype, sharing work across cells.
+
+Every preprocessing geometry is computed once per image, every per-pixel variant once per
+geometry, one backbone trunk pass (``forward_features``) runs per distinct
+(pixels, device, dtype, attention backend), and every extraction mode is derived from
+that pass's tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.compare import compare_arrays
+from parity.errors import SpecError
+from parity.fixtures import load_fixture
+from parity.images import load_image
+from parity.preprocess import CHANNEL_ORDERS, MEAN_STD_PRESETS, RESIZE_BACKENDS, VALUE_SCALES, create_preprocess
+from parity.results import Comparison, Status, Tolerance
+from parity.spec import DTYPES, EXTRACT_MODES, INTERPOLATIONS, Spec, default_tolerance
+
+__all__ = ["AXES", "Cell", "CellResult", "MatrixReport", "expand_matrix", "run_matrix", "parse_axes"]
+
+PRECISIONS = DTYPES + ("autocast_float16", "autocast_bfloat16")
+SDPA_BACKENDS = ("default", "math", "flash", "efficient")
+# Axis name → accepted values (None: any number in (0, 1]). Order is the order in cell ids.
+AXES: dict[str, tuple | None] = {
+    "extract": EXTRACT_MODES,
+    "interpolation": INTERPOLATIONS,
+    "resize_backend": RESIZE_BACKENDS,
+    "crop_pct": None,
+    "mean_std": tuple(MEAN_STD_PRESETS),
+    "channel_order": CHANNEL_ORDERS,
+    "value_scale": VALUE_SCALES,
+    "device": ("cpu", "cuda"),
+    "dtype": PRECISIONS,
+    "tf32": (False, True),
+    "sdpa": SDPA_BACKENDS,
+}
+_ALWAYS_IN_ID = ("extract", "interpolation", "resize_backend", "device", "dtype")
+_GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
+_PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
+_PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
+_TRUNK = _PIXELS + _PRECISION_AXES
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix. ``deployment`` cells keep the spec's preprocessing and extraction."""
+
+    values: tuple[tuple[str, Any], ...]
+    id: str
+    deployment: bool
+
+    def __getitem__(self, axis: str) -> Any:
+        return dict(self.values)[axis]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    status: Status
+    comparison: Comparison | None = None
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.status is not Status.FAIL
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """Every cell's verdict, plus which axis values reproduce the reference."""
+
+    spec: str
+    fixtures: str
+    cells: tuple[CellResult, ...]
+    axes: tuple[str, ...]
+    equivalent_modes: tuple[tuple[str, ...], ...] = ()
+    reference_dtype: str = "float32"
+
+    @property
+    def passed(self) -> bool:
+        """Every deployment cell that ran reproduces the reference (probes may drift)."""
+        ran = [r for r in self.cells if r.cell.deployment and r.status is not Status.SKIP]
+        return bool(ran) and all(r.status is Status.PASS for r in ran)
+
+    def cell(self, cell_id: str) -> CellResult:
+        for result in self.cells:
+            if result.cell.id == cell_id:
+                return result
+        raise KeyError(f"no cell {cell_id!r}")
+
+    def reproducing(self, axis: str) -> list[Any]:
+        """Values of ``axis`` for which at least one cell reproduces the reference.
+
+        Outside the precision axes only cells at the reference's dtype count: a looser
+        half-precision budget can swallow a preprocessing drift.
+        """
+        cells = self.cells if axis in _PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
+        values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
+        return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
+
+
+def _check_value(axis: str, value: Any, where: str) -> Any:
+    choices = AXES[axis]
+    if choices is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise SpecError(f"{where}: {axis} values must be numbers in (0, 1], got {value!r}")
+        return float(value)
+    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+        raise SpecError(f"{where}: {axis} = {value!r} is not accepted. Accepted values: "
+                        + ", ".join(map(str, choices)))
+    return value
+
+
+def parse_axes(table: Mapping[str, Any], *, where: str) -> dict[str, tuple]:
+    """Validate a ``[matrix]`` table (or command-line axes): known axes, lists of accepted values."""
+    axes = {}
+    for axis, values in table.items():
+        if axis not in AXES:
+            raise SpecError(f"{where}: unknown matrix axis {axis!r}. Accepted axes: {', '.join(AXES)}")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: matrix axis {axis} must be a non-empty list, got {values!r}")
+        axes[axis] = tuple(dict.fromkeys(_check_value(axis, v, where) for v in values))
+    return axes
+
+
+def _preset_name(mean: Sequence[float], std: Sequence[float]) -> str:
+    for name, (m, s) in MEAN_STD_PRESETS.items():
+        if np.allclose(m, mean) and np.allclose(s, std):
+            return name
+    return "spec"
+
+
+def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | None = None) -> dict[str, Any]:
+    """The spec's own value on every axis: the deployment configuration."""
+    return {
+        "extract": spec.backbone.extract,
+        "interpolation": data_config["interpolation"],
+        "resize_backend": spec.preprocess.resize_backend,
+        "crop_pct": float(data_config["crop_pct"]),
+        "mean_std": _preset_name(data_config["mean"], data_config["std"]),
+        "channel_order": spec.preprocess.channel_order,
+        "value_scale": spec.preprocess.value_scale,
+        "device": "cuda" if (device or spec.runtime.device).startswith("cuda") else "cpu",
+        "dtype": spec.runtime.dtype,
+        "tf32": False,
+        "sdpa": "default",
+    }
+
+
+def resolve_data_config(spec: Spec) -> dict[str, Any]:
+    """The data config without building the model: explicit fields over the named pretrained_cfg."""
+    import timm
+
+    try:
+        pretrained = timm.models.get_pretrained_cfg(spec.backbone.model)
+    except Exception as e:  # timm raises RuntimeError or KeyError depending on the name's shape
+        raise SpecError(f"{spec.path}: timm has no pretrained_cfg for [backbone].model {spec.backbone.model!r}: {e}") from e
+    cfg = pretrained.to_dict() if pretrained is not None else {}
+    return timm.data.resolve_data_config(dict(spec.preprocess.overrides()), pretrained_cfg=cfg)
+
+
+def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, device: str | None = None,
+                  data_config: Mapping[str, Any] | None = None) -> list[Cell]:
+    """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value."""
+    axes = dict(spec.matrix if axes is None else axes)
+    base = base_values(spec, data_config or resolve_data_config(spec), device=device)
+    names = list(AXES)
+    choices = [axes.get(name, (base[name],)) for name in names]
+    shown = [n for n in names if n in _ALWAYS_IN_ID or len(axes.get(n, ())) > 1]
+    cells = []
+    for combo in itertools.product(*choices):
+        values = dict(zip(names, combo))
+        deployment = all(values[n] == base[n] for n in ("extract",) + _PIXELS)
+        cell_id = "-".join(_id_part(n, values[n]) for n in shown)
+        cells.append(Cell(tuple(values.items()), cell_id, deployment))
+    return cells
+
+
+def _id_part(axis: str, value: Any) -> str:
+    if axis == "crop_pct":
+        return f"crop{value:g}"
+    if axis == "tf32":
+        return "tf32" if value else "notf32"
+    if axis == "sdpa":
+        return f"sdpa_{value}"
+    return str(value)
+
+
+def _precision_context(device: str, precision: str, tf32: bool, sdpa: str):
+    import torch
+
+    stack = contextlib.ExitStack()
+    if precision.startswith("autocast_"):
+        stack.enter_context(torch.autocast(device_type=device, dtype=getattr(torch, precision[len("autocast_"):])))
+    if sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[sdpa]
+        stack.enter_context(sdpa_kernel(backend))
+    if device == "cuda":
+        previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        stack.callback(_restore_tf32, previous)
+    return stack
+
+
+def _restore_tf32(previous: tuple[bool, bool]) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def derive_embeddings(model, tokens, modes: Sequence[str]) -> dict[str, Any]:
+    """Every extraction mode from one ``forward_features`` output."""
+    out = {}
+    for mode in modes:
+        if mode == "forward":
+            out[mode] = model.forward_head(tokens)
+        elif mode == "pre_logits":
+            out[mode] = model.forward_head(tokens, pre_logits=True)
+        elif mode == "cls":
+            out[mode] = tokens[:, 0]
+        else:
+            out[mode] = tokens[:, getattr(model, "num_prefix_tokens", 1):].mean(dim=1)
+    return out
+
+
+def cell_tolerance(spec: Spec, precision: str) -> Tolerance:
+    """The cell's budget: its precision's default, never tighter than the float32 reference's own."""
+    dtype = precision.removeprefix("autocast_")
+    if dtype == spec.runtime.dtype and "embedding" in spec.tolerances:
+        return spec.tolerances["embedding"]
+    own, floor = default_tolerance("embedding", dtype), default_tolerance("embedding", "float32")
+    return Tolerance(atol=max(own.atol, floor.atol), rtol=max(own.rtol, floor.rtol),
+                     min_cosine=min(own.min_cosine, floor.min_cosine), origin=own.origin)
+
+
+class _Engine:
+    """Caches shared between cells: decoded images, geometry, pixels, converted models."""
+
+    def __init__(self, pipeline, images: list, batch_size: int) -> None:
+        self.pipeline, self.images, self.batch_size = pipeline, images, batch_size
+        self.geometry: dict[tuple, Any] = {}
+        self.pixels: dict[tuple, Any] = {}
+        self.models: dict[tuple, Any] = {}
+
+    def unit_pixels(self, values: Mapping[str, Any]):
+        import torch
+
+        key = tuple(values[a] for a in _GEOMETRY)
+        if key not in self.geometry:
+            config = dict(self.pipeline.data_config, interpolation=values["interpolation"], crop_pct=values["crop_pct"])
+            transform = create_preprocess(config, resize_backend=values["resize_backend"])
+            self.geometry[key] = torch.stack([transform.geometry(image) for image in self.images])
+        return self.geometry[key]
+
+    def normalized_pixels(self, values: Mapping[str, Any]):
+        key = tuple(values[a] for a in _PIXELS)
+        if key not in self.pixels:
+            mean, std = MEAN_STD_PRESETS.get(values["mean_std"], (self.pipeline.data_config["mean"],
+                                                                  self.pipeline.data_config["std"]))
+            config = dict(self.pipeline.data_config, mean=mean, std=std)
+            finish = create_preprocess(config, channel_order=values["channel_order"],
+                                       value_scale=values["value_scale"]).finish
+            self.pixels[key] = finish(self.unit_pixels(values))  # per-pixel steps work on a batch too
+        return self.pixels[key]
+
+    def model(self, device: str, precision: str):
+        import torch
+
+        dtype = torch.float32 if precision.startswith("autocast_") else getattr(torch, precision)
+        key = (device, dtype)
+        if key not in self.models:
+            self.models[key] = copy.deepcopy(self.pipeline.backbone).to(device, dtype).eval()
+        return self.models[key], dtype
+
+    def embeddings(self, values: Mapping[str, Any], modes: Sequence[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = self.normalized_pixels(values)
+        model, dtype = self.model(values["device"], values["dtype"])
+        chunks: dict[str, list] = {m: [] for m in modes}
+        with torch.inference_mode(), _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
+                for mode, out in derive_embeddings(model, model.forward_features(batch), modes).items():
+                    chunks[mode].append(out.float().cpu())
+        return {m: torch.cat(c).numpy() for m, c in chunks.items()}
+
+
+def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,
+               device: str | None = None, tolerance: Tolerance | None = None,
+               progress: Callable[[int, int], None] | None = None) -> MatrixReport:
+    """Run every cell against the fixture's reference embeddings.
+
+    Args:
+        tolerance: one budget for every cell (default: per precision, see `cell_tolerance`).
+    """
+    import torch
+
+    from parity.pipeline import build_pipeline
+
+    root = Path(fixtures) if fixtures is not None else spec.fixtures
+    if root is None:
+        raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    fixture = load_fixture(root)
+    pipeline = build_pipeline(spec, device="cpu")
+    cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
+    engine = _Engine(pipeline, [load_image(row.image) for row in fixture.rows], spec.runtime.batch_size)
+
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(tuple(cell[a] for a in _TRUNK), []).append(cell)
+    results: dict[str, CellResult] = {}
+    equivalent: set[tuple[str, ...]] = set()
+    for done, group in enumerate(groups.values(), start=1):
+        values = dict(group[0].values)
+        if values["device"] == "cuda" and not torch.cuda.is_available():
+            for cell in group:
+                results[cell.id] = CellResult(cell, Status.SKIP, reason="CUDA is not available on this machine")
+            continue
+        embeddings = engine.embeddings(values, sorted({c["extract"] for c in group}))
+        equivalent |= _identical_modes(embeddings)
+        for cell in group:
+            comparison = compare_arrays(embeddings[cell["extract"]], fixture.embeddings, names=fixture.names,
+                                        cosine=True, tolerance=tolerance or cell_tolerance(spec, cell["dtype"]))
+            results[cell.id] = CellResult(cell, Status.PASS if comparison else Status.FAIL, comparison)
+        if progress:
+            progress(done, len(groups))
+    varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
+    return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
+                        axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype)
+
+
+def _identical_modes(embeddings: Mapping[str, np.ndarray]) -> set[tuple[str, ...]]:
+    """Groups of extraction modes that gave bit-identical embeddings (e.g. pre_logits and cls on CLIP ViTs)."""
+    groups: list[list[str]] = []
+    for mode, array in embeddings.items():
+        for group in groups:
+            first = embeddings[group[0]]
+            if first.shape == array.shape and np.array_equal(first, array):
+                group.append(mode)
+                break
+        else:
+            groups.append([mode])
+    return {tuple(g) for g in groups if len(g) > 1}
