@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SPEC   ?= specs/clip_dnn.toml
 PYTEST_ARGS ?=
 
-.PHONY: install parity test fixtures clean
+.PHONY: install parity test fixtures bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ fixtures: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+
+# Speed ratios on the full-size ViT-L/14@336 (random init); BENCH_IMAGES=2 for a quicker run.
+BENCH_IMAGES ?= 4
+bench: $(STAMP)
+	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)

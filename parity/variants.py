@@ -281,7 +281,12 @@ class _Engine:
         dtype = torch.float32 if precision.startswith("autocast_") else getattr(torch, precision)
         key = (device, dtype)
         if key not in self.models:
-            self.models[key] = copy.deepcopy(self.pipeline.backbone).to(device, dtype).eval()
+            own = self.pipeline.backbone
+            first = next(own.parameters())
+            if first.device.type == device and first.dtype == dtype:
+                self.models[key] = own  # the spec's own device and dtype: no copy
+            else:
+                self.models[key] = copy.deepcopy(own).to(device, dtype).eval()
         return self.models[key], dtype
 
     def embeddings(self, values: Mapping[str, Any], modes: Sequence[str]) -> dict[str, np.ndarray]:
