@@ -166,7 +166,8 @@ def fingerprint(state_dict: Mapping) -> dict[str, str]:
     for name, tensor in state_dict.items():
         t = tensor.detach().cpu().contiguous()
         digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
         prints[name] = digest.hexdigest()
     return prints
 
