@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -162,14 +164,16 @@ def fingerprint(state_dict: Mapping) -> dict[str, str]:
     """sha256 per tensor over dtype, shape and bytes: equal fingerprints mean bit-identical weights."""
     import torch
 
-    prints = {}
-    for name, tensor in state_dict.items():
+    def one(tensor) -> str:
         t = tensor.detach().cpu().contiguous()
         digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
             digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
-        prints[name] = digest.hexdigest()
-    return prints
+        return digest.hexdigest()
+
+    # hashlib releases the GIL on large buffers, so threads hash tensors in parallel.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(state_dict, pool.map(one, state_dict.values())))
 
 
 def diff_state_dict(module, state_dict: Mapping, *, target: str, source: str) -> KeyDiff:

@@ -206,7 +206,7 @@ def _convert_open_clip(state: dict, model) -> dict:
 
 def load_weights(module, path: Path, *, section: str, target: str, state_dict_key: str | None,
                  key_map: Mapping[str, str], drop_keys: Sequence[str], convert=None,
-                 assign: bool = False) -> dict[str, str]:
+                 assign: bool = False, fingerprints: bool = True) -> dict[str, str]:
     """Load ``path`` into ``module`` with ``strict=True`` and return per-tensor fingerprints.
 
     Raises:
@@ -220,10 +220,10 @@ def load_weights(module, path: Path, *, section: str, target: str, state_dict_ke
     if state is None:
         raise StrictLoadError(explain_key_diff(diff), diff)
     module.load_state_dict(state, strict=True, assign=assign)
-    return fingerprint(module.state_dict())
+    return fingerprint(module.state_dict()) if fingerprints else {}
 
 
-def build_pipeline(spec: Spec, *, device: str | None = None) -> Pipeline:
+def build_pipeline(spec: Spec, *, device: str | None = None, fingerprints: bool = True) -> Pipeline:
     """Create the backbone and head, load both checkpoints with ``strict=True``, set eval mode.
 
     Raises:
@@ -237,29 +237,30 @@ def build_pipeline(spec: Spec, *, device: str | None = None) -> Pipeline:
     torch_device = resolve_device(device or spec.runtime.device)
     dtype = getattr(torch, spec.runtime.dtype)
     bb = spec.backbone
-    fingerprints = {}
+    prints = {}
     if bb.checkpoint is None:
         backbone = create_backbone(spec)
     else:
         loading = dict(section="backbone", target=f"timm {bb.model}", state_dict_key=bb.state_dict_key,
                        key_map=bb.key_map, drop_keys=bb.drop_keys,
-                       convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None)
+                       convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None,
+                       fingerprints=fingerprints)
         backbone = create_backbone(spec, meta=True)
-        fingerprints["backbone"] = load_weights(backbone, bb.checkpoint, assign=True, **loading)
+        prints["backbone"] = load_weights(backbone, bb.checkpoint, assign=True, **loading)
         if any(t.is_meta for t in itertools.chain(backbone.parameters(), backbone.buffers())):
             # Buffers outside the state_dict (non-persistent) need the model's own init.
             backbone = create_backbone(spec)
-            fingerprints["backbone"] = load_weights(backbone, bb.checkpoint, **loading)
+            prints["backbone"] = load_weights(backbone, bb.checkpoint, **loading)
     # Layered like timm: explicit spec fields, then the model's pretrained_cfg, then timm's defaults.
     data_config = timm.data.resolve_model_data_config(backbone, args=spec.preprocess.overrides())
     transform = create_preprocess(data_config, **spec.preprocess.variant())
 
     head = create_head(spec)
     hd = spec.head
-    fingerprints["head"] = load_weights(
-        head, hd.weights, section="head", target=hd.class_path,
-        state_dict_key=hd.state_dict_key, key_map=hd.key_map, drop_keys=hd.drop_keys)
+    prints["head"] = load_weights(
+        head, hd.weights, section="head", target=hd.class_path, state_dict_key=hd.state_dict_key,
+        key_map=hd.key_map, drop_keys=hd.drop_keys, fingerprints=fingerprints)
     backbone.eval().to(torch_device, dtype)
     head.eval().to(torch_device, dtype)
     return Pipeline(spec=spec, backbone=backbone, head=head, transform=transform, data_config=data_config,
-                    device=torch_device, dtype=dtype, fingerprints=fingerprints)
+                    device=torch_device, dtype=dtype, fingerprints=prints)

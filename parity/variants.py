@@ -319,7 +319,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     if root is None:
         raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
     fixture = load_fixture(root)
-    pipeline = build_pipeline(spec, device="cpu")
+    pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
     engine = _Engine(pipeline, [load_image(row.image) for row in fixture.rows], spec.runtime.batch_size)
 

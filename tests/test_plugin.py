@@ -71,3 +71,30 @@ def test_without_a_spec_the_gate_skips_with_a_reason(gate):
 def test_ini_parity_spec_is_the_default(gate):
     gate.makeini(f"[pytest]\nparity_spec = {EXAMPLE_SPEC}\n")
     gate.runpytest().assert_outcomes(passed=7)
+
+
+MATRIX = (ROOT / "tests" / "parity" / "test_matrix.py").read_text()
+
+
+def test_matrix_suite_has_one_test_per_cell_with_readable_ids(pytester, loaded_modules):
+    pytester.makepyfile(test_matrix=MATRIX)
+    result = pytester.runpytest("--parity-spec", str(EXAMPLE_SPEC), "-v")
+    result.stdout.fnmatch_lines([
+        "*test_embedding_parity[[]pre_logits-bicubic-pil-cpu-float32[]] PASSED*",
+        "*test_embedding_parity[[]pre_logits-bicubic-pil-cuda-float32[]] SKIPPED*",
+        "*test_embedding_parity[[]forward-bicubic-pil-cpu-float32[]] XFAIL*",
+        "*parity matrix*",
+        "*extract: reproduces the reference with pre_logits, cls; drifts with forward, mean_tokens*",
+    ])
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes["passed"] + outcomes["xfailed"] + outcomes["skipped"] == 64
+
+
+def test_a_drifted_deployment_cell_fails_the_matrix_suite(pytester, loaded_modules, tmp_path):
+    pytester.makepyfile(test_matrix=MATRIX)
+    spec = write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"',
+                                 'interpolation = ["bicubic", "bilinear"]': 'interpolation = ["bilinear"]'})
+    result = pytester.runpytest("--parity-spec", str(spec))
+    result.stdout.fnmatch_lines(["*DriftError: deployment cell pre_logits-bilinear-pil-cpu-float32 does not "
+                                 "reproduce the reference*"])
+    assert result.parseoutcomes()["failed"] >= 1
