@@ -25,9 +25,9 @@ _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "e
 # Fields a spec sets directly, so a differing value has a one-line fix.
 _SETTABLE = {
     "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend",
-                   "channel_order", "value_scale"},
-    "backbone": {"model", "kwargs", "extract"},
-    "head": {"class"},
+                   "channel_order", "value_scale", "exif_transpose"},
+    "backbone": {"model", "kwargs", "extract", "normalize"},
+    "head": {"class", "input_biases_order"},
     "runtime": {"dtype"},
 }
 
@@ -64,6 +64,10 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, Mapping):
@@ -79,7 +83,9 @@ def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
         section, _, key = diff.field.partition(".")
         if _SECTION_STAGE.get(section) != stage:
             continue
-        if key in _SETTABLE.get(section, ()):
+        if key in _SETTABLE.get(section, ()) and diff.reference is None:
+            fixes.append(f"Fix: remove [{section}].{key} (the fixture was made without it)")
+        elif key in _SETTABLE.get(section, ()):
             fixes.append(
                 f"Fix: set [{section}].{key} = {_toml(diff.reference)} "
                 f"(the fixture was made with it; the candidate has {_toml(diff.candidate)})"

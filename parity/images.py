@@ -11,7 +11,7 @@ from parity.errors import FixtureError
 __all__ = ["load_image"]
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, *, exif_transpose: bool = True) -> Image.Image:
     """Decode ``path`` to an RGB image: EXIF orientation first, then ``convert("RGB")``.
 
     The order matters: transposing after conversion would drop the EXIF tag, and
@@ -24,7 +24,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")
     except FileNotFoundError as e:
         raise FixtureError(f"image not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

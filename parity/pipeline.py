@@ -21,6 +21,9 @@ from parity.spec import Spec
 __all__ = [
     "Pipeline",
     "build_pipeline",
+    "load_backbone",
+    "load_head",
+    "assemble_pipeline",
     "create_backbone",
     "create_head",
     "load_weights",
@@ -66,7 +69,7 @@ def extract_embedding(model, pixels, mode: str):
     raise SpecError(f"unknown extract mode {mode!r}")
 
 
-def describe_backbone(model, *, name: str, kwargs: dict, extract: str) -> dict[str, Any]:
+def describe_backbone(model, *, name: str, kwargs: dict, extract: str, normalize: str = "none") -> dict[str, Any]:
     """Static facts about a backbone that a strict state_dict load cannot see."""
     # QuickGELU vs GELU leaves every key identical, so record the activation classes.
     activations = sorted({type(m).__name__ for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "act"})
@@ -76,21 +79,24 @@ def describe_backbone(model, *, name: str, kwargs: dict, extract: str) -> dict[s
         "model": name,
         "kwargs": dict(kwargs),
         "extract": extract,
+        "normalize": normalize,
         "activation": activations,
         "embedding_dim": dim,
         "structure": summarize_structure(model),
     }
 
 
-def describe_head(head, *, class_path: str) -> dict[str, Any]:
-    return {"class": class_path, "structure": summarize_structure(head)}
+def describe_head(head, *, class_path: str, input_biases_order: Sequence[int] | None = None) -> dict[str, Any]:
+    order = list(input_biases_order) if input_biases_order is not None else None
+    return {"class": class_path, "input_biases_order": order, "structure": summarize_structure(head)}
 
 
 def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
-                         value_scale: str = "unit") -> dict[str, Any]:
+                         value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
     """The resolved preprocessing as recorded in manifests: timm's data config plus the variant."""
     described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in _DATA_CONFIG_KEYS}
-    return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale)
+    return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale,
+                exif_transpose=exif_transpose)
 
 
 @dataclass
@@ -109,7 +115,7 @@ class Pipeline:
     def preprocess(self, image: Image.Image | str | Path):
         """Pixels (3, H, W) float32 on the CPU; paths are decoded with the shared loader."""
         if not isinstance(image, Image.Image):
-            image = load_image(image)
+            image = load_image(image, exif_transpose=self.spec.preprocess.exif_transpose)
         return self.transform(image)
 
     def embed(self, pixels):
@@ -118,7 +124,10 @@ class Pipeline:
 
         with torch.inference_mode():
             x = pixels.to(self.device, self.dtype)
-            return extract_embedding(self.backbone, x, self.spec.backbone.extract).float().cpu()
+            embedding = extract_embedding(self.backbone, x, self.spec.backbone.extract).float()
+            if self.spec.backbone.normalize == "l2":
+                embedding = torch.nn.functional.normalize(embedding, dim=-1)
+            return embedding.cpu()
 
     def run_head(self, embeddings, input_biases):
         """Head outputs (B, L) float32 on the CPU."""
@@ -127,6 +136,11 @@ class Pipeline:
         with torch.inference_mode():
             e = torch.as_tensor(embeddings).to(self.device, self.dtype)
             b = torch.as_tensor(input_biases, dtype=torch.long).to(self.device)
+            order = self.spec.head.input_biases_order
+            if order is not None:
+                if len(order) != b.shape[1]:
+                    raise ValueError(f"[head].input_biases_order has {len(order)} entries for {b.shape[1]} columns")
+                b = b[:, list(order)]
             return self.head(e, b).float().cpu()
 
     def predict(self, images: Sequence[Image.Image | str | Path], input_biases) -> Any:
@@ -140,10 +154,12 @@ class Pipeline:
         """The configuration recorded in fixture manifests, for this pipeline."""
         spec = self.spec
         return {
-            "backbone": describe_backbone(self.backbone, name=spec.backbone.model,
-                                          kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract),
-            "preprocess": describe_data_config(self.data_config, **spec.preprocess.variant()),
-            "head": describe_head(self.head, class_path=spec.head.class_path),
+            "backbone": describe_backbone(self.backbone, name=spec.backbone.model, kwargs=dict(spec.backbone.kwargs),
+                                          extract=spec.backbone.extract, normalize=spec.backbone.normalize),
+            "preprocess": describe_data_config(self.data_config, **spec.preprocess.variant(),
+                                               exif_transpose=spec.preprocess.exif_transpose),
+            "head": describe_head(self.head, class_path=spec.head.class_path,
+                                  input_biases_order=spec.head.input_biases_order),
             "runtime": {"device": str(self.device), "dtype": spec.runtime.dtype},
         }
 
@@ -223,21 +239,16 @@ def load_weights(module, path: Path, *, section: str, target: str, state_dict_ke
     return fingerprint(module.state_dict()) if fingerprints else {}
 
 
-def build_pipeline(spec: Spec, *, device: str | None = None, fingerprints: bool = True) -> Pipeline:
-    """Create the backbone and head, load both checkpoints with ``strict=True``, set eval mode.
+def load_backbone(spec: Spec, *, device, fingerprints: bool = True):
+    """The spec's backbone with its checkpoint loaded strictly, in eval mode on ``device`` and the spec's dtype.
 
-    Raises:
-        SpecError: the model name, head class or kwargs cannot be used.
-        CheckpointError: a checkpoint is unreadable or does not load strictly
-            (`StrictLoadError` carries the key diff and the proposed fix).
+    Returns:
+        ``(module, fingerprints)``; fingerprints are taken before any dtype cast.
     """
-    import timm
     import torch
 
-    torch_device = resolve_device(device or spec.runtime.device)
-    dtype = getattr(torch, spec.runtime.dtype)
     bb = spec.backbone
-    prints = {}
+    prints: dict[str, str] = {}
     if bb.checkpoint is None:
         backbone = create_backbone(spec)
     else:
@@ -246,21 +257,47 @@ def build_pipeline(spec: Spec, *, device: str | None = None, fingerprints: bool 
                        convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None,
                        fingerprints=fingerprints)
         backbone = create_backbone(spec, meta=True)
-        prints["backbone"] = load_weights(backbone, bb.checkpoint, assign=True, **loading)
+        prints = load_weights(backbone, bb.checkpoint, assign=True, **loading)
         if any(t.is_meta for t in itertools.chain(backbone.parameters(), backbone.buffers())):
             # Buffers outside the state_dict (non-persistent) need the model's own init.
             backbone = create_backbone(spec)
-            prints["backbone"] = load_weights(backbone, bb.checkpoint, **loading)
+            prints = load_weights(backbone, bb.checkpoint, **loading)
+    return backbone.eval().to(device, getattr(torch, spec.runtime.dtype)), prints
+
+
+def load_head(spec: Spec, *, device, fingerprints: bool = True):
+    """The spec's head with its weights loaded strictly, in eval mode: ``(module, fingerprints)``."""
+    import torch
+
+    hd = spec.head
+    head = create_head(spec)
+    prints = load_weights(head, hd.weights, section="head", target=hd.class_path, state_dict_key=hd.state_dict_key,
+                          key_map=hd.key_map, drop_keys=hd.drop_keys, fingerprints=fingerprints)
+    return head.eval().to(device, getattr(torch, spec.runtime.dtype)), prints
+
+
+def assemble_pipeline(spec: Spec, backbone, head, *, device, fingerprints: dict | None = None) -> Pipeline:
+    """Join loaded modules with the preprocessing the spec resolves to."""
+    import timm
+    import torch
+
     # Layered like timm: explicit spec fields, then the model's pretrained_cfg, then timm's defaults.
     data_config = timm.data.resolve_model_data_config(backbone, args=spec.preprocess.overrides())
     transform = create_preprocess(data_config, **spec.preprocess.variant())
-
-    head = create_head(spec)
-    hd = spec.head
-    prints["head"] = load_weights(
-        head, hd.weights, section="head", target=hd.class_path, state_dict_key=hd.state_dict_key,
-        key_map=hd.key_map, drop_keys=hd.drop_keys, fingerprints=fingerprints)
-    backbone.eval().to(torch_device, dtype)
-    head.eval().to(torch_device, dtype)
     return Pipeline(spec=spec, backbone=backbone, head=head, transform=transform, data_config=data_config,
-                    device=torch_device, dtype=dtype, fingerprints=prints)
+                    device=device, dtype=getattr(torch, spec.runtime.dtype), fingerprints=fingerprints or {})
+
+
+def build_pipeline(spec: Spec, *, device: str | None = None, fingerprints: bool = True) -> Pipeline:
+    """Create the backbone and head, load both checkpoints with ``strict=True``, set eval mode.
+
+    Raises:
+        SpecError: the model name, head class or kwargs cannot be used.
+        CheckpointError: a checkpoint is unreadable or does not load strictly
+            (`StrictLoadError` carries the key diff and the proposed fix).
+    """
+    torch_device = resolve_device(device or spec.runtime.device)
+    backbone, backbone_prints = load_backbone(spec, device=torch_device, fingerprints=fingerprints)
+    head, head_prints = load_head(spec, device=torch_device, fingerprints=fingerprints)
+    prints = {part: p for part, p in (("backbone", backbone_prints), ("head", head_prints)) if p}
+    return assemble_pipeline(spec, backbone, head, device=torch_device, fingerprints=prints)

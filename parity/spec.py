@@ -36,6 +36,8 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
 CHECKPOINT_FORMATS = ("timm", "open_clip")
 _VARIANT_FIELDS = ("resize_backend", "channel_order", "value_scale")
+_DECODE_FIELDS = ("exif_transpose",)
+NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 STAGES = ("pixels", "embedding", "head", "outputs")
 
@@ -68,6 +70,7 @@ class BackboneSpec:
     checkpoint: Path | None = None
     checkpoint_format: str = "timm"
     extract: str = "pre_logits"
+    normalize: str = "none"
     state_dict_key: str | None = None
     key_map: Mapping[str, str] = field(default_factory=dict)
     drop_keys: tuple[str, ...] = ()
@@ -86,10 +89,12 @@ class PreprocessSpec:
     resize_backend: str = "pil"
     channel_order: str = "rgb"
     value_scale: str = "unit"
+    exif_transpose: bool = True
 
     def overrides(self) -> dict[str, Any]:
         """The fields that go into timm's data config (the rest select the transform's variant)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k not in _VARIANT_FIELDS}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None and k not in _VARIANT_FIELDS + _DECODE_FIELDS}
 
     def variant(self) -> dict[str, str]:
         return {k: getattr(self, k) for k in _VARIANT_FIELDS}
@@ -103,6 +108,7 @@ class HeadSpec:
     state_dict_key: str | None = None
     key_map: Mapping[str, str] = field(default_factory=dict)
     drop_keys: tuple[str, ...] = ()
+    input_biases_order: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,15 @@ def _loading(table: _Table) -> dict[str, Any]:
     return {"state_dict_key": table.get("state_dict_key", str, None), "key_map": key_map, "drop_keys": tuple(drop)}
 
 
+def _permutation(table: _Table, key: str) -> tuple[int, ...] | None:
+    value = table.get(key, list, None)
+    if value is None:
+        return None
+    if sorted(value) != list(range(len(value))) or not all(type(v) is int for v in value):
+        raise SpecError(f"{table.path}: {table._name(key)} must be a permutation of 0..N-1, got {value!r}")
+    return tuple(value)
+
+
 def _path(base: Path, value: str | None) -> Path | None:
     return None if value is None else (base / value).resolve()
 
@@ -294,6 +309,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         checkpoint=_path(base, bb.get("checkpoint", str, None)),
         checkpoint_format=bb.get("checkpoint_format", str, "timm", choices=CHECKPOINT_FORMATS),
         extract=bb.get("extract", str, "pre_logits", choices=EXTRACT_MODES),
+        normalize=bb.get("normalize", str, "none", choices=NORMALIZE),
         **_loading(bb),
     )
     bb.finish()
@@ -309,6 +325,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         resize_backend=pp.get("resize_backend", str, "pil", choices=RESIZE_BACKENDS),
         channel_order=pp.get("channel_order", str, "rgb", choices=CHANNEL_ORDERS),
         value_scale=pp.get("value_scale", str, "unit", choices=VALUE_SCALES),
+        exif_transpose=pp.get("exif_transpose", bool, True),
     )
     pp.finish()
     if preprocess.std is not None and min(preprocess.std) <= 0:
@@ -319,6 +336,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         class_path=hd.get("class", str),
         weights=_path(base, hd.get("weights", str)),  # type: ignore[arg-type]
         kwargs=hd.get("kwargs", dict, {}),
+        input_biases_order=_permutation(hd, "input_biases_order"),
         **_loading(hd),
     )
     hd.finish()

@@ -300,7 +300,10 @@ class _Engine:
                 batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
                 for mode, out in derive_embeddings(model, model.forward_features(batch), modes).items():
                     chunks[mode].append(out.float().cpu())
-        return {m: torch.cat(c).numpy() for m, c in chunks.items()}
+        embeddings = {m: torch.cat(c) for m, c in chunks.items()}
+        if self.pipeline.spec.backbone.normalize == "l2":
+            embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}
+        return {m: e.numpy() for m, e in embeddings.items()}
 
 
 def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,
@@ -321,7 +324,8 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
-    engine = _Engine(pipeline, [load_image(row.image) for row in fixture.rows], spec.runtime.batch_size)
+    images = [load_image(row.image, exif_transpose=spec.preprocess.exif_transpose) for row in fixture.rows]
+    engine = _Engine(pipeline, images, spec.runtime.batch_size)
 
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:

@@ -66,8 +66,10 @@ IMAGES = {
     "hubble_deep_field.jpg": "Hubble eXtreme Deep Field, NASA; public domain (JPEG, non-square).",
     "retina.jpg": "Fundus photograph, Mikael Häggström via Wikimedia; CC0 (JPEG, 1411x1411).",
 }
-# Golden pixels cover each decoding path: RGB non-square, grayscale, RGBA, JPEG.
-GOLDEN = ("chelsea.png", "camera.png", "logo.png", "rocket.jpg")
+# Derived from chelsea.png: stored rotated, with the EXIF orientation that turns it upright.
+EXIF_IMAGE = "chelsea_exif_rotated.png"
+# Golden pixels cover each decoding path: RGB non-square, grayscale, RGBA, JPEG, EXIF-rotated.
+GOLDEN = ("chelsea.png", "camera.png", "logo.png", "rocket.jpg", EXIF_IMAGE)
 
 
 def skimage_data_dir() -> Path:
@@ -75,6 +77,16 @@ def skimage_data_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ParityError("scikit-image is needed to rebuild fixtures: pip install -e '.[fixtures]'")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def write_exif_rotated(source: Path, dest: Path) -> None:
+    """A PNG whose pixels are rotated and whose EXIF orientation (6) says how to show it upright."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        image.transpose(Image.Transpose.ROTATE_90).save(dest, exif=exif.tobytes())
 
 
 def create_backbone() -> torch.nn.Module:
@@ -149,12 +161,15 @@ def build(out: Path, *, source: Path, force: bool = False) -> Path:
         images.mkdir()
         for name in IMAGES:
             shutil.copyfile(source / name, images / name)
+        write_exif_rotated(source / "chelsea.png", images / EXIF_IMAGE)
         (images / "ATTRIBUTION.md").write_text(
             "# Images\n\nCopied unchanged from scikit-image's `skimage/data` (BSD-3-Clause package; "
-            "each image's own terms below).\n\n" + "".join(f"- `{n}`: {a}\n" for n, a in IMAGES.items()),
+            "each image's own terms below).\n\n" + "".join(f"- `{n}`: {a}\n" for n, a in IMAGES.items())
+            + f"- `{EXIF_IMAGE}`: `chelsea.png` stored rotated by 90 degrees with EXIF orientation 6 "
+            "(display rotated back); same terms.\n",
             encoding="utf-8",
         )
-        paths = [images / name for name in IMAGES]
+        paths = [images / name for name in (*IMAGES, EXIF_IMAGE)]
 
         backbone = create_backbone()
         save_torch(backbone.state_dict(), str(stage.path / "backbone.safetensors"))
@@ -186,7 +201,8 @@ def build(out: Path, *, source: Path, force: bool = False) -> Path:
         stage.manifest.update({
             "name": "clip_dnn",
             "pipeline": {
-                "backbone": describe_backbone(backbone, name=MODEL, kwargs=MODEL_KWARGS, extract="pre_logits"),
+                "backbone": describe_backbone(backbone, name=MODEL, kwargs=MODEL_KWARGS, extract="pre_logits",
+                                              normalize="none"),
                 "preprocess": describe_data_config(config),
                 "head": {**describe_head(head, class_path=HEAD_CLASS), "kwargs": HEAD_KWARGS},
                 "runtime": {"device": "cpu", "dtype": "float32"},

@@ -51,7 +51,7 @@ def test_row_count_mismatch_exits_2(tmp_path, fixture_copy, capsys):
     reseal(fixture_copy)
     assert main(["check", "--spec", str(EXAMPLE_SPEC), "--fixtures", str(fixture_copy)]) == EXIT_USAGE
     err = " ".join(capsys.readouterr().err.split())
-    assert f"{fixture_copy / 'clip.npy'} has 16 rows but clip_metadata.json lists 15 samples." in err
+    assert f"{fixture_copy / 'clip.npy'} has 17 rows but clip_metadata.json lists 16 samples." in err
     assert "every row of the array must map to one metadata entry" in err
 
 

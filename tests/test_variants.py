@@ -69,10 +69,10 @@ def test_work_is_shared_across_cells(example_spec, monkeypatch):
             "channel_order": ["rgb", "bgr"], "device": ["cpu"]}
     report = run_matrix(example_spec, axes=axes)
     assert len(report.cells) == 16
-    # one trunk pass per (pixels, dtype): 2 interpolations x 2 channel orders, all 16 images each
-    assert sum(model_calls) == 4 * 16
+    # one trunk pass per (pixels, dtype): 2 interpolations x 2 channel orders, all 17 images each
+    assert sum(model_calls) == 4 * 17
     # geometry once per image per interpolation; channel order reuses it
-    assert len(geometry_calls) == 2 * 16
+    assert len(geometry_calls) == 2 * 17
 
 
 def test_matrix_is_deterministic(example_spec):
