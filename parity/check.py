@@ -15,9 +15,9 @@ from parity.fixtures import Fixture, environment, load_fixture
 from parity.forensics import diff_structure
 from parity.pipeline import Pipeline, build_pipeline
 from parity.results import ConfigDiff, Report, StageResult, Status, TensorDiff
-from parity.spec import Spec
+from parity.spec import DTYPES, Spec, default_tolerance
 
-__all__ = ["STAGE_ORDER", "run_check", "diff_config"]
+__all__ = ["STAGE_ORDER", "run_check", "diff_config", "stage_tolerance"]
 
 STAGE_ORDER = ("load", "weights", "pixels", "embedding", "head", "outputs")
 # Which stage a recorded configuration field can move first.
@@ -95,8 +95,18 @@ def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
     return fixes
 
 
-def _compare_stage(stage: str, candidate, reference, spec: Spec, names, *, cosine=False) -> StageResult:
-    comparison = compare_arrays(np.asarray(candidate), reference, tolerance=spec.tolerance(stage),
+def stage_tolerance(spec: Spec, fixture: Fixture, stage: str):
+    """The spec's explicit tolerance, else the default for the precision the reference was made in.
+
+    A candidate that changes precision (float16, bfloat16) is therefore drift unless its
+    spec states the budget it accepts.
+    """
+    reference = fixture.pipeline.get("runtime", {}).get("dtype", "float32")
+    return spec.tolerances.get(stage) or default_tolerance(stage, reference if reference in DTYPES else "float32")
+
+
+def _compare_stage(stage: str, candidate, reference, spec: Spec, names, *, fixture: Fixture, cosine=False) -> StageResult:
+    comparison = compare_arrays(np.asarray(candidate), reference, tolerance=stage_tolerance(spec, fixture, stage),
                                 names=names, cosine=cosine)
     return StageResult(stage, Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
 
@@ -119,7 +129,7 @@ def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: F
         outputs = pipeline.run_head(embeddings, biases).numpy()
     except (RuntimeError, ValueError, IndexError) as e:
         return StageResult(stage, Status.FAIL, f"the head raised {type(e).__name__}: {e}")
-    return _compare_stage(stage, outputs, fixture.outputs, pipeline.spec, names)
+    return _compare_stage(stage, outputs, fixture.outputs, pipeline.spec, names, fixture=fixture)
 
 
 def _with_notes(result: StageResult, notes: list[str]) -> StageResult:
@@ -164,15 +174,21 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
 
         pixels = torch.stack([pipeline.preprocess(row.image) for row in golden]).numpy()
         reference = np.stack([fixture.golden_pixels[row.name] for row in golden])
-        stages["pixels"] = _compare_stage("pixels", pixels, reference, spec, [row.name for row in golden])
+        stages["pixels"] = _compare_stage("pixels", pixels, reference, spec, [row.name for row in golden], fixture=fixture)
     else:
         stages["pixels"] = StageResult("pixels", Status.SKIP, "the fixture has no golden pixels")
 
-    embeddings = _embed_all(pipeline, fixture, progress)
-    stages["embedding"] = _compare_stage("embedding", embeddings, fixture.embeddings, spec, names, cosine=True)
+    try:
+        embeddings = _embed_all(pipeline, fixture, progress)
+    except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing a 224 px input to a 336 px model
+        embeddings = None
+        stages["embedding"] = StageResult("embedding", Status.FAIL, f"the backbone raised {type(e).__name__}: {e}")
+    else:
+        stages["embedding"] = _compare_stage("embedding", embeddings, fixture.embeddings, spec, names, fixture=fixture,
+                                             cosine=True)
     stages["head"] = _run_head("head", pipeline, fixture.embeddings, fixture, names)
-    if embeddings.shape != fixture.embeddings.shape:
-        stages["outputs"] = StageResult("outputs", Status.SKIP, "not run: candidate embeddings have the wrong shape")
+    if embeddings is None or embeddings.shape != fixture.embeddings.shape:
+        stages["outputs"] = StageResult("outputs", Status.SKIP, "not run: no candidate embeddings of the right shape")
     else:
         stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, names)
 
@@ -180,7 +196,8 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     for name in STAGE_ORDER[1:]:
         notes = _fixes(diffs, name)
         if name == "embedding":
-            notes = _embedding_notes(stages, embeddings.shape, fixture.embeddings.shape, diffs) + notes
+            got = embeddings.shape if embeddings is not None else fixture.embeddings.shape
+            notes = _embedding_notes(stages, got, fixture.embeddings.shape, diffs) + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)

@@ -1,4 +1,4 @@
-"""Command line: ``parity check``, ``matrix``, ``inspect`` and ``diff-structure``.
+"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``inspect`` and ``diff-structure``.
 
 Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
 usage or configuration error.
@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     matrix.add_argument("--device", default=None, help="default device for cells (cpu, cuda)")
     matrix.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
                         help="also write the matrix report as JSON")
+    diagnose = commands.add_parser(
+        "diagnose", help="find the cause of a drift and the spec change that fixes it",
+        description="Run the gate, then rank the causes of any drift: fields that differ from what the fixture "
+                    "recorded and a search over single spec changes, probed on the samples that drift most and "
+                    "confirmed by a full check. Exit 0 when there is no drift, 1 when there is.")
+    diagnose.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
+    diagnose.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    diagnose.add_argument("--device", default=None, help="override [runtime].device")
+    diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
+    diagnose.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
+                          help="also write the diagnosis as JSON")
     structure = commands.add_parser(
         "diff-structure", help="compare the candidate's module structure with the reference's",
         description="Build the spec's backbone and head (no weights, no images) and list every module class "
@@ -104,6 +115,24 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     if args.json_path is not None:
         write_json(report, args.json_path)
     return EXIT_PASS if report.passed else EXIT_DRIFT
+
+
+def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from parity.diagnose import diagnose
+    from parity.errors import SpecError
+    from parity.report import render_diagnosis, write_json
+    from parity.spec import load_spec
+
+    if args.samples < 1:
+        raise SpecError(f"--samples must be >= 1, got {args.samples}")
+    spec = load_spec(args.spec)
+    with errors.status("diagnosing") as status:
+        result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
+                          progress=lambda message: status.update(message))
+    render_diagnosis(result, console)
+    if args.json_path is not None:
+        write_json(result, args.json_path)
+    return EXIT_DRIFT if result.drift else EXIT_PASS
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
@@ -197,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
-        if args.command in ("check", "matrix"):
-            return {"check": _check, "matrix": _matrix}[args.command](args, console, errors)
+        if args.command in ("check", "matrix", "diagnose"):
+            return {"check": _check, "matrix": _matrix, "diagnose": _diagnose}[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")

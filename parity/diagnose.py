@@ -90,6 +90,7 @@ class Diagnosis:
     confirmed: bool = False
     layer: LayerDivergence | None = None
     affected: tuple[str, ...] = ()
+    total: int = 0
     pattern: str = ""
     notes: tuple[str, ...] = ()
 
@@ -182,32 +183,33 @@ class _Prober:
             self.heads[hkey] = load_head(spec, device=device, fingerprints=False)[0]
         return assemble_pipeline(spec, self.backbones[bkey], self.heads[hkey], device=device)
 
-    def score(self, spec: Spec) -> tuple[str, float, bool]:
-        """(first drifting stage, its max abs error, everything within the reference's tolerance)."""
+    def score(self, spec: Spec) -> dict[str, Any]:
+        """Max abs error of the embeddings and outputs on the probe samples, and whether both pass.
+
+        Errors (a crash, a wrong shape, a head that raises) count as infinitely far.
+        """
         import torch
 
+        far = {"embedding": float("inf"), "outputs": float("inf"), "ok": False}
         try:
             pipeline = self.pipeline(spec)
             exif = spec.preprocess.exif_transpose
             images = [self.images.setdefault((i, exif), load_image(self.fixture.rows[i].image, exif_transpose=exif))
                       for i in self.rows]
             embeddings = pipeline.embed(torch.stack([pipeline.preprocess(image) for image in images])).numpy()
-        except (ParityError, RuntimeError, ValueError, AssertionError) as e:
-            return f"error: {type(e).__name__}", float("inf"), False
-        names = [self.fixture.rows[i].name for i in self.rows]
+        except (ParityError, RuntimeError, ValueError, AssertionError):
+            return far
         emb = compare_arrays(embeddings, self.fixture.embeddings[self.rows], tolerance=self.tolerance["embedding"],
-                             names=names, cosine=True)
+                             cosine=True)
         if not emb.shapes_match:
-            return "embedding", float("inf"), False
+            return far
         biases = np.array([self.fixture.rows[i].input_biases for i in self.rows], dtype=np.int64).reshape(len(self.rows), -1)
         try:
             outputs = pipeline.run_head(embeddings, biases).numpy()
         except (RuntimeError, ValueError, IndexError):
-            return "outputs", float("inf"), False
-        out = compare_arrays(outputs, self.fixture.outputs[self.rows], tolerance=self.tolerance["outputs"], names=names)
-        if not emb:
-            return "embedding", emb.max_abs, False
-        return "outputs", out.max_abs, bool(out)
+            return dict(far, embedding=emb.max_abs)
+        out = compare_arrays(outputs, self.fixture.outputs[self.rows], tolerance=self.tolerance["outputs"])
+        return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
 
 
 # -- layer localisation ----------------------------------------------------------------------
@@ -347,7 +349,9 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     affected = _per_row_drift(spec, fixture, device)
     probe_rows = affected[:samples] or list(range(min(samples, len(fixture.rows))))
     prober = _Prober(fixture, probe_rows, device)
-    base_stage, base_error, _ = prober.score(spec)
+    stage = report.first_failure.stage if report.first_failure.stage in ("embedding", "outputs") else (
+        "embedding" if report.first_failure.stage == "pixels" else "outputs")
+    base = prober.score(spec)
     columns = len(fixture.rows[0].input_biases)
     candidates: dict[tuple, Change] = {}
     for change in _recorded_changes(report, fixture) + _search_changes(spec, columns):
@@ -358,22 +362,20 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         say(f"probing {len(candidates)} changes on {len(probe_rows)} samples")
         scored = []
         for change in candidates.values():
-            if _is_current(current, change):
-                continue
-            stage, error, ok = prober.score(change.apply(current))
-            scored.append((not ok, error, change.origin == "search", change, stage))
+            if not _is_current(current, change):
+                score = prober.score(change.apply(current))
+                scored.append((not score["ok"], score[stage], change.origin == "search", change))
         scored.sort(key=lambda t: (t[0], t[1], t[2]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base_error]
+        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
         if not improving:
             break
-        for failing, error, _, change, stage in improving[:5 if step == 0 else 1]:
+        for failing, error, _, change in improving[:5 if step == 0 else 1]:
             current_value = ", ".join(_toml(_current(current, change.section, f)) for f, _ in change.fields)
-            causes.append(Cause(change, stage, "max abs", base_error, error, not failing, current_value))
-        best = improving[0][3]
-        fix.append(best)
-        current = best.apply(current)
-        base_stage, base_error, ok = prober.score(current)
-        if ok:
+            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
+        fix.append(improving[0][3])
+        current = improving[0][3].apply(current)
+        base = prober.score(current)
+        if base["ok"]:
             break
 
     say("confirming the fix on every sample")
@@ -384,7 +386,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         say("localising the first divergent layer")
         layer = _localise(spec, current, prober)
     names = tuple(fixture.rows[i].name for i in affected)
-    return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, _pattern(fixture, affected))
+    return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
+                     _pattern(fixture, affected))
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

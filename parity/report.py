@@ -15,11 +15,12 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.checkpoints import explain_key_diff
+from parity.diagnose import Diagnosis
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.results import Comparison, KeyDiff, Report, StageResult, Status
 from parity.variants import MatrixReport
 
-__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix",
+__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
            "format_stage", "to_json", "write_json"]
 
 _SHOWN_TENSORS = 12
@@ -200,11 +201,51 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
         console.print(Text("MATRIX: a deployment cell drifted (or none ran).", style="bold red"))
 
 
+def render_diagnosis(diagnosis: Diagnosis, console: Console) -> None:
+    """Ranked causes with their evidence, the confirmed fix, the divergent layer and per-sample patterns."""
+    report = diagnosis.report
+    first = report.first_failure
+    if not diagnosis.drift:
+        console.print(Text("NO DRIFT: every stage reproduces the reference; no cause to report.", style="bold green"))
+        return
+    console.print(Text(f"DRIFT first seen at the {first.stage if first is not None else '?'} stage "
+                       f"({', '.join(s.stage for s in report.stages if s.status is Status.FAIL)} drifted)",
+                       style="bold red"))
+    for i, cause in enumerate(diagnosis.causes, start=1):
+        verdict = "reproduces the reference on the probe samples" if cause.reproduces else "moves towards it"
+        console.print(f"{i}. {cause.words} [{cause.change.origin}; {verdict}]", highlight=False, markup=False,
+                      soft_wrap=True)
+    if diagnosis.fix:
+        state = "confirmed: parity check passes with it" if diagnosis.confirmed else "NOT confirmed on every sample"
+        console.print(Text(f"Fix ({state}):", style="bold green" if diagnosis.confirmed else "bold yellow"))
+        for change in diagnosis.fix:
+            console.print(f"    {change.toml()}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        console.print(Text("No single spec change reproduces the reference.", style="bold yellow"))
+    if diagnosis.layer is not None:
+        layer = diagnosis.layer
+        console.print(f"First divergent backbone module on identical pixels: {layer.module} (module {layer.index + 1} "
+                      f"of {layer.total} in execution order, max abs {_num(layer.max_abs)})", highlight=False,
+                      soft_wrap=True)
+    if diagnosis.affected and len(diagnosis.affected) == diagnosis.total:
+        console.print(f"Every sample drifts ({diagnosis.total}).", highlight=False)
+    elif diagnosis.affected:
+        console.print(f"Drifting samples ({len(diagnosis.affected)} of {diagnosis.total}): "
+                      f"{', '.join(diagnosis.affected)}", highlight=False, soft_wrap=True)
+    if diagnosis.pattern:
+        console.print(f"Per-sample cause: {diagnosis.pattern}", highlight=False, soft_wrap=True)
+    for note in diagnosis.notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    render_config_diffs(report.config_diffs, console)
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -214,8 +255,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(report: Report | MatrixReport) -> dict[str, Any]:
+def to_json(report: Report | MatrixReport | Diagnosis) -> dict[str, Any]:
     data = _plain(report)
+    if isinstance(report, Diagnosis):
+        data["drift"] = report.drift
+        data["fix_toml"] = [change.toml() for change in report.fix]
+        data["report"] = to_json(report.report)
+        return data
     if isinstance(report, MatrixReport):
         data["passed"] = report.passed
         data["reproducing"] = {axis: report.reproducing(axis) for axis in report.axes}
@@ -229,5 +275,5 @@ def to_json(report: Report | MatrixReport) -> dict[str, Any]:
     return data
 
 
-def write_json(report: Report | MatrixReport, path: str | Path) -> None:
+def write_json(report: Report | MatrixReport | Diagnosis, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")

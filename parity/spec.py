@@ -132,9 +132,6 @@ class Spec:
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     matrix: Mapping[str, tuple] = field(default_factory=dict)
 
-    def tolerance(self, stage: str) -> Tolerance:
-        return self.tolerances.get(stage) or default_tolerance(stage, self.runtime.dtype)
-
     def replace(self, **sections: Any) -> Spec:
         """A copy with whole sections or fields of sections replaced.
 
