@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
     diagnose.add_argument("--device", default=None, help="override [runtime].device")
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
+    diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
+                          help="a service's logged samples (JSONL or CSV: image, input_biases, embedding and/or "
+                               "outputs): does the service match the spec's pipeline, and if not, which variant does")
     diagnose.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
                           help="also write the diagnosis as JSON")
     structure = commands.add_parser(
@@ -127,12 +130,19 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
     spec = load_spec(args.spec)
     with errors.status("diagnosing") as status:
-        result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                          progress=lambda message: status.update(message))
+        if args.logged is not None:
+            from parity.diagnose import diagnose_logged
+
+            result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
+                                     progress=lambda message: status.update(message))
+        else:
+            result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
+                              progress=lambda message: status.update(message))
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
-    return EXIT_DRIFT if result.drift else EXIT_PASS
+    drift = not result.matches if args.logged is not None else result.drift
+    return EXIT_DRIFT if drift else EXIT_PASS
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:

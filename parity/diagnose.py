@@ -26,7 +26,8 @@ from parity.preprocess import MEAN_STD_PRESETS
 from parity.results import Report, Status
 from parity.spec import INTERPOLATIONS, Spec, default_tolerance
 
-__all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "diagnose", "first_divergent_layer"]
+__all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
+           "first_divergent_layer"]
 
 Progress = Callable[[str], None]
 
@@ -68,7 +69,7 @@ class Cause:
 
     @property
     def words(self) -> str:
-        return (f"{self.change.toml()} (candidate: {self.current}): {self.stage} {self.metric} "
+        return (f"{self.change.toml()} (the spec has {self.current}): {self.stage} {self.metric} "
                 f"{self.before:.2e} -> {self.after:.2e}")
 
 
@@ -199,8 +200,9 @@ class _Prober:
             embeddings = pipeline.embed(torch.stack([pipeline.preprocess(image) for image in images])).numpy()
         except (ParityError, RuntimeError, ValueError, AssertionError):
             return far
-        emb = compare_arrays(embeddings, self.fixture.embeddings[self.rows], tolerance=self.tolerance["embedding"],
-                             cosine=True)
+        logged = self.fixture.embeddings.shape[1] > 0  # a service log may hold outputs only
+        target = self.fixture.embeddings[self.rows] if logged else embeddings
+        emb = compare_arrays(embeddings, target, tolerance=self.tolerance["embedding"], cosine=True)
         if not emb.shapes_match:
             return far
         biases = np.array([self.fixture.rows[i].input_biases for i in self.rows], dtype=np.int64).reshape(len(self.rows), -1)
@@ -208,7 +210,8 @@ class _Prober:
             outputs = pipeline.run_head(embeddings, biases).numpy()
         except (RuntimeError, ValueError, IndexError):
             return dict(far, embedding=emb.max_abs)
-        out = compare_arrays(outputs, self.fixture.outputs[self.rows], tolerance=self.tolerance["outputs"])
+        target = self.fixture.outputs[self.rows] if self.fixture.outputs.shape[1] > 0 else outputs
+        out = compare_arrays(outputs, target, tolerance=self.tolerance["outputs"])
         return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
 
 
@@ -388,6 +391,61 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     names = tuple(fixture.rows[i].name for i in affected)
     return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
                      _pattern(fixture, affected))
+
+
+@dataclass(frozen=True)
+class ServiceDiagnosis:
+    """Whether a service's logged values come from the spec's pipeline, and if not, from which variant."""
+
+    log: str
+    samples: int
+    matches: bool
+    compared: tuple[str, ...]
+    before: float
+    causes: tuple[Cause, ...] = ()
+    reproduced_by: tuple[Change, ...] = ()
+    reproduced: bool = False
+
+
+def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, samples: int = 8,
+                    progress: Progress | None = None) -> ServiceDiagnosis:
+    """Decide whether logged service outputs match the spec's pipeline; if not, find the configuration that does.
+
+    The spec is the reference pipeline (what should be deployed); the search looks for the
+    spec changes under which it reproduces what the service logged.
+    """
+    from parity.fixtures import load_logged_samples
+
+    say = progress or (lambda _message: None)
+    logged = load_logged_samples(log)
+    compared = tuple(k for k, a in (("embedding", logged.embeddings), ("outputs", logged.outputs)) if a.shape[1])
+    stage = compared[0]
+    everyone = _Prober(logged, range(len(logged.rows)), device or spec.runtime.device)
+    base = everyone.score(spec)
+    if base["ok"]:
+        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage])
+    probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
+    probe.backbones, probe.heads = everyone.backbones, everyone.heads
+    candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
+    causes, changes, current, score = [], [], spec, probe.score(spec)
+    for _ in range(3):
+        say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
+        scored = sorted(((not s["ok"], s[stage], c) for c in candidates.values() if not _is_current(current, c)
+                         for s in (probe.score(c.apply(current)),)), key=lambda t: (t[0], t[1]))
+        improving = [t for t in scored if not t[0] or t[1] < 0.5 * score[stage]]
+        if not improving:
+            break
+        failing, error, best = improving[0]
+        value = ", ".join(_toml(_current(current, best.section, f)) for f, _ in best.fields)
+        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value))
+        changes.append(best)
+        current = best.apply(current)
+        score = probe.score(current)
+        if score["ok"]:
+            break
+    reproduced = bool(changes) and everyone.score(current)["ok"]
+    return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
+                            tuple(changes), reproduced)
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

@@ -33,6 +33,7 @@ __all__ = [
     "environment",
     "stage_fixture",
     "load_fixture",
+    "load_logged_samples",
 ]
 
 SCHEMA_VERSION = 1
@@ -257,3 +258,58 @@ def load_fixture(root: str | Path) -> Fixture:
             raise FixtureError(f"{root / PIXELS} has pixels for images not in {METADATA}: {unknown}")
     return Fixture(root=root, manifest=manifest, rows=rows, embeddings=embeddings,
                    outputs=outputs, golden_pixels=golden)
+
+
+def load_logged_samples(path: str | Path) -> Fixture:
+    """Samples a service logged, as a `Fixture` whose targets are what the service produced.
+
+    JSONL: one object per line with ``image`` (relative to the log file), optional
+    ``input_biases``, and ``embedding`` and/or ``outputs`` lists. CSV: the same columns,
+    list values written as JSON arrays. A target nobody logged is an (N, 0) array.
+
+    Raises:
+        FixtureError: unreadable file, missing columns, ragged or non-finite values, missing images.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FixtureError(f"logged samples not found: {path}")
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                entries = [{k: json.loads(v) if k in ("input_biases", "embedding", "outputs") and v else v
+                            for k, v in row.items()} for row in csv.DictReader(f)]
+        else:
+            entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise FixtureError(f"{path}: not valid {'CSV' if path.suffix == '.csv' else 'JSONL'}: {e}") from e
+    if not entries:
+        raise FixtureError(f"{path} holds no samples")
+    rows, targets = [], {"embedding": [], "outputs": []}
+    for i, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not entry.get("image"):
+            raise FixtureError(f"{path}: sample {i} has no 'image'")
+        image = (path.parent / entry["image"]).resolve()
+        if not image.is_file():
+            raise FixtureError(f"{path}: sample {i}: image {image} not found")
+        rows.append(FixtureRow(name=image.name, image=image,
+                               input_biases=tuple(int(b) for b in entry.get("input_biases") or ())))
+        for key in targets:
+            targets[key].append(entry.get(key))
+    arrays = {}
+    for key, values in targets.items():
+        present = [v is not None and v != "" for v in values]
+        if any(present) and not all(present):
+            raise FixtureError(f"{path}: '{key}' is logged for some samples and not others (first missing: "
+                               f"sample {present.index(False) + 1})")
+        try:
+            arrays[key] = np.asarray(values, dtype=np.float32) if all(present) else np.zeros((len(rows), 0), np.float32)
+        except ValueError as e:
+            raise FixtureError(f"{path}: '{key}' rows have different lengths ({e})") from e
+        if arrays[key].ndim != 2 or not np.isfinite(arrays[key]).all():
+            raise FixtureError(f"{path}: '{key}' must be finite numbers, one list per sample")
+    if not arrays["embedding"].size and not arrays["outputs"].size:
+        raise FixtureError(f"{path}: log 'embedding' and/or 'outputs' for each sample")
+    return Fixture(root=path.parent, manifest={}, rows=tuple(rows), embeddings=arrays["embedding"],
+                   outputs=arrays["outputs"])

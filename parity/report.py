@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.checkpoints import explain_key_diff
-from parity.diagnose import Diagnosis
+from parity.diagnose import Diagnosis, ServiceDiagnosis
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.results import Comparison, KeyDiff, Report, StageResult, Status
 from parity.variants import MatrixReport
@@ -201,8 +201,30 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
         console.print(Text("MATRIX: a deployment cell drifted (or none ran).", style="bold red"))
 
 
-def render_diagnosis(diagnosis: Diagnosis, console: Console) -> None:
+def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
+    """Whether a service's logged values come from the spec's pipeline, and which variant reproduces them."""
+    console.print(f"{diagnosis.log}: {diagnosis.samples} logged samples; compared: {', '.join(diagnosis.compared)}",
+                  highlight=False, soft_wrap=True)
+    if diagnosis.matches:
+        console.print(Text("The service MATCHES the spec's pipeline.", style="bold green"))
+        return
+    console.print(Text(f"The service does NOT match the spec's pipeline ({diagnosis.compared[0]} max abs "
+                       f"{_num(diagnosis.before)}).", style="bold red"))
+    if not diagnosis.reproduced_by:
+        console.print("No variant of the spec reproduces the logged values.", style="bold yellow")
+        return
+    state = "on every logged sample" if diagnosis.reproduced else "on the probe samples only"
+    console.print(f"The logged values are reproduced ({state}) by the spec with:")
+    for cause in diagnosis.causes:
+        console.print(f"    {cause.words}", highlight=False, markup=False, soft_wrap=True)
+    console.print("That is the configuration the service runs; deploy the spec's values instead.", highlight=False)
+
+
+def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) -> None:
     """Ranked causes with their evidence, the confirmed fix, the divergent layer and per-sample patterns."""
+    if isinstance(diagnosis, ServiceDiagnosis):
+        render_service(diagnosis, console)
+        return
     report = diagnosis.report
     first = report.first_failure
     if not diagnosis.drift:
@@ -255,8 +277,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(report: Report | MatrixReport | Diagnosis) -> dict[str, Any]:
+def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis) -> dict[str, Any]:
     data = _plain(report)
+    if isinstance(report, ServiceDiagnosis):
+        data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
+        return data
     if isinstance(report, Diagnosis):
         data["drift"] = report.drift
         data["fix_toml"] = [change.toml() for change in report.fix]
@@ -275,5 +300,5 @@ def to_json(report: Report | MatrixReport | Diagnosis) -> dict[str, Any]:
     return data
 
 
-def write_json(report: Report | MatrixReport | Diagnosis, path: str | Path) -> None:
+def write_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")

@@ -107,8 +107,85 @@ def test_diagnose_cli(tmp_path, capsys):
     spec = write_spec(tmp_path, {'channel_order = "rgb"': 'channel_order = "bgr"'})
     assert main(["diagnose", "--spec", str(spec), "--json", str(tmp_path / "d.json")]) == 1
     out = capsys.readouterr().out
-    assert '1. [preprocess].channel_order = "rgb" (candidate: "bgr")' in out
+    assert '1. [preprocess].channel_order = "rgb" (the spec has "bgr")' in out
     assert "Fix (confirmed: parity check passes with it):" in out
     import json
 
     assert json.loads((tmp_path / "d.json").read_text())["fix_toml"] == ['[preprocess].channel_order = "rgb"']
+
+
+def _log_service(spec, path, *, rows=6, embedding=True, outputs=True, csv=False):
+    """Write what a service running ``spec`` would log for the first ``rows`` example images."""
+    import csv as csv_module
+    import json
+
+    from parity.fixtures import load_fixture
+
+    pipeline = build_pipeline(spec)
+    records = []
+    for row in load_fixture(EXAMPLE_FIXTURES).rows[:rows]:
+        record = {"image": str(row.image.resolve()), "input_biases": list(row.input_biases)}
+        emb = pipeline.embed(torch.stack([pipeline.preprocess(row.image)]))
+        if embedding:
+            record["embedding"] = emb[0].tolist()
+        if outputs:
+            record["outputs"] = pipeline.run_head(emb, [row.input_biases])[0].tolist()
+        records.append(record)
+    if csv:
+        with open(path, "w", newline="") as f:
+            writer = csv_module.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_service_log_from_the_spec_pipeline_matches(example_spec, tmp_path):
+    from parity.diagnose import diagnose_logged
+
+    result = diagnose_logged(example_spec, _log_service(example_spec, tmp_path / "service.jsonl"))
+    assert result.matches and result.compared == ("embedding", "outputs")
+
+
+@pytest.mark.parametrize(("change", "reproduced_by", "kind"), [
+    ({"preprocess": {"interpolation": "bilinear"}}, '[preprocess].interpolation = "bilinear"', "jsonl"),
+    ({"preprocess": {"channel_order": "bgr"}}, '[preprocess].channel_order = "bgr"', "csv-outputs-only"),
+])
+def test_service_log_names_the_configuration_the_service_runs(example_spec, tmp_path, change, reproduced_by, kind):
+    from parity.diagnose import diagnose_logged
+
+    csv = kind.startswith("csv")
+    log = _log_service(example_spec.replace(**change), tmp_path / f"service.{'csv' if csv else 'jsonl'}",
+                       embedding=not csv, csv=csv)
+    result = diagnose_logged(example_spec, log)
+    assert not result.matches
+    assert [c.toml() for c in result.reproduced_by] == [reproduced_by] and result.reproduced
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"image": "nope.png", "outputs": [1.0]}\n', "image"),
+    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s", "outputs": [1.0, 2.0]}\n', "different lengths"),
+    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s"}\n', "'outputs' is logged for some samples and not others"),
+    ('{"image": "%s", "outputs": [NaN]}\n', "must be finite"),
+    ('{"image": "%s"}\n', "log 'embedding' and/or 'outputs' for each sample"),
+    ("not json\n", "not valid JSONL"),
+])
+def test_bad_service_logs_are_refused_with_the_reason(tmp_path, content, message):
+    from parity.errors import FixtureError
+    from parity.fixtures import load_logged_samples
+
+    image = str((EXAMPLE_FIXTURES / "images" / "chelsea.png").resolve())
+    path = tmp_path / "log.jsonl"
+    path.write_text(content.replace("%s", image))
+    with pytest.raises(FixtureError, match=message):
+        load_logged_samples(path)
+
+
+def test_diagnose_cli_with_a_service_log(example_spec, tmp_path, capsys):
+    from parity.cli import main
+    from tests.conftest import EXAMPLE_SPEC
+
+    log = _log_service(example_spec.replace(preprocess={"interpolation": "bilinear"}), tmp_path / "s.jsonl")
+    assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(log)]) == 1
+    assert '[preprocess].interpolation = "bilinear" (the spec has "bicubic")' in capsys.readouterr().out
