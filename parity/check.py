@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,9 @@ import numpy as np
 
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
-from parity.errors import SpecError
+from parity.errors import FixtureError, SpecError
 from parity.fixtures import Fixture, environment, load_fixture
+from parity.images import decode_image
 from parity.forensics import diff_structure
 from parity.pipeline import Pipeline, build_pipeline
 from parity.results import ConfigDiff, Report, StageResult, Status, TensorDiff
@@ -19,7 +21,7 @@ from parity.spec import DTYPES, Spec, default_tolerance
 
 __all__ = ["STAGE_ORDER", "run_check", "diff_config", "stage_tolerance"]
 
-STAGE_ORDER = ("load", "weights", "pixels", "embedding", "head", "outputs")
+STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs")
 # Which stage a recorded configuration field can move first.
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
@@ -111,25 +113,64 @@ def _compare_stage(stage: str, candidate, reference, spec: Spec, names, *, fixtu
     return StageResult(stage, Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
 
 
-def _embed_all(pipeline: Pipeline, fixture: Fixture, progress: Progress | None) -> np.ndarray:
+@dataclass
+class _Decoded:
+    """What decoding every sample found: the rows that decoded, the errors, the conversions."""
+
+    kept: list[int] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    conversions: dict[str, str] = field(default_factory=dict)
+
+
+def _embed_all(pipeline: Pipeline, fixture: Fixture, progress: Progress | None) -> tuple[np.ndarray, _Decoded]:
+    """Embed every sample that decodes, in batches; an unreadable sample is an error, never skipped silently."""
     import torch
 
+    decoded = _Decoded()
     size, total, chunks = pipeline.spec.runtime.batch_size, len(fixture.rows), []
     for start in range(0, total, size):
-        rows = fixture.rows[start:start + size]
-        chunks.append(pipeline.embed(torch.stack([pipeline.preprocess(row.image) for row in rows])).numpy())
+        pixels = []
+        for i in range(start, min(start + size, total)):
+            row = fixture.rows[i]
+            try:
+                image, note = decode_image(row.image, exif_transpose=pipeline.spec.preprocess.exif_transpose)
+            except FixtureError as e:
+                decoded.errors.append((row.name, str(e)))
+                continue
+            if note:
+                decoded.conversions[row.name] = note
+            decoded.kept.append(i)
+            pixels.append(pipeline.preprocess(image))
+        if pixels:
+            chunks.append(pipeline.embed(torch.stack(pixels)).numpy())
         if progress:
-            progress(start + len(rows), total)
-    return np.concatenate(chunks)
+            progress(min(start + size, total), total)
+    width = fixture.embeddings.shape[1]
+    return (np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)), decoded
 
 
-def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: Fixture, names) -> StageResult:
-    biases = np.array([row.input_biases for row in fixture.rows], dtype=np.int64).reshape(len(fixture.rows), -1)
+def _decode_stage(decoded: _Decoded, total: int) -> StageResult:
+    converted = f", {len(decoded.conversions)} converted to RGB" if decoded.conversions else ""
+    notes = tuple(f"{name}: {note}" for name, note in decoded.conversions.items())
+    if decoded.errors:
+        return StageResult("decode", Status.FAIL, f"{len(decoded.errors)} of {total} samples cannot be decoded; "
+                           "an unreadable sample never counts as parity", sample_errors=tuple(decoded.errors),
+                           notes=notes)
+    return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=notes)
+
+
+def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: Fixture, kept: list[int]) -> StageResult:
+    rows = [fixture.rows[i] for i in kept]
+    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
     try:
         outputs = pipeline.run_head(embeddings, biases).numpy()
+        again = pipeline.run_head(embeddings, biases).numpy()
     except (RuntimeError, ValueError, IndexError) as e:
         return StageResult(stage, Status.FAIL, f"the head raised {type(e).__name__}: {e}")
-    return _compare_stage(stage, outputs, fixture.outputs, pipeline.spec, names, fixture=fixture)
+    if not np.array_equal(outputs, again, equal_nan=True):
+        return StageResult(stage, Status.FAIL, "the head gives different outputs for the same inputs in eval mode: "
+                           "dropout or another random layer is active in forward()")
+    return _compare_stage(stage, outputs, fixture.outputs[kept], pipeline.spec, [r.name for r in rows], fixture=fixture)
 
 
 def _with_notes(result: StageResult, notes: list[str]) -> StageResult:
@@ -168,36 +209,41 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     stages = {"load": StageResult("load", Status.PASS, _load_headline(spec)),
               "weights": _weights_stage(pipeline, fixture)}
 
-    golden = [row for row in fixture.rows if row.name in fixture.golden_pixels]
+    try:
+        embeddings, decoded = _embed_all(pipeline, fixture, progress)
+    except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing a 224 px input to a 336 px model
+        embeddings, decoded = None, _Decoded(kept=list(range(len(names))))
+        stages["embedding"] = StageResult("embedding", Status.FAIL, f"the backbone raised {type(e).__name__}: {e}")
+    else:
+        stages["embedding"] = _compare_stage("embedding", embeddings, fixture.embeddings[decoded.kept], spec,
+                                             [names[i] for i in decoded.kept], fixture=fixture, cosine=True)
+    stages["decode"] = _decode_stage(decoded, len(names))
+
+    unreadable = {name for name, _ in decoded.errors}
+    golden = [row for row in fixture.rows if row.name in fixture.golden_pixels and row.name not in unreadable]
     if golden:
         import torch
 
-        pixels = torch.stack([pipeline.preprocess(row.image) for row in golden]).numpy()
+        exif = spec.preprocess.exif_transpose
+        pixels = torch.stack([pipeline.preprocess(decode_image(row.image, exif_transpose=exif)[0]) for row in golden])
         reference = np.stack([fixture.golden_pixels[row.name] for row in golden])
-        stages["pixels"] = _compare_stage("pixels", pixels, reference, spec, [row.name for row in golden], fixture=fixture)
+        stages["pixels"] = _compare_stage("pixels", pixels.numpy(), reference, spec, [row.name for row in golden],
+                                          fixture=fixture)
     else:
         stages["pixels"] = StageResult("pixels", Status.SKIP, "the fixture has no golden pixels")
 
-    try:
-        embeddings = _embed_all(pipeline, fixture, progress)
-    except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing a 224 px input to a 336 px model
-        embeddings = None
-        stages["embedding"] = StageResult("embedding", Status.FAIL, f"the backbone raised {type(e).__name__}: {e}")
-    else:
-        stages["embedding"] = _compare_stage("embedding", embeddings, fixture.embeddings, spec, names, fixture=fixture,
-                                             cosine=True)
-    stages["head"] = _run_head("head", pipeline, fixture.embeddings, fixture, names)
-    if embeddings is None or embeddings.shape != fixture.embeddings.shape:
+    stages["head"] = _run_head("head", pipeline, fixture.embeddings, fixture, list(range(len(names))))
+    if embeddings is None or embeddings.shape[1:] != fixture.embeddings.shape[1:] or not decoded.kept:
         stages["outputs"] = StageResult("outputs", Status.SKIP, "not run: no candidate embeddings of the right shape")
     else:
-        stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, names)
+        stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, decoded.kept)
 
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
     for name in STAGE_ORDER[1:]:
         notes = _fixes(diffs, name)
         if name == "embedding":
-            got = embeddings.shape if embeddings is not None else fixture.embeddings.shape
-            notes = _embedding_notes(stages, got, fixture.embeddings.shape, diffs) + notes
+            got = embeddings.shape[1:] if embeddings is not None else fixture.embeddings.shape[1:]
+            notes = _embedding_notes(stages, got, fixture.embeddings.shape[1:], diffs) + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)
@@ -266,7 +312,7 @@ def _embedding_notes(stages: dict[str, StageResult], got: tuple, expected: tuple
                      diffs: tuple[ConfigDiff, ...]) -> list[str]:
     if got != expected:
         return [
-            f"the candidate embedding is {got[1:]} per sample, the reference {expected[1:]}: the extraction "
+            f"the candidate embedding is {got} per sample, the reference {expected}: the extraction "
             "returns a different tensor. timm's forward() gives the head output (the CLIP projection); "
             "pre-logits features come from forward_head(forward_features(x), pre_logits=True)."
         ]

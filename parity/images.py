@@ -2,30 +2,58 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from parity.errors import FixtureError
 
-__all__ = ["load_image"]
+__all__ = ["decode_image", "load_image"]
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def load_image(path: str | Path, *, exif_transpose: bool = True) -> Image.Image:
-    """Decode ``path`` to an RGB image: EXIF orientation first, then ``convert("RGB")``.
+def decode_image(path: str | Path, *, exif_transpose: bool = True) -> tuple[Image.Image, str]:
+    """Decode ``path`` to RGB and say what conversion that took (``""`` when it already was RGB).
 
-    The order matters: transposing after conversion would drop the EXIF tag, and
-    converting palette/alpha/16-bit modes differently on the two sides is a silent drift.
+    Order matters and is the same for reference and candidate: EXIF orientation first
+    (converting first would drop the tag), then one explicit conversion per mode.
 
     Raises:
-        FixtureError: the file is missing or is not a decodable image.
+        FixtureError: missing file, not an image, truncated data, or a decompression bomb.
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; a release gate refuses both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                oriented = ImageOps.exif_transpose(image) if exif_transpose else image
+                return _to_rgb(oriented)
     except FileNotFoundError as e:
         raise FixtureError(f"image not found: {path}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise FixtureError(f"refusing {path}: decompression bomb ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FixtureError(f"cannot decode image {path}: {e}") from e
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy(), ""
+    if mode in _SIXTEEN_BIT:
+        # convert("RGB") would clip every value above 255 to white; scale to 8 bits instead.
+        eight = image.point(lambda v: v / 256).convert("L")
+        return eight.convert("RGB"), f"{mode} -> RGB (16-bit scaled to 8-bit)"
+    if mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB"), "P with transparency -> RGBA -> RGB (alpha dropped)"
+    note = {"RGBA": "alpha dropped", "LA": "alpha dropped", "PA": "alpha dropped", "CMYK": "naive CMYK inversion"}
+    return image.convert("RGB"), f"{mode} -> RGB" + (f" ({note[mode]})" if mode in note else "")
+
+
+def load_image(path: str | Path, *, exif_transpose: bool = True) -> Image.Image:
+    """Decode ``path`` to an RGB image (see `decode_image`)."""
+    return decode_image(path, exif_transpose=exif_transpose)[0]

@@ -41,6 +41,8 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
         if result.stage == "weights" and result.status is not Status.SKIP:
             return "sha256 per tensor", result.headline, "bit-identical"
+        if result.stage == "decode":
+            return "readable samples", result.headline.split(";")[0], "all"
         return "-", "-", "-"
     if not c.shapes_match:
         return "shape", f"{list(c.candidate_shape)} vs {list(c.reference_shape)}", "equal shapes"
@@ -82,6 +84,8 @@ def format_stage(result: StageResult) -> str:
         lines += [f"  {line}" for line in _comparison_lines(result.comparison)]
     for diff in result.key_diffs:
         lines += [f"  {line}" for line in explain_key_diff(diff).splitlines()]
+    for name, reason in result.sample_errors:
+        lines.append(f"  {name}: {reason}")
     for t in result.tensor_diffs[:_SHOWN_TENSORS]:
         lines.append(f"  {t.part}.{t.name}: " + (f"max abs {_num(t.max_abs)}" if t.max_abs is not None else t.reason))
     if len(result.tensor_diffs) > _SHOWN_TENSORS:

@@ -165,6 +165,7 @@ class StageResult:
     comparison: Comparison | None = None
     key_diffs: tuple[KeyDiff, ...] = ()
     tensor_diffs: tuple[TensorDiff, ...] = ()
+    sample_errors: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
