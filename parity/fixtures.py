@@ -101,49 +101,67 @@ class Staging:
 
 
 @contextlib.contextmanager
-def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]:
-    """Build a fixture in a temporary sibling directory, then swap it into place atomically.
+def _exclusive(dest: Path) -> Iterator[None]:
+    """One regeneration of ``dest`` at a time, across processes (an advisory lock file beside it)."""
+    import fcntl
 
-    On success every file gets a sha256 in ``manifest.json``; on any error the staging
-    directory is removed and ``dest`` is untouched.
+    with open(dest.parent / f".{dest.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise FixtureError(f"another process is regenerating {dest} (lock {handle.name}); try again when it ends") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]:
+    """Build a fixture in a temporary sibling directory, then swap it into place.
+
+    On success every file gets a sha256 in ``manifest.json`` and the previous version is
+    kept as ``.<name>.previous``; on any error, or if the process dies, the staging
+    directory is abandoned and ``dest`` is untouched. Concurrent regenerations of the
+    same ``dest`` are refused, never interleaved.
 
     Raises:
-        FixtureError: ``dest`` exists and ``force`` is false.
+        FixtureError: ``dest`` exists and ``force`` is false, or another regeneration holds the lock.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise FixtureError(
-            f"{dest} already exists; refusing to overwrite frozen fixtures.\n"
-            "Note: rebuild on purpose with `make fixtures FORCE=1` (or --force)."
-        )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the fixture is not
-    try:
-        stage = Staging(staging, {"schema_version": SCHEMA_VERSION})
-        yield stage
-        files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
-        stage.manifest["files"] = {
-            p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in files
-        }
-        (staging / MANIFEST).write_text(json.dumps(stage.manifest, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _exclusive(dest):
+        if dest.exists() and not force:
+            raise FixtureError(
+                f"{dest} already exists; refusing to overwrite frozen fixtures.\n"
+                "Note: rebuild on purpose with `make fixtures FORCE=1` (or --force)."
+            )
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the fixture is not
+        try:
+            stage = Staging(staging, {"schema_version": SCHEMA_VERSION})
+            yield stage
+            files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
+            stage.manifest["files"] = {
+                p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in files
+            }
+            (staging / MANIFEST).write_text(json.dumps(stage.manifest, indent=2, sort_keys=True) + "\n")
+            _swap_into_place(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:
-    # Two renames on one filesystem: a reader sees the old tree or the new one, never a mix.
-    old = None
+    # Each rename is atomic on one filesystem: readers see the old tree or the new one, never
+    # a half-written one (between the two renames `dest` is briefly absent, never partial).
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.replace(dest, old / dest.name)
+        previous = dest.parent / f".{dest.name}.previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(dest, previous)
     os.replace(staging, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

@@ -28,3 +28,18 @@ class ReluRegressionNN(MultiLabelRegressionNN):
         for i, layer in enumerate(self.mlp):
             if isinstance(layer, nn.GELU):
                 self.mlp[i] = nn.ReLU()
+
+
+class DropoutAlwaysOnNN(MultiLabelRegressionNN):
+    """The trained head with dropout forced on in forward(): eval() cannot switch it off."""
+
+    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.dropout(embedding, p=0.5, training=True), input_biases)
+
+
+class NanHeadNN(MultiLabelRegressionNN):
+    """The trained head with one output poisoned by NaN."""
+
+    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor) -> torch.Tensor:
+        out = super().forward(embedding, input_biases)
+        return torch.cat([out[:, :-1], torch.full_like(out[:, -1:], float("nan"))], dim=1)

@@ -1,0 +1,249 @@
+"""Bad input, tampering, interruption, concurrency and numeric properties."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from parity.check import run_check
+from parity.errors import FixtureError
+from parity.fixtures import load_fixture, stage_fixture
+from parity.images import decode_image
+from parity.pipeline import build_pipeline
+from parity.results import Status
+from tests.conftest import EXAMPLE_FIXTURES, ROOT, reseal
+
+PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def pipeline(example_spec):
+    return build_pipeline(example_spec)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture(EXAMPLE_FIXTURES)
+
+
+# -- images ----------------------------------------------------------------------------------
+
+def _png(mode: str, size=(20, 10), **save) -> bytes:
+    image = Image.new(mode, size)
+    if mode == "P":
+        image.putpalette([i % 256 for i in range(768)])
+        save.setdefault("transparency", 0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if mode != "CMYK" else "JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "cannot decode image"),
+    (b"just some text, not an image", "cannot decode image"),
+    (_png("RGB", (64, 64))[:60], "cannot decode image"),
+    (b"\xff\xd8\xff\xe0" + bytes(40), "cannot decode image"),
+])
+def test_unreadable_files_raise_a_fixture_error(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(FixtureError, match=message):
+        decode_image(path)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png("L", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10,000 pixels: past the warning threshold
+    with pytest.raises(FixtureError, match="decompression bomb"):
+        decode_image(path)
+
+
+@pytest.mark.parametrize(("mode", "note"), [
+    ("L", "L -> RGB"), ("LA", "LA -> RGB (alpha dropped)"), ("RGBA", "RGBA -> RGB (alpha dropped)"),
+    ("P", "P with transparency -> RGBA -> RGB (alpha dropped)"), ("CMYK", "CMYK -> RGB (naive CMYK inversion)"),
+    ("I;16", "I;16 -> RGB (16-bit scaled to 8-bit)"), ("RGB", ""),
+])
+def test_odd_but_valid_modes_are_converted_and_recorded(tmp_path, pipeline, mode, note):
+    path = tmp_path / f"image.{'jpg' if mode == 'CMYK' else 'png'}"
+    path.write_bytes(_png(mode))
+    image, recorded = decode_image(path)
+    assert image.mode == "RGB" and recorded == note
+    assert torch.isfinite(pipeline.preprocess(image)).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2000, 3), (3, 900)])
+def test_tiny_and_extreme_aspect_images_preprocess_to_the_model_size(tmp_path, pipeline, size):
+    path = tmp_path / "odd.png"
+    path.write_bytes(_png("RGB", size))
+    pixels = pipeline.preprocess(decode_image(path)[0])
+    assert tuple(pixels.shape) == (3, 336, 336) and torch.isfinite(pixels).all()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)
+    assert np.asarray(decode_image(path)[0])[0, 0, 0] == 128  # clipping would give 255
+
+
+def test_an_unreadable_sample_fails_the_gate_and_the_rest_still_run(example_spec, fixture_copy):
+    (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    reseal(fixture_copy)
+    report = run_check(example_spec, fixtures=fixture_copy)
+    decode = report.stage("decode")
+    assert decode.status is Status.FAIL and not report.passed
+    assert [name for name, _ in decode.sample_errors] == ["coins.png"]
+    assert "cannot decode image" in decode.sample_errors[0][1]
+    assert report.stage("embedding").status is Status.PASS
+    assert report.stage("embedding").comparison.reference_shape == (16, 64)
+
+
+def test_decode_stage_records_conversions(example_spec):
+    decode = run_check(example_spec).stage("decode")
+    assert decode.headline == "17/17 decoded, 10 converted to RGB"
+    assert "logo.png: RGBA -> RGB (alpha dropped)" in decode.notes
+
+
+def test_dropout_left_active_is_detected(example_spec):
+    report = run_check(example_spec.replace(head={"class_path": "tests.support.heads:DropoutAlwaysOnNN"}))
+    assert report.stage("head").status is Status.FAIL
+    assert "dropout or another random layer is active" in report.stage("head").headline
+
+
+def test_nan_in_candidate_outputs_fails(example_spec):
+    report = run_check(example_spec.replace(head={"class_path": "tests.support.heads:NanHeadNN"}))
+    head = report.stage("head")
+    assert head.status is Status.FAIL and head.comparison.nonfinite > 0
+
+
+# -- fixtures: regeneration ------------------------------------------------------------------
+
+def _write(dest: Path, text: str, *, force: bool = True) -> None:
+    with stage_fixture(dest, force=force) as stage:
+        (stage.path / "data.txt").write_text(text)
+
+
+def test_regeneration_keeps_the_previous_version(tmp_path):
+    dest = tmp_path / "fx"
+    _write(dest, "one", force=False)
+    _write(dest, "two")
+    assert (dest / "data.txt").read_text() == "two"
+    assert (tmp_path / ".fx.previous" / "data.txt").read_text() == "one"
+    assert json.loads((dest / "manifest.json").read_text())["files"]["data.txt"]["bytes"] == 3
+
+
+def test_killed_regeneration_leaves_the_old_fixture_intact(tmp_path):
+    dest = tmp_path / "fx"
+    _write(dest, "old", force=False)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    script = (
+        "import os, signal, sys\n"
+        "from parity.fixtures import stage_fixture\n"
+        f"with stage_fixture({str(dest)!r}, force=True) as stage:\n"
+        "    (stage.path / 'data.txt').write_text('half written')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    load = json.loads((dest / "manifest.json").read_text())
+    assert load["files"]["data.txt"]["bytes"] == 3
+
+
+def test_concurrent_regeneration_is_refused(tmp_path):
+    import fcntl
+
+    dest = tmp_path / "fx"
+    _write(dest, "one", force=False)
+    with open(tmp_path / ".fx.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FixtureError, match="another process is regenerating"):
+            _write(dest, "two")
+    assert (dest / "data.txt").read_text() == "one"
+
+
+# -- concurrency of the gate suites ------------------------------------------------------------
+
+def _outcomes(*args: str) -> dict[str, int]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/parity/test_gate.py", "-q", "-p", "no:cacheprovider",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line][-1]
+    counts = {}
+    for part in summary.strip("= ").split(" in ")[0].split(", "):
+        number, word = part.split()
+        counts[word] = int(number)
+    return counts
+
+
+def test_xdist_gives_the_same_verdicts_as_a_serial_run():
+    assert _outcomes("-n", "2") == _outcomes() == {"passed": 8}
+
+
+# -- properties ------------------------------------------------------------------------------
+
+@PROPERTY
+@given(st.permutations(list(range(17))), st.integers(min_value=1, max_value=17))
+def test_batch_composition_does_not_move_a_sample(pipeline, fixture, order, size):
+    rows = order[:size]
+    pixels = torch.stack([pipeline.preprocess(fixture.rows[i].image) for i in rows])
+    got = pipeline.embed(pixels).numpy()
+    np.testing.assert_allclose(got, fixture.embeddings[rows], rtol=1.3e-6, atol=1e-5)
+
+
+@PROPERTY
+@given(st.permutations(list(range(17))))
+def test_permuting_a_batch_permutes_the_head_outputs(pipeline, fixture, order):
+    biases = np.array([row.input_biases for row in fixture.rows])
+    straight = pipeline.run_head(fixture.embeddings, biases).numpy()
+    permuted = pipeline.run_head(fixture.embeddings[order], biases[order]).numpy()
+    np.testing.assert_allclose(permuted, straight[order], rtol=1.3e-6, atol=1e-6)
+
+
+@PROPERTY
+@given(
+    st.sampled_from(["RGB", "L", "LA", "RGBA", "P", "I;16"]),
+    st.integers(min_value=1, max_value=48),
+    st.integers(min_value=1, max_value=48),
+    st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_preprocessing_never_produces_nan(pipeline, tmp_path_factory, mode, width, height, seed):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    else:
+        channels = {"RGB": 3, "L": 1, "LA": 2, "RGBA": 4, "P": 1}[mode]
+        data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        image = Image.fromarray(data[..., 0] if channels == 1 else data, mode="L" if channels == 1 else mode)
+        if mode == "P":
+            image = image.convert("P")
+    path = tmp_path_factory.mktemp("prop") / "image.png"
+    image.save(path)
+    assert torch.isfinite(pipeline.preprocess(decode_image(path)[0])).all()
+
+
+@PROPERTY
+@given(st.floats(min_value=1e-7, max_value=1.0), st.floats(min_value=1.0, max_value=100.0))
+def test_verdicts_are_monotone_in_tolerance(fixture, atol, factor):
+    from parity.compare import compare_arrays
+    from parity.results import Tolerance
+
+    noisy = fixture.embeddings + np.float32(1e-4) * np.sign(fixture.embeddings)
+    tight = compare_arrays(noisy, fixture.embeddings, tolerance=Tolerance(atol=atol, rtol=0.0))
+    loose = compare_arrays(noisy, fixture.embeddings, tolerance=Tolerance(atol=atol * factor, rtol=0.0))
+    assert loose.mismatched <= tight.mismatched
+    assert not tight.passed or loose.passed
+    swapped = compare_arrays(fixture.embeddings, noisy, tolerance=Tolerance(atol=atol, rtol=0.0), cosine=True)
+    forward = compare_arrays(noisy, fixture.embeddings, tolerance=Tolerance(atol=atol, rtol=0.0), cosine=True)
+    assert swapped.max_abs == forward.max_abs and swapped.min_cosine == pytest.approx(forward.min_cosine)
