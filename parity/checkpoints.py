@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,9 +58,13 @@ def read_checkpoint(path: str | Path) -> Mapping:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line),
+                      lines[0] if lines else type(e).__name__)
         raise CheckpointError(
             f"{path} cannot be read with torch.load(weights_only=True): it pickles objects other "
-            f"than tensors and plain containers ({str(e).splitlines()[0]}).\n"
+            f"than tensors and plain containers ({reason}).\n"
             "Why: since torch 2.6 torch.load defaults to weights_only=True; older checkpoints often "
             "pickle numpy scalars, argparse Namespaces or whole modules, which would run code to load.\n"
             "Note: parity never runs pickled code. If you trust the file, convert it once, in a "

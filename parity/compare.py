@@ -46,7 +46,7 @@ def compare_arrays(
         rel = np.where(ref != 0, diff / np.abs(ref), np.where(diff == 0, 0.0, np.inf))
     finite_diff = np.where(finite, diff, 0.0)
 
-    rows = cand.reshape(cand.shape[0], -1) if cand.ndim else cand.reshape(1, 1)
+    rows = cand.reshape(cand.shape[0], int(np.prod(cand.shape[1:]))) if cand.ndim else cand.reshape(1, 1)
     ref_rows = ref.reshape(rows.shape)
     row_abs = np.where(np.isfinite(rows - ref_rows), np.abs(rows - ref_rows), np.inf).max(axis=1, initial=0.0)
     row_cos = _row_cosine(rows, ref_rows) if cosine else None
@@ -68,9 +68,18 @@ def compare_arrays(
         total=int(diff.size),
         min_cosine=None if row_cos is None or not row_cos.size else float(row_cos.min()),
         nonfinite=int((~finite).sum()),
-        required_atol=float(np.maximum(finite_diff - tolerance.rtol * np.abs(ref), 0.0).max(initial=0.0)),
+        required_atol=_required_atol(finite_diff, np.abs(ref), tolerance.rtol),
         worst=worst,
     )
+
+
+def _required_atol(diff: np.ndarray, ref_abs: np.ndarray, rtol: float) -> float:
+    """The smallest atol with ``diff <= atol + rtol * |ref|`` everywhere, at float64 rounding."""
+    atol = float(np.maximum(diff - rtol * ref_abs, 0.0).max(initial=0.0))
+    # The subtraction can round one ulp low; step up until the criterion itself agrees.
+    while not (diff <= atol + rtol * ref_abs).all():
+        atol = float(np.nextafter(atol, np.inf))
+    return atol
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

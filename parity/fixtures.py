@@ -263,7 +263,10 @@ def load_fixture(root: str | Path) -> Fixture:
     embeddings = _array(root / EMBEDDINGS, len(rows), "embeddings")
     outputs = _array(root / OUTPUTS, len(rows), "outputs")
     for row in rows:
-        rel = row.image.relative_to(root).as_posix()
+        if not row.image.resolve().is_relative_to(root.resolve()):
+            raise FixtureError(f"{root / METADATA}: image {row.image} is outside the fixture directory "
+                               f"and has no checksum in {MANIFEST}")
+        rel = row.image.resolve().relative_to(root.resolve()).as_posix()
         if rel not in manifest["files"]:
             raise FixtureError(f"{root / METADATA}: image {rel} has no checksum in {MANIFEST}")
     golden: dict[str, np.ndarray] = {}

@@ -246,7 +246,7 @@ def _permutation(table: _Table, key: str) -> tuple[int, ...] | None:
     value = table.get(key, list, None)
     if value is None:
         return None
-    if sorted(value) != list(range(len(value))) or not all(type(v) is int for v in value):
+    if not all(type(v) is int for v in value) or sorted(value) != list(range(len(value))):
         raise SpecError(f"{table.path}: {table._name(key)} must be a permutation of 0..N-1, got {value!r}")
     return tuple(value)
 

@@ -170,7 +170,6 @@ def test_spec_tolerance_has_origin_spec_and_defaults_for_unset_fields(tmp_path):
     assert spec.tolerances == {"embedding": Tolerance(1e-3, 5e-2, 0.999, "spec")}
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="_permutation sorts before checking types: mixed types raise TypeError")
 def test_input_biases_order_with_mixed_types_is_a_spec_error(tmp_path):
     path = _spec(tmp_path, 'input_biases_order = ["a", 1]\n')
     assert "[head].input_biases_order must be a permutation of 0..N-1" in _error(path)

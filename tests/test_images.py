@@ -1,0 +1,92 @@
+"""load_image: every mode becomes RGB the same way, EXIF orientation first, bad files are FixtureErrors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from parity.errors import FixtureError
+from parity.images import load_image
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _rgb(path) -> np.ndarray:
+    image = load_image(path)
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def test_grayscale(tmp_path):
+    Image.new("L", (2, 1), 77).save(tmp_path / "l.png")
+    assert _rgb(tmp_path / "l.png").tolist() == [[[77, 77, 77]] * 2]
+
+
+def test_grayscale_with_alpha_drops_the_alpha(tmp_path):
+    Image.new("LA", (1, 1), (77, 0)).save(tmp_path / "la.png")
+    assert _rgb(tmp_path / "la.png").tolist() == [[[77, 77, 77]]]
+
+
+def test_rgba_drops_the_alpha_without_premultiplying(tmp_path):
+    Image.new("RGBA", (1, 1), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    assert _rgb(tmp_path / "rgba.png").tolist() == [[[10, 20, 30]]]
+
+
+def test_palette_with_transparency(tmp_path):
+    image = Image.new("P", (2, 1))
+    image.putpalette([10, 20, 30, 200, 100, 50])
+    image.putpixel((1, 0), 1)
+    image.save(tmp_path / "p.png", transparency=0)
+    assert Image.open(tmp_path / "p.png").info.get("transparency") == 0
+    assert _rgb(tmp_path / "p.png").tolist() == [[[10, 20, 30], [200, 100, 50]]]
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.array([[0, 25600, 65535]], dtype=np.uint16)).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    assert _rgb(tmp_path / "i16.png")[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """Orientation 6 means "rotate 90 degrees clockwise to display": the stored left half ends up on top."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    assert load_image(tmp_path / "rotated.jpg", exif_transpose=False).size == (40, 20)
+    upright = load_image(tmp_path / "rotated.jpg")
+    assert upright.size == (20, 40)
+    pixels = np.asarray(upright).astype(int)
+    assert pixels[5, 10, 0] > 200 and pixels[5, 10, 2] < 50  # top: red
+    assert pixels[35, 10, 2] > 200 and pixels[35, 10, 0] < 50  # bottom: blue
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(FixtureError, match="cannot decode image .*empty.png"):
+        load_image(tmp_path / "empty.png")
+
+
+def test_text_file(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image\n")
+    with pytest.raises(FixtureError, match="cannot decode image .*notes.jpg"):
+        load_image(tmp_path / "notes.jpg")
+
+
+def test_truncated_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FixtureError, match="cannot decode image"):
+        load_image(tmp_path / "a.png")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FixtureError) as info:
+        load_image(tmp_path / "nope.png")
+    assert str(info.value) == f"image not found: {tmp_path / 'nope.png'}"
+    assert isinstance(info.value, OSError)
