@@ -98,13 +98,20 @@ def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
 
 
 def stage_tolerance(spec: Spec, fixture: Fixture, stage: str):
-    """The spec's explicit tolerance, else the default for the precision the reference was made in.
+    """The spec's explicit tolerance, else a calibrated budget, else the reference precision's default.
 
     A candidate that changes precision (float16, bfloat16) is therefore drift unless its
-    spec states the budget it accepts.
+    spec states the budget it accepts or a calibration at that precision exists.
     """
+    from parity.calibrate import calibrated_tolerance
+
+    if stage in spec.tolerances:
+        return spec.tolerances[stage]
+    calibrated = calibrated_tolerance(fixture.manifest, stage, spec.runtime.dtype)
+    if calibrated is not None:
+        return calibrated
     reference = fixture.pipeline.get("runtime", {}).get("dtype", "float32")
-    return spec.tolerances.get(stage) or default_tolerance(stage, reference if reference in DTYPES else "float32")
+    return default_tolerance(stage, reference if reference in DTYPES else "float32")
 
 
 def _compare_stage(stage: str, candidate, reference, spec: Spec, names, *, fixture: Fixture, cosine=False) -> StageResult:

@@ -1,4 +1,4 @@
-"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``inspect`` and ``diff-structure``.
+"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``.
 
 Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
 usage or configuration error.
@@ -71,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
                                "outputs): does the service match the spec's pipeline, and if not, which variant does")
     diagnose.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
                           help="also write the diagnosis as JSON")
+    calibrate = commands.add_parser(
+        "calibrate", help="measure the reference pipeline's own noise and store budgets in the fixture",
+        description="Re-run the spec's pipeline (the reference configuration) with batch size 1, the spec's "
+                    "batch size, shuffled batches and one thread versus all, compare each run with the fixture, "
+                    "and store the worst error per stage in the manifest. Gates then use noise x margin (with a "
+                    "floor) unless the spec sets explicit tolerances. Run it with another [runtime].dtype to "
+                    "declare that precision acceptable.")
+    calibrate.add_argument("--spec", required=True, type=Path, help="TOML spec of the reference configuration")
+    calibrate.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    calibrate.add_argument("--margin", type=float, default=4.0, help="safety factor on the measured noise (default 4)")
+    calibrate.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     structure = commands.add_parser(
         "diff-structure", help="compare the candidate's module structure with the reference's",
         description="Build the spec's backbone and head (no weights, no images) and list every module class "
@@ -143,6 +154,33 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
         write_json(result, args.json_path)
     drift = not result.matches if args.logged is not None else result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
+
+
+def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from parity.calibrate import calibrate, calibrated_tolerance
+    from parity.spec import load_spec
+
+    spec = load_spec(args.spec)
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
+        task = progress.add_task("calibration runs", total=None)
+        result = calibrate(spec, fixtures=args.fixtures, margin=args.margin, write=not args.dry_run,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"calibration on {result.device}/{result.dtype}, x{result.margin:g} margin", title_justify="left")
+    for column in ("stage", "max abs noise", "min cosine", "budget"):
+        table.add_column(column)
+    manifest = {"calibration": result.to_manifest()}
+    for stage, noise in result.noise.items():
+        budget = calibrated_tolerance(manifest, stage, result.dtype)
+        cosine = noise.get("min_cosine")
+        table.add_row(stage, f"{noise['max_abs']:.3g}", "-" if cosine is None else f"{cosine:.8f}", budget.describe())
+    console.print(table)
+    for run in result.runs:
+        console.print(f"  run: {run.describe()}", highlight=False)
+    console.print("dry run: nothing written" if args.dry_run else "budgets written to the fixture manifest", highlight=False)
+    return EXIT_PASS
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
@@ -236,8 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
-        if args.command in ("check", "matrix", "diagnose"):
-            return {"check": _check, "matrix": _matrix, "diagnose": _diagnose}[args.command](args, console, errors)
+        if args.command in ("check", "matrix", "diagnose", "calibrate"):
+            handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
+            return handler[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")

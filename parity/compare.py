@@ -42,7 +42,7 @@ def compare_arrays(
     allowed = tolerance.atol + tolerance.rtol * np.abs(ref)
     finite = np.isfinite(diff)
     ok = finite & (diff <= allowed)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.where(ref != 0, diff / np.abs(ref), np.where(diff == 0, 0.0, np.inf))
     finite_diff = np.where(finite, diff, 0.0)
 

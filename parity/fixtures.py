@@ -34,6 +34,7 @@ __all__ = [
     "stage_fixture",
     "load_fixture",
     "load_logged_samples",
+    "update_manifest",
 ]
 
 SCHEMA_VERSION = 1
@@ -164,6 +165,23 @@ def _swap_into_place(staging: Path, dest: Path) -> None:
     os.replace(staging, dest)
 
 
+def update_manifest(root: str | Path, key: str, value: Any) -> None:
+    """Set one top-level manifest entry (e.g. ``calibration``) atomically, under the regeneration lock.
+
+    The manifest lists the other files' checksums and is not itself in that list, so no
+    checksum changes; the data files are never touched.
+    """
+    root = Path(root)
+    manifest = _read_manifest(root)
+    manifest[key] = value
+    with _exclusive(root):
+        handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=root)
+        with os.fdopen(handle, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MANIFEST)
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not root.is_dir():
@@ -234,6 +252,8 @@ def _array(path: Path, rows: int, what: str) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise FixtureError(f"cannot read {path}: {e}") from e
+    if not np.issubdtype(array.dtype, np.floating):
+        raise FixtureError(f"{path}: {what} must be floating point, got dtype {array.dtype}")
     if array.ndim == 3 and array.shape[1] == 1:
         array = array[:, 0, :]  # the training artifact's (N, 1, D) layout, squeezed explicitly
     if array.ndim != 2:

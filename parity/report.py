@@ -104,6 +104,8 @@ def render_report(report: Report, console: Console) -> None:
         metric, value, tolerance = _metric(result)
         table.add_row(result.stage, metric, value, tolerance, Text(result.status.value, style=_STYLE[result.status]))
     console.print(table)
+    origins = dict.fromkeys(r.comparison.tolerance.origin for r in report.stages if r.comparison is not None)
+    console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
     for result in report.stages:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),

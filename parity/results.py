@@ -32,7 +32,7 @@ class Tolerance:
     def describe(self) -> str:
         text = f"atol {self.atol:.2g}, rtol {self.rtol:.2g}"
         if self.min_cosine is not None:
-            text += f", cos >= {self.min_cosine:g}"
+            text += f", cos >= {self.min_cosine:.8g}"
         return text
 
 

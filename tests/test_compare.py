@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -160,3 +162,10 @@ def test_identical_arrays_pass_with_zero_error(array):
     assert c.passed
     assert (c.max_abs, c.mean_abs, c.max_rel, c.required_atol) == (0.0, 0.0, 0.0, 0.0)
     assert (c.mismatched, c.nonfinite, c.worst) == (0, 0, ())
+
+
+def test_a_subnormal_reference_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = _compare([[1.0]], [[1e-310]])
+    assert c.max_rel == np.inf

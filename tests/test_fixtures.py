@@ -185,3 +185,10 @@ def test_an_error_while_staging_leaves_the_destination_untouched(tmp_path):
             raise RuntimeError("boom")
     assert _tree(dest) == before
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["clip_dnn"]
+
+
+def test_non_numeric_outputs_are_a_fixture_error(copy):
+    rows = np.load(copy / "outputs.npy").shape[0]
+    np.save(copy / "outputs.npy", np.full((rows, 5), "x"))
+    _reseal(copy)
+    assert "outputs.npy" in _error(copy)
