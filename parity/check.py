@@ -16,12 +16,12 @@ from parity.fixtures import Fixture, environment, load_fixture
 from parity.images import decode_image
 from parity.forensics import diff_structure
 from parity.pipeline import Pipeline, build_pipeline
-from parity.results import ConfigDiff, Report, StageResult, Status, TensorDiff
+from parity.results import ConfigDiff, DecisionFlips, Report, StageResult, Status, TensorDiff
 from parity.spec import DTYPES, Spec, default_tolerance
 
 __all__ = ["STAGE_ORDER", "run_check", "diff_config", "stage_tolerance"]
 
-STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs")
+STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 # Which stage a recorded configuration field can move first.
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
@@ -245,6 +245,7 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     else:
         stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, decoded.kept)
 
+    stages["decisions"] = _decision_stage(spec, fixture, stages["outputs"], embeddings, pipeline, decoded.kept)
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
     for name in STAGE_ORDER[1:]:
         notes = _fixes(diffs, name)
@@ -255,6 +256,29 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)
     return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs)
+
+
+def _decision_stage(spec: Spec, fixture: Fixture, outputs: StageResult, embeddings, pipeline: Pipeline,
+                    kept: list[int]) -> StageResult:
+    """Thresholded decisions: a flip where the reference sits within the outputs budget of the threshold
+    is a near-tie (reported, not failed); any other flip fails."""
+    if spec.threshold is None:
+        return StageResult("decisions", Status.SKIP, "no [decisions].threshold in the spec")
+    if outputs.status is Status.SKIP or outputs.comparison is None or not outputs.comparison.shapes_match:
+        return StageResult("decisions", Status.SKIP, "not run: no comparable outputs")
+    rows = [fixture.rows[i] for i in kept]
+    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
+    got = pipeline.run_head(embeddings, biases).numpy()
+    ref = fixture.outputs[kept]
+    band = outputs.comparison.tolerance.atol
+    flipped = (got > spec.threshold) != (ref > spec.threshold)
+    near = flipped & (np.abs(ref - spec.threshold) <= band)
+    labels = [f"{rows[i].name}[{j}]" for i, j in zip(*np.nonzero(flipped & ~near))]
+    ties = [f"{rows[i].name}[{j}]" for i, j in zip(*np.nonzero(near))]
+    flips = DecisionFlips(spec.threshold, band, int(ref.size), tuple(labels), tuple(ties))
+    headline = (f"{len(labels)} decision flip(s), {len(ties)} near-tie(s) within {band:.2g} of the threshold "
+                f"{spec.threshold:g}, of {ref.size}")
+    return StageResult("decisions", Status.FAIL if labels else Status.PASS, headline, decisions=flips)
 
 
 def _load_headline(spec: Spec) -> str:

@@ -41,6 +41,9 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
         if result.stage == "weights" and result.status is not Status.SKIP:
             return "sha256 per tensor", result.headline, "bit-identical"
+        if result.stage == "decisions" and result.decisions is not None:
+            d = result.decisions
+            return "flips / near-ties", f"{len(d.flips)} / {len(d.near_ties)} of {d.total}", f"threshold {d.threshold:g}"
         if result.stage == "decode":
             return "readable samples", result.headline.split(";")[0], "all"
         return "-", "-", "-"
@@ -84,6 +87,12 @@ def format_stage(result: StageResult) -> str:
         lines += [f"  {line}" for line in _comparison_lines(result.comparison)]
     for diff in result.key_diffs:
         lines += [f"  {line}" for line in explain_key_diff(diff).splitlines()]
+    if result.decisions is not None:
+        if result.decisions.flips:
+            lines.append(f"  flips: {', '.join(result.decisions.flips[:12])}")
+        if result.decisions.near_ties:
+            lines.append(f"  near-ties (the reference is within {result.decisions.band:.2g} of the threshold): "
+                         f"{', '.join(result.decisions.near_ties[:12])}")
     for name, reason in result.sample_errors:
         lines.append(f"  {name}: {reason}")
     for t in result.tensor_diffs[:_SHOWN_TENSORS]:

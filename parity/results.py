@@ -13,6 +13,7 @@ __all__ = [
     "KeyFix",
     "KeyDiff",
     "TensorDiff",
+    "DecisionFlips",
     "Status",
     "StageResult",
     "ConfigDiff",
@@ -148,6 +149,17 @@ class TensorDiff:
     reason: str = "values differ"
 
 
+@dataclass(frozen=True)
+class DecisionFlips:
+    """Thresholded decisions that differ from the reference's, split by whether the reference was a near-tie."""
+
+    threshold: float
+    band: float
+    total: int
+    flips: tuple[str, ...] = ()
+    near_ties: tuple[str, ...] = ()
+
+
 class Status(str, enum.Enum):
     PASS = "PASS"
     FAIL = "FAIL"
@@ -166,6 +178,7 @@ class StageResult:
     key_diffs: tuple[KeyDiff, ...] = ()
     tensor_diffs: tuple[TensorDiff, ...] = ()
     sample_errors: tuple[tuple[str, str], ...] = ()
+    decisions: DecisionFlips | None = None
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:

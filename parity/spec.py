@@ -131,6 +131,7 @@ class Spec:
     fixtures: Path | None = None
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     matrix: Mapping[str, tuple] = field(default_factory=dict)
+    threshold: float | None = None
 
     def replace(self, **sections: Any) -> Spec:
         """A copy with whole sections or fields of sections replaced.
@@ -362,6 +363,11 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         if tol is not None:
             tolerances[stage] = tol
     tol_table.finish()
+    decisions = root.table("decisions")
+    threshold = decisions.get("threshold", (int, float), None)
+    if threshold is not None and (isinstance(threshold, bool) or not math.isfinite(threshold)):
+        raise SpecError(f"{path}: [decisions].threshold must be a finite number, got {threshold!r}")
+    decisions.finish()
     root.seen.add("matrix")
     from parity.variants import parse_axes  # variants builds on spec; the import is deferred
 
@@ -377,4 +383,5 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         fixtures=fixtures,
         tolerances=tolerances,
         matrix=matrix,
+        threshold=None if threshold is None else float(threshold),
     )

@@ -18,7 +18,7 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
     assert "PARITY: the candidate reproduces the reference." in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["passed"] is True and report["first_failure"] is None
-    assert [s["stage"] for s in report["stages"]] == ["load", "weights", "decode", "pixels", "embedding", "head", "outputs"]
+    assert [s["stage"] for s in report["stages"]] == ["load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions"]
 
 
 def test_drift_exits_1_and_names_the_stage(tmp_path, capsys):

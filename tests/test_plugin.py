@@ -31,14 +31,14 @@ def gate(pytester: pytest.Pytester, loaded_modules) -> pytest.Pytester:
 
 def test_parity_spec_option_runs_the_gate(gate):
     result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC))
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=9)
     result.stdout.fnmatch_lines(["*parity report*", "*PARITY: the candidate reproduces the reference.*"])
 
 
 def test_drifted_spec_fails_the_stages_that_moved(gate, tmp_path: Path):
     spec = write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"'})
     result = gate.runpytest("--parity-spec", str(spec))
-    result.assert_outcomes(passed=4, failed=4)
+    result.assert_outcomes(passed=5, failed=4)
     result.stdout.fnmatch_lines([
         "*DriftError: pixels: FAIL - drifted beyond tolerance*",
         '*Fix: set [[]preprocess].interpolation = "bicubic"*',
@@ -48,7 +48,7 @@ def test_drifted_spec_fails_the_stages_that_moved(gate, tmp_path: Path):
 
 def test_parity_fixtures_option_overrides_the_spec(gate, tmp_path: Path):
     result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC), "--parity-fixtures", str(tmp_path / "missing"))
-    result.assert_outcomes(errors=8)
+    result.assert_outcomes(errors=9)
     result.stdout.fnmatch_lines([f"*FixtureError: fixture directory not found: {tmp_path / 'missing'}*"])
 
 
@@ -58,19 +58,19 @@ def test_parity_device_cuda_skips_without_a_gpu(gate):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the skip path is for CPU-only machines")
     result = gate.runpytest("--parity-spec", str(EXAMPLE_SPEC), "--parity-device", "cuda", "-rs")
-    result.assert_outcomes(skipped=8)
+    result.assert_outcomes(skipped=9)
     result.stdout.fnmatch_lines(["*--parity-device cuda: CUDA is not available on this machine*"])
 
 
 def test_without_a_spec_the_gate_skips_with_a_reason(gate):
     result = gate.runpytest("-rs")
-    result.assert_outcomes(skipped=8)
+    result.assert_outcomes(skipped=9)
     result.stdout.fnmatch_lines(["*no parity spec: pass --parity-spec SPEC*"])
 
 
 def test_ini_parity_spec_is_the_default(gate):
     gate.makeini(f"[pytest]\nparity_spec = {EXAMPLE_SPEC}\n")
-    gate.runpytest().assert_outcomes(passed=8)
+    gate.runpytest().assert_outcomes(passed=9)
 
 
 MATRIX = (ROOT / "tests" / "parity" / "test_matrix.py").read_text()

@@ -188,7 +188,7 @@ def _outcomes(*args: str) -> dict[str, int]:
 
 
 def test_xdist_gives_the_same_verdicts_as_a_serial_run():
-    assert _outcomes("-n", "2") == _outcomes() == {"passed": 8}
+    assert _outcomes("-n", "2") == _outcomes() == {"passed": 9}
 
 
 # -- properties ------------------------------------------------------------------------------
