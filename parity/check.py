@@ -12,7 +12,8 @@ import numpy as np
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.errors import FixtureError, SpecError
-from parity.fixtures import Fixture, environment, load_fixture
+from parity.capture import git_revision
+from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
 from parity.forensics import diff_structure
 from parity.pipeline import Pipeline, build_pipeline
@@ -210,8 +211,12 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         skipped = tuple(StageResult(s, Status.SKIP, "not run: weights did not load") for s in STAGE_ORDER[1:])
         return Report(**report, stages=(failed, *skipped))
 
-    recorded = dict(fixture.pipeline, versions=fixture.manifest.get("producer", {}).get("versions", {}))
-    diffs = diff_config(recorded, dict(pipeline.describe(), versions=environment()))
+    producer = fixture.manifest.get("producer", {})
+    recorded = dict(fixture.pipeline, versions=producer.get("versions", {}),
+                    provenance={"git_revision": producer.get("git_revision"), **_recorded_checkpoints(fixture)})
+    candidate = dict(pipeline.describe(), versions=environment(),
+                     provenance={"git_revision": git_revision(spec.path), **_checkpoint_hashes(spec)})
+    diffs = diff_config(recorded, candidate)
     names = fixture.names
     stages = {"load": StageResult("load", Status.PASS, _load_headline(spec)),
               "weights": _weights_stage(pipeline, fixture)}
@@ -279,6 +284,20 @@ def _decision_stage(spec: Spec, fixture: Fixture, outputs: StageResult, embeddin
     headline = (f"{len(labels)} decision flip(s), {len(ties)} near-tie(s) within {band:.2g} of the threshold "
                 f"{spec.threshold:g}, of {ref.size}")
     return StageResult("decisions", Status.FAIL if labels else Status.PASS, headline, decisions=flips)
+
+
+_HASHED_BYTES = 256 << 20  # larger checkpoints are proven by the per-tensor fingerprints alone
+
+
+def _recorded_checkpoints(fixture: Fixture) -> dict[str, str]:
+    weights = fixture.manifest.get("weights", {})
+    return {f"{part}_checkpoint_sha256": entry["sha256"] for part, entry in weights.items() if entry.get("sha256")}
+
+
+def _checkpoint_hashes(spec: Spec) -> dict[str, str]:
+    files = {"backbone": spec.backbone.checkpoint, "head": spec.head.weights}
+    return {f"{part}_checkpoint_sha256": sha256_file(path) for part, path in files.items()
+            if path is not None and path.is_file() and path.stat().st_size <= _HASHED_BYTES}
 
 
 def _load_headline(spec: Spec) -> str:

@@ -105,6 +105,8 @@ def format_stage(result: StageResult) -> str:
 
 def render_report(report: Report, console: Console) -> None:
     """Print the summary table, the failing stages' evidence and the configuration diff."""
+    # Provenance first: a drift is read next to the change that likely caused it.
+    render_config_diffs(report.config_diffs, console)
     table = Table(title=f"parity check: {Path(report.spec).name} on {report.device}/{report.dtype}",
                   title_justify="left")
     for column in ("stage", "metric", "value", "tolerance", "verdict"):
@@ -119,7 +121,6 @@ def render_report(report: Report, console: Console) -> None:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
                           highlight=False, soft_wrap=True)
-    render_config_diffs(report.config_diffs, console)
     first = report.first_failure
     if report.passed:
         console.print(Text("PARITY: the candidate reproduces the reference.", style="bold green"))
@@ -130,7 +131,7 @@ def render_report(report: Report, console: Console) -> None:
 
 
 def render_config_diffs(diffs, console: Console, *,
-                        title: str = "Configuration differences vs the fixture (reference -> candidate):") -> None:
+                        title: str = "Provenance: what differs from what the fixture recorded (reference -> candidate):") -> None:
     if diffs:
         console.print(title, style="bold")
     for diff in diffs:

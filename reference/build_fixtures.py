@@ -9,7 +9,6 @@ everything through parity's atomic fixture writer.
 from __future__ import annotations
 
 import argparse
-import json
 import copy
 import importlib.util
 import shutil
@@ -19,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parity.capture import capture
 from parity.errors import ParityError
-from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, stage_fixture
 from parity.images import load_image
-from parity.checkpoints import fingerprint
-from parity.pipeline import describe_backbone, describe_data_config, describe_head
 from reference.models import MultiLabelRegressionNN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,17 +105,13 @@ def create_backbone() -> torch.nn.Module:
     return model
 
 
-def extract_embeddings(model: torch.nn.Module, paths: list[Path]) -> tuple[np.ndarray, dict, dict]:
-    """The training-time extraction: (N, D) pre-logits embeddings, pixels, data config."""
-    import timm
-
-    config = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(**config, is_training=False)
+def extract_embeddings(model: torch.nn.Module, transform, paths: list[Path]) -> tuple[np.ndarray, dict]:
+    """The training-time extraction: (N, D) pre-logits embeddings and the pixels they came from."""
     pixels = {p.name: transform(load_image(p)) for p in paths}
     with torch.no_grad():
         batch = torch.stack(list(pixels.values()))
         embeddings = model.forward_head(model.forward_features(batch), pre_logits=True)
-    return embeddings.numpy(), pixels, config
+    return embeddings.numpy(), pixels
 
 
 def synthetic_targets(embeddings: np.ndarray, biases: np.ndarray) -> np.ndarray:
@@ -151,71 +144,53 @@ def train_head(embeddings: np.ndarray, biases: np.ndarray, targets: np.ndarray) 
 
 
 def build(out: Path, *, source: Path, force: bool = False) -> Path:
-    """Write the complete example fixture to ``out`` (atomically)."""
-    from safetensors.numpy import save_file as save_numpy
-    from safetensors.torch import save_file as save_torch
+    """Write the complete example fixture to ``out`` through the capture API (atomically)."""
+    import tempfile
+
+    import timm
+    from safetensors.torch import save_file
 
     torch.set_num_threads(1)  # bit-for-bit repeatable training on any core count
-    with stage_fixture(out, force=force) as stage:
-        images = stage.path / "images"
-        images.mkdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         for name in IMAGES:
-            shutil.copyfile(source / name, images / name)
-        write_exif_rotated(source / "chelsea.png", images / EXIF_IMAGE)
-        (images / "ATTRIBUTION.md").write_text(
+            shutil.copyfile(source / name, work / name)
+        write_exif_rotated(source / "chelsea.png", work / EXIF_IMAGE)
+        paths = [work / name for name in (*IMAGES, EXIF_IMAGE)]
+
+        backbone = create_backbone()
+        save_file(backbone.state_dict(), str(work / "backbone.safetensors"))
+        config = timm.data.resolve_model_data_config(backbone)
+        transform = timm.data.create_transform(**config, is_training=False)
+        attribution = (
             "# Images\n\nCopied unchanged from scikit-image's `skimage/data` (BSD-3-Clause package; "
             "each image's own terms below).\n\n" + "".join(f"- `{n}`: {a}\n" for n, a in IMAGES.items())
             + f"- `{EXIF_IMAGE}`: `chelsea.png` stored rotated by 90 degrees with EXIF orientation 6 "
-            "(display rotated back); same terms.\n",
-            encoding="utf-8",
+            "(display rotated back); same terms.\n"
         )
-        paths = [images / name for name in (*IMAGES, EXIF_IMAGE)]
+        with capture(out, model=backbone, model_name=MODEL, model_kwargs=MODEL_KWARGS, data_config=config,
+                     transform=transform, extract="pre_logits", checkpoint=work / "backbone.safetensors",
+                     force=force, extra_files={"images/ATTRIBUTION.md": lambda p: p.write_text(attribution)}) as cap:
+            embeddings, pixels = extract_embeddings(backbone, transform, paths)
+            n = len(paths)
+            biases = np.stack([np.arange(n) % BIAS_CARDINALITIES[0], (np.arange(n) * 7 // 3) % BIAS_CARDINALITIES[1]], 1)
+            targets = synthetic_targets(embeddings, biases)
+            for i, path in enumerate(paths):
+                cap.add(path, embedding=embeddings[i], pixels=pixels[path.name] if path.name in GOLDEN else None,
+                        input_biases=biases[i], labels=[round(float(v), 6) for v in targets[i]])
 
-        backbone = create_backbone()
-        save_torch(backbone.state_dict(), str(stage.path / "backbone.safetensors"))
-        embeddings, pixels, config = extract_embeddings(backbone, paths)
-        np.save(stage.path / EMBEDDINGS, embeddings[:, None, :])  # (N, 1, D), as the training artifact
-        save_numpy({n: pixels[n].numpy() for n in GOLDEN}, str(stage.path / PIXELS))
-
-        n = len(paths)
-        biases = np.stack([np.arange(n) % BIAS_CARDINALITIES[0], (np.arange(n) * 7 // 3) % BIAS_CARDINALITIES[1]], 1)
-        targets = synthetic_targets(embeddings, biases)
-        state, training = train_head(embeddings, biases, targets)
-        torch.save(state, stage.path / "dnnV1_model_best.pth")
-        head = MultiLabelRegressionNN(**HEAD_KWARGS)
-        head.load_state_dict(state, strict=True)
-        with torch.no_grad():
-            outputs = head.eval()(torch.from_numpy(embeddings), torch.from_numpy(biases)).numpy()
-        np.save(stage.path / OUTPUTS, outputs)
-
-        rows = [
-            {"row": i, "image": f"images/{p.name}", "input_biases": biases[i].tolist(),
-             "labels": [round(float(v), 6) for v in targets[i]]}
-            for i, p in enumerate(paths)
-        ]
-        (stage.path / METADATA).write_text(
-            json.dumps({"bias_names": list(BIAS_NAMES), "label_names": list(LABEL_NAMES),
-                                      "rows": rows}, indent=1) + "\n",
-            encoding="utf-8",
-        )
-        stage.manifest.update({
-            "name": "clip_dnn",
-            "pipeline": {
-                "backbone": describe_backbone(backbone, name=MODEL, kwargs=MODEL_KWARGS, extract="pre_logits",
-                                              normalize="none"),
-                "preprocess": describe_data_config(config),
-                "head": {**describe_head(head, class_path=HEAD_CLASS), "kwargs": HEAD_KWARGS},
-                "runtime": {"device": "cpu", "dtype": "float32"},
-            },
-            "producer": {"script": "reference/build_fixtures.py", "seed": SEED, "versions": environment()},
-            "head_training": training,
-            # Per-tensor sha256: `parity check` proves the deployed weights are these, bit for bit.
-            "weights": {
-                "backbone": {"file": "backbone.safetensors", "tensors": fingerprint(backbone.state_dict())},
-                "head": {"file": "dnnV1_model_best.pth", "tensors": fingerprint(state)},
-            },
-            "golden_pixels": list(GOLDEN),
-        })
+            state, training = train_head(embeddings, biases, targets)
+            torch.save(state, work / "dnnV1_model_best.pth")
+            head = MultiLabelRegressionNN(**HEAD_KWARGS)
+            head.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                cap.set_outputs(head.eval()(torch.from_numpy(embeddings), torch.from_numpy(biases)))
+            cap.attach_head(head, class_path=HEAD_CLASS, kwargs=HEAD_KWARGS, checkpoint=work / "dnnV1_model_best.pth")
+            cap.note("name", "clip_dnn")
+            cap.note("metadata", {"bias_names": list(BIAS_NAMES), "label_names": list(LABEL_NAMES)})
+            cap.note("head_training", training)
+            cap.note("golden_pixels", list(GOLDEN))
+            cap.manifest["producer"]["seed"] = SEED
     return out
 
 

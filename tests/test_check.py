@@ -16,7 +16,7 @@ def test_clean_candidate_passes_every_stage(example_spec):
     assert [s.stage for s in report.stages] == list(STAGE_ORDER)
     assert all(s.status is Status.PASS for s in report.stages)
     assert report.stage("embedding").comparison.min_cosine == pytest.approx(1.0)
-    assert not [d for d in report.config_diffs if not d.field.startswith("versions.")]
+    assert not [d for d in report.config_diffs if not d.field.startswith(("versions.", "provenance.git_revision"))]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,176 @@
+"""Capture at the source: the training or extraction code writes the fixture as it produces the data.
+
+    with parity.capture("fixtures/run42", model=backbone, data_config=config, transform=transform,
+                        extract="pre_logits") as cap:
+        for path in images:
+            pixels = transform(load_image(path))
+            cap.add(path, embedding=extract(pixels), input_biases=biases[path])
+        cap.attach_head(head, class_path="my.models:Head", kwargs=head_kwargs, checkpoint="best.pth")
+        cap.set_outputs(head(embeddings, biases))
+
+Everything lands through `stage_fixture` (atomic, checksummed) together with its provenance:
+the transform's repr and resolved fields, the model class, activation and extraction call,
+library versions, checkpoint hashes, weight fingerprints and the calling code's git revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.checkpoints import fingerprint
+from parity.errors import FixtureError
+from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, sha256_file, stage_fixture
+
+__all__ = ["Capture", "capture", "git_revision"]
+
+
+def git_revision(path: str | Path) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (``+dirty`` with uncommitted changes)."""
+    folder = Path(path).resolve()
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+@dataclass
+class Capture:
+    """Collects samples and provenance; written when the ``capture`` block ends without error."""
+
+    root: Path
+    images: list[Path] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[np.ndarray | None] = field(default_factory=list)
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def add(self, image: str | Path, *, embedding, pixels=None, outputs=None, input_biases: Sequence[int] = (),
+            labels: Sequence[float] = ()) -> None:
+        """One sample: its image file, the embedding the pipeline produced, and what the head was given."""
+        image = Path(image)
+        if any(p.name == image.name for p in self.images):
+            raise FixtureError(f"capture: two samples are named {image.name!r}; image names must be unique")
+        if not image.is_file():
+            raise FixtureError(f"capture: image {image} not found")
+        vector = _array(embedding).reshape(-1)
+        if self.embeddings and vector.shape != self.embeddings[0].shape:
+            raise FixtureError(f"capture: {image.name} has a {vector.shape[0]}-d embedding, the first sample "
+                               f"{self.embeddings[0].shape[0]}-d")
+        if not np.isfinite(vector).all():
+            raise FixtureError(f"capture: {image.name} has a non-finite embedding")
+        self.images.append(image)
+        self.embeddings.append(vector)
+        self.outputs.append(None if outputs is None else _array(outputs).reshape(-1))
+        self.rows.append({"row": len(self.rows), "image": f"images/{image.name}",
+                          "input_biases": [int(b) for b in input_biases], "labels": [float(v) for v in labels]})
+        if pixels is not None:
+            self.pixels[image.name] = _array(pixels)
+
+    def set_outputs(self, outputs) -> None:
+        """The head's outputs for every sample, in the order added (e.g. after training)."""
+        array = _array(outputs)
+        if array.ndim != 2 or array.shape[0] != len(self.rows):
+            raise FixtureError(f"capture: outputs must be ({len(self.rows)}, L), got {array.shape}")
+        self.outputs = list(array)
+
+    def attach_head(self, head, *, class_path: str, kwargs: Mapping[str, Any] | None = None,
+                    checkpoint: str | Path | None = None) -> None:
+        """Record the head as trained: class, kwargs, structure, fingerprints and its checkpoint file."""
+        from parity.pipeline import describe_head
+
+        self.manifest.setdefault("pipeline", {})["head"] = {**describe_head(head, class_path=class_path),
+                                                            "kwargs": dict(kwargs or {})}
+        self._weights("head", head, checkpoint)
+
+    def note(self, key: str, value: Any) -> None:
+        """Any other JSON-serialisable record (training summary, label names...)."""
+        self.manifest[key] = value
+
+    def _weights(self, part: str, module, checkpoint: str | Path | None) -> None:
+        entry: dict[str, Any] = {"tensors": fingerprint(module.state_dict())}
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint)
+            self.files[checkpoint.name] = checkpoint
+            entry.update(file=checkpoint.name, sha256=sha256_file(checkpoint))
+        self.manifest.setdefault("weights", {})[part] = entry
+
+
+@contextlib.contextmanager
+def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] | None = None, transform=None,
+            extract: str = "pre_logits", model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
+            checkpoint: str | Path | None = None, force: bool = False, extra_files: Mapping[str, Any] = (),
+            ) -> Iterator[Capture]:
+    """Write a fixture from inside the code that produces the reference data.
+
+    Args:
+        model: the timm backbone the embeddings came from (its class, activations and weights are recorded).
+        data_config: timm's resolved data config used by ``transform``.
+        transform: the exact transform object (its repr is recorded).
+        extract: how embeddings were taken (``pre_logits``, ``forward``, ``cls``, ``mean_tokens``).
+        checkpoint: the backbone checkpoint file; copied into the fixture with its sha256.
+        extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
+    """
+    from parity.pipeline import describe_backbone, describe_data_config
+
+    caller = Path(inspect.stack()[2].filename)
+    cap = Capture(root=Path(out_dir))
+    if model is not None:
+        name = model_name or f"{model.pretrained_cfg.get('architecture')}.{model.pretrained_cfg.get('tag')}"
+        first = next(model.parameters())
+        cap.manifest["pipeline"] = {
+            "backbone": describe_backbone(model, name=name, kwargs=dict(model_kwargs or {}), extract=extract),
+            "runtime": {"device": first.device.type, "dtype": str(first.dtype).replace("torch.", "")},
+        }
+        cap._weights("backbone", model, checkpoint)
+    if data_config is not None:
+        cap.manifest.setdefault("pipeline", {})["preprocess"] = describe_data_config(data_config)
+    cap.manifest["producer"] = {"script": caller.name, "git_revision": git_revision(caller),
+                                "transform": repr(transform) if transform is not None else None,
+                                "versions": environment()}
+    yield cap
+    if not cap.rows:
+        raise FixtureError("capture: no samples were added")
+    with stage_fixture(cap.root, force=force) as stage:
+        (stage.path / "images").mkdir()
+        for image in cap.images:
+            shutil.copyfile(image, stage.path / "images" / image.name)
+        for name, source in cap.files.items():
+            shutil.copyfile(source, stage.path / name)
+        for name, write in dict(extra_files).items():
+            write(stage.path / name)
+        np.save(stage.path / EMBEDDINGS, np.stack(cap.embeddings)[:, None, :])  # (N, 1, D), as in training
+        if all(o is not None for o in cap.outputs):
+            np.save(stage.path / OUTPUTS, np.stack(cap.outputs))
+        if cap.pixels:
+            from safetensors.numpy import save_file
+
+            save_file(cap.pixels, str(stage.path / PIXELS))
+        metadata = {k: v for k, v in cap.manifest.pop("metadata", {}).items()}
+        (stage.path / METADATA).write_text(json.dumps({**metadata, "rows": cap.rows}, indent=1) + "\n",
+                                           encoding="utf-8")
+        stage.manifest.update(cap.manifest)
