@@ -12,7 +12,7 @@ import numpy as np
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.errors import FixtureError, SpecError
-from parity.capture import git_revision
+from parity.source import git_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
 from parity.forensics import diff_structure

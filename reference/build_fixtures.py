@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parity.capture import capture
+from parity.source import capture
 from parity.errors import ParityError
 from parity.images import load_image
 from reference.models import MultiLabelRegressionNN

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.capture import capture, git_revision
+from parity.source import capture, git_revision
 from parity.check import run_check
 from parity.checkpoints import read_state_dict
 from parity.errors import FixtureError

@@ -98,3 +98,13 @@ def test_a_drifted_deployment_cell_fails_the_matrix_suite(pytester, loaded_modul
     result.stdout.fnmatch_lines(["*DriftError: deployment cell pre_logits-bilinear-pil-cpu-float32 does not "
                                  "reproduce the reference*"])
     assert result.parseoutcomes()["failed"] >= 1
+
+
+def test_importing_the_package_and_plugin_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, parity, parity.plugin; assert 'torch' not in sys.modules, 'torch imported'; print(parity.__all__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "capture" in proc.stdout

@@ -1,0 +1,48 @@
+"""parity: a training-inference parity gate for CLIP backbone -> embedding -> DNN head pipelines.
+
+The public API loads lazily, so ``import parity`` (and the pytest plugin) stays cheap
+until something that needs torch is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from parity.errors import CheckpointError, DriftError, FixtureError, ParityError, SpecError
+
+__version__ = "0.1.0"
+__all__ = [
+    "ParityError",
+    "SpecError",
+    "FixtureError",
+    "CheckpointError",
+    "DriftError",
+    "load_spec",
+    "build_pipeline",
+    "run_check",
+    "run_matrix",
+    "diagnose",
+    "diagnose_logged",
+    "calibrate",
+    "capture",
+    "load_fixture",
+]
+
+_LAZY = {
+    "load_spec": "parity.spec",
+    "build_pipeline": "parity.pipeline",
+    "run_check": "parity.check",
+    "run_matrix": "parity.variants",
+    "diagnose": "parity.diagnose",
+    "diagnose_logged": "parity.diagnose",
+    "calibrate": "parity.calibrate",
+    "capture": "parity.source",
+    "load_fixture": "parity.fixtures",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")
