@@ -20,13 +20,13 @@ from parity.pipeline import Pipeline, build_pipeline
 from parity.results import ConfigDiff, DecisionFlips, Report, StageResult, Status, TensorDiff
 from parity.spec import DTYPES, Spec, default_tolerance
 
-__all__ = ["STAGE_ORDER", "run_check", "diff_config", "stage_tolerance"]
+__all__ = ["STAGE_ORDER", "SETTABLE", "run_check", "diff_config", "stage_tolerance", "toml_value"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 # Which stage a recorded configuration field can move first.
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
-_SETTABLE = {
+SETTABLE = {
     "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend",
                    "channel_order", "value_scale", "exif_transpose"},
     "backbone": {"model", "kwargs", "extract", "normalize"},
@@ -66,7 +66,7 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
     return tuple(diffs)
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, Path):
         return f'"{value}"'
     if isinstance(value, bool):
@@ -74,9 +74,9 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -86,15 +86,15 @@ def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
         section, _, key = diff.field.partition(".")
         if _SECTION_STAGE.get(section) != stage:
             continue
-        if key in _SETTABLE.get(section, ()) and diff.reference is None:
+        if key in SETTABLE.get(section, ()) and diff.reference is None:
             fixes.append(f"Fix: remove [{section}].{key} (the fixture was made without it)")
-        elif key in _SETTABLE.get(section, ()):
+        elif key in SETTABLE.get(section, ()):
             fixes.append(
-                f"Fix: set [{section}].{key} = {_toml(diff.reference)} "
-                f"(the fixture was made with it; the candidate has {_toml(diff.candidate)})"
+                f"Fix: set [{section}].{key} = {toml_value(diff.reference)} "
+                f"(the fixture was made with it; the candidate has {toml_value(diff.candidate)})"
             )
         else:
-            fixes.append(f"{diff.field}: reference {_toml(diff.reference)}, candidate {_toml(diff.candidate)}")
+            fixes.append(f"{diff.field}: reference {toml_value(diff.reference)}, candidate {toml_value(diff.candidate)}")
     return fixes
 
 

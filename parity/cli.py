@@ -19,18 +19,26 @@ __all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE"]
 EXIT_PASS, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
 
 
+def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bool = True,
+                  json_help: str | None = None) -> None:
+    """The options every spec-driven command shares."""
+    parser.add_argument("--spec", required=True, type=Path, help=spec_help)
+    parser.add_argument("--fixtures", type=Path, default=None,
+                        help="fixture directory (default: the spec's `fixtures` field)")
+    if device:
+        parser.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
+    if json_help:
+        parser.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH", help=json_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description="Training-inference parity gate for CLIP + head pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="run the parity gate: candidate pipeline vs frozen fixtures",
                                 description="Run the candidate pipeline described by SPEC and compare it, stage by "
                                             "stage, with the frozen reference fixtures.")
-    check.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate inference path")
-    check.add_argument("--fixtures", type=Path, default=None,
-                       help="fixture directory (default: the spec's `fixtures` field)")
-    check.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
-    check.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
-                       help="also write the full report as JSON")
+    _spec_options(check, spec_help="TOML spec of the candidate inference path",
+                  json_help="also write the full report as JSON")
     inspect = commands.add_parser(
         "inspect", help="show what a checkpoint holds and why it does (not) load",
         description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
@@ -50,27 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         "matrix", help="run the variant matrix and print the sensitivity table",
         description="Run every cell of the spec's [matrix] (or the --axis overrides) against the reference "
                     "embeddings. Exit 0 when every deployment cell reproduces the reference.")
-    matrix.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
-    matrix.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    _spec_options(matrix, spec_help="TOML spec of the candidate", json_help="also write the matrix report as JSON")
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
-    matrix.add_argument("--device", default=None, help="default device for cells (cpu, cuda)")
-    matrix.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
-                        help="also write the matrix report as JSON")
     diagnose = commands.add_parser(
         "diagnose", help="find the cause of a drift and the spec change that fixes it",
         description="Run the gate, then rank the causes of any drift: fields that differ from what the fixture "
                     "recorded and a search over single spec changes, probed on the samples that drift most and "
                     "confirmed by a full check. Exit 0 when there is no drift, 1 when there is.")
-    diagnose.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
-    diagnose.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
-    diagnose.add_argument("--device", default=None, help="override [runtime].device")
+    _spec_options(diagnose, spec_help="TOML spec of the candidate", json_help="also write the diagnosis as JSON")
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
     diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
                           help="a service's logged samples (JSONL or CSV: image, input_biases, embedding and/or "
                                "outputs): does the service match the spec's pipeline, and if not, which variant does")
-    diagnose.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
-                          help="also write the diagnosis as JSON")
     calibrate = commands.add_parser(
         "calibrate", help="measure the reference pipeline's own noise and store budgets in the fixture",
         description="Re-run the spec's pipeline (the reference configuration) with batch size 1, the spec's "
@@ -78,8 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and store the worst error per stage in the manifest. Gates then use noise x margin (with a "
                     "floor) unless the spec sets explicit tolerances. Run it with another [runtime].dtype to "
                     "declare that precision acceptable.")
-    calibrate.add_argument("--spec", required=True, type=Path, help="TOML spec of the reference configuration")
-    calibrate.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    _spec_options(calibrate, spec_help="TOML spec of the reference configuration", device=False)
     calibrate.add_argument("--margin", type=float, default=4.0, help="safety factor on the measured noise (default 4)")
     calibrate.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     structure = commands.add_parser(
@@ -87,8 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build the spec's backbone and head (no weights, no images) and list every module class "
                     "and parameter shape that differs from what the fixture recorded: what strict loading "
                     "cannot see (QuickGELU vs GELU, ReLU vs GELU in the head).")
-    structure.add_argument("--spec", required=True, type=Path, help="TOML spec of the candidate")
-    structure.add_argument("--fixtures", type=Path, default=None, help="fixture directory (default: the spec's)")
+    _spec_options(structure, spec_help="TOML spec of the candidate", device=False)
     return parser
 
 

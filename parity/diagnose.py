@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.check import _SETTABLE, _toml, run_check
+from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
@@ -45,7 +45,7 @@ class Change:
         return (self.section, tuple((f, repr(v)) for f, v in self.fields))
 
     def toml(self) -> str:
-        return "; ".join(f"[{self.section}].{f} = {_toml(v)}" if v is not None else f"remove [{self.section}].{f}"
+        return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
                          for f, v in self.fields)
 
     def apply(self, spec: Spec) -> Spec:
@@ -110,7 +110,7 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
     changes = []
     for diff in report.config_diffs:
         section, _, key = diff.field.partition(".")
-        if key in _SETTABLE.get(section, ()):
+        if key in SETTABLE.get(section, ()):
             changes.append(Change(section, ((key, diff.reference),), origin="recorded in the fixture"))
     weights = report.stage("weights")
     if weights.status is Status.FAIL:
@@ -373,7 +373,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         if not improving:
             break
         for failing, error, _, change in improving[:5 if step == 0 else 1]:
-            current_value = ", ".join(_toml(_current(current, change.section, f)) for f, _ in change.fields)
+            current_value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
             causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
         fix.append(improving[0][3])
         current = improving[0][3].apply(current)
@@ -436,7 +436,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
         if not improving:
             break
         failing, error, best = improving[0]
-        value = ", ".join(_toml(_current(current, best.section, f)) for f, _ in best.fields)
+        value = ", ".join(toml_value(_current(current, best.section, f)) for f, _ in best.fields)
         causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value))
         changes.append(best)
         current = best.apply(current)
