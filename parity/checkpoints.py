@@ -68,8 +68,8 @@ def read_checkpoint(path: str | Path) -> Mapping:
             "Why: since torch 2.6 torch.load defaults to weights_only=True; older checkpoints often "
             "pickle numpy scalars, argparse Namespaces or whole modules, which would run code to load.\n"
             "Note: parity never runs pickled code. If you trust the file, convert it once, in a "
-            "separate process: sd = torch.load(path, weights_only=False)['state_dict'] (or the "
-            "module's .state_dict()); safetensors.torch.save_file(sd, 'weights.safetensors')."
+            "separate process: load it with weights_only disabled, take its state_dict (or the module's "
+            ".state_dict()), and save that with safetensors.torch.save_file(sd, 'weights.safetensors')."
         ) from e
     except Exception as e:  # safetensors and torch raise a variety of types on corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
@@ -237,7 +237,7 @@ def explain_key_diff(diff: KeyDiff) -> str:
         where = "[head].class and kwargs" if diff.section == "head" else "[backbone].model and kwargs"
         lines.append(
             f"  Fix: build the module the weights were trained with ({where}); `parity inspect CHECKPOINT` "
-            "prints a class that loads them. strict=False would leave these layers randomly initialised."
+            "prints a class that loads them. A non-strict load would leave these layers randomly initialised."
         )
     if diff.inferred:
         lines.append("  The checkpoint's architecture, inferred from its tensors:")

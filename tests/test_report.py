@@ -47,7 +47,7 @@ def test_key_diff_is_listed_with_the_fix():
     text = format_stage(StageResult("load", Status.FAIL, "weights do not load with strict=True", key_diffs=(diff,)))
     assert "Missing key(s): in the module, not in the checkpoint (1):\n      fc.weight" in text
     assert "Unexpected key(s): in the checkpoint, not in the module (1):\n      mlp.0.weight" in text
-    assert "strict=False would leave these layers randomly initialised" in text
+    assert "A non-strict load would leave these layers randomly initialised" in text
 
 
 def test_console_verdict_lines():
