@@ -184,34 +184,56 @@ class _Prober:
             self.heads[hkey] = load_head(spec, device=device, fingerprints=False)[0]
         return assemble_pipeline(spec, self.backbones[bkey], self.heads[hkey], device=device)
 
+    # Decoded images are kept only for small probe sets; a full pass re-decodes batch by batch.
+    _CACHED_IMAGES = 64
+
+    def _image(self, i: int, exif: bool):
+        if len(self.rows) > self._CACHED_IMAGES:
+            return load_image(self.fixture.rows[i].image, exif_transpose=exif)
+        return self.images.setdefault((i, exif), load_image(self.fixture.rows[i].image, exif_transpose=exif))
+
+    def measure(self, spec: Spec) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Candidate embeddings and outputs for the probe rows, in batches (``None`` if the pipeline fails)."""
+        import torch
+
+        try:
+            pipeline = self.pipeline(spec)
+            exif, size = spec.preprocess.exif_transpose, spec.runtime.batch_size
+            embeddings = np.concatenate([
+                pipeline.embed(torch.stack([pipeline.preprocess(self._image(i, exif)) for i in self.rows[s:s + size]]))
+                .numpy() for s in range(0, len(self.rows), size)])
+        except (ParityError, RuntimeError, ValueError, AssertionError):
+            return None
+        rows = [self.fixture.rows[i] for i in self.rows]
+        biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
+        try:
+            return embeddings, pipeline.run_head(embeddings, biases).numpy()
+        except (RuntimeError, ValueError, IndexError):
+            return embeddings, None
+
+    def targets(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """What to reproduce; a service log may hold only one of the two (an (N, 0) array)."""
+        emb, out = self.fixture.embeddings, self.fixture.outputs
+        return (emb[self.rows] if emb.shape[1] else None), (out[self.rows] if out.shape[1] else None)
+
     def score(self, spec: Spec) -> dict[str, Any]:
         """Max abs error of the embeddings and outputs on the probe samples, and whether both pass.
 
         Errors (a crash, a wrong shape, a head that raises) count as infinitely far.
         """
-        import torch
-
         far = {"embedding": float("inf"), "outputs": float("inf"), "ok": False}
-        try:
-            pipeline = self.pipeline(spec)
-            exif = spec.preprocess.exif_transpose
-            images = [self.images.setdefault((i, exif), load_image(self.fixture.rows[i].image, exif_transpose=exif))
-                      for i in self.rows]
-            embeddings = pipeline.embed(torch.stack([pipeline.preprocess(image) for image in images])).numpy()
-        except (ParityError, RuntimeError, ValueError, AssertionError):
+        measured = self.measure(spec)
+        if measured is None:
             return far
-        logged = self.fixture.embeddings.shape[1] > 0  # a service log may hold outputs only
-        target = self.fixture.embeddings[self.rows] if logged else embeddings
-        emb = compare_arrays(embeddings, target, tolerance=self.tolerance["embedding"], cosine=True)
+        embeddings, outputs = measured
+        emb_target, out_target = self.targets()
+        emb = compare_arrays(embeddings, embeddings if emb_target is None else emb_target,
+                             tolerance=self.tolerance["embedding"], cosine=True)
         if not emb.shapes_match:
             return far
-        biases = np.array([self.fixture.rows[i].input_biases for i in self.rows], dtype=np.int64).reshape(len(self.rows), -1)
-        try:
-            outputs = pipeline.run_head(embeddings, biases).numpy()
-        except (RuntimeError, ValueError, IndexError):
+        if outputs is None:
             return dict(far, embedding=emb.max_abs)
-        target = self.fixture.outputs[self.rows] if self.fixture.outputs.shape[1] > 0 else outputs
-        out = compare_arrays(outputs, target, tolerance=self.tolerance["outputs"])
+        out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance["outputs"])
         return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
 
 
@@ -292,31 +314,18 @@ def _pattern(fixture: Fixture, affected: Sequence[int]) -> str:
 def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
     """Rows whose embedding or output leaves the reference's tolerance, worst first."""
     prober = _Prober(fixture, range(len(fixture.rows)), device)
-    import torch
-
-    try:
-        pipeline = prober.pipeline(spec)
-        exif = spec.preprocess.exif_transpose
-        pixels = torch.stack([pipeline.preprocess(load_image(r.image, exif_transpose=exif)) for r in fixture.rows])
-        emb = pipeline.embed(pixels).numpy()
-    except (ParityError, RuntimeError, ValueError, AssertionError):
-        return list(range(len(fixture.rows)))
-    if emb.shape != fixture.embeddings.shape:
-        return list(range(len(fixture.rows)))
-    tol = prober.tolerance["embedding"]
-    err = np.abs(emb - fixture.embeddings)
-    bad = (err > tol.atol + tol.rtol * np.abs(fixture.embeddings)).any(axis=1)
-    biases = np.array([r.input_biases for r in fixture.rows], dtype=np.int64).reshape(len(fixture.rows), -1)
-    try:
-        out = pipeline.run_head(emb, biases).numpy()
-        tol = prober.tolerance["outputs"]
-        out_err = np.abs(out - fixture.outputs)
-        bad |= (out_err > tol.atol + tol.rtol * np.abs(fixture.outputs)).any(axis=1)
-        err = np.concatenate([err, out_err], axis=1)
-    except (RuntimeError, ValueError, IndexError):
-        return list(range(len(fixture.rows)))
-    rows = [int(i) for i in np.flatnonzero(bad)]
-    return sorted(rows, key=lambda i: -float(err[i].max()))
+    measured = prober.measure(spec)
+    everyone = list(range(len(fixture.rows)))
+    if measured is None or measured[1] is None or measured[0].shape != fixture.embeddings.shape:
+        return everyone
+    errors, bad = [], np.zeros(len(fixture.rows), dtype=bool)
+    for stage, got, want in (("embedding", measured[0], fixture.embeddings), ("outputs", measured[1], fixture.outputs)):
+        tol = prober.tolerance[stage]
+        err = np.abs(got - want)
+        bad |= (err > tol.atol + tol.rtol * np.abs(want)).any(axis=1)
+        errors.append(err.max(axis=1))
+    worst = np.maximum(*errors)
+    return sorted((int(i) for i in np.flatnonzero(bad)), key=lambda i: -float(worst[i]))
 
 
 def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None, samples: int = 4,
