@@ -120,7 +120,7 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
             raise SpecError(f"--axis {item!r}: expected NAME=V1,V2")
         axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
     with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
-        task = progress.add_task("backbone passes", total=None)
+        task = progress.add_task("matrix over images", total=None)
         report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device,
                             progress=lambda done, total: progress.update(task, completed=done, total=total))
     render_matrix(report, console)

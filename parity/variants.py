@@ -48,6 +48,7 @@ _ALWAYS_IN_ID = ("extract", "interpolation", "resize_backend", "device", "dtype"
 _GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
 _PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
 _PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
+_CHUNK = 64  # images whose geometry and pixels are held at once
 _TRUNK = _PIXELS + _PRECISION_AXES
 
 
@@ -246,13 +247,20 @@ def cell_tolerance(spec: Spec, precision: str) -> Tolerance:
 
 
 class _Engine:
-    """Caches shared between cells: decoded images, geometry, pixels, converted models."""
+    """Caches shared between cells: converted models for the whole run; decoded images, geometry
+    and pixels for the current chunk of images only, so memory does not grow with the fixture."""
 
-    def __init__(self, pipeline, images: list, batch_size: int) -> None:
-        self.pipeline, self.images, self.batch_size = pipeline, images, batch_size
+    def __init__(self, pipeline, batch_size: int) -> None:
+        self.pipeline, self.batch_size = pipeline, batch_size
+        self.images: list = []
         self.geometry: dict[tuple, Any] = {}
         self.pixels: dict[tuple, Any] = {}
         self.models: dict[tuple, Any] = {}
+
+    def load(self, images: list) -> None:
+        self.images = images
+        self.geometry.clear()
+        self.pixels.clear()
 
     def unit_pixels(self, values: Mapping[str, Any]):
         import torch
@@ -324,33 +332,45 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
-    images = [load_image(row.image, exif_transpose=spec.preprocess.exif_transpose) for row in fixture.rows]
-    engine = _Engine(pipeline, images, spec.runtime.batch_size)
-
+    engine = _Engine(pipeline, spec.runtime.batch_size)
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         groups.setdefault(tuple(cell[a] for a in _TRUNK), []).append(cell)
     results: dict[str, CellResult] = {}
+    chunks: dict[tuple, dict[str, list[np.ndarray]]] = {}
+    for key, group in groups.items():
+        if group[0]["device"] == "cuda" and not torch.cuda.is_available():
+            results.update({c.id: CellResult(c, Status.SKIP, reason="CUDA is not available on this machine")
+                            for c in group})
+        else:
+            chunks[key] = {m: [] for m in sorted({c["extract"] for c in group})}
+
+    total, step = len(fixture.rows), max(_CHUNK, spec.runtime.batch_size)
+    for start in range(0, total, step):
+        engine.load([load_image(row.image, exif_transpose=spec.preprocess.exif_transpose)
+                     for row in fixture.rows[start:start + step]])
+        for key, per_mode in chunks.items():
+            group = groups[key]
+            if group[0].id in results:  # already impossible on an earlier chunk
+                continue
+            try:
+                for mode, out in engine.embeddings(dict(group[0].values), list(per_mode)).items():
+                    per_mode[mode].append(out)
+            except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
+                results.update({c.id: CellResult(c, Status.SKIP, reason=f"not possible here: {e}") for c in group})
+        if progress:
+            progress(min(start + step, total), total)
+
     equivalent: set[tuple[str, ...]] = set()
-    for done, group in enumerate(groups.values(), start=1):
-        values = dict(group[0].values)
-        if values["device"] == "cuda" and not torch.cuda.is_available():
-            for cell in group:
-                results[cell.id] = CellResult(cell, Status.SKIP, reason="CUDA is not available on this machine")
+    for key, per_mode in chunks.items():
+        if groups[key][0].id in results:
             continue
-        try:
-            embeddings = engine.embeddings(values, sorted({c["extract"] for c in group}))
-        except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
-            for cell in group:
-                results[cell.id] = CellResult(cell, Status.SKIP, reason=f"not possible here: {e}")
-            continue
+        embeddings = {mode: np.concatenate(parts) for mode, parts in per_mode.items()}
         equivalent |= _identical_modes(embeddings)
-        for cell in group:
+        for cell in groups[key]:
             comparison = compare_arrays(embeddings[cell["extract"]], fixture.embeddings, names=fixture.names,
                                         cosine=True, tolerance=tolerance or cell_tolerance(spec, cell["dtype"]))
             results[cell.id] = CellResult(cell, Status.PASS if comparison else Status.FAIL, comparison)
-        if progress:
-            progress(done, len(groups))
     varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
     return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
                         axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype)
