@@ -71,17 +71,12 @@ def _threads(n: int):
 
 
 def _run(pipeline, fixture: Fixture, run: Run, order: Sequence[int]) -> dict[str, np.ndarray]:
-    import torch
-
     embeddings = np.zeros_like(fixture.embeddings)
+    exif = pipeline.spec.preprocess.exif_transpose
     with _threads(run.threads):
-        for start in range(0, len(order), run.batch_size):
-            rows = list(order[start:start + run.batch_size])
-            pixels = torch.stack([pipeline.preprocess(load_image(fixture.rows[i].image,
-                                                                 exif_transpose=pipeline.spec.preprocess.exif_transpose))
-                                  for i in rows])
-            embeddings[rows] = pipeline.embed(pixels).numpy()
-        biases = np.array([row.input_biases for row in fixture.rows], dtype=np.int64).reshape(len(fixture.rows), -1)
+        images = [load_image(fixture.rows[i].image, exif_transpose=exif) for i in order]
+        embeddings[order] = pipeline.embed_images(images, batch_size=run.batch_size)
+        biases = fixture.biases()
         outputs = pipeline.run_head(embeddings, biases).numpy()
         head = pipeline.run_head(fixture.embeddings[order], biases[order]).numpy()[np.argsort(order)]
     return {"embedding": embeddings, "head": head, "outputs": outputs}
@@ -99,9 +94,7 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
 
     if margin < 1:
         raise SpecError(f"margin must be >= 1 (a budget below the measured noise would fail the reference), got {margin}")
-    root = Path(fixtures) if fixtures is not None else spec.fixtures
-    if root is None:
-        raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, fingerprints=False)
     n, cores = len(fixture.rows), os.cpu_count() or 1

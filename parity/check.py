@@ -11,7 +11,7 @@ import numpy as np
 
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
-from parity.errors import FixtureError, SpecError
+from parity.errors import FixtureError
 from parity.source import git_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
@@ -56,13 +56,13 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
         return [norm(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     diffs: list[ConfigDiff] = []
-    for field in ref:
-        if field not in cand or norm(ref[field]) == norm(cand[field]):
+    for name in ref:
+        if name not in cand or norm(ref[name]) == norm(cand[name]):
             continue
-        if field.endswith(".structure"):
-            diffs += diff_structure(ref[field], cand[field], prefix=field + ".")
+        if name.endswith(".structure"):
+            diffs += diff_structure(ref[name], cand[name], prefix=name + ".")
         else:
-            diffs.append(ConfigDiff(field, ref[field], cand[field]))
+            diffs.append(ConfigDiff(name, ref[name], cand[name]))
     return tuple(diffs)
 
 
@@ -167,18 +167,20 @@ def _decode_stage(decoded: _Decoded, total: int) -> StageResult:
     return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=notes)
 
 
-def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: Fixture, kept: list[int]) -> StageResult:
-    rows = [fixture.rows[i] for i in kept]
-    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
+def _run_head(stage: str, pipeline: Pipeline, embeddings: np.ndarray, fixture: Fixture,
+              kept: list[int]) -> tuple[StageResult, np.ndarray | None]:
+    """The stage's verdict and the head's outputs (``None`` when it raised)."""
+    biases = fixture.biases(kept)
     try:
         outputs = pipeline.run_head(embeddings, biases).numpy()
         again = pipeline.run_head(embeddings, biases).numpy()
     except (RuntimeError, ValueError, IndexError) as e:
-        return StageResult(stage, Status.FAIL, f"the head raised {type(e).__name__}: {e}")
+        return StageResult(stage, Status.FAIL, f"the head raised {type(e).__name__}: {e}"), None
     if not np.array_equal(outputs, again, equal_nan=True):
         return StageResult(stage, Status.FAIL, "the head gives different outputs for the same inputs in eval mode: "
-                           "dropout or another random layer is active in forward()")
-    return _compare_stage(stage, outputs, fixture.outputs[kept], pipeline.spec, [r.name for r in rows], fixture=fixture)
+                           "dropout or another random layer is active in forward()"), outputs
+    names = [fixture.rows[i].name for i in kept]
+    return _compare_stage(stage, outputs, fixture.outputs[kept], pipeline.spec, names, fixture=fixture), outputs
 
 
 def _with_notes(result: StageResult, notes: list[str]) -> StageResult:
@@ -198,9 +200,7 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         FixtureError: the fixture is missing, tampered with, or inconsistent.
         CheckpointError: a checkpoint cannot be read at all.
     """
-    root = Path(fixtures) if fixtures is not None else spec.fixtures
-    if root is None:
-        raise SpecError(f"{spec.path}: no fixtures to check against; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     device_name = device or spec.runtime.device
     report = dict(spec=str(spec.path), fixtures=str(root), device=device_name, dtype=spec.runtime.dtype)
@@ -244,13 +244,14 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     else:
         stages["pixels"] = StageResult("pixels", Status.SKIP, "the fixture has no golden pixels")
 
-    stages["head"] = _run_head("head", pipeline, fixture.embeddings, fixture, list(range(len(names))))
+    stages["head"], _ = _run_head("head", pipeline, fixture.embeddings, fixture, list(range(len(names))))
+    outputs = None
     if embeddings is None or embeddings.shape[1:] != fixture.embeddings.shape[1:] or not decoded.kept:
         stages["outputs"] = StageResult("outputs", Status.SKIP, "not run: no candidate embeddings of the right shape")
     else:
-        stages["outputs"] = _run_head("outputs", pipeline, embeddings, fixture, decoded.kept)
+        stages["outputs"], outputs = _run_head("outputs", pipeline, embeddings, fixture, decoded.kept)
 
-    stages["decisions"] = _decision_stage(spec, fixture, stages["outputs"], embeddings, pipeline, decoded.kept)
+    stages["decisions"] = _decision_stage(spec, fixture, stages["outputs"], outputs, decoded.kept)
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
     for name in STAGE_ORDER[1:]:
         notes = _fixes(diffs, name)
@@ -263,17 +264,15 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs)
 
 
-def _decision_stage(spec: Spec, fixture: Fixture, outputs: StageResult, embeddings, pipeline: Pipeline,
+def _decision_stage(spec: Spec, fixture: Fixture, outputs: StageResult, got: np.ndarray | None,
                     kept: list[int]) -> StageResult:
     """Thresholded decisions: a flip where the reference sits within the outputs budget of the threshold
     is a near-tie (reported, not failed); any other flip fails."""
     if spec.threshold is None:
         return StageResult("decisions", Status.SKIP, "no [decisions].threshold in the spec")
-    if outputs.status is Status.SKIP or outputs.comparison is None or not outputs.comparison.shapes_match:
+    if got is None or outputs.comparison is None or not outputs.comparison.shapes_match:
         return StageResult("decisions", Status.SKIP, "not run: no comparable outputs")
     rows = [fixture.rows[i] for i in kept]
-    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
-    got = pipeline.run_head(embeddings, biases).numpy()
     ref = fixture.outputs[kept]
     band = outputs.comparison.tolerance.atol
     flipped = (got > spec.threshold) != (ref > spec.threshold)

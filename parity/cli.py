@@ -182,7 +182,6 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
-    from parity.errors import SpecError
     from parity.fixtures import load_fixture
     from parity.forensics import diff_structure, summarize_structure
     from parity.pipeline import create_backbone, create_head
@@ -190,10 +189,7 @@ def _diff_structure(args: argparse.Namespace, console: Console) -> int:
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
-    root = args.fixtures or spec.fixtures
-    if root is None:
-        raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
-    recorded = load_fixture(root).pipeline
+    recorded = load_fixture(spec.fixture_root(args.fixtures)).pipeline
     diffs = ()
     for section, module in (("backbone", create_backbone(spec)), ("head", create_head(spec))):
         reference = recorded.get(section, {}).get("structure")

@@ -8,7 +8,6 @@ localisation with forward hooks when the backbone itself computes differently.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,7 +123,7 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
 
 def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     """Single-field alternatives for when the fixture does not record the field that moved."""
-    pp, bb = spec.preprocess, spec.backbone
+    bb = spec.backbone
     out = [Change("backbone", (("extract", m),)) for m in ("pre_logits", "cls", "mean_tokens", "forward")]
     out += [Change("backbone", (("normalize", n),)) for n in ("none", "l2")]
     out += [Change("preprocess", (("interpolation", i),)) for i in INTERPOLATIONS]
@@ -194,20 +193,14 @@ class _Prober:
 
     def measure(self, spec: Spec) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Candidate embeddings and outputs for the probe rows, in batches (``None`` if the pipeline fails)."""
-        import torch
-
         try:
             pipeline = self.pipeline(spec)
-            exif, size = spec.preprocess.exif_transpose, spec.runtime.batch_size
-            embeddings = np.concatenate([
-                pipeline.embed(torch.stack([pipeline.preprocess(self._image(i, exif)) for i in self.rows[s:s + size]]))
-                .numpy() for s in range(0, len(self.rows), size)])
+            exif = spec.preprocess.exif_transpose
+            embeddings = pipeline.embed_images([self._image(i, exif) for i in self.rows])
         except (ParityError, RuntimeError, ValueError, AssertionError):
             return None
-        rows = [self.fixture.rows[i] for i in self.rows]
-        biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
         try:
-            return embeddings, pipeline.run_head(embeddings, biases).numpy()
+            return embeddings, pipeline.run_head(embeddings, self.fixture.biases(self.rows)).numpy()
         except (RuntimeError, ValueError, IndexError):
             return embeddings, None
 
@@ -342,7 +335,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     report = run_check(spec, fixtures=fixtures, device=device)
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",))
-    fixture = load_fixture(fixtures if fixtures is not None else spec.fixtures)
+    fixture = load_fixture(spec.fixture_root(fixtures))
     load = report.stage("load")
     if load.status is Status.FAIL:
         fix = load.key_diffs[0].fix

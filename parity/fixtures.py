@@ -9,7 +9,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -91,6 +91,11 @@ class Fixture:
     @property
     def pipeline(self) -> Mapping[str, Any]:
         return self.manifest.get("pipeline", {})
+
+    def biases(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """``input_biases`` of the given rows (all by default) as an (n, K) int64 array."""
+        rows = self.rows if indices is None else [self.rows[i] for i in indices]
+        return np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
 
 
 @dataclass

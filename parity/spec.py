@@ -133,6 +133,18 @@ class Spec:
     matrix: Mapping[str, tuple] = field(default_factory=dict)
     threshold: float | None = None
 
+    def fixture_root(self, override: str | Path | None = None) -> Path:
+        """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.
+
+        Raises:
+            SpecError: neither is set.
+        """
+        root = Path(override) if override is not None else self.fixtures
+        if root is None:
+            raise SpecError(f"{self.path}: no fixtures to compare with; pass --fixtures DIR or set "
+                            f"fixtures = \"DIR\" in the spec")
+        return root
+
     def replace(self, **sections: Any) -> Spec:
         """A copy with whole sections or fields of sections replaced.
 

@@ -326,9 +326,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
 
     from parity.pipeline import build_pipeline
 
-    root = Path(fixtures) if fixtures is not None else spec.fixtures
-    if root is None:
-        raise SpecError(f"{spec.path}: no fixtures; pass --fixtures DIR or set fixtures = \"DIR\" in the spec")
+    root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
