@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # A CUDA build of torch: the same venv runs on CPU-only machines and GPU machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-SPEC   ?= specs/clip_dnn.toml
+# The bundled examples: timm CLIP + multi-label DNN, transformers CLIPVisionModel + MLP classifier.
+SPECS  ?= specs/clip_dnn.toml specs/clip_mlp.toml
 PYTEST_ARGS ?=
 
 .PHONY: install parity test fixtures bench clean
@@ -15,20 +16,22 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 parity: $(STAMP)
-	$(BIN)/parity check --spec $(SPEC)
+	@status=0; for spec in $(SPECS); do $(BIN)/parity check --spec $$spec || status=$$?; done; exit $$status
 
+# The suite must cover the optional libraries: a missing extra is an error here, not a skip.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PARITY_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Rebuild the frozen reference data from reference/. Refuses to overwrite unless FORCE=1.
 fixtures: $(STAMP)
 	$(BIN)/python -m reference.build_fixtures $(if $(filter 1 yes true,$(FORCE)),--force)
+	$(BIN)/python -m reference.build_clip_mlp $(if $(filter 1 yes true,$(FORCE)),--force)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -26,6 +26,8 @@ __all__ = [
     "diagnose_logged",
     "calibrate",
     "capture",
+    "capture_pipeline",
+    "explain_preprocess",
     "load_fixture",
 ]
 
@@ -38,6 +40,8 @@ _LAZY = {
     "diagnose_logged": "parity.diagnose",
     "calibrate": "parity.calibrate",
     "capture": "parity.source",
+    "capture_pipeline": "parity.source",
+    "explain_preprocess": "parity.preprocess_diff",
     "load_fixture": "parity.fixtures",
 }
 

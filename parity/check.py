@@ -11,6 +11,7 @@ import numpy as np
 
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
+from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import FixtureError
 from parity.source import git_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
@@ -27,8 +28,8 @@ STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outp
 _SECTION_STAGE = {"preprocess": "pixels", "backbone": "embedding", "runtime": "embedding", "head": "head"}
 # Fields a spec sets directly, so a differing value has a one-line fix.
 SETTABLE = {
-    "preprocess": {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend",
-                   "channel_order", "value_scale", "exif_transpose"},
+    "preprocess": {"library", "processor", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
+                   "resize_backend", "channel_order", "value_scale", "exif_transpose"},
     "backbone": {"model", "kwargs", "extract", "normalize"},
     "head": {"class", "input_biases_order"},
     "runtime": {"dtype"},
@@ -216,6 +217,9 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
                     provenance={"git_revision": producer.get("git_revision"), **_recorded_checkpoints(fixture)})
     candidate = dict(pipeline.describe(), versions=environment(),
                      provenance={"git_revision": git_revision(spec.path), **_checkpoint_hashes(spec)})
+    cross_notes: list[str] = []
+    if _recorded_library(fixture) != spec.backbone.library:
+        cross_notes = _align_libraries(recorded, candidate)
     diffs = diff_config(recorded, candidate)
     names = fixture.names
     stages = {"load": StageResult("load", Status.PASS, _load_headline(spec)),
@@ -251,38 +255,114 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     else:
         stages["outputs"], outputs = _run_head("outputs", pipeline, embeddings, fixture, decoded.kept)
 
-    stages["decisions"] = _decision_stage(spec, fixture, stages["outputs"], outputs, decoded.kept)
+    stages["decisions"] = _decision_stage(spec, fixture, stages, outputs, embeddings, decoded.kept)
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
     for name in STAGE_ORDER[1:]:
         notes = _fixes(diffs, name)
+        if name == "pixels" and stages["pixels"].status is Status.FAIL:
+            notes += _preprocess_notes(recorded.get("preprocess"), candidate.get("preprocess"), diffs)
         if name == "embedding":
             got = embeddings.shape[1:] if embeddings is not None else fixture.embeddings.shape[1:]
-            notes = _embedding_notes(stages, got, fixture.embeddings.shape[1:], diffs) + notes
+            notes = _embedding_notes(stages, got, fixture.embeddings.shape[1:], diffs) + cross_notes + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)
-    return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs)
+    return Report(**report, stages=tuple(stages[s] for s in STAGE_ORDER), config_diffs=diffs,
+                  gate=spec.decisions.gate)
 
 
-def _decision_stage(spec: Spec, fixture: Fixture, outputs: StageResult, got: np.ndarray | None,
-                    kept: list[int]) -> StageResult:
-    """Thresholded decisions: a flip where the reference sits within the outputs budget of the threshold
-    is a near-tie (reported, not failed); any other flip fails."""
-    if spec.threshold is None:
-        return StageResult("decisions", Status.SKIP, "no [decisions].threshold in the spec")
-    if got is None or outputs.comparison is None or not outputs.comparison.shapes_match:
-        return StageResult("decisions", Status.SKIP, "not run: no comparable outputs")
-    rows = [fixture.rows[i] for i in kept]
-    ref = fixture.outputs[kept]
-    band = outputs.comparison.tolerance.atol
-    flipped = (got > spec.threshold) != (ref > spec.threshold)
-    near = flipped & (np.abs(ref - spec.threshold) <= band)
-    labels = [f"{rows[i].name}[{j}]" for i, j in zip(*np.nonzero(flipped & ~near))]
-    ties = [f"{rows[i].name}[{j}]" for i, j in zip(*np.nonzero(near))]
-    flips = DecisionFlips(spec.threshold, band, int(ref.size), tuple(labels), tuple(ties))
-    headline = (f"{len(labels)} decision flip(s), {len(ties)} near-tie(s) within {band:.2g} of the threshold "
-                f"{spec.threshold:g}, of {ref.size}")
-    return StageResult("decisions", Status.FAIL if labels else Status.PASS, headline, decisions=flips)
+# Backbone fields that name things in one library's terms (or its module tree).
+_LIBRARY_TERMS = ("structure", "model", "kwargs", "extract", "hidden_act", "attn_implementation")
+
+
+def _align_libraries(recorded: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
+    """Make two libraries' backbone records comparable; return the extraction fix, if one is needed.
+
+    Module paths, model names and kwargs share nothing across libraries, so they are not diffed;
+    extraction modes and activation classes are compared by what they are, not by their names.
+    """
+    from parity.backbones import activation_family, equivalent_extract, extraction_point
+
+    points = []
+    for side in (recorded, candidate):
+        backbone = side.get("backbone", {})
+        point = extraction_point(backbone.get("library", "timm"), backbone.get("extract", "pre_logits"))
+        points.append((backbone.get("library", "timm"), backbone.get("extract"), point))
+        side["backbone"] = {k: v for k, v in backbone.items() if k not in _LIBRARY_TERMS}
+        side["backbone"]["activation"] = sorted({activation_family(a) for a in backbone.get("activation", [])})
+        side["backbone"]["extraction_point"] = point
+    (ref_lib, ref_mode, ref_point), (lib, mode, point) = points
+    if ref_point == point:
+        return []
+    same = equivalent_extract(lib, ref_point)
+    if same is None:
+        return [f"the fixture's {ref_lib} extract = \"{ref_mode}\" returns the {ref_point}; no {lib} extraction "
+                "mode returns it"]
+    return [f"Fix: set [backbone].extract = \"{same}\" ({lib}'s name for the {ref_point}, which the fixture's "
+            f"{ref_lib} extract = \"{ref_mode}\" returns; the candidate's \"{mode}\" returns the {point})"]
+
+
+def _preprocess_notes(recorded: Mapping[str, Any] | None, candidate: Mapping[str, Any] | None,
+                      diffs: tuple[ConfigDiff, ...]) -> list[str]:
+    """Both preprocessings in one comparable description: every differing field and what it does.
+
+    Fields the configuration diff already names (same library, same field) are not repeated.
+    """
+    from parity.errors import ParityError
+    from parity.preprocess_config import describe_record
+    from parity.preprocess_diff import explain_preprocess, format_field_value as shown
+
+    if not recorded or not candidate:
+        return []
+    try:
+        explanation = explain_preprocess(describe_record(recorded, source="reference"),
+                                         describe_record(candidate, source="candidate"))
+    except ParityError:
+        return []  # a record from an older manifest: the configuration diff is all there is
+    named = {d.field.removeprefix("preprocess.") for d in diffs if d.field.startswith("preprocess.")}
+    return [f"{d.field}: {shown(d.a, missing='None')} (reference) vs {shown(d.b, missing='None')} (candidate): "
+            f"{d.effect}"
+            for d in explanation.differences if d.field not in named]
+
+
+def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResult], outputs: np.ndarray | None,
+                    embeddings: np.ndarray | None, kept: list[int]) -> StageResult:
+    """Every decision the spec names, checked for flips; a flip where the reference sits within the
+    budget of the boundary is a near-tie (reported, not failed); any other flip fails."""
+    wanted = spec.decisions
+    if not wanted.any:
+        return StageResult("decisions", Status.SKIP, "no [decisions] in the spec")
+    names = [fixture.rows[i].name for i in kept]
+    found: list[DecisionFlips] = []
+    skipped: list[str] = []
+    out_cmp = stages["outputs"].comparison
+    if wanted.threshold is not None or wanted.argmax:
+        if outputs is None or out_cmp is None or not out_cmp.shapes_match:
+            skipped.append("no comparable outputs")
+        else:
+            ref, band = fixture.outputs[kept], out_cmp.tolerance.atol
+            if wanted.threshold is not None:
+                found.append(threshold_flips(wanted.threshold, outputs, ref, band, names))
+            if wanted.argmax:
+                found.append(argmax_flips(outputs, ref, band, names))
+    if wanted.verification_threshold is not None:
+        emb_cmp = stages["embedding"].comparison
+        if embeddings is None or emb_cmp is None or not emb_cmp.shapes_match:
+            skipped.append("no comparable embeddings")
+        else:
+            # Each embedding may turn by arccos(min_cosine); a pair's angle by twice that.
+            floor = emb_cmp.tolerance.min_cosine if emb_cmp.tolerance.min_cosine is not None else 1.0
+            band = 2 * float(np.arccos(np.clip(floor, -1.0, 1.0)))
+            found.append(verification_flips(wanted.verification_threshold, embeddings,
+                                             fixture.embeddings[kept], band, names))
+    if not found:
+        return StageResult("decisions", Status.SKIP, "not run: " + "; ".join(skipped))
+    headline = "; ".join(f"{d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
+                         for d in found)
+    if skipped:
+        headline += "; not run: " + "; ".join(skipped)
+    failed = any(d.flips for d in found)
+    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found))
 
 
 _HASHED_BYTES = 256 << 20  # larger checkpoints are proven by the per-tensor fingerprints alone
@@ -317,17 +397,22 @@ def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
         return StageResult("weights", Status.SKIP, "the fixture records no weight fingerprints")
     diffs: list[TensorDiff] = []
     checked = 0
+    other_library = _recorded_library(fixture) != pipeline.spec.backbone.library
     for part, entry in recorded.items():
         got = pipeline.fingerprints.get(part)
-        if got is None:
+        if got is None or (part == "backbone" and other_library):
             continue
         checked += len(entry["tensors"])
         changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
         diffs += _measure(pipeline, fixture, part, entry.get("file"), changed)
+    # Converting between libraries renames, splits and transposes tensors; the embeddings are their check.
+    crossed = (f"; backbone not compared: fingerprinted as a {_recorded_library(fixture)} module, deployed as a "
+               f"{pipeline.spec.backbone.library} one (converted layout; the embedding stage checks it)"
+               if other_library and "backbone" in recorded else "")
     if not checked:
-        return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint")
+        return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
     if not diffs:
-        return StageResult("weights", Status.PASS, f"{checked} tensors bit-identical to the trained weights")
+        return StageResult("weights", Status.PASS, f"{checked} tensors bit-identical to the trained weights" + crossed)
     parts = sorted({d.part for d in diffs})
     return StageResult(
         "weights", Status.FAIL, f"{len(diffs)} of {checked} tensors differ from the trained weights",
@@ -335,6 +420,10 @@ def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
         notes=tuple(f"Fix: deploy the {part} checkpoint the fixture was made with "
                     f"({recorded[part].get('file')}), or rebuild the fixture from the new one" for part in parts),
     )
+
+
+def _recorded_library(fixture: Fixture) -> str:
+    return fixture.pipeline.get("backbone", {}).get("library", "timm")
 
 
 def _measure(pipeline: Pipeline, fixture: Fixture, part: str, file: str | None, names: list[str]) -> list[TensorDiff]:

@@ -1,7 +1,8 @@
-"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``.
+"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``,
+``explain-preprocess``.
 
-Exit 0 on parity (or a checkpoint that loads), 1 on drift (or one that does not), 2 on a
-usage or configuration error.
+Exit 0 on parity (or a checkpoint that loads, or identical preprocessing), 1 on drift (or one
+that does not load, or preprocessing that differs), 2 on a usage or configuration error.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
                     "architecture inferred from its tensors. With --against or --class, also the strict-load "
                     "key diff, its recognised cause and the spec change that fixes it.")
-    inspect.add_argument("checkpoint", type=Path, help=".safetensors, .pth, .pt or .bin file")
+    inspect.add_argument("checkpoint", type=Path,
+                         help=".safetensors, .pth, .pt or .bin file, or a transformers save_pretrained directory")
     inspect.add_argument("--key", default=None, help="entry of a nested checkpoint to show (default: the main one)")
     target = inspect.add_mutually_exclusive_group()
     target.add_argument("--against", type=Path, default=None, metavar="SPEC",
@@ -87,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
                     "and parameter shape that differs from what the fixture recorded: what strict loading "
                     "cannot see (QuickGELU vs GELU, ReLU vs GELU in the head).")
     _spec_options(structure, spec_help="TOML spec of the candidate", device=False)
+    explain = commands.add_parser(
+        "explain-preprocess", help="show field by field how two preprocessing pipelines differ",
+        description="Describe two eval preprocessings in one comparable form (resize size and rounding, crop "
+                    "size and offset rounding, resample filter, antialias, resize backend, mean/std...) and "
+                    "name every field that differs with what it does to the pixels. With images, run both "
+                    "real transforms and measure the pixel gap and the predicted crop shift per image. "
+                    "Exit 0 when identical, 1 when they differ.")
+    for name in ("a", "b"):
+        explain.add_argument(name, metavar=name.upper(),
+                             help="timm:MODEL, open_clip:MODEL[@TAG], hf:PATH (fast processor), hf-slow:PATH, "
+                                  "a spec .toml, or a fixture directory (its recorded preprocessing)")
+    explain.add_argument("--images", nargs="+", type=Path, default=None, metavar="PATH",
+                         help="images or folders of images to measure on (default: a fixture source's images)")
+    explain.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
+                         help="also write the explanation as JSON")
     return parser
 
 
@@ -211,6 +228,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from parity.forensics import diagnose_load, summarize_checkpoint
     from parity.report import render_inspection
 
+    if args.checkpoint.is_dir():  # a save_pretrained directory
+        args.checkpoint = args.checkpoint / "model.safetensors"
     checkpoint = read_checkpoint(args.checkpoint)
     summary = summarize_checkpoint(checkpoint, path=str(args.checkpoint), key=args.key)
     if args.against is None and args.class_path is None:
@@ -226,19 +245,87 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
             raise SpecError(f"--kwargs is not valid JSON: {e}") from e
         module, section, target = import_object(args.class_path)(**kwargs), "head", args.class_path
     else:
+        from parity.backbones import backbone_weights, checkpoint_converter
         from parity.pipeline import create_backbone, create_head
         from parity.spec import load_spec
 
         spec = load_spec(args.against)
-        section = args.part or ("backbone" if spec.backbone.checkpoint == args.checkpoint.resolve() else "head")
+        section = args.part or ("backbone" if backbone_weights(spec) == args.checkpoint.resolve() else "head")
         part = getattr(spec, section)
         loading = {"state_dict_key": part.state_dict_key, "key_map": part.key_map, "drop_keys": part.drop_keys}
+        if section == "backbone":
+            loading["convert"] = checkpoint_converter(spec)
         module = create_backbone(spec) if section == "backbone" else create_head(spec)
         target = spec.backbone.model if section == "backbone" else spec.head.class_path
     _, diff = diagnose_load(checkpoint, module, section=section, target=target,
                             source=f"{section} checkpoint {args.checkpoint}", **loading)
     render_inspection(summary, console, key_diff=diff)
     return EXIT_PASS if diff.loads else EXIT_DRIFT
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _preprocess_source(text: str):
+    """A preprocessing description from a library source, a spec file or a fixture directory."""
+    from parity.errors import SpecError
+    from parity.preprocess_config import describe_record, resolve_source
+
+    path = Path(text)
+    if path.suffix == ".toml":
+        from parity.pipeline import create_backbone, describe_data_config, resolve_preprocess
+        from parity.spec import load_spec
+
+        spec = load_spec(path)
+        # Shapes only: the preprocessing needs the model's configuration, never its weights.
+        backbone = create_backbone(spec, meta=spec.backbone.library != "open_clip")
+        _, config = resolve_preprocess(spec, backbone)
+        record = describe_data_config(config, **spec.preprocess.variant(), exif_transpose=spec.preprocess.exif_transpose)
+        return describe_record(record, source=str(path)), []
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from parity.fixtures import load_fixture
+
+        fixture = load_fixture(path)
+        record = fixture.pipeline.get("preprocess")
+        if not record:
+            raise SpecError(f"fixture {path} records no preprocessing")
+        return describe_record(record, source=f"fixture {path}"), [row.image for row in fixture.rows]
+    return resolve_source(text), []
+
+
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    from parity.errors import SpecError
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SpecError(f"--images: {path} does not exist")
+    return files
+
+
+def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
+    from parity.errors import FixtureError
+    from parity.images import decode_image
+    from parity.preprocess_diff import explain_preprocess
+    from parity.report import render_preprocess_explanation, write_json
+
+    (a, images_a), (b, images_b) = _preprocess_source(args.a), _preprocess_source(args.b)
+    files = _image_files(args.images) if args.images is not None else images_a or images_b
+    images = []
+    for file in files:
+        try:
+            images.append((file.name, decode_image(file)[0]))
+        except FixtureError as e:
+            console.print(f"skipped {file}: {e}", style="yellow", highlight=False)
+    explanation = explain_preprocess(a, b, images=images)
+    render_preprocess_explanation(explanation, console)
+    if args.json_path is not None:
+        write_json(explanation, args.json_path)
+    return EXIT_PASS if explanation else EXIT_DRIFT
 
 
 def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -271,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("check", "matrix", "diagnose", "calibrate"):
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)
-        return {"inspect": _inspect, "diff-structure": _diff_structure}[args.command](args, console)
+        return {"inspect": _inspect, "diff-structure": _diff_structure,
+                "explain-preprocess": _explain_preprocess}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

@@ -232,8 +232,13 @@ class _Prober:
 
 # -- layer localisation ----------------------------------------------------------------------
 
-def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, rtol: float = 1.3e-6) -> LayerDivergence | None:
+def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, rtol: float = 1.3e-6,
+                          extract: tuple[str, str] = ("cls", "timm"),
+                          candidate_extract: tuple[str, str] | None = None) -> LayerDivergence | None:
     """Feed both backbones the same pixels and return the first module whose output diverges.
+
+    ``extract`` is the (mode, library) each backbone runs with (`parity.backbones.extract_embedding`);
+    modules are matched by name, so two libraries' backbones share none.
 
     The reference's module outputs are kept as they are produced; the candidate's are compared
     as they are produced and dropped, so memory stays near one forward pass of activations.
@@ -262,14 +267,18 @@ def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, r
                 found.append(LayerDivergence(name, order.index(name), len(order), float(delta.max())))
         return hook
 
+    from parity.backbones import extract_embedding
+
+    mode, library = extract
+    cand_mode, cand_library = candidate_extract or extract
     handles = [m.register_forward_hook(keep(n)) for n, m in reference.named_modules() if n]
     with torch.inference_mode():
-        reference.forward_features(pixels)
+        extract_embedding(reference, pixels, mode, library=library)
     for h in handles:
         h.remove()
     handles = [m.register_forward_hook(check(n)) for n, m in candidate.named_modules() if n]
     with torch.inference_mode():
-        candidate.forward_features(pixels.to(next(candidate.parameters()).dtype))
+        extract_embedding(candidate, pixels.to(next(candidate.parameters()).dtype), cand_mode, library=cand_library)
     for h in handles:
         h.remove()
     return found[0] if found else None
@@ -391,8 +400,13 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         say("localising the first divergent layer")
         layer = _localise(spec, current, prober)
     names = tuple(fixture.rows[i].name for i in affected)
+    notes: tuple[str, ...] = ()
+    pixels = report.stage("pixels")
+    if not confirmed and pixels.status is Status.FAIL and pixels.notes:
+        # No spec field reaches the fixture's preprocessing (e.g. another library's): say how it differs.
+        notes = ("The preprocessing differs from the fixture's:",) + tuple(f"  {note}" for note in pixels.notes)
     return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
-                     _pattern(fixture, affected))
+                     _pattern(fixture, affected), notes)
 
 
 @dataclass(frozen=True)
@@ -456,4 +470,6 @@ def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDiverge
     cand, ref = prober.pipeline(candidate), prober.pipeline(reference)
     image = load_image(prober.fixture.rows[prober.rows[0]].image)
     pixels = torch.stack([ref.preprocess(image)]).to(ref.device, ref.dtype)
-    return first_divergent_layer(ref.backbone, cand.backbone, pixels)
+    return first_divergent_layer(ref.backbone, cand.backbone, pixels,
+                                 extract=(reference.backbone.extract, reference.backbone.library),
+                                 candidate_extract=(candidate.backbone.extract, candidate.backbone.library))

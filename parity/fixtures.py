@@ -43,7 +43,7 @@ EMBEDDINGS = "clip.npy"
 METADATA = "clip_metadata.json"
 OUTPUTS = "outputs.npy"
 PIXELS = "pixels.safetensors"
-_VERSIONED = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors")
+_VERSIONED = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "transformers", "open_clip_torch")
 
 
 def sha256_file(path: Path) -> str:

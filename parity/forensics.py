@@ -140,17 +140,34 @@ def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "Inferred
         node = tree
         parts = layer.path.split(".") if layer.path else []
         for part in parts[:-1]:
+            if isinstance(node.get(part), LayerGuess):  # a module with tensors of its own and children
+                node[part] = {"": node[part]}
             node = node.setdefault(part, {})
-        node[parts[-1] if parts else ""] = layer
+        key = parts[-1] if parts else ""
+        if key and isinstance(node.get(key), dict):
+            node[key][""] = layer
+        else:
+            node[key] = layer
+    mixed = False
 
     def render(node: dict | LayerGuess, indent: int) -> tuple[str, str]:
         """(code, trailing comment) for one node of the module tree."""
+        nonlocal mixed
         pad = " " * indent
         if isinstance(node, LayerGuess):
             if node.kind == "Tensors":
                 return "nn.Module()", "could not infer: " + ", ".join(f"{n}{list(s)}" for n, s in node.tensors)
             return f"nn.{node.call}", ""
-        if all(k.isdigit() for k in node):
+        own = node.get("")
+        children = {k: v for k, v in node.items() if k != ""}
+        if isinstance(own, LayerGuess) and own.kind == "Tensors":
+            mixed = True
+            tensors = ", ".join(f"{n!r}: {list(shape)}" for n, shape in own.tensors)
+            lines = "".join(f"\n{pad}    {k}={code}," + (f"  # {comment}" if comment else "")
+                            for k, (code, comment) in ((k, render(v, indent + 4)) for k, v in children.items()))
+            return f"_WithTensors({{{tensors}}},{lines}\n{pad})", ""
+        if all(k.isdigit() for k in children):
+            node = children
             top = max(int(k) for k in node)
             items = [render(node[str(i)], indent + 4) if str(i) in node
                      else ("nn.Identity()", "no tensors here: an activation or dropout")
@@ -158,7 +175,7 @@ def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "Inferred
             container = "nn.ModuleList([{}\n{}])" if len(node) == top + 1 else "nn.Sequential({}\n{})"
         else:
             items = [(f"{k!r}: {code}", comment) for k, (code, comment) in
-                     ((k, render(v, indent + 4)) for k, v in node.items())]
+                     ((k, render(v, indent + 4)) for k, v in children.items())]
             container = "nn.ModuleDict({{{}\n{}}})"
         lines = "".join(f"\n{pad}    {code}," + (f"  # {comment}" if comment else "") for code, comment in items)
         return container.format(lines, pad), ""
@@ -170,8 +187,19 @@ def module_source(layers: tuple[LayerGuess, ...], *, class_name: str = "Inferred
     for name, child in tree.items():
         code, comment = render(child, 8)
         body += f"        self.{name} = {code}" + (f"  # {comment}" if comment else "") + "\n"
+    helper = (
+        "class _WithTensors(nn.Module):\n"
+        "    \"\"\"A module holding tensors of its own next to child modules.\"\"\"\n\n"
+        "    def __init__(self, tensors, **children):\n"
+        "        super().__init__()\n"
+        "        for name, shape in tensors.items():\n"
+        "            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))\n"
+        "        for name, child in children.items():\n"
+        "            self.add_module(name, child)\n\n\n"
+    ) if mixed else ""
     return (
         "import torch\nfrom torch import nn\n\n\n"
+        f"{helper}"
         f"class {class_name}(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +11,13 @@ from typing import Any
 
 from PIL import Image
 
+from parity.backbones import backbone_weights, checkpoint_converter, create_backbone, describe_backbone, extract_embedding
 from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
-from parity.errors import CheckpointError, SpecError
+from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
 from parity.images import load_image
-from parity.preprocess import Preprocess, create_preprocess
+from parity.preprocess import (Preprocess, create_hf_preprocess, create_open_clip_preprocess, create_preprocess,
+                               load_preprocessor_config)
 from parity.spec import Spec
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "describe_backbone",
     "describe_head",
     "describe_data_config",
+    "describe_preprocess_config",
+    "resolve_preprocess",
 ]
 
 _DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
@@ -50,42 +54,6 @@ def import_object(path: str) -> Any:
         raise SpecError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from e
 
 
-def extract_embedding(model, pixels, mode: str):
-    """Run the backbone and take the embedding the way ``mode`` names it.
-
-    ``forward`` gives timm's head output (the CLIP projection); ``pre_logits`` the
-    pooled feature before it; ``cls`` the class token of ``forward_features``;
-    ``mean_tokens`` the mean of the patch tokens.
-    """
-    if mode == "forward":
-        return model(pixels)
-    tokens = model.forward_features(pixels)
-    if mode == "pre_logits":
-        return model.forward_head(tokens, pre_logits=True)
-    if mode == "cls":
-        return tokens[:, 0]
-    if mode == "mean_tokens":
-        return tokens[:, getattr(model, "num_prefix_tokens", 1):].mean(dim=1)
-    raise SpecError(f"unknown extract mode {mode!r}")
-
-
-def describe_backbone(model, *, name: str, kwargs: dict, extract: str, normalize: str = "none") -> dict[str, Any]:
-    """Static facts about a backbone that a strict state_dict load cannot see."""
-    # QuickGELU vs GELU leaves every key identical, so record the activation classes.
-    activations = sorted({type(m).__name__ for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "act"})
-    dim = getattr(model, "num_classes", None) if extract == "forward" else getattr(model, "num_features", None)
-    return {
-        "library": "timm",
-        "model": name,
-        "kwargs": dict(kwargs),
-        "extract": extract,
-        "normalize": normalize,
-        "activation": activations,
-        "embedding_dim": dim,
-        "structure": summarize_structure(model),
-    }
-
-
 def describe_head(head, *, class_path: str, input_biases_order: Sequence[int] | None = None) -> dict[str, Any]:
     order = list(input_biases_order) if input_biases_order is not None else None
     return {"class": class_path, "input_biases_order": order, "structure": summarize_structure(head)}
@@ -93,10 +61,29 @@ def describe_head(head, *, class_path: str, input_biases_order: Sequence[int] | 
 
 def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
                          value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
-    """The resolved preprocessing as recorded in manifests: timm's data config plus the variant."""
+    """The resolved preprocessing as recorded in manifests: the library's configuration plus the variant.
+
+    A timm data config is recorded with its resize backend; open_clip's ``preprocess_cfg`` and
+    a transformers preprocessor config (marked by their ``library`` key) run their own resize.
+    """
+    if "library" in config:
+        described = json.loads(json.dumps(dict(config), default=str))  # JSON-safe: tuples → lists, enums → str
+        return dict(described, channel_order=channel_order, value_scale=value_scale, exif_transpose=exif_transpose)
     described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in _DATA_CONFIG_KEYS}
     return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale,
                 exif_transpose=exif_transpose)
+
+
+def _hf_record(config: Mapping[str, Any], processor: str) -> dict[str, Any]:
+    """A transformers preprocessor config, marked with its library and processor backend."""
+    return {"library": "transformers", "processor": processor, **config}
+
+
+def describe_preprocess_config(path: str | Path, *, processor: str = "fast", channel_order: str = "rgb",
+                               value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
+    """The manifest record of a transformers image processor read from ``path`` (capture-side helper)."""
+    return describe_data_config(_hf_record(load_preprocessor_config(path), processor), channel_order=channel_order, value_scale=value_scale,
+                                exif_transpose=exif_transpose)
 
 
 @dataclass
@@ -124,7 +111,8 @@ class Pipeline:
 
         with torch.inference_mode():
             x = pixels.to(self.device, self.dtype)
-            embedding = extract_embedding(self.backbone, x, self.spec.backbone.extract).float()
+            embedding = extract_embedding(self.backbone, x, self.spec.backbone.extract,
+                                          library=self.spec.backbone.library).float()
             if self.spec.backbone.normalize == "l2":
                 embedding = torch.nn.functional.normalize(embedding, dim=-1)
             return embedding.cpu()
@@ -138,13 +126,19 @@ class Pipeline:
         return np.concatenate([self.embed(torch.stack([self.preprocess(im) for im in images[s:s + size]])).numpy()
                                for s in range(0, len(images), size)])
 
-    def run_head(self, embeddings, input_biases):
-        """Head outputs (B, L) float32 on the CPU."""
+    def run_head(self, embeddings, input_biases=None):
+        """Head outputs (B, L) float32 on the CPU.
+
+        A head is called as ``head(embeddings, input_biases)``, or ``head(embeddings)`` when the
+        samples carry no ``input_biases`` (``None`` or zero columns), as a plain classifier is.
+        """
         import torch
 
         with torch.inference_mode():
             e = torch.as_tensor(embeddings).to(self.device, self.dtype)
-            b = torch.as_tensor(input_biases, dtype=torch.long).to(self.device)
+            b = None if input_biases is None else torch.as_tensor(input_biases, dtype=torch.long).to(self.device)
+            if b is None or b.numel() == 0:
+                return self.head(e).float().cpu()
             order = self.spec.head.input_biases_order
             if order is not None:
                 if len(order) != b.shape[1]:
@@ -164,7 +158,8 @@ class Pipeline:
         spec = self.spec
         return {
             "backbone": describe_backbone(self.backbone, name=spec.backbone.model, kwargs=dict(spec.backbone.kwargs),
-                                          extract=spec.backbone.extract, normalize=spec.backbone.normalize),
+                                          extract=spec.backbone.extract, normalize=spec.backbone.normalize,
+                                          library=spec.backbone.library),
             "preprocess": describe_data_config(self.data_config, **spec.preprocess.variant(),
                                                exif_transpose=spec.preprocess.exif_transpose),
             "head": describe_head(self.head, class_path=spec.head.class_path,
@@ -184,25 +179,6 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def create_backbone(spec: Spec, *, meta: bool = False):
-    """The timm model the spec names, with random weights (checkpoints load separately).
-
-    With ``meta`` the parameters are shapes only: no time is spent on a random init
-    that a checkpoint will replace (about 4 s for ViT-L on two cores).
-    """
-    import contextlib
-
-    import timm
-    import torch
-
-    bb = spec.backbone
-    try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            return timm.create_model(bb.model, pretrained=False, **bb.kwargs)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise SpecError(f"{spec.path}: timm cannot create [backbone].model {bb.model!r} with {dict(bb.kwargs)}: {e}") from e
-
-
 def create_head(spec: Spec):
     """An instance of ``[head].class`` built with ``[head].kwargs``."""
     head_cls = import_object(spec.head.class_path)
@@ -210,23 +186,6 @@ def create_head(spec: Spec):
         return head_cls(**spec.head.kwargs)
     except TypeError as e:
         raise SpecError(f"{spec.path}: [head].kwargs do not fit {spec.head.class_path}: {e}") from e
-
-
-def _convert_open_clip(state: dict, model) -> dict:
-    """OpenAI / open_clip key layout → timm, with timm's own checkpoint filter."""
-    import sys
-
-    pos = state.get("visual.positional_embedding")
-    if pos is not None and pos.shape[0] != model.pos_embed.shape[1]:
-        # timm would interpolate the position embeddings without a word: a silent input-size drift.
-        raise CheckpointError(
-            f"the checkpoint's position embeddings have {pos.shape[0]} tokens, the model {model.pos_embed.shape[1]}: "
-            "it was trained at another input size. Use the model name whose input size matches."
-        )
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        raise CheckpointError(f"timm has no checkpoint filter for {type(model).__name__}; convert the checkpoint to timm keys")
-    return filter_fn(state, model)
 
 
 def load_weights(module, path: Path, *, section: str, target: str, state_dict_key: str | None,
@@ -258,20 +217,29 @@ def load_backbone(spec: Spec, *, device, fingerprints: bool = True):
 
     bb = spec.backbone
     prints: dict[str, str] = {}
-    if bb.checkpoint is None:
+    weights = backbone_weights(spec)
+    if weights is None:
         backbone = create_backbone(spec)
     else:
-        loading = dict(section="backbone", target=f"timm {bb.model}", state_dict_key=bb.state_dict_key,
-                       key_map=bb.key_map, drop_keys=bb.drop_keys,
-                       convert=_convert_open_clip if bb.checkpoint_format == "open_clip" else None,
+        loading = dict(section="backbone", target=f"{bb.library} {bb.model}", state_dict_key=bb.state_dict_key,
+                       key_map=bb.key_map, drop_keys=bb.drop_keys, convert=checkpoint_converter(spec),
                        fingerprints=fingerprints)
         backbone = create_backbone(spec, meta=True)
-        prints = load_weights(backbone, bb.checkpoint, assign=True, **loading)
-        if any(t.is_meta for t in itertools.chain(backbone.parameters(), backbone.buffers())):
-            # Buffers outside the state_dict (non-persistent) need the model's own init.
-            backbone = create_backbone(spec)
-            prints = load_weights(backbone, bb.checkpoint, **loading)
+        prints = load_weights(backbone, weights, assign=True, **loading)
+        _materialize_buffers(backbone, spec)
     return backbone.eval().to(device, getattr(torch, spec.runtime.dtype)), prints
+
+
+def _materialize_buffers(module, spec: Spec) -> None:
+    """Give buffers outside the state_dict (non-persistent, e.g. transformers' ``position_ids``) the
+    model's own init: a strict load fills every parameter and persistent buffer, never these."""
+    leftover = [name for name, buffer in module.named_buffers() if buffer.is_meta]
+    if not leftover:
+        return
+    fresh = dict(create_backbone(spec).named_buffers())
+    for name in leftover:
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, fresh[name])
 
 
 def load_head(spec: Spec, *, device, fingerprints: bool = True):
@@ -285,14 +253,65 @@ def load_head(spec: Spec, *, device, fingerprints: bool = True):
     return head.eval().to(device, getattr(torch, spec.runtime.dtype)), prints
 
 
+def _preprocessor_config_path(spec: Spec) -> Path:
+    pp, bb = spec.preprocess, spec.backbone
+    if pp.config is not None:
+        return pp.config
+    if bb.library == "transformers" and bb.checkpoint is not None and bb.checkpoint.is_dir():
+        return bb.checkpoint / "preprocessor_config.json"
+    raise SpecError(f"{spec.path}: [preprocess].library = \"transformers\" needs [preprocess].config = the "
+                    "preprocessor_config.json (or a transformers [backbone].checkpoint directory holding one)")
+
+
+def resolve_preprocess(spec: Spec, backbone) -> tuple[Preprocess, dict[str, Any]]:
+    """The transform the spec resolves to and the configuration it came from.
+
+    timm: layered like timm itself — explicit spec fields, then the model's pretrained_cfg,
+    then timm's defaults. open_clip: the open_clip backbone's own ``preprocess_cfg``.
+    transformers: the image processor of ``[preprocess].config`` (default: the backbone's
+    directory), ``fast`` (torchvision backend) or ``slow`` (PIL).
+
+    Raises:
+        SpecError: the library's configuration cannot be found or is not supported.
+    """
+    import timm
+
+    pp = spec.preprocess
+    variant = dict(channel_order=pp.channel_order, value_scale=pp.value_scale)
+    if pp.library == "timm":
+        if spec.backbone.library == "timm":
+            config = timm.data.resolve_model_data_config(backbone, args=pp.overrides())
+        else:
+            # No timm pretrained_cfg to fall back on: timm's own defaults (ImageNet mean/std, crop_pct
+            # 0.875) would be a silent drift, so every geometry and normalisation field must be set.
+            missing = [k for k in ("input_size", "interpolation", "crop_pct", "mean", "std") if getattr(pp, k) is None]
+            if missing:
+                raise SpecError(f"{spec.path}: timm preprocessing for a {spec.backbone.library} backbone needs every "
+                                f"field explicitly (there is no timm pretrained_cfg); missing [preprocess]."
+                                f"{', '.join(missing)}")
+            config = timm.data.resolve_data_config(args=pp.overrides())
+        return create_preprocess(config, **pp.variant()), config
+    if pp.resize_backend != "pil":
+        raise SpecError(f"{spec.path}: [preprocess].resize_backend applies to timm preprocessing; "
+                        f"{pp.library} runs its own resize (for transformers choose processor = \"fast\" or \"slow\")")
+    if pp.library == "open_clip":
+        cfg = getattr(backbone, "preprocess_cfg", None)
+        if spec.backbone.library != "open_clip" or not cfg:
+            raise SpecError(f"{spec.path}: [preprocess].library = \"open_clip\" reads the open_clip backbone's "
+                            "preprocess_cfg; with another backbone use library = \"timm\" with explicit fields")
+        config = {"library": "open_clip", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
+        return create_open_clip_preprocess(cfg["size"], mean=cfg["mean"], std=cfg["std"],
+                                           interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
+                                           fill_color=cfg.get("fill_color", 0), **variant), config
+    raw = load_preprocessor_config(_preprocessor_config_path(spec))
+    return create_hf_preprocess(raw, processor=pp.processor, **variant), _hf_record(raw, pp.processor)
+
+
 def assemble_pipeline(spec: Spec, backbone, head, *, device, fingerprints: dict | None = None) -> Pipeline:
     """Join loaded modules with the preprocessing the spec resolves to."""
-    import timm
     import torch
 
-    # Layered like timm: explicit spec fields, then the model's pretrained_cfg, then timm's defaults.
-    data_config = timm.data.resolve_model_data_config(backbone, args=spec.preprocess.overrides())
-    transform = create_preprocess(data_config, **spec.preprocess.variant())
+    transform, data_config = resolve_preprocess(spec, backbone)
     return Pipeline(spec=spec, backbone=backbone, head=head, transform=transform, data_config=data_config,
                     device=device, dtype=getattr(torch, spec.runtime.dtype), fingerprints=fingerprints or {})
 

@@ -64,9 +64,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))], ids=["no-spec"])
         return
     from parity.spec import load_spec
-    from parity.variants import expand_matrix
+    from parity.variants import expand_matrix, unsupported
 
-    cells = expand_matrix(load_spec(path), device=metafunc.config.option.parity_device)
+    spec = load_spec(path)
+    reason = unsupported(spec)
+    if reason is not None:
+        metafunc.parametrize("parity_cell", [pytest.param(None, marks=pytest.mark.skip(reason=reason))],
+                             ids=["no-matrix"])
+        return
+    cells = expand_matrix(spec, device=metafunc.config.option.parity_device)
     metafunc.parametrize("parity_cell", cells, ids=[cell.id for cell in cells])
 
 

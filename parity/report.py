@@ -17,7 +17,8 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.diagnose import Diagnosis, ServiceDiagnosis
 from parity.forensics import CheckpointSummary, describe_layers, module_source
-from parity.results import Comparison, KeyDiff, Report, StageResult, Status
+from parity.preprocess_diff import PreprocessExplanation, format_field_value
+from parity.results import Comparison, KeyDiff, Report, StageResult, Status, Verdict
 from parity.variants import MatrixReport
 
 __all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
@@ -41,9 +42,11 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
         if result.stage == "weights" and result.status is not Status.SKIP:
             return "sha256 per tensor", result.headline, "bit-identical"
-        if result.stage == "decisions" and result.decisions is not None:
-            d = result.decisions
-            return "flips / near-ties", f"{len(d.flips)} / {len(d.near_ties)} of {d.total}", f"threshold {d.threshold:g}"
+        if result.stage == "decisions" and result.decisions:
+            value = "; ".join(f"{d.kind} {len(d.flips)} / {len(d.near_ties)} of {d.total}" for d in result.decisions)
+            bounds = "; ".join(f"{d.kind} {d.threshold:g}" if d.threshold is not None else d.kind
+                               for d in result.decisions)
+            return "flips / near-ties", value, bounds
         if result.stage == "decode":
             return "readable samples", result.headline.split(";")[0], "all"
         return "-", "-", "-"
@@ -87,12 +90,14 @@ def format_stage(result: StageResult) -> str:
         lines += [f"  {line}" for line in _comparison_lines(result.comparison)]
     for diff in result.key_diffs:
         lines += [f"  {line}" for line in explain_key_diff(diff).splitlines()]
-    if result.decisions is not None:
-        if result.decisions.flips:
-            lines.append(f"  flips: {', '.join(result.decisions.flips[:12])}")
-        if result.decisions.near_ties:
-            lines.append(f"  near-ties (the reference is within {result.decisions.band:.2g} of the threshold): "
-                         f"{', '.join(result.decisions.near_ties[:12])}")
+    for d in result.decisions:
+        if d.flips:
+            lines.append(f"  {d.kind} flips: {', '.join(d.flips[:12])}" + (" ..." if len(d.flips) > 12 else ""))
+        if d.near_ties:
+            lines.append(f"  {d.kind} near-ties (the reference is within {d.band:.2g} of the boundary): "
+                         f"{', '.join(d.near_ties[:12])}")
+        if d.max_probability_error is not None:
+            lines.append(f"  {d.kind}: largest softmax probability change {_num(d.max_probability_error)}")
     for name, reason in result.sample_errors:
         lines.append(f"  {name}: {reason}")
     for t in result.tensor_diffs[:_SHOWN_TENSORS]:
@@ -121,13 +126,62 @@ def render_report(report: Report, console: Console) -> None:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
                           highlight=False, soft_wrap=True)
+    console.print(Text(verdict_line(report), style=_VERDICT_STYLE[report.passed, report.verdict is Verdict.PARITY]))
+
+
+_VERDICT_STYLE = {(True, True): "bold green", (True, False): "bold yellow", (False, False): "bold red",
+                  (False, True): "bold red"}
+
+
+def verdict_line(report: Report) -> str:
+    """One sentence: parity, drift that flips no decision, decision flips, drift, or no verdict."""
     first = report.first_failure
-    if report.passed:
-        console.print(Text("PARITY: the candidate reproduces the reference.", style="bold green"))
-    elif first is not None:
-        console.print(Text(f"DRIFT: first drifted stage: {first.stage}.", style="bold red"))
+    verdict = report.verdict
+    if verdict is Verdict.PARITY:
+        return "PARITY: the candidate reproduces the reference."
+    if verdict is Verdict.NO_VERDICT:
+        return "NO VERDICT: no stage was compared."
+    decisions = next((s.decisions for s in report.stages if s.stage == "decisions"), ())
+    counted = ", ".join(f"{len(d.flips)} of {d.total} {d.kind}" for d in decisions)
+    if verdict is Verdict.DECISION_FLIPS:
+        return f"DECISION FLIPS: {counted} decisions flipped; first drifted stage: {first.stage}."
+    if verdict is Verdict.DRIFT_NO_FLIPS:
+        accepted = (" Accepted: [decisions].gate = \"decisions\"." if report.passed
+                    else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
+        return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
+                f"but no decision flipped ({counted}).{accepted}")
+    return f"DRIFT: first drifted stage: {first.stage}."
+
+
+def render_preprocess_explanation(explanation: PreprocessExplanation, console: Console) -> None:
+    """The differing fields with their effect, then the measured pixels per image."""
+    a, b = explanation.a, explanation.b
+    console.print(f"A: {a.source} ({a.library})\nB: {b.source} ({b.library})", highlight=False)
+    if explanation.differences:
+        table = Table(title="Fields that differ", title_justify="left")
+        for column in ("field", "A", "B", "effect"):
+            table.add_column(column, no_wrap=column != "effect")
+        for d in explanation.differences:
+            table.add_row(d.field, format_field_value(d.a), format_field_value(d.b), d.effect)
+        console.print(table)
+    if explanation.images:
+        table = Table(title="Measured on images (normalized pixels; [0, 1] gap before mean/std)", title_justify="left")
+        for column in ("image", "size (h, w)", "max abs", "max abs [0, 1]", "crop shift (dy, dx)"):
+            table.add_column(column, no_wrap=True)
+        for image in explanation.images:
+            shift = "-" if image.shift is None or image.shift == (0, 0) else str(image.shift)
+            if image.shapes[0] != image.shapes[1]:
+                gap = gap_unit = f"shapes {list(image.shapes[0])} vs {list(image.shapes[1])}"
+            else:
+                gap, gap_unit = _num(image.max_abs), _num(image.max_abs_unit)
+            table.add_row(image.name, str(image.size), gap, gap_unit, shift)
+        console.print(table)
+    differing = sum(not image.identical for image in explanation.images)
+    measured = f"; {differing} of {len(explanation.images)} images differ" if explanation.images else ""
+    if explanation:
+        console.print(Text(f"IDENTICAL: no field differs{measured}.", style="bold green"))
     else:
-        console.print(Text("NO VERDICT: no stage was compared.", style="bold yellow"))
+        console.print(Text(f"DIFFERENT: {len(explanation.differences)} field(s) differ{measured}.", style="bold red"))
 
 
 def render_config_diffs(diffs, console: Console, *,
@@ -170,7 +224,8 @@ def render_inspection(summary: CheckpointSummary, console: Console, *, key_diff:
     console.print(module_source(summary.layers), markup=False, highlight=False, soft_wrap=True)
     if key_diff is not None:
         if key_diff.loads:
-            console.print(Text(f"{key_diff.source} loads into {key_diff.target} with strict=True.", style="bold green"))
+            console.print(Text(f"{key_diff.source} loads into {key_diff.target} with strict=True.", style="bold green"),
+                          soft_wrap=True)
             for name, module_dtype, ckpt_dtype in key_diff.dtype_mismatches:
                 console.print(f"  note: {name} is {ckpt_dtype} in the checkpoint, {module_dtype} in the module (cast on load)",
                               highlight=False, soft_wrap=True)
@@ -293,8 +348,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis) -> dict[str, Any]:
+def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | PreprocessExplanation) -> dict[str, Any]:
     data = _plain(report)
+    if isinstance(report, PreprocessExplanation):
+        data["identical"] = bool(report)
+        return data
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
         return data
@@ -308,6 +366,7 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis) -> dic
         data["reproducing"] = {axis: report.reproducing(axis) for axis in report.axes}
         return data
     data["passed"] = report.passed
+    data["verdict"] = report.verdict.value
     first = report.first_failure
     data["first_failure"] = first.stage if first is not None else None
     for stage, result in zip(data["stages"], report.stages):
@@ -316,5 +375,5 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis) -> dic
     return data
 
 
-def write_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis, path: str | Path) -> None:
+def write_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | PreprocessExplanation, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")

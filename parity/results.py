@@ -15,6 +15,7 @@ __all__ = [
     "TensorDiff",
     "DecisionFlips",
     "Status",
+    "Verdict",
     "StageResult",
     "ConfigDiff",
     "Report",
@@ -151,13 +152,21 @@ class TensorDiff:
 
 @dataclass(frozen=True)
 class DecisionFlips:
-    """Thresholded decisions that differ from the reference's, split by whether the reference was a near-tie."""
+    """Decisions of one kind that differ from the reference's, split by whether the reference was a near-tie.
 
-    threshold: float
+    ``kind`` is ``threshold`` (an output above ``threshold`` is positive), ``argmax`` (the top-1
+    class) or ``verification`` (a pair of samples matches when their embeddings' cosine reaches
+    ``threshold``). ``band`` is how close to the boundary the reference must sit to count as a
+    near-tie; ``max_probability_error`` (argmax) is the largest softmax change.
+    """
+
+    kind: str
+    threshold: float | None
     band: float
     total: int
     flips: tuple[str, ...] = ()
     near_ties: tuple[str, ...] = ()
+    max_probability_error: float | None = None
 
 
 class Status(str, enum.Enum):
@@ -178,7 +187,7 @@ class StageResult:
     key_diffs: tuple[KeyDiff, ...] = ()
     tensor_diffs: tuple[TensorDiff, ...] = ()
     sample_errors: tuple[tuple[str, str], ...] = ()
-    decisions: DecisionFlips | None = None
+    decisions: tuple[DecisionFlips, ...] = ()
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -194,9 +203,26 @@ class ConfigDiff:
     candidate: object
 
 
+# Stages a decisions gate never waives: a model that does not load or a sample that does not
+# decode is not "drift that flips no decision".
+_ALWAYS_GATED = ("load", "weights", "decode", "decisions")
+
+
+class Verdict(str, enum.Enum):
+    PARITY = "parity"
+    DRIFT_NO_FLIPS = "drift without decision flips"
+    DECISION_FLIPS = "decision flips"
+    DRIFT = "drift"
+    NO_VERDICT = "no verdict"
+
+
 @dataclass(frozen=True)
 class Report:
-    """Everything one parity check found."""
+    """Everything one parity check found.
+
+    ``gate`` is ``outputs`` (every stage must pass) or ``decisions`` (numeric drift that flips
+    no decision passes; load, weights, decode and decisions must still pass).
+    """
 
     spec: str
     fixtures: str
@@ -204,10 +230,26 @@ class Report:
     dtype: str
     stages: tuple[StageResult, ...]
     config_diffs: tuple[ConfigDiff, ...] = ()
+    gate: str = "outputs"
+
+    @property
+    def verdict(self) -> Verdict:
+        failed = {s.stage for s in self.stages if s.status is Status.FAIL}
+        if not any(s.status is Status.PASS for s in self.stages):
+            return Verdict.NO_VERDICT
+        if not failed:
+            return Verdict.PARITY
+        if "decisions" in failed:
+            return Verdict.DECISION_FLIPS
+        decided = any(s.stage == "decisions" and s.status is Status.PASS for s in self.stages)
+        return Verdict.DRIFT_NO_FLIPS if decided else Verdict.DRIFT
 
     @property
     def passed(self) -> bool:
-        return all(self.stages) and any(s.status is Status.PASS for s in self.stages)
+        verdict = self.verdict
+        if verdict is Verdict.DRIFT_NO_FLIPS and self.gate == "decisions":
+            return not any(s.stage in _ALWAYS_GATED and s.status is Status.FAIL for s in self.stages)
+        return verdict is Verdict.PARITY
 
     def __bool__(self) -> bool:
         return self.passed

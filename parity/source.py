@@ -31,7 +31,7 @@ from parity.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, sha256_file, stage_fixture
 
-__all__ = ["Capture", "capture", "git_revision"]
+__all__ = ["Capture", "capture", "capture_pipeline", "git_revision"]
 
 
 def git_revision(path: str | Path) -> str | None:
@@ -68,6 +68,7 @@ class Capture:
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)
 
     def add(self, image: str | Path, *, embedding, pixels=None, outputs=None, input_biases: Sequence[int] = (),
             labels: Sequence[float] = ()) -> None:
@@ -115,8 +116,13 @@ class Capture:
         entry: dict[str, Any] = {"tensors": fingerprint(module.state_dict())}
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
-            self.files[checkpoint.name] = checkpoint
-            entry.update(file=checkpoint.name, sha256=sha256_file(checkpoint))
+            if checkpoint.is_dir():  # a transformers directory: config.json, model.safetensors, preprocessor config
+                self.folders[checkpoint.name] = checkpoint
+                weights = checkpoint / "model.safetensors"
+                entry.update(file=f"{checkpoint.name}/{weights.name}", sha256=sha256_file(weights))
+            else:
+                self.files[checkpoint.name] = checkpoint
+                entry.update(file=checkpoint.name, sha256=sha256_file(checkpoint))
         self.manifest.setdefault("weights", {})[part] = entry
 
 
@@ -124,15 +130,21 @@ class Capture:
 def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] | None = None, transform=None,
             extract: str = "pre_logits", model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
             checkpoint: str | Path | None = None, force: bool = False, extra_files: Mapping[str, Any] = (),
-            ) -> Iterator[Capture]:
+            library: str = "timm", preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
     """Write a fixture from inside the code that produces the reference data.
 
     Args:
-        model: the timm backbone the embeddings came from (its class, activations and weights are recorded).
+        model: the backbone the embeddings came from (its class, activations and weights are recorded).
         data_config: timm's resolved data config used by ``transform``.
         transform: the exact transform object (its repr is recorded).
-        extract: how embeddings were taken (``pre_logits``, ``forward``, ``cls``, ``mean_tokens``).
-        checkpoint: the backbone checkpoint file; copied into the fixture with its sha256.
+        extract: how embeddings were taken, in ``library``'s words (timm ``pre_logits``, ``forward``,
+            ``cls``, ``mean_tokens``; transformers ``pooler_output``, ``cls``, ``image_embeds``;
+            open_clip ``encode_image``, ``pooled``).
+        checkpoint: the backbone checkpoint file, or a transformers directory; copied into the
+            fixture with its sha256.
+        library: the backbone's library (``timm``, ``transformers``, ``open_clip``).
+        preprocess: the preprocessing description for non-timm libraries (see
+            `parity.pipeline.describe_preprocess`); timm pipelines pass ``data_config``.
         extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
     """
     from parity.pipeline import describe_backbone, describe_data_config
@@ -140,15 +152,19 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
     caller = Path(inspect.stack()[2].filename)
     cap = Capture(root=Path(out_dir))
     if model is not None:
-        name = model_name or f"{model.pretrained_cfg.get('architecture')}.{model.pretrained_cfg.get('tag')}"
+        cfg = getattr(model, "pretrained_cfg", {})
+        name = model_name or f"{cfg.get('architecture')}.{cfg.get('tag')}"
         first = next(model.parameters())
         cap.manifest["pipeline"] = {
-            "backbone": describe_backbone(model, name=name, kwargs=dict(model_kwargs or {}), extract=extract),
+            "backbone": describe_backbone(model, name=name, kwargs=dict(model_kwargs or {}), extract=extract,
+                                          library=library),
             "runtime": {"device": first.device.type, "dtype": str(first.dtype).replace("torch.", "")},
         }
         cap._weights("backbone", model, checkpoint)
     if data_config is not None:
         cap.manifest.setdefault("pipeline", {})["preprocess"] = describe_data_config(data_config)
+    elif preprocess is not None:
+        cap.manifest.setdefault("pipeline", {})["preprocess"] = dict(preprocess)
     cap.manifest["producer"] = {"script": caller.name, "git_revision": git_revision(caller),
                                 "transform": repr(transform) if transform is not None else None,
                                 "versions": environment()}
@@ -161,6 +177,8 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
             shutil.copyfile(image, stage.path / "images" / image.name)
         for name, source in cap.files.items():
             shutil.copyfile(source, stage.path / name)
+        for name, source in cap.folders.items():
+            shutil.copytree(source, stage.path / name)
         for name, write in dict(extra_files).items():
             write(stage.path / name)
         np.save(stage.path / EMBEDDINGS, np.stack(cap.embeddings)[:, None, :])  # (N, 1, D), as in training
@@ -174,3 +192,33 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
         (stage.path / METADATA).write_text(json.dumps({**metadata, "rows": cap.rows}, indent=1) + "\n",
                                            encoding="utf-8")
         stage.manifest.update(cap.manifest)
+
+
+def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path, *,
+                     input_biases: Sequence[Sequence[int]] | None = None, golden: Sequence[str] = (),
+                     force: bool = False) -> Path:
+    """Freeze what a trusted pipeline (e.g. the training-time path, written as a spec) computes.
+
+    Args:
+        pipeline: a `parity.pipeline.Pipeline` built from the reference spec.
+        images: the sample images, with unique file names.
+        input_biases: per-image categorical inputs, for heads that take them.
+        golden: image names whose preprocessed pixels are stored too.
+
+    Returns:
+        ``out_dir``, written atomically with the pipeline's configuration, fingerprints and provenance.
+    """
+    spec = pipeline.spec
+    biases = [list(b) for b in input_biases] if input_biases is not None else [[] for _ in images]
+    with capture(out_dir, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
+                 model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract,
+                 transform=pipeline.transform, checkpoint=spec.backbone.checkpoint, force=force) as cap:
+        cap.manifest["pipeline"] = pipeline.describe()
+        for image, bias in zip(images, biases):
+            pixels = pipeline.preprocess(image)
+            cap.add(image, embedding=pipeline.embed(pixels[None])[0], input_biases=bias,
+                    pixels=pixels if Path(image).name in golden else None)
+        cap.set_outputs(pipeline.run_head(np.stack(cap.embeddings), np.array(biases, dtype=np.int64)))
+        cap.attach_head(pipeline.head, class_path=spec.head.class_path, kwargs=dict(spec.head.kwargs),
+                        checkpoint=spec.head.weights)
+    return Path(out_dir)

@@ -16,7 +16,9 @@ from parity.preprocess import CHANNEL_ORDERS, RESIZE_BACKENDS, VALUE_SCALES
 from parity.results import Tolerance
 
 __all__ = [
+    "LIBRARIES",
     "EXTRACT_MODES",
+    "DEFAULT_EXTRACT",
     "INTERPOLATIONS",
     "CROP_MODES",
     "CHECKPOINT_FORMATS",
@@ -26,17 +28,35 @@ __all__ = [
     "PreprocessSpec",
     "HeadSpec",
     "RuntimeSpec",
+    "DecisionsSpec",
     "Spec",
     "load_spec",
     "default_tolerance",
 ]
 
-EXTRACT_MODES = ("pre_logits", "forward", "cls", "mean_tokens")
+LIBRARIES = ("timm", "open_clip", "transformers")
+# Each library's own extraction points. timm: forward() is the CLIP projection, pre_logits the pooled
+# feature before it. transformers: pooler_output is post_layernorm CLS, cls is last_hidden_state[:, 0]
+# (before post_layernorm), image_embeds the projection. open_clip: encode_image is the projection,
+# pooled the feature before `proj`.
+EXTRACT_MODES_BY_LIBRARY = {
+    "timm": ("pre_logits", "forward", "cls", "mean_tokens"),
+    "transformers": ("pooler_output", "cls", "image_embeds"),
+    "open_clip": ("encode_image", "pooled"),
+}
+EXTRACT_MODES = EXTRACT_MODES_BY_LIBRARY["timm"]
+DEFAULT_EXTRACT = {"timm": "pre_logits", "transformers": "pooler_output", "open_clip": "encode_image"}
+PROCESSORS = ("fast", "slow")
+GATES = ("outputs", "decisions")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
-CHECKPOINT_FORMATS = ("timm", "open_clip")
+CHECKPOINT_FORMATS = ("timm", "open_clip", "transformers")
 _VARIANT_FIELDS = ("resize_backend", "channel_order", "value_scale")
 _DECODE_FIELDS = ("exif_transpose",)
+_LIBRARY_FIELDS = ("library", "processor", "config")
+# Geometry and normalisation fields that only timm's data config takes; the other libraries read
+# them from their own configuration (open_clip's model config, HF's preprocessor_config.json).
+_TIMM_ONLY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
 NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 STAGES = ("pixels", "embedding", "head", "outputs")
@@ -78,8 +98,16 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Explicit preprocessing fields; ``None`` means "resolve from the model's pretrained_cfg"."""
+    """Explicit preprocessing fields; ``None`` means "resolve from the model's pretrained_cfg".
 
+    ``library`` names whose eval preprocessing runs: timm's data config, open_clip's transform
+    for the backbone's model config, or the transformers image processor read from ``config``
+    (a preprocessor_config.json; by default the one in the backbone's checkpoint directory).
+    """
+
+    library: str = "timm"
+    processor: str = "fast"
+    config: Path | None = None
     input_size: tuple[int, int, int] | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
@@ -94,7 +122,7 @@ class PreprocessSpec:
     def overrides(self) -> dict[str, Any]:
         """The fields that go into timm's data config (the rest select the transform's variant)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None and k not in _VARIANT_FIELDS + _DECODE_FIELDS}
+                if v is not None and k not in _VARIANT_FIELDS + _DECODE_FIELDS + _LIBRARY_FIELDS}
 
     def variant(self) -> dict[str, str]:
         return {k: getattr(self, k) for k in _VARIANT_FIELDS}
@@ -119,6 +147,25 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class DecisionsSpec:
+    """The decisions a service makes from the outputs, checked for flips.
+
+    ``threshold``: each output above it is a positive (multi-label). ``argmax``: the top-1 class
+    (classification). ``verification_threshold``: two samples are the same identity when their
+    embeddings' cosine reaches it. ``gate = "decisions"`` accepts drift that flips no decision.
+    """
+
+    threshold: float | None = None
+    argmax: bool = False
+    verification_threshold: float | None = None
+    gate: str = "outputs"
+
+    @property
+    def any(self) -> bool:
+        return self.threshold is not None or self.argmax or self.verification_threshold is not None
+
+
+@dataclass(frozen=True)
 class Spec:
     """A parsed, validated spec. Paths are absolute (resolved against the spec's folder)."""
 
@@ -131,7 +178,7 @@ class Spec:
     fixtures: Path | None = None
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     matrix: Mapping[str, tuple] = field(default_factory=dict)
-    threshold: float | None = None
+    decisions: DecisionsSpec = DecisionsSpec()
 
     def fixture_root(self, override: str | Path | None = None) -> Path:
         """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.
@@ -312,20 +359,38 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
     fixtures = _path(base, root.get("fixtures", str, None))
 
     bb = root.table("backbone")
+    library = bb.get("library", str, "timm", choices=LIBRARIES)
     backbone = BackboneSpec(
-        library=bb.get("library", str, "timm", choices=("timm",)),
+        library=library,
         model=bb.get("model", str),
         kwargs=bb.get("kwargs", dict, {}),
         checkpoint=_path(base, bb.get("checkpoint", str, None)),
-        checkpoint_format=bb.get("checkpoint_format", str, "timm", choices=CHECKPOINT_FORMATS),
-        extract=bb.get("extract", str, "pre_logits", choices=EXTRACT_MODES),
+        checkpoint_format=bb.get("checkpoint_format", str, library, choices=CHECKPOINT_FORMATS),
+        extract=bb.get("extract", str, DEFAULT_EXTRACT[library], choices=EXTRACT_MODES_BY_LIBRARY[library]),
         normalize=bb.get("normalize", str, "none", choices=NORMALIZE),
         **_loading(bb),
     )
     bb.finish()
 
     pp = root.table("preprocess")
+    pre_library = pp.get("library", str, library, choices=LIBRARIES)
+    if pre_library != "timm":
+        pinned = [k for k in _TIMM_ONLY_FIELDS if k in pp.data]
+        if pinned:
+            raise SpecError(f"{path}: [preprocess].{pinned[0]} is a timm data-config field; with "
+                            f"[preprocess].library = {pre_library!r} the geometry and mean/std come from "
+                            + ("the preprocessor_config.json named by [preprocess].config"
+                               if pre_library == "transformers" else "open_clip's model config")
+                            + ". Remove the field or set library = \"timm\".")
+    processor = pp.get("processor", str, "fast", choices=PROCESSORS)
+    config = _path(base, pp.get("config", str, None))
+    if pre_library != "transformers" and ("processor" in pp.data or config is not None):
+        raise SpecError(f"{path}: [preprocess].processor and .config are for library = \"transformers\" "
+                        f"(an HF image processor), not {pre_library!r}")
     preprocess = PreprocessSpec(
+        library=pre_library,
+        processor=processor,
+        config=config,
         input_size=_input_size(pp),
         interpolation=pp.get("interpolation", str, None, choices=INTERPOLATIONS),
         crop_pct=pp.number("crop_pct", None, low=0.0, high=1.0, open_low=True),
@@ -375,11 +440,20 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         if tol is not None:
             tolerances[stage] = tol
     tol_table.finish()
-    decisions = root.table("decisions")
-    threshold = decisions.get("threshold", (int, float), None)
-    if threshold is not None and (isinstance(threshold, bool) or not math.isfinite(threshold)):
+    dt = root.table("decisions")
+    threshold = dt.get("threshold", (int, float), None)
+    if threshold is not None and not math.isfinite(threshold):
         raise SpecError(f"{path}: [decisions].threshold must be a finite number, got {threshold!r}")
-    decisions.finish()
+    decisions = DecisionsSpec(
+        threshold=None if threshold is None else float(threshold),
+        argmax=dt.get("argmax", bool, False),
+        verification_threshold=dt.number("verification_threshold", None, low=-1.0, high=1.0),
+        gate=dt.get("gate", str, "outputs", choices=GATES),
+    )
+    dt.finish()
+    if decisions.gate == "decisions" and not decisions.any:
+        raise SpecError(f"{path}: [decisions].gate = \"decisions\" needs a decision to gate on: set "
+                        "threshold, argmax = true or verification_threshold")
     root.seen.add("matrix")
     from parity.variants import parse_axes  # variants builds on spec; the import is deferred
 
@@ -395,5 +469,5 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         fixtures=fixtures,
         tolerances=tolerances,
         matrix=matrix,
-        threshold=None if threshold is None else float(threshold),
+        decisions=decisions,
     )

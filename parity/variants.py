@@ -169,9 +169,26 @@ def resolve_data_config(spec: Spec) -> dict[str, Any]:
     return timm.data.resolve_data_config(dict(spec.preprocess.overrides()), pretrained_cfg=cfg)
 
 
+def unsupported(spec: Spec) -> str | None:
+    """Why the matrix cannot run this spec, or ``None``: its shared passes are timm's."""
+    if spec.backbone.library != "timm" or spec.preprocess.library != "timm":
+        return (f"the variant matrix derives every extraction mode from one timm forward_features pass and every "
+                f"pixel variant from timm's transform; this spec uses {spec.backbone.library} with "
+                f"{spec.preprocess.library} preprocessing. Check deployment choices one spec at a time with "
+                "`parity check`, and preprocessing with `parity explain-preprocess`")
+    return None
+
+
 def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, device: str | None = None,
                   data_config: Mapping[str, Any] | None = None) -> list[Cell]:
-    """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value."""
+    """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value.
+
+    Raises:
+        SpecError: the spec's backbone or preprocessing is not timm's (see `unsupported`).
+    """
+    reason = unsupported(spec)
+    if reason is not None:
+        raise SpecError(f"{spec.path}: {reason}")
     axes = dict(spec.matrix if axes is None else axes)
     base = base_values(spec, data_config or resolve_data_config(spec), device=device)
     names = list(AXES)
@@ -326,6 +343,9 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
 
     from parity.pipeline import build_pipeline
 
+    reason = unsupported(spec)
+    if reason is not None:
+        raise SpecError(f"{spec.path}: {reason}")
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs

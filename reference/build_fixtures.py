@@ -194,9 +194,10 @@ def build(out: Path, *, source: Path, force: bool = False) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="fixture directory to (re)build")
+def run_builder(argv: list[str] | None, *, build, default_out: Path, description: str) -> int:
+    """The command line both example builders share: --out, --source, --force; exit 2 on a refusal."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help="fixture directory to (re)build")
     parser.add_argument("--source", type=Path, default=None, help="folder with the photos (default: skimage/data)")
     parser.add_argument("--force", action="store_true", help="replace an existing fixture directory")
     args = parser.parse_args(argv)
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"fixtures written to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_builder(argv, build=build, default_out=DEFAULT_OUT, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

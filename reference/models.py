@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MultiLabelRegressionNN"]
+__all__ = ["MultiLabelRegressionNN", "MLPClassifier"]
 
 
 class MultiLabelRegressionNN(nn.Module):
@@ -56,3 +56,31 @@ class MultiLabelRegressionNN(nn.Module):
             )
         parts = [embedding] + [table(input_biases[:, i]) for i, table in enumerate(self.bias_embeddings)]
         return self.output(self.mlp(torch.cat(parts, dim=1)))
+
+
+class MLPClassifier(nn.Module):
+    """CLIP embedding → identity logits, trained with CrossEntropy (the verification system's head).
+
+    Args:
+        embedding_dim: width of the CLIP embedding (768 for ViT-B/32 ``pooler_output``).
+        num_classes: number of identities.
+        hidden_dims: widths of the hidden layers.
+        dropout: dropout after each hidden layer (inactive in ``eval()``).
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, *, hidden_dims: Sequence[int] = (256,),
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        layers: list[nn.Module] = []
+        width = embedding_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden
+        self.mlp = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if embedding.dim() != 2 or embedding.shape[1] != self.embedding_dim:
+            raise ValueError(f"embedding must be (B, {self.embedding_dim}), got {tuple(embedding.shape)}")
+        return self.classifier(self.mlp(embedding))

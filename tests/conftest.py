@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,16 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = ROOT / "specs" / "clip_dnn.toml"
 EXAMPLE_FIXTURES = ROOT / "fixtures" / "clip_dnn"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under `make test` the optional libraries are required, so their tests cannot skip unnoticed."""
+    if not os.environ.get("PARITY_REQUIRE_EXTRAS"):
+        return
+    missing = [f"{module} (pip install -e '.[{extra}]')" for module, extra in
+               (("transformers", "hf"), ("open_clip", "open-clip")) if importlib.util.find_spec(module) is None]
+    if missing:
+        raise pytest.UsageError("PARITY_REQUIRE_EXTRAS is set but these are not installed: " + ", ".join(missing))
 
 
 def write_spec(directory: Path, replacements: dict[str, str] | None = None, name: str = "candidate.toml") -> Path:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
-from tests.conftest import EXAMPLE_SPEC, ROOT, reseal, write_spec
+from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal, write_spec
 
 
 def test_check_passes_and_writes_json(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_drift_exits_1_and_names_the_stage(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["check", "--spec", str(spec), "--json", str(out)]) == EXIT_DRIFT
     text = capsys.readouterr().out
-    assert "DRIFT: first drifted stage: pixels." in text
+    assert "DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at pixels)" in text
     assert 'Fix: set [preprocess].interpolation = "bicubic"' in text
     assert json.loads(out.read_text())["first_failure"] == "pixels"
 
@@ -78,3 +78,28 @@ def test_console_script_exit_code_on_drift(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == EXIT_DRIFT, proc.stderr
     assert "DRIFT: first drifted stage: embedding." in proc.stdout
+
+
+def test_explain_preprocess_names_the_fields_and_measures_images(tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    out = tmp_path / "explain.json"
+    code = main(["explain-preprocess", "timm:vit_base_patch32_clip_quickgelu_224.openai", "open_clip:ViT-B-32-quickgelu",
+                 "--images", str(EXAMPLE_FIXTURES / "images" / "coins.png"), "--json", str(out)])
+    assert code == EXIT_DRIFT
+    text = capsys.readouterr().out
+    assert "resize_size" in text and "248" in text and "DIFFERENT: 3 field(s) differ; 1 of 1 images differ." in text
+    data = json.loads(out.read_text())
+    assert data["identical"] is False
+    assert [d["field"] for d in data["differences"]] == ["resize_size", "crop_pct", "convert_rgb"]
+    assert data["images"][0]["name"] == "coins.png" and data["images"][0]["max_abs"] > 1
+
+
+def test_explain_preprocess_of_a_spec_and_its_fixture_is_identical(capsys):
+    spec = EXAMPLE_SPEC.parent / "clip_mlp.toml"
+    assert main(["explain-preprocess", str(spec), str(EXAMPLE_FIXTURES.parent / "clip_mlp")]) == EXIT_PASS
+    assert "IDENTICAL: no field differs; 0 of 18 images differ." in capsys.readouterr().out
+
+
+def test_explain_preprocess_refuses_an_unknown_source(capsys):
+    assert main(["explain-preprocess", "tf:resnet", "timm:vit_base_patch32_clip_quickgelu_224.openai"]) == EXIT_USAGE
+    assert "unknown preprocessing source prefix 'tf'" in capsys.readouterr().err

@@ -60,3 +60,30 @@ def test_head_rejects_mismatched_inputs():
         head(torch.zeros(2, 1, 64), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"input_biases must be \(B, 2\)"):
         head(torch.zeros(2, 64), torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def rebuilt_classifier(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from reference import build_clip_mlp
+
+    out = tmp_path_factory.mktemp("rebuilt") / "clip_mlp"
+    return build_clip_mlp.build(out, source=build_fixtures.skimage_data_dir())
+
+
+def test_rebuild_reproduces_the_shipped_classifier_fixture(rebuilt_classifier):
+    shipped = load_fixture(EXAMPLE_FIXTURES.parent / "clip_mlp")
+    fresh = load_fixture(rebuilt_classifier)
+    assert fresh.names == shipped.names
+    assert fresh.manifest["pipeline"] == shipped.manifest["pipeline"]
+    assert fresh.manifest["weights"] == shipped.manifest["weights"]  # bit-identical backbone and head
+    np.testing.assert_array_equal(fresh.embeddings, shipped.embeddings)
+    np.testing.assert_array_equal(fresh.outputs, shipped.outputs)
+    assert fresh.manifest["head_training"]["fixture_accuracy"] == 1.0
+
+
+def test_classifier_builder_refuses_to_overwrite_without_force(rebuilt_classifier, capsys):
+    from reference import build_clip_mlp
+
+    assert build_clip_mlp.main(["--out", str(rebuilt_classifier)]) == 2
+    assert "refusing to overwrite frozen fixtures" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 
 from parity.check import STAGE_ORDER
 from parity.errors import DriftError
-from parity.report import format_stage
+from parity.report import format_stage, verdict_line
 from parity.results import Status
 
 
@@ -16,10 +16,11 @@ def test_stage_parity(parity_report, stage: str) -> None:
     if result.status is Status.SKIP:
         pytest.skip(f"{stage}: {result.headline}")
     if result.status is Status.FAIL:
+        if parity_report.passed:  # [decisions].gate = "decisions" and no decision flipped
+            pytest.xfail(f"{stage} drifted; accepted because no decision flipped:\n{format_stage(result)}")
         raise DriftError(format_stage(result))
 
 
 def test_gate_passes(parity_report) -> None:
     if not parity_report.passed:
-        first = parity_report.first_failure
-        raise DriftError(f"the candidate drifted; first drifted stage: {first.stage if first is not None else 'none compared'}")
+        raise DriftError(verdict_line(parity_report))

@@ -1,0 +1,59 @@
+"""Decisions a service makes from a pipeline's numbers, and which of them flip against the reference.
+
+Each function compares candidate and reference arrays and returns a `DecisionFlips`: the flips
+outside a near-tie band fail a gate; flips where the reference sits within the band of the
+decision boundary are near-ties, reported and not failed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from parity.results import DecisionFlips
+
+__all__ = ["threshold_flips", "argmax_flips", "verification_flips"]
+
+
+def threshold_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: float, names: list[str]) -> DecisionFlips:
+    """Multi-label decisions: output > threshold. A flip where the reference sits within ``band`` of it is a near-tie."""
+    flipped = (got > threshold) != (ref > threshold)
+    near = flipped & (np.abs(ref - threshold) <= band)
+    return DecisionFlips("threshold", threshold, band, int(ref.size),
+                         tuple(f"{names[i]}[{j}]" for i, j in zip(*np.nonzero(flipped & ~near))),
+                         tuple(f"{names[i]}[{j}]" for i, j in zip(*np.nonzero(near))))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def argmax_flips(got: np.ndarray, ref: np.ndarray, band: float, names: list[str]) -> DecisionFlips:
+    """Top-1 classes; a near-tie is a reference whose top-2 logits are within two budgets of each other."""
+    top_ref, top_got = ref.argmax(axis=1), got.argmax(axis=1)
+    ordered = np.sort(ref, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    flipped = top_ref != top_got
+    near = flipped & (margin <= 2 * band)  # each logit may move by the budget
+    label = [f"{names[i]}: class {top_ref[i]} -> {top_got[i]}" for i in range(len(names))]
+    prob = float(np.abs(_softmax(got.astype(np.float64)) - _softmax(ref.astype(np.float64))).max()) if ref.size else 0.0
+    return DecisionFlips("argmax", None, 2 * band, len(names), tuple(label[i] for i in np.nonzero(flipped & ~near)[0]),
+                         tuple(label[i] for i in np.nonzero(near)[0]), max_probability_error=prob)
+
+
+def _cosines(e: np.ndarray) -> np.ndarray:
+    unit = e.astype(np.float64) / np.maximum(np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True), 1e-12)
+    return unit @ unit.T
+
+
+def verification_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: float,
+                        names: list[str]) -> DecisionFlips:
+    """Pairs of samples judged the same identity when their embeddings' cosine reaches ``threshold``."""
+    i, j = np.triu_indices(len(names), k=1)
+    c_ref, c_got = _cosines(ref)[i, j], _cosines(got)[i, j]
+    flipped = (c_got >= threshold) != (c_ref >= threshold)
+    near = flipped & (np.abs(c_ref - threshold) <= band)
+    label = [f"{names[a]} ~ {names[b]}: cos {r:.4f} -> {g:.4f}" for a, b, r, g in zip(i, j, c_ref, c_got)]
+    return DecisionFlips("verification", threshold, band, len(label),
+                         tuple(label[k] for k in np.nonzero(flipped & ~near)[0]),
+                         tuple(label[k] for k in np.nonzero(near)[0]))
