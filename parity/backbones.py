@@ -9,20 +9,20 @@ it uses itself (see `parity.spec.EXTRACT_MODES_BY_LIBRARY`).
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from parity.convert import hf_to_openai, hf_to_timm, openai_to_hf, openai_to_timm
 from parity.errors import CheckpointError, SpecError
+from parity.extras import require
 from parity.forensics import summarize_structure
 from parity.spec import Spec
 
 __all__ = [
-    "EXTRAS",
-    "require",
     "create_backbone",
     "backbone_weights",
+    "weights_file",
     "checkpoint_converter",
     "extract_embedding",
     "describe_backbone",
@@ -32,9 +32,6 @@ __all__ = [
     "activation_family",
 ]
 
-# The optional extra that installs each library, as named in pyproject.toml.
-EXTRAS = {"transformers": "hf", "open_clip": "open-clip"}
-_MODULES = {"transformers": "transformers", "open_clip": "open_clip"}
 _HF_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 # Keys of the other tower in a whole-CLIP checkpoint: set aside by name, and the rest still loads strictly.
 _TEXT_TOWER = {
@@ -44,19 +41,6 @@ _TEXT_TOWER = {
 }
 # Leaf-module names that hold a block's activation in each library (QuickGELU vs GELU keeps every key).
 _ACTIVATION_NAMES = ("act", "activation_fn", "gelu")
-
-
-def require(library: str):
-    """Import an optional backbone library, or say which extra installs it.
-
-    Raises:
-        SpecError: the library is not installed.
-    """
-    try:
-        return importlib.import_module(_MODULES[library])
-    except ImportError as e:
-        raise SpecError(f"[backbone].library = {library!r} needs the optional extra: "
-                        f"pip install 'parity[{EXTRAS[library]}]' ({e})") from e
 
 
 def _hf_directory(spec: Spec) -> Path:
@@ -128,7 +112,15 @@ def backbone_weights(spec: Spec) -> Path | None:
     bb = spec.backbone
     if bb.checkpoint is None or bb.library != "transformers" or bb.checkpoint_format != "transformers":
         return bb.checkpoint
-    directory = _hf_directory(spec)
+    return weights_file(_hf_directory(spec))
+
+
+def weights_file(directory: Path) -> Path:
+    """The weight file of a transformers ``save_pretrained`` directory.
+
+    Raises:
+        CheckpointError: the directory holds no weights, or only a sharded checkpoint.
+    """
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return directory / name
@@ -167,50 +159,15 @@ def _visual_prefix(state: Mapping) -> dict:
     return {k.removeprefix("visual."): v for k, v in state.items()}
 
 
-def _to_timm_from_open_clip(state: dict, model) -> dict:
-    """OpenAI / open_clip key layout → timm, with timm's own checkpoint filter."""
-    import sys
-
-    pos = state.get("visual.positional_embedding")
-    if pos is not None and pos.shape[0] != model.pos_embed.shape[1]:
-        # timm would interpolate the position embeddings without a word: a silent input-size drift.
-        raise CheckpointError(
-            f"the checkpoint's position embeddings have {pos.shape[0]} tokens, the model {model.pos_embed.shape[1]}: "
-            "it was trained at another input size. Use the model name whose input size matches."
-        )
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        raise CheckpointError(f"timm has no checkpoint filter for {type(model).__name__}; "
-                              "convert the checkpoint to timm keys")
-    return filter_fn(state, model)
-
-
-def _to_timm_from_hf(state: dict, model) -> dict:
-    from parity.convert import hf_to_openai
-
-    return _to_timm_from_open_clip(hf_to_openai(_drop_text_tower(state, "transformers")), model)
-
-
-def _to_hf_from_open_clip(state: dict, model) -> dict:
-    from parity.convert import openai_to_hf
-
-    return openai_to_hf(state, with_projection=hasattr(model, "visual_projection"))
-
-
-def _to_open_clip_from_hf(state: dict, model) -> dict:
-    from parity.convert import hf_to_openai
-
-    return _visual_prefix(hf_to_openai(_drop_text_tower(state, "transformers")))
-
-
 # (library, checkpoint_format) → how the checkpoint's keys become the module's.
 _CONVERTERS = {
-    ("timm", "open_clip"): _to_timm_from_open_clip,
-    ("timm", "transformers"): _to_timm_from_hf,
+    ("timm", "open_clip"): openai_to_timm,
+    ("timm", "transformers"): hf_to_timm,
     ("transformers", "transformers"): _hf_layout,
-    ("transformers", "open_clip"): _to_hf_from_open_clip,
+    ("transformers", "open_clip"): lambda state, model: openai_to_hf(
+        state, with_projection=hasattr(model, "visual_projection")),
     ("open_clip", "open_clip"): lambda state, model: _visual_prefix(state),
-    ("open_clip", "transformers"): _to_open_clip_from_hf,
+    ("open_clip", "transformers"): lambda state, model: hf_to_openai(state, prefix=""),
 }
 
 

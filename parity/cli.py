@@ -229,7 +229,9 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from parity.report import render_inspection
 
     if args.checkpoint.is_dir():  # a save_pretrained directory
-        args.checkpoint = args.checkpoint / "model.safetensors"
+        from parity.backbones import weights_file
+
+        args.checkpoint = weights_file(args.checkpoint)
     checkpoint = read_checkpoint(args.checkpoint)
     summary = summarize_checkpoint(checkpoint, path=str(args.checkpoint), key=args.key)
     if args.against is None and args.class_path is None:
@@ -273,15 +275,14 @@ def _preprocess_source(text: str):
 
     path = Path(text)
     if path.suffix == ".toml":
-        from parity.pipeline import create_backbone, describe_data_config, resolve_preprocess
+        from parity.pipeline import create_backbone, preprocess_record, resolve_preprocess
         from parity.spec import load_spec
 
         spec = load_spec(path)
         # Shapes only: the preprocessing needs the model's configuration, never its weights.
         backbone = create_backbone(spec, meta=spec.backbone.library != "open_clip")
         _, config = resolve_preprocess(spec, backbone)
-        record = describe_data_config(config, **spec.preprocess.variant(), exif_transpose=spec.preprocess.exif_transpose)
-        return describe_record(record, source=str(path)), []
+        return describe_record(preprocess_record(spec, config), source=str(path)), []
     if path.is_dir() and (path / "manifest.json").is_file():
         from parity.fixtures import load_fixture
 

@@ -4,7 +4,7 @@ The same ViT ships under three key layouts: OpenAI/open_clip (``visual.conv1.wei
 packed ``attn.in_proj_weight``), transformers (``vision_model.encoder.layers.N.self_attn.q_proj``)
 and timm. Converting by hand is where parity drifts start, so every conversion here is total:
 each input key of the vision tower is either converted or named in a `CheckpointError`.
-open_clip -> timm is timm's own ``checkpoint_filter_fn``; `hf_to_timm` only chains it.
+open_clip -> timm is timm's own ``checkpoint_filter_fn`` (`openai_to_timm`); `hf_to_timm` chains it.
 
 Layouts follow the installed transformers (5.x): ``CLIPVisionModelWithProjection`` and
 ``CLIPModel`` hold the tower under ``vision_model.``; ``CLIPVisionModel`` *is* the tower, so its
@@ -28,6 +28,7 @@ __all__ = [
     "openai_to_hf",
     "hf_to_openai",
     "hf_vision_config_from_openai",
+    "openai_to_timm",
     "hf_to_timm",
 ]
 
@@ -200,18 +201,36 @@ def hf_vision_config_from_openai(
     return config
 
 
-def hf_to_timm(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """A transformers CLIP vision state dict for a timm ``VisionTransformer``, via timm's own filter.
-
-    timm's ``checkpoint_filter_fn`` also resamples the position embedding when ``model`` was
-    built for another image size, as loading pretrained weights in timm would.
+def openai_to_timm(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """An OpenAI/open_clip CLIP state dict for a timm model, with timm's own ``checkpoint_filter_fn``.
 
     Raises:
-        CheckpointError: see `hf_to_openai`.
+        CheckpointError: the checkpoint was trained at another input size (timm would resample the
+            position embeddings without a word: a silent input-size drift), or timm has no filter
+            for the model's family.
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    import sys
 
-    return checkpoint_filter_fn(hf_to_openai(state), model)
+    pos = state.get("visual.positional_embedding")
+    if pos is not None and pos.shape[0] != model.pos_embed.shape[1]:
+        raise CheckpointError(
+            f"the checkpoint's position embeddings have {pos.shape[0]} tokens, the model {model.pos_embed.shape[1]}: "
+            "it was trained at another input size. Use the model name whose input size matches."
+        )
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        raise CheckpointError(f"timm has no checkpoint filter for {type(model).__name__}; "
+                              "convert the checkpoint to timm keys")
+    return filter_fn(state, model)
+
+
+def hf_to_timm(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A transformers CLIP vision state dict for a timm ``VisionTransformer``, via `openai_to_timm`.
+
+    Raises:
+        CheckpointError: see `hf_to_openai` and `openai_to_timm`.
+    """
+    return openai_to_timm(hf_to_openai(state), model)
 
 
 def _vision_part(state: Mapping[str, Tensor], prefix: str, where: str) -> dict[str, Tensor]:

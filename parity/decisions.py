@@ -11,7 +11,7 @@ import numpy as np
 
 from parity.results import DecisionFlips
 
-__all__ = ["threshold_flips", "argmax_flips", "verification_flips"]
+__all__ = ["threshold_flips", "argmax_flips", "pair_cosines", "verification_flips"]
 
 
 def threshold_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: float, names: list[str]) -> DecisionFlips:
@@ -41,16 +41,19 @@ def argmax_flips(got: np.ndarray, ref: np.ndarray, band: float, names: list[str]
                          tuple(label[i] for i in np.nonzero(near)[0]), max_probability_error=prob)
 
 
-def _cosines(e: np.ndarray) -> np.ndarray:
-    unit = e.astype(np.float64) / np.maximum(np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True), 1e-12)
-    return unit @ unit.T
+def pair_cosines(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, cosine)`` for every pair of rows ``i < j``, computed in float64."""
+    e = embeddings.astype(np.float64)
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    i, j = np.triu_indices(len(unit), k=1)
+    return i, j, (unit @ unit.T)[i, j]
 
 
 def verification_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: float,
                         names: list[str]) -> DecisionFlips:
     """Pairs of samples judged the same identity when their embeddings' cosine reaches ``threshold``."""
-    i, j = np.triu_indices(len(names), k=1)
-    c_ref, c_got = _cosines(ref)[i, j], _cosines(got)[i, j]
+    i, j, c_ref = pair_cosines(ref)
+    c_got = pair_cosines(got)[2]
     flipped = (c_got >= threshold) != (c_ref >= threshold)
     near = flipped & (np.abs(c_ref - threshold) <= band)
     label = [f"{names[a]} ~ {names[b]}: cos {r:.4f} -> {g:.4f}" for a, b, r, g in zip(i, j, c_ref, c_got)]

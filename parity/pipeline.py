@@ -16,8 +16,8 @@ from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, r
 from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
 from parity.images import load_image
-from parity.preprocess import (Preprocess, create_hf_preprocess, create_open_clip_preprocess, create_preprocess,
-                               load_preprocessor_config)
+from parity.preprocess import (TIMM_DATA_CONFIG_KEYS, Preprocess, create_hf_preprocess, create_open_clip_preprocess,
+                               create_preprocess, load_preprocessor_config)
 from parity.spec import Spec
 
 __all__ = [
@@ -35,10 +35,9 @@ __all__ = [
     "describe_head",
     "describe_data_config",
     "describe_preprocess_config",
+    "preprocess_record",
     "resolve_preprocess",
 ]
-
-_DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 def import_object(path: str) -> Any:
@@ -69,7 +68,7 @@ def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pi
     if "library" in config:
         described = json.loads(json.dumps(dict(config), default=str))  # JSON-safe: tuples → lists, enums → str
         return dict(described, channel_order=channel_order, value_scale=value_scale, exif_transpose=exif_transpose)
-    described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in _DATA_CONFIG_KEYS}
+    described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in TIMM_DATA_CONFIG_KEYS}
     return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale,
                 exif_transpose=exif_transpose)
 
@@ -82,8 +81,13 @@ def _hf_record(config: Mapping[str, Any], processor: str) -> dict[str, Any]:
 def describe_preprocess_config(path: str | Path, *, processor: str = "fast", channel_order: str = "rgb",
                                value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
     """The manifest record of a transformers image processor read from ``path`` (capture-side helper)."""
-    return describe_data_config(_hf_record(load_preprocessor_config(path), processor), channel_order=channel_order, value_scale=value_scale,
-                                exif_transpose=exif_transpose)
+    return describe_data_config(_hf_record(load_preprocessor_config(path), processor), channel_order=channel_order,
+                                value_scale=value_scale, exif_transpose=exif_transpose)
+
+
+def preprocess_record(spec: Spec, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest record of the preprocessing ``spec`` resolves to (``config`` from `resolve_preprocess`)."""
+    return describe_data_config(config, **spec.preprocess.variant(), exif_transpose=spec.preprocess.exif_transpose)
 
 
 @dataclass
@@ -160,8 +164,7 @@ class Pipeline:
             "backbone": describe_backbone(self.backbone, name=spec.backbone.model, kwargs=dict(spec.backbone.kwargs),
                                           extract=spec.backbone.extract, normalize=spec.backbone.normalize,
                                           library=spec.backbone.library),
-            "preprocess": describe_data_config(self.data_config, **spec.preprocess.variant(),
-                                               exif_transpose=spec.preprocess.exif_transpose),
+            "preprocess": preprocess_record(spec, self.data_config),
             "head": describe_head(self.head, class_path=spec.head.class_path,
                                   input_biases_order=spec.head.input_biases_order),
             "runtime": {"device": str(self.device), "dtype": spec.runtime.dtype},
@@ -299,7 +302,7 @@ def resolve_preprocess(spec: Spec, backbone) -> tuple[Preprocess, dict[str, Any]
         if spec.backbone.library != "open_clip" or not cfg:
             raise SpecError(f"{spec.path}: [preprocess].library = \"open_clip\" reads the open_clip backbone's "
                             "preprocess_cfg; with another backbone use library = \"timm\" with explicit fields")
-        config = {"library": "open_clip", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
+        config = {"library": "open_clip", **cfg}
         return create_open_clip_preprocess(cfg["size"], mean=cfg["mean"], std=cfg["std"],
                                            interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
                                            fill_color=cfg.get("fill_color", 0), **variant), config

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from parity.errors import SpecError
+from parity.extras import require
 
 __all__ = [
     "RESIZE_BACKENDS",
@@ -30,13 +31,16 @@ __all__ = [
     "HF_PROCESSORS",
     "HF_PROCESSOR_TYPES",
     "OPEN_CLIP_RESIZE_MODES",
+    "TIMM_DATA_CONFIG_KEYS",
     "Preprocess",
     "ProcessorGeometry",
     "create_preprocess",
     "create_open_clip_preprocess",
+    "check_open_clip_options",
     "create_hf_preprocess",
     "create_hf_processor",
     "load_preprocessor_config",
+    "processor_mean_std",
 ]
 
 RESIZE_BACKENDS = ("pil", "tensor", "tensor_noaa")
@@ -47,6 +51,8 @@ HF_PROCESSORS = ("fast", "slow")
 # slow class saves itself without its "Pil" suffix, so the name never says fast or slow.
 HF_PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil", "CLIPFeatureExtractor")
 OPEN_CLIP_RESIZE_MODES = ("shortest", "longest", "squash")
+# The entries of timm's data config that decide its eval transform (what manifests record of it).
+TIMM_DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 CHANNEL_ORDERS = ("rgb", "bgr")
 VALUE_SCALES = ("unit", "byte")
 MEAN_STD_PRESETS = {
@@ -115,13 +121,16 @@ def create_preprocess(data_config: Mapping[str, Any], *, resize_backend: str = "
     return Preprocess(tuple(geometric), to_tensor, normalize, resize_backend, channel_order, value_scale)
 
 
-def _import_open_clip():
-    try:
-        import open_clip
-    except ImportError as e:
-        raise SpecError("open_clip preprocessing needs open_clip_torch, which is not installed\n"
-                        "Note: pip install 'parity[open-clip]'") from e
-    return open_clip
+def check_open_clip_options(interpolation: str, resize_mode: str) -> None:
+    """open_clip asserts on these; a SpecError names the option instead.
+
+    Raises:
+        SpecError: an interpolation or resize_mode open_clip does not accept.
+    """
+    if interpolation not in ("bicubic", "bilinear"):
+        raise SpecError(f"open_clip interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
+    if resize_mode not in OPEN_CLIP_RESIZE_MODES:
+        raise SpecError(f"open_clip resize_mode must be one of {OPEN_CLIP_RESIZE_MODES}, got {resize_mode!r}")
 
 
 def create_open_clip_preprocess(image_size: int | Sequence[int], *, mean: Sequence[float], std: Sequence[float],
@@ -139,15 +148,11 @@ def create_open_clip_preprocess(image_size: int | Sequence[int], *, mean: Sequen
     Raises:
         SpecError: open_clip is missing, or an option is outside what open_clip accepts.
     """
-    open_clip = _import_open_clip()
+    open_clip = require("open_clip", "open_clip preprocessing")
     from open_clip.transform import MaybeConvertMode
     from torchvision import transforms
 
-    # open_clip asserts on these; a SpecError names the option instead.
-    if interpolation not in ("bicubic", "bilinear"):
-        raise SpecError(f"open_clip interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-    if resize_mode not in OPEN_CLIP_RESIZE_MODES:
-        raise SpecError(f"open_clip resize_mode must be one of {OPEN_CLIP_RESIZE_MODES}, got {resize_mode!r}")
+    check_open_clip_options(interpolation, resize_mode)
     size = image_size if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     compose = open_clip.image_transform(size, is_train=False, mean=tuple(mean), std=tuple(std),
                                         interpolation=interpolation, resize_mode=resize_mode, fill_color=fill_color)
@@ -189,6 +194,7 @@ def _hf_processor_class(config: Mapping[str, Any], processor: str):
         if name is not None and name not in HF_PROCESSOR_TYPES:
             raise SpecError(f"{field} = {name!r} is not supported: parity reproduces only the CLIP image "
                             f"processor ({', '.join(HF_PROCESSOR_TYPES)})")
+    require("transformers", "transformers preprocessing")
     try:
         from transformers.models.clip import CLIPImageProcessor, CLIPImageProcessorPil
     except ImportError as e:
@@ -243,6 +249,13 @@ def _channels(value: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, Sequence) else (float(value),) * 3
 
 
+def processor_mean_std(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A transformers image processor's per-channel mean and std; (0, 0, 0) and (1, 1, 1) with normalization off."""
+    if not processor.do_normalize:
+        return (0.0,) * 3, (1.0,) * 3
+    return _channels(processor.image_mean), _channels(processor.image_std)
+
+
 def create_hf_preprocess(config: Mapping[str, Any] | str | Path, *, processor: str = "fast",
                          channel_order: str = "rgb", value_scale: str = "unit") -> Preprocess:
     """Build a transformers CLIP image processor as a `Preprocess` whose geometry runs the processor itself.
@@ -263,8 +276,7 @@ def create_hf_preprocess(config: Mapping[str, Any] | str | Path, *, processor: s
 
     config = load_preprocessor_config(config)
     built = create_hf_processor(config, processor=processor)
-    mean, std = ((_channels(built.image_mean), _channels(built.image_std)) if built.do_normalize
-                 else ((0.0,) * 3, (1.0,) * 3))
+    mean, std = processor_mean_std(built)
     # geometry rescales by 1/255; a processor that scales otherwise (or not at all) is folded into mean/std:
     # (x*r - m)/s == (x/255 - m/(255r)) / (s/(255r)).
     scale = 255 * (float(built.rescale_factor) if built.do_rescale else 1.0)

@@ -17,18 +17,21 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from parity.errors import SpecError
+from parity.extras import require
 from parity.preprocess import (
     CHANNEL_ORDERS,
     HF_PROCESSORS,
-    OPEN_CLIP_RESIZE_MODES,
     RESIZE_BACKENDS,
+    TIMM_DATA_CONFIG_KEYS,
     VALUE_SCALES,
     Preprocess,
+    check_open_clip_options,
     create_hf_preprocess,
     create_hf_processor,
     create_open_clip_preprocess,
     create_preprocess,
     load_preprocessor_config,
+    processor_mean_std,
 )
 
 __all__ = [
@@ -225,10 +228,7 @@ def describe_open_clip(image_size: int | Sequence[int], *, mean: Sequence[float]
     Raises:
         SpecError: an interpolation or resize_mode open_clip does not accept.
     """
-    if interpolation not in ("bicubic", "bilinear"):
-        raise SpecError(f"open_clip interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-    if resize_mode not in OPEN_CLIP_RESIZE_MODES:
-        raise SpecError(f"open_clip resize_mode must be one of {OPEN_CLIP_RESIZE_MODES}, got {resize_mode!r}")
+    check_open_clip_options(interpolation, resize_mode)
     size = _pair(image_size)
     resize = _OPEN_CLIP_RESIZE_MODES[resize_mode]
     fill: tuple[int, ...] = (0, 0, 0)
@@ -262,12 +262,8 @@ def describe_open_clip_model(name: str, *, pretrained: str | None = None, channe
     Raises:
         SpecError: open_clip is missing, or the model name or pretrained tag is unknown.
     """
-    try:
-        import open_clip
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-    except ImportError as e:
-        raise SpecError("open_clip preprocessing needs open_clip_torch, which is not installed\n"
-                        "Note: pip install 'parity[open-clip]'") from e
+    open_clip = require("open_clip", "open_clip preprocessing")
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
     from dataclasses import asdict
 
     cleaned = name.replace("/", "-")  # as open_clip does for built-in names
@@ -323,9 +319,7 @@ def describe_hf(config_or_path: Mapping[str, Any] | str | Path, *, processor: st
         raise SpecError(f"size = {config.get('size')!r} is not modelled: parity describes "
                         "{'shortest_edge': N} and {'height': H, 'width': W}")
     crop_size = (int(built.crop_size.height), int(built.crop_size.width)) if built.do_center_crop else None
-    normalize = bool(built.do_normalize)
-    mean = tuple(float(v) for v in _per_channel(built.image_mean)) if normalize else (0.0, 0.0, 0.0)
-    std = tuple(float(v) for v in _per_channel(built.image_std)) if normalize else (1.0, 1.0, 1.0)
+    mean, std = processor_mean_std(built)
     return PreprocessConfig(
         library=f"transformers-{processor}", source=source, resize=resize, resize_size=resize_size,
         resize_rounding=rounding, crop_size=crop_size,
@@ -337,10 +331,6 @@ def describe_hf(config_or_path: Mapping[str, Any] | str | Path, *, processor: st
         rescale_factor=float(built.rescale_factor) if built.do_rescale else 1.0, mean=mean, std=std,
         convert_rgb="composite_white" if built.do_convert_rgb else "none",
         channel_order=channel_order, value_scale=value_scale)
-
-
-def _per_channel(value: Any) -> tuple[float, ...]:
-    return tuple(value) if isinstance(value, Sequence) else (value,) * 3
 
 
 def _timm_data_config(name: str) -> dict[str, Any]:
@@ -381,7 +371,6 @@ def resolve_source(text: str) -> PreprocessConfig:
 
 
 _RECORD_KEYS = ("library", "processor", "channel_order", "value_scale", "exif_transpose", "resize_backend")
-_TIMM_RECORD_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 def describe_record(record: Mapping[str, Any], *, source: str) -> PreprocessConfig:
@@ -404,7 +393,7 @@ def describe_record(record: Mapping[str, Any], *, source: str) -> PreprocessConf
                                       interpolation=record.get("interpolation", "bicubic"),
                                       resize_mode=record.get("resize_mode", "shortest"),
                                       fill_color=record.get("fill_color", 0), source=source, **variant)
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in _TIMM_RECORD_KEYS}
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in TIMM_DATA_CONFIG_KEYS}
         return describe_timm(config, resize_backend=record.get("resize_backend", "pil"), source=source, **variant)
     except KeyError as e:
         raise SpecError(f"{source}: the {library} preprocessing record has no {e.args[0]!r}") from e

@@ -117,8 +117,10 @@ class Capture:
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if checkpoint.is_dir():  # a transformers directory: config.json, model.safetensors, preprocessor config
+                from parity.backbones import weights_file
+
                 self.folders[checkpoint.name] = checkpoint
-                weights = checkpoint / "model.safetensors"
+                weights = weights_file(checkpoint)
                 entry.update(file=f"{checkpoint.name}/{weights.name}", sha256=sha256_file(weights))
             else:
                 self.files[checkpoint.name] = checkpoint
@@ -144,7 +146,7 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
             fixture with its sha256.
         library: the backbone's library (``timm``, ``transformers``, ``open_clip``).
         preprocess: the preprocessing description for non-timm libraries (see
-            `parity.pipeline.describe_preprocess`); timm pipelines pass ``data_config``.
+            `parity.pipeline.describe_preprocess_config`); timm pipelines pass ``data_config``.
         extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
     """
     from parity.pipeline import describe_backbone, describe_data_config

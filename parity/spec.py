@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import SpecError
-from parity.preprocess import CHANNEL_ORDERS, RESIZE_BACKENDS, VALUE_SCALES
+from parity.preprocess import CHANNEL_ORDERS, HF_PROCESSORS, RESIZE_BACKENDS, VALUE_SCALES
 from parity.results import Tolerance
 
 __all__ = [
@@ -46,7 +46,6 @@ EXTRACT_MODES_BY_LIBRARY = {
 }
 EXTRACT_MODES = EXTRACT_MODES_BY_LIBRARY["timm"]
 DEFAULT_EXTRACT = {"timm": "pre_logits", "transformers": "pooler_output", "open_clip": "encode_image"}
-PROCESSORS = ("fast", "slow")
 GATES = ("outputs", "decisions")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
@@ -382,7 +381,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
                             + ("the preprocessor_config.json named by [preprocess].config"
                                if pre_library == "transformers" else "open_clip's model config")
                             + ". Remove the field or set library = \"timm\".")
-    processor = pp.get("processor", str, "fast", choices=PROCESSORS)
+    processor = pp.get("processor", str, "fast", choices=HF_PROCESSORS)
     config = _path(base, pp.get("config", str, None))
     if pre_library != "transformers" and ("processor" in pp.data or config is not None):
         raise SpecError(f"{path}: [preprocess].processor and .config are for library = \"transformers\" "

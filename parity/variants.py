@@ -179,6 +179,12 @@ def unsupported(spec: Spec) -> str | None:
     return None
 
 
+def _require_supported(spec: Spec) -> None:
+    reason = unsupported(spec)
+    if reason is not None:
+        raise SpecError(f"{spec.path}: {reason}")
+
+
 def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, device: str | None = None,
                   data_config: Mapping[str, Any] | None = None) -> list[Cell]:
     """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value.
@@ -186,9 +192,7 @@ def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, dev
     Raises:
         SpecError: the spec's backbone or preprocessing is not timm's (see `unsupported`).
     """
-    reason = unsupported(spec)
-    if reason is not None:
-        raise SpecError(f"{spec.path}: {reason}")
+    _require_supported(spec)
     axes = dict(spec.matrix if axes is None else axes)
     base = base_values(spec, data_config or resolve_data_config(spec), device=device)
     names = list(AXES)
@@ -343,9 +347,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
 
     from parity.pipeline import build_pipeline
 
-    reason = unsupported(spec)
-    if reason is not None:
-        raise SpecError(f"{spec.path}: {reason}")
+    _require_supported(spec)
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parity.decisions import pair_cosines
 from parity.images import load_image
 from parity.source import capture
 from reference.build_fixtures import run_builder
@@ -137,9 +138,7 @@ def train_head(embeddings: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
 
 def verification_threshold(embeddings: np.ndarray) -> float:
     """The middle of the widest gap between pair cosines near their median: no pair sits close to it."""
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    i, j = np.triu_indices(len(unit), k=1)
-    cosines = np.sort((unit @ unit.T)[i, j])
+    cosines = np.sort(pair_cosines(embeddings)[2])
     middle = cosines[len(cosines) // 4: 3 * len(cosines) // 4 + 1]
     k = int(np.diff(middle).argmax())
     return round(float(middle[k] + middle[k + 1]) / 2, 4)

@@ -17,14 +17,19 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = ROOT / "specs" / "clip_dnn.toml"
 EXAMPLE_FIXTURES = ROOT / "fixtures" / "clip_dnn"
+# The second bundled example: transformers CLIPVisionModel + MLP classifier.
+CLASSIFIER_SPEC = ROOT / "specs" / "clip_mlp.toml"
+CLASSIFIER_FIXTURES = ROOT / "fixtures" / "clip_mlp"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under `make test` the optional libraries are required, so their tests cannot skip unnoticed."""
     if not os.environ.get("PARITY_REQUIRE_EXTRAS"):
         return
-    missing = [f"{module} (pip install -e '.[{extra}]')" for module, extra in
-               (("transformers", "hf"), ("open_clip", "open-clip")) if importlib.util.find_spec(module) is None]
+    from parity.extras import EXTRAS
+
+    missing = [f"{module} (pip install -e '.[{extra}]')" for module, extra in EXTRAS.items()
+               if importlib.util.find_spec(module) is None]
     if missing:
         raise pytest.UsageError("PARITY_REQUIRE_EXTRAS is set but these are not installed: " + ", ".join(missing))
 

@@ -15,12 +15,12 @@ from parity.forensics import infer_layers, module_source
 from parity.pipeline import build_pipeline
 from parity.results import Status
 from parity.spec import load_spec
-from tests.conftest import ROOT
+from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
 
 transformers = pytest.importorskip("transformers")
 
-SPEC = ROOT / "specs" / "clip_mlp.toml"
-BACKBONE = ROOT / "fixtures" / "clip_mlp" / "backbone"
+SPEC = CLASSIFIER_SPEC
+BACKBONE = CLASSIFIER_FIXTURES / "backbone"
 VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
           "image_size": 64, "patch_size": 32, "projection_dim": 16}
 

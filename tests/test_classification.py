@@ -14,12 +14,9 @@ from parity.pipeline import build_pipeline
 from parity.report import render_text, verdict_line
 from parity.results import Status, Verdict
 from parity.spec import load_spec
-from tests.conftest import ROOT
+from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
 
 pytest.importorskip("transformers")
-
-CLASSIFIER_SPEC = ROOT / "specs" / "clip_mlp.toml"
-CLASSIFIER_FIXTURES = ROOT / "fixtures" / "clip_mlp"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal, write_spec
+from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal, write_spec
 
 
 def test_check_passes_and_writes_json(tmp_path, capsys):
@@ -95,8 +95,7 @@ def test_explain_preprocess_names_the_fields_and_measures_images(tmp_path, capsy
 
 
 def test_explain_preprocess_of_a_spec_and_its_fixture_is_identical(capsys):
-    spec = EXAMPLE_SPEC.parent / "clip_mlp.toml"
-    assert main(["explain-preprocess", str(spec), str(EXAMPLE_FIXTURES.parent / "clip_mlp")]) == EXIT_PASS
+    assert main(["explain-preprocess", str(CLASSIFIER_SPEC), str(CLASSIFIER_FIXTURES)]) == EXIT_PASS
     assert "IDENTICAL: no field differs; 0 of 18 images differ." in capsys.readouterr().out
 
 

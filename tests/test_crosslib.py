@@ -16,7 +16,7 @@ from parity.pipeline import build_pipeline
 from parity.results import Status, Verdict
 from parity.source import capture_pipeline
 from parity.spec import load_spec
-from tests.conftest import EXAMPLE_FIXTURES, ROOT
+from tests.conftest import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
 
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
@@ -206,7 +206,7 @@ def test_timm_preprocessing_for_another_library_needs_every_field(world):
 
 def timm_serving_spec(tmp_path: Path) -> Path:
     """A spec that serves the bundled clip_mlp fixture (transformers weights and processor) with timm."""
-    fixture = ROOT / "fixtures" / "clip_mlp"
+    fixture = CLASSIFIER_FIXTURES
     spec = tmp_path / "timm_serving.toml"
     spec.write_text(f"""
 [backbone]
@@ -229,7 +229,7 @@ verification_threshold = 0.6418
 
 
 def test_serving_the_transformers_classifier_with_timm_names_the_preprocessing_gap(tmp_path):
-    fixture = ROOT / "fixtures" / "clip_mlp"
+    fixture = CLASSIFIER_FIXTURES
     spec = timm_serving_spec(tmp_path)
     report = run_check(load_spec(spec), fixtures=fixture)
     assert report.stage("load").status is Status.PASS
@@ -261,7 +261,7 @@ def test_extraction_point_is_compared_across_libraries(world):
 def test_diagnose_explains_a_preprocessing_no_spec_field_reaches(tmp_path):
     from parity.diagnose import diagnose
 
-    result = diagnose(load_spec(timm_serving_spec(tmp_path)), fixtures=ROOT / "fixtures" / "clip_mlp", samples=2)
+    result = diagnose(load_spec(timm_serving_spec(tmp_path)), fixtures=CLASSIFIER_FIXTURES, samples=2)
     assert result.drift and not result.confirmed
     assert result.notes[0] == "The preprocessing differs from the fixture's:"
     assert any("crop_offset_rounding: floor (reference) vs round_half_even (candidate)" in n for n in result.notes)

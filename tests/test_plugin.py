@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE_SPEC, ROOT, write_spec
+from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT, write_spec
 
 GATE = (ROOT / "tests" / "parity" / "test_gate.py").read_text()
 
@@ -115,7 +115,7 @@ def test_a_decisions_gate_marks_moved_stages_xfail(gate, tmp_path: Path):
     from parity.check import run_check
     from parity.spec import load_spec
 
-    classifier = ROOT / "specs" / "clip_mlp.toml"
+    classifier = CLASSIFIER_SPEC
     run_check(load_spec(classifier))  # import transformers before the inline session (see loaded_modules)
     text = classifier.read_text().replace('"../fixtures/', f'"{ROOT / "fixtures"}/')
     spec = tmp_path / "slow.toml"

@@ -11,7 +11,7 @@ from parity.checkpoints import read_state_dict
 from parity.fixtures import load_fixture
 from reference import build_fixtures
 from reference.models import MultiLabelRegressionNN
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.conftest import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def rebuilt_classifier(tmp_path_factory):
 
 
 def test_rebuild_reproduces_the_shipped_classifier_fixture(rebuilt_classifier):
-    shipped = load_fixture(EXAMPLE_FIXTURES.parent / "clip_mlp")
+    shipped = load_fixture(CLASSIFIER_FIXTURES)
     fresh = load_fixture(rebuilt_classifier)
     assert fresh.names == shipped.names
     assert fresh.manifest["pipeline"] == shipped.manifest["pipeline"]

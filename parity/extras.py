@@ -1,0 +1,30 @@
+"""The optional libraries (transformers, open_clip) and the extra that installs each."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from parity.errors import SpecError
+
+__all__ = ["EXTRAS", "require"]
+
+# Module name → the optional extra that installs it, as named in pyproject.toml.
+EXTRAS = {"transformers": "hf", "open_clip": "open-clip"}
+
+
+def require(library: str, purpose: str | None = None) -> ModuleType:
+    """Import an optional library, or say which extra installs it.
+
+    Args:
+        library: ``"transformers"`` or ``"open_clip"``.
+        purpose: what needs it, for the message (default: a ``[backbone].library`` of that name).
+
+    Raises:
+        SpecError: the library is not installed.
+    """
+    try:
+        return importlib.import_module(library)
+    except ImportError as e:
+        needs = purpose or f"[backbone].library = {library!r}"
+        raise SpecError(f"{needs} needs the optional extra: pip install 'parity[{EXTRAS[library]}]' ({e})") from e
