@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "Tolerance",
@@ -19,6 +21,7 @@ __all__ = [
     "StageResult",
     "ConfigDiff",
     "Report",
+    "CandidateRun",
 ]
 
 
@@ -263,3 +266,44 @@ class Report:
             if result.stage == name:
                 return result
         raise KeyError(f"no stage named {name!r}; stages: {[s.stage for s in self.stages]}")
+
+
+@dataclass(frozen=True)
+class CandidateRun:
+    """What one runner observed of a candidate, stage by stage; the comparator judges it.
+
+    ``None`` means not observed. ``unobservable`` names the stages this runner cannot see and why
+    (an HTTP service shows no pixels), so they are reported as such, never as a match. ``rows`` are
+    the fixture rows that ``embeddings`` and ``outputs`` belong to, in order; a row that failed
+    (unreadable file, the candidate raised on it) is in ``sample_errors`` instead.
+
+    Attributes:
+        runner: what produced the record (``spec``, ``python``, ``endpoint_handler``, ``onnx``, ``url``, ``logged``).
+        description: the candidate's configuration as manifests record it (provenance, config diffs).
+        load_failure: why a strict load failed; nothing else was run.
+        fingerprints: part (``backbone``, ``head``) -> tensor name -> sha256 of the modules actually used.
+        modules: part -> the torch module actually used, to measure how far a changed tensor moved.
+        conversions: sample -> how its image was converted to RGB.
+        pixels: golden sample -> pixels (3, H, W) entering the backbone.
+        embeddings: (len(rows), D) embeddings entering the head.
+        head_outputs: the candidate head on the fixture's reference embeddings, every row.
+        outputs: (len(rows), L) the candidate's outputs.
+        nondeterministic: stages whose values changed between two identical calls.
+        errors: stage -> what the candidate raised there (the stage fails with it).
+    """
+
+    runner: str
+    description: Mapping[str, Any] = field(default_factory=dict)
+    load_failure: KeyDiff | None = None
+    fingerprints: Mapping[str, Mapping[str, str]] | None = None
+    modules: Mapping[str, Any] = field(default_factory=dict)
+    rows: tuple[int, ...] = ()
+    sample_errors: tuple[tuple[str, str], ...] = ()
+    conversions: Mapping[str, str] = field(default_factory=dict)
+    pixels: Mapping[str, Any] | None = None
+    embeddings: Any = None
+    head_outputs: Any = None
+    outputs: Any = None
+    nondeterministic: tuple[str, ...] = ()
+    errors: Mapping[str, str] = field(default_factory=dict)
+    unobservable: Mapping[str, str] = field(default_factory=dict)

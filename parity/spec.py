@@ -29,6 +29,9 @@ __all__ = [
     "HeadSpec",
     "RuntimeSpec",
     "DecisionsSpec",
+    "CandidateSpec",
+    "CANDIDATE_KINDS",
+    "parse_candidate",
     "Spec",
     "load_spec",
     "default_tolerance",
@@ -164,6 +167,34 @@ class DecisionsSpec:
         return self.threshold is not None or self.argmax or self.verification_threshold is not None
 
 
+CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged")
+# What a python candidate's positional arguments are, in order (see README "Gating the code that ships").
+CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
+CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """What ships, when it is not the spec-built pipeline: ``[candidate]`` or ``--candidate KIND:TARGET``.
+
+    ``kind`` is ``spec`` (the pipeline this spec builds) or one of `CANDIDATE_KINDS`; ``target`` is
+    ``module:function`` (python), a path (endpoint_handler, onnx, logged) or a URL (url). Paths are
+    absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
+    outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
+    url: ``multipart`` or ``json``); ``timeout`` (seconds) and ``retries`` bound a url candidate.
+    ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
+    """
+
+    kind: str = "spec"
+    target: str = ""
+    inputs: tuple[str, ...] | None = None
+    output_key: str | None = None
+    send: str | None = None
+    timeout: float = 30.0
+    retries: int = 2
+    python_path: Path | None = None
+
+
 @dataclass(frozen=True)
 class Spec:
     """A parsed, validated spec. Paths are absolute (resolved against the spec's folder)."""
@@ -178,6 +209,7 @@ class Spec:
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     matrix: Mapping[str, tuple] = field(default_factory=dict)
     decisions: DecisionsSpec = DecisionsSpec()
+    candidate: CandidateSpec = CandidateSpec()
 
     def fixture_root(self, override: str | Path | None = None) -> Path:
         """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.
@@ -453,6 +485,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
     if decisions.gate == "decisions" and not decisions.any:
         raise SpecError(f"{path}: [decisions].gate = \"decisions\" needs a decision to gate on: set "
                         "threshold, argmax = true or verification_threshold")
+    candidate = _candidate(root.table("candidate"), base)
     root.seen.add("matrix")
     from parity.variants import parse_axes  # variants builds on spec; the import is deferred
 
@@ -469,4 +502,49 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         tolerances=tolerances,
         matrix=matrix,
         decisions=decisions,
+        candidate=candidate,
     )
+
+
+def _candidate(table: _Table, base: Path) -> CandidateSpec:
+    named = [kind for kind in CANDIDATE_KINDS if kind in table.data]
+    if len(named) > 1:
+        raise SpecError(f"{table.path}: [candidate] names {' and '.join(named)}; name exactly one of "
+                        f"{', '.join(CANDIDATE_KINDS)}")
+    if not named:
+        table.finish()
+        return CandidateSpec(python_path=base)
+    kind = named[0]
+    target = table.get(kind, str)
+    inputs = table.get("inputs", list, None)
+    if inputs is not None:
+        unknown = [name for name in inputs if name not in CANDIDATE_INPUTS]
+        if unknown or not inputs:
+            raise SpecError(f"{table.path}: [candidate].inputs = {inputs!r}: each entry must be one of "
+                            f"{', '.join(CANDIDATE_INPUTS)}")
+    candidate = CandidateSpec(
+        kind=kind,
+        target=target if kind in ("python", "url") else str(_path(base, target)),
+        inputs=None if inputs is None else tuple(inputs),
+        output_key=table.get("output_key", str, None),
+        send=table.get("send", str, None, choices=CANDIDATE_SEND),
+        timeout=table.number("timeout", 30.0, low=0.0, high=3600.0, open_low=True),
+        retries=table.get("retries", int, 2),
+        python_path=_path(base, table.get("python_path", str, ".")),
+    )
+    table.finish()
+    if kind == "python" and ":" not in target:
+        raise SpecError(f"{table.path}: [candidate].python must be 'module:function', got {target!r}")
+    if not 0 <= candidate.retries <= 10:
+        raise SpecError(f"{table.path}: [candidate].retries = {candidate.retries}: expected 0 to 10")
+    return candidate
+
+
+def parse_candidate(text: str, *, base: Path) -> CandidateSpec:
+    """``KIND:TARGET`` from the command line (paths relative to ``base``), e.g. ``python:app:predict``."""
+    kind, sep, target = text.partition(":")
+    if not sep or kind not in CANDIDATE_KINDS or not target:
+        raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
+                        "(e.g. python:app:predict, endpoint_handler:handler.py, onnx:model.onnx, "
+                        "url:http://127.0.0.1:8000/predict, logged:requests.jsonl)")
+    return _candidate(_Table({kind: target}, "candidate", base / "--candidate"), base)

@@ -1,0 +1,219 @@
+"""The comparator: judge one `CandidateRun` against a fixture, stage by stage, in data order.
+
+It runs no model: every number it needs is in the record or the fixture. Notes and fixes are
+added afterwards by `parity.explain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from parity.checkpoints import read_state_dict
+from parity.compare import compare_arrays
+from parity.decisions import argmax_flips, threshold_flips, verification_flips
+from parity.fixtures import Fixture
+from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff, Tolerance
+from parity.spec import DTYPES, Spec, default_tolerance
+
+__all__ = ["STAGE_ORDER", "compare_run", "stage_tolerance", "recorded_library"]
+
+STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
+
+
+def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
+    """The spec's explicit tolerance, else a calibrated budget, else the reference precision's default.
+
+    A candidate that changes precision (float16, bfloat16) is therefore drift unless its
+    spec states the budget it accepts or a calibration at that precision exists.
+    """
+    from parity.calibrate import calibrated_tolerance
+
+    if stage in spec.tolerances:
+        return spec.tolerances[stage]
+    calibrated = calibrated_tolerance(fixture.manifest, stage, spec.runtime.dtype)
+    if calibrated is not None:
+        return calibrated
+    reference = fixture.pipeline.get("runtime", {}).get("dtype", "float32")
+    return default_tolerance(stage, reference if reference in DTYPES else "float32")
+
+
+def recorded_library(fixture: Fixture) -> str:
+    return fixture.pipeline.get("backbone", {}).get("library", "timm")
+
+
+def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, StageResult]:
+    """One `StageResult` per stage of `STAGE_ORDER`."""
+    if run.load_failure is not None:
+        failed = StageResult("load", Status.FAIL, "weights do not load with strict=True", key_diffs=(run.load_failure,))
+        return {"load": failed, **{s: StageResult(s, Status.SKIP, "not run: weights did not load")
+                                   for s in STAGE_ORDER[1:]}}
+
+    def compare(stage: str, candidate, reference, names: Sequence[str], *, cosine: bool = False) -> StageResult:
+        comparison = compare_arrays(np.asarray(candidate), reference, tolerance=stage_tolerance(spec, fixture, stage),
+                                    names=names, cosine=cosine)
+        return StageResult(stage, Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
+
+    def unobserved(stage: str, default: str) -> StageResult:
+        reason = run.unobservable.get(stage)
+        return StageResult(stage, Status.SKIP, f"not observable: {reason}" if reason else default)
+
+    names, rows = fixture.names, list(run.rows)
+    stages = {"load": unobserved("load", "") if "load" in run.unobservable
+              else StageResult("load", Status.PASS, _load_headline(spec)),
+              "weights": _weights_stage(run, fixture, spec), "decode": _decode_stage(run, len(names))}
+
+    golden = [name for name in fixture.golden_pixels if run.pixels is not None and name in run.pixels]
+    if run.pixels is None:
+        stages["pixels"] = unobserved("pixels", "not run")
+    elif not fixture.golden_pixels:
+        stages["pixels"] = StageResult("pixels", Status.SKIP, "the fixture has no golden pixels")
+    elif not golden:
+        stages["pixels"] = StageResult("pixels", Status.SKIP, "no golden image was decoded")
+    else:
+        stages["pixels"] = compare("pixels", np.stack([run.pixels[n] for n in golden]),
+                                   np.stack([fixture.golden_pixels[n] for n in golden]), golden)
+
+    if "embedding" in run.errors:
+        stages["embedding"] = StageResult("embedding", Status.FAIL, run.errors["embedding"])
+    elif run.embeddings is None:
+        stages["embedding"] = unobserved("embedding", "not run")
+    else:
+        stages["embedding"] = compare("embedding", run.embeddings, fixture.embeddings[rows], [names[i] for i in rows],
+                                      cosine=True)
+
+    stages["head"] = _head_stage("head", run, run.head_outputs, fixture.outputs, names, compare, unobserved)
+    stages["outputs"] = _head_stage("outputs", run, run.outputs, fixture.outputs[rows], [names[i] for i in rows],
+                                    compare, unobserved,
+                                    default="not run: no candidate embeddings of the right shape")
+    stages["decisions"] = _decision_stage(spec, fixture, stages, run)
+    return {s: stages[s] for s in STAGE_ORDER}
+
+
+def _head_stage(stage: str, run: CandidateRun, values, reference, names, compare, unobserved, *,
+                default: str = "not run") -> StageResult:
+    if stage in run.errors:
+        return StageResult(stage, Status.FAIL, run.errors[stage])
+    if values is None:
+        return unobserved(stage, default)
+    if stage in run.nondeterministic:
+        return StageResult(stage, Status.FAIL, "the head gives different outputs for the same inputs in eval mode: "
+                           "dropout or another random layer is active in forward()")
+    return compare(stage, values, reference, names)
+
+
+def _decode_stage(run: CandidateRun, total: int) -> StageResult:
+    converted = f", {len(run.conversions)} converted to RGB" if run.conversions else ""
+    notes = tuple(f"{name}: {note}" for name, note in run.conversions.items())
+    if run.sample_errors:
+        return StageResult("decode", Status.FAIL, f"{len(run.sample_errors)} of {total} samples cannot be decoded; "
+                           "an unreadable sample never counts as parity", sample_errors=tuple(run.sample_errors),
+                           notes=notes)
+    return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=notes)
+
+
+def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResult], run: CandidateRun) -> StageResult:
+    """Every decision the spec names, checked for flips; a flip where the reference sits within the
+    budget of the boundary is a near-tie (reported, not failed); any other flip fails."""
+    wanted = spec.decisions
+    if not wanted.any:
+        return StageResult("decisions", Status.SKIP, "no [decisions] in the spec")
+    kept = list(run.rows)
+    names = [fixture.rows[i].name for i in kept]
+    found: list[DecisionFlips] = []
+    skipped: list[str] = []
+    out_cmp = stages["outputs"].comparison
+    if wanted.threshold is not None or wanted.argmax:
+        if run.outputs is None or out_cmp is None or not out_cmp.shapes_match:
+            skipped.append("no comparable outputs")
+        else:
+            ref, band = fixture.outputs[kept], out_cmp.tolerance.atol
+            if wanted.threshold is not None:
+                found.append(threshold_flips(wanted.threshold, run.outputs, ref, band, names))
+            if wanted.argmax:
+                found.append(argmax_flips(run.outputs, ref, band, names))
+    if wanted.verification_threshold is not None:
+        emb_cmp = stages["embedding"].comparison
+        if run.embeddings is None or emb_cmp is None or not emb_cmp.shapes_match:
+            skipped.append("no comparable embeddings")
+        else:
+            # Each embedding may turn by arccos(min_cosine); a pair's angle by twice that.
+            floor = emb_cmp.tolerance.min_cosine if emb_cmp.tolerance.min_cosine is not None else 1.0
+            band = 2 * float(np.arccos(np.clip(floor, -1.0, 1.0)))
+            found.append(verification_flips(wanted.verification_threshold, run.embeddings,
+                                             fixture.embeddings[kept], band, names))
+    if not found:
+        return StageResult("decisions", Status.SKIP, "not run: " + "; ".join(skipped))
+    headline = "; ".join(f"{d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
+                         for d in found)
+    if skipped:
+        headline += "; not run: " + "; ".join(skipped)
+    failed = any(d.flips for d in found)
+    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found))
+
+
+def _load_headline(spec: Spec) -> str:
+    headline = "backbone and head loaded with strict=True"
+    for section, part in (("backbone", spec.backbone), ("head", spec.head)):
+        explicit = [f"state_dict_key {part.state_dict_key!r}"] if part.state_dict_key else []
+        explicit += [f"key_map {dict(part.key_map)}"] if part.key_map else []
+        explicit += [f"drop_keys {list(part.drop_keys)}"] if part.drop_keys else []
+        if explicit:
+            headline += f"; {section}: " + ", ".join(explicit)
+    return headline
+
+
+def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResult:
+    """Bit-identity of the deployed weights with the trained ones, by per-tensor sha256."""
+    recorded = fixture.manifest.get("weights")
+    if run.fingerprints is None:
+        reason = run.unobservable.get("weights")
+        return StageResult("weights", Status.SKIP, f"not observable: {reason}" if reason else "not run")
+    if not recorded:
+        return StageResult("weights", Status.SKIP, "the fixture records no weight fingerprints")
+    library = run.description.get("backbone", {}).get("library", spec.backbone.library)
+    other_library = recorded_library(fixture) != library
+    diffs: list[TensorDiff] = []
+    checked = 0
+    for part, entry in recorded.items():
+        got = run.fingerprints.get(part)
+        if got is None or (part == "backbone" and other_library):
+            continue
+        checked += len(entry["tensors"])
+        changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
+        diffs += _measure(run.modules.get(part), fixture, part, entry.get("file"), changed)
+    # Converting between libraries renames, splits and transposes tensors; the embeddings are their check.
+    crossed = (f"; backbone not compared: fingerprinted as a {recorded_library(fixture)} module, deployed as a "
+               f"{library} one (converted layout; the embedding stage checks it)"
+               if other_library and "backbone" in recorded else "")
+    if not checked:
+        return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
+    if not diffs:
+        return StageResult("weights", Status.PASS, f"{checked} tensors bit-identical to the trained weights" + crossed)
+    parts = sorted({d.part for d in diffs})
+    return StageResult(
+        "weights", Status.FAIL, f"{len(diffs)} of {checked} tensors differ from the trained weights",
+        tensor_diffs=tuple(diffs),
+        notes=tuple(f"Fix: deploy the {part} checkpoint the fixture was made with "
+                    f"({recorded[part].get('file')}), or rebuild the fixture from the new one" for part in parts),
+    )
+
+
+def _measure(module, fixture: Fixture, part: str, file: str | None, names: list[str]) -> list[TensorDiff]:
+    """How far each changed tensor moved, when the fixture keeps a copy of the trained file."""
+    if not names:
+        return []
+    current = module.state_dict() if module is not None else {}
+    trained = {}
+    if file and (fixture.root / file).is_file():
+        trained = read_state_dict(fixture.root / file)
+    out = []
+    for name in names:
+        old = trained.get(name)
+        if old is None or name not in current or tuple(old.shape) != tuple(current[name].shape):
+            out.append(TensorDiff(part, name, None, "not comparable with the trained copy"))
+        else:
+            delta = (current[name].detach().double().cpu() - old.double()).abs().max().item()
+            out.append(TensorDiff(part, name, delta))
+    return out

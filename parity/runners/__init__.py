@@ -1,0 +1,39 @@
+"""Runners turn a candidate into one `CandidateRun` record of what it observed per stage.
+
+The comparator (`parity.comparator`) judges any record the same way, whatever produced it. Each
+kind of candidate (`parity.spec.CANDIDATE_KINDS`, plus ``spec`` for the spec-built pipeline) has
+one runner module exposing ``run(spec, fixture, *, device, progress) -> CandidateRun``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from parity.errors import SpecError
+from parity.fixtures import Fixture
+from parity.results import CandidateRun
+from parity.runners.pipeline import run_pipeline, run_spec
+from parity.spec import Spec
+
+__all__ = ["RUNNERS", "run_candidate", "run_pipeline", "run_spec"]
+
+# kind -> module holding its ``run``; imported only when that kind is gated.
+RUNNERS = {
+    "spec": "parity.runners.pipeline",
+    "python": "parity.runners.python_app",
+    "endpoint_handler": "parity.runners.endpoint",
+    "onnx": "parity.runners.onnx",
+    "url": "parity.runners.http",
+    "logged": "parity.runners.logged",
+}
+
+
+def run_candidate(spec: Spec, fixture: Fixture, *, device: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CandidateRun:
+    """Run what ``spec.candidate`` names (the spec-built pipeline by default) over the fixture."""
+    kind = spec.candidate.kind
+    if kind not in RUNNERS:
+        raise SpecError(f"no runner for candidate kind {kind!r}; known: {', '.join(RUNNERS)}")
+    module = importlib.import_module(RUNNERS[kind])
+    return module.run(spec, fixture, device=device, progress=progress)
