@@ -17,6 +17,7 @@ from parity.source import git_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
 from parity.forensics import diff_structure
+from parity.freeze import verify_referenced_checkpoints
 from parity.pipeline import Pipeline, build_pipeline
 from parity.results import ConfigDiff, DecisionFlips, Report, StageResult, Status, TensorDiff
 from parity.spec import DTYPES, Spec, default_tolerance
@@ -203,6 +204,7 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     """
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
+    verify_referenced_checkpoints(fixture)
     device_name = device or spec.runtime.device
     report = dict(spec=str(spec.path), fixtures=str(root), device=device_name, dtype=spec.runtime.dtype)
     try:
