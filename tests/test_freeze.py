@@ -22,7 +22,7 @@ from torch import nn
 from parity.cli import main
 from parity.errors import FixtureError, SpecError
 from parity.fixtures import load_fixture
-from parity.freeze import FieldMap, freeze, parse_field_map, read_metadata, select_golden
+from parity.freeze import FieldMap, freeze, parse_field_map, read_metadata, read_rows_array, select_golden
 from parity.pipeline import build_pipeline
 from parity.spec import load_spec
 from tests.conftest import EXAMPLE_FIXTURES
@@ -217,6 +217,21 @@ def test_row_count_mismatch_is_a_usage_error(project, tmp_path, capsys, rows, wo
     err = capsys.readouterr().err
     assert words in err and "row i of the embeddings must be metadata entry i" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_embeddings_are_read_without_unpickling_and_in_a_known_layout(tmp_path):
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}, {"b": 2}], dtype=object), allow_pickle=True)
+    with pytest.raises(FixtureError, match="cannot read embeddings"):
+        read_rows_array(pickled, what="embeddings", rows=2, metadata="meta.json")
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((2, 2, 8), np.float32))
+    with pytest.raises(FixtureError, match=r"must be \(N, 1, D\) or \(N, D\), got shape \(2, 2, 8\)"):
+        read_rows_array(wide, what="embeddings", rows=2, metadata="meta.json")
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.zeros((2, 8), np.int64))
+    with pytest.raises(FixtureError, match="must be a floating-point"):
+        read_rows_array(ints, what="embeddings", rows=2, metadata="meta.json")
 
 
 def test_unmapped_image_field_names_the_field_and_the_flag(project, tmp_path, capsys):
