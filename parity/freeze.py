@@ -161,7 +161,7 @@ def _integers(values: list[Any], *, what: str, where: str) -> tuple[int, ...]:
 
 def _floats(values: list[Any], *, what: str, where: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in values if not isinstance(v, bool))
+        return tuple(float(v) for v in values)  # a boolean label is 0.0 or 1.0
     except (TypeError, ValueError) as e:
         raise FixtureError(f"{where}: {what} must be numbers, got {values!r}") from e
 
@@ -381,7 +381,9 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
     pixels = {i: pipeline.preprocess(rows[i].image) for i in picked}
     import torch
 
-    again = pipeline.embed(torch.stack([pixels[i] for i in picked])).numpy()
+    size = spec.runtime.batch_size
+    again = np.concatenate([pipeline.embed(torch.stack([pixels[i] for i in picked[s:s + size]])).numpy()
+                            for s in range(0, len(picked), size)])
     embedding = compare_arrays(again, stored[picked], tolerance=tolerance, names=names, cosine=True)
     result = dict(out=out, samples=len(rows), golden=tuple(names), embedding=embedding)
     if not embedding:
@@ -399,13 +401,10 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
             return FreezeResult(**result, written=False, head=head)
 
     revision = git_revision(spec.path) or git_revision(embeddings)
-    checkpoints = {"backbone": None, "head": spec.head.weights}
-    if copy_checkpoints:
-        checkpoints["backbone"] = spec.backbone.checkpoint
     say("writing the fixture")
     with capture(out, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
                  model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract, transform=pipeline.transform,
-                 checkpoint=checkpoints["backbone"], force=force) as cap:
+                 checkpoint=spec.backbone.checkpoint if copy_checkpoints else None, force=force) as cap:
         cap.manifest["pipeline"] = pipeline.describe()
         cap.manifest["producer"] = {
             "script": "parity freeze", "spec": str(spec.path), "git_revision": revision,
