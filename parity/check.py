@@ -8,6 +8,7 @@ from pathlib import Path
 from parity.comparator import STAGE_ORDER, compare_run, stage_tolerance
 from parity.explain import SETTABLE, diff_config, explain_run, toml_value
 from parity.fixtures import Fixture, load_fixture
+from parity.freeze import verify_referenced_checkpoints
 from parity.results import CandidateRun, Report
 from parity.runners import run_candidate
 from parity.spec import Spec
@@ -28,6 +29,7 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         CheckpointError: a checkpoint cannot be read at all.
     """
     fixture = load_fixture(spec.fixture_root(fixtures))
+    verify_referenced_checkpoints(fixture)
     device_name = device or spec.runtime.device
     run = run_candidate(spec, fixture, device=device_name, progress=progress)
     return judge_run(run, fixture, spec, device=device_name)

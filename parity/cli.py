@@ -104,6 +104,29 @@ def _parser() -> argparse.ArgumentParser:
                          help="images or folders of images to measure on (default: a fixture source's images)")
     explain.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
                          help="also write the explanation as JSON")
+    freeze = commands.add_parser(
+        "freeze", help="turn existing training artifacts (embeddings, metadata, checkpoints) into a fixture",
+        description="Check that SPEC's pipeline made the stored embeddings by re-embedding a few golden images, "
+                    "then write the embeddings, metadata, images, head outputs and checkpoint references as a "
+                    "fixture. When the golden images do not reproduce, nothing is written and the single spec "
+                    "change that reproduces them is named. Exit 0 written, 1 the claim does not hold, 2 usage.")
+    freeze.add_argument("--spec", required=True, type=Path, help="TOML spec of the training-time pipeline")
+    freeze.add_argument("--embeddings", required=True, type=Path, help="the stored embeddings, (N, 1, D) or (N, D) .npy")
+    freeze.add_argument("--metadata", required=True, type=Path,
+                        help="one entry per embedding row: a JSON list of objects (or an object holding one), or CSV")
+    freeze.add_argument("--images", required=True, type=Path, help="folder the metadata's image paths are relative to")
+    freeze.add_argument("--out", required=True, type=Path, help="the fixture directory to write")
+    freeze.add_argument("--map", action="append", default=[], dest="field_map", metavar="ROLE=FIELD[,FIELD...]",
+                        help="which metadata fields hold image=FIELD, input_biases=F1,F2,... and labels=F1,... "
+                             "(default: fields named image, input_biases, labels)")
+    freeze.add_argument("--outputs", type=Path, default=None,
+                        help="the head's outputs (N, L) .npy (default: the spec's head on the embeddings, eval mode)")
+    freeze.add_argument("--golden", type=int, default=4, metavar="K",
+                        help="images re-embedded to check the claim, their pixels kept in the fixture (default 4)")
+    freeze.add_argument("--copy-checkpoints", action="store_true",
+                        help="copy the checkpoints into the fixture (default: reference them by path and sha256)")
+    freeze.add_argument("--force", action="store_true", help="replace an existing --out fixture")
+    freeze.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
     return parser
 
 
@@ -348,6 +371,50 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
+def _freeze(args: argparse.Namespace, console: Console) -> int:
+    from parity.freeze import freeze, parse_field_map
+    from parity.report import format_stage
+    from parity.results import StageResult, Status
+    from parity.spec import load_spec
+
+    spec = load_spec(args.spec)
+    result = freeze(spec, embeddings=args.embeddings, metadata=args.metadata, images=args.images, out=args.out,
+                    field_map=parse_field_map(args.field_map), outputs=args.outputs, golden=args.golden,
+                    copy_checkpoints=args.copy_checkpoints, force=args.force, device=args.device)
+    say = lambda text, **style: console.print(text, highlight=False, markup=False, soft_wrap=True, **style)  # noqa: E731
+    golden = ", ".join(result.golden)
+    if result.embedding:
+        say(f"golden images re-embedded by the spec's pipeline: {golden}: within tolerance "
+            f"({result.embedding.tolerance.describe()}, max abs {result.embedding.max_abs:.2e})")
+    else:
+        say(f"REFUSED: the spec's pipeline does not reproduce {args.embeddings} on the golden images ({golden})",
+            style="bold red")
+        say(format_stage(StageResult("embedding", Status.FAIL, "", comparison=result.embedding)))
+        for cause in result.causes:
+            verdict = "reproduces the stored embeddings" if cause.reproduces else "comes closest"
+            say(f"  {cause.words} [{verdict}]")
+        if result.reproducing:
+            say(f"Fix: set {result.reproducing[0].change.toml()} in {args.spec}: the stored embeddings were made "
+                "with it. Then freeze again.")
+        else:
+            say("No single spec change reproduces the stored embeddings: the spec does not describe how they "
+                "were made (check the backbone checkpoint, the extraction point and the preprocessing library).")
+    if result.head is not None and not result.head:
+        say(f"REFUSED: the spec's head on the stored embeddings does not reproduce {args.outputs}", style="bold red")
+        say(format_stage(StageResult("head", Status.FAIL, "", comparison=result.head)))
+        say("Fix: point [head] at the class, kwargs and weights that produced the outputs, or leave --outputs out "
+            "to freeze what the spec's head computes.")
+    if not result:
+        say(f"Nothing was written ({args.out} is untouched).")
+        return EXIT_DRIFT
+    say(f"{result.samples} samples; outputs {result.outputs}")
+    for part, held in result.checkpoints:
+        say(f"{part} checkpoint: {held}")
+    say(f"provenance: git revision {result.git_revision or 'unknown (the spec is not in a git repository)'}")
+    say(Text(f"FROZEN: {result.out}", style="bold green"))
+    return EXIT_PASS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Logs (CI) are not terminals: give tables room instead of rich's 80-column fallback.
@@ -360,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure,
-                "explain-preprocess": _explain_preprocess}[args.command](args, console)
+                "explain-preprocess": _explain_preprocess, "freeze": _freeze}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

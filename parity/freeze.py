@@ -1,0 +1,466 @@
+"""Freeze what training already produced: existing embeddings, metadata and checkpoints become a fixture.
+
+    result = freeze(load_spec("specs/training.toml"), embeddings="clip.npy", metadata="clip_metadata.json",
+                    images="data/images", out="fixtures/run42",
+                    field_map=parse_field_map(["image=file", "input_biases=site"]))
+
+The embeddings are never recomputed (they took hours); the claim that the spec's pipeline made
+them is checked first, on a few golden images. When the claim fails nothing is written, and the
+search over single spec changes (`parity.diagnose`) names the one that reproduces the stored
+embeddings. Checkpoints are referenced by path, sha256 and per-tensor fingerprints, not copied;
+`verify_referenced_checkpoints` is the check-time guard that they are still there and unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from parity.errors import FixtureError, SpecError
+from parity.fixtures import Fixture, FixtureRow, environment, sha256_file
+from parity.results import Comparison
+from parity.source import capture, git_revision
+
+if TYPE_CHECKING:
+    from parity.diagnose import Cause
+    from parity.spec import Spec
+
+__all__ = ["FieldMap", "SourceRow", "FreezeResult", "parse_field_map", "read_metadata", "read_rows_array",
+           "select_golden", "freeze", "verify_referenced_checkpoints"]
+
+Progress = Callable[[str], None]
+_MAPPABLE = ("image", "input_biases", "labels")
+_HEAD_BATCH = 4096  # head outputs for every stored embedding, this many rows at a time
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which of the user's metadata fields hold the image path, the ``input_biases`` and the labels.
+
+    ``None`` for ``input_biases`` or ``labels`` means: the field of that very name when the rows
+    have it (parity's own layout), else none.
+    """
+
+    image: str = "image"
+    input_biases: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"image": self.image, "input_biases": list(self.input_biases or ()), "labels": list(self.labels or ())}
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One metadata entry, mapped: its image file, head inputs, labels and the user's other fields."""
+
+    image: Path
+    input_biases: tuple[int, ...] = ()
+    labels: tuple[float, ...] = ()
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """What ``freeze`` verified and wrote; false when the claim did not hold and nothing was written.
+
+    ``causes`` (refusals only): single spec changes probed against the stored embeddings, those
+    that reproduce them first; empty when none moves them closer.
+    """
+
+    out: Path
+    samples: int
+    golden: tuple[str, ...]
+    embedding: Comparison
+    written: bool
+    causes: tuple[Cause, ...] = ()
+    head: Comparison | None = None
+    outputs: str = ""
+    checkpoints: tuple[tuple[str, str], ...] = ()
+    git_revision: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.written
+
+    @property
+    def reproducing(self) -> tuple[Cause, ...]:
+        return tuple(c for c in self.causes if c.reproduces)
+
+
+def parse_field_map(items: Sequence[str]) -> FieldMap:
+    """``--map`` values (``image=FIELD``, ``input_biases=F1,F2``, ``labels=F1,...``) as a `FieldMap`.
+
+    Raises:
+        SpecError: an unknown key, an empty field list, or more than one image field.
+    """
+    mapped: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        fields = tuple(f.strip() for f in value.split(",") if f.strip())
+        if not sep or key not in _MAPPABLE:
+            raise SpecError(f"--map {item!r}: expected one of {', '.join(k + '=FIELD' for k in _MAPPABLE)} "
+                            "(input_biases and labels take a comma-separated list of fields)")
+        if not fields:
+            raise SpecError(f"--map {item!r}: no field named after '='")
+        if key == "image" and len(fields) != 1:
+            raise SpecError(f"--map {item!r}: the image path is one field, got {len(fields)}")
+        mapped[key] = fields
+    return FieldMap(image=mapped["image"][0] if "image" in mapped else "image",
+                    input_biases=mapped.get("input_biases"), labels=mapped.get("labels"))
+
+
+def _entries(path: Path) -> list[Mapping[str, Any]]:
+    """The metadata's rows as mappings: a JSON list of objects (or an object holding one such list), or CSV."""
+    if not path.is_file():
+        raise FixtureError(f"metadata not found: {path}")
+    if path.suffix.lower() == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                entries: Any = list(csv.DictReader(f))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise FixtureError(f"{path}: not valid CSV: {e}") from e
+    else:
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FixtureError(f"{path}: not valid JSON ({e}); metadata is a JSON list of objects, an object "
+                               "holding one such list, or a .csv file with a header row") from e
+        if isinstance(entries, dict):
+            lists = [k for k, v in entries.items() if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
+            if len(lists) != 1:
+                raise FixtureError(f"{path}: expected a JSON object holding exactly one list of row objects, found "
+                                   f"{len(lists)} ({lists or 'keys ' + str(sorted(entries))})")
+            entries = entries[lists[0]]
+    if not isinstance(entries, list) or not entries:
+        raise FixtureError(f"{path}: holds no rows (expected a list of objects, one per row of the embeddings)")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise FixtureError(f"{path}: row {i} is a {type(entry).__name__}, not an object with named fields")
+    return entries
+
+
+def _integers(values: list[Any], *, what: str, where: str) -> tuple[int, ...]:
+    out = []
+    for value in values:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not number.is_integer():
+            raise FixtureError(f"{where}: {what} must be integers (category indices), got {value!r}")
+        out.append(int(number))
+    return tuple(out)
+
+
+def _floats(values: list[Any], *, what: str, where: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)  # a boolean label is 0.0 or 1.0
+    except (TypeError, ValueError) as e:
+        raise FixtureError(f"{where}: {what} must be numbers, got {values!r}") from e
+
+
+def _take(entry: Mapping[str, Any], fields: Sequence[str], *, flag: str, where: str) -> list[Any]:
+    values: list[Any] = []
+    for name in fields:
+        if name not in entry:
+            raise SpecError(f"{where} has no field {name!r} (--map {flag}={','.join(fields)}); its fields: "
+                            f"{sorted(entry)}.\nNote: map each role to one of the row's own fields.")
+        value = entry[name]
+        if isinstance(value, str) and value.strip().startswith("["):  # a list written into one CSV cell
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        values += value if isinstance(value, list) else [value]
+    return values
+
+
+def read_metadata(path: str | Path, images: str | Path, field_map: FieldMap = FieldMap()) -> list[SourceRow]:
+    """The user's metadata, mapped: one `SourceRow` per entry, in order, image paths under ``images``.
+
+    Fields not mapped to the image, ``input_biases`` or labels are kept as they came (JSON types;
+    CSV cells are strings).
+
+    Raises:
+        FixtureError: unreadable metadata, no rows, non-integer ``input_biases``, missing image files.
+        SpecError: a mapped (or default ``image``) field absent from a row.
+    """
+    path, images = Path(path), Path(images)
+    entries = _entries(path)
+    first = entries[0]
+    biases = field_map.input_biases if field_map.input_biases is not None else (
+        ("input_biases",) if "input_biases" in first else ())
+    labels = field_map.labels if field_map.labels is not None else (("labels",) if "labels" in first else ())
+    if field_map.image not in first:
+        raise SpecError(f"{path}: row 0 has no field {field_map.image!r} for the image path; its fields: "
+                        f"{sorted(first)}.\nFix: name the field with --map image=FIELD.")
+    used = {field_map.image, *biases, *labels}
+    rows = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: row {i}"
+        image_value = _take(entry, (field_map.image,), flag="image", where=where)
+        if len(image_value) != 1 or not isinstance(image_value[0], str) or not image_value[0]:
+            raise FixtureError(f"{where}: field {field_map.image!r} must be an image path, got {image_value!r}")
+        image = images / image_value[0]
+        if not image.is_file():
+            raise FixtureError(f"{where}: image {image} not found (field {field_map.image!r} = "
+                               f"{image_value[0]!r}, relative to --images {images})")
+        rows.append(SourceRow(
+            image=image,
+            input_biases=_integers(_take(entry, biases, flag="input_biases", where=where),
+                                   what=f"input_biases ({', '.join(biases)})", where=where),
+            labels=_floats(_take(entry, labels, flag="labels", where=where), what=f"labels ({', '.join(labels)})",
+                           where=where),
+            fields={k: v for k, v in entry.items() if k not in used},
+        ))
+    widths = {len(r.input_biases) for r in rows}
+    if len(widths) > 1:
+        raise FixtureError(f"{path}: rows have different numbers of input_biases ({sorted(widths)})")
+    return rows
+
+
+def read_rows_array(path: str | Path, *, what: str, rows: int, metadata: str | Path) -> np.ndarray:
+    """An (N, 1, D) or (N, D) float array with one row per metadata entry, as (N, D) float32.
+
+    Raises:
+        FixtureError: unreadable (pickled arrays are refused), not floating point, wrong layout,
+            a row count that differs from the metadata's, or non-finite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FixtureError(f"{what} not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise FixtureError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
+        raise FixtureError(f"{path}: {what} must be a floating-point .npy array, got "
+                           f"{getattr(array, 'dtype', type(array).__name__)}")
+    if array.ndim == 3 and array.shape[1] == 1:
+        array = array[:, 0, :]
+    if array.ndim != 2:
+        raise FixtureError(f"{path}: {what} must be (N, 1, D) or (N, D), got shape {array.shape}")
+    if array.shape[0] != rows:
+        extra = "more" if array.shape[0] > rows else "fewer"
+        raise FixtureError(
+            f"{path} has {array.shape[0]} rows but {metadata} lists {rows} ({extra} {what} than metadata rows).\n"
+            f"Note: row i of the {what} must be metadata entry i; rows cannot be matched by guessing, so remove "
+            "the extra rows (or add the missing entries) and freeze again.")
+    bad = np.argwhere(~np.isfinite(array))
+    if bad.size:
+        raise FixtureError(f"{path}: {what} has non-finite values (first at row {bad[0][0]})")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def select_golden(images: Sequence[Path], k: int) -> list[int]:
+    """``k`` rows whose images cover what preprocessing most often gets wrong, when present.
+
+    One image each with an EXIF orientation tag, an alpha channel or palette, a single channel,
+    and a non-square shape (in that order), then the first others; returned in row order.
+    """
+    from parity.diagnose import _properties
+
+    k = min(k, len(images))
+    properties = [_properties(path) for path in images]
+    chosen: list[int] = []
+    for name in properties[0] if properties else ():
+        if any(properties[i][name] for i in chosen):
+            continue  # already covered (an EXIF-rotated photo is often non-square too)
+        having = next((i for i, p in enumerate(properties) if p[name] and i not in chosen), None)
+        if having is not None and len(chosen) < k:
+            chosen.append(having)
+    chosen += [i for i in range(len(images)) if i not in chosen][:k - len(chosen)]
+    return sorted(chosen)
+
+
+def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golden: Sequence[int],
+            embedding: Comparison, device: str) -> tuple[Cause, ...]:
+    """Single spec changes that reproduce the stored embeddings of the golden rows (else come closest).
+
+    Every change is screened on the golden image that drifts most (reproducing it is necessary),
+    and those that reproduce it are confirmed on every golden image.
+    """
+    from parity.check import toml_value
+    from parity.diagnose import Cause, _current, _Prober, _search_changes
+
+    picked = [rows[i] for i in golden]
+    fixture = Fixture(root=picked[0].image.parent, manifest={"pipeline": {"runtime": {"dtype": spec.runtime.dtype}}},
+                      rows=tuple(FixtureRow(r.image.name, r.image, r.input_biases, r.labels) for r in picked),
+                      embeddings=embeddings[list(golden)], outputs=np.zeros((len(picked), 0), np.float32))
+    worst = [r.image.name for r in picked].index(embedding.worst[0].name) if embedding.worst else 0
+    everyone, screen = _Prober(fixture, range(len(picked)), device), _Prober(fixture, [worst], device)
+    for prober in (everyone, screen):
+        prober.tolerance["embedding"] = embedding.tolerance
+    screen.backbones, screen.heads, screen.images = everyone.backbones, everyone.heads, everyone.images
+    base = embedding.max_abs
+    scored = []
+    for change in _search_changes(spec, len(picked[0].input_biases)):
+        score = screen.score(change.apply(spec))
+        if score["ok"]:
+            score = everyone.score(change.apply(spec))
+        scored.append((not score["ok"], score["embedding"], change))
+    scored.sort(key=lambda t: (t[0], t[1]))
+    found = [t for t in scored if not t[0]] or [t for t in scored if t[1] < 0.5 * base][:3]
+    return tuple(Cause(change, "embedding", "max abs", base, error, not failing,
+                       ", ".join(toml_value(_current(spec, change.section, f)) for f, _ in change.fields))
+                 for failing, error, change in found)
+
+
+def _reference(path: Path, out: Path) -> dict[str, Any]:
+    """A checkpoint referenced, not copied: its path relative to the fixture (so the two move together)."""
+    path = path.resolve()
+    return {"file": Path(os.path.relpath(path, out.resolve())).as_posix(), "sha256": sha256_file(path),
+            "bytes": path.stat().st_size, "referenced": True}
+
+
+def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: str | Path, out: str | Path,
+           field_map: FieldMap = FieldMap(), outputs: str | Path | None = None, golden: int = 4,
+           copy_checkpoints: bool = False, force: bool = False, device: str | None = None,
+           progress: Progress | None = None) -> FreezeResult:
+    """Turn existing training artifacts into a fixture, after checking the spec's pipeline made them.
+
+    Args:
+        spec: the training-time pipeline (backbone, extraction, preprocessing, head).
+        embeddings: ``clip.npy``, (N, 1, D) or (N, D); stored as it is, never recomputed.
+        metadata: JSON or CSV, one entry per embedding row, mapped with ``field_map``; image paths
+            are relative to ``images``.
+        outputs: the head's outputs (N, L); default: the spec's head on ``embeddings`` in eval mode.
+        golden: how many images are re-embedded to check the claim (their pixels are stored too).
+        copy_checkpoints: copy the checkpoints into the fixture instead of referencing them.
+
+    Returns:
+        A `FreezeResult`; false (nothing written) when the golden images' embeddings are not
+        reproduced, with the spec changes that do reproduce them.
+
+    Raises:
+        FixtureError: ``out`` exists without ``force``; unreadable artifacts; row counts that differ.
+        SpecError: a mapped field is missing; ``golden`` < 1.
+        CheckpointError: a checkpoint is unreadable or does not load with ``strict=True``.
+    """
+    from parity.compare import compare_arrays
+    from parity.images import decode_image
+    from parity.pipeline import build_pipeline
+    from parity.spec import default_tolerance
+
+    say = progress or (lambda _message: None)
+    out, embeddings, metadata = Path(out), Path(embeddings), Path(metadata)
+    if out.exists() and not force:
+        raise FixtureError(f"{out} already exists; refusing to overwrite a fixture.\n"
+                           "Note: freeze into a new directory, or replace it on purpose with --force.")
+    if golden < 1:
+        raise SpecError(f"--golden must be >= 1 (the claim is checked on golden images), got {golden}")
+    say("reading the metadata and the arrays")
+    rows = read_metadata(metadata, images, field_map)
+    stored = read_rows_array(embeddings, what="embeddings", rows=len(rows), metadata=metadata.name)
+    given = None if outputs is None else read_rows_array(outputs, what="outputs", rows=len(rows),
+                                                         metadata=metadata.name)
+    seen: dict[str, Path] = {}
+    for row in rows:
+        if row.image.name in seen:
+            raise FixtureError(f"{metadata}: images {seen[row.image.name]} and {row.image} share the file name "
+                               f"{row.image.name!r}; fixture images are named by file name, which must be unique")
+        seen[row.image.name] = row.image
+    say(f"decoding {len(rows)} images")
+    for row in rows:
+        decode_image(row.image, exif_transpose=spec.preprocess.exif_transpose)  # names the file it cannot read
+
+    device = device or spec.runtime.device
+    pipeline = build_pipeline(spec, device=device)
+    picked = select_golden([row.image for row in rows], golden)
+    names = [rows[i].image.name for i in picked]
+    say(f"re-embedding {len(picked)} golden images")
+    # The gate's own budget for the embedding stage: the spec's explicit one, else the dtype's default.
+    tolerance = spec.tolerances.get("embedding") or default_tolerance("embedding", spec.runtime.dtype)
+    pixels = {i: pipeline.preprocess(rows[i].image) for i in picked}
+    import torch
+
+    size = spec.runtime.batch_size
+    again = np.concatenate([pipeline.embed(torch.stack([pixels[i] for i in picked[s:s + size]])).numpy()
+                            for s in range(0, len(picked), size)])
+    embedding = compare_arrays(again, stored[picked], tolerance=tolerance, names=names, cosine=True)
+    result = dict(out=out, samples=len(rows), golden=tuple(names), embedding=embedding)
+    if not embedding:
+        say("searching for the spec change that reproduces the stored embeddings")
+        return FreezeResult(**result, written=False, causes=_search(spec, rows, stored, picked, embedding, device))
+
+    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
+    computed = np.concatenate([pipeline.run_head(stored[s:s + _HEAD_BATCH], biases[s:s + _HEAD_BATCH]).numpy()
+                               for s in range(0, len(rows), _HEAD_BATCH)])
+    head = None
+    if given is not None:
+        head_tolerance = spec.tolerances.get("head") or default_tolerance("head", spec.runtime.dtype)
+        head = compare_arrays(computed[picked], given[picked], tolerance=head_tolerance, names=names)
+        if not head:
+            return FreezeResult(**result, written=False, head=head)
+
+    revision = git_revision(spec.path) or git_revision(embeddings)
+    say("writing the fixture")
+    with capture(out, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
+                 model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract, transform=pipeline.transform,
+                 checkpoint=spec.backbone.checkpoint if copy_checkpoints else None, force=force) as cap:
+        cap.manifest["pipeline"] = pipeline.describe()
+        cap.manifest["producer"] = {
+            "script": "parity freeze", "spec": str(spec.path), "git_revision": revision,
+            "transform": repr(pipeline.transform), "versions": environment(),
+            "artifacts": {name: {"path": str(p.resolve()), "sha256": sha256_file(p)}
+                          for name, p in (("embeddings", embeddings), ("metadata", metadata),
+                                          ("outputs", None if outputs is None else Path(outputs))) if p is not None},
+            "golden": list(names),
+        }
+        for i, row in enumerate(rows):
+            cap.add(row.image, embedding=stored[i], input_biases=row.input_biases, labels=row.labels,
+                    pixels=pixels.get(i))
+            if row.fields:
+                cap.rows[-1]["fields"] = dict(row.fields)
+        cap.set_outputs(computed if given is None else given)
+        cap.attach_head(pipeline.head, class_path=spec.head.class_path, kwargs=dict(spec.head.kwargs),
+                        checkpoint=spec.head.weights if copy_checkpoints else None)
+        cap.note("metadata", {"source": metadata.name, "mapping": field_map.describe()})
+        weights = cap.manifest["weights"]
+        for part, prints in pipeline.fingerprints.items():
+            weights[part]["tensors"] = prints  # taken at load, before any dtype cast, as the gate takes them
+        if not copy_checkpoints:
+            from parity.backbones import backbone_weights
+
+            for part, path in (("backbone", backbone_weights(spec)), ("head", spec.head.weights)):
+                if path is not None:
+                    weights[part].update(_reference(path, out))
+    held = tuple((part, ("copied " if copy_checkpoints else "referenced ") + str(entry.get("file")))
+                 for part, entry in weights.items() if entry.get("file"))
+    return FreezeResult(**result, written=True, head=head, checkpoints=held, git_revision=revision,
+                        outputs=f"read from {outputs}" if given is not None else "computed by the spec's head "
+                                                                                "(eval mode) on the embeddings")
+
+
+def verify_referenced_checkpoints(fixture: Fixture) -> None:
+    """Check that every checkpoint a fixture references (not copies) is still there, bit for bit.
+
+    Raises:
+        FixtureError: a referenced checkpoint is missing, or its size or sha256 differs from the record.
+    """
+    for part, entry in fixture.manifest.get("weights", {}).items():
+        if not entry.get("referenced"):
+            continue
+        path = fixture.root / entry["file"]
+        if not path.is_file():
+            raise FixtureError(
+                f"{fixture.root}: the {part} checkpoint this fixture references is missing: {path} "
+                f"(recorded sha256 {entry.get('sha256')}).\n"
+                "Note: the fixture was frozen with the checkpoint referenced, not copied; restore the file at "
+                "that path, or freeze again with --copy-checkpoints to keep a copy inside the fixture.")
+        size = path.stat().st_size
+        actual = sha256_file(path) if size == entry.get("bytes", size) else None
+        if actual is None or actual != entry.get("sha256"):
+            got = f"sha256 {actual}" if actual else f"{size} bytes"
+            raise FixtureError(
+                f"{fixture.root}: the {part} checkpoint this fixture references has changed since it was frozen: "
+                f"{path} has {got}, the manifest records sha256 {entry.get('sha256')} ({entry.get('bytes')} bytes).\n"
+                "Note: the fixture's reference data came from the recorded weights; restore that file, or freeze "
+                "again from the new checkpoint on purpose (--force).")

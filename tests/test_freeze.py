@@ -1,0 +1,349 @@
+"""`parity freeze`: a user's existing artifacts, in their own layout, become a fixture the gate passes.
+
+The artifacts are made here as a user's training project would have made them: its own head
+(with BatchNorm, written below, independent of reference/models.py), its own metadata field
+names, images in another folder than the metadata, clip.npy extracted by the training-time
+pipeline. The backbone is the bundled tiny timm ViT-L/14@336 (reduced width and depth).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from parity.cli import main
+from parity.errors import FixtureError, SpecError
+from parity.fixtures import load_fixture
+from parity.freeze import FieldMap, freeze, parse_field_map, read_metadata, read_rows_array, select_golden
+from parity.pipeline import build_pipeline
+from parity.spec import load_spec
+from tests.conftest import EXAMPLE_FIXTURES
+
+IMAGES = ("astronaut.png", "brick.png", "chelsea_exif_rotated.png", "coins.png", "logo.png", "rocket.jpg")
+SITES = (0, 2, 1, 2, 0, 1)
+MAP = ["--map", "image=file", "--map", "input_biases=site", "--map", "labels=grade"]
+
+
+class SiteGradeHead(nn.Module):
+    """A user's head: batch-normalised embedding plus a site embedding, an MLP with BatchNorm."""
+
+    def __init__(self, embedding_dim: int = 64, sites: int = 3, outputs: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(embedding_dim)
+        self.site = nn.Embedding(sites, 4)
+        self.mlp = nn.Sequential(nn.Linear(embedding_dim + 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, outputs))
+
+    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.norm(embedding), self.site(input_biases[:, 0])], dim=1))
+
+
+SPEC = """\
+name = "site_grade"
+
+[backbone]
+library = "timm"
+model = "vit_large_patch14_clip_quickgelu_336.openai"
+kwargs = {{ embed_dim = 64, depth = 2, num_heads = 2 }}
+checkpoint = "{backbone}"
+extract = "pre_logits"
+
+[preprocess]
+interpolation = "{interpolation}"
+crop_pct = 1.0
+crop_mode = "center"
+input_size = [3, 336, 336]
+mean = [0.48145466, 0.4578275, 0.40821073]
+std = [0.26862954, 0.26130258, 0.27577711]
+
+[head]
+class = "tests.test_freeze:SiteGradeHead"
+weights = "{head}"
+kwargs = {{ embedding_dim = 64, sites = 3, outputs = 2 }}
+"""
+
+
+def write_spec(project: Path, *, interpolation: str = "bicubic", head: Path | None = None,
+               name: str = "training.toml") -> Path:
+    path = project / name
+    path.write_text(SPEC.format(backbone=EXAMPLE_FIXTURES / "backbone.safetensors", interpolation=interpolation,
+                                head=head or project / "models" / "head.pth"))
+    return path
+
+
+def git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(project), "-c", "user.name=user", "-c", "user.email=user@example.com",
+                           *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A training project: data/photos/*, models/head.pth, artifacts/clip.npy + clip_metadata.json, in git."""
+    root = tmp_path_factory.mktemp("user_project")
+    photos = root / "data" / "photos"
+    photos.mkdir(parents=True)
+    for name in IMAGES:
+        shutil.copyfile(EXAMPLE_FIXTURES / "images" / name, photos / name)
+    torch.manual_seed(7)
+    head = SiteGradeHead()
+    head.train()
+    for _ in range(5):  # moves BatchNorm's running statistics, so eval mode differs from train mode
+        head(torch.randn(8, 64) * 3 + 1, torch.randint(0, 3, (8, 1)))
+    (root / "models").mkdir()
+    torch.save(head.state_dict(), root / "models" / "head.pth")
+    spec = write_spec(root)
+    pipeline = build_pipeline(load_spec(spec))
+    embeddings = np.stack([pipeline.embed(pipeline.preprocess(photos / n)[None])[0].numpy() for n in IMAGES])
+    (root / "artifacts").mkdir()
+    np.save(root / "artifacts" / "clip.npy", embeddings[:, None, :])  # (N, 1, D), as training saved it
+    rows = [{"file": f"photos/{n}", "site": s, "grade": round(0.25 * i, 2), "note": f"batch {i}", "reviewed": i % 2 == 0}
+            for i, (n, s) in enumerate(zip(IMAGES, SITES))]
+    (root / "artifacts" / "clip_metadata.json").write_text(json.dumps(rows, indent=1))
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "training artifacts")
+    return root
+
+
+def freeze_cli(project: Path, out: Path, *extra: str, spec: Path | None = None,
+               embeddings: Path | None = None, metadata: Path | None = None) -> int:
+    return main(["freeze", "--spec", str(spec or project / "training.toml"),
+                 "--embeddings", str(embeddings or project / "artifacts" / "clip.npy"),
+                 "--metadata", str(metadata or project / "artifacts" / "clip_metadata.json"),
+                 "--images", str(project / "data"), "--out", str(out), *extra])
+
+
+def check_cli(spec: Path, fixture: Path) -> int:
+    return main(["check", "--spec", str(spec), "--fixtures", str(fixture)])
+
+
+def test_freeze_user_layout_with_batchnorm_head_passes_check(project, tmp_path, capsys):
+    out = tmp_path / "fixtures" / "site_grade"
+    assert freeze_cli(project, out, *MAP) == 0
+    printed = capsys.readouterr().out
+    assert "FROZEN" in printed
+    assert check_cli(project / "training.toml", out) == 0
+    assert "PARITY" in capsys.readouterr().out
+
+    fixture = load_fixture(out)
+    manifest = fixture.manifest
+    # Provenance is the user's repository, not parity's.
+    assert manifest["producer"]["git_revision"] == git(project, "rev-parse", "HEAD")
+    assert manifest["producer"]["script"] == "parity freeze"
+    # The stored embeddings are taken as they are (the fixture keeps the training layout).
+    stored = np.load(project / "artifacts" / "clip.npy")
+    np.testing.assert_array_equal(np.load(out / "clip.npy"), stored)
+    # Mapped fields, and the user's other fields typed as they came.
+    meta = json.loads((out / "clip_metadata.json").read_text())
+    assert meta["mapping"] == {"image": "file", "input_biases": ["site"], "labels": ["grade"]}
+    assert [r.input_biases for r in fixture.rows] == [(s,) for s in SITES]
+    assert fixture.rows[3].labels == (0.75,)
+    assert meta["rows"][2]["fields"] == {"note": "batch 2", "reviewed": True}
+    # Golden pixels cover the EXIF-rotated, RGBA and grayscale images.
+    assert {"chelsea_exif_rotated.png", "logo.png", "brick.png"} <= set(fixture.golden_pixels)
+    assert len(fixture.golden_pixels) == 4
+    # Checkpoints are referenced, with sha256 and fingerprints, not copied.
+    head = manifest["weights"]["head"]
+    assert head["referenced"] is True
+    assert (out / head["file"]).resolve() == (project / "models" / "head.pth").resolve()
+    assert len(head["tensors"]["norm.num_batches_tracked"]) == 64  # the 0-dim BatchNorm buffer is fingerprinted
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "clip.npy", "clip_metadata.json", "manifest.json", "outputs.npy", "pixels.safetensors"]
+    # Outputs are the head's in eval mode on the stored embeddings.
+    pipeline = build_pipeline(load_spec(project / "training.toml"))
+    expected = pipeline.run_head(stored[:, 0, :], fixture.biases()).numpy()
+    np.testing.assert_allclose(fixture.outputs, expected, atol=1e-6)
+
+
+def test_declared_preprocessing_that_did_not_make_the_embeddings_is_refused(project, tmp_path, capsys):
+    spec = write_spec(tmp_path, interpolation="bilinear", head=project / "models" / "head.pth")
+    out = tmp_path / "never"
+    assert freeze_cli(project, out, *MAP, spec=spec) == 1
+    printed = capsys.readouterr().out
+    assert "REFUSED" in printed
+    assert '[preprocess].interpolation = "bicubic" (the spec has "bilinear")' in printed
+    assert 'Fix: set [preprocess].interpolation = "bicubic"' in printed
+    assert "reproduces the stored embeddings" in printed
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]  # no staging left behind
+
+
+def test_csv_metadata_and_flat_embeddings(project, tmp_path):
+    """(N, D) embeddings and CSV metadata; CSV cells stay strings, indices and labels are parsed."""
+    flat = tmp_path / "clip_flat.npy"
+    np.save(flat, np.load(project / "artifacts" / "clip.npy")[:, 0, :])
+    table = tmp_path / "meta.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "hospital", "score", "comment"])
+        for i, (name, site) in enumerate(zip(IMAGES, SITES)):
+            writer.writerow([f"photos/{name}", site, 0.5 * i, f"c{i}"])
+    out = tmp_path / "fixture"
+    result = freeze(load_spec(project / "training.toml"), embeddings=flat, metadata=table, images=project / "data",
+                    out=out, field_map=parse_field_map(["image=path", "input_biases=hospital", "labels=score"]))
+    assert result and result.samples == len(IMAGES)
+    fixture = load_fixture(out)
+    assert [r.input_biases for r in fixture.rows] == [(s,) for s in SITES]
+    assert fixture.rows[1].labels == (0.5,)
+    assert json.loads((out / "clip_metadata.json").read_text())["rows"][4]["fields"] == {"comment": "c4"}
+    assert np.load(out / "clip.npy").shape == (len(IMAGES), 1, 64)
+    assert check_cli(project / "training.toml", out) == 0
+
+
+def test_json_object_holding_one_list(project, tmp_path):
+    rows = json.loads((project / "artifacts" / "clip_metadata.json").read_text())
+    wrapped = tmp_path / "meta.json"
+    wrapped.write_text(json.dumps({"dataset": "v3", "samples": rows}))
+    got = read_metadata(wrapped, project / "data", FieldMap(image="file", input_biases=("site",)))
+    assert [r.image.name for r in got] == list(IMAGES)
+    assert got[0].fields == {"grade": 0.0, "note": "batch 0", "reviewed": True}
+    assert got[0].labels == ()
+
+
+@pytest.mark.parametrize("rows, words", [(7, "7 rows but clip_metadata.json lists 6 (more embeddings"),
+                                         (5, "5 rows but clip_metadata.json lists 6 (fewer embeddings")])
+def test_row_count_mismatch_is_a_usage_error(project, tmp_path, capsys, rows, words):
+    stored = np.load(project / "artifacts" / "clip.npy")
+    changed = tmp_path / "clip.npy"
+    np.save(changed, np.concatenate([stored, stored[:1]])[:rows])
+    assert freeze_cli(project, tmp_path / "out", *MAP, embeddings=changed) == 2
+    err = capsys.readouterr().err
+    assert words in err and "row i of the embeddings must be metadata entry i" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_embeddings_are_read_without_unpickling_and_in_a_known_layout(tmp_path):
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}, {"b": 2}], dtype=object), allow_pickle=True)
+    with pytest.raises(FixtureError, match="cannot read embeddings"):
+        read_rows_array(pickled, what="embeddings", rows=2, metadata="meta.json")
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((2, 2, 8), np.float32))
+    with pytest.raises(FixtureError, match=r"must be \(N, 1, D\) or \(N, D\), got shape \(2, 2, 8\)"):
+        read_rows_array(wide, what="embeddings", rows=2, metadata="meta.json")
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.zeros((2, 8), np.int64))
+    with pytest.raises(FixtureError, match="must be a floating-point"):
+        read_rows_array(ints, what="embeddings", rows=2, metadata="meta.json")
+
+
+def test_unmapped_image_field_names_the_field_and_the_flag(project, tmp_path, capsys):
+    assert freeze_cli(project, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "row 0 has no field 'image'" in err and "--map image=FIELD" in err and "'file'" in err
+
+
+def test_mapped_field_missing_from_a_row_is_named(project, tmp_path, capsys):
+    rows = json.loads((project / "artifacts" / "clip_metadata.json").read_text())
+    del rows[3]["site"]
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(rows))
+    assert freeze_cli(project, tmp_path / "out", *MAP, metadata=meta) == 2
+    err = capsys.readouterr().err
+    assert "row 3 has no field 'site' (--map input_biases=site)" in err
+
+
+def test_parse_field_map_refuses_unknown_roles():
+    assert parse_field_map(["image=f", "input_biases=a, b"]) == FieldMap("f", ("a", "b"), None)
+    with pytest.raises(SpecError, match="expected one of image=FIELD"):
+        parse_field_map(["biases=a"])
+    with pytest.raises(SpecError, match="the image path is one field"):
+        parse_field_map(["image=a,b"])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_unreadable_image_is_named(project, tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    shutil.copytree(project / "data", data)
+    broken = data / "photos" / "coins.png"
+    if damage == "garbage":
+        broken.write_bytes(b"not a png at all")
+    else:
+        broken.unlink()
+    code = main(["freeze", "--spec", str(project / "training.toml"), "--embeddings",
+                 str(project / "artifacts" / "clip.npy"), "--metadata", str(project / "artifacts" / "clip_metadata.json"),
+                 "--images", str(data), "--out", str(tmp_path / "out"), *MAP])
+    assert code == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert str(broken) in err
+    assert ("cannot decode image" if damage == "garbage" else "not found") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_refused_without_force(project, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert freeze_cli(project, out, *MAP) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert freeze_cli(project, out, *MAP, "--force", "--golden", "1") == 0
+    assert not (out / "keep.txt").exists() and load_fixture(out).golden_pixels.keys() == {"chelsea_exif_rotated.png"}
+
+
+def test_outputs_from_file_are_checked_against_the_head(project, tmp_path, capsys):
+    pipeline = build_pipeline(load_spec(project / "training.toml"))
+    stored = np.load(project / "artifacts" / "clip.npy")[:, 0, :]
+    outputs = pipeline.run_head(stored, np.array(SITES)[:, None]).numpy()
+    good, bad = tmp_path / "outputs.npy", tmp_path / "outputs_train_mode.npy"
+    np.save(good, outputs)
+    np.save(bad, outputs + 0.1)
+    assert freeze_cli(project, tmp_path / "ok", *MAP, "--outputs", str(good)) == 0
+    np.testing.assert_array_equal(load_fixture(tmp_path / "ok").outputs, outputs)
+    assert freeze_cli(project, tmp_path / "refused", *MAP, "--outputs", str(bad)) == 1
+    assert "does not reproduce" in capsys.readouterr().out
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.fixture
+def own_head(project, tmp_path) -> tuple[Path, Path]:
+    """A spec whose head checkpoint is a private copy, and a fixture frozen from it (referenced)."""
+    (tmp_path / "models").mkdir()
+    shutil.copyfile(project / "models" / "head.pth", tmp_path / "models" / "head.pth")
+    spec = write_spec(tmp_path)
+    out = tmp_path / "fixture"
+    assert freeze_cli(project, out, *MAP, "--golden", "2", spec=spec) == 0
+    return spec, out
+
+
+def test_missing_referenced_checkpoint_is_a_usage_error_at_check_time(own_head, capsys):
+    spec, out = own_head
+    (spec.parent / "models" / "head.pth").unlink()
+    capsys.readouterr()
+    assert check_cli(spec, out) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "the head checkpoint this fixture references is missing" in err and "--copy-checkpoints" in err
+
+
+def test_changed_referenced_checkpoint_is_a_usage_error_at_check_time(own_head, capsys):
+    spec, out = own_head
+    path = spec.parent / "models" / "head.pth"
+    state = torch.load(path, weights_only=True)
+    state["mlp.3.bias"] += 1e-3
+    torch.save(state, path)
+    capsys.readouterr()
+    assert check_cli(spec, out) == 2
+    assert "has changed since it was frozen" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_copy_checkpoints_keeps_them_inside_the_fixture(project, tmp_path):
+    out = tmp_path / "fixture"
+    assert freeze_cli(project, out, *MAP, "--golden", "1", "--copy-checkpoints") == 0
+    weights = load_fixture(out).manifest["weights"]
+    assert weights["head"]["file"] == "head.pth" and "referenced" not in weights["head"]
+    assert weights["backbone"]["file"] == "backbone.safetensors"
+    assert (out / "head.pth").is_file() and (out / "backbone.safetensors").is_file()
+
+
+def test_golden_selection_covers_exif_alpha_grayscale_and_shape():
+    paths = [EXAMPLE_FIXTURES / "images" / n for n in ("astronaut.png", "rocket.jpg", "logo.png", "moon.png", "page.png")]
+    # rocket: non-square; logo: RGBA; moon: grayscale; no EXIF-tagged image here.
+    assert select_golden(paths, 3) == [1, 2, 3]
+    assert select_golden(paths, 10) == [0, 1, 2, 3, 4]
