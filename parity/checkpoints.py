@@ -173,7 +173,9 @@ def fingerprint(state_dict: Mapping) -> dict[str, str]:
         t = tensor.detach().cpu().contiguous()
         digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
+            # view(uint8) refuses 0-dim tensors (BatchNorm's num_batches_tracked, scalar parameters);
+            # reshape(-1) of a contiguous tensor is a view with the same bytes.
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
         return digest.hexdigest()
 
     # hashlib releases the GIL on large buffers, so threads hash tensors in parallel.
