@@ -26,6 +26,7 @@ __all__ = [
     "checkpoint_converter",
     "extract_embedding",
     "describe_backbone",
+    "model_name",
     "activation_classes",
     "extraction_point",
     "equivalent_extract",
@@ -276,12 +277,33 @@ def _embedding_dim(model, library: str, extract: str) -> int | None:
     return getattr(model, "num_features", None)
 
 
-def describe_backbone(model, *, name: str, kwargs: Mapping, extract: str, normalize: str = "none",
+def model_name(model, library: str) -> str | None:
+    """What ``[backbone].model`` would say for ``model``, when the module itself tells (else ``None``).
+
+    timm: ``architecture.tag`` from its ``pretrained_cfg``; transformers: the class; open_clip's
+    vision tower does not know the config name it was built from.
+    """
+    if library == "transformers":
+        name = type(model).__name__
+        return name if name in _HF_CLASSES else None
+    if library == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        architecture, tag = cfg.get("architecture"), cfg.get("tag")
+        if not architecture:
+            return None
+        return f"{architecture}.{tag}" if tag else architecture
+    return None
+
+
+def describe_backbone(model, *, name: str | None, kwargs: Mapping, extract: str, normalize: str = "none",
                       library: str = "timm") -> dict[str, Any]:
-    """Static facts about a backbone that a strict state_dict load cannot see."""
+    """Static facts about a backbone that a strict state_dict load cannot see.
+
+    An unknown ``name`` is left out of the record: unknown is not a value to drift from.
+    """
     described = {
         "library": library,
-        "model": name,
+        **({"model": name} if name is not None else {}),
         "kwargs": dict(kwargs),
         "extract": extract,
         "normalize": normalize,

@@ -13,7 +13,7 @@ from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import FixtureError
-from parity.source import git_revision
+from parity.source import git_revision, known_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
 from parity.forensics import diff_structure
@@ -214,9 +214,9 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
 
     producer = fixture.manifest.get("producer", {})
     recorded = dict(fixture.pipeline, versions=producer.get("versions", {}),
-                    provenance={"git_revision": producer.get("git_revision"), **_recorded_checkpoints(fixture)})
+                    provenance={**known_revision(producer.get("git_revision")), **_recorded_checkpoints(fixture)})
     candidate = dict(pipeline.describe(), versions=environment(),
-                     provenance={"git_revision": git_revision(spec.path), **_checkpoint_hashes(spec)})
+                     provenance={**known_revision(git_revision(spec.path)), **_checkpoint_hashes(spec)})
     cross_notes: list[str] = []
     if _recorded_library(fixture) != spec.backbone.library:
         cross_notes = _align_libraries(recorded, candidate)
