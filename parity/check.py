@@ -454,6 +454,9 @@ def _embedding_notes(stages: dict[str, StageResult], got: tuple, expected: tuple
             "returns a different tensor. timm's forward() gives the head output (the CLIP projection); "
             "pre-logits features come from forward_head(forward_features(x), pre_logits=True)."
         ]
+    if stages["pixels"].status is Status.SKIP:
+        return ["weights loaded with strict=True, but the pixels were not compared "
+                f"({stages['pixels'].headline}): the preprocessing or the backbone moved the embeddings"]
     if stages["pixels"].status is not Status.FAIL:
         note = ("weights loaded with strict=True and the pixels match, yet the embeddings moved: "
                 "the backbone computes differently")

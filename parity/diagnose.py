@@ -65,11 +65,13 @@ class Cause:
     after: float
     reproduces: bool
     current: str
+    resolved_from: str = ""  # where the value came from when the spec leaves the field unset
 
     @property
     def words(self) -> str:
-        return (f"{self.change.toml()} (the spec has {self.current}): {self.stage} {self.metric} "
-                f"{self.before:.2e} -> {self.after:.2e}")
+        has = (f"the spec leaves it unset: {self.current} from {self.resolved_from}" if self.resolved_from
+               else f"the spec has {self.current}")
+        return f"{self.change.toml()} ({has}): {self.stage} {self.metric} {self.before:.2e} -> {self.after:.2e}"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,28 @@ def _current(spec: Spec, section: str, field: str) -> Any:
     part = getattr(spec, section)
     value = getattr(part, "class_path" if field == "class" else field)
     return list(value) if isinstance(value, tuple) else value
+
+
+def _current_words(spec: Spec, change: Change, prober: _Prober) -> tuple[str, str]:
+    """The spec's value for ``change``'s fields in TOML, and where it came from when the spec leaves it unset.
+
+    An unset timm preprocessing field is resolved from the model's ``pretrained_cfg`` (then timm's
+    defaults); saying "None" would hide the value the candidate actually ran with.
+    """
+    values, origin = [], ""
+    for name, _ in change.fields:
+        value = _current(spec, change.section, name)
+        if value is None and change.section == "preprocess" and spec.preprocess.library == "timm":
+            try:
+                resolved = prober.pipeline(spec).data_config.get(name)
+            except (ParityError, RuntimeError, ValueError):
+                resolved = None
+            if resolved is not None:
+                value = list(resolved) if isinstance(resolved, tuple) else resolved
+                origin = ("the model's pretrained_cfg (timm.data.resolve_model_data_config)"
+                          if spec.backbone.library == "timm" else "timm's defaults")
+        values.append(toml_value(value))
+    return ", ".join(values), origin
 
 
 def _is_current(spec: Spec, change: Change) -> bool:
@@ -384,8 +408,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         if not improving:
             break
         for failing, error, _, change in improving[:5 if step == 0 else 1]:
-            current_value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
-            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
+            current_value, origin = _current_words(current, change, prober)
+            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value, origin))
         fix.append(improving[0][3])
         current = improving[0][3].apply(current)
         base = prober.score(current)
@@ -452,8 +476,8 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
         if not improving:
             break
         failing, error, best = improving[0]
-        value = ", ".join(toml_value(_current(current, best.section, f)) for f, _ in best.fields)
-        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value))
+        value, origin = _current_words(current, best, probe)
+        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value, origin))
         changes.append(best)
         current = best.apply(current)
         score = probe.score(current)

@@ -189,3 +189,41 @@ def test_diagnose_cli_with_a_service_log(example_spec, tmp_path, capsys):
     log = _log_service(example_spec.replace(preprocess={"interpolation": "bilinear"}), tmp_path / "s.jsonl")
     assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(log)]) == 1
     assert '[preprocess].interpolation = "bilinear" (the spec has "bicubic")' in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bilinear_without_pixels(example_spec, tmp_path_factory):
+    """A fixture made with bilinear resizing and no golden pixels, and a candidate that leaves
+    interpolation unset (so it resolves to bicubic from the model's pretrained_cfg)."""
+    from parity.fixtures import load_fixture
+    from parity.source import capture_pipeline
+    from parity.spec import load_spec
+    from tests.conftest import write_spec
+
+    folder = tmp_path_factory.mktemp("bilinear")
+    rows = load_fixture(EXAMPLE_FIXTURES).rows[:6]
+    reference = build_pipeline(example_spec.replace(preprocess={"interpolation": "bilinear"}))
+    fixture = capture_pipeline(reference, [r.image for r in rows], folder / "fixture",
+                               input_biases=[r.input_biases for r in rows])
+    candidate = load_spec(write_spec(folder, {'interpolation = "bicubic"\n': ""}))
+    assert candidate.preprocess.interpolation is None
+    return candidate, fixture
+
+
+def test_skipped_pixels_are_not_reported_as_matching(bilinear_without_pixels):
+    candidate, fixture = bilinear_without_pixels
+    report = run_check(candidate, fixtures=fixture)
+    assert report.stage("pixels").status.value == "SKIP"
+    notes = " ".join(report.stage("embedding").notes)
+    assert "the pixels match" not in notes
+    assert "the pixels were not compared (the fixture has no golden pixels)" in notes
+
+
+def test_a_field_resolved_from_pretrained_cfg_is_named_with_its_value_and_origin(bilinear_without_pixels):
+    candidate, fixture = bilinear_without_pixels
+    result = diagnose(candidate, fixtures=fixture)
+    first = result.causes[0]
+    assert first.change.toml() == '[preprocess].interpolation = "bilinear"' and result.confirmed
+    assert "the spec has None" not in first.words
+    assert ('(the spec leaves it unset: "bicubic" from the model\'s pretrained_cfg '
+            "(timm.data.resolve_model_data_config))") in first.words
