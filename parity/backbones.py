@@ -27,6 +27,7 @@ __all__ = [
     "extract_embedding",
     "describe_backbone",
     "model_name",
+    "canonical_names",
     "activation_classes",
     "extraction_point",
     "equivalent_extract",
@@ -293,6 +294,23 @@ def model_name(model, library: str) -> str | None:
             return None
         return f"{architecture}.{tag}" if tag else architecture
     return None
+
+
+# Wrapper prefixes a library adds for some of its classes around the same tower.
+_WRAPPER_PREFIXES = {"transformers": "vision_model."}
+
+
+def canonical_names(entries: Mapping[str, Any], library: str) -> dict[str, Any]:
+    """Tensor or module names as every class of ``library`` shares them.
+
+    transformers' ``CLIPVisionModelWithProjection`` (and ``CLIPVisionModel`` before version 5)
+    holds the tower under ``vision_model.``; ``CLIPVisionModel`` in version 5 is the tower itself.
+    The same weights then compare by fingerprint, not by the class's naming.
+    """
+    prefix = _WRAPPER_PREFIXES.get(library)
+    if prefix is None:
+        return dict(entries)
+    return {name.removeprefix(prefix): value for name, value in entries.items() if name != prefix[:-1]}
 
 
 def describe_backbone(model, *, name: str | None, kwargs: Mapping, extract: str, normalize: str = "none",

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from parity.backbones import canonical_names
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
@@ -217,6 +218,10 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
                     provenance={**known_revision(producer.get("git_revision")), **_recorded_checkpoints(fixture)})
     candidate = dict(pipeline.describe(), versions=environment(),
                      provenance={**known_revision(git_revision(spec.path)), **_checkpoint_hashes(spec)})
+    for side in (recorded, candidate):  # one library's classes name the same tower differently
+        if "structure" in side.get("backbone", {}):
+            library = side["backbone"].get("library", "timm")
+            side["backbone"] = dict(side["backbone"], structure=canonical_names(side["backbone"]["structure"], library))
     cross_notes: list[str] = []
     if _recorded_library(fixture) != spec.backbone.library:
         cross_notes = _align_libraries(recorded, candidate)
@@ -398,17 +403,27 @@ def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
     diffs: list[TensorDiff] = []
     checked = 0
     other_library = _recorded_library(fixture) != pipeline.spec.backbone.library
-    for part, entry in recorded.items():
-        got = pipeline.fingerprints.get(part)
-        if got is None or (part == "backbone" and other_library):
-            continue
-        checked += len(entry["tensors"])
-        changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
-        diffs += _measure(pipeline, fixture, part, entry.get("file"), changed)
     # Converting between libraries renames, splits and transposes tensors; the embeddings are their check.
     crossed = (f"; backbone not compared: fingerprinted as a {_recorded_library(fixture)} module, deployed as a "
                f"{pipeline.spec.backbone.library} one (converted layout; the embedding stage checks it)"
                if other_library and "backbone" in recorded else "")
+    absent: list[str] = []
+    for part, entry in recorded.items():
+        got = pipeline.fingerprints.get(part)
+        if got is None or (part == "backbone" and other_library):
+            continue
+        library = pipeline.spec.backbone.library if part == "backbone" else ""
+        trained, got = canonical_names(entry["tensors"], library), canonical_names(got, library)
+        # A backbone tensor the deployed class does not hold (the projection a pooled-output class lacks)
+        # is a structure difference, not a changed weight: every tensor it holds loaded strictly.
+        absent += [f"{part}.{n}" for n in trained if n not in got and part == "backbone"]
+        shared = {n: sha for n, sha in trained.items() if n in got or part != "backbone"}
+        checked += len(shared)
+        changed = [n for n, sha in shared.items() if got.get(n) != sha]
+        diffs += _measure(pipeline, fixture, part, entry.get("file"), changed)
+    if absent:
+        crossed += f"; {len(absent)} recorded tensor(s) not in the deployed module: {', '.join(absent[:4])}" + (
+            " ..." if len(absent) > 4 else "")
     if not checked:
         return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
     if not diffs:
@@ -431,10 +446,11 @@ def _measure(pipeline: Pipeline, fixture: Fixture, part: str, file: str | None, 
     if not names:
         return []
     module = pipeline.backbone if part == "backbone" else pipeline.head
-    current = module.state_dict()
+    library = pipeline.spec.backbone.library if part == "backbone" else ""
+    current = canonical_names(module.state_dict(), library)
     trained = {}
     if file and (fixture.root / file).is_file():
-        trained = read_state_dict(fixture.root / file)
+        trained = canonical_names(read_state_dict(fixture.root / file), library)
     out = []
     for name in names:
         old = trained.get(name)

@@ -380,8 +380,11 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             confirmed = run_check(change.apply(spec), fixtures=fixtures, device=device).passed
             cause = Cause(change, "load", "keys", float("nan"), float("nan"), confirmed, "; ".join(fix.causes))
             return Diagnosis(report, (cause,), (change,), confirmed)
+        section = load.key_diffs[0].section
+        fields = "[head].class and kwargs" if section == "head" else "[backbone].model and kwargs"
         return Diagnosis(report, notes=tuple(fix.causes if fix else ()) + (
-            "the head class is not the trained architecture; no spec field can fix that (see the load stage)",))
+            f"the {section} module ({fields}) is not the architecture the {section} checkpoint holds; "
+            "no key mapping fixes that (see the load stage)",))
 
     say("finding the samples that drift")
     affected = _per_row_drift(spec, fixture, device)

@@ -366,6 +366,11 @@ def diagnose_load(checkpoint: Mapping, module, *, section: str, target: str, sou
         return state, diff
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     fix = propose_key_fix(checkpoint, shapes, key=None, source=source)
+    if convert is not None and state is not None and not fix.verified:
+        # The library's converter already maps its own layout (transformers' `vision_model.` prefix,
+        # open_clip's `visual.`): explain what is left after it, not what it handles. A key_map found
+        # in converted key space is not a spec fix (the spec's key_map applies before the converter).
+        fix = dataclasses.replace(propose_key_fix(state, shapes, key=None, source=source), verified=False)
     inferred = () if fix.verified else summarize_checkpoint(checkpoint, path=source).layers
     return None, dataclasses.replace(diff, fix=fix, inferred=inferred)
 

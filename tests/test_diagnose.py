@@ -227,3 +227,25 @@ def test_a_field_resolved_from_pretrained_cfg_is_named_with_its_value_and_origin
     assert "the spec has None" not in first.words
     assert ('(the spec leaves it unset: "bicubic" from the model\'s pretrained_cfg '
             "(timm.data.resolve_model_data_config))") in first.words
+
+
+def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
+    """A transformers checkpoint missing a tensor: the cause names the backbone, and not the
+    `vision_model.` prefix that the library's converter already handles."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from parity.spec import load_spec
+    from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
+
+    broken = shutil.copytree(CLASSIFIER_FIXTURES / "backbone", tmp_path / "backbone")
+    state = {"vision_model." + k: v for k, v in read_state_dict(broken / "model.safetensors").items()}
+    del state["vision_model.post_layernorm.weight"]
+    save_file(state, str(broken / "model.safetensors"))
+    result = diagnose(load_spec(CLASSIFIER_SPEC).replace(backbone={"checkpoint": broken}))
+    text = " ".join(result.notes)
+    assert "head class" not in text and "vision_model." not in text
+    assert "the backbone module ([backbone].model and kwargs) is not the architecture the backbone checkpoint holds" in text
+    assert "layers in the module that the checkpoint lacks: post_layernorm" in text
