@@ -123,6 +123,46 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
     return changes
 
 
+# timm data-config fields a timm preprocessing record carries, for switching back to it.
+_TIMM_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend")
+
+
+def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
+    """The fixture's preprocessing library (and processor) when the spec runs another one.
+
+    Each library records only its own fields, so the field-by-field configuration diff never
+    sees a library swap: ``library`` is missing from a timm record, ``processor`` from all but
+    transformers'.
+    """
+    record = fixture.pipeline.get("preprocess") or {}
+    library = record.get("library", "timm")
+    if not record or library == spec.preprocess.library:
+        return []
+    fields: list[tuple[str, Any]] = [("library", library)]
+    if library == "transformers":
+        fields.append(("processor", record.get("processor", "fast")))
+    if library == "timm":
+        fields += [(k, record[k]) for k in _TIMM_FIELDS if record.get(k) is not None]
+    elif spec.preprocess.resize_backend != "pil":
+        fields.append(("resize_backend", "pil"))  # the other libraries run their own resize
+    return [Change("preprocess", tuple(fields), origin="recorded in the fixture")]
+
+
+def _library_changes(spec: Spec) -> list[Change]:
+    """Whose preprocessing runs: the libraries the spec's backbone can feed, and transformers' two processors."""
+    pp, library = spec.preprocess, spec.backbone.library
+    out = []
+    if pp.library == "transformers":
+        out += [Change("preprocess", (("processor", p),)) for p in ("fast", "slow")]
+    if library in ("transformers", "open_clip") or pp.config is not None:
+        target = "transformers" if library != "open_clip" else "open_clip"
+        fields: tuple[tuple[str, Any], ...] = (("library", target),)
+        if pp.resize_backend != "pil":
+            fields += (("resize_backend", "pil"),)
+        out.append(Change("preprocess", fields))
+    return out
+
+
 def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     """Single-field alternatives for when the fixture does not record the field that moved."""
     bb = spec.backbone
@@ -136,6 +176,7 @@ def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     out += [Change("preprocess", (("resize_backend", r),)) for r in ("pil", "tensor", "tensor_noaa")]
     out += [Change("preprocess", (("exif_transpose", e),)) for e in (True, False)]
     out += [Change("runtime", (("dtype", "float32"),))]
+    out += _library_changes(spec)
     for a, b in _ACTIVATION_SWAPS:
         for old, new in ((a, b), (b, a)):
             if old in bb.model:
@@ -395,7 +436,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     base = prober.score(spec)
     columns = len(fixture.rows[0].input_biases)
     candidates: dict[tuple, Change] = {}
-    for change in _recorded_changes(report, fixture) + _search_changes(spec, columns):
+    recorded = _recorded_changes(report, fixture) + _recorded_library_change(spec, fixture)
+    for change in recorded + _search_changes(spec, columns):
         candidates.setdefault(change.key, change)  # a recorded change wins over the same searched one
 
     causes, fix, current = [], [], spec

@@ -249,3 +249,21 @@ def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
     assert "head class" not in text and "vision_model." not in text
     assert "the backbone module ([backbone].model and kwargs) is not the architecture the backbone checkpoint holds" in text
     assert "layers in the module that the checkpoint lacks: post_layernorm" in text
+
+
+def test_a_preprocessing_library_swap_is_found_and_fixed():
+    """Held-out case: open_clip-style timm preprocessing (224, bicubic, crop_pct 1, CLIP mean/std) for a head
+    trained on transformers' image processor. Each library records only its own fields."""
+    pytest.importorskip("transformers")
+    from parity.spec import load_spec
+    from tests.conftest import CLASSIFIER_SPEC
+
+    candidate = load_spec(CLASSIFIER_SPEC).replace(preprocess={
+        "library": "timm", "input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 1.0,
+        "crop_mode": "center", "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)})
+    result = diagnose(candidate)
+    assert result.report.stage("pixels").status.value == "FAIL"
+    first = result.causes[0]
+    assert first.change.toml() == '[preprocess].library = "transformers"; [preprocess].processor = "fast"'
+    assert first.change.origin == "recorded in the fixture" and first.reproduces
+    assert result.confirmed and [c.toml() for c in result.fix] == [first.change.toml()]
