@@ -169,7 +169,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
-    drift = not result.matches if args.logged is not None else result.drift
+    drift = not result.passed if args.logged is not None else result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
 
 

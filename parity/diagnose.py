@@ -18,11 +18,12 @@ import numpy as np
 
 from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
+from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
 from parity.preprocess import MEAN_STD_PRESETS
-from parity.results import Report, Status
+from parity.results import DecisionFlips, Report, Status
 from parity.spec import INTERPOLATIONS, Spec, default_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
@@ -490,6 +491,61 @@ class ServiceDiagnosis:
     causes: tuple[Cause, ...] = ()
     reproduced_by: tuple[Change, ...] = ()
     reproduced: bool = False
+    stage: str = ""  # where the service first departs from the spec: "embedding" or "head"
+    decisions: tuple[DecisionFlips, ...] = ()  # the spec's [decisions], service vs spec pipeline
+    gate: str = "outputs"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """The spec's gate: matching numbers, or with ``gate = "decisions"`` no decision flip."""
+        if self.matches:
+            return True
+        return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
+
+
+def _service_decisions(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[DecisionFlips, ...]:
+    """The decisions ``[decisions]`` names, made from the logged values and from the spec's pipeline."""
+    wanted = spec.decisions
+    measured = prober.measure(spec) if wanted.any else None
+    if measured is None:
+        return ()
+    embeddings, outputs = measured
+    names = [row.name for row in logged.rows]
+    found = []
+    if outputs is not None and logged.outputs.shape[1] and logged.outputs.shape == outputs.shape:
+        band = prober.tolerance["outputs"].atol
+        if wanted.threshold is not None:
+            found.append(threshold_flips(wanted.threshold, logged.outputs, outputs, band, names))
+        if wanted.argmax:
+            found.append(argmax_flips(logged.outputs, outputs, band, names))
+    if wanted.verification_threshold is not None and logged.embeddings.shape == embeddings.shape:
+        floor = prober.tolerance["embedding"].min_cosine
+        band = 2 * float(np.arccos(np.clip(floor if floor is not None else 1.0, -1.0, 1.0)))
+        found.append(verification_flips(wanted.verification_threshold, logged.embeddings, embeddings, band, names))
+    return tuple(found)
+
+
+def _service_stage(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[str, tuple[str, ...]]:
+    """Where the service departs: with both logged, matching embeddings and moved outputs name the head."""
+    if not (logged.embeddings.shape[1] and logged.outputs.shape[1]):
+        return "", ()
+    measured = prober.measure(spec)
+    if measured is None or measured[0].shape != logged.embeddings.shape:
+        return "embedding", ()
+    if not compare_arrays(measured[0], logged.embeddings, tolerance=prober.tolerance["embedding"], cosine=True):
+        return "embedding", ()
+    try:  # the spec's head on the service's own embeddings isolates the head
+        pipeline = prober.pipeline(spec)
+        on_logged = pipeline.run_head(logged.embeddings, logged.biases(list(range(len(logged.rows))))).numpy()
+    except (ParityError, RuntimeError, ValueError, IndexError):
+        on_logged = None
+    gap = "" if on_logged is None or on_logged.shape != logged.outputs.shape else (
+        f" (the spec's head on the logged embeddings: outputs max abs {np.abs(on_logged - logged.outputs).max():.2e})")
+    return "head", (
+        "The logged embeddings match the spec's preprocessing and backbone; the logged outputs do not: the service's "
+        f"head differs from the spec's (the head stage){gap}. Check the deployed [head].weights, [head].class and "
+        "its kwargs, and [head].input_biases_order.",)
 
 
 def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, samples: int = 8,
@@ -507,8 +563,14 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     stage = compared[0]
     everyone = _Prober(logged, range(len(logged.rows)), device or spec.runtime.device)
     base = everyone.score(spec)
+    decisions = _service_decisions(spec, logged, everyone)
+    gate = spec.decisions.gate
     if base["ok"]:
-        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage])
+        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage], decisions=decisions,
+                                gate=gate)
+    where, notes = _service_stage(spec, logged, everyone)
+    if where == "head":
+        stage = "outputs"  # the embeddings already match: rank changes by what moved
     probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
@@ -530,7 +592,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
             break
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced)
+                            tuple(changes), reproduced, where, decisions, gate, notes)
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

@@ -267,3 +267,56 @@ def test_a_preprocessing_library_swap_is_found_and_fixed():
     assert first.change.toml() == '[preprocess].library = "transformers"; [preprocess].processor = "fast"'
     assert first.change.origin == "recorded in the fixture" and first.reproduces
     assert result.confirmed and [c.toml() for c in result.fix] == [first.change.toml()]
+
+
+def _edit_outputs(path, edit):
+    """Rewrite a JSONL service log's outputs with ``edit(row_index, outputs) -> outputs``."""
+    import json
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, record in enumerate(records):
+        record["outputs"] = edit(i, record["outputs"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_service_log_with_matching_embeddings_names_the_head_stage(example_spec, other_run, tmp_path, capsys):
+    from parity.diagnose import diagnose_logged
+    from parity.report import render_diagnosis
+    from rich.console import Console
+
+    log = _log_service(example_spec.replace(head={"weights": other_run}), tmp_path / "service.jsonl")
+    result = diagnose_logged(example_spec, log)
+    assert not result.matches and result.stage == "head"
+    assert "the service's head differs from the spec's (the head stage)" in result.notes[0]
+    console = Console(record=True, width=200)
+    render_diagnosis(result, console)
+    text = console.export_text()
+    assert "No variant of the spec reproduces" not in text
+    assert "the head stage differs" in text
+
+
+def test_service_log_is_judged_by_the_specs_decisions(example_spec, tmp_path, capsys):
+    """[decisions] threshold = 0.0: outputs scaled by 1.001 drift but flip nothing; a sign change flips."""
+    from parity.cli import main
+    from parity.diagnose import diagnose_logged
+    from tests.conftest import write_spec
+
+    scaled = _edit_outputs(_log_service(example_spec, tmp_path / "scaled.jsonl"),
+                           lambda i, out: [v * 1.001 for v in out])
+    result = diagnose_logged(example_spec, scaled)
+    (threshold,) = result.decisions
+    assert not result.matches and threshold.kind == "threshold" and threshold.total == 6 * 5
+    assert threshold.flips == () and not result.passed  # gate = "outputs": drift fails
+    gated = example_spec.replace(decisions={"gate": "decisions"})
+    assert diagnose_logged(gated, scaled).passed
+    spec = write_spec(tmp_path, {"threshold = 0.0": 'threshold = 0.0\ngate = "decisions"'})
+    assert main(["diagnose", "--spec", str(spec), "--logged", str(scaled)]) == 0
+    assert "threshold: 0 flip(s)" in capsys.readouterr().out
+
+    flipped = _edit_outputs(_log_service(example_spec, tmp_path / "flipped.jsonl"),
+                            lambda i, out: [-out[0], *out[1:]] if i == 0 else out)
+    result = diagnose_logged(gated, flipped)
+    assert len(result.decisions[0].flips) == 1 and result.decisions[0].flips[0].endswith("[0]")
+    assert not result.passed
+    assert main(["diagnose", "--spec", str(spec), "--logged", str(flipped)]) == 1
