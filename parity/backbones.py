@@ -28,6 +28,7 @@ __all__ = [
     "describe_backbone",
     "model_name",
     "canonical_names",
+    "extraction_hint",
     "activation_classes",
     "extraction_point",
     "equivalent_extract",
@@ -298,6 +299,23 @@ def model_name(model, library: str) -> str | None:
 
 # Wrapper prefixes a library adds for some of its classes around the same tower.
 _WRAPPER_PREFIXES = {"transformers": "vision_model."}
+
+
+# What each library returns where, for a note on an embedding of the wrong width.
+_EXTRACTION_HINTS = {
+    "timm": "timm's forward() gives the head output (the CLIP projection); pre-logits features come from "
+            "forward_head(forward_features(x), pre_logits=True) (extract = \"pre_logits\").",
+    "transformers": "transformers' image_embeds is the projection (CLIPVisionModelWithProjection.visual_projection); "
+                    "pooler_output is the pooled class token before it, last_hidden_state[:, 0] (extract = \"cls\") "
+                    "the same token before post_layernorm.",
+    "open_clip": "open_clip's encode_image() returns the projection (visual.proj); extract = \"pooled\" gives the "
+                 "pooled features before it.",
+}
+
+
+def extraction_hint(library: str) -> str:
+    """Which extraction mode of ``library`` returns the projection and which the pooled features."""
+    return _EXTRACTION_HINTS.get(library, "")
 
 
 def canonical_names(entries: Mapping[str, Any], library: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.backbones import canonical_names
+from parity.backbones import canonical_names, extraction_hint
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
@@ -268,7 +268,8 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
             notes += _preprocess_notes(recorded.get("preprocess"), candidate.get("preprocess"), diffs)
         if name == "embedding":
             got = embeddings.shape[1:] if embeddings is not None else fixture.embeddings.shape[1:]
-            notes = _embedding_notes(stages, got, fixture.embeddings.shape[1:], diffs) + cross_notes + notes
+            notes = _embedding_notes(stages, got, fixture.embeddings.shape[1:], diffs,
+                                     library=spec.backbone.library) + cross_notes + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         stages[name] = _with_notes(stages[name], notes)
@@ -463,13 +464,10 @@ def _measure(pipeline: Pipeline, fixture: Fixture, part: str, file: str | None, 
 
 
 def _embedding_notes(stages: dict[str, StageResult], got: tuple, expected: tuple,
-                     diffs: tuple[ConfigDiff, ...]) -> list[str]:
+                     diffs: tuple[ConfigDiff, ...], *, library: str = "timm") -> list[str]:
     if got != expected:
-        return [
-            f"the candidate embedding is {got} per sample, the reference {expected}: the extraction "
-            "returns a different tensor. timm's forward() gives the head output (the CLIP projection); "
-            "pre-logits features come from forward_head(forward_features(x), pre_logits=True)."
-        ]
+        return [f"the candidate embedding is {got} per sample, the reference {expected}: the extraction "
+                f"returns a different tensor. {extraction_hint(library)}".rstrip()]
     if stages["pixels"].status is Status.SKIP:
         return ["weights loaded with strict=True, but the pixels were not compared "
                 f"({stages['pixels'].headline}): the preprocessing or the backbone moved the embeddings"]

@@ -70,6 +70,9 @@ class Cause:
 
     @property
     def words(self) -> str:
+        if self.stage == "load":  # no numbers to compare: the evidence is the recognised cause and the load
+            verified = "; the checkpoint then loads with strict=True" if self.reproduces else ""
+            return f"{self.change.toml()} ({self.current}){verified}"
         has = (f"the spec leaves it unset: {self.current} from {self.resolved_from}" if self.resolved_from
                else f"the spec has {self.current}")
         return f"{self.change.toml()} ({has}): {self.stage} {self.metric} {self.before:.2e} -> {self.after:.2e}"

@@ -121,7 +121,8 @@ def render_report(report: Report, console: Console) -> None:
         table.add_row(result.stage, metric, value, tolerance, Text(result.status.value, style=_STYLE[result.status]))
     console.print(table)
     origins = dict.fromkeys(r.comparison.tolerance.origin for r in report.stages if r.comparison is not None)
-    console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
+    if origins:  # a failed load compares nothing: no budget to name
+        console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
     for result in report.stages:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
@@ -150,6 +151,8 @@ def verdict_line(report: Report) -> str:
                     else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
+    if first.stage == "load":
+        return "DRIFT: first drifted stage: load (the weights do not load with strict=True; no later stage ran)."
     return f"DRIFT: first drifted stage: {first.stage}."
 
 
