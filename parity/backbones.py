@@ -26,6 +26,9 @@ __all__ = [
     "checkpoint_converter",
     "extract_embedding",
     "describe_backbone",
+    "model_name",
+    "canonical_names",
+    "extraction_hint",
     "activation_classes",
     "extraction_point",
     "equivalent_extract",
@@ -276,12 +279,67 @@ def _embedding_dim(model, library: str, extract: str) -> int | None:
     return getattr(model, "num_features", None)
 
 
-def describe_backbone(model, *, name: str, kwargs: Mapping, extract: str, normalize: str = "none",
+def model_name(model, library: str) -> str | None:
+    """What ``[backbone].model`` would say for ``model``, when the module itself tells (else ``None``).
+
+    timm: ``architecture.tag`` from its ``pretrained_cfg``; transformers: the class; open_clip's
+    vision tower does not know the config name it was built from.
+    """
+    if library == "transformers":
+        name = type(model).__name__
+        return name if name in _HF_CLASSES else None
+    if library == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        architecture, tag = cfg.get("architecture"), cfg.get("tag")
+        if not architecture:
+            return None
+        return f"{architecture}.{tag}" if tag else architecture
+    return None
+
+
+# Wrapper prefixes a library adds for some of its classes around the same tower.
+_WRAPPER_PREFIXES = {"transformers": "vision_model."}
+
+
+# What each library returns where, for a note on an embedding of the wrong width.
+_EXTRACTION_HINTS = {
+    "timm": "timm's forward() gives the head output (the CLIP projection); pre-logits features come from "
+            "forward_head(forward_features(x), pre_logits=True) (extract = \"pre_logits\").",
+    "transformers": "transformers' image_embeds is the projection (CLIPVisionModelWithProjection.visual_projection); "
+                    "pooler_output is the pooled class token before it, last_hidden_state[:, 0] (extract = \"cls\") "
+                    "the same token before post_layernorm.",
+    "open_clip": "open_clip's encode_image() returns the projection (visual.proj); extract = \"pooled\" gives the "
+                 "pooled features before it.",
+}
+
+
+def extraction_hint(library: str) -> str:
+    """Which extraction mode of ``library`` returns the projection and which the pooled features."""
+    return _EXTRACTION_HINTS.get(library, "")
+
+
+def canonical_names(entries: Mapping[str, Any], library: str) -> dict[str, Any]:
+    """Tensor or module names as every class of ``library`` shares them.
+
+    transformers' ``CLIPVisionModelWithProjection`` (and ``CLIPVisionModel`` before version 5)
+    holds the tower under ``vision_model.``; ``CLIPVisionModel`` in version 5 is the tower itself.
+    The same weights then compare by fingerprint, not by the class's naming.
+    """
+    prefix = _WRAPPER_PREFIXES.get(library)
+    if prefix is None:
+        return dict(entries)
+    return {name.removeprefix(prefix): value for name, value in entries.items() if name != prefix[:-1]}
+
+
+def describe_backbone(model, *, name: str | None, kwargs: Mapping, extract: str, normalize: str = "none",
                       library: str = "timm") -> dict[str, Any]:
-    """Static facts about a backbone that a strict state_dict load cannot see."""
+    """Static facts about a backbone that a strict state_dict load cannot see.
+
+    An unknown ``name`` is left out of the record: unknown is not a value to drift from.
+    """
     described = {
         "library": library,
-        "model": name,
+        **({"model": name} if name is not None else {}),
         "kwargs": dict(kwargs),
         "extract": extract,
         "normalize": normalize,

@@ -173,7 +173,8 @@ def fingerprint(state_dict: Mapping) -> dict[str, str]:
         t = tensor.detach().cpu().contiguous()
         digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+            # view(uint8) refuses 0-dim tensors (BatchNorm's num_batches_tracked, scalar parameters);
+            # reshape(-1) of a contiguous tensor is a view with the same bytes.
             digest.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
         return digest.hexdigest()
 

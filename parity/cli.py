@@ -2,7 +2,9 @@
 ``explain-preprocess``.
 
 Exit 0 on parity (or a checkpoint that loads, or identical preprocessing), 1 on drift (or one
-that does not load, or preprocessing that differs), 2 on a usage or configuration error.
+that does not load, or preprocessing that differs), 2 on a usage or configuration error, 3 on an
+internal error: an exception parity did not raise on purpose (a defect, never drift). It is
+reported in one line; ``parity --debug COMMAND ...`` prints its traceback as well.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-__all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE"]
+__all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE", "EXIT_INTERNAL"]
 
-EXIT_PASS, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
+EXIT_PASS, EXIT_DRIFT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bool = True,
@@ -190,7 +192,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
-    drift = not result.matches if args.logged is not None else result.drift
+    drift = not result.passed if args.logged is not None else result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
 
 
@@ -416,7 +418,10 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="on an internal error (exit 3), print the traceback too")
+    args = parser.parse_args(argv)
     # Logs (CI) are not terminals: give tables room instead of rich's 80-column fallback.
     console = Console() if sys.stdout.isatty() else Console(width=120)
     errors = Console(stderr=True)
@@ -432,6 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except Exception as e:  # not raised on purpose: a defect, which must never read as drift (1)
+        if args.debug:
+            errors.print_exception()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        errors.print("[bold red]internal error:[/] ", end="")
+        errors.print(f"{type(e).__name__}: {first} (exit 3: a defect, not drift; "
+                     f"{'the traceback is above' if args.debug else 'rerun with parity --debug for the traceback'})",
+                     markup=False, highlight=False, soft_wrap=True)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from parity.backbones import canonical_names
 from parity.checkpoints import read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
@@ -176,17 +177,27 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
     other_library = recorded_library(fixture) != library
     diffs: list[TensorDiff] = []
     checked = 0
-    for part, entry in recorded.items():
-        got = run.fingerprints.get(part)
-        if got is None or (part == "backbone" and other_library):
-            continue
-        checked += len(entry["tensors"])
-        changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
-        diffs += _measure(run.modules.get(part), fixture, part, entry.get("file"), changed)
     # Converting between libraries renames, splits and transposes tensors; the embeddings are their check.
     crossed = (f"; backbone not compared: fingerprinted as a {recorded_library(fixture)} module, deployed as a "
                f"{library} one (converted layout; the embedding stage checks it)"
                if other_library and "backbone" in recorded else "")
+    absent: list[str] = []
+    for part, entry in recorded.items():
+        got = run.fingerprints.get(part)
+        if got is None or (part == "backbone" and other_library):
+            continue
+        names_in = library if part == "backbone" else ""
+        trained, got = canonical_names(entry["tensors"], names_in), canonical_names(got, names_in)
+        # A backbone tensor the deployed class does not hold (the projection a pooled-output class lacks)
+        # is a structure difference, not a changed weight: every tensor it holds loaded strictly.
+        absent += [f"{part}.{n}" for n in trained if n not in got and part == "backbone"]
+        shared = {n: sha for n, sha in trained.items() if n in got or part != "backbone"}
+        checked += len(shared)
+        changed = [n for n, sha in shared.items() if got.get(n) != sha]
+        diffs += _measure(run.modules.get(part), fixture, part, entry.get("file"), changed, library=names_in)
+    if absent:
+        crossed += f"; {len(absent)} recorded tensor(s) not in the deployed module: {', '.join(absent[:4])}" + (
+            " ..." if len(absent) > 4 else "")
     if not checked:
         return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
     if not diffs:
@@ -200,14 +211,15 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
     )
 
 
-def _measure(module, fixture: Fixture, part: str, file: str | None, names: list[str]) -> list[TensorDiff]:
+def _measure(module, fixture: Fixture, part: str, file: str | None, names: list[str], *,
+             library: str = "") -> list[TensorDiff]:
     """How far each changed tensor moved, when the fixture keeps a copy of the trained file."""
     if not names:
         return []
-    current = module.state_dict() if module is not None else {}
+    current = canonical_names(module.state_dict(), library) if module is not None else {}
     trained = {}
     if file and (fixture.root / file).is_file():
-        trained = read_state_dict(fixture.root / file)
+        trained = canonical_names(read_state_dict(fixture.root / file), library)
     out = []
     for name in names:
         old = trained.get(name)

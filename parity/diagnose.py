@@ -18,11 +18,12 @@ import numpy as np
 
 from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
+from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
 from parity.preprocess import MEAN_STD_PRESETS
-from parity.results import Report, Status
+from parity.results import DecisionFlips, Report, Status
 from parity.spec import INTERPOLATIONS, Spec, default_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
@@ -65,11 +66,16 @@ class Cause:
     after: float
     reproduces: bool
     current: str
+    resolved_from: str = ""  # where the value came from when the spec leaves the field unset
 
     @property
     def words(self) -> str:
-        return (f"{self.change.toml()} (the spec has {self.current}): {self.stage} {self.metric} "
-                f"{self.before:.2e} -> {self.after:.2e}")
+        if self.stage == "load":  # no numbers to compare: the evidence is the recognised cause and the load
+            verified = "; the checkpoint then loads with strict=True" if self.reproduces else ""
+            return f"{self.change.toml()} ({self.current}){verified}"
+        has = (f"the spec leaves it unset: {self.current} from {self.resolved_from}" if self.resolved_from
+               else f"the spec has {self.current}")
+        return f"{self.change.toml()} ({has}): {self.stage} {self.metric} {self.before:.2e} -> {self.after:.2e}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,46 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
     return changes
 
 
+# timm data-config fields a timm preprocessing record carries, for switching back to it.
+_TIMM_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend")
+
+
+def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
+    """The fixture's preprocessing library (and processor) when the spec runs another one.
+
+    Each library records only its own fields, so the field-by-field configuration diff never
+    sees a library swap: ``library`` is missing from a timm record, ``processor`` from all but
+    transformers'.
+    """
+    record = fixture.pipeline.get("preprocess") or {}
+    library = record.get("library", "timm")
+    if not record or library == spec.preprocess.library:
+        return []
+    fields: list[tuple[str, Any]] = [("library", library)]
+    if library == "transformers":
+        fields.append(("processor", record.get("processor", "fast")))
+    if library == "timm":
+        fields += [(k, record[k]) for k in _TIMM_FIELDS if record.get(k) is not None]
+    elif spec.preprocess.resize_backend != "pil":
+        fields.append(("resize_backend", "pil"))  # the other libraries run their own resize
+    return [Change("preprocess", tuple(fields), origin="recorded in the fixture")]
+
+
+def _library_changes(spec: Spec) -> list[Change]:
+    """Whose preprocessing runs: the libraries the spec's backbone can feed, and transformers' two processors."""
+    pp, library = spec.preprocess, spec.backbone.library
+    out = []
+    if pp.library == "transformers":
+        out += [Change("preprocess", (("processor", p),)) for p in ("fast", "slow")]
+    if library in ("transformers", "open_clip") or pp.config is not None:
+        target = "transformers" if library != "open_clip" else "open_clip"
+        fields: tuple[tuple[str, Any], ...] = (("library", target),)
+        if pp.resize_backend != "pil":
+            fields += (("resize_backend", "pil"),)
+        out.append(Change("preprocess", fields))
+    return out
+
+
 def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     """Single-field alternatives for when the fixture does not record the field that moved."""
     bb = spec.backbone
@@ -134,6 +180,7 @@ def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     out += [Change("preprocess", (("resize_backend", r),)) for r in ("pil", "tensor", "tensor_noaa")]
     out += [Change("preprocess", (("exif_transpose", e),)) for e in (True, False)]
     out += [Change("runtime", (("dtype", "float32"),))]
+    out += _library_changes(spec)
     for a, b in _ACTIVATION_SWAPS:
         for old, new in ((a, b), (b, a)):
             if old in bb.model:
@@ -147,6 +194,28 @@ def _current(spec: Spec, section: str, field: str) -> Any:
     part = getattr(spec, section)
     value = getattr(part, "class_path" if field == "class" else field)
     return list(value) if isinstance(value, tuple) else value
+
+
+def _current_words(spec: Spec, change: Change, prober: _Prober) -> tuple[str, str]:
+    """The spec's value for ``change``'s fields in TOML, and where it came from when the spec leaves it unset.
+
+    An unset timm preprocessing field is resolved from the model's ``pretrained_cfg`` (then timm's
+    defaults); saying "None" would hide the value the candidate actually ran with.
+    """
+    values, origin = [], ""
+    for name, _ in change.fields:
+        value = _current(spec, change.section, name)
+        if value is None and change.section == "preprocess" and spec.preprocess.library == "timm":
+            try:
+                resolved = prober.pipeline(spec).data_config.get(name)
+            except (ParityError, RuntimeError, ValueError):
+                resolved = None
+            if resolved is not None:
+                value = list(resolved) if isinstance(resolved, tuple) else resolved
+                origin = ("the model's pretrained_cfg (timm.data.resolve_model_data_config)"
+                          if spec.backbone.library == "timm" else "timm's defaults")
+        values.append(toml_value(value))
+    return ", ".join(values), origin
 
 
 def _is_current(spec: Spec, change: Change) -> bool:
@@ -356,8 +425,11 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             confirmed = run_check(change.apply(spec), fixtures=fixtures, device=device).passed
             cause = Cause(change, "load", "keys", float("nan"), float("nan"), confirmed, "; ".join(fix.causes))
             return Diagnosis(report, (cause,), (change,), confirmed)
+        section = load.key_diffs[0].section
+        fields = "[head].class and kwargs" if section == "head" else "[backbone].model and kwargs"
         return Diagnosis(report, notes=tuple(fix.causes if fix else ()) + (
-            "the head class is not the trained architecture; no spec field can fix that (see the load stage)",))
+            f"the {section} module ({fields}) is not the architecture the {section} checkpoint holds; "
+            "no key mapping fixes that (see the load stage)",))
 
     say("finding the samples that drift")
     affected = _per_row_drift(spec, fixture, device)
@@ -368,7 +440,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     base = prober.score(spec)
     columns = len(fixture.rows[0].input_biases)
     candidates: dict[tuple, Change] = {}
-    for change in _recorded_changes(report, fixture) + _search_changes(spec, columns):
+    recorded = _recorded_changes(report, fixture) + _recorded_library_change(spec, fixture)
+    for change in recorded + _search_changes(spec, columns):
         candidates.setdefault(change.key, change)  # a recorded change wins over the same searched one
 
     causes, fix, current = [], [], spec
@@ -384,8 +457,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         if not improving:
             break
         for failing, error, _, change in improving[:5 if step == 0 else 1]:
-            current_value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
-            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
+            current_value, origin = _current_words(current, change, prober)
+            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value, origin))
         fix.append(improving[0][3])
         current = improving[0][3].apply(current)
         base = prober.score(current)
@@ -421,6 +494,61 @@ class ServiceDiagnosis:
     causes: tuple[Cause, ...] = ()
     reproduced_by: tuple[Change, ...] = ()
     reproduced: bool = False
+    stage: str = ""  # where the service first departs from the spec: "embedding" or "head"
+    decisions: tuple[DecisionFlips, ...] = ()  # the spec's [decisions], service vs spec pipeline
+    gate: str = "outputs"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """The spec's gate: matching numbers, or with ``gate = "decisions"`` no decision flip."""
+        if self.matches:
+            return True
+        return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
+
+
+def _service_decisions(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[DecisionFlips, ...]:
+    """The decisions ``[decisions]`` names, made from the logged values and from the spec's pipeline."""
+    wanted = spec.decisions
+    measured = prober.measure(spec) if wanted.any else None
+    if measured is None:
+        return ()
+    embeddings, outputs = measured
+    names = [row.name for row in logged.rows]
+    found = []
+    if outputs is not None and logged.outputs.shape[1] and logged.outputs.shape == outputs.shape:
+        band = prober.tolerance["outputs"].atol
+        if wanted.threshold is not None:
+            found.append(threshold_flips(wanted.threshold, logged.outputs, outputs, band, names))
+        if wanted.argmax:
+            found.append(argmax_flips(logged.outputs, outputs, band, names))
+    if wanted.verification_threshold is not None and logged.embeddings.shape == embeddings.shape:
+        floor = prober.tolerance["embedding"].min_cosine
+        band = 2 * float(np.arccos(np.clip(floor if floor is not None else 1.0, -1.0, 1.0)))
+        found.append(verification_flips(wanted.verification_threshold, logged.embeddings, embeddings, band, names))
+    return tuple(found)
+
+
+def _service_stage(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[str, tuple[str, ...]]:
+    """Where the service departs: with both logged, matching embeddings and moved outputs name the head."""
+    if not (logged.embeddings.shape[1] and logged.outputs.shape[1]):
+        return "", ()
+    measured = prober.measure(spec)
+    if measured is None or measured[0].shape != logged.embeddings.shape:
+        return "embedding", ()
+    if not compare_arrays(measured[0], logged.embeddings, tolerance=prober.tolerance["embedding"], cosine=True):
+        return "embedding", ()
+    try:  # the spec's head on the service's own embeddings isolates the head
+        pipeline = prober.pipeline(spec)
+        on_logged = pipeline.run_head(logged.embeddings, logged.biases(list(range(len(logged.rows))))).numpy()
+    except (ParityError, RuntimeError, ValueError, IndexError):
+        on_logged = None
+    gap = "" if on_logged is None or on_logged.shape != logged.outputs.shape else (
+        f" (the spec's head on the logged embeddings: outputs max abs {np.abs(on_logged - logged.outputs).max():.2e})")
+    return "head", (
+        "The logged embeddings match the spec's preprocessing and backbone; the logged outputs do not: the service's "
+        f"head differs from the spec's (the head stage){gap}. Check the deployed [head].weights, [head].class and "
+        "its kwargs, and [head].input_biases_order.",)
 
 
 def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, samples: int = 8,
@@ -438,8 +566,14 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     stage = compared[0]
     everyone = _Prober(logged, range(len(logged.rows)), device or spec.runtime.device)
     base = everyone.score(spec)
+    decisions = _service_decisions(spec, logged, everyone)
+    gate = spec.decisions.gate
     if base["ok"]:
-        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage])
+        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage], decisions=decisions,
+                                gate=gate)
+    where, notes = _service_stage(spec, logged, everyone)
+    if where == "head":
+        stage = "outputs"  # the embeddings already match: rank changes by what moved
     probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
@@ -452,8 +586,8 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
         if not improving:
             break
         failing, error, best = improving[0]
-        value = ", ".join(toml_value(_current(current, best.section, f)) for f, _ in best.fields)
-        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value))
+        value, origin = _current_words(current, best, probe)
+        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value, origin))
         changes.append(best)
         current = best.apply(current)
         score = probe.score(current)
@@ -461,7 +595,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
             break
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced)
+                            tuple(changes), reproduced, where, decisions, gate, notes)
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

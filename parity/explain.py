@@ -11,11 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from parity.backbones import canonical_names, extraction_hint
 from parity.comparator import STAGE_ORDER, recorded_library
 from parity.fixtures import Fixture, environment, sha256_file
 from parity.forensics import diff_structure
 from parity.results import CandidateRun, ConfigDiff, StageResult, Status
-from parity.source import git_revision
+from parity.source import git_revision, known_revision
 from parity.spec import Spec
 
 __all__ = ["SETTABLE", "explain_run", "diff_config", "toml_value"]
@@ -42,11 +43,16 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
         return dict(stages), ()
     producer = fixture.manifest.get("producer", {})
     recorded = dict(fixture.pipeline, versions=producer.get("versions", {}),
-                    provenance={"git_revision": producer.get("git_revision"), **_recorded_checkpoints(fixture)})
+                    provenance={**known_revision(producer.get("git_revision")), **_recorded_checkpoints(fixture)})
     candidate = dict(run.description, versions=environment(),
-                     provenance={"git_revision": git_revision(spec.path), **_checkpoint_hashes(spec)})
+                     provenance={**known_revision(git_revision(spec.path)), **_checkpoint_hashes(spec)})
+    for side in (recorded, candidate):  # one library's classes name the same tower differently
+        if "structure" in side.get("backbone", {}):
+            library = side["backbone"].get("library", "timm")
+            side["backbone"] = dict(side["backbone"], structure=canonical_names(side["backbone"]["structure"], library))
+    library = run.description.get("backbone", {}).get("library", spec.backbone.library)
     cross_notes: list[str] = []
-    if recorded_library(fixture) != run.description.get("backbone", {}).get("library", spec.backbone.library):
+    if recorded_library(fixture) != library:
         cross_notes = _align_libraries(recorded, candidate)
     diffs = diff_config(recorded, candidate)
     explained = dict(stages)
@@ -58,7 +64,7 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
         if name == "embedding":
             expected = fixture.embeddings.shape[1:]
             got = run.embeddings.shape[1:] if run.embeddings is not None else expected
-            notes = _embedding_notes(stages, got, expected, diffs) + cross_notes + notes
+            notes = _embedding_notes(stages, got, expected, diffs, library=library) + cross_notes + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         explained[name] = _with_notes(stages[name], notes)
@@ -194,13 +200,13 @@ def _checkpoint_hashes(spec: Spec) -> dict[str, str]:
 
 
 def _embedding_notes(stages: Mapping[str, StageResult], got: tuple, expected: tuple,
-                     diffs: tuple[ConfigDiff, ...]) -> list[str]:
+                     diffs: tuple[ConfigDiff, ...], *, library: str = "timm") -> list[str]:
     if got != expected:
-        return [
-            f"the candidate embedding is {got} per sample, the reference {expected}: the extraction "
-            "returns a different tensor. timm's forward() gives the head output (the CLIP projection); "
-            "pre-logits features come from forward_head(forward_features(x), pre_logits=True)."
-        ]
+        return [f"the candidate embedding is {got} per sample, the reference {expected}: the extraction "
+                f"returns a different tensor. {extraction_hint(library)}".rstrip()]
+    if stages["pixels"].status is Status.SKIP:
+        return ["weights loaded with strict=True, but the pixels were not compared "
+                f"({stages['pixels'].headline}): the preprocessing or the backbone moved the embeddings"]
     if stages["pixels"].status is not Status.FAIL:
         note = ("weights loaded with strict=True and the pixels match, yet the embeddings moved: "
                 "the backbone computes differently")

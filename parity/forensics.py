@@ -80,7 +80,29 @@ def infer_layers(state_dict: Mapping) -> tuple[LayerGuess, ...]:
     for key, tensor in state_dict.items():
         path, _, leaf = key.rpartition(".")
         groups[path][leaf] = tuple(getattr(tensor, "shape", tensor))
-    return tuple(_guess(path, leaves) for path, leaves in groups.items())
+    return _embedding_tables(tuple(_guess(path, leaves) for path, leaves in groups.items()))
+
+
+def _embedding_tables(layers: tuple[LayerGuess, ...]) -> tuple[LayerGuess, ...]:
+    """Weight-only matrices that do not chain into the next matrix are embedding tables, whatever their name.
+
+    ``nn.Embedding(n, d)`` and ``nn.Linear(d, n, bias=False)`` hold the same ``(n, d)`` weight. A
+    bias-free Linear feeds the layer after it (its ``n`` outputs are that layer's inputs); a
+    categorical table does not: its rows are categories, and its ``d``-wide vectors are
+    concatenated into a later layer's input. A weight-only matrix with no matrix after it stays a
+    Linear (a final projection).
+    """
+    matrices = [i for i, l in enumerate(layers) if l.kind in ("Linear", "Embedding")]
+    out = list(layers)
+    for position, i in enumerate(matrices[:-1]):
+        layer, following = layers[i], layers[matrices[position + 1]]
+        if layer.kind != "Linear" or layer.bias or len(layer.tensors) != 1:
+            continue
+        rows = dict(layer.tensors)["weight"][0]
+        takes = following.args[1] if following.kind == "Embedding" else following.args[0]
+        if rows != takes:
+            out[i] = LayerGuess(layer.path, "Embedding", (rows, layer.args[0]), layer.tensors)
+    return tuple(out)
 
 
 def _guess(path: str, leaves: dict[str, tuple[int, ...]]) -> LayerGuess:
@@ -344,6 +366,11 @@ def diagnose_load(checkpoint: Mapping, module, *, section: str, target: str, sou
         return state, diff
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     fix = propose_key_fix(checkpoint, shapes, key=None, source=source)
+    if convert is not None and state is not None and not fix.verified:
+        # The library's converter already maps its own layout (transformers' `vision_model.` prefix,
+        # open_clip's `visual.`): explain what is left after it, not what it handles. A key_map found
+        # in converted key space is not a spec fix (the spec's key_map applies before the converter).
+        fix = dataclasses.replace(propose_key_fix(state, shapes, key=None, source=source), verified=False)
     inferred = () if fix.verified else summarize_checkpoint(checkpoint, path=source).layers
     return None, dataclasses.replace(diff, fix=fix, inferred=inferred)
 

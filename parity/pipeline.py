@@ -15,7 +15,7 @@ from parity.backbones import backbone_weights, checkpoint_converter, create_back
 from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
-from parity.images import load_image
+from parity.images import decode_input
 from parity.preprocess import (TIMM_DATA_CONFIG_KEYS, Preprocess, create_hf_preprocess, create_open_clip_preprocess,
                                create_preprocess, load_preprocessor_config)
 from parity.spec import Spec
@@ -103,11 +103,14 @@ class Pipeline:
     dtype: Any
     fingerprints: dict[str, dict[str, str]]
 
-    def preprocess(self, image: Image.Image | str | Path):
-        """Pixels (3, H, W) float32 on the CPU; paths are decoded with the shared loader."""
-        if not isinstance(image, Image.Image):
-            image = load_image(image, exif_transpose=self.spec.preprocess.exif_transpose)
-        return self.transform(image)
+    def decode(self, image) -> tuple[Image.Image, str]:
+        """An RGB image and the conversion it took, from a path, encoded bytes, a PIL image of any
+        mode or a numpy uint8 (H, W, C) array: the shared loader's decoding and RGB conversion."""
+        return decode_input(image, exif_transpose=self.spec.preprocess.exif_transpose)
+
+    def preprocess(self, image):
+        """Pixels (3, H, W) float32 on the CPU for any input `decode` accepts."""
+        return self.transform(self.decode(image)[0])
 
     def embed(self, pixels):
         """Embeddings (B, D) float32 on the CPU for pixels (B, 3, H, W)."""
@@ -150,11 +153,18 @@ class Pipeline:
                 b = b[:, list(order)]
             return self.head(e, b).float().cpu()
 
-    def predict(self, images: Sequence[Image.Image | str | Path], input_biases) -> Any:
-        """The deployed path end to end: images and their ``input_biases`` → outputs."""
+    def predict(self, images: Sequence[Any], input_biases=None, *, conversions: list[str] | None = None) -> Any:
+        """The deployed path end to end: images and their ``input_biases`` → outputs.
+
+        ``images`` may mix paths, encoded bytes, PIL images of any mode and numpy uint8 arrays;
+        pass a list as ``conversions`` to receive each image's conversion note (``""`` for RGB).
+        """
         import torch
 
-        pixels = torch.stack([self.preprocess(image) for image in images])
+        decoded = [self.decode(image) for image in images]
+        if conversions is not None:
+            conversions.extend(note for _, note in decoded)
+        pixels = torch.stack([self.transform(image) for image, _ in decoded])
         return self.run_head(self.embed(pixels), input_biases)
 
     def describe(self) -> dict[str, Any]:

@@ -121,7 +121,8 @@ def render_report(report: Report, console: Console) -> None:
         table.add_row(result.stage, metric, value, tolerance, Text(result.status.value, style=_STYLE[result.status]))
     console.print(table)
     origins = dict.fromkeys(r.comparison.tolerance.origin for r in report.stages if r.comparison is not None)
-    console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
+    if origins:  # a failed load compares nothing: no budget to name
+        console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
     for result in report.stages:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
@@ -150,6 +151,8 @@ def verdict_line(report: Report) -> str:
                     else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
+    if first.stage == "load":
+        return "DRIFT: first drifted stage: load (the weights do not load with strict=True; no later stage ran)."
     return f"DRIFT: first drifted stage: {first.stage}."
 
 
@@ -276,13 +279,27 @@ def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
     """Whether a service's logged values come from the spec's pipeline, and which variant reproduces them."""
     console.print(f"{diagnosis.log}: {diagnosis.samples} logged samples; compared: {', '.join(diagnosis.compared)}",
                   highlight=False, soft_wrap=True)
+    for d in diagnosis.decisions:
+        console.print(f"decisions: {d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
+                      + (f"; flips: {', '.join(d.flips[:12])}" + (" ..." if len(d.flips) > 12 else "") if d.flips else ""),
+                      highlight=False, markup=False, soft_wrap=True)
     if diagnosis.matches:
         console.print(Text("The service MATCHES the spec's pipeline.", style="bold green"))
         return
-    console.print(Text(f"The service does NOT match the spec's pipeline ({diagnosis.compared[0]} max abs "
+    metric = "outputs" if diagnosis.stage == "head" else diagnosis.compared[0]
+    console.print(Text(f"The service does NOT match the spec's pipeline ({metric} max abs "
                        f"{_num(diagnosis.before)}).", style="bold red"))
+    if diagnosis.passed:
+        console.print(Text('No decision flips: the service passes the spec\'s gate (gate = "decisions").',
+                           style="bold green"))
+    for note in diagnosis.notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     if not diagnosis.reproduced_by:
-        console.print("No variant of the spec reproduces the logged values.", style="bold yellow")
+        if diagnosis.stage == "head":
+            console.print("No change to the spec's preprocessing or backbone is needed: the head stage differs.",
+                          style="bold yellow")
+        else:
+            console.print("No variant of the spec reproduces the logged values.", style="bold yellow")
         return
     state = "on every logged sample" if diagnosis.reproduced else "on the probe samples only"
     console.print(f"The logged values are reproduced ({state}) by the spec with:")
@@ -355,6 +372,7 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
         return data
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
+        data["passed"] = report.passed
         return data
     if isinstance(report, Diagnosis):
         data["drift"] = report.drift

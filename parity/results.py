@@ -238,10 +238,8 @@ class Report:
     @property
     def verdict(self) -> Verdict:
         failed = {s.stage for s in self.stages if s.status is Status.FAIL}
-        if not any(s.status is Status.PASS for s in self.stages):
-            return Verdict.NO_VERDICT
-        if not failed:
-            return Verdict.PARITY
+        if not failed:  # nothing failed: parity if anything was compared at all
+            return Verdict.PARITY if any(s.status is Status.PASS for s in self.stages) else Verdict.NO_VERDICT
         if "decisions" in failed:
             return Verdict.DECISION_FLIPS
         decided = any(s.stage == "decisions" and s.status is Status.PASS for s in self.stages)

@@ -31,7 +31,7 @@ from parity.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, sha256_file, stage_fixture
 
-__all__ = ["Capture", "capture", "capture_pipeline", "git_revision"]
+__all__ = ["Capture", "capture", "capture_pipeline", "git_revision", "known_revision"]
 
 
 def git_revision(path: str | Path) -> str | None:
@@ -48,6 +48,30 @@ def git_revision(path: str | Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _calling_file() -> Path | None:
+    """The first file on the stack outside parity and contextlib: the code that produces the data.
+
+    ``capture_pipeline`` enters ``capture`` from inside parity, so a fixed stack depth would
+    record parity's own script and git revision instead of the caller's.
+    """
+    package = Path(__file__).resolve().parent
+    skipped = (package, Path(contextlib.__file__).resolve())
+    for frame in inspect.stack(context=0)[1:]:
+        path = Path(frame.filename)
+        if frame.filename.startswith("<") and not path.is_file():
+            continue  # an interactive session or exec'd string: no file to revision
+        resolved = path.resolve()
+        if resolved == skipped[1] or package in resolved.parents:
+            continue
+        return resolved
+    return None
+
+
+def known_revision(revision: str | None) -> dict[str, str]:
+    """``{"git_revision": revision}`` when it is known: code outside git has no revision to drift from."""
+    return {} if revision is None else {"git_revision": revision}
 
 
 def _array(value: Any) -> np.ndarray:
@@ -151,11 +175,12 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
     """
     from parity.pipeline import describe_backbone, describe_data_config
 
-    caller = Path(inspect.stack()[2].filename)
+    from parity.backbones import model_name as infer_model_name
+
+    caller = _calling_file()
     cap = Capture(root=Path(out_dir))
     if model is not None:
-        cfg = getattr(model, "pretrained_cfg", {})
-        name = model_name or f"{cfg.get('architecture')}.{cfg.get('tag')}"
+        name = model_name or infer_model_name(model, library)
         first = next(model.parameters())
         cap.manifest["pipeline"] = {
             "backbone": describe_backbone(model, name=name, kwargs=dict(model_kwargs or {}), extract=extract,
@@ -167,7 +192,8 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
         cap.manifest.setdefault("pipeline", {})["preprocess"] = describe_data_config(data_config)
     elif preprocess is not None:
         cap.manifest.setdefault("pipeline", {})["preprocess"] = dict(preprocess)
-    cap.manifest["producer"] = {"script": caller.name, "git_revision": git_revision(caller),
+    cap.manifest["producer"] = {"script": caller.name if caller else None,
+                                "git_revision": git_revision(caller) if caller else None,
                                 "transform": repr(transform) if transform is not None else None,
                                 "versions": environment()}
     yield cap

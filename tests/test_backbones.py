@@ -114,3 +114,27 @@ def test_spec_refuses_timm_fields_with_another_preprocessing_library(tmp_path):
     with pytest.raises(SpecError, match=r"\[preprocess\].crop_pct is a timm data-config field; with "
                                         r"\[preprocess\].library = 'transformers'"):
         load_spec(path)
+
+
+def test_the_same_tower_in_either_vision_class_has_identical_weights(spec, whole_clip, tmp_path):
+    """CLIPVisionModelWithProjection holds the tower under `vision_model.`, CLIPVisionModel (transformers 5)
+    is the tower: the weights stage compares fingerprints by the tower's names, not the class's."""
+    from parity.fixtures import load_fixture
+    from parity.source import capture_pipeline
+
+    directory, _ = whole_clip
+    transformers.CLIPImageProcessor(size={"shortest_edge": 64},
+                                    crop_size={"height": 64, "width": 64}).save_pretrained(directory)
+    reference = spec.replace(backbone={"checkpoint": directory, "model": "CLIPVisionModelWithProjection"})
+    rows = load_fixture(CLASSIFIER_FIXTURES).rows[:4]
+    fixture = capture_pipeline(build_pipeline(reference), [r.image for r in rows], tmp_path / "fixture")
+    assert any(k.startswith("vision_model.") for k in load_fixture(fixture).manifest["weights"]["backbone"]["tensors"])
+
+    report = run_check(reference.replace(backbone={"model": "CLIPVisionModel"}), fixtures=fixture)
+    weights = report.stage("weights")
+    assert weights.status is Status.PASS, weights.headline
+    assert "recorded tensor(s) not in the deployed module: backbone.visual_projection.weight" in weights.headline
+    structure = [d for d in report.config_diffs if d.field.startswith("backbone.structure.")]
+    assert {d.field for d in structure} == {"backbone.structure.visual_projection",
+                                            "backbone.structure.visual_projection.weight"}
+    assert report.passed

@@ -90,3 +90,90 @@ def test_capture_refuses_bad_samples(tmp_path):
         with capture(tmp_path / "d"):
             pass
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_capture_without_model_name_records_the_transformers_class(tmp_path):
+    """A transformers backbone has no timm pretrained_cfg: its class is the name, never "None.None"."""
+    pytest.importorskip("transformers")
+    from parity.pipeline import describe_preprocess_config
+    from parity.spec import load_spec
+    from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
+
+    spec = load_spec(CLASSIFIER_SPEC)
+    pipeline = build_pipeline(spec)
+    fixture = load_fixture(CLASSIFIER_FIXTURES)
+    rows = fixture.rows[:4]
+    with capture(tmp_path / "fx", model=pipeline.backbone, library="transformers", extract="pooler_output",
+                 checkpoint=spec.backbone.checkpoint, transform=pipeline.transform,
+                 preprocess=describe_preprocess_config(spec.backbone.checkpoint / "preprocessor_config.json")) as cap:
+        for row in rows:
+            cap.add(row.image, embedding=pipeline.embed(pipeline.preprocess(row.image)[None])[0])
+        cap.set_outputs(pipeline.run_head(np.stack(cap.embeddings)))
+        cap.attach_head(pipeline.head, class_path=spec.head.class_path, kwargs=dict(spec.head.kwargs),
+                        checkpoint=spec.head.weights)
+    assert load_fixture(tmp_path / "fx").pipeline["backbone"]["model"] == "CLIPVisionModel"
+    report = run_check(spec, fixtures=tmp_path / "fx")
+    assert report.passed
+    assert not [d for d in report.config_diffs if d.field == "backbone.model"]
+
+
+def test_an_unknown_model_name_is_left_out_not_proposed_as_a_fix(example_spec, tmp_path):
+    """A backbone that does not know its name (no pretrained_cfg): the record omits it, no fix proposes it."""
+    from parity.backbones import model_name
+    from parity.report import render_report
+    from rich.console import Console
+
+    pipeline = build_pipeline(example_spec)
+    pipeline.backbone.pretrained_cfg = {}
+    assert model_name(pipeline.backbone, "timm") is None
+    fixture = load_fixture(EXAMPLE_FIXTURES)
+    with capture(tmp_path / "fx", model=pipeline.backbone, data_config=pipeline.data_config,
+                 checkpoint=BACKBONE, model_kwargs=dict(example_spec.backbone.kwargs)) as cap:
+        for row in fixture.rows:
+            cap.add(row.image, embedding=pipeline.embed(pipeline.preprocess(row.image)[None])[0],
+                    input_biases=row.input_biases)
+        cap.set_outputs(pipeline.run_head(np.stack(cap.embeddings), [r.input_biases for r in fixture.rows]))
+        cap.attach_head(pipeline.head, class_path=example_spec.head.class_path,
+                        kwargs=dict(example_spec.head.kwargs), checkpoint=HEAD)
+    assert "model" not in load_fixture(tmp_path / "fx").pipeline["backbone"]
+    report = run_check(example_spec.replace(preprocess={"interpolation": "bilinear"}), fixtures=tmp_path / "fx")
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    text = console.export_text()
+    assert "None" not in "".join(line for line in text.splitlines() if "[backbone].model" in line)
+    assert "[backbone].model" not in text
+
+
+def test_capture_pipeline_records_the_callers_script_and_revision(example_spec, tmp_path):
+    """capture_pipeline enters capture from inside parity: the provenance is still the calling code's."""
+    import subprocess
+
+    repo = tmp_path / "their_project"
+    repo.mkdir()
+    script = repo / "freeze_training.py"
+    script.write_text("def run(pipeline, images, biases, out):\n"
+                      "    return capture_pipeline(pipeline, images, out, input_biases=biases)\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "training code"], check=True)
+    namespace: dict = {"capture_pipeline": __import__("parity.source", fromlist=["x"]).capture_pipeline}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)  # frames now name their file
+    fixture = load_fixture(EXAMPLE_FIXTURES)
+    images = [row.image for row in fixture.rows[:2]]
+    out = namespace["run"](build_pipeline(example_spec), images, [r.input_biases for r in fixture.rows[:2]],
+                           tmp_path / "fx")
+    producer = load_fixture(out).manifest["producer"]
+    assert producer["script"] == "freeze_training.py"
+    assert producer["git_revision"] == git_revision(repo) != git_revision(ROOT)
+
+
+def test_a_spec_outside_git_lists_no_revision_difference(example_spec, captured, tmp_path):
+    from tests.conftest import write_spec
+    from parity.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path))
+    assert git_revision(spec.path) is None and load_fixture(captured).manifest["producer"]["git_revision"]
+    report = run_check(spec, fixtures=captured)
+    assert report.passed
+    assert not [d for d in report.config_diffs if "git_revision" in d.field]

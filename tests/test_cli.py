@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
+from parity.cli import EXIT_DRIFT, EXIT_INTERNAL, EXIT_PASS, EXIT_USAGE, main
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal, write_spec
 
 
@@ -102,3 +102,23 @@ def test_explain_preprocess_of_a_spec_and_its_fixture_is_identical(capsys):
 def test_explain_preprocess_refuses_an_unknown_source(capsys):
     assert main(["explain-preprocess", "tf:resnet", "timm:vit_base_patch32_clip_quickgelu_224.openai"]) == EXIT_USAGE
     assert "unknown preprocessing source prefix 'tf'" in capsys.readouterr().err
+
+
+class ExplodingHead:
+    """A head whose constructor fails in a way parity does not anticipate: a defect, not drift."""
+
+    def __init__(self, **kwargs) -> None:
+        raise ZeroDivisionError("division by zero in the user's head")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_unexpected_exception_exits_3_with_one_line(tmp_path, capsys, debug):
+    spec = write_spec(tmp_path, {'class = "reference.models:MultiLabelRegressionNN"':
+                                 'class = "tests.test_cli:ExplodingHead"'})
+    argv = (["--debug"] if debug else []) + ["check", "--spec", str(spec)]
+    assert main(argv) == EXIT_INTERNAL == 3
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "internal error:" in line)
+    assert line.startswith("internal error: ZeroDivisionError: division by zero in the user's head (exit 3")
+    assert ("Traceback" in err) is debug
+    assert "rerun with parity --debug" in line if not debug else "the traceback is above" in line

@@ -189,3 +189,134 @@ def test_diagnose_cli_with_a_service_log(example_spec, tmp_path, capsys):
     log = _log_service(example_spec.replace(preprocess={"interpolation": "bilinear"}), tmp_path / "s.jsonl")
     assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(log)]) == 1
     assert '[preprocess].interpolation = "bilinear" (the spec has "bicubic")' in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bilinear_without_pixels(example_spec, tmp_path_factory):
+    """A fixture made with bilinear resizing and no golden pixels, and a candidate that leaves
+    interpolation unset (so it resolves to bicubic from the model's pretrained_cfg)."""
+    from parity.fixtures import load_fixture
+    from parity.source import capture_pipeline
+    from parity.spec import load_spec
+    from tests.conftest import write_spec
+
+    folder = tmp_path_factory.mktemp("bilinear")
+    rows = load_fixture(EXAMPLE_FIXTURES).rows[:6]
+    reference = build_pipeline(example_spec.replace(preprocess={"interpolation": "bilinear"}))
+    fixture = capture_pipeline(reference, [r.image for r in rows], folder / "fixture",
+                               input_biases=[r.input_biases for r in rows])
+    candidate = load_spec(write_spec(folder, {'interpolation = "bicubic"\n': ""}))
+    assert candidate.preprocess.interpolation is None
+    return candidate, fixture
+
+
+def test_skipped_pixels_are_not_reported_as_matching(bilinear_without_pixels):
+    candidate, fixture = bilinear_without_pixels
+    report = run_check(candidate, fixtures=fixture)
+    assert report.stage("pixels").status.value == "SKIP"
+    notes = " ".join(report.stage("embedding").notes)
+    assert "the pixels match" not in notes
+    assert "the pixels were not compared (the fixture has no golden pixels)" in notes
+
+
+def test_a_field_resolved_from_pretrained_cfg_is_named_with_its_value_and_origin(bilinear_without_pixels):
+    candidate, fixture = bilinear_without_pixels
+    result = diagnose(candidate, fixtures=fixture)
+    first = result.causes[0]
+    assert first.change.toml() == '[preprocess].interpolation = "bilinear"' and result.confirmed
+    assert "the spec has None" not in first.words
+    assert ('(the spec leaves it unset: "bicubic" from the model\'s pretrained_cfg '
+            "(timm.data.resolve_model_data_config))") in first.words
+
+
+def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
+    """A transformers checkpoint missing a tensor: the cause names the backbone, and not the
+    `vision_model.` prefix that the library's converter already handles."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from parity.spec import load_spec
+    from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
+
+    broken = shutil.copytree(CLASSIFIER_FIXTURES / "backbone", tmp_path / "backbone")
+    state = {"vision_model." + k: v for k, v in read_state_dict(broken / "model.safetensors").items()}
+    del state["vision_model.post_layernorm.weight"]
+    save_file(state, str(broken / "model.safetensors"))
+    result = diagnose(load_spec(CLASSIFIER_SPEC).replace(backbone={"checkpoint": broken}))
+    text = " ".join(result.notes)
+    assert "head class" not in text and "vision_model." not in text
+    assert "the backbone module ([backbone].model and kwargs) is not the architecture the backbone checkpoint holds" in text
+    assert "layers in the module that the checkpoint lacks: post_layernorm" in text
+
+
+def test_a_preprocessing_library_swap_is_found_and_fixed():
+    """Held-out case: open_clip-style timm preprocessing (224, bicubic, crop_pct 1, CLIP mean/std) for a head
+    trained on transformers' image processor. Each library records only its own fields."""
+    pytest.importorskip("transformers")
+    from parity.spec import load_spec
+    from tests.conftest import CLASSIFIER_SPEC
+
+    candidate = load_spec(CLASSIFIER_SPEC).replace(preprocess={
+        "library": "timm", "input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 1.0,
+        "crop_mode": "center", "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)})
+    result = diagnose(candidate)
+    assert result.report.stage("pixels").status.value == "FAIL"
+    first = result.causes[0]
+    assert first.change.toml() == '[preprocess].library = "transformers"; [preprocess].processor = "fast"'
+    assert first.change.origin == "recorded in the fixture" and first.reproduces
+    assert result.confirmed and [c.toml() for c in result.fix] == [first.change.toml()]
+
+
+def _edit_outputs(path, edit):
+    """Rewrite a JSONL service log's outputs with ``edit(row_index, outputs) -> outputs``."""
+    import json
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, record in enumerate(records):
+        record["outputs"] = edit(i, record["outputs"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_service_log_with_matching_embeddings_names_the_head_stage(example_spec, other_run, tmp_path, capsys):
+    from parity.diagnose import diagnose_logged
+    from parity.report import render_diagnosis
+    from rich.console import Console
+
+    log = _log_service(example_spec.replace(head={"weights": other_run}), tmp_path / "service.jsonl")
+    result = diagnose_logged(example_spec, log)
+    assert not result.matches and result.stage == "head"
+    assert "the service's head differs from the spec's (the head stage)" in result.notes[0]
+    console = Console(record=True, width=200)
+    render_diagnosis(result, console)
+    text = console.export_text()
+    assert "No variant of the spec reproduces" not in text
+    assert "the head stage differs" in text
+
+
+def test_service_log_is_judged_by_the_specs_decisions(example_spec, tmp_path, capsys):
+    """[decisions] threshold = 0.0: outputs scaled by 1.001 drift but flip nothing; a sign change flips."""
+    from parity.cli import main
+    from parity.diagnose import diagnose_logged
+    from tests.conftest import write_spec
+
+    scaled = _edit_outputs(_log_service(example_spec, tmp_path / "scaled.jsonl"),
+                           lambda i, out: [v * 1.001 for v in out])
+    result = diagnose_logged(example_spec, scaled)
+    (threshold,) = result.decisions
+    assert not result.matches and threshold.kind == "threshold" and threshold.total == 6 * 5
+    assert threshold.flips == () and not result.passed  # gate = "outputs": drift fails
+    gated = example_spec.replace(decisions={"gate": "decisions"})
+    assert diagnose_logged(gated, scaled).passed
+    spec = write_spec(tmp_path, {"threshold = 0.0": 'threshold = 0.0\ngate = "decisions"'})
+    assert main(["diagnose", "--spec", str(spec), "--logged", str(scaled)]) == 0
+    assert "threshold: 0 flip(s)" in capsys.readouterr().out
+
+    flipped = _edit_outputs(_log_service(example_spec, tmp_path / "flipped.jsonl"),
+                            lambda i, out: [-out[0], *out[1:]] if i == 0 else out)
+    result = diagnose_logged(gated, flipped)
+    assert len(result.decisions[0].flips) == 1 and result.decisions[0].flips[0].endswith("[0]")
+    assert not result.passed
+    assert main(["diagnose", "--spec", str(spec), "--logged", str(flipped)]) == 1

@@ -229,3 +229,45 @@ def test_diff_structure_cli(tmp_path, capsys):
                       name="relu.toml")
     assert main(["diff-structure", "--spec", str(relu)]) == 1
     assert "head.mlp.2: 'GELU' -> 'ReLU'" in capsys.readouterr().out
+
+
+class TablesFirstHead(torch.nn.Module):
+    """A user head (not reference/models.py): categorical tables named without "emb", listed first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.country = torch.nn.Embedding(2, 8)
+        self.device_kind = torch.nn.Embedding(6, 8)
+        self.fc1 = torch.nn.Linear(64 + 16, 128)
+        self.fc2 = torch.nn.Linear(128, 64)
+        self.out = torch.nn.Linear(64, 3, bias=False)
+
+
+def test_embedding_tables_listed_before_the_linear_layers_are_read_as_tables(tmp_path, capsys):
+    from parity.cli import main
+
+    state = TablesFirstHead().state_dict()
+    layers = infer_layers(state)
+    assert [(l.path, l.call) for l in layers] == [
+        ("country", "Embedding(2, 8)"),
+        ("device_kind", "Embedding(6, 8)"),
+        ("fc1", "Linear(80, 128)"),
+        ("fc2", "Linear(128, 64)"),
+        ("out", "Linear(64, 3, bias=False)"),  # a final bias-free projection stays a Linear
+    ]
+    words = describe_layers(layers)
+    assert "the first Linear (fc1) takes 80 = 64 (embedding) + 2 x 8 (bias embeddings, concatenated)" in words
+    assert "hidden widths [128, 64], 3 output(s) from out" in words
+    namespace: dict = {}
+    exec(module_source(layers), namespace)
+    namespace["InferredModule"]().load_state_dict(state, strict=True)
+    path = tmp_path / "head.pth"
+    torch.save(state, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Embedding(2, 8)" in out and "Linear(8, 2" not in out and "input width 8" not in out
+
+
+def test_a_bias_free_linear_that_feeds_the_next_layer_stays_a_linear():
+    head = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    assert [l.call for l in infer_layers(head.state_dict())] == ["Linear(64, 32, bias=False)", "Linear(32, 5)"]

@@ -78,3 +78,41 @@ def test_import_object_errors_name_the_path(path, message):
 def test_cuda_on_a_cpu_machine_is_a_clear_error(example_spec):
     with pytest.raises(SpecError, match=r"device 'cuda' requested but torch.cuda.is_available\(\) is False"):
         build_pipeline(example_spec, device="cuda")
+
+
+def test_predict_accepts_any_image_a_service_is_handed(pipeline, tmp_path):
+    """PIL images of any mode, numpy uint8 (H, W[, C]) arrays, encoded bytes and paths: each gives what the
+    shared loader gives for the same image stored as a file, with the same conversion note."""
+    from PIL import Image
+
+    from parity.errors import FixtureError
+    from parity.images import decode_image
+
+    rgb = Image.open(EXAMPLE_FIXTURES / "images" / "chelsea.png").convert("RGB")
+    rgba = rgb.copy()
+    rgba.putalpha(200)
+    gray = rgb.convert("L")
+    biases = [[0, 1]]
+
+    for image in (gray, rgba, rgb.convert("P")):
+        path = tmp_path / f"{image.mode}.png"
+        image.save(path)
+        expected_image, expected_note = decode_image(path)
+        notes: list[str] = []
+        got = pipeline.predict([image], biases, conversions=notes)
+        assert notes == [expected_note] and expected_note.startswith(f"{image.mode} -> RGB")
+        assert torch.equal(got, pipeline.predict([path], biases))
+        assert torch.equal(got, pipeline.predict([path.read_bytes()], biases))
+        assert torch.equal(pipeline.preprocess(image), pipeline.transform(expected_image))
+
+    for array, like in ((np.asarray(rgb), rgb), (np.asarray(rgba), rgba), (np.asarray(gray), gray),
+                        (np.asarray(gray)[:, :, None], gray)):
+        notes = []
+        got = pipeline.predict([array], biases, conversions=notes)
+        assert torch.equal(got, pipeline.predict([like], biases)), array.shape
+        assert notes[0].startswith("numpy uint8")
+
+    with pytest.raises(FixtureError, match=r"dtype float32 and shape \(4, 4, 3\): expected uint8"):
+        pipeline.predict([np.zeros((4, 4, 3), np.float32)], biases)
+    with pytest.raises(FixtureError, match="cannot decode image <3 bytes>"):
+        pipeline.predict([b"abc"], biases)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,10 @@ import torch
 from parity.check import run_check
 from parity.checkpoints import read_state_dict
 from parity.fixtures import load_fixture
+from parity.results import Status
 from reference import build_fixtures
 from reference.models import MultiLabelRegressionNN
-from tests.conftest import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
+from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,43 @@ def test_rebuild_reproduces_the_shipped_fixture(rebuilt):
     assert sorted(fresh.golden_pixels) == sorted(shipped.golden_pixels)
 
 
+# Why the rebuild tests never assert bit-identity of trained weights: 300 (200) full-batch Adam steps
+# accumulate float32 summation-order differences between CPUs (the kernels differ between AVX2 and
+# AVX-512), so the head a rebuild trains is only close to the shipped one (about 2e-5 max abs measured
+# on an AVX2-only AMD EPYC against the AVX-512-built fixture), while seeded initialisation (no reduction)
+# is bit-identical. Rebuilt fixtures are therefore compared with the shipped ones within a budget and
+# gated against their own rebuilt checkpoints.
+TRAINED_WEIGHTS_ATOL = 1e-4
+EMBEDDINGS_ATOL = 1e-5  # the float32 embedding budget (measured: 7e-7)
+OUTPUTS_ATOL = 1e-4  # outputs reach 21 in magnitude for the classifier's logits (measured: 4e-6)
+
+
+def _own_checkpoints(spec, fixture_dir: Path, *, head: str, backbone: str):
+    """The spec with the rebuilt fixture's own backbone and head checkpoints: everything else unchanged."""
+    return spec.replace(backbone={"checkpoint": fixture_dir / backbone}, head={"weights": fixture_dir / head})
+
+
+def _assert_close_state(fresh: Path, shipped: Path, atol: float) -> None:
+    a, b = read_state_dict(fresh), read_state_dict(shipped)
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
+        np.testing.assert_allclose(a[name].double().numpy(), b[name].double().numpy(), rtol=0, atol=atol,
+                                   err_msg=name)
+
+
+def test_rebuild_trains_a_head_close_to_the_shipped_one(rebuilt):
+    _assert_close_state(rebuilt / "dnnV1_model_best.pth", EXAMPLE_FIXTURES / "dnnV1_model_best.pth",
+                        TRAINED_WEIGHTS_ATOL)
+    fresh, shipped = load_fixture(rebuilt).manifest, load_fixture(EXAMPLE_FIXTURES).manifest
+    assert fresh["weights"]["backbone"] == shipped["weights"]["backbone"]  # seeded init: bit-identical
+
+
 def test_rebuilt_fixture_passes_the_gate(rebuilt, example_spec):
-    assert run_check(example_spec, fixtures=rebuilt).passed
+    spec = _own_checkpoints(example_spec, rebuilt, head="dnnV1_model_best.pth", backbone="backbone.safetensors")
+    report = run_check(spec, fixtures=rebuilt)
+    assert report.passed, [(s.stage, s.status.value, s.headline) for s in report.stages]
+    assert report.stage("weights").status is Status.PASS
 
 
 def test_rebuild_refuses_to_overwrite_without_force(rebuilt, capsys):
@@ -76,10 +114,24 @@ def test_rebuild_reproduces_the_shipped_classifier_fixture(rebuilt_classifier):
     fresh = load_fixture(rebuilt_classifier)
     assert fresh.names == shipped.names
     assert fresh.manifest["pipeline"] == shipped.manifest["pipeline"]
-    assert fresh.manifest["weights"] == shipped.manifest["weights"]  # bit-identical backbone and head
-    np.testing.assert_array_equal(fresh.embeddings, shipped.embeddings)
-    np.testing.assert_array_equal(fresh.outputs, shipped.outputs)
+    assert fresh.manifest["weights"]["backbone"] == shipped.manifest["weights"]["backbone"]  # seeded init
+    assert set(fresh.manifest["weights"]["head"]["tensors"]) == set(shipped.manifest["weights"]["head"]["tensors"])
+    _assert_close_state(rebuilt_classifier / "mlp_classifier.pth", CLASSIFIER_FIXTURES / "mlp_classifier.pth",
+                        TRAINED_WEIGHTS_ATOL)
+    np.testing.assert_allclose(fresh.embeddings, shipped.embeddings, rtol=0, atol=EMBEDDINGS_ATOL)
+    np.testing.assert_allclose(fresh.outputs, shipped.outputs, rtol=0, atol=OUTPUTS_ATOL)
+    assert (fresh.outputs.argmax(1) == shipped.outputs.argmax(1)).all()
     assert fresh.manifest["head_training"]["fixture_accuracy"] == 1.0
+
+
+def test_rebuilt_classifier_fixture_passes_the_gate(rebuilt_classifier):
+    from parity.spec import load_spec
+
+    spec = _own_checkpoints(load_spec(CLASSIFIER_SPEC), rebuilt_classifier, head="mlp_classifier.pth",
+                            backbone="backbone")
+    report = run_check(spec, fixtures=rebuilt_classifier)
+    assert report.passed, [(s.stage, s.status.value, s.headline) for s in report.stages]
+    assert report.stage("weights").status is Status.PASS
 
 
 def test_classifier_builder_refuses_to_overwrite_without_force(rebuilt_classifier, capsys):

@@ -58,3 +58,36 @@ def test_console_verdict_lines():
     nothing = _report(StageResult("pixels", Status.SKIP, "no golden pixels"))
     assert not nothing.passed
     assert "NO VERDICT: no stage was compared." in render_text(nothing)
+
+
+def test_a_load_failure_is_drift_without_an_empty_tolerances_line():
+    from parity.results import Verdict
+
+    diff = KeyDiff(target="Head", source="head weights w.pth", missing=("fc.weight",), unexpected=("mlp.0.weight",))
+    failed = _report(StageResult("load", Status.FAIL, "weights do not load with strict=True", key_diffs=(diff,)),
+                     *(StageResult(s, Status.SKIP, "not run: weights did not load") for s in ("weights", "outputs")))
+    assert failed.verdict is Verdict.DRIFT and not failed.passed
+    text = render_text(failed)
+    assert "NO VERDICT" not in text
+    assert text.rstrip().splitlines()[-1] == ("DRIFT: first drifted stage: load (the weights do not load with "
+                                              "strict=True; no later stage ran).")
+    assert "tolerances:" not in text
+
+
+def test_a_load_cause_reads_as_words_not_nan():
+    from parity.diagnose import Cause, Change
+
+    cause = Cause(Change("head", (("key_map", {"module.": ""}),), origin="checkpoint forensics"), "load", "keys",
+                  float("nan"), float("nan"), True, "saved from nn.DataParallel / DistributedDataParallel")
+    assert cause.words == ('[head].key_map = { "module." = "" } (saved from nn.DataParallel / '
+                           "DistributedDataParallel); the checkpoint then loads with strict=True")
+    assert "nan" not in cause.words and "the spec has" not in cause.words
+
+
+def test_embedding_width_note_speaks_the_backbones_library():
+    from parity.check import _embedding_notes
+
+    for library, own, foreign in (("transformers", "image_embeds", "timm"), ("open_clip", "encode_image", "timm"),
+                                  ("timm", "forward_head", "pooler_output")):
+        (note,) = _embedding_notes({}, (16,), (64,), (), library=library)
+        assert own in note and foreign not in note, note
