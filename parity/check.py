@@ -12,7 +12,7 @@ import numpy as np
 from parity.checkpoints import StrictLoadError, read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
-from parity.errors import FixtureError
+from parity.errors import FixtureChangedError, FixtureError
 from parity.source import git_revision
 from parity.fixtures import Fixture, environment, load_fixture, sha256_file
 from parity.images import decode_image
@@ -143,13 +143,16 @@ def _embed_all(pipeline: Pipeline, fixture: Fixture, progress: Progress | None) 
             row = fixture.rows[i]
             try:
                 image, note = decode_image(row.image, exif_transpose=pipeline.spec.preprocess.exif_transpose)
+                pixel = pipeline.preprocess(image)  # a resize refused for its size is this sample's error too
+            except FixtureChangedError:
+                raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
             except FixtureError as e:
                 decoded.errors.append((row.name, str(e)))
                 continue
             if note:
                 decoded.conversions[row.name] = note
             decoded.kept.append(i)
-            pixels.append(pipeline.preprocess(image))
+            pixels.append(pixel)
         if pixels:
             chunks.append(pipeline.embed(torch.stack(pixels)).numpy())
         if progress:

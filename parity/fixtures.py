@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.errors import FixtureError
+from parity.errors import FixtureChangedError, FixtureError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -351,7 +351,9 @@ def recover_fixture(dest: str | Path) -> None:
 
 
 def _needs_recovery(dest: Path) -> bool:
-    if not dest.exists() and (_previous(dest).exists() or any(dest.parent.glob(f".{dest.name}.tmp-*"))):
+    if dest.parent.is_dir() and any(dest.parent.glob(f".{dest.name}.tmp-*")):
+        return True
+    if not dest.exists() and _previous(dest).exists():
         return True
     return dest.is_dir() and any(dest.glob(f".{MANIFEST}.*"))
 
@@ -377,7 +379,7 @@ def update_manifest(root: str | Path, key: str, value: Any, *, merge: bool = Fal
     with regeneration_lock(root, wait=_LOCK_WAIT_S):
         manifest = _read_manifest(root)
         if version is not None and files_version(manifest) != version:
-            raise FixtureError(
+            raise FixtureChangedError(
                 f"{root} was regenerated while this measurement ran; nothing was written.\n"
                 "Note: run it again on the new fixture."
             )
@@ -630,15 +632,25 @@ def load_fixture(root: str | Path) -> Fixture:
     """
     root = Path(root)
     if _needs_recovery(root):
-        recover_fixture(root)
+        try:
+            # Missing: a swap is in progress or a writer died in one; wait for it or finish it. Present:
+            # only clean up, and only if no writer is busy (a read-only checkout just reads).
+            with regeneration_lock(root, wait=0.0 if root.is_dir() else _SWAP_WAIT_S):
+                pass
+        except OSError:
+            if not root.is_dir():
+                raise
     for attempt in range(_READ_ATTEMPTS):
         manifest = _read_manifest(root)
         try:
             return _load(root, manifest)
         except FixtureError:
             # A checksum that stops matching because a regeneration swapped the tree is not tampering.
-            if attempt + 1 == _READ_ATTEMPTS or not _changed(root, manifest):
+            if not _changed(root, manifest):
                 raise
+            if attempt + 1 == _READ_ATTEMPTS:
+                raise FixtureChangedError(f"{root} was regenerated {_READ_ATTEMPTS} times while it was being read; "
+                                          "run again when the regeneration is done") from None
     raise AssertionError("unreachable")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from parity.errors import FixtureError
+from parity.errors import FixtureChangedError, FixtureError
 
 __all__ = ["decode_image", "load_image", "check_resize", "MAX_RESIZED_PIXELS"]
 
@@ -32,8 +32,8 @@ def decode_image(path: str | Path, *, exif_transpose: bool = True, sha256: str =
         FixtureError: missing file, not an image, truncated data, a decompression bomb, a mode with
             no faithful RGB conversion, or bytes that no longer match the fixture's checksum.
     """
+    expected = sha256 or getattr(path, "sha256", "")  # before Path() makes a plain copy
     path = Path(path)
-    expected = sha256 or getattr(path, "sha256", "")
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -42,7 +42,7 @@ def decode_image(path: str | Path, *, exif_transpose: bool = True, sha256: str =
     except OSError as e:
         raise FixtureError(f"cannot read image {path}: {e}") from e
     if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise FixtureError(
+        raise FixtureChangedError(
             f"{path} changed after its fixture was verified (its sha256 no longer matches the manifest).\n"
             "Note: the fixture was regenerated or edited while this ran; run it again."
         )
