@@ -383,7 +383,9 @@ def _checkpoint_hashes(spec: Spec) -> dict[str, str]:
 
 
 def _load_headline(spec: Spec) -> str:
-    headline = "backbone and head loaded with strict=True"
+    headline = ("backbone and head loaded with strict=True" if spec.backbone.checkpoint is not None else
+                "head loaded with strict=True; backbone: no [backbone].checkpoint, so no weights were loaded "
+                "(initial or library-default weights)")
     for section, part in (("backbone", spec.backbone), ("head", spec.head)):
         explicit = [f"state_dict_key {part.state_dict_key!r}"] if part.state_dict_key else []
         explicit += [f"key_map {dict(part.key_map)}"] if part.key_map else []
@@ -401,9 +403,13 @@ def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
     diffs: list[TensorDiff] = []
     checked = 0
     other_library = _recorded_library(fixture) != pipeline.spec.backbone.library
+    unloaded = []
     for part, entry in recorded.items():
         got = pipeline.fingerprints.get(part)
-        if got is None or (part == "backbone" and other_library):
+        if part == "backbone" and other_library:
+            continue
+        if got is None:  # recorded but nothing loaded: random or library-default weights, never a pass
+            unloaded.append(f"{part} ({len(entry['tensors'])} recorded tensors)")
             continue
         checked += len(entry["tensors"])
         changed = [n for n, sha in entry["tensors"].items() if got.get(n) != sha]
@@ -412,6 +418,11 @@ def _weights_stage(pipeline: Pipeline, fixture: Fixture) -> StageResult:
     crossed = (f"; backbone not compared: fingerprinted as a {_recorded_library(fixture)} module, deployed as a "
                f"{pipeline.spec.backbone.library} one (converted layout; the embedding stage checks it)"
                if other_library and "backbone" in recorded else "")
+    if unloaded:
+        return StageResult("weights", Status.FAIL,
+                           f"no checkpoint loaded for {', '.join(unloaded)}: the candidate runs initial weights",
+                           notes=("Fix: set the checkpoint the fixture was made with ([backbone].checkpoint / "
+                                  "[head].weights)",))
     if not checked:
         return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
     if not diffs:

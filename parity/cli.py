@@ -239,13 +239,14 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         return EXIT_PASS
     loading: dict = {}
     if args.class_path is not None:
-        from parity.pipeline import import_object
+        from parity.pipeline import construct_module
 
         try:
             kwargs = json.loads(args.kwargs)
         except json.JSONDecodeError as e:
             raise SpecError(f"--kwargs is not valid JSON: {e}") from e
-        module, section, target = import_object(args.class_path)(**kwargs), "head", args.class_path
+        module, section, target = construct_module(args.class_path, kwargs, where="--"), "head", \
+            args.class_path
     else:
         from parity.backbones import backbone_weights, checkpoint_converter
         from parity.pipeline import create_backbone, create_head

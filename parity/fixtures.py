@@ -687,53 +687,132 @@ def _load(root: Path, manifest: dict[str, Any]) -> Fixture:
 def load_logged_samples(path: str | Path) -> Fixture:
     """Samples a service logged, as a `Fixture` whose targets are what the service produced.
 
-    JSONL: one object per line with ``image`` (relative to the log file), optional
-    ``input_biases``, and ``embedding`` and/or ``outputs`` lists. CSV: the same columns,
-    list values written as JSON arrays. A target nobody logged is an (N, 0) array.
+    JSONL: one object per line with ``image`` (relative to the log file), ``input_biases``
+    (required when any line has them), and ``embedding`` and/or ``outputs`` lists. CSV: the
+    same columns, list values written as JSON arrays. A target nobody logged is an (N, 0) array.
+    The file is read line by line (never whole), and every image is decoded once to prove it
+    readable; a bad line is named by its line number.
 
     Raises:
-        FixtureError: unreadable file, missing columns, ragged or non-finite values, missing images.
+        FixtureError: unreadable file, a malformed line, missing columns, ragged or non-finite
+            values, missing or unreadable images.
     """
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise FixtureError(f"logged samples not found: {path}")
-    try:
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                entries = [{k: json.loads(v) if k in ("input_biases", "embedding", "outputs") and v else v
-                            for k, v in row.items()} for row in csv.DictReader(f)]
+    rows: list[FixtureRow] = []
+    targets: dict[str, list[np.ndarray]] = {"embedding": [], "outputs": []}
+    widths: dict[str, int | None] = {}
+    checked: dict[Path, str] = {}
+    first_line = 0
+    for line, entry in _log_entries(path):
+        where = f"{path}: line {line}"
+        first_line = first_line or line
+        if not isinstance(entry, dict):
+            raise FixtureError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+        image = entry.get("image")
+        if not isinstance(image, str) or not image or "\0" in image:
+            raise FixtureError(f"{where}: 'image' must be a non-empty path string, got {str(image)[:80]!r}")
+        resolved = (path.parent / image).resolve()
+        if resolved not in checked:
+            checked[resolved] = _readable(resolved, where)
+            if len(checked) > 4096:
+                checked.clear()  # bounded: the cache only saves re-decoding repeated images
+        biases = entry.get("input_biases")
+        if biases is None or biases == "":
+            biases = []
+            present = False
         else:
-            entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise FixtureError(f"{path}: not valid {'CSV' if path.suffix == '.csv' else 'JSONL'}: {e}") from e
-    if not entries:
+            present = True
+        if "biases" not in widths:
+            widths["biases"] = len(biases) if present else None
+            widths["biases_present"] = present  # type: ignore[assignment]
+        if present != widths["biases_present"]:
+            raise FixtureError(f"{where}: 'input_biases' is {'present' if present else 'missing'} here but "
+                               f"{'missing' if present else 'present'} on line {first_line}; "
+                               "log it for every sample or for none")
+        values = _int_list(biases, where)
+        if present and len(values) != widths["biases"]:
+            raise FixtureError(f"{where}: {len(values)} input_biases, but earlier lines have {widths['biases']}")
+        rows.append(FixtureRow(name=resolved.name, image=resolved, input_biases=values))
+        for key, collected in targets.items():
+            value = entry.get(key)
+            logged = value is not None and value != ""
+            if key not in widths:
+                widths[key] = _width(value, where, key) if logged else None
+            elif logged != (widths[key] is not None):
+                raise FixtureError(f"{where}: '{key}' is {'logged' if logged else 'missing'} here but "
+                                   f"{'missing' if logged else 'logged'} on line {first_line}; "
+                                   "log it for every sample or for none")
+            if logged:
+                collected.append(_vector(value, widths[key], where, key))
+    if not rows:
         raise FixtureError(f"{path} holds no samples")
-    rows, targets = [], {"embedding": [], "outputs": []}
-    for i, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or not entry.get("image"):
-            raise FixtureError(f"{path}: sample {i} has no 'image'")
-        image = (path.parent / entry["image"]).resolve()
-        if not image.is_file():
-            raise FixtureError(f"{path}: sample {i}: image {image} not found")
-        rows.append(FixtureRow(name=image.name, image=image,
-                               input_biases=tuple(int(b) for b in entry.get("input_biases") or ())))
-        for key in targets:
-            targets[key].append(entry.get(key))
-    arrays = {}
-    for key, values in targets.items():
-        present = [v is not None and v != "" for v in values]
-        if any(present) and not all(present):
-            raise FixtureError(f"{path}: '{key}' is logged for some samples and not others (first missing: "
-                               f"sample {present.index(False) + 1})")
-        try:
-            arrays[key] = np.asarray(values, dtype=np.float32) if all(present) else np.zeros((len(rows), 0), np.float32)
-        except ValueError as e:
-            raise FixtureError(f"{path}: '{key}' rows have different lengths ({e})") from e
-        if arrays[key].ndim != 2 or not np.isfinite(arrays[key]).all():
-            raise FixtureError(f"{path}: '{key}' must be finite numbers, one list per sample")
+    arrays = {key: np.stack(values) if values else np.zeros((len(rows), 0), np.float32)
+              for key, values in targets.items()}
     if not arrays["embedding"].size and not arrays["outputs"].size:
         raise FixtureError(f"{path}: log 'embedding' and/or 'outputs' for each sample")
     return Fixture(root=path.parent, manifest={}, rows=tuple(rows), embeddings=arrays["embedding"],
                    outputs=arrays["outputs"])
+
+
+def _log_entries(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSONL or CSV log, one at a time."""
+    import csv
+
+    kind = "CSV" if path.suffix == ".csv" else "JSONL"
+    with open(path, encoding="utf-8", newline="" if kind == "CSV" else None) as f:
+        line = 0
+        try:
+            if kind == "CSV":
+                reader = csv.DictReader(f)
+                for record in reader:
+                    line = reader.line_num
+                    entry = {}
+                    for key, value in record.items():
+                        if key is None or value is None:
+                            raise FixtureError(f"{path}: line {line}: wrong number of columns")
+                        entry[key] = json.loads(value) if key in ("input_biases", "embedding", "outputs") and value \
+                            else value
+                    yield line, entry
+            else:
+                for line, text in enumerate(f, start=1):
+                    if text.strip():
+                        if len(text) > MAX_JSON_BYTES:
+                            raise FixtureError(f"{path}: line {line} is longer than {MAX_JSON_BYTES} characters")
+                        yield line, json.loads(text)
+        except (json.JSONDecodeError, csv.Error) as e:
+            raise FixtureError(f"{path}: line {line + (kind == 'CSV')}: not valid {kind}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise FixtureError(f"{path}: not UTF-8 text after line {line} ({e})") from e
+        except RecursionError as e:
+            raise FixtureError(f"{path}: line {line}: nests too deeply") from e
+
+
+def _readable(image: Path, where: str) -> str:
+    from parity.images import decode_image
+
+    if not image.is_file():
+        raise FixtureError(f"{where}: image {image} not found")
+    try:
+        decode_image(image)
+    except FixtureError as e:
+        raise FixtureError(f"{where}: {e}") from e
+    return ""
+
+
+def _width(value: Any, where: str, key: str) -> int:
+    if not isinstance(value, list) or not value:
+        raise FixtureError(f"{where}: '{key}' must be a non-empty list of numbers, got {str(value)[:80]}")
+    return len(value)
+
+
+def _vector(value: Any, width: int | None, where: str, key: str) -> np.ndarray:
+    if not isinstance(value, list) or not all(type(v) in (int, float) for v in value):
+        raise FixtureError(f"{where}: '{key}' must be a list of numbers, got {str(value)[:80]}")
+    if len(value) != width:
+        raise FixtureError(f"{where}: '{key}' has {len(value)} values, but the first line has {width}")
+    vector = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise FixtureError(f"{where}: '{key}' holds NaN, infinite or out-of-float32-range values")
+    return vector

@@ -197,19 +197,30 @@ def resolve_device(name: str):
 
 def create_head(spec: Spec):
     """An instance of ``[head].class`` built with ``[head].kwargs``."""
+    return construct_module(spec.head.class_path, spec.head.kwargs, where=f"{spec.path}: [head].")
+
+
+def construct_module(class_path: str, kwargs: Any, *, where: str):
+    """``class_path(**kwargs)``, refusing anything but a torch.nn.Module built from a kwargs mapping.
+
+    Raises:
+        SpecError: not importable, not an nn.Module subclass, kwargs not a mapping, or the constructor raised.
+    """
     import torch
 
-    head_cls = import_object(spec.head.class_path)
-    if not (isinstance(head_cls, type) and issubclass(head_cls, torch.nn.Module)):
-        raise SpecError(f"{spec.path}: [head].class {spec.head.class_path!r} is not a torch.nn.Module subclass "
-                        f"(got {type(head_cls).__name__} {head_cls!r:.80})")
+    if not isinstance(kwargs, Mapping):
+        raise SpecError(f"{where}kwargs must be a mapping of argument names to values, got {kwargs!r:.80}")
+    cls = import_object(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise SpecError(f"{where}class {class_path!r} is not a torch.nn.Module subclass "
+                        f"(got {type(cls).__name__} {cls!r:.80})")
     try:
-        return head_cls(**spec.head.kwargs)
+        return cls(**kwargs)
     except TypeError as e:
-        raise SpecError(f"{spec.path}: [head].kwargs do not fit {spec.head.class_path}: {e}") from e
+        raise SpecError(f"{where}kwargs do not fit {class_path}: {e}") from e
     except Exception as e:  # the class's own checks (a negative width, num_heads = 0, ...)
-        raise SpecError(f"{spec.path}: {spec.head.class_path}(**{dict(spec.head.kwargs)}) raised "
-                        f"{type(e).__name__}: {e}. Fix [head].kwargs.") from e
+        raise SpecError(f"{class_path}(**{dict(kwargs)}) raised {type(e).__name__}: {e}. "
+                        f"Fix {where}kwargs.") from e
 
 
 def load_weights(module, path: Path, *, section: str, target: str, state_dict_key: str | None,
