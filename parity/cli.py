@@ -8,6 +8,7 @@ that does not load, or preprocessing that differs), 2 on a usage or configuratio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -349,6 +350,20 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
+def _check_output_path(path: Path | None) -> None:
+    """Refuse an output path that cannot be written before any work is done (not after a verdict)."""
+    from parity.errors import SpecError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise SpecError(f"--json {path} is a directory; name a file to write the report to")
+    if not path.parent.is_dir():
+        raise SpecError(f"--json {path}: directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise SpecError(f"--json {path}: not writable by this user")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Logs (CI) are not terminals: give tables room instead of rich's 80-column fallback.
@@ -357,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
+        _check_output_path(getattr(args, "json_path", None))
         if args.command in ("check", "matrix", "diagnose", "calibrate"):
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)

@@ -16,7 +16,7 @@ __all__ = ["decode_image", "load_image", "check_resize", "MAX_RESIZED_PIXELS"]
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 # A resize to the model's size can make a tiny image huge (1x20000 -> 336x6.7M pixels): bound the result.
-MAX_RESIZED_PIXELS = 1 << 26
+MAX_RESIZED_PIXELS = 1 << 27
 
 
 def decode_image(path: str | Path, *, exif_transpose: bool = True, sha256: str = "") -> tuple[Image.Image, str]:

@@ -53,8 +53,9 @@ def reseal(fixture_dir: Path, edit=None) -> None:
     manifest = json.loads((fixture_dir / MANIFEST).read_text())
     if edit is not None:
         edit(manifest)
-    for rel, entry in manifest["files"].items():
-        if (fixture_dir / rel).is_file():
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for rel, entry in files.items():
+        if isinstance(entry, dict) and isinstance(rel, str) and (fixture_dir / rel).is_file():
             entry["sha256"] = sha256_file(fixture_dir / rel)
             entry["bytes"] = (fixture_dir / rel).stat().st_size
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
