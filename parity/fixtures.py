@@ -703,7 +703,8 @@ def load_logged_samples(path: str | Path) -> Fixture:
     rows: list[FixtureRow] = []
     targets: dict[str, list[np.ndarray]] = {"embedding": [], "outputs": []}
     widths: dict[str, int | None] = {}
-    checked: dict[Path, str] = {}
+    checked: dict[str, Path] = {}
+    lines: list[int] = []  # the line number of each sample, for messages
     first_line = 0
     for line, entry in _log_entries(path):
         where = f"{path}: line {line}"
@@ -713,11 +714,12 @@ def load_logged_samples(path: str | Path) -> Fixture:
         image = entry.get("image")
         if not isinstance(image, str) or not image or "\0" in image:
             raise FixtureError(f"{where}: 'image' must be a non-empty path string, got {str(image)[:80]!r}")
-        resolved = (path.parent / image).resolve()
-        if resolved not in checked:
-            checked[resolved] = _readable(resolved, where)
+        resolved = checked.get(image)
+        if resolved is None:
             if len(checked) > 4096:
-                checked.clear()  # bounded: the cache only saves re-decoding repeated images
+                checked.clear()  # bounded: the cache only saves re-resolving and re-decoding repeated images
+            resolved = checked[image] = (path.parent / image).resolve()
+            _readable(resolved, where)
         biases = entry.get("input_biases")
         if biases is None or biases == "":
             biases = []
@@ -735,6 +737,7 @@ def load_logged_samples(path: str | Path) -> Fixture:
         if present and len(values) != widths["biases"]:
             raise FixtureError(f"{where}: {len(values)} input_biases, but earlier lines have {widths['biases']}")
         rows.append(FixtureRow(name=resolved.name, image=resolved, input_biases=values))
+        lines.append(line)
         for key, collected in targets.items():
             value = entry.get(key)
             logged = value is not None and value != ""
@@ -748,8 +751,14 @@ def load_logged_samples(path: str | Path) -> Fixture:
                 collected.append(_vector(value, widths[key], where, key))
     if not rows:
         raise FixtureError(f"{path} holds no samples")
-    arrays = {key: np.stack(values) if values else np.zeros((len(rows), 0), np.float32)
-              for key, values in targets.items()}
+    arrays = {}
+    for key, values in targets.items():
+        with np.errstate(over="ignore"):
+            arrays[key] = np.stack(values).astype(np.float32) if values else np.zeros((len(rows), 0), np.float32)
+        bad = np.flatnonzero(~np.isfinite(arrays[key]).all(axis=1))
+        if bad.size:
+            raise FixtureError(f"{path}: line {lines[bad[0]]}: '{key}' holds NaN, infinite or "
+                               "out-of-float32-range values")
     if not arrays["embedding"].size and not arrays["outputs"].size:
         raise FixtureError(f"{path}: log 'embedding' and/or 'outputs' for each sample")
     return Fixture(root=path.parent, manifest={}, rows=tuple(rows), embeddings=arrays["embedding"],
@@ -808,11 +817,13 @@ def _width(value: Any, where: str, key: str) -> int:
 
 
 def _vector(value: Any, width: int | None, where: str, key: str) -> np.ndarray:
-    if not isinstance(value, list) or not all(type(v) in (int, float) for v in value):
+    try:
+        # numpy types the list in C: ints and floats give 'i'/'f'; bools, strings, None or nesting give others.
+        parsed = np.array(value) if isinstance(value, list) else None
+    except (ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.ndim != 1 or parsed.dtype.kind not in "if":
         raise FixtureError(f"{where}: '{key}' must be a list of numbers, got {str(value)[:80]}")
     if len(value) != width:
         raise FixtureError(f"{where}: '{key}' has {len(value)} values, but the first line has {width}")
-    vector = np.asarray(value, dtype=np.float32)
-    if not np.isfinite(vector).all():
-        raise FixtureError(f"{where}: '{key}' holds NaN, infinite or out-of-float32-range values")
-    return vector
+    return parsed  # checked for finite float32 values once, over the whole column

@@ -402,3 +402,36 @@ def test_check_racing_a_regeneration_never_mixes_versions(example_spec, fixture_
     monkeypatch.setattr(check, "load_fixture", load_then_regenerate)
     with pytest.raises(FixtureChangedError, match="changed after its fixture was verified"):
         check.run_check(example_spec, fixtures=fixture_copy)
+
+
+# -- service logs: streamed ----------------------------------------------------------------------
+
+_LOG_SCRIPT = """
+import resource, sys
+from parity.errors import FixtureError
+from parity.fixtures import load_logged_samples
+try:
+    logged = load_logged_samples(sys.argv[1])
+    print("rows", len(logged.rows), logged.outputs.shape)
+except FixtureError as e:
+    print("error", e)
+print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize("bad_line", [199_998])
+def test_a_200k_line_log_is_read_in_bounded_memory_and_bad_lines_are_named(tmp_path, bad_line):
+    image = str((EXAMPLE_FIXTURES / "images" / "chelsea.png").resolve())
+    good = json.dumps({"image": image, "input_biases": [0, 1], "outputs": [0.125] * 5}) + "\n"
+    with open(tmp_path / "service.jsonl", "w") as f:
+        for line in range(1, 200_001):
+            f.write(good if line != bad_line else good.replace("[0, 1]", "[0, 1, 2]"))
+    proc = subprocess.run([sys.executable, "-c", _LOG_SCRIPT, str(tmp_path / "service.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    if bad_line is None:
+        assert "rows 200000 (200000, 5)" in proc.stdout
+    else:
+        assert f"line {bad_line}: 3 input_biases, but earlier lines have 2" in proc.stdout
+    peak = int(proc.stdout.split("maxrss ")[1])
+    assert peak < 2 << 30, f"{peak / 2**30:.2f} GiB"
