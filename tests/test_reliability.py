@@ -435,3 +435,36 @@ def test_a_200k_line_log_is_read_in_bounded_memory_and_bad_lines_are_named(tmp_p
         assert f"line {bad_line}: 3 input_biases, but earlier lines have 2" in proc.stdout
     peak = int(proc.stdout.split("maxrss ")[1])
     assert peak < 2 << 30, f"{peak / 2**30:.2f} GiB"
+
+
+# -- verdicts on bad input -----------------------------------------------------------------------
+
+def test_a_decode_failure_is_not_called_acceptable_by_the_decisions_gate(example_spec, fixture_copy):
+    from parity.report import verdict_line
+
+    (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    reseal(fixture_copy)
+    report = run_check(example_spec.replace(decisions={"gate": "decisions"}), fixtures=fixture_copy)
+    line = verdict_line(report)
+    assert not report.passed and "would accept" not in line and "Accepted" not in line
+    assert "decode" in line
+
+
+def test_an_absent_backbone_checkpoint_is_said_and_fails_the_weights_stage(example_spec):
+    report = run_check(example_spec.replace(backbone={"checkpoint": None}))
+    assert "no [backbone].checkpoint, so no weights were loaded" in report.stage("load").headline
+    weights = report.stage("weights")
+    assert weights.status is Status.FAIL and not report.passed
+    assert weights.headline.startswith("no checkpoint loaded for backbone (")
+
+
+def test_diagnosis_leaves_unreadable_samples_out_of_its_probes_and_names_them(example_spec, fixture_copy):
+    from parity.diagnose import diagnose
+
+    (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    reseal(fixture_copy)
+    result = diagnose(example_spec.replace(preprocess={"interpolation": "bilinear"}), fixtures=fixture_copy)
+    assert any(note.startswith("excluded from the probes (unreadable): coins.png: cannot decode image")
+               for note in result.notes)
+    assert "coins.png" not in result.affected and result.total == 16
+    assert [c.toml() for c in result.fix] == ['[preprocess].interpolation = "bicubic"'] and result.confirmed
