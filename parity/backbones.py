@@ -51,6 +51,10 @@ def _hf_directory(spec: Spec) -> Path:
     if bb.checkpoint is None or not bb.checkpoint.is_dir():
         raise SpecError(f"{spec.path}: a transformers backbone needs [backbone].checkpoint = a local directory with "
                         f"config.json and model.safetensors (what save_pretrained writes); got {bb.checkpoint}")
+    if not (bb.checkpoint / "config.json").is_file():
+        # transformers would silently fall back to a default configuration: another architecture.
+        raise SpecError(f"{spec.path}: {bb.checkpoint} has no config.json; a transformers directory holds the "
+                        "config.json and model.safetensors that save_pretrained writes")
     return bb.checkpoint
 
 
@@ -64,9 +68,11 @@ def _hf_config(spec: Spec):
             return transformers.CLIPVisionConfig.from_pretrained(_hf_directory(spec), local_files_only=True,
                                                                  **bb.kwargs)
         return transformers.CLIPVisionConfig(**bb.kwargs)
-    except (OSError, TypeError, ValueError) as e:
+    except SpecError:
+        raise
+    except Exception as e:  # OSError, TypeError, ValueError, and whatever a damaged config.json makes it raise
         raise SpecError(f"{spec.path}: transformers cannot build a CLIPVisionConfig from {bb.checkpoint} "
-                        f"with {dict(bb.kwargs)}: {e}") from e
+                        f"with {dict(bb.kwargs)}: {type(e).__name__}: {e}") from e
 
 
 def create_backbone(spec: Spec, *, meta: bool = False):
@@ -105,9 +111,9 @@ def create_backbone(spec: Spec, *, meta: bool = False):
         return open_clip.create_model(bb.model, pretrained=None, **bb.kwargs).visual
     except SpecError:
         raise
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+    except Exception as e:  # a wrongly typed config or kwarg surfaces as any type inside the library
         raise SpecError(f"{spec.path}: {bb.library} cannot create [backbone].model {bb.model!r} "
-                        f"with {dict(bb.kwargs)}: {e}") from e
+                        f"with {dict(bb.kwargs)}: {type(e).__name__}: {e}") from e
 
 
 def backbone_weights(spec: Spec) -> Path | None:

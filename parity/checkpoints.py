@@ -50,6 +50,7 @@ def read_checkpoint(path: str | Path) -> Mapping:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_declared_sizes(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -79,6 +80,34 @@ def read_checkpoint(path: str | Path) -> Mapping:
             "Note: save module.state_dict(), not the module."
         )
     return state
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse a zip checkpoint whose members claim more bytes than the file holds, before reading any.
+
+    torch.save stores members uncompressed, so a real checkpoint's declared sizes add up to at
+    most its own size; a compressed or lying member would be inflated into memory first.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: a damaged zip archive ({e})") from e
+    size = path.stat().st_size
+    declared = sum(m.file_size for m in members)
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if declared > size or packed:
+        detail = (f"members {packed[:3]} are compressed" if packed
+                  else f"its members declare {declared} bytes but the file has {size}")
+        raise CheckpointError(
+            f"refusing checkpoint {path}: {detail}; torch.save writes uncompressed members, so this is "
+            "not a torch checkpoint (or it is damaged) and reading it would inflate it into memory.\n"
+            "Note: re-save the weights with torch.save(state_dict) or safetensors.torch.save_file."
+        )
 
 
 def nested_entries(checkpoint: Mapping) -> list[str]:

@@ -10,6 +10,7 @@ reported in one line; ``parity --debug COMMAND ...`` prints its traceback as wel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -264,13 +265,14 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         return EXIT_PASS
     loading: dict = {}
     if args.class_path is not None:
-        from parity.pipeline import import_object
+        from parity.pipeline import construct_module
 
         try:
             kwargs = json.loads(args.kwargs)
         except json.JSONDecodeError as e:
             raise SpecError(f"--kwargs is not valid JSON: {e}") from e
-        module, section, target = import_object(args.class_path)(**kwargs), "head", args.class_path
+        module, section, target = construct_module(args.class_path, kwargs, where="--"), "head", \
+            args.class_path
     else:
         from parity.backbones import backbone_weights, checkpoint_converter
         from parity.pipeline import create_backbone, create_head
@@ -417,6 +419,20 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
     return EXIT_PASS
 
 
+def _check_output_path(path: Path | None) -> None:
+    """Refuse an output path that cannot be written before any work is done (not after a verdict)."""
+    from parity.errors import SpecError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise SpecError(f"--json {path} is a directory; name a file to write the report to")
+    if not path.parent.is_dir():
+        raise SpecError(f"--json {path}: directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise SpecError(f"--json {path}: not writable by this user")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     parser.add_argument("--debug", action="store_true",
@@ -428,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
+        _check_output_path(getattr(args, "json_path", None))
         if args.command in ("check", "matrix", "diagnose", "calibrate"):
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)

@@ -155,7 +155,9 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
 
 
 def _load_headline(spec: Spec) -> str:
-    headline = "backbone and head loaded with strict=True"
+    headline = ("backbone and head loaded with strict=True" if spec.backbone.checkpoint is not None else
+                "head loaded with strict=True; backbone: no [backbone].checkpoint, so no weights were loaded "
+                "(initial or library-default weights)")
     for section, part in (("backbone", spec.backbone), ("head", spec.head)):
         explicit = [f"state_dict_key {part.state_dict_key!r}"] if part.state_dict_key else []
         explicit += [f"key_map {dict(part.key_map)}"] if part.key_map else []
@@ -182,9 +184,13 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
                f"{library} one (converted layout; the embedding stage checks it)"
                if other_library and "backbone" in recorded else "")
     absent: list[str] = []
+    unloaded: list[str] = []
     for part, entry in recorded.items():
         got = run.fingerprints.get(part)
-        if got is None or (part == "backbone" and other_library):
+        if part == "backbone" and other_library:
+            continue
+        if got is None:  # recorded but nothing loaded: random or library-default weights, never a pass
+            unloaded.append(f"{part} ({len(entry['tensors'])} recorded tensors)")
             continue
         names_in = library if part == "backbone" else ""
         trained, got = canonical_names(entry["tensors"], names_in), canonical_names(got, names_in)
@@ -198,6 +204,11 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
     if absent:
         crossed += f"; {len(absent)} recorded tensor(s) not in the deployed module: {', '.join(absent[:4])}" + (
             " ..." if len(absent) > 4 else "")
+    if unloaded:
+        return StageResult("weights", Status.FAIL,
+                           f"no checkpoint loaded for {', '.join(unloaded)}: the candidate runs initial weights",
+                           notes=("Fix: set the checkpoint the fixture was made with ([backbone].checkpoint / "
+                                  "[head].weights)",))
     if not checked:
         return StageResult("weights", Status.SKIP, "no recorded part has a candidate checkpoint" + crossed)
     if not diffs:

@@ -11,6 +11,7 @@ from parity.results import Comparison, SampleError, Tolerance
 __all__ = ["compare_arrays"]
 
 WORST_SAMPLES = 3
+_ULP_STEPS = 64
 
 
 def compare_arrays(
@@ -74,12 +75,20 @@ def compare_arrays(
 
 
 def _required_atol(diff: np.ndarray, ref_abs: np.ndarray, rtol: float) -> float:
-    """The smallest atol with ``diff <= atol + rtol * |ref|`` everywhere, at float64 rounding."""
-    atol = float(np.maximum(diff - rtol * ref_abs, 0.0).max(initial=0.0))
-    # The subtraction can round one ulp low; step up until the criterion itself agrees.
-    while not (diff <= atol + rtol * ref_abs).all():
+    """The smallest atol with ``diff <= atol + rtol * |ref|`` at every finite element, at float64 rounding.
+
+    Non-finite elements are counted as mismatches elsewhere; no atol covers them, so they are left out.
+    """
+    slack = rtol * ref_abs
+    keep = np.isfinite(diff) & np.isfinite(slack)
+    diff, slack = diff[keep], slack[keep]
+    atol = float(np.maximum(diff - slack, 0.0).max(initial=0.0))
+    # The subtraction can round one ulp low; step up (a bounded number of times) until the criterion agrees.
+    for _ in range(_ULP_STEPS):
+        if (diff <= atol + slack).all():
+            return atol
         atol = float(np.nextafter(atol, np.inf))
-    return atol
+    return float(diff.max(initial=0.0))  # always sufficient, since slack >= 0
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ localisation with forward hooks when the backbone itself computes differently.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,11 @@ class _Prober:
         try:
             pipeline = self.pipeline(spec)
             exif = spec.preprocess.exif_transpose
-            embeddings = pipeline.embed_images([self._image(i, exif) for i in self.rows])
+            # Decoded a chunk at a time: a 200k-sample log must not be one list of images.
+            chunk = max(self._CACHED_IMAGES, spec.runtime.batch_size)
+            embeddings = np.concatenate([pipeline.embed_images([self._image(i, exif) for i in self.rows[s:s + chunk]])
+                                         for s in range(0, len(self.rows), chunk)]) if self.rows else \
+                np.zeros((0, 0), np.float32)
         except (ParityError, RuntimeError, ValueError, AssertionError):
             return None
         try:
@@ -414,6 +419,10 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",))
     fixture = load_fixture(spec.fixture_root(fixtures))
+    # Samples that do not decode are named and left out of every probe: they say nothing about the fix.
+    unreadable = dict(report.stage("decode").sample_errors) if _has_stage(report, "decode") else {}
+    fixture = _without(fixture, unreadable)
+    excluded = tuple(f"excluded from the probes (unreadable): {name}: {why}" for name, why in unreadable.items())
     load = report.stage("load")
     if load.status is Status.FAIL:
         fix = load.key_diffs[0].fix
@@ -466,7 +475,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             break
 
     say("confirming the fix on every sample")
-    confirmed = bool(fix) and run_check(current, fixtures=fixtures, device=device).passed
+    confirmed = bool(fix) and _passes(run_check(current, fixtures=fixtures, device=device), bool(unreadable))
     layer = None
     if report.stage("pixels").status is not Status.FAIL and report.stage("embedding").status is Status.FAIL \
             and fix and all(c.section == "backbone" for c in fix):
@@ -479,7 +488,28 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         # No spec field reaches the fixture's preprocessing (e.g. another library's): say how it differs.
         notes = ("The preprocessing differs from the fixture's:",) + tuple(f"  {note}" for note in pixels.notes)
     return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
-                     _pattern(fixture, affected), notes)
+                     _pattern(fixture, affected), excluded + notes)
+
+
+def _has_stage(report: Report, stage: str) -> bool:
+    return any(s.stage == stage for s in report.stages)
+
+
+def _passes(report: Report, decode_failures_known: bool) -> bool:
+    """The report passes, or fails only on the unreadable samples already named."""
+    if report.passed or not decode_failures_known:
+        return report.passed
+    return all(s.status is not Status.FAIL for s in report.stages if s.stage != "decode")
+
+
+def _without(fixture: Fixture, names: Mapping[str, str]) -> Fixture:
+    """``fixture`` without the named rows."""
+    if not names:
+        return fixture
+    keep = [i for i, row in enumerate(fixture.rows) if row.name not in names]
+    return dataclasses.replace(fixture, rows=tuple(fixture.rows[i] for i in keep), embeddings=fixture.embeddings[keep],
+                               outputs=fixture.outputs[keep],
+                               golden_pixels={k: v for k, v in fixture.golden_pixels.items() if k not in names})
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ __all__ = [
     "ParityError",
     "SpecError",
     "FixtureError",
+    "FixtureChangedError",
     "CheckpointError",
     "DriftError",
 ]
@@ -21,6 +22,10 @@ class SpecError(ParityError, ValueError):
 
 class FixtureError(ParityError, OSError):
     """Fixture data is missing, inconsistent, or fails its checksum."""
+
+
+class FixtureChangedError(FixtureError):
+    """A fixture was regenerated or edited while it was being read: run again, nothing is mixed."""
 
 
 class CheckpointError(ParityError, RuntimeError):

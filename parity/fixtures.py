@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -17,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from parity.errors import FixtureError
+from parity.errors import FixtureChangedError, FixtureError
 
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST",
+    "MANIFEST_DIGEST",
     "EMBEDDINGS",
     "METADATA",
     "OUTPUTS",
@@ -35,10 +39,18 @@ __all__ = [
     "load_fixture",
     "load_logged_samples",
     "update_manifest",
+    "regeneration_lock",
+    "recover_fixture",
+    "manifest_digest",
+    "fixture_version",
+    "data_version",
+    "files_version",
+    "FixturePath",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's seal, over its canonical form
 EMBEDDINGS = "clip.npy"
 METADATA = "clip_metadata.json"
 OUTPUTS = "outputs.npy"
@@ -61,6 +73,19 @@ def environment() -> dict[str, str]:
         with contextlib.suppress(importlib_metadata.PackageNotFoundError):
             versions[name] = importlib_metadata.version(name)
     return versions
+
+
+class FixturePath(type(Path())):
+    """A fixture image's path that also carries the sha256 the manifest records for it.
+
+    `parity.images.decode_image` checks the bytes it decodes against it, so an image replaced
+    after the fixture was loaded (a regeneration, an edit) is refused instead of mixed in.
+    """
+
+    def __new__(cls, *parts: Any, sha256: str = "") -> FixturePath:
+        path = super().__new__(cls, *parts)
+        path.sha256 = sha256
+        return path
 
 
 @dataclass(frozen=True)
@@ -106,37 +131,134 @@ class Staging:
     manifest: dict[str, Any]
 
 
+_LOCK_WAIT_S = 120.0  # how long a manifest update waits for another writer before giving up
+_SWAP_WAIT_S = 10.0  # how long a reader waits for a regeneration's swap to finish
+_READ_ATTEMPTS = 5  # a reader retries this often when a regeneration replaced the fixture mid-read
+MAX_JSON_BYTES = 64 << 20  # manifest and metadata: far above any real one, small enough to parse safely
+_held: dict[Path, int] = {}  # lock depth per fixture in this process: a capture may hold it around stage_fixture
+
+
+def _fault(step: str) -> None:
+    """Fault injection for the crash-consistency tests: die at a named step of a write.
+
+    ``PARITY_FAULT_AT=<step>`` makes the process exit abruptly there, as a kill would.
+    """
+    if os.environ.get("PARITY_FAULT_AT") == step:
+        os._exit(99)
+
+
+def _lock_path(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.lock"
+
+
 @contextlib.contextmanager
-def _exclusive(dest: Path) -> Iterator[None]:
-    """One regeneration of ``dest`` at a time, across processes (an advisory lock file beside it)."""
+def regeneration_lock(dest: str | Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Exclusive right to write ``dest`` (regenerate it, update its manifest, recover it), across processes.
+
+    Re-entrant within one process. With ``wait`` 0 a held lock is refused at once; otherwise
+    it is awaited for up to ``wait`` seconds.
+
+    Raises:
+        FixtureError: another process holds the lock.
+    """
     import fcntl
 
-    with open(dest.parent / f".{dest.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise FixtureError(f"another process is regenerating {dest} (lock {handle.name}); try again when it ends") from e
+    dest = Path(dest).absolute()
+    if _held.get(dest):
+        _held[dest] += 1
         try:
             yield
         finally:
+            _held[dest] -= 1
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(dest), "a") as handle:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as e:
+                if time.monotonic() >= deadline:
+                    raise FixtureError(
+                        f"another process is regenerating or updating {dest} (lock {handle.name}); "
+                        "try again when it ends"
+                    ) from e
+                time.sleep(0.05)
+        _held[dest] = 1
+        try:
+            _recover(dest)
+            yield
+        finally:
+            _held.pop(dest, None)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once its directory is: without this a power loss can undo it.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The sha256 that seals a manifest: over its canonical JSON form, without the seal itself."""
+    return hashlib.sha256(_canonical(manifest)).hexdigest()
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Seal and write ``manifest.json`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    sealed = {**{k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}}
+    try:
+        sealed[MANIFEST_DIGEST] = manifest_digest(sealed)
+    except ValueError as e:  # allow_nan=False: a NaN or inf would not survive a JSON round trip
+        raise FixtureError(f"refusing to write a manifest with a non-finite number: {e}") from e
+    handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(json.dumps(sealed, indent=2, sort_keys=True) + "\n")
+            _fault("manifest-written")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
 
 
 @contextlib.contextmanager
 def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]:
     """Build a fixture in a temporary sibling directory, then swap it into place.
 
-    On success every file gets a sha256 in ``manifest.json`` and the previous version is
-    kept as ``.<name>.previous``; on any error, or if the process dies, the staging
-    directory is abandoned and ``dest`` is untouched. Concurrent regenerations of the
-    same ``dest`` are refused, never interleaved.
+    On success every file gets a sha256 in ``manifest.json``, the manifest is sealed with its
+    own digest, everything is fsynced, and the previous version is kept as ``.<name>.previous``.
+    On any error the staging directory is removed and ``dest`` is untouched; if the process
+    dies, the next reader or writer recovers (see `recover_fixture`). The regeneration lock is
+    held throughout: a concurrent regeneration or manifest update is refused, never interleaved.
 
     Raises:
-        FixtureError: ``dest`` exists and ``force`` is false, or another regeneration holds the lock.
+        FixtureError: ``dest`` exists and ``force`` is false, or another process holds the lock.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(dest):
+    with regeneration_lock(dest):
         if dest.exists() and not force:
             raise FixtureError(
                 f"{dest} already exists; refusing to overwrite frozen fixtures.\n"
@@ -149,42 +271,146 @@ def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]
         try:
             stage = Staging(staging, {"schema_version": SCHEMA_VERSION})
             yield stage
+            _fault("staged")
             files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
+            for p in files:
+                _fsync_file(p)
+            for d in sorted({p.parent for p in files}, key=lambda d: -len(d.parts)):
+                _fsync_dir(d)
             stage.manifest["files"] = {
                 p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                 for p in files
             }
-            (staging / MANIFEST).write_text(json.dumps(stage.manifest, indent=2, sort_keys=True) + "\n")
+            _write_manifest(staging, stage.manifest)
+            _fault("sealed")
             _swap_into_place(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _previous(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.previous"
+
+
 def _swap_into_place(staging: Path, dest: Path) -> None:
-    # Each rename is atomic on one filesystem: readers see the old tree or the new one, never
-    # a half-written one (between the two renames `dest` is briefly absent, never partial).
+    # Each rename is atomic on one filesystem. Between the two `dest` is briefly absent; a process
+    # killed there leaves the complete new version in staging and the old one in `.previous`, and
+    # `_recover` finishes the swap.
     if dest.exists():
-        previous = dest.parent / f".{dest.name}.previous"
+        previous = _previous(dest)
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(dest, previous)
+        _fault("between-renames")
     os.replace(staging, dest)
+    _fsync_dir(dest.parent)
+    _fault("swapped")
 
 
-def update_manifest(root: str | Path, key: str, value: Any) -> None:
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a sealed manifest whose every file verifies."""
+    try:
+        manifest = _read_manifest(directory)
+        for rel, entry in manifest["files"].items():
+            _read_verified(directory, rel, entry)
+    except FixtureError:
+        return False
+    return True
+
+
+def _recover(dest: Path) -> None:
+    """Finish or undo an interrupted regeneration, and remove what dead writers left; lock held."""
+    stagings = sorted((p for p in dest.parent.glob(f".{dest.name}.tmp-*") if p.is_dir()),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    if not dest.exists():
+        # Killed between the renames: roll forward to the sealed new version, else back to the old one.
+        done = next((p for p in stagings if _complete(p)), None)
+        if done is not None:
+            os.replace(done, dest)
+        elif _previous(dest).is_dir() and _complete(_previous(dest)):
+            os.replace(_previous(dest), dest)
+        if dest.exists():
+            _fsync_dir(dest.parent)
+    for leftover in stagings:  # the lock is ours, so every staging directory belongs to a dead writer
+        shutil.rmtree(leftover, ignore_errors=True)
+    if dest.is_dir():
+        for tmp in dest.glob(f".{MANIFEST}.*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def recover_fixture(dest: str | Path) -> None:
+    """Recover ``dest`` after a writer died: finish or undo its swap, clean its temporary files.
+
+    Readers and writers call this themselves when they find the fixture missing or leftovers.
+
+    Raises:
+        FixtureError: a live writer holds the lock for longer than a swap takes.
+    """
+    with regeneration_lock(dest, wait=_SWAP_WAIT_S):
+        pass
+
+
+def _needs_recovery(dest: Path) -> bool:
+    if dest.parent.is_dir() and any(dest.parent.glob(f".{dest.name}.tmp-*")):
+        return True
+    if not dest.exists() and _previous(dest).exists():
+        return True
+    return dest.is_dir() and any(dest.glob(f".{MANIFEST}.*"))
+
+
+def fixture_version(root: str | Path) -> str:
+    """An identifier of the fixture's current contents (its manifest's seal); changes with every write."""
+    return _read_manifest(Path(root))[MANIFEST_DIGEST]
+
+
+def update_manifest(root: str | Path, key: str, value: Any, *, merge: bool = False,
+                    version: str | None = None) -> None:
     """Set one top-level manifest entry (e.g. ``calibration``) atomically, under the regeneration lock.
 
-    The manifest lists the other files' checksums and is not itself in that list, so no
-    checksum changes; the data files are never touched.
+    The read, the change and the write all happen under the lock, so concurrent updates all
+    survive. ``merge`` updates a mapping entry key by key instead of replacing it. ``version``
+    (from `fixture_version`) refuses the update when the fixture's data changed since it was
+    read: a value measured on one version must not be stored in another.
+
+    Raises:
+        FixtureError: the fixture is missing or tampered, changed since ``version``, or the lock is busy.
     """
     root = Path(root)
-    manifest = _read_manifest(root)
-    manifest[key] = value
-    with _exclusive(root):
-        handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=root)
-        with os.fdopen(handle, "w") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, root / MANIFEST)
+    with regeneration_lock(root, wait=_LOCK_WAIT_S):
+        manifest = _read_manifest(root)
+        if version is not None and files_version(manifest) != version:
+            raise FixtureChangedError(
+                f"{root} was regenerated while this measurement ran; nothing was written.\n"
+                "Note: run it again on the new fixture."
+            )
+        if merge:
+            current = manifest.get(key, {})
+            if not isinstance(current, dict) or not isinstance(value, Mapping):
+                raise FixtureError(f"{root / MANIFEST}: '{key}' must be a JSON object to merge into")
+            value = {**current, **value}
+        manifest[key] = value
+        _write_manifest(root, manifest)
+
+
+def files_version(manifest: Mapping[str, Any]) -> str:
+    """The identity of a fixture's data (its file checksums), unchanged by manifest-only updates."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def data_version(root: str | Path) -> str:
+    """An identifier of the fixture's data files; manifest updates such as calibration keep it."""
+    return files_version(_read_manifest(Path(root)))
+
+
+def _parse_json(path: Path, data: bytes) -> Any:
+    if len(data) > MAX_JSON_BYTES:
+        raise FixtureError(f"{path} is {len(data)} bytes; at most {MAX_JSON_BYTES} are read")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FixtureError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise FixtureError(f"{path} nests too deeply to be a parity file") from e
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -196,66 +422,166 @@ def _read_manifest(root: Path) -> dict[str, Any]:
             f"{root} has no {MANIFEST}: not a parity fixture directory.\n"
             "Note: fixtures are built by the reference side, e.g. `make fixtures`."
         )
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    manifest = _parse_json(path, data)
+    if not isinstance(manifest, dict):
+        raise FixtureError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    sealed = manifest.get(MANIFEST_DIGEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FixtureError(f"{path} is not valid JSON: {e}") from e
+        actual = manifest_digest(manifest)
+    except ValueError as e:
+        raise FixtureError(f"{path} holds a non-finite number: {e}") from e
+    if sealed != actual:
+        raise FixtureError(
+            f"{path} fails its own checksum: '{MANIFEST_DIGEST}' records {sealed!r}, its contents hash to {actual}.\n"
+            "Note: the manifest was edited or written by an older parity. Restore it from version control, "
+            "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise FixtureError(
             f"{path}: schema_version {manifest.get('schema_version')!r} is not supported "
             f"(this parity reads {SCHEMA_VERSION})"
         )
-    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
         raise FixtureError(f"{path} lists no files")
+    base = root.resolve()
+    for rel, entry in files.items():
+        if not (base / rel).resolve().is_relative_to(base):
+            raise FixtureError(f"{path}: file entry {rel!r} points outside the fixture directory")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or type(entry.get("bytes")) is not int or entry["bytes"] < 0):
+            raise FixtureError(f"{path}: file entry {rel!r} must be an object with a 'sha256' string and "
+                               f"a non-negative integer 'bytes', got {str(entry)[:200]}")
     return manifest
 
 
-def _verify_files(root: Path, files: Mapping[str, Any]) -> None:
+def _read_verified(root: Path, rel: str, entry: Mapping[str, Any]) -> bytes:
+    """The bytes of one listed file, read once and checked against its size and sha256."""
     base = root.resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise FixtureError(f"{root / MANIFEST}: file entry {rel!r} points outside the fixture directory")
+    if not path.is_file():
+        raise FixtureError(f"{root / rel} is listed in {MANIFEST} but missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise FixtureError(
+            f"size mismatch for {root / rel}: {MANIFEST} records {entry['bytes']} bytes, the file has {size}.\n"
+            "Note: the file was modified or partly written. Restore it from version control, "
+            "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
+        )
+    with open(path, "rb") as f:
+        data = f.read(size + 1)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != entry["sha256"]:
+        raise FixtureError(
+            f"checksum mismatch for {root / rel}: {MANIFEST} records sha256 {entry['sha256']}, "
+            f"the file has {actual}.\n"
+            "Note: the file was modified or partly written. Restore it from version control, "
+            "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
+        )
+    return data
+
+
+def _verify_files(root: Path, files: Mapping[str, Any], skip: Sequence[str] = ()) -> None:
     for rel, entry in files.items():
+        if rel in skip:
+            continue
+        base = root.resolve()
         path = (base / rel).resolve()
         if not path.is_relative_to(base):
             raise FixtureError(f"{root / MANIFEST}: file entry {rel!r} points outside the fixture directory")
         if not path.is_file():
             raise FixtureError(f"{root / rel} is listed in {MANIFEST} but missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise FixtureError(f"size mismatch for {root / rel}: {MANIFEST} records {entry['bytes']} bytes, "
+                               f"the file has {path.stat().st_size}.\n"
+                               "Note: restore it from version control, or rebuild the fixtures on purpose "
+                               "with `make fixtures FORCE=1`.")
         actual = sha256_file(path)
-        if actual != entry.get("sha256"):
+        if actual != entry["sha256"]:
             raise FixtureError(
-                f"checksum mismatch for {root / rel}: {MANIFEST} records sha256 {entry.get('sha256')}, "
+                f"checksum mismatch for {root / rel}: {MANIFEST} records sha256 {entry['sha256']}, "
                 f"the file has {actual}.\n"
                 "Note: the file was modified or partly written. Restore it from version control, "
                 "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
             )
 
 
-def _rows(root: Path, meta_path: Path) -> tuple[FixtureRow, ...]:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        entries = meta["rows"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FixtureError(f"{meta_path}: expected a JSON object with a 'rows' list ({e})") from e
-    rows, seen = [], set()
-    for i, entry in enumerate(entries):
-        try:
-            image = str(entry["image"])
-            biases = tuple(int(b) for b in entry.get("input_biases", ()))
-            labels = tuple(float(v) for v in entry.get("labels", ()))
-        except (KeyError, TypeError, ValueError) as e:
-            raise FixtureError(f"{meta_path}: row {i} is malformed ({type(e).__name__}: {e})") from e
+def _int_list(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise FixtureError(f"{where}: 'input_biases' must be a list of integers, got {str(value)[:120]}")
+    return tuple(value)
+
+
+def _rows(root: Path, meta_path: Path, data: bytes, files: Mapping[str, Any]) -> tuple[FixtureRow, ...]:
+    meta = _parse_json(meta_path, data)
+    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
+        raise FixtureError(f"{meta_path}: expected a JSON object with a 'rows' list")
+    rows, seen, widths = [], set(), set()
+    base = root.resolve()
+    for i, entry in enumerate(meta["rows"]):
+        where = f"{meta_path}: row {i}"
+        if not isinstance(entry, dict):
+            raise FixtureError(f"{where} must be a JSON object, got {type(entry).__name__}")
+        image = entry.get("image")
+        if not isinstance(image, str) or not image:
+            raise FixtureError(f"{where} has no 'image' path (a string)")
+        if "input_biases" not in entry:
+            raise FixtureError(f"{where} has no 'input_biases' (write [] for a head without them)")
+        biases = _int_list(entry["input_biases"], where)
+        widths.add(len(biases))
+        if len(widths) > 1:
+            raise FixtureError(f"{where} has {len(biases)} input_biases; earlier rows have "
+                               f"{min(widths - {len(biases)})}: every row needs the same number")
+        labels = entry.get("labels", [])
+        if not isinstance(labels, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in labels):
+            raise FixtureError(f"{where}: 'labels' must be a list of finite numbers")
         if entry.get("row", i) != i:
-            raise FixtureError(f"{meta_path}: entry {i} claims row {entry['row']}; rows must be in order")
+            raise FixtureError(f"{meta_path}: entry {i} claims row {entry['row']!r}; rows must be in order")
         name = Path(image).name
         if name in seen:
-            raise FixtureError(f"{meta_path}: row {i} repeats image name {name!r}")
+            raise FixtureError(f"{where} repeats image name {name!r}")
         seen.add(name)
-        rows.append(FixtureRow(name=name, image=root / image, input_biases=biases, labels=labels))
+        path = (base / image).resolve()
+        if not path.is_relative_to(base):
+            raise FixtureError(f"{meta_path}: image {root / image} is outside the fixture directory "
+                               f"and has no checksum in {MANIFEST}")
+        rel = path.relative_to(base).as_posix()
+        if rel not in files:
+            raise FixtureError(f"{meta_path}: image {rel} has no checksum in {MANIFEST}")
+        rows.append(FixtureRow(name=name, image=FixturePath(root / image, sha256=files[rel]["sha256"]),
+                               input_biases=biases, labels=tuple(float(v) for v in labels)))
     return tuple(rows)
 
 
-def _array(path: Path, rows: int, what: str) -> np.ndarray:
+def _npy_header(path: Path, data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length of an .npy file, checked against its size before anything is allocated."""
+    buffer = io.BytesIO(data)
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+        version = np.lib.format.read_magic(buffer)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in reader:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _fortran, dtype = reader[version](buffer, max_header_size=10000)
+    except (ValueError, OSError, SyntaxError, TypeError) as e:
+        raise FixtureError(f"cannot read {path}: not a valid .npy file ({e})") from e
+    if dtype.hasobject:
+        raise FixtureError(f"{path}: object arrays are refused (they need pickle)")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(data) - buffer.tell():
+        raise FixtureError(f"{path}: its header declares shape {shape} of {dtype} ({expected} bytes) but the file "
+                           f"holds {len(data) - buffer.tell()} bytes of data")
+    return shape, dtype, buffer.tell()
+
+
+def _array(path: Path, data: bytes, rows: int, what: str) -> np.ndarray:
+    _npy_header(path, data)
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
         raise FixtureError(f"cannot read {path}: {e}") from e
     if not np.issubdtype(array.dtype, np.floating):
         raise FixtureError(f"{path}: {what} must be floating point, got dtype {array.dtype}")
@@ -275,33 +601,85 @@ def _array(path: Path, rows: int, what: str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _golden(path: Path, data: bytes, names: set[str]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load as load_safetensors
+
+    try:
+        golden = load_safetensors(data)
+    except Exception as e:  # safetensors raises its own SafetensorError for any malformed header
+        raise FixtureError(f"cannot read {path}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+    unknown = sorted(set(golden) - names)
+    if unknown:
+        raise FixtureError(f"{path} has pixels for images not in {METADATA}: {unknown}")
+    for name, pixels in golden.items():
+        if not np.issubdtype(pixels.dtype, np.floating) or pixels.ndim != 3:
+            raise FixtureError(f"{path}: pixels of {name} must be a floating point (C, H, W) array, "
+                               f"got {pixels.dtype} {pixels.shape}")
+        if not np.isfinite(pixels).all():
+            raise FixtureError(f"{path}: pixels of {name} hold NaN or infinite values; a reference must be finite")
+    return golden
+
+
 def load_fixture(root: str | Path) -> Fixture:
-    """Verify every checksum in the manifest, then load the fixture's arrays and metadata.
+    """Verify the manifest's seal and every checksum, then load the fixture's arrays and metadata.
+
+    Every file is read once, and checked and parsed from those same bytes; images carry their
+    checksum and are checked again when decoded. If a regeneration replaces the fixture while it
+    is read, the read starts over on the new version, so a reader never mixes two versions.
 
     Raises:
-        FixtureError: missing or tampered files, inconsistent row counts, bad metadata.
+        FixtureError: missing, unlisted or tampered files, inconsistent row counts, bad metadata.
     """
     root = Path(root)
-    manifest = _read_manifest(root)
-    _verify_files(root, manifest["files"])
-    rows = _rows(root, root / METADATA)
-    embeddings = _array(root / EMBEDDINGS, len(rows), "embeddings")
-    outputs = _array(root / OUTPUTS, len(rows), "outputs")
-    for row in rows:
-        if not row.image.resolve().is_relative_to(root.resolve()):
-            raise FixtureError(f"{root / METADATA}: image {row.image} is outside the fixture directory "
-                               f"and has no checksum in {MANIFEST}")
-        rel = row.image.resolve().relative_to(root.resolve()).as_posix()
-        if rel not in manifest["files"]:
-            raise FixtureError(f"{root / METADATA}: image {rel} has no checksum in {MANIFEST}")
-    golden: dict[str, np.ndarray] = {}
-    if (root / PIXELS).is_file():
-        from safetensors.numpy import load_file
+    if _needs_recovery(root):
+        try:
+            # Missing: a swap is in progress or a writer died in one; wait for it or finish it. Present:
+            # only clean up, and only if no writer is busy (a read-only checkout just reads).
+            with regeneration_lock(root, wait=0.0 if root.is_dir() else _SWAP_WAIT_S):
+                pass
+        except OSError:
+            if not root.is_dir():
+                raise
+    for attempt in range(_READ_ATTEMPTS):
+        manifest = _read_manifest(root)
+        try:
+            return _load(root, manifest)
+        except FixtureError:
+            # A checksum that stops matching because a regeneration swapped the tree is not tampering.
+            if not _changed(root, manifest):
+                raise
+            if attempt + 1 == _READ_ATTEMPTS:
+                raise FixtureChangedError(f"{root} was regenerated {_READ_ATTEMPTS} times while it was being read; "
+                                          "run again when the regeneration is done") from None
+    raise AssertionError("unreachable")
 
-        golden = load_file(str(root / PIXELS))
-        unknown = sorted(set(golden) - {row.name for row in rows})
-        if unknown:
-            raise FixtureError(f"{root / PIXELS} has pixels for images not in {METADATA}: {unknown}")
+
+def _changed(root: Path, manifest: Mapping[str, Any]) -> bool:
+    deadline = time.monotonic() + _SWAP_WAIT_S
+    while not (root / MANIFEST).is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)  # inside a swap, between the two renames
+    try:
+        return _read_manifest(root)[MANIFEST_DIGEST] != manifest[MANIFEST_DIGEST]
+    except FixtureError:
+        return False
+
+
+def _load(root: Path, manifest: dict[str, Any]) -> Fixture:
+    files = manifest["files"]
+    required = [METADATA, EMBEDDINGS, OUTPUTS] + ([PIXELS] if (root / PIXELS).exists() else [])
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise FixtureError(
+            f"{root / MANIFEST} does not list {', '.join(unlisted)}, which the fixture holds or needs: "
+            "an unlisted file has no checksum and is refused.\n"
+            "Note: restore the manifest from version control, or rebuild the fixtures with `make fixtures FORCE=1`."
+        )
+    data = {name: _read_verified(root, name, files[name]) for name in required}
+    rows = _rows(root, root / METADATA, data[METADATA], files)
+    _verify_files(root, files, skip=required)
+    embeddings = _array(root / EMBEDDINGS, data[EMBEDDINGS], len(rows), "embeddings")
+    outputs = _array(root / OUTPUTS, data[OUTPUTS], len(rows), "outputs")
+    golden = _golden(root / PIXELS, data[PIXELS], {row.name for row in rows}) if PIXELS in data else {}
     return Fixture(root=root, manifest=manifest, rows=rows, embeddings=embeddings,
                    outputs=outputs, golden_pixels=golden)
 
@@ -309,53 +687,143 @@ def load_fixture(root: str | Path) -> Fixture:
 def load_logged_samples(path: str | Path) -> Fixture:
     """Samples a service logged, as a `Fixture` whose targets are what the service produced.
 
-    JSONL: one object per line with ``image`` (relative to the log file), optional
-    ``input_biases``, and ``embedding`` and/or ``outputs`` lists. CSV: the same columns,
-    list values written as JSON arrays. A target nobody logged is an (N, 0) array.
+    JSONL: one object per line with ``image`` (relative to the log file), ``input_biases``
+    (required when any line has them), and ``embedding`` and/or ``outputs`` lists. CSV: the
+    same columns, list values written as JSON arrays. A target nobody logged is an (N, 0) array.
+    The file is read line by line (never whole), and every image is decoded once to prove it
+    readable; a bad line is named by its line number.
 
     Raises:
-        FixtureError: unreadable file, missing columns, ragged or non-finite values, missing images.
+        FixtureError: unreadable file, a malformed line, missing columns, ragged or non-finite
+            values, missing or unreadable images.
     """
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise FixtureError(f"logged samples not found: {path}")
-    try:
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                entries = [{k: json.loads(v) if k in ("input_biases", "embedding", "outputs") and v else v
-                            for k, v in row.items()} for row in csv.DictReader(f)]
+    rows: list[FixtureRow] = []
+    targets: dict[str, list[np.ndarray]] = {"embedding": [], "outputs": []}
+    widths: dict[str, int | None] = {}
+    checked: dict[str, Path] = {}
+    lines: list[int] = []  # the line number of each sample, for messages
+    first_line = 0
+    for line, entry in _log_entries(path):
+        where = f"{path}: line {line}"
+        first_line = first_line or line
+        if not isinstance(entry, dict):
+            raise FixtureError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+        image = entry.get("image")
+        if not isinstance(image, str) or not image or "\0" in image:
+            raise FixtureError(f"{where}: 'image' must be a non-empty path string, got {str(image)[:80]!r}")
+        resolved = checked.get(image)
+        if resolved is None:
+            if len(checked) > 4096:
+                checked.clear()  # bounded: the cache only saves re-resolving and re-decoding repeated images
+            resolved = checked[image] = (path.parent / image).resolve()
+            _readable(resolved, where)
+        biases = entry.get("input_biases")
+        if biases is None or biases == "":
+            biases = []
+            present = False
         else:
-            entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise FixtureError(f"{path}: not valid {'CSV' if path.suffix == '.csv' else 'JSONL'}: {e}") from e
-    if not entries:
+            present = True
+        if "biases" not in widths:
+            widths["biases"] = len(biases) if present else None
+            widths["biases_present"] = present  # type: ignore[assignment]
+        if present != widths["biases_present"]:
+            raise FixtureError(f"{where}: 'input_biases' is {'present' if present else 'missing'} here but "
+                               f"{'missing' if present else 'present'} on line {first_line}; "
+                               "log it for every sample or for none")
+        values = _int_list(biases, where)
+        if present and len(values) != widths["biases"]:
+            raise FixtureError(f"{where}: {len(values)} input_biases, but earlier lines have {widths['biases']}")
+        rows.append(FixtureRow(name=resolved.name, image=resolved, input_biases=values))
+        lines.append(line)
+        for key, collected in targets.items():
+            value = entry.get(key)
+            logged = value is not None and value != ""
+            if key not in widths:
+                widths[key] = _width(value, where, key) if logged else None
+            elif logged != (widths[key] is not None):
+                raise FixtureError(f"{where}: '{key}' is {'logged' if logged else 'missing'} here but "
+                                   f"{'missing' if logged else 'logged'} on line {first_line}; "
+                                   "log it for every sample or for none")
+            if logged:
+                collected.append(_vector(value, widths[key], where, key))
+    if not rows:
         raise FixtureError(f"{path} holds no samples")
-    rows, targets = [], {"embedding": [], "outputs": []}
-    for i, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or not entry.get("image"):
-            raise FixtureError(f"{path}: sample {i} has no 'image'")
-        image = (path.parent / entry["image"]).resolve()
-        if not image.is_file():
-            raise FixtureError(f"{path}: sample {i}: image {image} not found")
-        rows.append(FixtureRow(name=image.name, image=image,
-                               input_biases=tuple(int(b) for b in entry.get("input_biases") or ())))
-        for key in targets:
-            targets[key].append(entry.get(key))
     arrays = {}
     for key, values in targets.items():
-        present = [v is not None and v != "" for v in values]
-        if any(present) and not all(present):
-            raise FixtureError(f"{path}: '{key}' is logged for some samples and not others (first missing: "
-                               f"sample {present.index(False) + 1})")
-        try:
-            arrays[key] = np.asarray(values, dtype=np.float32) if all(present) else np.zeros((len(rows), 0), np.float32)
-        except ValueError as e:
-            raise FixtureError(f"{path}: '{key}' rows have different lengths ({e})") from e
-        if arrays[key].ndim != 2 or not np.isfinite(arrays[key]).all():
-            raise FixtureError(f"{path}: '{key}' must be finite numbers, one list per sample")
+        with np.errstate(over="ignore"):
+            arrays[key] = np.stack(values).astype(np.float32) if values else np.zeros((len(rows), 0), np.float32)
+        bad = np.flatnonzero(~np.isfinite(arrays[key]).all(axis=1))
+        if bad.size:
+            raise FixtureError(f"{path}: line {lines[bad[0]]}: '{key}' holds NaN, infinite or "
+                               "out-of-float32-range values")
     if not arrays["embedding"].size and not arrays["outputs"].size:
         raise FixtureError(f"{path}: log 'embedding' and/or 'outputs' for each sample")
     return Fixture(root=path.parent, manifest={}, rows=tuple(rows), embeddings=arrays["embedding"],
                    outputs=arrays["outputs"])
+
+
+def _log_entries(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSONL or CSV log, one at a time."""
+    import csv
+
+    kind = "CSV" if path.suffix == ".csv" else "JSONL"
+    with open(path, encoding="utf-8", newline="" if kind == "CSV" else None) as f:
+        line = 0
+        try:
+            if kind == "CSV":
+                reader = csv.DictReader(f)
+                for record in reader:
+                    line = reader.line_num
+                    entry = {}
+                    for key, value in record.items():
+                        if key is None or value is None:
+                            raise FixtureError(f"{path}: line {line}: wrong number of columns")
+                        entry[key] = json.loads(value) if key in ("input_biases", "embedding", "outputs") and value \
+                            else value
+                    yield line, entry
+            else:
+                for line, text in enumerate(f, start=1):
+                    if text.strip():
+                        if len(text) > MAX_JSON_BYTES:
+                            raise FixtureError(f"{path}: line {line} is longer than {MAX_JSON_BYTES} characters")
+                        yield line, json.loads(text)
+        except (json.JSONDecodeError, csv.Error) as e:
+            raise FixtureError(f"{path}: line {line + (kind == 'CSV')}: not valid {kind}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise FixtureError(f"{path}: not UTF-8 text after line {line} ({e})") from e
+        except RecursionError as e:
+            raise FixtureError(f"{path}: line {line}: nests too deeply") from e
+
+
+def _readable(image: Path, where: str) -> str:
+    from parity.images import decode_image
+
+    if not image.is_file():
+        raise FixtureError(f"{where}: image {image} not found")
+    try:
+        decode_image(image)
+    except FixtureError as e:
+        raise FixtureError(f"{where}: {e}") from e
+    return ""
+
+
+def _width(value: Any, where: str, key: str) -> int:
+    if not isinstance(value, list) or not value:
+        raise FixtureError(f"{where}: '{key}' must be a non-empty list of numbers, got {str(value)[:80]}")
+    return len(value)
+
+
+def _vector(value: Any, width: int | None, where: str, key: str) -> np.ndarray:
+    try:
+        # numpy types the list in C: ints and floats give 'i'/'f'; bools, strings, None or nesting give others.
+        parsed = np.array(value) if isinstance(value, list) else None
+    except (ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.ndim != 1 or parsed.dtype.kind not in "if":
+        raise FixtureError(f"{where}: '{key}' must be a list of numbers, got {str(value)[:80]}")
+    if len(value) != width:
+        raise FixtureError(f"{where}: '{key}' has {len(value)} values, but the first line has {width}")
+    return parsed  # checked for finite float32 values once, over the whole column

@@ -15,7 +15,7 @@ from parity.backbones import backbone_weights, checkpoint_converter, create_back
 from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
-from parity.images import decode_input
+from parity.images import check_resize, decode_input
 from parity.preprocess import (TIMM_DATA_CONFIG_KEYS, Preprocess, create_hf_preprocess, create_open_clip_preprocess,
                                create_preprocess, load_preprocessor_config)
 from parity.spec import Spec
@@ -43,12 +43,20 @@ __all__ = [
 def import_object(path: str) -> Any:
     """Import ``package.module:Name``. This runs the module's code: name only code you trust."""
     module_name, _, attr = path.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise SpecError(f"{path!r} is not 'package.module:Name' (an absolute module path and a name)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise SpecError(f"cannot import {module_name!r} for {path!r}: {e}. Is it installed or on PYTHONPATH?") from e
+    except Exception as e:  # the module's own code failed: a SyntaxError, or anything it raises at import
+        raise SpecError(f"importing {module_name!r} for {path!r} failed: {type(e).__name__}: {e}. "
+                        "Fix that module; parity runs it as it is.") from e
     try:
-        return getattr(module, attr)
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
     except AttributeError as e:
         raise SpecError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from e
 
@@ -109,8 +117,14 @@ class Pipeline:
         return decode_input(image, exif_transpose=self.spec.preprocess.exif_transpose)
 
     def preprocess(self, image):
-        """Pixels (3, H, W) float32 on the CPU for any input `decode` accepts."""
-        return self.transform(self.decode(image)[0])
+        """Pixels (3, H, W) float32 on the CPU for any input `decode` accepts.
+
+        Raises:
+            FixtureError: the input cannot be decoded, or its resize would be too large.
+        """
+        rgb = self.decode(image)[0]
+        check_resize(rgb.size, _resize_edge(self.data_config), path=getattr(image, "filename", "") or "image")
+        return self.transform(rgb)
 
     def embed(self, pixels):
         """Embeddings (B, D) float32 on the CPU for pixels (B, 3, H, W)."""
@@ -184,6 +198,10 @@ class Pipeline:
 def resolve_device(name: str):
     import torch
 
+    from parity.spec import check_device
+
+    check_device(name)
+
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(
             f"device {name!r} requested but torch.cuda.is_available() is False on this machine. "
@@ -194,11 +212,30 @@ def resolve_device(name: str):
 
 def create_head(spec: Spec):
     """An instance of ``[head].class`` built with ``[head].kwargs``."""
-    head_cls = import_object(spec.head.class_path)
+    return construct_module(spec.head.class_path, spec.head.kwargs, where=f"{spec.path}: [head].")
+
+
+def construct_module(class_path: str, kwargs: Any, *, where: str):
+    """``class_path(**kwargs)``, refusing anything but a torch.nn.Module built from a kwargs mapping.
+
+    Raises:
+        SpecError: not importable, not an nn.Module subclass, kwargs not a mapping, or the constructor raised.
+    """
+    import torch
+
+    if not isinstance(kwargs, Mapping):
+        raise SpecError(f"{where}kwargs must be a mapping of argument names to values, got {kwargs!r:.80}")
+    cls = import_object(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise SpecError(f"{where}class {class_path!r} is not a torch.nn.Module subclass "
+                        f"(got {type(cls).__name__} {cls!r:.80})")
     try:
-        return head_cls(**spec.head.kwargs)
+        return cls(**kwargs)
     except TypeError as e:
-        raise SpecError(f"{spec.path}: [head].kwargs do not fit {spec.head.class_path}: {e}") from e
+        raise SpecError(f"{where}kwargs do not fit {class_path}: {e}") from e
+    except Exception as e:  # the class's own checks (a negative width, num_heads = 0, ...)
+        raise SpecError(f"{class_path}(**{dict(kwargs)}) raised {type(e).__name__}: {e}. "
+                        f"Fix {where}kwargs.") from e
 
 
 def load_weights(module, path: Path, *, section: str, target: str, state_dict_key: str | None,
@@ -342,3 +379,13 @@ def build_pipeline(spec: Spec, *, device: str | None = None, fingerprints: bool 
     head, head_prints = load_head(spec, device=torch_device, fingerprints=fingerprints)
     prints = {part: p for part, p in (("backbone", backbone_prints), ("head", head_prints)) if p}
     return assemble_pipeline(spec, backbone, head, device=torch_device, fingerprints=prints)
+
+
+def _resize_edge(data_config: Mapping[str, Any]) -> float:
+    """The shortest edge preprocessing resizes to (timm's input size / crop_pct), for the memory bound."""
+    size = data_config.get("input_size") or (0, 1024, 1024)
+    crop = data_config.get("crop_pct") or 1.0
+    try:
+        return max(float(v) for v in tuple(size)[-2:]) / max(float(crop), 1e-3)
+    except (TypeError, ValueError):
+        return 1024.0

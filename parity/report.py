@@ -147,8 +147,12 @@ def verdict_line(report: Report) -> str:
     if verdict is Verdict.DECISION_FLIPS:
         return f"DECISION FLIPS: {counted} decisions flipped; first drifted stage: {first.stage}."
     if verdict is Verdict.DRIFT_NO_FLIPS:
+        # Only numeric drift can be accepted by the decisions gate; a sample that did not decode never can.
+        blocking = [s.stage for s in report.stages if s.status is Status.FAIL
+                    and s.stage not in ("pixels", "embedding", "head", "outputs", "decisions")]
         accepted = (" Accepted: [decisions].gate = \"decisions\"." if report.passed
-                    else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
+                    else f" The gate fails on it: the {', '.join(blocking)} stage failed, which no gate accepts."
+                    if blocking else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
     if first.stage == "load":

@@ -29,7 +29,8 @@ import numpy as np
 
 from parity.checkpoints import fingerprint
 from parity.errors import FixtureError
-from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, sha256_file, stage_fixture
+from parity.fixtures import (EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, regeneration_lock, sha256_file,
+                             stage_fixture)
 
 __all__ = ["Capture", "capture", "capture_pipeline", "git_revision", "known_revision"]
 
@@ -196,30 +197,40 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
                                 "git_revision": git_revision(caller) if caller else None,
                                 "transform": repr(transform) if transform is not None else None,
                                 "versions": environment()}
-    yield cap
-    if not cap.rows:
-        raise FixtureError("capture: no samples were added")
-    with stage_fixture(cap.root, force=force) as stage:
-        (stage.path / "images").mkdir()
-        for image in cap.images:
-            shutil.copyfile(image, stage.path / "images" / image.name)
-        for name, source in cap.files.items():
-            shutil.copyfile(source, stage.path / name)
-        for name, source in cap.folders.items():
-            shutil.copytree(source, stage.path / name)
-        for name, write in dict(extra_files).items():
-            write(stage.path / name)
-        np.save(stage.path / EMBEDDINGS, np.stack(cap.embeddings)[:, None, :])  # (N, 1, D), as in training
-        if all(o is not None for o in cap.outputs):
-            np.save(stage.path / OUTPUTS, np.stack(cap.outputs))
-        if cap.pixels:
-            from safetensors.numpy import save_file
+    # The lock covers the whole regeneration, so a second one is refused before it computes anything.
+    held = contextlib.ExitStack()
+    held.enter_context(regeneration_lock(cap.root))
+    if cap.root.exists() and not force:
+        held.close()
+        raise FixtureError(f"{cap.root} already exists; refusing to overwrite frozen fixtures.\n"
+                           "Note: rebuild on purpose with `make fixtures FORCE=1` (or --force).")
+    try:
+        yield cap
+        if not cap.rows:
+            raise FixtureError("capture: no samples were added")
+        with stage_fixture(cap.root, force=force) as stage:
+            (stage.path / "images").mkdir()
+            for image in cap.images:
+                shutil.copyfile(image, stage.path / "images" / image.name)
+            for name, source in cap.files.items():
+                shutil.copyfile(source, stage.path / name)
+            for name, source in cap.folders.items():
+                shutil.copytree(source, stage.path / name)
+            for name, write in dict(extra_files).items():
+                write(stage.path / name)
+            np.save(stage.path / EMBEDDINGS, np.stack(cap.embeddings)[:, None, :])  # (N, 1, D), as in training
+            if all(o is not None for o in cap.outputs):
+                np.save(stage.path / OUTPUTS, np.stack(cap.outputs))
+            if cap.pixels:
+                from safetensors.numpy import save_file
 
-            save_file(cap.pixels, str(stage.path / PIXELS))
-        metadata = {k: v for k, v in cap.manifest.pop("metadata", {}).items()}
-        (stage.path / METADATA).write_text(json.dumps({**metadata, "rows": cap.rows}, indent=1) + "\n",
-                                           encoding="utf-8")
-        stage.manifest.update(cap.manifest)
+                save_file(cap.pixels, str(stage.path / PIXELS))
+            metadata = {k: v for k, v in cap.manifest.pop("metadata", {}).items()}
+            (stage.path / METADATA).write_text(json.dumps({**metadata, "rows": cap.rows}, indent=1) + "\n",
+                                               encoding="utf-8")
+            stage.manifest.update(cap.manifest)
+    finally:
+        held.close()
 
 
 def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ __all__ = [
     "Spec",
     "load_spec",
     "default_tolerance",
+    "check_device",
+    "MAX_INPUT_SIDE",
 ]
 
 LIBRARIES = ("timm", "open_clip", "transformers")
@@ -61,6 +64,23 @@ _LIBRARY_FIELDS = ("library", "processor", "config")
 _TIMM_ONLY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
 NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# Above this a ViT's attention alone needs gigabytes per image; no CLIP backbone is trained at such sizes.
+MAX_INPUT_SIDE = 1024
+# timm's crop_pct: below this the resize before the crop is more than 20x the input size.
+MIN_CROP_PCT = 0.05
+_CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?")
+
+
+def check_device(device: object, *, where: str = "device") -> str:
+    """``device`` if it is ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        SpecError: anything else.
+    """
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise SpecError(f"{where} = {device!r} is not accepted. Accepted values: cpu, cuda, cuda:N")
+    return device
 STAGES = ("pixels", "embedding", "head", "outputs")
 
 # In the spirit of torch.testing.assert_close's per-dtype defaults; half precision is
@@ -304,8 +324,10 @@ def _triple(table: _Table, key: str) -> tuple[float, float, float] | None:
     value = table.get(key, list, None)
     if value is None:
         return None
-    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise SpecError(f"{table.path}: {table._name(key)} must be 3 numbers (one per RGB channel), got {value!r}")
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  for v in value):
+        raise SpecError(f"{table.path}: {table._name(key)} must be 3 finite numbers (one per RGB channel), "
+                        f"got {value!r}")
     return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
@@ -319,6 +341,9 @@ def _input_size(table: _Table) -> tuple[int, int, int] | None:
         raise SpecError(
             f"{table.path}: {table._name('input_size')} must be a positive int or [3, H, W], got {value!r}"
         )
+    if max(size[1:]) > MAX_INPUT_SIDE:
+        raise SpecError(f"{table.path}: {table._name('input_size')} = {value!r} is too large; each side must be "
+                        f"<= {MAX_INPUT_SIDE} pixels")
     return tuple(size)  # type: ignore[return-value]
 
 
@@ -375,10 +400,14 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"spec file not found: {path}. Pass an existing TOML file with --spec.") from e
     except OSError as e:
         raise SpecError(f"cannot read spec file {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e}); save the spec as UTF-8") from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError as e:
+        raise SpecError(f"{path}: nests too deeply to be a spec") from e
     return parse_spec(data, path=path)
 
 
@@ -424,7 +453,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         config=config,
         input_size=_input_size(pp),
         interpolation=pp.get("interpolation", str, None, choices=INTERPOLATIONS),
-        crop_pct=pp.number("crop_pct", None, low=0.0, high=1.0, open_low=True),
+        crop_pct=pp.number("crop_pct", None, low=MIN_CROP_PCT, high=1.0),
         crop_mode=pp.get("crop_mode", str, None, choices=CROP_MODES),
         mean=_triple(pp, "mean"),
         std=_triple(pp, "std"),
@@ -446,15 +475,14 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         **_loading(hd),
     )
     hd.finish()
-    if ":" not in head.class_path:
+    if not _CLASS_PATH.fullmatch(head.class_path):
         raise SpecError(
-            f"{path}: [head].class must be 'package.module:ClassName', got {head.class_path!r}"
+            f"{path}: [head].class must be 'package.module:ClassName' (an absolute module path and a name), "
+            f"got {head.class_path!r}"
         )
 
     rt = root.table("runtime")
-    device = rt.get("device", str, "cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SpecError(f"{path}: [runtime].device = {device!r} is not accepted. Accepted values: cpu, cuda, cuda:N")
+    device = check_device(rt.get("device", str, "cpu"), where=f"{path}: [runtime].device")
     runtime = RuntimeSpec(
         device=device,
         dtype=rt.get("dtype", str, "float32", choices=DTYPES),

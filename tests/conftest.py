@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.fixtures import MANIFEST, sha256_file
+from parity.fixtures import MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256_file
 
 pytest_plugins = ["pytester"]
 
@@ -45,12 +45,20 @@ def write_spec(directory: Path, replacements: dict[str, str] | None = None, name
     return path
 
 
-def reseal(fixture_dir: Path) -> None:
-    """Recompute the manifest's checksums after a test edited a fixture on purpose."""
+def reseal(fixture_dir: Path, edit=None) -> None:
+    """Recompute the manifest's checksums and its seal after a test edited a fixture on purpose.
+
+    ``edit(manifest)``, if given, changes the manifest itself first.
+    """
     manifest = json.loads((fixture_dir / MANIFEST).read_text())
-    for rel, entry in manifest["files"].items():
-        entry["sha256"] = sha256_file(fixture_dir / rel)
-        entry["bytes"] = (fixture_dir / rel).stat().st_size
+    if edit is not None:
+        edit(manifest)
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for rel, entry in files.items():
+        if isinstance(entry, dict) and isinstance(rel, str) and (fixture_dir / rel).is_file():
+            entry["sha256"] = sha256_file(fixture_dir / rel)
+            entry["bytes"] = (fixture_dir / rel).stat().st_size
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (fixture_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,9 +71,57 @@ def test_calibrating_a_precision_declares_it_acceptable(example_spec, tmp_path):
     assert not run_check(example_spec.replace(runtime={"dtype": "float16"}), fixtures=root).passed
 
 
-def test_margin_below_one_is_refused(example_spec):
-    with pytest.raises(SpecError, match="margin must be >= 1"):
-        calibrate(example_spec, margin=0.5, write=False)
+@pytest.mark.parametrize("margin", [0.5, float("inf"), float("nan"), 1e9, -4.0])
+def test_margins_outside_one_to_the_maximum_are_refused(example_spec, margin):
+    with pytest.raises(SpecError, match="margin must be a finite number between 1 and 100"):
+        calibrate(example_spec, margin=margin, write=False)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda e: e.update(margin=float("inf")), "margin = inf is not a finite number"),
+    (lambda e: e.update(margin=1e6), "margin = 1000000.0 is not a finite number in [1, 100]"),
+    (lambda e: e["noise"]["embedding"].update(max_abs=float("nan")), "embedding max_abs = nan"),
+    (lambda e: e["noise"]["outputs"].update(max_abs=50.0), "outputs budget (atol 200) is too large to be numeric noise"),
+    (lambda e: e["noise"]["embedding"].update(min_cosine=0.5), "is too large to be numeric noise"),
+    (lambda e: e.update(noise="loud"), "must be an object with 'noise'"),
+])
+def test_stored_budgets_are_validated_when_read(calibrated, edit, message):
+    import copy
+
+    from parity.calibrate import calibrated_tolerance
+    from parity.errors import FixtureError
+
+    manifest = copy.deepcopy(dict(load_fixture(calibrated).manifest))
+    edit(manifest["calibration"]["float32"])
+    with pytest.raises(FixtureError) as info:
+        for stage in ("embedding", "head", "outputs"):
+            calibrated_tolerance(manifest, stage, "float32")
+    assert message in str(info.value)
+
+
+def test_a_resealed_oversized_budget_fails_the_check_with_an_error(example_spec, calibrated, tmp_path):
+    import shutil
+
+    from parity.errors import FixtureError
+    from tests.conftest import reseal
+
+    root = Path(shutil.copytree(calibrated, tmp_path / "edited"))
+    reseal(root, lambda m: m["calibration"]["float32"].update(margin=100.0) or
+           m["calibration"]["float32"]["noise"]["outputs"].update(max_abs=1.0))
+    with pytest.raises(FixtureError, match="too large to be numeric noise"):
+        run_check(example_spec, fixtures=root)
+
+
+def test_an_edited_manifest_is_refused_before_anything_is_read(calibrated, tmp_path):
+    import shutil
+
+    from parity.errors import FixtureError
+
+    root = Path(shutil.copytree(calibrated, tmp_path / "edited"))
+    text = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text(text.replace('"dtype": "float32"', '"dtype": "float16"'))
+    with pytest.raises(FixtureError, match="manifest.json fails its own checksum"):
+        load_fixture(root)
 
 
 def test_calibrate_cli_dry_run_writes_nothing(example_spec, fixture_copy, capsys):

@@ -165,11 +165,11 @@ def test_service_log_names_the_configuration_the_service_runs(example_spec, tmp_
 
 @pytest.mark.parametrize(("content", "message"), [
     ('{"image": "nope.png", "outputs": [1.0]}\n', "image"),
-    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s", "outputs": [1.0, 2.0]}\n', "different lengths"),
-    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s"}\n', "'outputs' is logged for some samples and not others"),
-    ('{"image": "%s", "outputs": [NaN]}\n', "must be finite"),
+    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s", "outputs": [1.0, 2.0]}\n', "line 2: 'outputs' has 2 values, but the first line has 1"),
+    ('{"image": "%s", "outputs": [1.0]}\n{"image": "%s"}\n', "line 2: 'outputs' is missing here but logged on line 1"),
+    ('{"image": "%s", "outputs": [NaN]}\n', "line 1: 'outputs' holds NaN"),
     ('{"image": "%s"}\n', "log 'embedding' and/or 'outputs' for each sample"),
-    ("not json\n", "not valid JSONL"),
+    ("not json\n", "line 1: not valid JSONL"),
 ])
 def test_bad_service_logs_are_refused_with_the_reason(tmp_path, content, message):
     from parity.errors import FixtureError

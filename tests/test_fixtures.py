@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from parity.errors import FixtureError
-from parity.fixtures import SCHEMA_VERSION, load_fixture, stage_fixture
+from parity.fixtures import MANIFEST_DIGEST, SCHEMA_VERSION, load_fixture, manifest_digest, stage_fixture
+from tests.conftest import reseal
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "clip_dnn"
 
@@ -23,17 +24,16 @@ def copy(tmp_path: Path) -> Path:
 
 
 def _reseal(root: Path) -> None:
-    """Recompute the manifest's sha256s so that a deliberate edit passes the checksum check."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    for rel, entry in manifest["files"].items():
-        entry["sha256"] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-        entry["bytes"] = (root / rel).stat().st_size
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    """Recompute the manifest's sha256s and seal so that a deliberate edit passes the checksum checks."""
+    reseal(root)
 
 
 def _edit_json(path: Path, edit) -> None:
+    """Edit a JSON file; a manifest is resealed (its own digest recomputed, the file checksums kept)."""
     data = json.loads(path.read_text())
     edit(data)
+    if path.name == "manifest.json":
+        data[MANIFEST_DIGEST] = manifest_digest(data)
     path.write_text(json.dumps(data))
 
 

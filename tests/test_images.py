@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from parity.errors import FixtureError
-from parity.images import load_image
+from parity.images import decode_image, load_image
 
 EXIF_ORIENTATION = 0x0112
 
@@ -90,3 +93,42 @@ def test_missing_file(tmp_path):
         load_image(tmp_path / "nope.png")
     assert str(info.value) == f"image not found: {tmp_path / 'nope.png'}"
     assert isinstance(info.value, OSError)
+
+
+def test_32_bit_integer_images_in_the_16_bit_range_are_scaled_like_16_bit(tmp_path):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.int32)).save(path)
+    image, note = decode_image(path)
+    assert np.asarray(image)[0, 0, 0] == 128 and note == "I -> RGB (16-bit range scaled to 8-bit)"
+
+
+@pytest.mark.parametrize(("array", "reason"), [
+    (np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "mode F (32-bit float) with values 0.0..1.0"),
+    (np.arange(-8, 8, dtype=np.int32).reshape(4, 4), "mode I (32-bit integer) with values -8..7"),
+])
+def test_images_with_no_faithful_8_bit_mapping_are_refused_with_the_reason(tmp_path, array, reason):
+    path = tmp_path / "odd.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(FixtureError, match=re.escape(reason)):
+        decode_image(path)
+
+
+def test_a_resize_that_would_be_huge_is_refused_before_it_allocates():
+    from parity.images import check_resize
+
+    check_resize((3, 2000), 336.0)  # 75M pixels after the resize: allowed
+    with pytest.raises(FixtureError, match=r"1x20000 resized to a shortest edge of 336 would be 2.26e\+09 pixels"):
+        check_resize((1, 20000), 336.0)
+
+
+def test_a_fixture_image_that_changed_after_loading_is_refused(tmp_path):
+    from parity.errors import FixtureChangedError
+    from parity.fixtures import FixturePath
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(path)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert decode_image(FixturePath(path, sha256=expected))[0].size == (8, 8)
+    Image.new("RGB", (8, 8), "white").save(path)
+    with pytest.raises(FixtureChangedError, match="changed after its fixture was verified"):
+        decode_image(FixturePath(path, sha256=expected))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,3 +248,223 @@ def test_verdicts_are_monotone_in_tolerance(fixture, atol, factor):
     swapped = compare_arrays(fixture.embeddings, noisy, tolerance=Tolerance(atol=atol, rtol=0.0), cosine=True)
     forward = compare_arrays(noisy, fixture.embeddings, tolerance=Tolerance(atol=atol, rtol=0.0), cosine=True)
     assert swapped.max_abs == forward.max_abs and swapped.min_cosine == pytest.approx(forward.min_cosine)
+
+
+# -- fixtures: crash consistency, injected at every step ---------------------------------------
+
+WRITE_STEPS = ("staged", "manifest-written", "sealed", "between-renames", "swapped")
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.glob(f".{name}.tmp-*")) + sorted(
+        p.name for p in (parent / name).glob(".manifest.json.*"))
+
+
+def _regenerate_in_child(dest: Path, text: str, fault: str) -> subprocess.CompletedProcess:
+    script = (
+        "from parity.fixtures import stage_fixture\n"
+        f"with stage_fixture({str(dest)!r}, force=True) as stage:\n"
+        f"    (stage.path / 'data.txt').write_text({text!r})\n"
+    )
+    env = {**os.environ, "PARITY_FAULT_AT": fault, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, capture_output=True)
+
+
+def _data(dest: Path) -> str:
+    from parity.fixtures import _read_manifest, _read_verified
+
+    manifest = _read_manifest(dest)  # sealed, and every file verifies
+    return _read_verified(dest, "data.txt", manifest["files"]["data.txt"]).decode()
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_a_regeneration_killed_at_any_step_is_recovered_by_the_next_reader(tmp_path, step):
+    from parity.fixtures import recover_fixture
+
+    dest = tmp_path / "fx"
+    _write(dest, "old", force=False)
+    proc = _regenerate_in_child(dest, "new", step)
+    assert proc.returncode == 99, proc.stderr.decode()  # the injected fault, not an error
+    recover_fixture(dest)  # what load_fixture and every writer do first
+    # Killed before the swap: the old version; after the manifest of the new one is sealed: either
+    # is acceptable, never neither, never a mix.
+    expected = {"staged": {"old"}, "manifest-written": {"old"}, "sealed": {"old"},
+                "between-renames": {"new", "old"}, "swapped": {"new"}}[step]
+    assert _data(dest) in expected
+    assert _leftovers(tmp_path, "fx") == []
+    _write(dest, "after")  # and the next regeneration works
+    assert _data(dest) == "after"
+
+
+def test_a_kill_between_the_renames_rolls_forward_to_the_sealed_new_version(tmp_path):
+    dest = tmp_path / "fx"
+    _write(dest, "old", force=False)
+    assert _regenerate_in_child(dest, "new", "between-renames").returncode == 99
+    assert not dest.exists()  # the state the kill leaves
+    from parity.fixtures import load_fixture as load  # the reader recovers on its own
+
+    with pytest.raises(FixtureError, match="does not list"):  # a toy fixture, but present and verified
+        load(dest)
+    assert _data(dest) == "new" and _leftovers(tmp_path, "fx") == []
+
+
+def test_a_kill_while_the_manifest_is_updated_keeps_the_old_manifest(fixture_copy):
+    before = (fixture_copy / "manifest.json").read_bytes()
+    script = ("from parity.fixtures import update_manifest\n"
+              f"update_manifest({str(fixture_copy)!r}, 'calibration', {{'float64': {{}}}}, merge=True)\n")
+    env = {**os.environ, "PARITY_FAULT_AT": "manifest-written", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, capture_output=True)
+    assert proc.returncode == 99, proc.stderr.decode()
+    assert any(fixture_copy.glob(".manifest.json.*"))  # the half-written temp file
+    load_fixture(fixture_copy)
+    assert (fixture_copy / "manifest.json").read_bytes() == before
+    assert not any(fixture_copy.glob(".manifest.json.*"))
+
+
+def test_a_regeneration_holds_its_lock_from_start_to_end(tmp_path):
+    dest = tmp_path / "fx"
+    _write(dest, "one", force=False)
+    with stage_fixture(dest, force=True) as stage:
+        (stage.path / "data.txt").write_text("two")
+        script = ("from parity.fixtures import stage_fixture\n"
+                  f"with stage_fixture({str(dest)!r}, force=True) as s:\n"
+                  "    (s.path / 'data.txt').write_text('three')\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 1 and "another process is regenerating" in proc.stderr
+    assert _data(dest) == "two"
+
+
+def test_concurrent_manifest_updates_all_survive(fixture_copy):
+    script = ("import sys, time\n"
+              "from parity.fixtures import update_manifest\n"
+              "start = float(sys.argv[2])\n"
+              "time.sleep(max(0.0, start - time.time()))\n"
+              f"update_manifest({str(fixture_copy)!r}, 'calibration', {{sys.argv[1]: {{'writer': sys.argv[1]}}}}, "
+              "merge=True)\n")
+    start = str(__import__("time").time() + 3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"w{i}", start], cwd=ROOT, env=env) for i in range(6)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 6
+    assert sorted(load_fixture(fixture_copy).manifest["calibration"]) == [f"w{i}" for i in range(6)]
+
+
+def test_concurrent_calibrations_of_two_dtypes_both_survive(fixture_copy):
+    script = ("import sys\n"
+              "from parity.calibrate import Run, calibrate\n"
+              "from parity.spec import load_spec\n"
+              f"spec = load_spec({str(ROOT / 'specs' / 'clip_dnn.toml')!r})\n"
+              "calibrate(spec.replace(runtime={'dtype': sys.argv[1]}), "
+              f"fixtures={str(fixture_copy)!r}, runs=[Run(17, 1)])\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, dtype], cwd=ROOT, env=env)
+             for dtype in ("float32", "float64")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert sorted(load_fixture(fixture_copy).manifest["calibration"]) == ["float32", "float64"]
+
+
+def _regenerate_with_other_data(root: Path) -> None:
+    """Swap in a new version of ``root`` whose embeddings (and one image) differ, as a regeneration would."""
+    with stage_fixture(root, force=True) as stage:
+        shutil.copytree(root, stage.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        embeddings = np.load(root / "clip.npy")
+        np.save(stage.path / "clip.npy", embeddings + np.float32(0.5))
+        (stage.path / "images" / "coins.png").write_bytes(_png("RGB", (40, 40)))
+        manifest = json.loads((root / "manifest.json").read_text())
+        stage.manifest.update({k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256")})
+
+
+def test_calibration_racing_a_regeneration_writes_nothing(example_spec, fixture_copy, monkeypatch):
+    from parity import calibrate as calibration
+    from parity.errors import FixtureChangedError
+
+    def regenerate_midway(done, total):
+        if done == 1:
+            _regenerate_with_other_data(fixture_copy)
+
+    with pytest.raises(FixtureChangedError):
+        calibration.calibrate(example_spec, fixtures=fixture_copy, runs=[calibration.Run(17, 1), calibration.Run(4, 1)],
+                              progress=regenerate_midway)
+    assert "calibration" not in load_fixture(fixture_copy).manifest
+
+
+def test_check_racing_a_regeneration_never_mixes_versions(example_spec, fixture_copy, monkeypatch):
+    from parity import check
+    from parity.errors import FixtureChangedError
+
+    real = check.load_fixture
+
+    def load_then_regenerate(root):
+        loaded = real(root)
+        _regenerate_with_other_data(fixture_copy)  # the tree changes after the arrays were read
+        return loaded
+
+    monkeypatch.setattr(check, "load_fixture", load_then_regenerate)
+    with pytest.raises(FixtureChangedError, match="changed after its fixture was verified"):
+        check.run_check(example_spec, fixtures=fixture_copy)
+
+
+# -- service logs: streamed ----------------------------------------------------------------------
+
+_LOG_SCRIPT = """
+import resource, sys
+from parity.errors import FixtureError
+from parity.fixtures import load_logged_samples
+try:
+    logged = load_logged_samples(sys.argv[1])
+    print("rows", len(logged.rows), logged.outputs.shape)
+except FixtureError as e:
+    print("error", e)
+print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize("bad_line", [199_998])
+def test_a_200k_line_log_is_read_in_bounded_memory_and_bad_lines_are_named(tmp_path, bad_line):
+    image = str((EXAMPLE_FIXTURES / "images" / "chelsea.png").resolve())
+    good = json.dumps({"image": image, "input_biases": [0, 1], "outputs": [0.125] * 5}) + "\n"
+    with open(tmp_path / "service.jsonl", "w") as f:
+        for line in range(1, 200_001):
+            f.write(good if line != bad_line else good.replace("[0, 1]", "[0, 1, 2]"))
+    proc = subprocess.run([sys.executable, "-c", _LOG_SCRIPT, str(tmp_path / "service.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    if bad_line is None:
+        assert "rows 200000 (200000, 5)" in proc.stdout
+    else:
+        assert f"line {bad_line}: 3 input_biases, but earlier lines have 2" in proc.stdout
+    peak = int(proc.stdout.split("maxrss ")[1])
+    assert peak < 2 << 30, f"{peak / 2**30:.2f} GiB"
+
+
+# -- verdicts on bad input -----------------------------------------------------------------------
+
+def test_a_decode_failure_is_not_called_acceptable_by_the_decisions_gate(example_spec, fixture_copy):
+    from parity.report import verdict_line
+
+    (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    reseal(fixture_copy)
+    report = run_check(example_spec.replace(decisions={"gate": "decisions"}), fixtures=fixture_copy)
+    line = verdict_line(report)
+    assert not report.passed and "would accept" not in line and "Accepted" not in line
+    assert "decode" in line
+
+
+def test_an_absent_backbone_checkpoint_is_said_and_fails_the_weights_stage(example_spec):
+    report = run_check(example_spec.replace(backbone={"checkpoint": None}))
+    assert "no [backbone].checkpoint, so no weights were loaded" in report.stage("load").headline
+    weights = report.stage("weights")
+    assert weights.status is Status.FAIL and not report.passed
+    assert weights.headline.startswith("no checkpoint loaded for backbone (")
+
+
+def test_diagnosis_leaves_unreadable_samples_out_of_its_probes_and_names_them(example_spec, fixture_copy):
+    from parity.diagnose import diagnose
+
+    (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    reseal(fixture_copy)
+    result = diagnose(example_spec.replace(preprocess={"interpolation": "bilinear"}), fixtures=fixture_copy)
+    assert any(note.startswith("excluded from the probes (unreadable): coins.png: cannot decode image")
+               for note in result.notes)
+    assert "coins.png" not in result.affected and result.total == 16
+    assert [c.toml() for c in result.fix] == ['[preprocess].interpolation = "bicubic"'] and result.confirmed

@@ -99,12 +99,12 @@ def test_wrong_type_is_named_with_expected_and_got(tmp_path):
     ("[tolerance.embedding]\natol = -1e-5\n", "[tolerance].embedding.atol = -1e-05 is impossible; it must be >= 0"),
     ("[tolerance.embedding]\nmin_cosine = 1.5\n", "[tolerance].embedding.min_cosine = 1.5 is impossible"),
     ("[tolerance.embedding]\nrtol = nan\n", "[tolerance].embedding.rtol = nan is impossible"),
-    ("[preprocess]\ncrop_pct = 0\n", "[preprocess].crop_pct = 0 is impossible; it must be > 0 and <= 1"),
-    ("[preprocess]\ncrop_pct = 1.5\n", "[preprocess].crop_pct = 1.5 is impossible; it must be > 0 and <= 1"),
+    ("[preprocess]\ncrop_pct = 0\n", "[preprocess].crop_pct = 0 is impossible; it must be >= 0.05 and <= 1"),
+    ("[preprocess]\ncrop_pct = 1.5\n", "[preprocess].crop_pct = 1.5 is impossible; it must be >= 0.05 and <= 1"),
     ("[preprocess]\ncrop_pct = true\n", "[preprocess].crop_pct must be int or float, got True (bool)"),
     ("[preprocess]\ninput_size = [3, 224]\n", "[preprocess].input_size must be a positive int or [3, H, W]"),
     ("[preprocess]\nstd = [0.5, 0.0, 0.5]\n", "[preprocess].std must be positive"),
-    ("[preprocess]\nmean = [0.5, 0.5]\n", "[preprocess].mean must be 3 numbers"),
+    ("[preprocess]\nmean = [0.5, 0.5]\n", "[preprocess].mean must be 3 finite numbers"),
     ("[runtime]\nbatch_size = 0\n", "[runtime].batch_size = 0 is impossible; it must be >= 1"),
     ("[runtime]\nbatch_size = true\n", "[runtime].batch_size must be int, got True (bool)"),
     ("[runtime]\ndtype = \"float8\"\n", "[runtime].dtype = 'float8' is not accepted."),
@@ -127,7 +127,7 @@ def test_unknown_interpolation_lists_the_accepted_values(tmp_path):
 
 def test_head_class_needs_module_and_class(tmp_path):
     path = _spec(tmp_path, base=MINIMAL.replace("heads:Head", "heads.Head"))
-    assert _error(path) == f"{path}: [head].class must be 'package.module:ClassName', got 'heads.Head'"
+    assert _error(path) == f"{path}: [head].class must be 'package.module:ClassName' (an absolute module path and a name), got 'heads.Head'"
 
 
 def test_missing_required_field(tmp_path):

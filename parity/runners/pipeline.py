@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from parity.checkpoints import StrictLoadError
-from parity.errors import FixtureError
+from parity.errors import FixtureChangedError, FixtureError
 from parity.fixtures import Fixture
 from parity.images import decode_image
 from parity.pipeline import Pipeline, build_pipeline
@@ -63,12 +63,14 @@ def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | N
             row = fixture.rows[i]
             try:
                 image, note = decode_image(row.image, exif_transpose=exif)
+                x = pipeline.preprocess(image)  # a resize refused for its size is this sample's error too
+            except FixtureChangedError:
+                raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
             except FixtureError as e:
                 sample_errors.append((row.name, str(e)))
                 continue
             if note:
                 conversions[row.name] = note
-            x = pipeline.preprocess(image)
             if row.name in fixture.golden_pixels:
                 pixels[row.name] = x.numpy()
             batch.append(x)
