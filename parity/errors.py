@@ -8,6 +8,7 @@ __all__ = [
     "FixtureError",
     "CheckpointError",
     "DriftError",
+    "ReportError",
 ]
 
 
@@ -29,3 +30,7 @@ class CheckpointError(ParityError, RuntimeError):
 
 class DriftError(ParityError, AssertionError):
     """The candidate pipeline does not reproduce the reference."""
+
+
+class ReportError(ParityError, ValueError):
+    """A saved report.json cannot be read or was written by an unknown schema version."""
