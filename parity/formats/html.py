@@ -81,9 +81,10 @@ def _stage_sections(check: dict[str, Any]) -> str:
         if c and c.get("samples"):
             shown, total = worst_samples(c)
             parts.append(_figure("distribution", name, plots.error_distribution(name, c)))
-            parts.append(_figure("sorted", name, plots.sorted_errors(name, c, total)))
+            # The two small plots side by side, then the wide one.
             if any(s.get("cosine") is not None for s in c["samples"]):
                 parts.append(_figure("cosine", name, plots.sorted_cosines(name, c)))
+            parts.append(_figure("sorted", name, plots.sorted_errors(name, c, total)))
             if c.get("thumbnail"):
                 parts.append(_figure("thumbnails", name, plots.pixel_thumbnails(c["thumbnail"])))
             rows = [(s["name"], number(s["max_abs"]), "-" if s.get("cosine") is None else f"{s['cosine']:.6f}")

@@ -19,17 +19,36 @@ __all__ = ["error_distribution", "sorted_errors", "sorted_cosines", "pixel_thumb
            "cause_effects"]
 
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "parity", "font.size": 8, "axes.titlesize": 9,
-       "font.family": "sans-serif", "axes.spines.top": False, "axes.spines.right": False}
+       "font.family": "sans-serif", "axes.spines.top": False, "axes.spines.right": False,
+       # A fixed title height: placing titles automatically measures every tick label again.
+       "axes.titley": 1.02}
 _PASS, _FAIL, _SKIP, _BAR = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0"
 # Bars with sample names: more would not be legible at this size.
 _NAMED = 25
 _VERDICT_COLOR = {"PASS": _PASS, "DRIFT": _FAIL, "FAIL": _FAIL, "SKIP": _SKIP}
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, *, left: float = 0.6, right: float = 0.15, bottom: float = 0.45,
+            top: float = 0.3, wspace: float = 0.3):
+    """A figure with fixed margins in inches: a layout engine would cost more than every plot's drawing."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                           wspace=wspace)
+    return figure
+
+
+def _log(ax, which: str) -> None:
+    """Log scale with plain ``1e-05`` decade labels: mathtext labels dominate the drawing time."""
+    from matplotlib.ticker import LogFormatter, LogLocator, NullLocator
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(base=10, numticks=6))
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=True))
+    # Minor ticks are tick objects too, dozens per decade; decades are enough to read an error.
+    axis.set_minor_locator(NullLocator())
 
 
 def _svg(figure) -> str:
@@ -66,7 +85,7 @@ def error_distribution(stage: str, comparison: dict[str, Any]) -> str:
             high = max(positive.max(), atol) * 2
             bins = np.geomspace(low, high, 30)
             ax.hist(positive, bins=bins, color=_BAR)
-            ax.set_xscale("log")
+            _log(ax, "x")
         ax.axvline(atol, color=_FAIL, linestyle="--", linewidth=1, label=f"budget atol {atol:.2g}")
         ax.set_xlabel("per-sample max abs error")
         ax.set_ylabel("samples")
@@ -85,12 +104,16 @@ def sorted_errors(stage: str, comparison: dict[str, Any], total: int) -> str:
     atol = comparison["tolerance"]["atol"]
     named = order[:_NAMED]
     with matplotlib.rc_context(_RC):
-        figure = _figure(7.6, max(2.4, 0.16 * len(named) + 0.8))
-        curve, bars = figure.subplots(1, 2, width_ratios=(1, 1.4))
+        width, height = 7.6, max(2.4, 0.16 * len(named) + 0.8)
+        figure = _figure(width, height)
+        # Inches: the curve on the left, the named bars on the right with room for names and cosines.
+        box = (0.45 / height, 1 - 0.75 / height)
+        curve = figure.add_axes((0.6 / width, box[0], 2.5 / width, box[1]))
+        bars = figure.add_axes((5.3 / width, box[0], 2.15 / width, box[1]))
         curve.plot(np.arange(1, len(values) + 1), values[order], color=_BAR, linewidth=1.2)
         curve.axhline(atol, color=_FAIL, linestyle="--", linewidth=1, label=f"atol {atol:.2g}")
         if (values > 0).any():
-            curve.set_yscale("log")
+            _log(curve, "y")
         curve.set_xlabel("sample rank (worst first)")
         curve.set_ylabel("max abs error")
         shown = f"{len(values)} of {total}" if total > len(values) else f"{len(values)}"
@@ -105,7 +128,7 @@ def sorted_errors(stage: str, comparison: dict[str, Any], total: int) -> str:
         bars.set_yticks(positions, labels, fontsize=7)
         bars.axvline(atol, color=_FAIL, linestyle="--", linewidth=1)
         if (values[named] > 0).any():
-            bars.set_xscale("log")
+            _log(bars, "x")
         bars.set_xlabel("max abs error")
         bars.set_title(f"worst {len(named)} of {total} by name", loc="left")
         return _svg(figure)
@@ -126,7 +149,7 @@ def sorted_cosines(stage: str, comparison: dict[str, Any]) -> str:
             ax.axhline(1.0 - floor, color=_FAIL, linestyle="--", linewidth=1, label=f"budget cos >= {floor:.8g}")
             ax.legend(frameon=False)
         if (gap > 0).any():
-            ax.set_yscale("log")
+            _log(ax, "y")
         ax.set_xlabel("sample rank (worst first)")
         ax.set_ylabel("1 - cosine")
         ax.set_title(f"{stage}: cosine to the reference, sorted", loc="left")
@@ -144,7 +167,7 @@ def pixel_thumbnails(thumbnail: dict[str, Any]) -> str:
     h, w = thumbnail["height"], thumbnail["width"]
     peak = thumbnail["difference_max"]
     with matplotlib.rc_context(_RC):
-        figure = _figure(7.6, 2.6)
+        figure = _figure(7.6, 2.6, left=0.1, bottom=0.1, top=0.5, wspace=0.1)
         axes = figure.subplots(1, 3)
         for ax, key, title in zip(axes[:2], ("reference", "candidate"), ("reference (fixture)", "candidate")):
             ax.imshow(_decode(thumbnail[key], (h, w, 3)), interpolation="nearest")
@@ -177,7 +200,7 @@ def matrix_heatmap(cells: list[dict[str, Any]]) -> str:
     finite = shown[np.isfinite(shown)]
     norm = LogNorm(vmin=finite.min(), vmax=max(finite.max(), finite.min() * 10)) if finite.size else None
     with matplotlib.rc_context(_RC):
-        figure = _figure(6.4, 0.28 * len(cells) + 1.0)
+        figure = _figure(6.4, 0.28 * len(cells) + 1.0, left=2.2, right=1.8, top=0.5, bottom=0.1)
         ax = figure.add_subplot()
         image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
         for row, cell in enumerate(cells):
@@ -205,7 +228,7 @@ def cause_effects(causes: list[dict[str, Any]]) -> str:
     import matplotlib
 
     with matplotlib.rc_context(_RC):
-        figure = _figure(7.6, 0.45 * len(causes) + 1.0)
+        figure = _figure(7.6, 0.45 * len(causes) + 1.0, left=3.4, top=0.15)
         ax = figure.add_subplot()
         positions = np.arange(len(causes))[::-1]
         before = [c["before"] for c in causes]
@@ -215,7 +238,7 @@ def cause_effects(causes: list[dict[str, Any]]) -> str:
         ax.set_yticks(positions, [f"{i}. {c['toml']} ({c['stage']} {c['metric']})"
                                   for i, c in enumerate(causes, start=1)], fontsize=7)
         if min(before + after) > 0:
-            ax.set_xscale("log")
+            _log(ax, "x")
         ax.set_xlabel("error on the probe samples")
         ax.legend(frameon=False, loc="lower right")
         return _svg(figure)
