@@ -302,3 +302,27 @@ def test_plugin_writes_the_report_files(runs, pytester: pytest.Pytester, tmp_pat
     assert load_document(out / "report.json")["passed"] is True
     assert [c.get("name") for c in ET.parse(out / "junit.xml").getroot().iter("testcase")] == list(STAGE_ORDER)
     assert (out / "report.md").read_text().startswith("## ✅ PARITY")
+
+
+def test_calibration_and_service_documents_render_in_every_format():
+    from parity.calibrate import Calibration, Run
+    from parity.diagnose import ServiceDiagnosis
+
+    calibration = Calibration("cpu", "float32", (Run(1, 1), Run(8, 4, shuffled=True)), 4.0,
+                              {"embedding": {"max_abs": 2e-7, "min_cosine": 0.99999999}, "outputs": {"max_abs": 0.0}})
+    data = _document(calibration)
+    assert data["kind"] == "calibration" and data["runs"] == ["batch 1, 1 thread(s)", "batch 8 shuffled, 4 thread(s)"]
+    assert [c.get("name") for c in ET.fromstring(render_junit(data)).iter("testcase")] == ["embedding", "outputs"]
+    assert "| `embedding` | 2.00e-07 | 0.99999999 |" in render_markdown(data)
+    assert NETWORK.search(render_html(data)) is None
+    change = Change("preprocess", (("interpolation", "bilinear"),))
+    service = ServiceDiagnosis("service.jsonl", 12, False, ("embedding",), 0.06,
+                               (Cause(change, "embedding", "max abs", 0.06, 0.0, True, 'interpolation = "bicubic"'),),
+                               (change,), True)
+    data = _document(service)
+    text = render_markdown(data)
+    assert text.splitlines()[:2] == ["## ❌ The service does NOT match the spec's pipeline (embedding max abs 0.06).",
+                                     '**Reproduced by:** `[preprocess].interpolation = "bilinear"`']
+    failures = [c.find("failure") for c in ET.fromstring(render_junit(data)).iter("testcase")]
+    assert all(f is not None for f in failures) and len(failures) == 2
+    assert ("causes", "diagnosis") in _plots(render_html(data))

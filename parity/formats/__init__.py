@@ -79,7 +79,8 @@ def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document(result), indent=2) + "\n"
+    # Compact: json's C encoder only runs without indent, and per-sample lists make the file large.
+    text = json.dumps(document(result), separators=(",", ":")) + "\n"
     # Render from what a later `parity report` will read, not from the in-memory objects.
     data = json.loads(text)
     paths = {kind: directory / name for kind, name in FILES.items()}

@@ -80,8 +80,9 @@ def _check_head(check: dict[str, Any]) -> list[str]:
     first = first_failure(check)
     if first is not None:
         clause = evidence(first)
+        # A trailing backslash is a hard line break in GitHub Markdown: the fix stays on its own line.
         lines.append(f"**First drifting stage:** `{first['stage']}`: {stage_headline(first)}"
-                     + (f" ({clause})" if clause else ""))
+                     + (f" ({clause})" if clause else "") + "\\")
         found = fixes(check)
         lines.append("**Fix:** " + ("; ".join(found) if found else "no spec field explains it; see the stage details below"))
     lines += ["", f"`{Path(check['spec']).name}` on {check['device']}/{check['dtype']}, gate `{check['gate']}`, "
@@ -132,7 +133,7 @@ def _diagnosis(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     if data["drift"]:
         first = first_failure(check)
         lines.append(f"**First drifting stage:** `{first['stage'] if first else '?'}`: "
-                     f"{stage_headline(first) if first else ''}")
+                     f"{stage_headline(first) if first else ''}\\")
         state = "confirmed: parity check passes with it" if data["confirmed"] else "NOT confirmed on every sample"
         lines.append(f"**Fix ({state}):** " + "; ".join(f"`{t}`" for t in data["fix_toml"]) if data["fix_toml"]
                      else "**Fix:** no single spec change reproduces the reference")

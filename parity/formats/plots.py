@@ -108,7 +108,7 @@ def sorted_errors(stage: str, comparison: dict[str, Any], total: int) -> str:
         figure = _figure(width, height)
         # Inches: the curve on the left, the named bars on the right with room for names and cosines.
         box = (0.45 / height, 1 - 0.75 / height)
-        curve = figure.add_axes((0.6 / width, box[0], 2.5 / width, box[1]))
+        curve = figure.add_axes((0.8 / width, box[0], 2.3 / width, box[1]))
         bars = figure.add_axes((5.3 / width, box[0], 2.15 / width, box[1]))
         curve.plot(np.arange(1, len(values) + 1), values[order], color=_BAR, linewidth=1.2)
         curve.axhline(atol, color=_FAIL, linestyle="--", linewidth=1, label=f"atol {atol:.2g}")
