@@ -85,6 +85,19 @@ def test_junit_skips_stages_that_did_not_run():
     assert suite.find("testcase/failure").get("message") == "load: weights do not load with strict=True. Fix: load it"
 
 
+def test_junit_marks_drift_a_decisions_gate_accepts_as_skipped():
+    from parity.results import DecisionFlips
+
+    stages = (StageResult("load", Status.PASS, "ok"), StageResult("embedding", Status.FAIL, "moved"),
+              StageResult("decisions", Status.PASS, "no flips", decisions=(DecisionFlips("argmax", None, 0.01, 40),)))
+    report = Report("s.toml", "f", "cpu", "float16", stages, gate="decisions")
+    assert report.passed
+    suite = ET.fromstring(render_junit(_document(report))).find("testsuite")
+    assert (suite.get("failures"), suite.get("skipped")) == ("0", "1")
+    assert suite.find("testcase[@name='embedding']/skipped").get("message") == (
+        'embedding: moved; accepted by [decisions].gate = "decisions" (no decision flipped)')
+
+
 def test_markdown_names_verdict_first_drifting_stage_and_fix_in_five_lines(runs):
     _, directory, _ = runs["drifted"]
     text = (directory / "report.md").read_text()
@@ -326,3 +339,15 @@ def test_calibration_and_service_documents_render_in_every_format():
     failures = [c.find("failure") for c in ET.fromstring(render_junit(data)).iter("testcase")]
     assert all(f is not None for f in failures) and len(failures) == 2
     assert ("causes", "diagnosis") in _plots(render_html(data))
+
+
+def test_progress_on_a_terminal_is_rich_bar_not_lines():
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    with Progress(Console(file=buffer, force_terminal=True, width=100), interval=0.0) as progress:
+        progress.phase("calibration runs")
+        progress.update(1, 4)
+        progress.phase("second phase")
+        progress.update(4, 4)
+    assert "parity: " not in buffer.getvalue()

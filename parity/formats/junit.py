@@ -30,7 +30,12 @@ def _stage_cases(suite: ET.Element, check: dict[str, Any], classname: str) -> No
     found = fixes(check)
     for stage in check["stages"]:
         headline = f"{stage['stage']}: {stage_headline(stage)}"
-        if stage["status"] == "FAIL":
+        if stage["status"] == "FAIL" and check["passed"]:
+            # Drift the spec's decisions gate accepts: not a failure, as the pytest plugin's xfail.
+            _case(suite, classname, stage["stage"], body="",
+                  skipped=f'{headline}; accepted by [decisions].gate = "decisions" (no decision flipped)',
+                  out=stage["text"])
+        elif stage["status"] == "FAIL":
             own = [f.removeprefix("Fix:").strip() for f in stage.get("fixes", [])] or \
                 (found if stage["stage"] == check.get("first_failure") else [])
             clause = evidence(stage)
