@@ -301,8 +301,10 @@ def test_diagnosis_report_plots_each_cause_and_fails_one_testcase_per_cause():
     assert "<svg" in causes_plot and "before (the spec as is)" in causes_plot
 
 
-def test_plugin_writes_the_report_files(runs, pytester: pytest.Pytester, tmp_path: Path):
+def test_plugin_writes_the_report_files(runs, pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
     from parity.formats import plots
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)  # a CI job's own summary is not for this test
 
     # `runs` imported what the gate imports lazily; the inline session must not drop and re-import torch or
     # matplotlib, so draw once here too.

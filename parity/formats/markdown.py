@@ -132,8 +132,9 @@ def _diagnosis(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     lines = [_verdict(data)]
     if data["drift"]:
         first = first_failure(check)
+        clause = evidence(first) if first else ""
         lines.append(f"**First drifting stage:** `{first['stage'] if first else '?'}`: "
-                     f"{stage_headline(first) if first else ''}\\")
+                     f"{stage_headline(first) if first else ''}" + (f" ({clause})" if clause else "") + "\\")
         state = "confirmed: parity check passes with it" if data["confirmed"] else "NOT confirmed on every sample"
         lines.append(f"**Fix ({state}):** " + "; ".join(f"`{t}`" for t in data["fix_toml"]) if data["fix_toml"]
                      else "**Fix:** no single spec change reproduces the reference")

@@ -228,7 +228,7 @@ def cause_effects(causes: list[dict[str, Any]]) -> str:
     import matplotlib
 
     with matplotlib.rc_context(_RC):
-        figure = _figure(7.6, 0.45 * len(causes) + 1.0, left=3.4, top=0.15)
+        figure = _figure(7.6, 0.45 * len(causes) + 1.2, left=3.4, top=0.35)
         ax = figure.add_subplot()
         positions = np.arange(len(causes))[::-1]
         before = [c["before"] for c in causes]
@@ -240,5 +240,5 @@ def cause_effects(causes: list[dict[str, Any]]) -> str:
         if min(before + after) > 0:
             _log(ax, "x")
         ax.set_xlabel("error on the probe samples")
-        ax.legend(frameon=False, loc="lower right")
+        ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2)
         return _svg(figure)
