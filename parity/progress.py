@@ -2,12 +2,15 @@
 
 Without a terminal (CI), each phase prints one line when it starts, then a progress line at
 most every `interval` seconds (done / total, rate, ETA) and one when it ends, so a long job
-is never silent and a log never fills with bar redraws.
+is never silent and a log never fills with bar redraws. Work that reports progress rarely
+(a matrix step over many images, a diagnosis probe) still gets a line per interval from a
+watcher thread that repeats the last known state with the time elapsed.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -53,6 +56,10 @@ class Progress:
         self._phase = ""
         self._start = self._last = 0.0
         self._finished = True
+        self._done: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
         if self._console.is_terminal:
@@ -60,40 +67,66 @@ class Progress:
 
             self._bar = Bar(console=self._console, transient=True)
             self._bar.__enter__()
+        elif self._interval > 0:
+            self._watcher = threading.Thread(target=self._watch, name="parity-progress", daemon=True)
+            self._watcher.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
+        if self._watcher is not None:
+            self._stop.set()
+            self._watcher.join()
+            self._watcher = None
         if self._bar is not None:
             self._bar.__exit__(kind, error, trace)
             self._bar = None
+
+    def _watch(self) -> None:
+        """Between updates, one line per interval: the last known count (or the time elapsed)."""
+        while not self._stop.wait(self._interval / 4):
+            with self._lock:
+                now = self._clock()
+                if self._finished or now - self._last < self._interval:
+                    continue
+                if self._done is not None:
+                    self._progress_line(*self._done, now)
+                else:
+                    self._last = now
+                    self._line(f"{self._phase}: working, {_duration(now - self._start)} so far")
 
     def _line(self, text: str) -> None:
         self._console.print(f"parity: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def phase(self, description: str) -> None:
         """Start a named step (e.g. ``embedding images``); a message-only caller may call this alone."""
-        self._phase, self._finished = description, False
-        self._start = self._last = self._clock()
-        if self._bar is None:
-            self._line(description)
-        elif self._task is None:
-            self._task = self._bar.add_task(description, total=None)
-        else:
-            self._bar.reset(self._task, description=description, total=None)
+        with self._lock:
+            self._phase, self._finished, self._done = description, False, None
+            self._start = self._last = self._clock()
+            if self._bar is None:
+                self._line(description)
+            elif self._task is None:
+                self._task = self._bar.add_task(description, total=None)
+            else:
+                self._bar.reset(self._task, description=description, total=None)
 
     def update(self, done: int, total: int) -> None:
         """``done`` of ``total`` units of the current phase are complete."""
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total)
             return
-        now = self._clock()
-        if done >= total and not self._finished:
-            self._finished = True
-            self._line(f"{self._phase}: {done}/{total} done in {_duration(now - self._start)}")
-        elif done < total and now - self._last >= self._interval:
-            self._last = now
-            elapsed = now - self._start
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 else ""
-            self._line(f"{self._phase}: {done}/{total} ({rate:.3g}/s{eta})")
+        with self._lock:
+            now = self._clock()
+            self._done = (done, total)
+            if done >= total and not self._finished:
+                self._finished = True
+                self._line(f"{self._phase}: {done}/{total} done in {_duration(now - self._start)}")
+            elif done < total and now - self._last >= self._interval:
+                self._progress_line(done, total, now)
+
+    def _progress_line(self, done: int, total: int, now: float) -> None:
+        self._last = now
+        elapsed = now - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 else ""
+        self._line(f"{self._phase}: {done}/{total} ({rate:.3g}/s{eta})")

@@ -353,3 +353,22 @@ def test_progress_on_a_terminal_is_rich_bar_not_lines():
         progress.phase("second phase")
         progress.update(4, 4)
     assert "parity: " not in buffer.getvalue()
+
+
+def test_progress_keeps_a_log_alive_between_rare_updates():
+    import time
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    with Progress(Console(file=buffer, width=200), interval=0.2) as progress:
+        progress.phase("probing 22 changes on 4 samples")
+        time.sleep(0.7)
+        progress.update(0, 17)
+        time.sleep(0.5)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "parity: probing 22 changes on 4 samples"
+    assert "parity: probing 22 changes on 4 samples: working, 0 s so far" in lines
+    assert any(re.fullmatch(r"parity: probing 22 changes on 4 samples: 0/17 \(0/s\)", line) for line in lines), lines
+    # At most one line per interval: 1.2 s of work at 0.2 s gives the phase line and no more than 7 others.
+    assert len(lines) <= 8
