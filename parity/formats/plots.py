@@ -188,30 +188,37 @@ def pixel_thumbnails(thumbnail: dict[str, Any]) -> str:
 def matrix_heatmap(cells: list[dict[str, Any]]) -> str:
     """One row per cell: max abs error and cosine gap as colour (log scale), the number and the verdict."""
     import matplotlib
+    import matplotlib.ticker
     from matplotlib.colors import LogNorm
 
     values = np.full((len(cells), 2), np.nan)
+    words = [["-", "-"] for _ in cells]
     for row, cell in enumerate(cells):
         c = cell.get("comparison")
-        if c and c["candidate_shape"] == c["reference_shape"]:
+        if c and c["candidate_shape"] != c["reference_shape"]:
+            words[row] = ["shape", "shape"]
+        elif c:
             values[row, 0] = c["max_abs"] if c["max_abs"] is not None else np.nan
             values[row, 1] = 1.0 - c["min_cosine"] if c.get("min_cosine") is not None else np.nan
+            words[row] = ["-" if math.isnan(v) else "0" if v == 0 else f"{v:.2g}" for v in values[row]]
     shown = np.where(values > 0, values, np.nan)
     finite = shown[np.isfinite(shown)]
     norm = LogNorm(vmin=finite.min(), vmax=max(finite.max(), finite.min() * 10)) if finite.size else None
+    labels = [f"{c['cell']['id']} ({c['role']})" for c in cells]
+    # Inches: names on the left (about 0.055 in per character at 7 pt), two columns, verdicts, colour bar.
+    left = 0.3 + 0.055 * max(map(len, labels))
+    width, height = left + 4.2, 0.22 * len(cells) + 0.8
     with matplotlib.rc_context(_RC):
-        figure = _figure(6.4, 0.28 * len(cells) + 1.0, left=2.2, right=1.8, top=0.5, bottom=0.1)
-        ax = figure.add_subplot()
+        figure = _figure(width, height)
+        ax = figure.add_axes((left / width, 0.1 / height, 2.0 / width, 1 - 0.6 / height))
         image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-        for row, cell in enumerate(cells):
+        for row in range(len(cells)):
             for col in range(2):
-                value = values[row, col]
-                text = "-" if math.isnan(value) else ("0" if value == 0 else f"{value:.2g}")
-                ax.text(col, row, text, ha="center", va="center", fontsize=7,
+                ax.text(col, row, words[row][col], ha="center", va="center", fontsize=7,
                         color="white" if math.isfinite(shown[row, col]) else "black")
         ax.set_xticks([0, 1], ["max abs", "1 - min cos"])
         ax.xaxis.tick_top()
-        ax.set_yticks(range(len(cells)), [f"{c['cell']['id']} ({c['role']})" for c in cells], fontsize=7)
+        ax.set_yticks(range(len(cells)), labels, fontsize=7)
         for label, cell in zip(ax.get_yticklabels(), cells):
             label.set_color(_VERDICT_COLOR[cell["verdict"]])
         verdicts = ax.secondary_yaxis("right")
@@ -219,7 +226,12 @@ def matrix_heatmap(cells: list[dict[str, Any]]) -> str:
         for label, cell in zip(verdicts.get_yticklabels(), cells):
             label.set_color(_VERDICT_COLOR[cell["verdict"]])
         if norm is not None:
-            figure.colorbar(image, ax=ax, shrink=0.8, pad=0.12, label="error (log)")
+            bar_height = min(3.0, height - 0.9)
+            cax = figure.add_axes(((left + 2.9) / width, (height - 0.5 - bar_height) / height, 0.15 / width,
+                                   bar_height / height))
+            figure.colorbar(image, cax=cax, label="error (log)")
+            cax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=True))
+            cax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         return _svg(figure)
 
 
