@@ -372,3 +372,14 @@ def test_progress_keeps_a_log_alive_between_rare_updates():
     assert any(re.fullmatch(r"parity: probing 22 changes on 4 samples: 0/17 \(0/s\)", line) for line in lines), lines
     # At most one line per interval: 1.2 s of work at 0.2 s gives the phase line and no more than 7 others.
     assert len(lines) <= 8
+
+
+def test_an_unwritable_report_directory_is_a_report_error(tmp_path, monkeypatch):
+    from parity.errors import ReportError
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    report = Report("s.toml", "f", "cpu", "float32", (StageResult("load", Status.PASS, "ok"),))
+    with pytest.raises(ReportError, match="cannot write the reports: .*file.*pass a writable --report DIR"):
+        write_reports(report, blocker / "out")

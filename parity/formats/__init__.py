@@ -74,23 +74,29 @@ def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -
 
     With ``summary`` and ``GITHUB_STEP_SUMMARY`` set, report.md is also appended to that file.
     Returns the path of each file by format (``json``, ``md``, ``html``, ``junit``).
+
+    Raises:
+        ReportError: the directory or the step summary cannot be written.
     """
     from parity.report import document
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # Compact: json's C encoder only runs without indent, and per-sample lists make the file large.
     text = json.dumps(document(result), separators=(",", ":")) + "\n"
     # Render from what a later `parity report` will read, not from the in-memory objects.
     data = json.loads(text)
     paths = {kind: directory / name for kind, name in FILES.items()}
     markdown = render_markdown(data)
-    paths["json"].write_text(text, encoding="utf-8")
-    paths["md"].write_text(markdown, encoding="utf-8")
-    paths["html"].write_text(render_html(data), encoding="utf-8")
-    paths["junit"].write_text(render_junit(data), encoding="utf-8")
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary and step_summary:
-        with open(step_summary, "a", encoding="utf-8") as handle:
-            handle.write(markdown + "\n")
+    rendered = {"json": text, "md": markdown, "html": render_html(data), "junit": render_junit(data)}
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if summary else None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for kind, path in paths.items():
+            path.write_text(rendered[kind], encoding="utf-8")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as handle:
+                handle.write(markdown + "\n")
+    except OSError as e:
+        raise ReportError(f"cannot write the reports: {e.filename or directory}: {e.strerror}; pass a writable "
+                          "--report DIR (and a writable GITHUB_STEP_SUMMARY file)") from e
     return paths
