@@ -36,7 +36,9 @@ fixtures: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
 
-# Speed ratios on the full-size ViT-L/14@336 (random init); BENCH_IMAGES=2 for a quicker run.
+# Report rendering time for 3,000 samples (budget 5 s), then speed ratios on the full-size
+# ViT-L/14@336 (random init); BENCH_IMAGES=2 for a quicker run.
 BENCH_IMAGES ?= 4
 bench: $(STAMP)
+	$(BIN)/python bench/bench_reports.py
 	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)

@@ -1,5 +1,5 @@
 """Command line: ``parity check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``,
-``explain-preprocess``.
+``explain-preprocess``, ``report``.
 
 Exit 0 on parity (or a checkpoint that loads, or identical preprocessing), 1 on drift (or one
 that does not load, or preprocessing that differs), 2 on a usage or configuration error, 3 on an
@@ -35,6 +35,23 @@ def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bo
         parser.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH", help=json_help)
 
 
+def _report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", type=Path, default=None, dest="report_dir", metavar="DIR",
+                        help="write report.json, report.md, report.html and junit.xml into DIR (report.md is also "
+                             "appended to $GITHUB_STEP_SUMMARY when set)")
+
+
+def _write_reports(result, args: argparse.Namespace, console: Console) -> None:
+    """The report files, when --report was given."""
+    if args.report_dir is None:
+        return
+    from parity.formats import write_reports
+
+    paths = write_reports(result, args.report_dir)
+    console.print(f"reports written to {args.report_dir}: {', '.join(p.name for p in paths.values())}",
+                  highlight=False, soft_wrap=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description="Training-inference parity gate for CLIP + head pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "stage, with the frozen reference fixtures.")
     _spec_options(check, spec_help="TOML spec of the candidate inference path",
                   json_help="also write the full report as JSON")
+    _report_option(check)
     inspect = commands.add_parser(
         "inspect", help="show what a checkpoint holds and why it does (not) load",
         description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
@@ -64,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run every cell of the spec's [matrix] (or the --axis overrides) against the reference "
                     "embeddings. Exit 0 when every deployment cell reproduces the reference.")
     _spec_options(matrix, spec_help="TOML spec of the candidate", json_help="also write the matrix report as JSON")
+    _report_option(matrix)
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
     diagnose = commands.add_parser(
@@ -72,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                     "recorded and a search over single spec changes, probed on the samples that drift most and "
                     "confirmed by a full check. Exit 0 when there is no drift, 1 when there is.")
     _spec_options(diagnose, spec_help="TOML spec of the candidate", json_help="also write the diagnosis as JSON")
+    _report_option(diagnose)
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
     diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
                           help="a service's logged samples (JSONL or CSV: image, input_biases, embedding and/or "
@@ -84,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                     "floor) unless the spec sets explicit tolerances. Run it with another [runtime].dtype to "
                     "declare that precision acceptable.")
     _spec_options(calibrate, spec_help="TOML spec of the reference configuration", device=False)
+    _report_option(calibrate)
     calibrate.add_argument("--margin", type=float, default=4.0, help="safety factor on the measured noise (default 4)")
     calibrate.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     structure = commands.add_parser(
@@ -130,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="copy the checkpoints into the fixture (default: reference them by path and sha256)")
     freeze.add_argument("--force", action="store_true", help="replace an existing --out fixture")
     freeze.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
+    report = commands.add_parser(
+        "report", help="re-render a saved report.json as Markdown, HTML or JUnit",
+        description="Render the report.json that --report wrote into the other formats, without running "
+                    "anything: the files are the same as --report wrote. Without an output option, print the "
+                    "Markdown.")
+    report.add_argument("json_file", type=Path, metavar="REPORT_JSON", help="report.json written by --report")
+    report.add_argument("--md", type=Path, default=None, metavar="OUT", help="write the Markdown to OUT")
+    report.add_argument("--html", type=Path, default=None, metavar="OUT", help="write the HTML page to OUT")
+    report.add_argument("--junit", type=Path, default=None, metavar="OUT", help="write the JUnit XML to OUT")
     return parser
 
 
@@ -148,9 +178,8 @@ def _axis_values(text: str) -> list:
 
 
 def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from rich.progress import Progress
-
     from parity.errors import SpecError
+    from parity.progress import Progress
     from parity.report import render_matrix, write_json
     from parity.spec import load_spec
     from parity.variants import parse_axes, run_matrix
@@ -162,53 +191,56 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
         if not sep or not values:
             raise SpecError(f"--axis {item!r}: expected NAME=V1,V2")
         axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
-    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
-        task = progress.add_task("matrix over images", total=None)
-        report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device,
-                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    with Progress(errors) as progress:
+        progress.phase("matrix over images")
+        report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device, progress=progress.update)
     render_matrix(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
+    _write_reports(report, args, console)
     return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
 def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.diagnose import diagnose
     from parity.errors import SpecError
+    from parity.progress import Progress
     from parity.report import render_diagnosis, write_json
     from parity.spec import load_spec
 
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
     spec = load_spec(args.spec)
-    with errors.status("diagnosing") as status:
+    with Progress(errors) as progress:
+        progress.phase("diagnosing")
         if args.logged is not None:
             from parity.diagnose import diagnose_logged
 
             result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
-                                     progress=lambda message: status.update(message))
+                                     progress=progress.phase)
         else:
             result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                              progress=lambda message: status.update(message))
+                              progress=progress.phase)
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
+    _write_reports(result, args, console)
     drift = not result.passed if args.logged is not None else result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
 
 
 def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from rich.progress import Progress
     from rich.table import Table
 
     from parity.calibrate import calibrate, calibrated_tolerance
+    from parity.progress import Progress
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
-    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
-        task = progress.add_task("calibration runs", total=None)
+    with Progress(errors) as progress:
+        progress.phase("calibration runs")
         result = calibrate(spec, fixtures=args.fixtures, margin=args.margin, write=not args.dry_run,
-                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+                           progress=progress.update)
     table = Table(title=f"calibration on {result.device}/{result.dtype}, x{result.margin:g} margin", title_justify="left")
     for column in ("stage", "max abs noise", "min cosine", "budget"):
         table.add_column(column)
@@ -221,6 +253,7 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
     for run in result.runs:
         console.print(f"  run: {run.describe()}", highlight=False)
     console.print("dry run: nothing written" if args.dry_run else "budgets written to the fixture manifest", highlight=False)
+    _write_reports(result, args, console)
     return EXIT_PASS
 
 
@@ -357,21 +390,20 @@ def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from rich.progress import Progress
-
     from parity.check import run_check
+    from parity.progress import Progress
     from parity.report import render_report, write_json
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
-    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
-        task = progress.add_task("embedding images", total=None)
-        report = run_check(spec, fixtures=args.fixtures, device=args.device,
-                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+    with Progress(errors) as progress:
+        progress.phase("embedding images")
+        report = run_check(spec, fixtures=args.fixtures, device=args.device, progress=progress.update)
     render_report(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
         console.print(f"report written to {args.json_path}", highlight=False)
+    _write_reports(report, args, console)
     return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
@@ -433,6 +465,23 @@ def _check_output_path(path: Path | None) -> None:
         raise SpecError(f"--json {path}: not writable by this user")
 
 
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from parity.formats import load_document, render_html, render_junit, render_markdown
+
+    data = load_document(args.json_file)
+    outputs = [(path, render) for path, render in ((args.md, render_markdown), (args.html, render_html),
+                                                   (args.junit, render_junit)) if path is not None]
+    if not outputs:
+        # Markdown as it is, no rich wrapping: it may be piped into a comment.
+        sys.stdout.write(render_markdown(data))
+        return EXIT_PASS
+    for path, render in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(data), encoding="utf-8")
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    return EXIT_PASS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     parser.add_argument("--debug", action="store_true",
@@ -449,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure,
-                "explain-preprocess": _explain_preprocess, "freeze": _freeze}[args.command](args, console)
+                "explain-preprocess": _explain_preprocess, "freeze": _freeze,
+                "report": _report}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

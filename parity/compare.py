@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from parity.results import Comparison, SampleError, Tolerance
+from parity.results import Comparison, SampleError, Thumbnail, Tolerance
 
-__all__ = ["compare_arrays"]
+__all__ = ["compare_arrays", "MAX_SAMPLES"]
 
 WORST_SAMPLES = 3
 _ULP_STEPS = 64
+# Per-row errors kept for reports; beyond this the worst rows are kept (the row count is in the shape).
+MAX_SAMPLES = 5000
+# Longest side of a pixel thumbnail, in pixels.
+THUMBNAIL_SIDE = 96
 
 
 def compare_arrays(
@@ -58,6 +64,14 @@ def compare_arrays(
         for i in order
         if row_abs[i] > 0
     )
+    kept = range(rows.shape[0]) if rows.shape[0] <= MAX_SAMPLES else sorted(
+        np.argsort(-row_abs, kind="stable")[:MAX_SAMPLES].tolist())
+    samples = tuple(SampleError(labels[i], float(row_abs[i]), None if row_cos is None else float(row_cos[i]))
+                    for i in kept)
+    thumbnail = None
+    if cand.ndim == 4 and cand.shape[1] in (1, 3) and cand.shape[0]:  # (N, C, H, W): preprocessed images
+        worst_row = int(np.argmax(row_abs))
+        thumbnail = _thumbnail(labels[worst_row], cand[worst_row], ref[worst_row])
     return Comparison(
         candidate_shape=tuple(cand.shape),
         reference_shape=tuple(ref.shape),
@@ -71,7 +85,39 @@ def compare_arrays(
         nonfinite=int((~finite).sum()),
         required_atol=_required_atol(finite_diff, np.abs(ref), tolerance.rtol),
         worst=worst,
+        samples=samples,
+        thumbnail=thumbnail,
     )
+
+
+def _blocks(image: np.ndarray, factor: int, reduce) -> np.ndarray:
+    """Reduce (H, W, ...) by ``factor`` in both directions, dropping the ragged edge."""
+    h, w = image.shape[0] // factor * factor, image.shape[1] // factor * factor
+    cut = image[:h, :w]
+    return reduce(cut.reshape(h // factor, factor, w // factor, factor, *cut.shape[2:]), axis=(1, 3))
+
+
+def _thumbnail(name: str, candidate: np.ndarray, reference: np.ndarray) -> Thumbnail:
+    """Both images on the reference's own scale as 8-bit RGB, and the absolute difference as 8-bit levels."""
+    cand = np.nan_to_num(np.moveaxis(candidate, 0, -1), nan=0.0, posinf=0.0, neginf=0.0)
+    ref = np.moveaxis(reference, 0, -1)
+    if ref.shape[-1] == 1:
+        cand, ref = np.repeat(cand, 3, axis=-1), np.repeat(ref, 3, axis=-1)
+    factor = max(1, math.ceil(max(ref.shape[:2]) / THUMBNAIL_SIDE))
+    # Block maximum keeps a one-pixel difference visible after shrinking; means suit the images.
+    diff = _blocks(np.abs(cand - ref).max(axis=-1), factor, np.max)
+    low, high = float(ref.min()), float(ref.max())
+    span = high - low if high > low else 1.0
+
+    def rgb(image: np.ndarray) -> str:
+        scaled = np.clip((_blocks(image, factor, np.mean) - low) / span * 255.0, 0, 255)
+        return base64.b64encode(np.round(scaled).astype(np.uint8).tobytes()).decode("ascii")
+
+    peak = float(diff.max(initial=0.0))
+    levels = np.round(diff / peak * 255.0) if peak > 0 else np.zeros_like(diff)
+    return Thumbnail(name=name, height=int(diff.shape[0]), width=int(diff.shape[1]), reference=rgb(ref),
+                     candidate=rgb(cand), difference=base64.b64encode(levels.astype(np.uint8).tobytes()).decode("ascii"),
+                     difference_max=peak)
 
 
 def _required_atol(diff: np.ndarray, ref_abs: np.ndarray, rtol: float) -> float:

@@ -9,6 +9,7 @@ __all__ = [
     "FixtureChangedError",
     "CheckpointError",
     "DriftError",
+    "ReportError",
 ]
 
 
@@ -34,3 +35,7 @@ class CheckpointError(ParityError, RuntimeError):
 
 class DriftError(ParityError, AssertionError):
     """The candidate pipeline does not reproduce the reference."""
+
+
+class ReportError(ParityError, ValueError):
+    """A saved report.json cannot be read or was written by an unknown schema version."""

@@ -21,6 +21,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="fixture directory (default: the spec's `fixtures` field)")
     group.addoption("--parity-device", dest="parity_device", default=None, metavar="DEVICE",
                     help="override the spec's [runtime].device (cpu, cuda, cuda:N)")
+    group.addoption("--parity-report", dest="parity_report", default=None, metavar="DIR",
+                    help="write report.json, report.md, report.html and junit.xml of the session's parity run into "
+                         "DIR (a matrix run into DIR/matrix when both ran)")
     parser.addini("parity_spec", "default spec for --parity-spec, relative to the rootdir", default="")
 
 
@@ -97,7 +100,17 @@ def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     return report
 
 
+def _report_dirs(config: pytest.Config) -> dict[object, Path]:
+    """Where --parity-report puts each report that ran: DIR, with a matrix under DIR/matrix when both ran."""
+    if not config.option.parity_report:
+        return {}
+    root = Path(config.option.parity_report)
+    ran = [key for key in (_REPORT_KEY, _MATRIX_KEY) if config.stash.get(key, None) is not None]
+    return {key: root / "matrix" if key is _MATRIX_KEY and len(ran) > 1 else root for key in ran}
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    directories = _report_dirs(config)
     for key, title in ((_REPORT_KEY, "parity report"), (_MATRIX_KEY, "parity matrix")):
         report = config.stash.get(key, None)
         if report is not None:
@@ -105,3 +118,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
             terminalreporter.write_sep("=", title)
             terminalreporter.write(render_text(report))
+            if key in directories:
+                from parity.formats import write_reports
+
+                paths = write_reports(report, directories[key])
+                terminalreporter.write_line(f"{title} files: {', '.join(str(p) for p in paths.values())}")

@@ -22,7 +22,10 @@ from parity.results import Comparison, KeyDiff, Report, StageResult, Status, Ver
 from parity.variants import MatrixReport
 
 __all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
-           "format_stage", "to_json", "write_json"]
+           "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
+
+# Version of the JSON layout that `document` writes and the file renderers (parity.formats) read.
+SCHEMA_VERSION = 1
 
 _SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
@@ -397,5 +400,80 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
     return data
 
 
+def _check_extras(data: dict[str, Any], report: Report) -> dict[str, Any]:
+    """What the file renderers show that is not a field: verdict sentence, table cells, tolerance words, fixes."""
+    data["headline"] = verdict_line(report)
+    data["tolerances"] = list(dict.fromkeys(r.comparison.tolerance.origin for r in report.stages
+                                            if r.comparison is not None))
+    for stage, result in zip(data["stages"], report.stages):
+        stage["summary"] = dict(zip(("metric", "value", "tolerance"), _metric(result)))
+        stage["fixes"] = [note for note in result.notes if note.startswith("Fix:")]
+        if result.comparison is not None:
+            stage["comparison"]["tolerance"]["text"] = result.comparison.tolerance.describe()
+    return data
+
+
+def _cause_extras(data: list[dict[str, Any]], causes) -> None:
+    for entry, cause in zip(data, causes):
+        entry["words"] = cause.words
+        entry["toml"] = cause.change.toml()
+
+
+def document(result: Any) -> dict[str, Any]:
+    """The self-describing JSON of any result: ``schema_version``, ``kind`` and everything a renderer shows.
+
+    Renderers of report.md, report.html and junit.xml read only this, so a saved report.json
+    re-renders to the same files.
+    """
+    from parity.calibrate import Calibration, calibrated_tolerance
+
+    if isinstance(result, Calibration):
+        data = _plain(result)
+        manifest = {"calibration": result.to_manifest()}
+        data["runs"] = [run.describe() for run in result.runs]
+        data["budgets"] = {stage: calibrated_tolerance(manifest, stage, result.dtype).describe() for stage in result.noise}
+        data["passed"] = True
+        data["headline"] = (f"CALIBRATED: {len(result.noise)} stage budgets from {len(result.runs)} runs on "
+                            f"{result.device}/{result.dtype}, x{result.margin:g} margin.")
+        kind = "calibration"
+    elif isinstance(result, Report):
+        data, kind = _check_extras(to_json(result), result), "check"
+    elif isinstance(result, MatrixReport):
+        data, kind = to_json(result), "matrix"
+        tolerances: dict[str, str] = {}
+        for entry, cell in zip(data["cells"], result.cells):
+            entry["verdict"] = {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[cell.status]
+            entry["role"] = "deploy" if cell.cell.deployment else "probe"
+            if cell.comparison is not None:
+                entry["comparison"]["tolerance"]["text"] = cell.comparison.tolerance.describe()
+                tolerances.setdefault(str(cell.cell["dtype"]), cell.comparison.tolerance.describe())
+        data["tolerances"] = tolerances
+        data["headline"] = ("MATRIX: every deployment cell reproduces the reference." if result.passed
+                            else "MATRIX: a deployment cell drifted (or none ran).")
+    elif isinstance(result, ServiceDiagnosis):
+        data, kind = to_json(result), "service"
+        _cause_extras(data["causes"], result.causes)
+        data["passed"] = result.matches
+        data["headline"] = ("The service MATCHES the spec's pipeline." if result.matches else
+                            f"The service does NOT match the spec's pipeline ({result.compared[0]} max abs "
+                            f"{_num(result.before)}).")
+    elif isinstance(result, Diagnosis):
+        data, kind = to_json(result), "diagnosis"
+        data["report"] = _check_extras(data["report"], result.report)
+        _cause_extras(data["causes"], result.causes)
+        data["passed"] = not result.drift
+        first = result.report.first_failure
+        data["headline"] = ("NO DRIFT: every stage reproduces the reference; no cause to report." if not result.drift
+                            else f"DRIFT first seen at the {first.stage if first is not None else '?'} stage; "
+                                 + (f"fix ({'confirmed' if result.confirmed else 'NOT confirmed'}): "
+                                    + "; ".join(c.toml() for c in result.fix) if result.fix
+                                    else "no single spec change reproduces the reference") + ".")
+    elif isinstance(result, PreprocessExplanation):
+        data, kind = to_json(result), "preprocess"
+    else:
+        raise TypeError(f"no report document for {type(result).__name__}")
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, **data}
+
+
 def write_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | PreprocessExplanation, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(document(report), indent=2) + "\n", encoding="utf-8")

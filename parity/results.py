@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "Tolerance",
     "SampleError",
+    "Thumbnail",
     "Comparison",
     "LayerGuess",
     "KeyFix",
@@ -51,6 +52,25 @@ class SampleError:
 
 
 @dataclass(frozen=True)
+class Thumbnail:
+    """The worst image of a pixel comparison, small enough to embed in a report.
+
+    ``reference`` and ``candidate`` are base64 of ``height * width * 3`` bytes (8-bit RGB, both
+    scaled by the reference image's own range so they are comparable); ``difference`` is base64
+    of ``height * width`` bytes, the largest absolute difference over channels in each block,
+    with 255 standing for ``difference_max`` (in normalized pixel units).
+    """
+
+    name: str
+    height: int
+    width: int
+    reference: str
+    candidate: str
+    difference: str
+    difference_max: float
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Numbers from comparing a candidate array against its reference."""
 
@@ -66,6 +86,10 @@ class Comparison:
     nonfinite: int = 0
     required_atol: float = float("nan")
     worst: tuple[SampleError, ...] = ()
+    # Every row's error in row order (the worst ones when there are more than compare.MAX_SAMPLES),
+    # so a report can plot the distribution without the arrays.
+    samples: tuple[SampleError, ...] = ()
+    thumbnail: Thumbnail | None = None
 
     @property
     def shapes_match(self) -> bool:

@@ -1,0 +1,102 @@
+"""Report files: report.json, then report.md, report.html and junit.xml rendered from it alone.
+
+`write_reports` turns a result (check, matrix, diagnosis, calibration) into its JSON document and
+renders the other three from that document as read back from JSON, so ``parity report`` on a
+saved report.json gives the same files byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from parity.errors import ReportError
+
+__all__ = ["write_reports", "load_document", "render_markdown", "render_html", "render_junit", "FILES",
+           "KINDS"]
+
+FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "junit.xml"}
+KINDS = ("check", "matrix", "diagnosis", "service", "calibration")
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    from parity.formats.markdown import render_markdown as render
+
+    return render(data)
+
+
+def render_html(data: dict[str, Any]) -> str:
+    # matplotlib loads here, only when a page is drawn.
+    from parity.formats.html import render_html as render
+
+    return render(data)
+
+
+def render_junit(data: dict[str, Any]) -> str:
+    from parity.formats.junit import render_junit as render
+
+    return render(data)
+
+
+def _check_document(data: Any, source: str) -> dict[str, Any]:
+    from parity.report import SCHEMA_VERSION
+
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ReportError(f"{source} is not a parity report: no schema_version (expected a report.json written by "
+                          "`parity ... --report DIR`); rerun the command with --report to get one")
+    if data["schema_version"] != SCHEMA_VERSION or data.get("kind") not in KINDS:
+        raise ReportError(f"{source}: schema_version {data['schema_version']!r}, kind {data.get('kind')!r}; this "
+                          f"parity renders schema_version {SCHEMA_VERSION} of kinds {', '.join(KINDS)}. Render it with "
+                          "the parity version that wrote it")
+    return data
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """Read a saved report.json and check that this version can render it.
+
+    Raises:
+        ReportError: the file is not JSON, not a parity report, or of another schema version.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path} is not JSON ({e}); expected a report.json written by --report") from e
+    return _check_document(data, str(path))
+
+
+def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -> dict[str, Path]:
+    """Write report.json, report.md, report.html and junit.xml for ``result`` into ``directory``.
+
+    With ``summary`` and ``GITHUB_STEP_SUMMARY`` set, report.md is also appended to that file.
+    Returns the path of each file by format (``json``, ``md``, ``html``, ``junit``).
+
+    Raises:
+        ReportError: the directory or the step summary cannot be written.
+    """
+    from parity.report import document
+
+    directory = Path(directory)
+    # Compact: json's C encoder only runs without indent, and per-sample lists make the file large.
+    text = json.dumps(document(result), separators=(",", ":")) + "\n"
+    # Render from what a later `parity report` will read, not from the in-memory objects.
+    data = json.loads(text)
+    paths = {kind: directory / name for kind, name in FILES.items()}
+    markdown = render_markdown(data)
+    rendered = {"json": text, "md": markdown, "html": render_html(data), "junit": render_junit(data)}
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if summary else None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for kind, path in paths.items():
+            path.write_text(rendered[kind], encoding="utf-8")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as handle:
+                handle.write(markdown + "\n")
+    except OSError as e:
+        raise ReportError(f"cannot write the reports: {e.filename or directory}: {e.strerror}; pass a writable "
+                          "--report DIR (and a writable GITHUB_STEP_SUMMARY file)") from e
+    return paths

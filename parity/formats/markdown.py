@@ -1,0 +1,194 @@
+"""report.md: GitHub-flavoured Markdown for a pull request comment or a job summary.
+
+The verdict comes first, then the first drifting stage and the fix, then the stage table,
+provenance differences, and the per-stage details folded in ``<details>``. The whole stays
+under `LIMIT` bytes: details that do not fit are left out with a count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from parity.formats.common import cause_rows, evidence, first_failure, fixes, number, stage_headline, worst_samples
+
+__all__ = ["render_markdown", "LIMIT"]
+
+# GitHub refuses comments over 65,536 characters; stay well below with room for a job summary's other steps.
+LIMIT = 60_000
+# One stage's folded text is cut beyond this many characters.
+_DETAIL_CHARS = 8_000
+_ICON = {"PASS": "✅", "FAIL": "❌", "DRIFT": "❌", "SKIP": "⏭️"}
+
+
+def _cell(value: Any) -> str:
+    """One table cell: no newline, pipes escaped."""
+    return str(value).replace("\n", " ").replace("|", "\\|")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _details(summary: str, text: str) -> list[str]:
+    if len(text) > _DETAIL_CHARS:
+        text = text[:_DETAIL_CHARS] + f"\n... ({len(text) - _DETAIL_CHARS} more characters in report.json)"
+    return ["<details>", f"<summary>{summary}</summary>", "", "```text", text.replace("```", "'''"), "```", "",
+            "</details>", ""]
+
+
+def _verdict(data: dict[str, Any]) -> str:
+    return f"## {'✅' if data['passed'] else '❌'} {data['headline']}"
+
+
+def _stage_table(check: dict[str, Any]) -> list[str]:
+    rows = [(f"`{s['stage']}`", s["summary"]["metric"], s["summary"]["value"], s["summary"]["tolerance"],
+             f"{_ICON[s['status']]} {s['status']}") for s in check["stages"]]
+    return _table(("stage", "metric", "value", "tolerance", "verdict"), rows)
+
+
+def _provenance(diffs: list[dict[str, Any]], title: str = "Provenance: what differs from the fixture's record") -> list[str]:
+    if not diffs:
+        return []
+    rows = [(f"`{d['field']}`", f"`{d['reference']!r}`", f"`{d['candidate']!r}`") for d in diffs]
+    return [f"### {title}", ""] + _table(("field", "reference", "candidate"), rows)
+
+
+def _stage_details(check: dict[str, Any]) -> list[list[str]]:
+    """One folded block per stage that did not pass, plus its worst samples."""
+    blocks = []
+    for stage in check["stages"]:
+        if stage["status"] != "FAIL":
+            continue
+        block = _details(f"<b>{stage['stage']}</b>: {_cell(stage_headline(stage))}", stage["text"])
+        comparison = stage.get("comparison")
+        if comparison and comparison.get("samples"):
+            shown, total = worst_samples(comparison)
+            rows = [(s["name"], number(s["max_abs"]), "-" if s["cosine"] is None else f"{s['cosine']:.6f}") for s in shown]
+            block = block[:-2] + [f"Worst samples of `{stage['stage']}` ({len(shown)} of {total} shown):", ""] \
+                + _table(("sample", "max abs", "cosine"), rows) + block[-2:]
+        blocks.append(block)
+    return blocks
+
+
+def _check_head(check: dict[str, Any]) -> list[str]:
+    """Verdict, first drifting stage with its evidence, and the fix: the first lines a reviewer reads."""
+    lines = [_verdict(check)]
+    first = first_failure(check)
+    if first is not None:
+        clause = evidence(first)
+        # A trailing backslash is a hard line break in GitHub Markdown: the fix stays on its own line.
+        lines.append(f"**First drifting stage:** `{first['stage']}`: {stage_headline(first)}"
+                     + (f" ({clause})" if clause else "") + "\\")
+        found = fixes(check)
+        lines.append("**Fix:** " + ("; ".join(found) if found else "no spec field explains it; see the stage details below"))
+    lines += ["", f"`{Path(check['spec']).name}` on {check['device']}/{check['dtype']}, gate `{check['gate']}`, "
+                  f"fixtures `{check['fixtures']}`", ""]
+    return lines
+
+
+def _check(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    lines = _check_head(data) + _stage_table(data)
+    if data["tolerances"]:
+        lines += [f"Tolerances: {'; '.join(data['tolerances'])}", ""]
+    return lines + _provenance(data["config_diffs"]), _stage_details(data)
+
+
+def _matrix(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    lines = [_verdict(data), "", f"`{Path(data['spec']).name}`: {len(data['cells'])} cells over "
+             f"{', '.join(data['axes'])}", ""]
+    rows = []
+    for cell in data["cells"]:
+        c = cell.get("comparison")
+        if c is None:
+            metrics = ("-", "-")
+        elif c["candidate_shape"] != c["reference_shape"]:
+            metrics = (f"shape {c['candidate_shape'][1:]}", "-")
+        else:
+            metrics = (number(c["max_abs"]), "-" if c["min_cosine"] is None else f"{c['min_cosine']:.6f}")
+        rows.append((f"`{cell['cell']['id']}`", cell["role"], *metrics, f"{_ICON[cell['verdict']]} {cell['verdict']}",
+                     cell.get("reason") or ""))
+    lines += _table(("cell", "role", "max abs", "min cos", "verdict", "reason"), rows)
+    lines += [f"- tolerance for {dtype} cells: {text}" for dtype, text in data["tolerances"].items()]
+    lines += [f"- `{axis}` reproduces the reference with: {', '.join(f'`{v}`' for v in values) or 'none'}"
+              for axis, values in data["reproducing"].items()]
+    lines += [f"- extraction modes {', '.join(group)} gave bit-identical embeddings" for group in data["equivalent_modes"]]
+    return lines + [""], []
+
+
+def _causes(causes: list[dict[str, Any]]) -> list[str]:
+    if not causes:
+        return []
+    rows = [(i, f"`{change}`", current, metric, before, after, verdict)
+            for i, (change, current, metric, before, after, verdict) in enumerate(cause_rows(causes), start=1)]
+    return ["### Ranked causes", ""] + _table(("#", "change", "spec has", "measured", "before", "after", "verdict"), rows)
+
+
+def _diagnosis(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    check = data["report"]
+    lines = [_verdict(data)]
+    if data["drift"]:
+        first = first_failure(check)
+        clause = evidence(first) if first else ""
+        lines.append(f"**First drifting stage:** `{first['stage'] if first else '?'}`: "
+                     f"{stage_headline(first) if first else ''}" + (f" ({clause})" if clause else "") + "\\")
+        state = "confirmed: parity check passes with it" if data["confirmed"] else "NOT confirmed on every sample"
+        lines.append(f"**Fix ({state}):** " + "; ".join(f"`{t}`" for t in data["fix_toml"]) if data["fix_toml"]
+                     else "**Fix:** no single spec change reproduces the reference")
+    lines += [""] + _causes(data["causes"])
+    if data.get("layer"):
+        layer = data["layer"]
+        lines += [f"First divergent backbone module on identical pixels: `{layer['module']}` (module "
+                  f"{layer['index'] + 1} of {layer['total']} in execution order, max abs {number(layer['max_abs'])})", ""]
+    if data["affected"]:
+        shown = data["affected"][:50]
+        more = f" and {len(data['affected']) - len(shown)} more" if len(data["affected"]) > len(shown) else ""
+        lines += [f"Drifting samples ({len(data['affected'])} of {data['total']}): {', '.join(shown)}{more}", ""]
+    if data["pattern"]:
+        lines += [f"Per-sample cause: {data['pattern']}", ""]
+    if data["notes"]:
+        lines += ["```text", *data["notes"], "```", ""]
+    lines += ["### The parity check", ""] + _stage_table(check) + _provenance(check["config_diffs"])
+    return lines, _stage_details(check)
+
+
+def _service(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    lines = [_verdict(data)]
+    if not data["matches"]:
+        lines.append("**Reproduced by:** " + ("; ".join(f"`{t}`" for t in data["reproduced_by_toml"])
+                                              if data["reproduced_by_toml"] else "no variant of the spec"))
+    lines += ["", f"`{data['log']}`: {data['samples']} logged samples; compared: {', '.join(data['compared'])}", ""]
+    return lines + _causes(data["causes"]), []
+
+
+def _calibration(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [(f"`{stage}`", number(noise["max_abs"]), "-" if noise.get("min_cosine") is None else f"{noise['min_cosine']:.8f}",
+             data["budgets"][stage]) for stage, noise in data["noise"].items()]
+    lines = [_verdict(data), ""] + _table(("stage", "max abs noise", "min cosine", "budget"), rows)
+    return lines + [f"- run: {run}" for run in data["runs"]] + [""], []
+
+
+_KINDS: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[list[str]]]]] = {
+    "check": _check, "matrix": _matrix, "diagnosis": _diagnosis, "service": _service, "calibration": _calibration}
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The Markdown for a report document (see `parity.report.document`)."""
+    lines, blocks = _KINDS[data["kind"]](data)
+    text = "\n".join(lines) + "\n"
+    if blocks:
+        text += "### Details\n\n"
+    omitted = 0
+    for block in blocks:
+        chunk = "\n".join(block) + "\n"
+        # Encoded size: GitHub counts characters, but emoji and names may be multi-byte.
+        if omitted or len((text + chunk).encode()) > LIMIT - 200:
+            omitted += 1
+            continue
+        text += chunk
+    if omitted:
+        text += f"_{omitted} more stage detail(s) left out to stay under {LIMIT // 1000} KB; see report.html or report.json._\n"
+    return text
