@@ -104,18 +104,16 @@ def test_explain_preprocess_refuses_an_unknown_source(capsys):
     assert "unknown preprocessing source prefix 'tf'" in capsys.readouterr().err
 
 
-class ExplodingHead:
-    """A head whose constructor fails in a way parity does not anticipate: a defect, not drift."""
+@pytest.mark.parametrize("debug", [False, True])
+def test_unexpected_exception_exits_3_with_one_line(tmp_path, capsys, monkeypatch, debug):
+    """An exception parity did not raise on purpose (a defect) is exit 3, never the drift status 1."""
+    import parity.check
 
-    def __init__(self, **kwargs) -> None:
+    def defect(*args, **kwargs):
         raise ZeroDivisionError("division by zero in the user's head")
 
-
-@pytest.mark.parametrize("debug", [False, True])
-def test_unexpected_exception_exits_3_with_one_line(tmp_path, capsys, debug):
-    spec = write_spec(tmp_path, {'class = "reference.models:MultiLabelRegressionNN"':
-                                 'class = "tests.test_cli:ExplodingHead"'})
-    argv = (["--debug"] if debug else []) + ["check", "--spec", str(spec)]
+    monkeypatch.setattr(parity.check, "run_check", defect)
+    argv = (["--debug"] if debug else []) + ["check", "--spec", str(EXAMPLE_SPEC)]
     assert main(argv) == EXIT_INTERNAL == 3
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if "internal error:" in line)
