@@ -38,6 +38,8 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
     """(metric name, value, tolerance) for the summary table."""
     c = result.comparison
     if c is None:
+        if result.status is Status.SKIP and result.headline.startswith("not observable"):
+            return "-", result.headline, "-"  # never a bare "-" that reads like "nothing to check"
         if result.stage == "load":
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
         if result.stage == "weights" and result.status is not Status.SKIP:
