@@ -167,7 +167,10 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
-    drift = not result.matches if args.logged is not None else result.drift
+    if args.logged is not None:  # the gate's verdict on the log decides ([decisions].gate included)
+        drift = not result.report.passed if result.report is not None else not result.matches
+    else:
+        drift = result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
 
 

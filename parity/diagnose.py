@@ -421,6 +421,7 @@ class ServiceDiagnosis:
     causes: tuple[Cause, ...] = ()
     reproduced_by: tuple[Change, ...] = ()
     reproduced: bool = False
+    report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
 
 
 def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, samples: int = 8,
@@ -434,12 +435,14 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
 
     say = progress or (lambda _message: None)
     logged = load_logged_samples(log)
+    say("gating the log")
+    report = run_check(spec.replace(candidate={"kind": "logged", "target": str(Path(log).resolve())}), device=device)
     compared = tuple(k for k, a in (("embedding", logged.embeddings), ("outputs", logged.outputs)) if a.shape[1])
     stage = compared[0]
     everyone = _Prober(logged, range(len(logged.rows)), device or spec.runtime.device)
     base = everyone.score(spec)
     if base["ok"]:
-        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage])
+        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage], report=report)
     probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
@@ -461,7 +464,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
             break
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced)
+                            tuple(changes), reproduced, report)
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

@@ -276,6 +276,8 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
 
 def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
     """Whether a service's logged values come from the spec's pipeline, and which variant reproduces them."""
+    if diagnosis.report is not None:
+        render_report(diagnosis.report, console)
     console.print(f"{diagnosis.log}: {diagnosis.samples} logged samples; compared: {', '.join(diagnosis.compared)}",
                   highlight=False, soft_wrap=True)
     if diagnosis.matches:
@@ -357,6 +359,7 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
         return data
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
+        data["report"] = to_json(report.report) if report.report is not None else None
         return data
     if isinstance(report, Diagnosis):
         data["drift"] = report.drift

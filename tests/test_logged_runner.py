@@ -210,3 +210,18 @@ def test_a_classifier_log_with_embeddings_only_checks_verification_decisions(tmp
     assert decisions.decisions[0].total > 0
     assert report.verdict in (Verdict.DRIFT_NO_FLIPS, Verdict.DECISION_FLIPS)
     assert report.verdict is (Verdict.DECISION_FLIPS if decisions.decisions[0].flips else Verdict.DRIFT_NO_FLIPS)
+
+
+def test_diagnose_logged_carries_the_gate_report_of_the_log(tmp_path, capsys):
+    from parity.diagnose import diagnose_logged
+    from parity.report import to_json
+
+    images, biases = _copies(tmp_path / "uploads", count=3)
+    log = write_log(tmp_path / "log.jsonl", images, biases)
+    result = diagnose_logged(load_spec(EXAMPLE_SPEC), log)
+    assert result.matches and result.report is not None and result.report.passed
+    assert result.report.stage("outputs").comparison.total == 3 * 5
+    assert to_json(result)["report"]["verdict"] == "parity"
+    assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(log)]) == EXIT_PASS
+    out = capsys.readouterr().out
+    assert "parity check: clip_dnn.toml" in out and "The service MATCHES the spec's pipeline." in out

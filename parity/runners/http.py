@@ -20,6 +20,7 @@ are not sent (each gets that error) so that a dead service costs seconds, not mi
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import mimetypes
 import socket
@@ -66,7 +67,11 @@ def check_url(url: str) -> str:
     Raises:
         SpecError: not an http(s) URL with a host (``file:``, ``ftp:`` and the like are refused).
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a malformed port)
+    except ValueError as e:
+        raise SpecError(f"[candidate].url = {url!r} is not a valid URL: {e}") from e
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SpecError(f"[candidate].url = {url!r}: expected an http:// or https:// URL with a host, "
                         "e.g. http://127.0.0.1:8000/predict")
@@ -126,6 +131,8 @@ def _send_once(request: urllib.request.Request, timeout: float) -> bytes:
         raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True, unreachable=True) from e
     except (ConnectionError, OSError) as e:  # reset or closed mid-answer
         raise ServiceError(f"the connection failed: {type(e).__name__}: {e}", transient=True, unreachable=True) from e
+    except http.client.HTTPException as e:  # a broken answer: bad status line, truncated body
+        raise ServiceError(f"a broken HTTP answer: {type(e).__name__}: {e}", transient=True) from e
     if len(body) > MAX_RESPONSE_BYTES:
         raise ServiceError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
     return body
