@@ -16,7 +16,7 @@ Exporter: torch 2.14's default (``dynamo=True``, torch.export + onnxscript) name
 after the aten ops, so an output called ``embedding`` collides with the value of the head's
 ``nn.Embedding`` lookup and onnxruntime refuses the file ("Duplicate definition of name
 (embedding)"). The TorchScript exporter (``dynamo=False``) keeps the names given here verbatim and
-needs no network; both need the ``onnx`` package (``pip install 'parity[onnx]'``).
+needs only the ``onnx`` package (``pip install 'parity[onnx]'``), no onnxscript.
 """
 
 from __future__ import annotations
