@@ -9,7 +9,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from parity.check import run_check
 from parity.cli import EXIT_DRIFT, EXIT_PASS, main
