@@ -28,11 +28,14 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         FixtureError: the fixture is missing, tampered with, or inconsistent.
         CheckpointError: a checkpoint cannot be read at all.
     """
-    fixture = load_fixture(spec.fixture_root(fixtures))
-    verify_referenced_checkpoints(fixture)
+    # A replayed service log needs no fixture: without one, the spec's pipeline is the reference.
+    replay = spec.candidate.kind == "logged" and fixtures is None and spec.fixtures is None
+    fixture = None if replay else load_fixture(spec.fixture_root(fixtures))
+    if fixture is not None:
+        verify_referenced_checkpoints(fixture)
     device_name = device or spec.runtime.device
     run = run_candidate(spec, fixture, device=device_name, progress=progress)
-    return judge_run(run, fixture, spec, device=device_name)
+    return judge_run(run, run.reference if run.reference is not None else fixture, spec, device=device_name)
 
 
 def judge_run(run: CandidateRun, fixture: Fixture, spec: Spec, *, device: str | None = None) -> Report:

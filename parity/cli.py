@@ -225,7 +225,10 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     if args.json_path is not None:
         write_json(result, args.json_path)
     _write_reports(result, args, console)
-    drift = not result.passed if args.logged is not None else result.drift
+    if args.logged is not None:  # the gate's verdict on the log decides ([decisions].gate included)
+        drift = not result.report.passed if result.report is not None else not result.passed
+    else:
+        drift = result.drift
     return EXIT_DRIFT if drift else EXIT_PASS
 
 

@@ -52,6 +52,8 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
                                    for s in STAGE_ORDER[1:]}}
 
     def compare(stage: str, candidate, reference, names: Sequence[str], *, cosine: bool = False) -> StageResult:
+        if not len(names):  # every sample failed before this stage: nothing compared is never a match
+            return StageResult(stage, Status.SKIP, "not run: no sample reached this stage (see decode)")
         comparison = compare_arrays(np.asarray(candidate), reference, tolerance=stage_tolerance(spec, fixture, stage),
                                     names=names, cosine=cosine)
         return StageResult(stage, Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
@@ -120,6 +122,8 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
     wanted = spec.decisions
     if not wanted.any:
         return StageResult("decisions", Status.SKIP, "no [decisions] in the spec")
+    if not run.rows:
+        return StageResult("decisions", Status.SKIP, "not run: no sample reached the candidate's outputs")
     kept = list(run.rows)
     names = [fixture.rows[i].name for i in kept]
     found: list[DecisionFlips] = []

@@ -528,6 +528,7 @@ class ServiceDiagnosis:
     decisions: tuple[DecisionFlips, ...] = ()  # the spec's [decisions], service vs spec pipeline
     gate: str = "outputs"
     notes: tuple[str, ...] = ()
+    report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
 
     @property
     def passed(self) -> bool:
@@ -592,6 +593,8 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
 
     say = progress or (lambda _message: None)
     logged = load_logged_samples(log)
+    say("gating the log")
+    report = run_check(spec.replace(candidate={"kind": "logged", "target": str(Path(log).resolve())}), device=device)
     compared = tuple(k for k, a in (("embedding", logged.embeddings), ("outputs", logged.outputs)) if a.shape[1])
     stage = compared[0]
     everyone = _Prober(logged, range(len(logged.rows)), device or spec.runtime.device)
@@ -600,7 +603,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     gate = spec.decisions.gate
     if base["ok"]:
         return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage], decisions=decisions,
-                                gate=gate)
+                                gate=gate, report=report)
     where, notes = _service_stage(spec, logged, everyone)
     if where == "head":
         stage = "outputs"  # the embeddings already match: rank changes by what moved
@@ -625,7 +628,7 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
             break
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced, where, decisions, gate, notes)
+                            tuple(changes), reproduced, where, decisions, gate, notes, report)
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

@@ -10,14 +10,15 @@ from parity.errors import SpecError
 __all__ = ["EXTRAS", "require"]
 
 # Module name → the optional extra that installs it, as named in pyproject.toml.
-EXTRAS = {"transformers": "hf", "open_clip": "open-clip"}
+EXTRAS = {"transformers": "hf", "open_clip": "open-clip", "onnxruntime": "onnx", "onnx": "onnx",
+          "fastapi": "service", "uvicorn": "service"}
 
 
 def require(library: str, purpose: str | None = None) -> ModuleType:
     """Import an optional library, or say which extra installs it.
 
     Args:
-        library: ``"transformers"`` or ``"open_clip"``.
+        library: a module named in `EXTRAS`.
         purpose: what needs it, for the message (default: a ``[backbone].library`` of that name).
 
     Raises:

@@ -41,6 +41,8 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
     """(metric name, value, tolerance) for the summary table."""
     c = result.comparison
     if c is None:
+        if result.status is Status.SKIP and result.headline.startswith("not observable"):
+            return "-", result.headline, "-"  # never a bare "-" that reads like "nothing to check"
         if result.stage == "load":
             return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
         if result.stage == "weights" and result.status is not Status.SKIP:
@@ -284,6 +286,8 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
 
 def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
     """Whether a service's logged values come from the spec's pipeline, and which variant reproduces them."""
+    if diagnosis.report is not None:
+        render_report(diagnosis.report, console)
     console.print(f"{diagnosis.log}: {diagnosis.samples} logged samples; compared: {', '.join(diagnosis.compared)}",
                   highlight=False, soft_wrap=True)
     for d in diagnosis.decisions:
@@ -380,6 +384,7 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
         data["passed"] = report.passed
+        data["report"] = to_json(report.report) if report.report is not None else None
         return data
     if isinstance(report, Diagnosis):
         data["drift"] = report.drift

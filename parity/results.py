@@ -312,6 +312,9 @@ class CandidateRun:
         outputs: (len(rows), L) the candidate's outputs.
         nondeterministic: stages whose values changed between two identical calls.
         errors: stage -> what the candidate raised there (the stage fails with it).
+        reference: the `parity.fixtures.Fixture` to judge the record against when it is not the
+            spec's fixture (a replayed service log of images outside it: the spec pipeline's values
+            on those images); ``rows`` then index into it.
     """
 
     runner: str
@@ -329,3 +332,4 @@ class CandidateRun:
     nondeterministic: tuple[str, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
     unobservable: Mapping[str, str] = field(default_factory=dict)
+    reference: Any = None

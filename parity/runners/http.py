@@ -1,0 +1,248 @@
+"""A running HTTP service as the candidate (``[candidate] url = "http://127.0.0.1:8000/predict"``).
+
+Each fixture image is posted as the file's own bytes (the service's decoding is under test):
+
+- ``send = "multipart"`` (default): a ``multipart/form-data`` body with the file in field
+  ``image`` and, when the fixture rows carry them, ``input_biases`` as a JSON array in a form field;
+- ``send = "json"``: ``{"image": "<base64 of the file>", "input_biases": [...]}``.
+
+The response is JSON: an object whose ``[candidate].output_key`` (default ``outputs``) holds the
+outputs, or a bare list. An object may also carry ``embedding``, then compared as its own stage.
+Nothing else of the service is visible: load, weights, pixels and the head are reported as
+not observable.
+
+Every request has ``[candidate].timeout`` seconds; a refused connection, a timeout or a 5xx
+answer is retried ``[candidate].retries`` times with a bounded backoff. What still fails is a
+per-sample error naming the sample, and after a few consecutive unreachable samples the rest
+are not sent (each gets that error) so that a dead service costs seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import mimetypes
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from parity.errors import SpecError
+from parity.fixtures import Fixture
+from parity.results import CandidateRun
+from parity.spec import Spec
+
+__all__ = ["run", "ServiceError", "post_sample", "encode_multipart", "read_outputs"]
+
+Progress = Callable[[int, int], None]
+
+SENDS = ("multipart", "json")
+UNOBSERVABLE = "an HTTP service shows its outputs only"
+MAX_RESPONSE_BYTES = 16 << 20
+# Backoff before retry k (0-based): BACKOFF * 2**k seconds, never more than MAX_BACKOFF.
+BACKOFF, MAX_BACKOFF = 0.2, 2.0
+# After this many consecutive samples the service did not answer at all, the rest are not sent.
+GIVE_UP_AFTER = 3
+
+
+class ServiceError(Exception):
+    """One sample's request failed; ``transient`` when retrying may help (no answer, a timeout, a 5xx)."""
+
+    def __init__(self, message: str, *, transient: bool = False, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.transient, self.unreachable = transient, unreachable
+
+
+def check_url(url: str) -> str:
+    """The URL, if it is one parity may post fixture images to.
+
+    Raises:
+        SpecError: not an http(s) URL with a host (``file:``, ``ftp:`` and the like are refused).
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a malformed port)
+    except ValueError as e:
+        raise SpecError(f"[candidate].url = {url!r} is not a valid URL: {e}") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError(f"[candidate].url = {url!r}: expected an http:// or https:// URL with a host, "
+                        "e.g. http://127.0.0.1:8000/predict")
+    return url
+
+
+def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body and its content type: text ``fields`` (name, value) and
+    ``files`` (name, filename, bytes), as a browser form would send them (RFC 7578)."""
+    boundary = f"parity-{uuid.uuid4().hex}"
+    chunks: list[bytes] = []
+    for name, value in fields:
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+        chunks.append(value.encode() + b"\r\n")
+    for name, filename, data in files:
+        kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        safe = filename.replace('"', "%22").replace("\r", "").replace("\n", "")
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{safe}"\r\n'
+                      f"Content-Type: {kind}\r\n\r\n".encode())
+        chunks.append(data + b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _request(url: str, image: Path, biases: Sequence[int], send: str) -> urllib.request.Request:
+    data = image.read_bytes()
+    if send == "json":
+        payload: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii")}
+        if biases:
+            payload["input_biases"] = list(biases)
+        body, kind = json.dumps(payload).encode(), "application/json"
+    else:
+        fields = [("input_biases", json.dumps(list(biases)))] if biases else []
+        body, kind = encode_multipart(fields, [("image", image.name, data)])
+    return urllib.request.Request(url, data=body, method="POST",
+                                  headers={"Content-Type": kind, "Accept": "application/json"})
+
+
+# No proxies: fixture images go straight to the named service, never through an environment proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _send_once(request: urllib.request.Request, timeout: float) -> bytes:
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            body = response.read(MAX_RESPONSE_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        detail = e.read(500).decode("utf-8", "replace").strip() if e.fp is not None else ""
+        raise ServiceError(f"the service answered HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""),
+                           transient=e.code >= 500) from e
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True, unreachable=True) from e
+        raise ServiceError(f"cannot reach {request.full_url}: {reason}", transient=True, unreachable=True) from e
+    except (TimeoutError, socket.timeout) as e:
+        raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True, unreachable=True) from e
+    except (ConnectionError, OSError) as e:  # reset or closed mid-answer
+        raise ServiceError(f"the connection failed: {type(e).__name__}: {e}", transient=True, unreachable=True) from e
+    except http.client.HTTPException as e:  # a broken answer: bad status line, truncated body
+        raise ServiceError(f"a broken HTTP answer: {type(e).__name__}: {e}", transient=True) from e
+    if len(body) > MAX_RESPONSE_BYTES:
+        raise ServiceError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
+    return body
+
+
+def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(outputs, embedding or None)`` from a response body.
+
+    Raises:
+        ServiceError: not JSON, no outputs under the key, or not a list of finite numbers.
+    """
+    try:
+        answer = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        snippet = body[:80].decode("utf-8", "replace")
+        raise ServiceError(f"the answer is not JSON ({e}): {snippet!r}") from e
+    key = output_key or "outputs"
+    embedding = None
+    if isinstance(answer, dict):
+        if key not in answer:
+            raise ServiceError(f"the answer has no {key!r} (keys: {', '.join(map(str, answer)) or 'none'}); set "
+                               "[candidate].output_key to the one holding the outputs")
+        values, embedding = answer[key], answer.get("embedding")
+    elif isinstance(answer, list):
+        values = answer
+    else:
+        raise ServiceError(f"the answer is a JSON {type(answer).__name__}; expected an object or a list of outputs")
+    return _vector(values, key), None if embedding is None else _vector(embedding, "embedding")
+
+
+def _vector(values: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ServiceError(f"{what!r} is not a list of numbers: {str(values)[:80]}") from e
+    if array.ndim == 2 and array.shape[0] == 1:  # a batch of one
+        array = array[0]
+    if array.ndim != 1 or not array.size:
+        raise ServiceError(f"{what!r} must be one list of numbers per sample, got shape {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ServiceError(f"{what!r} holds non-finite values (NaN or infinity)")
+    return array.astype(np.float32)
+
+
+def post_sample(url: str, image: Path, biases: Sequence[int], *, send: str = "multipart", timeout: float = 30.0,
+                retries: int = 2, output_key: str | None = None,
+                sleep: Callable[[float], None] = time.sleep) -> tuple[np.ndarray, np.ndarray | None]:
+    """Post one image and read its outputs, retrying what may pass on a second try.
+
+    Raises:
+        ServiceError: the last attempt's failure.
+    """
+    request = _request(url, image, biases, send)
+    for attempt in range(retries + 1):
+        try:
+            return read_outputs(_send_once(request, timeout), output_key)
+        except ServiceError as e:
+            if not e.transient or attempt == retries:
+                if attempt:
+                    raise ServiceError(f"{e} (after {attempt + 1} attempts)", transient=e.transient,
+                                       unreachable=e.unreachable) from e
+                raise
+            sleep(min(BACKOFF * 2 ** attempt, MAX_BACKOFF))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
+    """Post every fixture sample to the service and record its outputs (and embeddings if it gives them)."""
+    candidate = spec.candidate
+    url = check_url(candidate.target)
+    send = candidate.send or "multipart"
+    if send not in SENDS:
+        raise SpecError(f"[candidate].send = {send!r} does not apply to a url candidate: use one of {', '.join(SENDS)}")
+    width = fixture.outputs.shape[1]
+    rows: list[int] = []
+    sample_errors: list[tuple[str, str]] = []
+    outputs: list[np.ndarray] = []
+    embeddings: list[np.ndarray | None] = []
+    silent = 0  # consecutive samples the service did not answer at all
+    total = len(fixture.rows)
+    for i, row in enumerate(fixture.rows):
+        if silent >= GIVE_UP_AFTER:
+            sample_errors.append((row.name, f"not sent: the service at {url} did not answer the {silent} samples "
+                                            "before it"))
+        else:
+            try:
+                values, embedding = post_sample(url, row.image, row.input_biases, send=send, timeout=candidate.timeout,
+                                                retries=candidate.retries, output_key=candidate.output_key)
+                if values.shape[0] != width:
+                    raise ServiceError(f"{values.shape[0]} outputs, the fixture has {width} per sample")
+            except ServiceError as e:
+                silent = silent + 1 if e.unreachable else 0
+                sample_errors.append((row.name, f"{url}: {e}"))
+            except OSError as e:  # the fixture image itself cannot be read
+                sample_errors.append((row.name, f"cannot read {row.image}: {e}"))
+            else:
+                silent = 0
+                rows.append(i)
+                outputs.append(values)
+                embeddings.append(embedding)
+        if progress:
+            progress(i + 1, total)
+    unobservable = {stage: UNOBSERVABLE for stage in ("load", "weights", "pixels", "head")}
+    embedded = np.stack(embeddings) if embeddings and all(e is not None and e.shape == embeddings[0].shape
+                                                          for e in embeddings) else None
+    if embedded is None:
+        unobservable["embedding"] = UNOBSERVABLE + " (answer with an 'embedding' list to compare it)"
+    return CandidateRun(
+        "url", description={"candidate": {"url": url, "send": send}}, rows=tuple(rows),
+        sample_errors=tuple(sample_errors),
+        outputs=np.stack(outputs) if outputs else np.zeros((0, width), np.float32),
+        embeddings=embedded, unobservable=unobservable,
+    )
