@@ -193,8 +193,10 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
         got = run.fingerprints.get(part)
         if part == "backbone" and other_library:
             continue
-        if got is None:  # recorded but nothing loaded: random or library-default weights, never a pass
+        if part in run.unloaded:  # recorded but nothing loaded: random or library-default weights, never a pass
             unloaded.append(f"{part} ({len(entry['tensors'])} recorded tensors)")
+            continue
+        if got is None:  # a part this runner does not observe
             continue
         names_in = library if part == "backbone" else ""
         trained, got = canonical_names(entry["tensors"], names_in), canonical_names(got, names_in)

@@ -315,6 +315,9 @@ class CandidateRun:
         reference: the `parity.fixtures.Fixture` to judge the record against when it is not the
             spec's fixture (a replayed service log of images outside it: the spec pipeline's values
             on those images); ``rows`` then index into it.
+        unloaded: parts the candidate runs without loading any checkpoint (initial or library-default
+            weights): the weights stage fails for them. A part merely absent from ``fingerprints`` was
+            not observed by this runner.
     """
 
     runner: str
@@ -333,3 +336,4 @@ class CandidateRun:
     errors: Mapping[str, str] = field(default_factory=dict)
     unobservable: Mapping[str, str] = field(default_factory=dict)
     reference: Any = None
+    unloaded: tuple[str, ...] = ()

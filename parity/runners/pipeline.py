@@ -106,4 +106,5 @@ def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | N
         modules={"backbone": pipeline.backbone, "head": pipeline.head}, rows=tuple(rows),
         sample_errors=tuple(sample_errors), conversions=conversions, pixels=pixels, embeddings=embeddings,
         head_outputs=head_outputs, outputs=outputs, nondeterministic=tuple(nondeterministic), errors=errors,
+        unloaded=() if pipeline.spec.backbone.checkpoint is not None else ("backbone",),
     )
