@@ -39,7 +39,9 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
     c = result.comparison
     if c is None:
         if result.stage == "load":
-            return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+            if result.status is Status.PASS or result.key_diffs:
+                return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+            return "strict keys", result.headline, "strict=True"  # not observable, or the candidate did not start
         if result.stage == "weights" and result.status is not Status.SKIP:
             return "sha256 per tensor", result.headline, "bit-identical"
         if result.stage == "decisions" and result.decisions:
