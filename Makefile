@@ -40,3 +40,4 @@ clean:
 BENCH_IMAGES ?= 4
 bench: $(STAMP)
 	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)
+	$(BIN)/python bench/bench_app.py
