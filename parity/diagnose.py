@@ -533,11 +533,11 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     probe = _Prober(shipped, [position[i] for i in affected[:samples]], device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(reference_spec, len(fixture.rows[0].input_biases))}
-    causes, changes, current, score = [], [], reference_spec, probe.score(reference_spec)
+    causes, changes, current, score = [], [], reference_spec, _embedding_score(probe, reference_spec)
     for step in range(3):
         say(f"probing {len(candidates)} changes on {len(probe.rows)} samples")
         scored = sorted(((not s["ok"], s["embedding"], c) for c in candidates.values() if not _is_current(current, c)
-                         for s in (probe.score(c.apply(current)),)), key=lambda t: (t[0], t[1]))
+                         for s in (_embedding_score(probe, c.apply(current)),)), key=lambda t: (t[0], t[1]))
         improving = [t for t in scored if not t[0] or t[1] < 0.5 * score["embedding"]]
         if not improving:
             break
@@ -546,11 +546,11 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
             causes.append(Cause(change, "embedding", "max abs", score["embedding"], error, not failing, value))
         changes.append(improving[0][2])
         current = improving[0][2].apply(current)
-        score = probe.score(current)
+        score = _embedding_score(probe, current)
         if score["ok"]:
             break
     say("confirming on every sample")
-    reproduced = bool(changes) and everyone.score(current)["ok"]
+    reproduced = bool(changes) and _embedding_score(everyone, current)["ok"]
     notes: list[str] = []
     if reproduced:
         notes.append(f"The shipped code's embeddings equal the spec's with {'; '.join(c.toml() for c in changes)}: "
@@ -573,6 +573,19 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
             notes.append(f"the shipped backbone could not be run on the reference's pixels to localise the drift: {e}")
     return Diagnosis(report, tuple(causes), tuple(changes), reproduced, layer, names, len(fixture.rows),
                      _pattern(fixture, affected), tuple(notes), candidate=kind)
+
+
+def _embedding_score(prober: _Prober, spec: Spec) -> dict[str, Any]:
+    """How far the spec's embeddings are from the shipped code's on the probe rows (its head is not involved:
+    with ``extract = "forward"`` the spec's own head cannot take the embedding the shipped code produced)."""
+    measured = prober.measure(spec)
+    if measured is None:
+        return {"embedding": float("inf"), "ok": False}
+    target, _ = prober.targets()
+    emb = compare_arrays(measured[0], target, tolerance=prober.tolerance["embedding"], cosine=True)
+    if not emb.shapes_match:
+        return {"embedding": float("inf"), "ok": False}
+    return {"embedding": emb.max_abs, "ok": bool(emb)}
 
 
 def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
