@@ -336,3 +336,26 @@ def test_a_user_repository_gates_its_own_app_with_one_test_line(pytester, interp
     if interpolation == "BILINEAR":
         result.stdout.fnmatch_lines(["*test_parity?scorer-pixels? FAILED*", "*test_parity?scorer-gate? FAILED*",
                                      "*DriftError: pixels: FAIL*"])
+
+
+def test_modules_are_found_through_a_closure_inside_a_wrapper_whatever_their_weights(example_spec):
+    """A head with untrained weights inside a wrapper module, reachable only through a closure cell."""
+    import torch
+
+    from parity.fixtures import load_fixture
+    from parity.runners.app import function_roots, reachable_modules, recognise
+    from reference.models import MultiLabelRegressionNN
+
+    fixture = load_fixture(example_spec.fixture_root())
+    wrapper = torch.nn.Module()
+    wrapper.head = MultiLabelRegressionNN(64, [3, 4], 5)
+    wrapper.extra = torch.nn.Linear(2, 2)
+
+    def make(model):
+        def predict(image):
+            return model(image)
+        return predict
+
+    found = recognise(reachable_modules(function_roots(make(wrapper), "predict")), fixture)
+    assert found.modules["head"] is wrapper.head and found.where["head"] == "model.head"
+    assert "no torch module reachable" in found.missing["backbone"]

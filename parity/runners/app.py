@@ -67,8 +67,8 @@ def function_roots(fn: Callable, name: str) -> dict[str, Any]:
     target = getattr(fn, "__func__", fn)
     if getattr(fn, "__self__", None) is not None and not isinstance(fn.__self__, types.ModuleType):
         roots[f"{name}.__self__"] = fn.__self__
-    for cell_name, cell in zip(getattr(target, "__code__", None) and target.__code__.co_freevars or (),
-                               getattr(target, "__closure__", None) or ()):
+    code = getattr(target, "__code__", None)
+    for cell_name, cell in zip(code.co_freevars if code is not None else (), getattr(target, "__closure__", None) or ()):
         try:
             roots[cell_name] = cell.cell_contents
         except ValueError:  # an empty cell
