@@ -56,7 +56,7 @@ def _bugs(self: str, indent: str) -> dict[str, dict[str, str]]:
                      f"T.CenterCrop(336), T.ToTensor(), T.Normalize({MEAN}, {STD})])",
                      "import timm\n": "import timm\nfrom torchvision import transforms as T\n"},
         "relu": {"from reference.models import MultiLabelRegressionNN": RELU_HEAD},
-        "no_eval": {f"{self}head.eval()\n": ""},
+        "no_eval": {f"{indent[:-4]}{self}head.eval()\n": ""},
         "gray_stacked": {
             f'{indent}image = ImageOps.exif_transpose(image).convert("RGB")\n':
             f'{indent}image = ImageOps.exif_transpose(image)\n'
@@ -122,7 +122,7 @@ def _gate(kind: str, spec: Path):
     from parity.diagnose import diagnose_candidate
 
     if kind == "python":
-        diagnosis = diagnose_candidate(load_spec(spec))
+        diagnosis = diagnose_candidate(load_spec(spec), samples=2)
         return diagnosis.report, diagnosis
     return run_check(load_spec(spec)), None
 
