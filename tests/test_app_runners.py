@@ -56,7 +56,7 @@ def _bugs(self: str, indent: str) -> dict[str, dict[str, str]]:
                      f"T.CenterCrop(336), T.ToTensor(), T.Normalize({MEAN}, {STD})])",
                      "import timm\n": "import timm\nfrom torchvision import transforms as T\n"},
         "relu": {"from reference.models import MultiLabelRegressionNN": RELU_HEAD},
-        "no_eval": {f"{indent[:-4]}{self}head.eval()\n": ""},
+        "no_eval": {f"{indent if self else ''}{self}head.eval()\n": ""},  # the handler's is in __init__
         "gray_stacked": {
             f'{indent}image = ImageOps.exif_transpose(image).convert("RGB")\n':
             f'{indent}image = ImageOps.exif_transpose(image)\n'
@@ -359,3 +359,18 @@ def test_modules_are_found_through_a_closure_inside_a_wrapper_whatever_their_wei
     found = recognise(reachable_modules(function_roots(make(wrapper), "predict")), fixture)
     assert found.modules["head"] is wrapper.head and found.where["head"] == "model.head"
     assert "no torch module reachable" in found.missing["backbone"]
+
+
+def test_an_app_built_with_gelu_for_quickgelu_is_localised_to_the_first_activation(tmp_path):
+    """Same weights, same pixels, another activation class: diagnose names the model and the layer."""
+    spec = _copy(tmp_path, SPACE, "app.py", {'"vit_large_patch14_clip_quickgelu_336.openai"':
+                                             '"vit_large_patch14_clip_336.openai"'})
+    from parity.diagnose import diagnose_candidate
+
+    diagnosis = diagnose_candidate(load_spec(spec), samples=2)
+    report = diagnosis.report
+    assert report.stage("weights").status is Status.PASS and report.stage("pixels").status is Status.PASS
+    assert report.first_failure.stage == "embedding"
+    assert any("QuickGELU" in note and "GELU" in note for note in report.stage("embedding").notes)
+    assert diagnosis.causes[0].change.toml() == '[backbone].model = "vit_large_patch14_clip_336.openai"'
+    assert diagnosis.layer is not None and diagnosis.layer.module == "blocks.0.mlp.act"
