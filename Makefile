@@ -42,3 +42,4 @@ BENCH_IMAGES ?= 4
 bench: $(STAMP)
 	$(BIN)/python bench/bench_reports.py
 	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)
+	$(BIN)/python bench/bench_app.py

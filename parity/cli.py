@@ -24,9 +24,14 @@ EXIT_PASS, EXIT_DRIFT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bool = True,
-                  json_help: str | None = None) -> None:
+                  json_help: str | None = None, candidate: bool = False) -> None:
     """The options every spec-driven command shares."""
     parser.add_argument("--spec", required=True, type=Path, help=spec_help)
+    if candidate:
+        parser.add_argument("--candidate", default=None, metavar="KIND:TARGET",
+                            help="gate what ships instead of the spec's [candidate] (paths relative to the current "
+                                 "directory): python:app:predict, endpoint_handler:handler.py, onnx:model.onnx, "
+                                 "url:http://127.0.0.1:8000/predict, logged:requests.jsonl")
     parser.add_argument("--fixtures", type=Path, default=None,
                         help="fixture directory (default: the spec's `fixtures` field)")
     if device:
@@ -59,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Run the candidate pipeline described by SPEC and compare it, stage by "
                                             "stage, with the frozen reference fixtures.")
     _spec_options(check, spec_help="TOML spec of the candidate inference path",
-                  json_help="also write the full report as JSON")
+                  json_help="also write the full report as JSON", candidate=True)
     _report_option(check)
     inspect = commands.add_parser(
         "inspect", help="show what a checkpoint holds and why it does (not) load",
@@ -90,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the gate, then rank the causes of any drift: fields that differ from what the fixture "
                     "recorded and a search over single spec changes, probed on the samples that drift most and "
                     "confirmed by a full check. Exit 0 when there is no drift, 1 when there is.")
-    _spec_options(diagnose, spec_help="TOML spec of the candidate", json_help="also write the diagnosis as JSON")
+    _spec_options(diagnose, spec_help="TOML spec of the candidate", json_help="also write the diagnosis as JSON",
+                  candidate=True)
     _report_option(diagnose)
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
     diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
@@ -177,6 +183,18 @@ def _axis_values(text: str) -> list:
     return values
 
 
+def _load_spec(args: argparse.Namespace):
+    """The spec, with ``--candidate`` (when given) replacing its [candidate]."""
+    import dataclasses
+
+    from parity.spec import load_spec, parse_candidate
+
+    spec = load_spec(args.spec)
+    if getattr(args, "candidate", None):
+        spec = dataclasses.replace(spec, candidate=parse_candidate(args.candidate, base=Path.cwd()))
+    return spec
+
+
 def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.errors import SpecError
     from parity.progress import Progress
@@ -206,14 +224,18 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     from parity.errors import SpecError
     from parity.progress import Progress
     from parity.report import render_diagnosis, write_json
-    from parity.spec import load_spec
 
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
-    spec = load_spec(args.spec)
+    spec = _load_spec(args)
     with Progress(errors) as progress:
         progress.phase("diagnosing")
-        if args.logged is not None:
+        if spec.candidate.kind in ("python", "endpoint_handler") and args.logged is None:
+            from parity.diagnose import diagnose_candidate
+
+            result = diagnose_candidate(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
+                                        progress=progress.phase)
+        elif args.logged is not None:
             from parity.diagnose import diagnose_logged
 
             result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
@@ -396,9 +418,8 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.check import run_check
     from parity.progress import Progress
     from parity.report import render_report, write_json
-    from parity.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = _load_spec(args)
     with Progress(errors) as progress:
         progress.phase("embedding images")
         report = run_check(spec, fixtures=args.fixtures, device=args.device, progress=progress.update)

@@ -50,6 +50,10 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
         failed = StageResult("load", Status.FAIL, "weights do not load with strict=True", key_diffs=(run.load_failure,))
         return {"load": failed, **{s: StageResult(s, Status.SKIP, "not run: weights did not load")
                                    for s in STAGE_ORDER[1:]}}
+    if "load" in run.errors:  # a candidate that cannot even start (e.g. its own strict load raised)
+        failed = StageResult("load", Status.FAIL, run.errors["load"])
+        return {"load": failed, **{s: StageResult(s, Status.SKIP, "not run: the candidate did not load")
+                                   for s in STAGE_ORDER[1:]}}
 
     def compare(stage: str, candidate, reference, names: Sequence[str], *, cosine: bool = False) -> StageResult:
         if not len(names):  # every sample failed before this stage: nothing compared is never a match
@@ -100,18 +104,30 @@ def _head_stage(stage: str, run: CandidateRun, values, reference, names, compare
         return StageResult(stage, Status.FAIL, run.errors[stage])
     if values is None:
         return unobserved(stage, default)
+    if stage in run.nondeterministic and run.runner in ("python", "endpoint_handler"):
+        training = [name for name, m in (run.modules.get("head") or _NoModule()).named_modules() if m.training]
+        mode = (f"the app's head is in training mode ({len(training)} modules with .training = True): call "
+                ".eval() on it after loading" if training else "a random layer is active in forward()")
+        return StageResult(stage, Status.FAIL, f"the {stage} differ between two identical calls: {mode}")
     if stage in run.nondeterministic:
         return StageResult(stage, Status.FAIL, "the head gives different outputs for the same inputs in eval mode: "
                            "dropout or another random layer is active in forward()")
     return compare(stage, values, reference, names)
 
 
+class _NoModule:
+    def named_modules(self):
+        return iter(())
+
+
 def _decode_stage(run: CandidateRun, total: int) -> StageResult:
     converted = f", {len(run.conversions)} converted to RGB" if run.conversions else ""
     notes = tuple(f"{name}: {note}" for name, note in run.conversions.items())
     if run.sample_errors:
-        return StageResult("decode", Status.FAIL, f"{len(run.sample_errors)} of {total} samples cannot be decoded; "
-                           "an unreadable sample never counts as parity", sample_errors=tuple(run.sample_errors),
+        failed = ("cannot be decoded; an unreadable sample never counts as parity" if run.runner == "spec" else
+                  "failed (unreadable, or the candidate raised on them); a failed sample never counts as parity")
+        return StageResult("decode", Status.FAIL, f"{len(run.sample_errors)} of {total} samples {failed}",
+                           sample_errors=tuple(run.sample_errors),
                            notes=notes)
     return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=notes)
 

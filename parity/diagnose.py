@@ -28,7 +28,7 @@ from parity.results import DecisionFlips, Report, Status
 from parity.spec import INTERPOLATIONS, Spec, default_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
-           "first_divergent_layer"]
+           "diagnose_candidate", "first_divergent_layer"]
 
 Progress = Callable[[str], None]
 
@@ -100,6 +100,9 @@ class Diagnosis:
     total: int = 0
     pattern: str = ""
     notes: tuple[str, ...] = ()
+    # Set for shipped code (python, endpoint_handler): ``fix`` is then the spec change under which the
+    # spec reproduces that code's numbers, i.e. where the shipped code departs from the reference.
+    candidate: str = ""
 
     @property
     def drift(self) -> bool:
@@ -640,3 +643,135 @@ def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDiverge
     return first_divergent_layer(ref.backbone, cand.backbone, pixels,
                                  extract=(reference.backbone.extract, reference.backbone.library),
                                  candidate_extract=(candidate.backbone.extract, candidate.backbone.library))
+
+
+# -- shipped code (python, endpoint_handler candidates) --------------------------------------
+
+def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
+                       samples: int = 4, progress: Progress | None = None) -> Diagnosis:
+    """Gate the shipped code, then name the spec change under which the spec reproduces its numbers.
+
+    The embeddings the code's head received (hooked) are the target; the spec, read as the
+    reference pipeline, is searched one change at a time on the samples whose embeddings drift
+    most, and the best change is confirmed on every observed sample. When the code's pixels match
+    and its embeddings do not, the first backbone module that diverges on those pixels is named.
+    """
+    from dataclasses import replace
+
+    from parity.check import judge_run
+    from parity.runners.app import to_run
+    from parity.spec import CandidateSpec
+
+    say = progress or (lambda _message: None)
+    device = device or spec.runtime.device
+    fixture = load_fixture(spec.fixture_root(fixtures))
+    kind = spec.candidate.kind
+    say(f"running the {kind} candidate")
+    observation = _observe_shipped(spec, fixture, device)
+    report = judge_run(to_run(observation, fixture), fixture, spec, device=device)
+    if report.passed:
+        return Diagnosis(report, notes=("no drift: every stage reproduces the reference",), candidate=kind)
+    observed = sorted(observation.embeddings)
+    if not observed:
+        reason = report.stage("embedding").headline
+        return Diagnosis(report, notes=(f"no embedding entering the head was observed ({reason}): only the gate's "
+                                        "stages above say where the shipped code drifts",), candidate=kind)
+    target = np.stack([observation.embeddings[i] for i in observed]).astype(np.float32)
+    reference = fixture.embeddings[observed]
+    if target.shape[1:] == reference.shape[1:]:
+        tol = default_tolerance("embedding", fixture.pipeline.get("runtime", {}).get("dtype", "float32"))
+        err = np.abs(target - reference)
+        drifting = (err > tol.atol + tol.rtol * np.abs(reference)).any(axis=1)
+        worst = err.max(axis=1)
+        affected = [observed[j] for j in sorted(np.flatnonzero(drifting), key=lambda j: -float(worst[j]))]
+    else:
+        affected = list(observed)
+    names = tuple(fixture.rows[i].name for i in affected)
+    if not affected:
+        return Diagnosis(report, total=len(fixture.rows), candidate=kind, notes=(
+            "the embeddings the shipped head receives equal the reference's: the drift is in the head or after it "
+            "(see the head and outputs stages)",))
+    # A fixture whose targets are what the shipped code's head received, for the probes to reproduce.
+    shipped = replace(fixture, rows=tuple(fixture.rows[i] for i in observed), embeddings=target,
+                      outputs=np.zeros((len(observed), 0), np.float32))
+    position = {row: j for j, row in enumerate(observed)}
+    reference_spec = replace(spec, candidate=CandidateSpec(python_path=spec.candidate.python_path))
+    everyone = _Prober(shipped, range(len(observed)), device)
+    probe = _Prober(shipped, [position[i] for i in affected[:samples]], device)
+    probe.backbones, probe.heads = everyone.backbones, everyone.heads
+    candidates = {c.key: c for c in _search_changes(reference_spec, len(fixture.rows[0].input_biases))}
+    causes, changes, current, score = [], [], reference_spec, _embedding_score(probe, reference_spec)
+    for step in range(3):
+        say(f"probing {len(candidates)} changes on {len(probe.rows)} samples")
+        scored = sorted(((not s["ok"], s["embedding"], c) for c in candidates.values() if not _is_current(current, c)
+                         for s in (_embedding_score(probe, c.apply(current)),)), key=lambda t: (t[0], t[1]))
+        improving = [t for t in scored if not t[0] or t[1] < 0.5 * score["embedding"]]
+        if not improving:
+            break
+        for failing, error, change in improving[:5 if step == 0 else 1]:
+            value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
+            causes.append(Cause(change, "embedding", "max abs", score["embedding"], error, not failing, value))
+        changes.append(improving[0][2])
+        current = improving[0][2].apply(current)
+        score = _embedding_score(probe, current)
+        if score["ok"]:
+            break
+    say("confirming on every sample")
+    reproduced = bool(changes) and _embedding_score(everyone, current)["ok"]
+    notes: list[str] = []
+    if reproduced:
+        notes.append(f"The shipped code's embeddings equal the spec's with {'; '.join(c.toml() for c in changes)}: "
+                     "that is where it departs from the reference. Change the shipped code to the spec's value "
+                     "(or, if the shipped code is right, rebuild the fixture with that value).")
+    layer = None
+    backbone = observation.recognised.modules.get("backbone")
+    if report.stage("pixels").status is Status.PASS and report.stage("embedding").status is Status.FAIL \
+            and backbone is not None and target.shape[1:] == reference.shape[1:]:
+        say("localising the first divergent layer")
+        import torch
+
+        ref = probe.pipeline(reference_spec)
+        image = load_image(fixture.rows[affected[0]].image, exif_transpose=reference_spec.preprocess.exif_transpose)
+        pixels = torch.stack([ref.preprocess(image)]).to(ref.device, ref.dtype)
+        extract = (reference_spec.backbone.extract, reference_spec.backbone.library)
+        try:
+            layer = first_divergent_layer(ref.backbone, backbone, pixels, extract=extract)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+            notes.append(f"the shipped backbone could not be run on the reference's pixels to localise the drift: {e}")
+    return Diagnosis(report, tuple(causes), tuple(changes), reproduced, layer, names, len(fixture.rows),
+                     _pattern(fixture, affected), tuple(notes), candidate=kind)
+
+
+def _embedding_score(prober: _Prober, spec: Spec) -> dict[str, Any]:
+    """How far the spec's embeddings are from the shipped code's on the probe rows (its head is not involved:
+    with ``extract = "forward"`` the spec's own head cannot take the embedding the shipped code produced)."""
+    measured = prober.measure(spec)
+    if measured is None:
+        return {"embedding": float("inf"), "ok": False}
+    target, _ = prober.targets()
+    emb = compare_arrays(measured[0], target, tolerance=prober.tolerance["embedding"], cosine=True)
+    if not emb.shapes_match:
+        return {"embedding": float("inf"), "ok": False}
+    return {"embedding": emb.max_abs, "ok": bool(emb)}
+
+
+def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
+    """The shipped code's full observation (every row, the rows it raised on included)."""
+    from parity.runners.app import observe, reachable_modules
+
+    candidate = spec.candidate
+    if candidate.kind == "python":
+        from parity.runners.python_app import argument, default_inputs, load_function
+        from parity.runners.app import function_roots
+
+        function = load_function(candidate.target, candidate.python_path)
+        inputs = candidate.inputs or default_inputs(fixture)
+        roots = function_roots(function, candidate.target)
+        return observe("python", lambda row: function(*(argument(n, row) for n in inputs)), reachable_modules(roots),
+                       fixture, output_key=candidate.output_key, what=candidate.target)
+    from parity.runners.endpoint import load_handler, request
+
+    handler = load_handler(Path(candidate.target))
+    roots = {"handler": handler, **{f"handler.{k}": v for k, v in vars(handler).items()}}
+    return observe("endpoint_handler", lambda row: handler(request(row, candidate.send)), reachable_modules(roots),
+                   fixture, output_key=candidate.output_key, what="the handler")

@@ -67,6 +67,9 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
             notes = _embedding_notes(stages, got, expected, diffs, library=library) + cross_notes + notes
         if name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
+        elif name == first and not notes and name in ("pixels", "embedding") and run.runner != "spec":
+            notes.append("the shipped code does not record its configuration: `parity diagnose` with the same "
+                         "spec names the spec change under which the spec reproduces its numbers")
         explained[name] = _with_notes(stages[name], notes)
     return explained, diffs
 

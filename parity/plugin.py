@@ -58,7 +58,10 @@ def parity_device(request: pytest.FixtureRequest, parity_spec) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One test per matrix cell, with the cell's readable id (``pre_logits-bicubic-pil-cpu-float32``)."""
+    """One test per matrix cell, with the cell's readable id (``pre_logits-bicubic-pil-cpu-float32``);
+    one per gate stage for a test that uses ``parity_gate`` (``clip_dnn-pixels``, ..., ``clip_dnn-gate``)."""
+    if "parity_gate" in metafunc.fixturenames:
+        _parametrize_gate(metafunc)
     if "parity_cell" not in metafunc.fixturenames:
         return
     path = _spec_path(metafunc.config)
@@ -107,6 +110,61 @@ def _report_dirs(config: pytest.Config) -> dict[object, Path]:
     root = Path(config.option.parity_report)
     ran = [key for key in (_REPORT_KEY, _MATRIX_KEY) if config.stash.get(key, None) is not None]
     return {key: root / "matrix" if key is _MATRIX_KEY and len(ran) > 1 else root for key in ran}
+def _parametrize_gate(metafunc: pytest.Metafunc) -> None:
+    from parity.comparator import STAGE_ORDER
+
+    path = _spec_path(metafunc.config)
+    if path is None:
+        metafunc.parametrize("parity_gate", [pytest.param(None, marks=pytest.mark.skip(
+            reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))],
+            ids=["no-spec"], indirect=True)
+        return
+    from parity.spec import load_spec
+
+    name = load_spec(path).name
+    steps = (*STAGE_ORDER, "gate")
+    metafunc.parametrize("parity_gate", steps, ids=[f"{name}-{step}" for step in steps], indirect=True)
+
+
+class ParityGate:
+    """One stage of the gate (or the overall verdict, ``gate``) for the spec the session runs.
+
+    `assert_parity` decides the outcome inside parity: a stage that was not run or cannot be
+    observed skips with the reason; drift that the decisions gate accepts (no decision flipped)
+    is an expected failure; any other drift fails with the stage's text and its fixes.
+    """
+
+    def __init__(self, report, stage: str) -> None:
+        self.report, self.stage = report, stage
+
+    def assert_parity(self) -> None:
+        from parity.errors import DriftError
+        from parity.report import format_stage, verdict_line
+        from parity.results import Status
+
+        __tracebackhide__ = True
+        if self.stage == "gate":
+            if not self.report.passed:
+                raise DriftError(verdict_line(self.report))
+            return
+        result = self.report.stage(self.stage)
+        if result.status is Status.SKIP:
+            pytest.skip(f"{self.stage}: {result.headline}")
+        if result.status is Status.FAIL:
+            if self.report.passed:  # [decisions].gate = "decisions" and no decision flipped
+                pytest.xfail(f"{self.stage} drifted; accepted because no decision flipped:\n{format_stage(result)}")
+            raise DriftError(format_stage(result))
+
+
+@pytest.fixture
+def parity_gate(request: pytest.FixtureRequest) -> ParityGate:
+    """The gate in a user's own repository, one test line: ``def test_parity(parity_gate): parity_gate.assert_parity()``.
+
+    Each test is parametrized per stage; the ids name the spec and the stage. The spec is
+    ``--parity-spec`` or the ``parity_spec`` ini value; the gate runs once per session.
+    """
+    report = request.getfixturevalue("parity_report")
+    return ParityGate(report, request.param)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

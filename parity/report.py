@@ -44,7 +44,9 @@ def _metric(result: StageResult) -> tuple[str, str, str]:
         if result.status is Status.SKIP and result.headline.startswith("not observable"):
             return "-", result.headline, "-"  # never a bare "-" that reads like "nothing to check"
         if result.stage == "load":
-            return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+            if result.status is Status.PASS or result.key_diffs:
+                return "strict keys", "all match" if result.status is Status.PASS else "mismatch", "strict=True"
+            return "strict keys", result.headline, "strict=True"  # not observable, or the candidate did not start
         if result.stage == "weights" and result.status is not Status.SKIP:
             return "sha256 per tensor", result.headline, "bit-identical"
         if result.stage == "decisions" and result.decisions:
@@ -333,10 +335,18 @@ def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) 
                        f"({', '.join(s.stage for s in report.stages if s.status is Status.FAIL)} drifted)",
                        style="bold red"))
     for i, cause in enumerate(diagnosis.causes, start=1):
-        verdict = "reproduces the reference on the probe samples" if cause.reproduces else "moves towards it"
+        goal = "the shipped code" if diagnosis.candidate else "the reference"
+        verdict = f"reproduces {goal} on the probe samples" if cause.reproduces else "moves towards it"
         console.print(f"{i}. {cause.words} [{cause.change.origin}; {verdict}]", highlight=False, markup=False,
                       soft_wrap=True)
-    if diagnosis.fix:
+    if diagnosis.candidate and diagnosis.fix:
+        state = "on every sample" if diagnosis.confirmed else "on the probe samples only"
+        console.print(Text(f"The shipped code's numbers are reproduced ({state}) by the spec with:", style="bold yellow"))
+        for change in diagnosis.fix:
+            console.print(f"    {change.toml()}", highlight=False, markup=False, soft_wrap=True)
+    elif diagnosis.candidate:
+        console.print(Text("No single spec change reproduces the shipped code's numbers.", style="bold yellow"))
+    elif diagnosis.fix:
         state = "confirmed: parity check passes with it" if diagnosis.confirmed else "NOT confirmed on every sample"
         console.print(Text(f"Fix ({state}):", style="bold green" if diagnosis.confirmed else "bold yellow"))
         for change in diagnosis.fix:

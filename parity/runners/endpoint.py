@@ -1,0 +1,81 @@
+"""The ``endpoint_handler`` candidate: a Hugging Face Inference Endpoints ``handler.py``.
+
+``EndpointHandler(path=<the handler's folder>)`` once, then per sample
+``handler({"inputs": <PIL image>, "parameters": {"input_biases": [...]}})`` (``inputs`` as the
+file's raw bytes with ``send = "bytes"``); outputs read by ``output_key`` or as the returned list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from parity.errors import SpecError
+from parity.fixtures import Fixture, FixtureRow
+from parity.results import CandidateRun
+from parity.runners.app import observe, open_image, reachable_modules, to_run
+from parity.spec import Spec
+
+__all__ = ["run", "load_handler", "request"]
+
+Progress = Callable[[int, int], None]
+
+
+def load_handler(path: Path):
+    """Import ``path`` (its folder first on ``sys.path``, for its own imports) and build its handler.
+
+    Raises:
+        SpecError: no such file, or it defines no ``EndpointHandler``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"[candidate].endpoint_handler: {path} not found")
+    folder = str(path.parent.resolve())
+    if folder in sys.path:
+        sys.path.remove(folder)
+    sys.path.insert(0, folder)
+    # One module name per file, so two copies of a handler.py never share a cached module.
+    name = "parity_endpoint_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    cls = getattr(module, "EndpointHandler", None)
+    if cls is None:
+        raise SpecError(f"{path} defines no EndpointHandler class (the Inference Endpoints contract)")
+    return cls(path=folder)
+
+
+def request(row: FixtureRow, send: str | None) -> dict[str, Any]:
+    """The request body an endpoint receives for one fixture sample."""
+    image = row.image.read_bytes() if send == "bytes" else open_image(row.image)
+    body: dict[str, Any] = {"inputs": image}
+    if row.input_biases:
+        body["parameters"] = {"input_biases": [int(b) for b in row.input_biases]}
+    return body
+
+
+def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
+    """Build the handler once and call it on every fixture sample with hooks on its modules."""
+    candidate = spec.candidate
+    if candidate.send not in (None, "pil", "bytes"):
+        raise SpecError(f"[candidate].send = {candidate.send!r}: an endpoint handler receives \"pil\" or \"bytes\"")
+    try:
+        handler = load_handler(Path(candidate.target))
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the handler failing to start is the drift (e.g. its weights do not load)
+        return CandidateRun("endpoint_handler",
+                            errors={"load": f"EndpointHandler(path=...) raised {type(e).__name__}: {e}"})
+
+    def call(row: FixtureRow) -> Any:
+        return handler(request(row, candidate.send))
+
+    roots = {"handler": handler, **{f"handler.{k}": v for k, v in vars(handler).items()}}
+    observation = observe("endpoint_handler", call, reachable_modules(roots), fixture,
+                          output_key=candidate.output_key, progress=progress, what="the handler")
+    return to_run(observation, fixture)

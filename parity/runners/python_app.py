@@ -1,0 +1,93 @@
+"""The ``python`` candidate: a function the service calls (Gradio's ``fn``), gated sample by sample.
+
+Call contract: ``predict(image)`` with the PIL image exactly as the fixture file decodes (no
+conversion: the app's own handling is under test), or ``predict(image, input_biases)`` (a list
+of ints) when the fixture rows carry input biases; ``[candidate].inputs`` maps other signatures
+(`parity.spec.CANDIDATE_INPUTS`). The return value is array-like, a torch tensor, or a mapping
+read by ``output_key``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from parity.errors import SpecError
+from parity.fixtures import Fixture, FixtureRow
+from parity.results import CandidateRun
+from parity.runners.app import function_roots, observe, open_image, reachable_modules, to_run
+from parity.spec import Spec
+
+__all__ = ["run", "load_function", "default_inputs", "argument"]
+
+Progress = Callable[[int, int], None]
+
+
+def load_function(target: str, python_path: Path | None) -> Callable:
+    """Import ``module:function`` with ``python_path`` first on ``sys.path``.
+
+    The module's code runs: a spec's import path is code its author trusts. A module of the same
+    name imported from elsewhere (another copy of the app) is imported afresh from ``python_path``.
+
+    Raises:
+        SpecError: the module or the function cannot be found.
+    """
+    module_name, _, attr = target.partition(":")
+    if python_path is not None:
+        path = str(python_path)
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+        cached = sys.modules.get(module_name)
+        origin = getattr(cached, "__file__", None)
+        if cached is not None and (origin is None or Path(origin).resolve().parent != python_path.resolve()):
+            del sys.modules[module_name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise  # the app itself imports something missing: that is the app's error
+        raise SpecError(f"[candidate].python = {target!r}: no module {module_name!r} in {python_path} "
+                        "(set [candidate].python_path to the app's folder)") from e
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise SpecError(f"[candidate].python = {target!r}: module {module.__file__} has no function {attr!r}")
+    return function
+
+
+def default_inputs(fixture: Fixture) -> tuple[str, ...]:
+    return ("image", "input_biases") if fixture.biases().shape[1] else ("image",)
+
+
+def argument(name: str, row: FixtureRow) -> Any:
+    """One positional argument of `parity.spec.CANDIDATE_INPUTS` for a fixture row."""
+    if name == "image":
+        return open_image(row.image)
+    if name == "input_biases":
+        return [int(b) for b in row.input_biases]
+    if name == "image_bytes":
+        return row.image.read_bytes()
+    return str(row.image)
+
+
+def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
+    """Import the app, call its function on every fixture sample with hooks on its modules."""
+    candidate = spec.candidate
+    try:
+        function = load_function(candidate.target, candidate.python_path)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the app failing to start is the drift (e.g. its weights do not load)
+        return CandidateRun("python", errors={"load": f"importing {candidate.target} raised {type(e).__name__}: {e}"})
+    inputs = candidate.inputs or default_inputs(fixture)
+
+    def call(row: FixtureRow) -> Any:
+        return function(*(argument(name, row) for name in inputs))
+
+    modules = reachable_modules(function_roots(function, candidate.target))
+    observation = observe("python", call, modules, fixture, output_key=candidate.output_key, progress=progress,
+                          what=f"{candidate.target}")
+    return to_run(observation, fixture)
