@@ -23,12 +23,11 @@ from parity.fixtures import Fixture, load_fixture, update_manifest
 from parity.images import load_image
 from parity.results import Tolerance
 from parity.spec import Spec
+from parity.tolerance import calibrated_tolerance
 
 __all__ = ["Run", "Calibration", "calibrate", "calibrated_tolerance", "DEFAULT_MARGIN"]
 
 DEFAULT_MARGIN = 4.0
-# Below this the budget is the floor: a few float32 ulps of a unit-scale value.
-FLOOR = {"atol": 1e-6, "cosine_gap": 1e-7}
 
 
 @dataclass(frozen=True)
@@ -126,20 +125,3 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
         recorded.update(result.to_manifest())
         update_manifest(root, "calibration", recorded)
     return result
-
-
-def calibrated_tolerance(manifest: dict, stage: str, dtype: str) -> Tolerance | None:
-    """The budget a calibration recorded for ``stage`` at ``dtype``: noise × margin, never below the floor."""
-    entry = manifest.get("calibration", {}).get(dtype)
-    if not entry or stage not in entry.get("noise", {}):
-        return None
-    noise, margin = entry["noise"][stage], float(entry["margin"])
-    cosine = noise.get("min_cosine")
-    origin = (f"calibrated on {entry['device']}/{dtype}, {len(entry['runs'])} runs "
-              f"({'; '.join(entry['runs'])}), x{margin:g} margin")
-    return Tolerance(
-        atol=max(noise["max_abs"] * margin, FLOOR["atol"]),
-        rtol=0.0,
-        min_cosine=None if cosine is None else 1.0 - max((1.0 - cosine) * margin, FLOOR["cosine_gap"]),
-        origin=origin,
-    )

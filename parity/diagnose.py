@@ -21,9 +21,11 @@ from parity.compare import compare_arrays
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
-from parity.preprocess import MEAN_STD_PRESETS
+from parity.libraries import extract_embedding
+from parity.libraries import get as library
 from parity.results import Report, Status
-from parity.spec import INTERPOLATIONS, Spec, default_tolerance
+from parity.spec import INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
+from parity.tolerance import stage_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
            "first_divergent_layer"]
@@ -101,8 +103,6 @@ class Diagnosis:
 
 # -- candidate changes ---------------------------------------------------------------------
 
-_ACTIVATION_SWAPS = (("_clip_quickgelu_", "_clip_"),)
-
 
 def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
     """Every settable field whose candidate value differs from what the fixture recorded."""
@@ -124,20 +124,17 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
 def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     """Single-field alternatives for when the fixture does not record the field that moved."""
     bb = spec.backbone
-    out = [Change("backbone", (("extract", m),)) for m in ("pre_logits", "cls", "mean_tokens", "forward")]
+    out = [Change("backbone", (("extract", m),)) for m in vocabulary(bb.library).extract_modes]
     out += [Change("backbone", (("normalize", n),)) for n in ("none", "l2")]
     out += [Change("preprocess", (("interpolation", i),)) for i in INTERPOLATIONS]
     out += [Change("preprocess", (("mean", list(m)), ("std", list(s)))) for m, s in MEAN_STD_PRESETS.values()]
     out += [Change("preprocess", (("crop_pct", c),)) for c in (1.0, 0.95, 0.9, 0.875)]
     out += [Change("preprocess", (("channel_order", c),)) for c in ("rgb", "bgr")]
     out += [Change("preprocess", (("value_scale", v),)) for v in ("unit", "byte")]
-    out += [Change("preprocess", (("resize_backend", r),)) for r in ("pil", "tensor", "tensor_noaa")]
+    out += [Change("preprocess", (("resize_backend", r),)) for r in RESIZE_BACKENDS]
     out += [Change("preprocess", (("exif_transpose", e),)) for e in (True, False)]
     out += [Change("runtime", (("dtype", "float32"),))]
-    for a, b in _ACTIVATION_SWAPS:
-        for old, new in ((a, b), (b, a)):
-            if old in bb.model:
-                out.append(Change("backbone", (("model", bb.model.replace(old, new, 1)),)))
+    out += [Change("backbone", (("model", name),)) for name in library(bb.library).sibling_models(bb.model)]
     if 1 < head_columns <= 3:
         out += [Change("head", (("input_biases_order", list(p)),)) for p in itertools.permutations(range(head_columns))]
     return [c for c in out if not _is_current(spec, c)]
@@ -169,8 +166,10 @@ class _Prober:
         self.backbones: dict[str, Any] = {}
         self.heads: dict[str, Any] = {}
         self.images: dict[tuple[int, bool], Any] = {}
-        reference = fixture.manifest.get("pipeline", {}).get("runtime", {}).get("dtype", "float32")
-        self.tolerance = {s: default_tolerance(s, reference) for s in ("embedding", "outputs")}
+
+    def tolerance(self, spec: Spec, stage: str):
+        """The gate's budget for ``stage`` under ``spec``: a probe that passes is a candidate the gate passes."""
+        return stage_tolerance(spec, self.fixture, stage)
 
     def pipeline(self, spec: Spec):
         from parity.pipeline import assemble_pipeline, load_backbone, load_head, resolve_device
@@ -221,12 +220,12 @@ class _Prober:
         embeddings, outputs = measured
         emb_target, out_target = self.targets()
         emb = compare_arrays(embeddings, embeddings if emb_target is None else emb_target,
-                             tolerance=self.tolerance["embedding"], cosine=True)
+                             tolerance=self.tolerance(spec, "embedding"), cosine=True)
         if not emb.shapes_match:
             return far
         if outputs is None:
             return dict(far, embedding=emb.max_abs)
-        out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance["outputs"])
+        out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance(spec, "outputs"))
         return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
 
 
@@ -266,8 +265,6 @@ def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, r
             if bool((delta > atol + rtol * ref.abs()).any()):
                 found.append(LayerDivergence(name, order.index(name), len(order), float(delta.max())))
         return hook
-
-    from parity.backbones import extract_embedding
 
     mode, library = extract
     cand_mode, cand_library = candidate_extract or extract
@@ -322,7 +319,7 @@ def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
         return everyone
     errors, bad = [], np.zeros(len(fixture.rows), dtype=bool)
     for stage, got, want in (("embedding", measured[0], fixture.embeddings), ("outputs", measured[1], fixture.outputs)):
-        tol = prober.tolerance[stage]
+        tol = prober.tolerance(spec, stage)
         err = np.abs(got - want)
         bad |= (err > tol.atol + tol.rtol * np.abs(want)).any(axis=1)
         errors.append(err.max(axis=1))
@@ -371,26 +368,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     for change in _recorded_changes(report, fixture) + _search_changes(spec, columns):
         candidates.setdefault(change.key, change)  # a recorded change wins over the same searched one
 
-    causes, fix, current = [], [], spec
-    for step in range(3):  # greedy: most drifts have one cause; a few have two or three
-        say(f"probing {len(candidates)} changes on {len(probe_rows)} samples")
-        scored = []
-        for change in candidates.values():
-            if not _is_current(current, change):
-                score = prober.score(change.apply(current))
-                scored.append((not score["ok"], score[stage], change.origin == "search", change))
-        scored.sort(key=lambda t: (t[0], t[1], t[2]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
-        if not improving:
-            break
-        for failing, error, _, change in improving[:5 if step == 0 else 1]:
-            current_value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
-            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
-        fix.append(improving[0][3])
-        current = improving[0][3].apply(current)
-        base = prober.score(current)
-        if base["ok"]:
-            break
+    say(f"probing {len(candidates)} changes on {len(probe_rows)} samples")
+    causes, fix, current, _ = _search(prober, candidates.values(), spec, stage, base, shown=5)
 
     say("confirming the fix on every sample")
     confirmed = bool(fix) and run_check(current, fixtures=fixtures, device=device).passed
@@ -443,25 +422,43 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
-    causes, changes, current, score = [], [], spec, probe.score(spec)
-    for _ in range(3):
-        say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
-        scored = sorted(((not s["ok"], s[stage], c) for c in candidates.values() if not _is_current(current, c)
-                         for s in (probe.score(c.apply(current)),)), key=lambda t: (t[0], t[1]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * score[stage]]
-        if not improving:
-            break
-        failing, error, best = improving[0]
-        value = ", ".join(toml_value(_current(current, best.section, f)) for f, _ in best.fields)
-        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value))
-        changes.append(best)
-        current = best.apply(current)
-        score = probe.score(current)
-        if score["ok"]:
-            break
+    say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
+    causes, changes, current, _ = _search(probe, candidates.values(), spec, stage, probe.score(spec), shown=1)
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
                             tuple(changes), reproduced)
+
+
+def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str, Any], *,
+            shown: int) -> tuple[list[Cause], list[Change], Spec, dict[str, Any]]:
+    """Greedy search over single changes: most drifts have one cause; a few have two or three.
+
+    Each step probes every change on top of the changes kept so far and keeps the best one when it
+    passes or at least halves ``stage``'s error; the first step reports up to ``shown`` improving
+    changes as causes, later steps their best. Returns (causes, kept changes, the changed spec, its score).
+    """
+    causes: list[Cause] = []
+    fix: list[Change] = []
+    current = spec
+    for step in range(3):
+        scored = []
+        for change in candidates:
+            if not _is_current(current, change):
+                score = prober.score(change.apply(current))
+                scored.append((not score["ok"], score[stage], change.origin == "search", change))
+        scored.sort(key=lambda t: (t[0], t[1], t[2]))
+        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
+        if not improving:
+            break
+        for failing, error, _, change in improving[:shown if step == 0 else 1]:
+            current_value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
+            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value))
+        fix.append(improving[0][3])
+        current = improving[0][3].apply(current)
+        base = prober.score(current)
+        if base["ok"]:
+            break
+    return causes, fix, current, base
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:

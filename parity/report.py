@@ -18,8 +18,7 @@ from parity.checkpoints import explain_key_diff
 from parity.diagnose import Diagnosis, ServiceDiagnosis
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import Comparison, KeyDiff, Report, StageResult, Status, Verdict
-from parity.variants import MatrixReport
+from parity.results import Comparison, KeyDiff, MatrixReport, Report, StageResult, Status, Verdict
 
 __all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
            "format_stage", "to_json", "write_json"]

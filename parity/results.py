@@ -22,6 +22,10 @@ __all__ = [
     "ConfigDiff",
     "Report",
     "CandidateRun",
+    "PRECISION_AXES",
+    "Cell",
+    "CellResult",
+    "MatrixReport",
 ]
 
 
@@ -307,3 +311,66 @@ class CandidateRun:
     nondeterministic: tuple[str, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
     unobservable: Mapping[str, str] = field(default_factory=dict)
+
+
+# -- the variant matrix (parity.variants) ----------------------------------------------------
+
+# Matrix axes that change how the backbone computes, not what it is fed.
+PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix. ``deployment`` cells keep the spec's preprocessing and extraction."""
+
+    values: tuple[tuple[str, Any], ...]
+    id: str
+    deployment: bool
+
+    def __getitem__(self, axis: str) -> Any:
+        return dict(self.values)[axis]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    status: Status
+    comparison: Comparison | None = None
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.status is not Status.FAIL
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """Every cell's verdict, plus which axis values reproduce the reference."""
+
+    spec: str
+    fixtures: str
+    cells: tuple[CellResult, ...]
+    axes: tuple[str, ...]
+    equivalent_modes: tuple[tuple[str, ...], ...] = ()
+    reference_dtype: str = "float32"
+
+    @property
+    def passed(self) -> bool:
+        """Every deployment cell that ran reproduces the reference (probes may drift)."""
+        ran = [r for r in self.cells if r.cell.deployment and r.status is not Status.SKIP]
+        return bool(ran) and all(r.status is Status.PASS for r in ran)
+
+    def cell(self, cell_id: str) -> CellResult:
+        for result in self.cells:
+            if result.cell.id == cell_id:
+                return result
+        raise KeyError(f"no cell {cell_id!r}")
+
+    def reproducing(self, axis: str) -> list[Any]:
+        """Values of ``axis`` for which at least one cell reproduces the reference.
+
+        Outside the precision axes only cells at the reference's dtype count: a looser
+        half-precision budget can swallow a preprocessing drift.
+        """
+        cells = self.cells if axis in PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
+        values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
+        return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]

@@ -117,7 +117,7 @@ class Capture:
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if checkpoint.is_dir():  # a transformers directory: config.json, model.safetensors, preprocessor config
-                from parity.backbones import weights_file
+                from parity.libraries import weights_file
 
                 self.folders[checkpoint.name] = checkpoint
                 weights = weights_file(checkpoint)
@@ -146,10 +146,11 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
             fixture with its sha256.
         library: the backbone's library (``timm``, ``transformers``, ``open_clip``).
         preprocess: the preprocessing description for non-timm libraries (see
-            `parity.pipeline.describe_preprocess_config`); timm pipelines pass ``data_config``.
+            `parity.libraries.transformers.describe_preprocess_config`); timm pipelines pass ``data_config``.
         extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
     """
-    from parity.pipeline import describe_backbone, describe_data_config
+    from parity.libraries import describe_backbone
+    from parity.preprocess import describe_data_config
 
     caller = Path(inspect.stack()[2].filename)
     cap = Capture(root=Path(out_dir))
