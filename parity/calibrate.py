@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,40 +19,13 @@ from parity.compare import compare_arrays
 from parity.errors import SpecError
 from parity.fixtures import Fixture, load_fixture, update_manifest
 from parity.images import load_image
-from parity.results import Tolerance
+from parity.results import Calibration, Run, Tolerance
 from parity.spec import Spec
 from parity.tolerance import calibrated_tolerance
 
 __all__ = ["Run", "Calibration", "calibrate", "calibrated_tolerance", "DEFAULT_MARGIN"]
 
 DEFAULT_MARGIN = 4.0
-
-
-@dataclass(frozen=True)
-class Run:
-    """One perturbation of the reference pipeline."""
-
-    batch_size: int
-    threads: int
-    shuffled: bool = False
-
-    def describe(self) -> str:
-        return f"batch {self.batch_size}{' shuffled' if self.shuffled else ''}, {self.threads} thread(s)"
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Measured noise per stage, and the budgets derived from it."""
-
-    device: str
-    dtype: str
-    runs: tuple[Run, ...]
-    margin: float
-    noise: dict[str, dict[str, Any]]
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
-                             "noise": self.noise}}
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
-from parity.results import Report, Status
+from parity.results import Cause, Change, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.spec import INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
 from parity.tolerance import stage_tolerance
 
@@ -31,74 +30,6 @@ __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis"
            "first_divergent_layer"]
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Change:
-    """One spec edit: ``[section].field = value`` (several fields for a preset such as mean/std)."""
-
-    section: str
-    fields: tuple[tuple[str, Any], ...]
-    origin: str = "search"
-
-    @property
-    def key(self) -> tuple:
-        return (self.section, tuple((f, repr(v)) for f, v in self.fields))
-
-    def toml(self) -> str:
-        return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
-                         for f, v in self.fields)
-
-    def apply(self, spec: Spec) -> Spec:
-        values = {f: (tuple(v) if isinstance(v, list) else v) for f, v in self.fields}
-        if self.section == "head" and "class" in values:
-            values["class_path"] = values.pop("class")
-        return spec.replace(**{self.section: values})
-
-
-@dataclass(frozen=True)
-class Cause:
-    """A change that moves the candidate towards the reference, with its evidence."""
-
-    change: Change
-    stage: str
-    metric: str
-    before: float
-    after: float
-    reproduces: bool
-    current: str
-
-    @property
-    def words(self) -> str:
-        return (f"{self.change.toml()} (the spec has {self.current}): {self.stage} {self.metric} "
-                f"{self.before:.2e} -> {self.after:.2e}")
-
-
-@dataclass(frozen=True)
-class LayerDivergence:
-    """The first backbone module whose output moves beyond tolerance, fed identical pixels."""
-
-    module: str
-    index: int
-    total: int
-    max_abs: float
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    report: Report
-    causes: tuple[Cause, ...] = ()
-    fix: tuple[Change, ...] = ()
-    confirmed: bool = False
-    layer: LayerDivergence | None = None
-    affected: tuple[str, ...] = ()
-    total: int = 0
-    pattern: str = ""
-    notes: tuple[str, ...] = ()
-
-    @property
-    def drift(self) -> bool:
-        return not self.report.passed
 
 
 # -- candidate changes ---------------------------------------------------------------------
@@ -386,20 +317,6 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         notes = ("The preprocessing differs from the fixture's:",) + tuple(f"  {note}" for note in pixels.notes)
     return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
                      _pattern(fixture, affected), notes)
-
-
-@dataclass(frozen=True)
-class ServiceDiagnosis:
-    """Whether a service's logged values come from the spec's pipeline, and if not, from which variant."""
-
-    log: str
-    samples: int
-    matches: bool
-    compared: tuple[str, ...]
-    before: float
-    causes: tuple[Cause, ...] = ()
-    reproduced_by: tuple[Change, ...] = ()
-    reproduced: bool = False
 
 
 def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, samples: int = 8,

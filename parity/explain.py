@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from parity.comparator import STAGE_ORDER, recorded_library
 from parity.fixtures import Fixture, environment, sha256_file
 from parity.libraries import activation_family, describe_record, equivalent_extract, extraction_point
 from parity.forensics import diff_structure
-from parity.results import CandidateRun, ConfigDiff, StageResult, Status
+from parity.results import CandidateRun, ConfigDiff, StageResult, Status, toml_value
 from parity.source import git_revision
 from parity.spec import DEFAULT_LIBRARY, Spec, vocabulary
 
@@ -93,20 +92,6 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
         else:
             diffs.append(ConfigDiff(name, ref[name], cand[name]))
     return tuple(diffs)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, Path):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
 
 
 def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:

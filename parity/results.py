@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -26,6 +27,15 @@ __all__ = [
     "Cell",
     "CellResult",
     "MatrixReport",
+    "toml_value",
+    "Change",
+    "Cause",
+    "LayerDivergence",
+    "Diagnosis",
+    "ServiceDiagnosis",
+    "CheckpointSummary",
+    "Run",
+    "Calibration",
 ]
 
 
@@ -374,3 +384,155 @@ class MatrixReport:
         cells = self.cells if axis in PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
         values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
         return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
+
+
+# -- diagnosis (parity.diagnose) ------------------------------------------------------------
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One spec edit: ``[section].field = value`` (several fields for a preset such as mean/std)."""
+
+    section: str
+    fields: tuple[tuple[str, Any], ...]
+    origin: str = "search"
+
+    @property
+    def key(self) -> tuple:
+        return (self.section, tuple((f, repr(v)) for f, v in self.fields))
+
+    def toml(self) -> str:
+        return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
+                         for f, v in self.fields)
+
+    def apply(self, spec: Any) -> Any:
+        """``spec`` (a `parity.spec.Spec`) with this change made."""
+        values = {f: (tuple(v) if isinstance(v, list) else v) for f, v in self.fields}
+        if self.section == "head" and "class" in values:
+            values["class_path"] = values.pop("class")
+        return spec.replace(**{self.section: values})
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A change that moves the candidate towards the reference, with its evidence."""
+
+    change: Change
+    stage: str
+    metric: str
+    before: float
+    after: float
+    reproduces: bool
+    current: str
+
+    @property
+    def words(self) -> str:
+        return (f"{self.change.toml()} (the spec has {self.current}): {self.stage} {self.metric} "
+                f"{self.before:.2e} -> {self.after:.2e}")
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """The first backbone module whose output moves beyond tolerance, fed identical pixels."""
+
+    module: str
+    index: int
+    total: int
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    report: Report
+    causes: tuple[Cause, ...] = ()
+    fix: tuple[Change, ...] = ()
+    confirmed: bool = False
+    layer: LayerDivergence | None = None
+    affected: tuple[str, ...] = ()
+    total: int = 0
+    pattern: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def drift(self) -> bool:
+        return not self.report.passed
+
+
+@dataclass(frozen=True)
+class ServiceDiagnosis:
+    """Whether a service's logged values come from the spec's pipeline, and if not, from which variant."""
+
+    log: str
+    samples: int
+    matches: bool
+    compared: tuple[str, ...]
+    before: float
+    causes: tuple[Cause, ...] = ()
+    reproduced_by: tuple[Change, ...] = ()
+    reproduced: bool = False
+
+
+# -- checkpoint inspection (parity.forensics) -------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """Everything `parity inspect` prints about one checkpoint."""
+
+    path: str
+    nested: tuple[str, ...]
+    selected: str | None
+    other_entries: tuple[str, ...]
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+    layers: tuple[LayerGuess, ...]
+
+    @property
+    def total_params(self) -> int:
+        total = 0
+        for _, shape, _ in self.tensors:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+# -- calibration (parity.calibrate) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One perturbation of the reference pipeline."""
+
+    batch_size: int
+    threads: int
+    shuffled: bool = False
+
+    def describe(self) -> str:
+        return f"batch {self.batch_size}{' shuffled' if self.shuffled else ''}, {self.threads} thread(s)"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured noise per stage, and the budgets derived from it."""
+
+    device: str
+    dtype: str
+    runs: tuple[Run, ...]
+    margin: float
+    noise: dict[str, dict[str, Any]]
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
+                             "noise": self.noise}}

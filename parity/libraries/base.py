@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from parity.errors import SpecError
 from parity.forensics import summarize_structure
+from parity.preprocess import Preprocess
+from parity.preprocess_config import PreprocessConfig
 from parity.spec import LibraryVocabulary, Spec
-
-if TYPE_CHECKING:  # annotations only
-    from parity.preprocess import Preprocess
-    from parity.preprocess_config import PreprocessConfig
 
 __all__ = ["Library", "Converter", "activation_classes", "activation_family"]
 
