@@ -23,7 +23,7 @@ from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
-from parity.spec import INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
+from parity.spec import DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
 from parity.tolerance import stage_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
@@ -163,11 +163,11 @@ class _Prober:
 # -- layer localisation ----------------------------------------------------------------------
 
 def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, rtol: float = 1.3e-6,
-                          extract: tuple[str, str] = ("cls", "timm"),
+                          extract: tuple[str, str] = ("cls", DEFAULT_LIBRARY),
                           candidate_extract: tuple[str, str] | None = None) -> LayerDivergence | None:
     """Feed both backbones the same pixels and return the first module whose output diverges.
 
-    ``extract`` is the (mode, library) each backbone runs with (`parity.backbones.extract_embedding`);
+    ``extract`` is the (mode, library) each backbone runs with (`parity.libraries.extract_embedding`);
     modules are matched by name, so two libraries' backbones share none.
 
     The reference's module outputs are kept as they are produced; the candidate's are compared

@@ -30,6 +30,7 @@ import numpy as np
 from parity.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, sha256_file, stage_fixture
+from parity.spec import DEFAULT_LIBRARY
 
 __all__ = ["Capture", "capture", "capture_pipeline", "git_revision"]
 
@@ -132,7 +133,7 @@ class Capture:
 def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] | None = None, transform=None,
             extract: str = "pre_logits", model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
             checkpoint: str | Path | None = None, force: bool = False, extra_files: Mapping[str, Any] = (),
-            library: str = "timm", preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
+            library: str = DEFAULT_LIBRARY, preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
     """Write a fixture from inside the code that produces the reference data.
 
     Args:

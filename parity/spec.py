@@ -127,7 +127,7 @@ class BackboneSpec:
     library: str = DEFAULT_LIBRARY
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
-    checkpoint_format: str = "timm"
+    checkpoint_format: str = DEFAULT_LIBRARY
     extract: str = "pre_logits"
     normalize: str = "none"
     state_dict_key: str | None = None

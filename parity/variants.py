@@ -1,9 +1,10 @@
 """Variant matrices: extraction mode × preprocessing × device × dtype, sharing work across cells.
 
 Every preprocessing geometry is computed once per image, every per-pixel variant once per
-geometry, one backbone trunk pass (``forward_features``) runs per distinct
-(pixels, device, dtype, attention backend), and every extraction mode is derived from
-that pass's tokens.
+geometry, one backbone trunk pass (timm's ``forward_features``) runs per distinct
+(pixels, device, dtype, attention backend), and every extraction mode is taken from that
+pass by `parity.libraries.extract_embeddings`, the function the gate's pipeline extracts
+with. Budgets come from `parity.tolerance.cell_tolerance`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from parity.compare import compare_arrays
 from parity.errors import SpecError
 from parity.fixtures import load_fixture
 from parity.images import load_image
+from parity.libraries import extract_embeddings
 from parity.libraries import get as library
 from parity.preprocess import create_preprocess
 from parity.results import Cell, CellResult, MatrixReport, Status, Tolerance
@@ -145,7 +147,7 @@ class _Engine:
 
     def __init__(self, pipeline, batch_size: int) -> None:
         self.pipeline, self.batch_size = pipeline, batch_size
-        self.library = library(pipeline.spec.backbone.library)
+        self.library = pipeline.spec.backbone.library
         self.images: list = []
         self.geometry: dict[tuple, Any] = {}
         self.pixels: dict[tuple, Any] = {}
@@ -200,9 +202,8 @@ class _Engine:
         with torch.inference_mode(), _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
             for start in range(0, len(pixels), self.batch_size):
                 batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
-                trunk = self.library.trunk(model, batch, modes[0])  # one pass; every mode is taken from it
-                for mode in modes:
-                    chunks[mode].append(self.library.take(model, trunk, mode).float().cpu())
+                for mode, out in extract_embeddings(model, batch, modes, library=self.library).items():
+                    chunks[mode].append(out.float().cpu())
         embeddings = {m: torch.cat(c) for m, c in chunks.items()}
         if self.pipeline.spec.backbone.normalize == "l2":
             embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}

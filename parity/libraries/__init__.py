@@ -8,7 +8,7 @@ of parity asks the registry, by the library a spec names, and never branches on 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "weights_file",
     "checkpoint_converter",
     "extract_embedding",
+    "extract_embeddings",
     "extraction_point",
     "equivalent_extract",
     "describe_backbone",
@@ -120,9 +121,20 @@ def checkpoint_converter(spec: Spec) -> Converter | None:
     return get(spec.backbone.library).converter(spec)
 
 
+def extract_embeddings(model, pixels, modes: Sequence[str], *, library: str = DEFAULT_LIBRARY) -> dict[str, Any]:
+    """Run the backbone once and take every embedding ``modes`` name in ``library``.
+
+    The pipeline (one mode) and the variant matrix (several from one pass) both extract here,
+    so a matrix cell with the spec's configuration computes exactly what the gate computes.
+    """
+    adapter = get(library)
+    trunk = adapter.trunk(model, pixels, modes[0])
+    return {mode: adapter.take(model, trunk, mode) for mode in modes}
+
+
 def extract_embedding(model, pixels, mode: str, *, library: str = DEFAULT_LIBRARY):
     """Run the backbone and take the embedding the way ``mode`` names it in ``library``."""
-    return get(library).extract(model, pixels, mode)
+    return extract_embeddings(model, pixels, (mode,), library=library)[mode]
 
 
 def extraction_point(library: str, extract: str) -> str:

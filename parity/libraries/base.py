@@ -85,16 +85,16 @@ class Library:
                         f"backbone. Accepted checkpoint_format values: {', '.join(accepted)}")
 
     def trunk(self, model, pixels, mode: str):
-        """The shared part of the forward pass that ``mode`` is taken from (default: the whole forward)."""
+        """The shared part of the forward pass that ``mode`` is taken from (default: the whole forward).
+
+        Several modes are taken from one trunk only where the vocabulary allows the matrix: then
+        the trunk must not depend on ``mode``.
+        """
         return model(pixels)
 
     def take(self, model, trunk, mode: str):
         """The embedding ``mode`` names, from `trunk`'s output."""
         return trunk
-
-    def extract(self, model, pixels, mode: str):
-        """Run the backbone and take the embedding the way ``mode`` names it in this library."""
-        return self.take(model, self.trunk(model, pixels, mode), mode)
 
     def embedding_dim(self, model, extract: str) -> int | None:
         return getattr(model, "num_features", None)
