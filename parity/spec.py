@@ -1,4 +1,10 @@
-"""The spec: a declarative TOML description of the candidate inference pipeline."""
+"""The spec: a declarative TOML description of the candidate inference pipeline.
+
+The spec owns its vocabulary (accepted values of every field, the ``[matrix]`` grammar) and
+imports only errors, results and the default budgets. What each library accepts is registered
+by its adapter in `parity.libraries` (`LibraryVocabulary`): no library is named here but the
+default, `DEFAULT_LIBRARY`.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ _GEOMETRY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "in
 NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 STAGES = ("pixels", "embedding", "head", "outputs")
+
 
 @dataclass(frozen=True)
 class LibraryVocabulary:
