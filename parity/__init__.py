@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+import parity.libraries  # noqa: F401 - registers the built-in library adapters, whose vocabulary specs use
 from parity.errors import CheckpointError, DriftError, FixtureError, ParityError, SpecError
 
 __version__ = "0.1.0"

@@ -12,9 +12,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -22,48 +20,14 @@ from parity.compare import compare_arrays
 from parity.errors import FixtureError, SpecError
 from parity.fixtures import Fixture, data_version, files_version, load_fixture, update_manifest
 from parity.images import load_image
-from parity.results import Tolerance
+from parity.results import Calibration, Run, Tolerance
 from parity.spec import Spec
+from parity.tolerance import MAX_COSINE_GAP, MAX_MARGIN, MAX_RELATIVE_NOISE, calibrated_tolerance, calibration_budget
 
 __all__ = ["Run", "Calibration", "calibrate", "calibrated_tolerance", "check_margin", "DEFAULT_MARGIN",
            "MAX_MARGIN", "MAX_RELATIVE_NOISE", "MAX_COSINE_GAP"]
 
 DEFAULT_MARGIN = 4.0
-# A margin is a safety factor on measured noise, not a way to switch the gate off.
-MAX_MARGIN = 100.0
-# Budgets above these are not noise: the reference pipeline does not reproduce its own fixture
-# (another version of the data, another model), and storing them would let real drift pass.
-MAX_RELATIVE_NOISE = 0.05  # budget atol / the stage's largest reference magnitude
-MAX_COSINE_GAP = 0.01  # 1 - budget min_cosine
-# Below this the budget is the floor: a few float32 ulps of a unit-scale value.
-FLOOR = {"atol": 1e-6, "cosine_gap": 1e-7}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One perturbation of the reference pipeline."""
-
-    batch_size: int
-    threads: int
-    shuffled: bool = False
-
-    def describe(self) -> str:
-        return f"batch {self.batch_size}{' shuffled' if self.shuffled else ''}, {self.threads} thread(s)"
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Measured noise per stage, and the budgets derived from it."""
-
-    device: str
-    dtype: str
-    runs: tuple[Run, ...]
-    margin: float
-    noise: dict[str, dict[str, Any]]
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
-                             "noise": self.noise}}
 
 
 @contextlib.contextmanager
@@ -134,7 +98,7 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
              for stage, w in worst.items()}
     result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise)
     for stage in noise:
-        _budget(result.to_manifest()[result.dtype], stage, result.dtype, source=f"calibration of {root}")
+        calibration_budget(result.to_manifest()[result.dtype], stage, result.dtype, source=f"calibration of {root}")
     if write:
         # Merged under the fixture's lock: a concurrent calibration of another dtype keeps its entry.
         update_manifest(root, "calibration", result.to_manifest(), merge=True, version=version)
@@ -154,60 +118,3 @@ def check_margin(margin: object) -> float:
             "fails its own noise, a larger one would let real drift pass"
         )
     return float(margin)
-
-
-def _number(value: Any, what: str, source: str, *, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise FixtureError(f"{source}: calibration {what} = {value!r} is not a finite number in [{low:g}, {high:g}].\n"
-                           "Note: the manifest was damaged or edited; recalibrate with `parity calibrate`.")
-    return float(value)
-
-
-def _budget(entry: Any, stage: str, dtype: str, *, source: str) -> Tolerance | None:
-    """The validated budget of one stage from a calibration entry (None if the stage was not calibrated)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("noise"), dict):
-        raise FixtureError(f"{source}: calibration for {dtype} must be an object with 'noise', got {str(entry)[:120]}")
-    if stage not in entry["noise"]:
-        return None
-    noise = entry["noise"][stage]
-    if not isinstance(noise, dict):
-        raise FixtureError(f"{source}: calibration noise for {stage} must be an object, got {str(noise)[:120]}")
-    margin = _number(entry.get("margin"), "margin", source, low=1.0, high=MAX_MARGIN)
-    max_abs = _number(noise.get("max_abs"), f"{stage} max_abs", source)
-    cosine = noise.get("min_cosine")
-    if cosine is not None:
-        cosine = _number(cosine, f"{stage} min_cosine", source, low=-1.0, high=1.0)
-    runs, device = entry.get("runs"), entry.get("device")
-    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs) or not isinstance(device, str):
-        raise FixtureError(f"{source}: calibration for {dtype} must record 'device' and a list of 'runs'")
-    atol = max(max_abs * margin, FLOOR["atol"])
-    gap = None if cosine is None else max((1.0 - cosine) * margin, FLOOR["cosine_gap"])
-    scale = noise.get("scale")
-    limit = None if scale is None else _number(scale, f"{stage} scale", source) * MAX_RELATIVE_NOISE
-    if limit is not None and atol > max(limit, FLOOR["atol"]) or gap is not None and gap > MAX_COSINE_GAP:
-        raise FixtureError(
-            f"{source}: the {stage} budget (atol {atol:.3g}"
-            + ("" if gap is None else f", min_cosine {1 - gap:.6g}") + ") is too large to be numeric noise "
-            f"(atol at most {MAX_RELATIVE_NOISE:g} x the largest reference value"
-            + ("" if limit is None else f" = {limit:.3g}") + f", cosine gap at most {MAX_COSINE_GAP:g}).\n"
-            "Note: the reference pipeline does not reproduce its own fixture; fix the reference spec or "
-            "rebuild the fixture before calibrating."
-        )
-    origin = (f"calibrated on {device}/{dtype}, {len(runs)} runs ({'; '.join(runs)}), x{margin:g} margin")
-    return Tolerance(atol=atol, rtol=0.0, min_cosine=None if gap is None else 1.0 - gap, origin=origin)
-
-
-def calibrated_tolerance(manifest: dict, stage: str, dtype: str) -> Tolerance | None:
-    """The budget a calibration recorded for ``stage`` at ``dtype``: noise × margin, never below the floor.
-
-    Raises:
-        FixtureError: the recorded entry is malformed, non-finite, or too large to be noise.
-    """
-    calibration = manifest.get("calibration", {})
-    if not isinstance(calibration, dict):
-        raise FixtureError(f"manifest 'calibration' must be an object, got {type(calibration).__name__}")
-    entry = calibration.get(dtype)
-    if not entry:
-        return None
-    return _budget(entry, stage, dtype, source="manifest")

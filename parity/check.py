@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from parity.comparator import STAGE_ORDER, compare_run, stage_tolerance
+from parity.comparator import STAGE_ORDER, compare_run
 from parity.explain import SETTABLE, diff_config, explain_run, toml_value
-from parity.fixtures import Fixture, load_fixture
-from parity.freeze import verify_referenced_checkpoints
+from parity.fixtures import Fixture, load_fixture, verify_referenced_checkpoints
 from parity.results import CandidateRun, Report
 from parity.runners import run_candidate
 from parity.spec import Spec
+from parity.tolerance import stage_tolerance
 
 __all__ = ["STAGE_ORDER", "SETTABLE", "run_check", "judge_run", "diff_config", "stage_tolerance", "toml_value"]
 

@@ -257,8 +257,9 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
 def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from rich.table import Table
 
-    from parity.calibrate import calibrate, calibrated_tolerance
+    from parity.calibrate import calibrate
     from parity.progress import Progress
+    from parity.tolerance import calibrated_tolerance
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -313,7 +314,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from parity.report import render_inspection
 
     if args.checkpoint.is_dir():  # a save_pretrained directory
-        from parity.backbones import weights_file
+        from parity.libraries import weights_file
 
         args.checkpoint = weights_file(args.checkpoint)
     checkpoint = read_checkpoint(args.checkpoint)
@@ -332,8 +333,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         module, section, target = construct_module(args.class_path, kwargs, where="--"), "head", \
             args.class_path
     else:
-        from parity.backbones import backbone_weights, checkpoint_converter
-        from parity.pipeline import create_backbone, create_head
+        from parity.libraries import backbone_weights, checkpoint_converter, create_backbone
+        from parity.pipeline import create_head
         from parity.spec import load_spec
 
         spec = load_spec(args.against)
@@ -356,16 +357,18 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 def _preprocess_source(text: str):
     """A preprocessing description from a library source, a spec file or a fixture directory."""
     from parity.errors import SpecError
-    from parity.preprocess_config import describe_record, resolve_source
+    from parity.libraries import describe_record
+    from parity.preprocess_config import resolve_source
 
     path = Path(text)
     if path.suffix == ".toml":
-        from parity.pipeline import create_backbone, preprocess_record, resolve_preprocess
+        from parity.libraries import create_backbone, get, resolve_preprocess
+        from parity.pipeline import preprocess_record
         from parity.spec import load_spec
 
         spec = load_spec(path)
         # Shapes only: the preprocessing needs the model's configuration, never its weights.
-        backbone = create_backbone(spec, meta=spec.backbone.library != "open_clip")
+        backbone = create_backbone(spec, meta=get(spec.backbone.library).meta_create)
         _, config = resolve_preprocess(spec, backbone)
         return describe_record(preprocess_record(spec, config), source=str(path)), []
     if path.is_dir() and (path / "manifest.json").is_file():

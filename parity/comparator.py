@@ -10,38 +10,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from parity.backbones import canonical_names
+from parity.libraries import canonical_names
 from parity.checkpoints import read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.fixtures import Fixture
-from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff, Tolerance
-from parity.spec import DTYPES, Spec, default_tolerance
+from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff
+from parity.spec import DEFAULT_LIBRARY, Spec
+from parity.tolerance import stage_tolerance
 
-__all__ = ["STAGE_ORDER", "compare_run", "stage_tolerance", "recorded_library"]
+__all__ = ["STAGE_ORDER", "compare_run", "recorded_library"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 
 
-def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
-    """The spec's explicit tolerance, else a calibrated budget, else the reference precision's default.
-
-    A candidate that changes precision (float16, bfloat16) is therefore drift unless its
-    spec states the budget it accepts or a calibration at that precision exists.
-    """
-    from parity.calibrate import calibrated_tolerance
-
-    if stage in spec.tolerances:
-        return spec.tolerances[stage]
-    calibrated = calibrated_tolerance(fixture.manifest, stage, spec.runtime.dtype)
-    if calibrated is not None:
-        return calibrated
-    reference = fixture.pipeline.get("runtime", {}).get("dtype", "float32")
-    return default_tolerance(stage, reference if reference in DTYPES else "float32")
-
-
 def recorded_library(fixture: Fixture) -> str:
-    return fixture.pipeline.get("backbone", {}).get("library", "timm")
+    return fixture.pipeline.get("backbone", {}).get("library", DEFAULT_LIBRARY)
 
 
 def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, StageResult]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,11 @@ from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
-from parity.preprocess import MEAN_STD_PRESETS
-from parity.results import DecisionFlips, Report, Status
-from parity.spec import INTERPOLATIONS, Spec, default_tolerance
+from parity.libraries import extract_embedding
+from parity.libraries import get as library
+from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
+from parity.spec import DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
+from parity.tolerance import stage_tolerance
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
            "diagnose_candidate", "first_divergent_layer"]
@@ -33,85 +34,7 @@ __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis"
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Change:
-    """One spec edit: ``[section].field = value`` (several fields for a preset such as mean/std)."""
-
-    section: str
-    fields: tuple[tuple[str, Any], ...]
-    origin: str = "search"
-
-    @property
-    def key(self) -> tuple:
-        return (self.section, tuple((f, repr(v)) for f, v in self.fields))
-
-    def toml(self) -> str:
-        return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
-                         for f, v in self.fields)
-
-    def apply(self, spec: Spec) -> Spec:
-        values = {f: (tuple(v) if isinstance(v, list) else v) for f, v in self.fields}
-        if self.section == "head" and "class" in values:
-            values["class_path"] = values.pop("class")
-        return spec.replace(**{self.section: values})
-
-
-@dataclass(frozen=True)
-class Cause:
-    """A change that moves the candidate towards the reference, with its evidence."""
-
-    change: Change
-    stage: str
-    metric: str
-    before: float
-    after: float
-    reproduces: bool
-    current: str
-    resolved_from: str = ""  # where the value came from when the spec leaves the field unset
-
-    @property
-    def words(self) -> str:
-        if self.stage == "load":  # no numbers to compare: the evidence is the recognised cause and the load
-            verified = "; the checkpoint then loads with strict=True" if self.reproduces else ""
-            return f"{self.change.toml()} ({self.current}){verified}"
-        has = (f"the spec leaves it unset: {self.current} from {self.resolved_from}" if self.resolved_from
-               else f"the spec has {self.current}")
-        return f"{self.change.toml()} ({has}): {self.stage} {self.metric} {self.before:.2e} -> {self.after:.2e}"
-
-
-@dataclass(frozen=True)
-class LayerDivergence:
-    """The first backbone module whose output moves beyond tolerance, fed identical pixels."""
-
-    module: str
-    index: int
-    total: int
-    max_abs: float
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    report: Report
-    causes: tuple[Cause, ...] = ()
-    fix: tuple[Change, ...] = ()
-    confirmed: bool = False
-    layer: LayerDivergence | None = None
-    affected: tuple[str, ...] = ()
-    total: int = 0
-    pattern: str = ""
-    notes: tuple[str, ...] = ()
-    # Set for shipped code (python, endpoint_handler): ``fix`` is then the spec change under which the
-    # spec reproduces that code's numbers, i.e. where the shipped code departs from the reference.
-    candidate: str = ""
-
-    @property
-    def drift(self) -> bool:
-        return not self.report.passed
-
-
 # -- candidate changes ---------------------------------------------------------------------
-
-_ACTIVATION_SWAPS = (("_clip_quickgelu_", "_clip_"),)
 
 
 def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
@@ -174,21 +97,18 @@ def _library_changes(spec: Spec) -> list[Change]:
 def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     """Single-field alternatives for when the fixture does not record the field that moved."""
     bb = spec.backbone
-    out = [Change("backbone", (("extract", m),)) for m in ("pre_logits", "cls", "mean_tokens", "forward")]
+    out = [Change("backbone", (("extract", m),)) for m in vocabulary(bb.library).extract_modes]
     out += [Change("backbone", (("normalize", n),)) for n in ("none", "l2")]
     out += [Change("preprocess", (("interpolation", i),)) for i in INTERPOLATIONS]
     out += [Change("preprocess", (("mean", list(m)), ("std", list(s)))) for m, s in MEAN_STD_PRESETS.values()]
     out += [Change("preprocess", (("crop_pct", c),)) for c in (1.0, 0.95, 0.9, 0.875)]
     out += [Change("preprocess", (("channel_order", c),)) for c in ("rgb", "bgr")]
     out += [Change("preprocess", (("value_scale", v),)) for v in ("unit", "byte")]
-    out += [Change("preprocess", (("resize_backend", r),)) for r in ("pil", "tensor", "tensor_noaa")]
+    out += [Change("preprocess", (("resize_backend", r),)) for r in RESIZE_BACKENDS]
     out += [Change("preprocess", (("exif_transpose", e),)) for e in (True, False)]
     out += [Change("runtime", (("dtype", "float32"),))]
     out += _library_changes(spec)
-    for a, b in _ACTIVATION_SWAPS:
-        for old, new in ((a, b), (b, a)):
-            if old in bb.model:
-                out.append(Change("backbone", (("model", bb.model.replace(old, new, 1)),)))
+    out += [Change("backbone", (("model", name),)) for name in library(bb.library).sibling_models(bb.model)]
     if 1 < head_columns <= 3:
         out += [Change("head", (("input_biases_order", list(p)),)) for p in itertools.permutations(range(head_columns))]
     return [c for c in out if not _is_current(spec, c)]
@@ -242,8 +162,12 @@ class _Prober:
         self.backbones: dict[str, Any] = {}
         self.heads: dict[str, Any] = {}
         self.images: dict[tuple[int, bool], Any] = {}
-        reference = fixture.manifest.get("pipeline", {}).get("runtime", {}).get("dtype", "float32")
-        self.tolerance = {s: default_tolerance(s, reference) for s in ("embedding", "outputs")}
+        # A budget a caller fixes for a stage (freezing checks a claim at one stated budget).
+        self.budgets: dict[str, Any] = {}
+
+    def tolerance(self, spec: Spec, stage: str):
+        """The gate's budget for ``stage`` under ``spec``: a probe that passes is a candidate the gate passes."""
+        return self.budgets.get(stage) or stage_tolerance(spec, self.fixture, stage)
 
     def pipeline(self, spec: Spec):
         from parity.pipeline import assemble_pipeline, load_backbone, load_head, resolve_device
@@ -298,23 +222,23 @@ class _Prober:
         embeddings, outputs = measured
         emb_target, out_target = self.targets()
         emb = compare_arrays(embeddings, embeddings if emb_target is None else emb_target,
-                             tolerance=self.tolerance["embedding"], cosine=True)
+                             tolerance=self.tolerance(spec, "embedding"), cosine=True)
         if not emb.shapes_match:
             return far
         if outputs is None:
             return dict(far, embedding=emb.max_abs)
-        out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance["outputs"])
+        out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance(spec, "outputs"))
         return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
 
 
 # -- layer localisation ----------------------------------------------------------------------
 
 def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, rtol: float = 1.3e-6,
-                          extract: tuple[str, str] = ("cls", "timm"),
+                          extract: tuple[str, str] = ("cls", DEFAULT_LIBRARY),
                           candidate_extract: tuple[str, str] | None = None) -> LayerDivergence | None:
     """Feed both backbones the same pixels and return the first module whose output diverges.
 
-    ``extract`` is the (mode, library) each backbone runs with (`parity.backbones.extract_embedding`);
+    ``extract`` is the (mode, library) each backbone runs with (`parity.libraries.extract_embedding`);
     modules are matched by name, so two libraries' backbones share none.
 
     The reference's module outputs are kept as they are produced; the candidate's are compared
@@ -343,8 +267,6 @@ def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, r
             if bool((delta > atol + rtol * ref.abs()).any()):
                 found.append(LayerDivergence(name, order.index(name), len(order), float(delta.max())))
         return hook
-
-    from parity.backbones import extract_embedding
 
     mode, library = extract
     cand_mode, cand_library = candidate_extract or extract
@@ -399,7 +321,7 @@ def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
         return everyone
     errors, bad = [], np.zeros(len(fixture.rows), dtype=bool)
     for stage, got, want in (("embedding", measured[0], fixture.embeddings), ("outputs", measured[1], fixture.outputs)):
-        tol = prober.tolerance[stage]
+        tol = prober.tolerance(spec, stage)
         err = np.abs(got - want)
         bad |= (err > tol.atol + tol.rtol * np.abs(want)).any(axis=1)
         errors.append(err.max(axis=1))
@@ -456,26 +378,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     for change in recorded + _search_changes(spec, columns):
         candidates.setdefault(change.key, change)  # a recorded change wins over the same searched one
 
-    causes, fix, current = [], [], spec
-    for step in range(3):  # greedy: most drifts have one cause; a few have two or three
-        say(f"probing {len(candidates)} changes on {len(probe_rows)} samples")
-        scored = []
-        for change in candidates.values():
-            if not _is_current(current, change):
-                score = prober.score(change.apply(current))
-                scored.append((not score["ok"], score[stage], change.origin == "search", change))
-        scored.sort(key=lambda t: (t[0], t[1], t[2]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
-        if not improving:
-            break
-        for failing, error, _, change in improving[:5 if step == 0 else 1]:
-            current_value, origin = _current_words(current, change, prober)
-            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value, origin))
-        fix.append(improving[0][3])
-        current = improving[0][3].apply(current)
-        base = prober.score(current)
-        if base["ok"]:
-            break
+    say(f"probing {len(candidates)} changes on {len(probe_rows)} samples")
+    causes, fix, current, _ = _search(prober, candidates.values(), spec, stage, base, shown=5)
 
     say("confirming the fix on every sample")
     confirmed = bool(fix) and _passes(run_check(current, fixtures=fixtures, device=device), bool(unreadable))
@@ -515,32 +419,6 @@ def _without(fixture: Fixture, names: Mapping[str, str]) -> Fixture:
                                golden_pixels={k: v for k, v in fixture.golden_pixels.items() if k not in names})
 
 
-@dataclass(frozen=True)
-class ServiceDiagnosis:
-    """Whether a service's logged values come from the spec's pipeline, and if not, from which variant."""
-
-    log: str
-    samples: int
-    matches: bool
-    compared: tuple[str, ...]
-    before: float
-    causes: tuple[Cause, ...] = ()
-    reproduced_by: tuple[Change, ...] = ()
-    reproduced: bool = False
-    stage: str = ""  # where the service first departs from the spec: "embedding" or "head"
-    decisions: tuple[DecisionFlips, ...] = ()  # the spec's [decisions], service vs spec pipeline
-    gate: str = "outputs"
-    notes: tuple[str, ...] = ()
-    report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
-
-    @property
-    def passed(self) -> bool:
-        """The spec's gate: matching numbers, or with ``gate = "decisions"`` no decision flip."""
-        if self.matches:
-            return True
-        return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
-
-
 def _service_decisions(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[DecisionFlips, ...]:
     """The decisions ``[decisions]`` names, made from the logged values and from the spec's pipeline."""
     wanted = spec.decisions
@@ -551,13 +429,13 @@ def _service_decisions(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[De
     names = [row.name for row in logged.rows]
     found = []
     if outputs is not None and logged.outputs.shape[1] and logged.outputs.shape == outputs.shape:
-        band = prober.tolerance["outputs"].atol
+        band = prober.tolerance(spec, "outputs").atol
         if wanted.threshold is not None:
             found.append(threshold_flips(wanted.threshold, logged.outputs, outputs, band, names))
         if wanted.argmax:
             found.append(argmax_flips(logged.outputs, outputs, band, names))
     if wanted.verification_threshold is not None and logged.embeddings.shape == embeddings.shape:
-        floor = prober.tolerance["embedding"].min_cosine
+        floor = prober.tolerance(spec, "embedding").min_cosine
         band = 2 * float(np.arccos(np.clip(floor if floor is not None else 1.0, -1.0, 1.0)))
         found.append(verification_flips(wanted.verification_threshold, logged.embeddings, embeddings, band, names))
     return tuple(found)
@@ -570,7 +448,7 @@ def _service_stage(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[str, t
     measured = prober.measure(spec)
     if measured is None or measured[0].shape != logged.embeddings.shape:
         return "embedding", ()
-    if not compare_arrays(measured[0], logged.embeddings, tolerance=prober.tolerance["embedding"], cosine=True):
+    if not compare_arrays(measured[0], logged.embeddings, tolerance=prober.tolerance(spec, "embedding"), cosine=True):
         return "embedding", ()
     try:  # the spec's head on the service's own embeddings isolates the head
         pipeline = prober.pipeline(spec)
@@ -613,25 +491,45 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
-    causes, changes, current, score = [], [], spec, probe.score(spec)
-    for _ in range(3):
-        say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
-        scored = sorted(((not s["ok"], s[stage], c) for c in candidates.values() if not _is_current(current, c)
-                         for s in (probe.score(c.apply(current)),)), key=lambda t: (t[0], t[1]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * score[stage]]
-        if not improving:
-            break
-        failing, error, best = improving[0]
-        value, origin = _current_words(current, best, probe)
-        causes.append(Cause(best, stage, "max abs", score[stage], error, not failing, value, origin))
-        changes.append(best)
-        current = best.apply(current)
-        score = probe.score(current)
-        if score["ok"]:
-            break
+    say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
+    causes, changes, current, _ = _search(probe, candidates.values(), spec, stage, probe.score(spec), shown=1)
     reproduced = bool(changes) and everyone.score(current)["ok"]
     return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
                             tuple(changes), reproduced, where, decisions, gate, notes, report)
+
+
+def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str, Any], *, shown: int,
+            score: Callable[[Spec], dict[str, Any]] | None = None) -> tuple[list[Cause], list[Change], Spec, dict[str, Any]]:
+    """Greedy search over single changes: most drifts have one cause; a few have two or three.
+
+    Each step probes every change on top of the changes kept so far and keeps the best one when it
+    passes or at least halves ``stage``'s error; the first step reports up to ``shown`` improving
+    changes as causes, later steps their best. ``score`` measures a spec (default: ``prober.score``).
+    Returns (causes, kept changes, the changed spec, its score).
+    """
+    score = score or prober.score
+    causes: list[Cause] = []
+    fix: list[Change] = []
+    current = spec
+    for step in range(3):
+        scored = []
+        for change in candidates:
+            if not _is_current(current, change):
+                measured = score(change.apply(current))
+                scored.append((not measured["ok"], measured[stage], change.origin == "search", change))
+        scored.sort(key=lambda t: (t[0], t[1], t[2]))
+        improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
+        if not improving:
+            break
+        for failing, error, _, change in improving[:shown if step == 0 else 1]:
+            current_value, origin = _current_words(current, change, prober)
+            causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value, origin))
+        fix.append(improving[0][3])
+        current = improving[0][3].apply(current)
+        base = score(current)
+        if base["ok"]:
+            break
+    return causes, fix, current, base
 
 
 def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDivergence | None:
@@ -679,7 +577,7 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     target = np.stack([observation.embeddings[i] for i in observed]).astype(np.float32)
     reference = fixture.embeddings[observed]
     if target.shape[1:] == reference.shape[1:]:
-        tol = default_tolerance("embedding", fixture.pipeline.get("runtime", {}).get("dtype", "float32"))
+        tol = stage_tolerance(spec, fixture, "embedding")
         err = np.abs(target - reference)
         drifting = (err > tol.atol + tol.rtol * np.abs(reference)).any(axis=1)
         worst = err.max(axis=1)
@@ -700,22 +598,10 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     probe = _Prober(shipped, [position[i] for i in affected[:samples]], device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(reference_spec, len(fixture.rows[0].input_biases))}
-    causes, changes, current, score = [], [], reference_spec, _embedding_score(probe, reference_spec)
-    for step in range(3):
-        say(f"probing {len(candidates)} changes on {len(probe.rows)} samples")
-        scored = sorted(((not s["ok"], s["embedding"], c) for c in candidates.values() if not _is_current(current, c)
-                         for s in (_embedding_score(probe, c.apply(current)),)), key=lambda t: (t[0], t[1]))
-        improving = [t for t in scored if not t[0] or t[1] < 0.5 * score["embedding"]]
-        if not improving:
-            break
-        for failing, error, change in improving[:5 if step == 0 else 1]:
-            value = ", ".join(toml_value(_current(current, change.section, f)) for f, _ in change.fields)
-            causes.append(Cause(change, "embedding", "max abs", score["embedding"], error, not failing, value))
-        changes.append(improving[0][2])
-        current = improving[0][2].apply(current)
-        score = _embedding_score(probe, current)
-        if score["ok"]:
-            break
+    say(f"probing {len(candidates)} changes on {len(probe.rows)} samples")
+    causes, changes, current, _ = _search(probe, candidates.values(), reference_spec, "embedding",
+                                          _embedding_score(probe, reference_spec), shown=5,
+                                          score=lambda variant: _embedding_score(probe, variant))
     say("confirming on every sample")
     reproduced = bool(changes) and _embedding_score(everyone, current)["ok"]
     notes: list[str] = []
@@ -749,7 +635,7 @@ def _embedding_score(prober: _Prober, spec: Spec) -> dict[str, Any]:
     if measured is None:
         return {"embedding": float("inf"), "ok": False}
     target, _ = prober.targets()
-    emb = compare_arrays(measured[0], target, tolerance=prober.tolerance["embedding"], cosine=True)
+    emb = compare_arrays(measured[0], target, tolerance=prober.tolerance(spec, "embedding"), cosine=True)
     if not emb.shapes_match:
         return {"embedding": float("inf"), "ok": False}
     return {"embedding": emb.max_abs, "ok": bool(emb)}

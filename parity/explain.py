@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from parity.backbones import canonical_names, extraction_hint
+from parity.libraries import canonical_names, extraction_hint
 from parity.comparator import STAGE_ORDER, recorded_library
 from parity.fixtures import Fixture, environment, sha256_file
+from parity.libraries import activation_family, describe_record, equivalent_extract, extraction_point
 from parity.forensics import diff_structure
-from parity.results import CandidateRun, ConfigDiff, StageResult, Status
+from parity.results import CandidateRun, ConfigDiff, StageResult, Status, toml_value
 from parity.source import git_revision, known_revision
-from parity.spec import Spec
+from parity.spec import DEFAULT_LIBRARY, Spec, vocabulary
 
 __all__ = ["SETTABLE", "explain_run", "diff_config", "toml_value"]
 
@@ -103,20 +103,6 @@ def diff_config(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -> tu
     return tuple(diffs)
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, Path):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def _fixes(diffs: tuple[ConfigDiff, ...], stage: str) -> list[str]:
     fixes = []
     for diff in diffs:
@@ -147,13 +133,13 @@ def _align_libraries(recorded: dict[str, Any], candidate: dict[str, Any]) -> lis
     Module paths, model names and kwargs share nothing across libraries, so they are not diffed;
     extraction modes and activation classes are compared by what they are, not by their names.
     """
-    from parity.backbones import activation_family, equivalent_extract, extraction_point
 
     points = []
     for side in (recorded, candidate):
         backbone = side.get("backbone", {})
-        point = extraction_point(backbone.get("library", "timm"), backbone.get("extract", "pre_logits"))
-        points.append((backbone.get("library", "timm"), backbone.get("extract"), point))
+        library = backbone.get("library", DEFAULT_LIBRARY)
+        point = extraction_point(library, backbone.get("extract", vocabulary(library).default_extract))
+        points.append((library, backbone.get("extract"), point))
         side["backbone"] = {k: v for k, v in backbone.items() if k not in _LIBRARY_TERMS}
         side["backbone"]["activation"] = sorted({activation_family(a) for a in backbone.get("activation", [])})
         side["backbone"]["extraction_point"] = point
@@ -175,7 +161,6 @@ def _preprocess_notes(recorded: Mapping[str, Any] | None, candidate: Mapping[str
     Fields the configuration diff already names (same library, same field) are not repeated.
     """
     from parity.errors import ParityError
-    from parity.preprocess_config import describe_record
     from parity.preprocess_diff import explain_preprocess, format_field_value as shown
 
     if not recorded or not candidate:

@@ -39,6 +39,7 @@ __all__ = [
     "load_fixture",
     "load_logged_samples",
     "update_manifest",
+    "verify_referenced_checkpoints",
     "regeneration_lock",
     "recover_fixture",
     "manifest_digest",
@@ -827,3 +828,30 @@ def _vector(value: Any, width: int | None, where: str, key: str) -> np.ndarray:
     if len(value) != width:
         raise FixtureError(f"{where}: '{key}' has {len(value)} values, but the first line has {width}")
     return parsed  # checked for finite float32 values once, over the whole column
+
+
+def verify_referenced_checkpoints(fixture: Fixture) -> None:
+    """Check that every checkpoint a fixture references (not copies) is still there, bit for bit.
+
+    Raises:
+        FixtureError: a referenced checkpoint is missing, or its size or sha256 differs from the record.
+    """
+    for part, entry in fixture.manifest.get("weights", {}).items():
+        if not entry.get("referenced"):
+            continue
+        path = fixture.root / entry["file"]
+        if not path.is_file():
+            raise FixtureError(
+                f"{fixture.root}: the {part} checkpoint this fixture references is missing: {path} "
+                f"(recorded sha256 {entry.get('sha256')}).\n"
+                "Note: the fixture was frozen with the checkpoint referenced, not copied; restore the file at "
+                "that path, or freeze again with --copy-checkpoints to keep a copy inside the fixture.")
+        size = path.stat().st_size
+        actual = sha256_file(path) if size == entry.get("bytes", size) else None
+        if actual is None or actual != entry.get("sha256"):
+            got = f"sha256 {actual}" if actual else f"{size} bytes"
+            raise FixtureError(
+                f"{fixture.root}: the {part} checkpoint this fixture references has changed since it was frozen: "
+                f"{path} has {got}, the manifest records sha256 {entry.get('sha256')} ({entry.get('bytes')} bytes).\n"
+                "Note: the fixture's reference data came from the recorded weights; restore that file, or freeze "
+                "again from the new checkpoint on purpose (--force).")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import dataclasses
 import re
 
 from parity.checkpoints import diff_state_dict, nested_entries, remap_keys, select_state_dict
 from parity.errors import CheckpointError
-from parity.results import ConfigDiff, KeyDiff, KeyFix, LayerGuess
+from parity.results import CheckpointSummary, ConfigDiff, KeyDiff, KeyFix, LayerGuess
 
 __all__ = ["CheckpointSummary", "summarize_checkpoint", "infer_layers", "module_source", "describe_layers",
            "propose_key_fix", "diagnose_load", "summarize_structure", "diff_structure", "ABSENT"]
@@ -29,28 +28,6 @@ _KNOWN_PREFIXES = {
 _EMA_ENTRIES = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
 # Bookkeeping buffers that wrappers add and no network has.
 _WRAPPER_BUFFERS = {"n_averaged": "AveragedModel's update counter"}
-
-
-@dataclass(frozen=True)
-class CheckpointSummary:
-    """Everything `parity inspect` prints about one checkpoint."""
-
-    path: str
-    nested: tuple[str, ...]
-    selected: str | None
-    other_entries: tuple[str, ...]
-    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
-    layers: tuple[LayerGuess, ...]
-
-    @property
-    def total_params(self) -> int:
-        total = 0
-        for _, shape, _ in self.tensors:
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
 
 
 def summarize_checkpoint(checkpoint: Mapping, *, path: str, key: str | None = None) -> CheckpointSummary:

@@ -8,7 +8,7 @@ The embeddings are never recomputed (they took hours); the claim that the spec's
 them is checked first, on a few golden images. When the claim fails nothing is written, and the
 search over single spec changes (`parity.diagnose`) names the one that reproduces the stored
 embeddings. Checkpoints are referenced by path, sha256 and per-tensor fingerprints, not copied;
-`verify_referenced_checkpoints` is the check-time guard that they are still there and unchanged.
+`parity.fixtures.verify_referenced_checkpoints` is the check-time guard that they are still there and unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from parity.spec import Spec
 
 __all__ = ["FieldMap", "SourceRow", "FreezeResult", "parse_field_map", "read_metadata", "read_rows_array",
-           "select_golden", "freeze", "verify_referenced_checkpoints"]
+           "select_golden", "freeze"]
 
 Progress = Callable[[str], None]
 _MAPPABLE = ("image", "input_biases", "labels")
@@ -297,7 +297,7 @@ def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golde
     worst = [r.image.name for r in picked].index(embedding.worst[0].name) if embedding.worst else 0
     everyone, screen = _Prober(fixture, range(len(picked)), device), _Prober(fixture, [worst], device)
     for prober in (everyone, screen):
-        prober.tolerance["embedding"] = embedding.tolerance
+        prober.budgets["embedding"] = embedding.tolerance
     screen.backbones, screen.heads, screen.images = everyone.backbones, everyone.heads, everyone.images
     base = embedding.max_abs
     scored = []
@@ -427,7 +427,7 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
         for part, prints in pipeline.fingerprints.items():
             weights[part]["tensors"] = prints  # taken at load, before any dtype cast, as the gate takes them
         if not copy_checkpoints:
-            from parity.backbones import backbone_weights
+            from parity.libraries import backbone_weights
 
             for part, path in (("backbone", backbone_weights(spec)), ("head", spec.head.weights)):
                 if path is not None:
@@ -438,29 +438,3 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
                         outputs=f"read from {outputs}" if given is not None else "computed by the spec's head "
                                                                                 "(eval mode) on the embeddings")
 
-
-def verify_referenced_checkpoints(fixture: Fixture) -> None:
-    """Check that every checkpoint a fixture references (not copies) is still there, bit for bit.
-
-    Raises:
-        FixtureError: a referenced checkpoint is missing, or its size or sha256 differs from the record.
-    """
-    for part, entry in fixture.manifest.get("weights", {}).items():
-        if not entry.get("referenced"):
-            continue
-        path = fixture.root / entry["file"]
-        if not path.is_file():
-            raise FixtureError(
-                f"{fixture.root}: the {part} checkpoint this fixture references is missing: {path} "
-                f"(recorded sha256 {entry.get('sha256')}).\n"
-                "Note: the fixture was frozen with the checkpoint referenced, not copied; restore the file at "
-                "that path, or freeze again with --copy-checkpoints to keep a copy inside the fixture.")
-        size = path.stat().st_size
-        actual = sha256_file(path) if size == entry.get("bytes", size) else None
-        if actual is None or actual != entry.get("sha256"):
-            got = f"sha256 {actual}" if actual else f"{size} bytes"
-            raise FixtureError(
-                f"{fixture.root}: the {part} checkpoint this fixture references has changed since it was frozen: "
-                f"{path} has {got}, the manifest records sha256 {entry.get('sha256')} ({entry.get('bytes')} bytes).\n"
-                "Note: the fixture's reference data came from the recorded weights; restore that file, or freeze "
-                "again from the new checkpoint on purpose (--force).")

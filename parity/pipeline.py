@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Any
 
 from PIL import Image
 
-from parity.backbones import backbone_weights, checkpoint_converter, create_backbone, describe_backbone, extract_embedding
 from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
 from parity.images import check_resize, decode_input
-from parity.preprocess import (TIMM_DATA_CONFIG_KEYS, Preprocess, create_hf_preprocess, create_open_clip_preprocess,
-                               create_preprocess, load_preprocessor_config)
+from parity.libraries import (backbone_weights, checkpoint_converter, create_backbone, describe_backbone,
+                              extract_embedding, resolve_preprocess)
+from parity.preprocess import Preprocess, describe_data_config
 from parity.spec import Spec
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "describe_backbone",
     "describe_head",
     "describe_data_config",
-    "describe_preprocess_config",
     "preprocess_record",
     "resolve_preprocess",
 ]
@@ -64,33 +62,6 @@ def import_object(path: str) -> Any:
 def describe_head(head, *, class_path: str, input_biases_order: Sequence[int] | None = None) -> dict[str, Any]:
     order = list(input_biases_order) if input_biases_order is not None else None
     return {"class": class_path, "input_biases_order": order, "structure": summarize_structure(head)}
-
-
-def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
-                         value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
-    """The resolved preprocessing as recorded in manifests: the library's configuration plus the variant.
-
-    A timm data config is recorded with its resize backend; open_clip's ``preprocess_cfg`` and
-    a transformers preprocessor config (marked by their ``library`` key) run their own resize.
-    """
-    if "library" in config:
-        described = json.loads(json.dumps(dict(config), default=str))  # JSON-safe: tuples → lists, enums → str
-        return dict(described, channel_order=channel_order, value_scale=value_scale, exif_transpose=exif_transpose)
-    described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in TIMM_DATA_CONFIG_KEYS}
-    return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale,
-                exif_transpose=exif_transpose)
-
-
-def _hf_record(config: Mapping[str, Any], processor: str) -> dict[str, Any]:
-    """A transformers preprocessor config, marked with its library and processor backend."""
-    return {"library": "transformers", "processor": processor, **config}
-
-
-def describe_preprocess_config(path: str | Path, *, processor: str = "fast", channel_order: str = "rgb",
-                               value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
-    """The manifest record of a transformers image processor read from ``path`` (capture-side helper)."""
-    return describe_data_config(_hf_record(load_preprocessor_config(path), processor), channel_order=channel_order,
-                                value_scale=value_scale, exif_transpose=exif_transpose)
 
 
 def preprocess_record(spec: Spec, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,60 +272,6 @@ def load_head(spec: Spec, *, device, fingerprints: bool = True):
     prints = load_weights(head, hd.weights, section="head", target=hd.class_path, state_dict_key=hd.state_dict_key,
                           key_map=hd.key_map, drop_keys=hd.drop_keys, fingerprints=fingerprints)
     return head.eval().to(device, getattr(torch, spec.runtime.dtype)), prints
-
-
-def _preprocessor_config_path(spec: Spec) -> Path:
-    pp, bb = spec.preprocess, spec.backbone
-    if pp.config is not None:
-        return pp.config
-    if bb.library == "transformers" and bb.checkpoint is not None and bb.checkpoint.is_dir():
-        return bb.checkpoint / "preprocessor_config.json"
-    raise SpecError(f"{spec.path}: [preprocess].library = \"transformers\" needs [preprocess].config = the "
-                    "preprocessor_config.json (or a transformers [backbone].checkpoint directory holding one)")
-
-
-def resolve_preprocess(spec: Spec, backbone) -> tuple[Preprocess, dict[str, Any]]:
-    """The transform the spec resolves to and the configuration it came from.
-
-    timm: layered like timm itself — explicit spec fields, then the model's pretrained_cfg,
-    then timm's defaults. open_clip: the open_clip backbone's own ``preprocess_cfg``.
-    transformers: the image processor of ``[preprocess].config`` (default: the backbone's
-    directory), ``fast`` (torchvision backend) or ``slow`` (PIL).
-
-    Raises:
-        SpecError: the library's configuration cannot be found or is not supported.
-    """
-    import timm
-
-    pp = spec.preprocess
-    variant = dict(channel_order=pp.channel_order, value_scale=pp.value_scale)
-    if pp.library == "timm":
-        if spec.backbone.library == "timm":
-            config = timm.data.resolve_model_data_config(backbone, args=pp.overrides())
-        else:
-            # No timm pretrained_cfg to fall back on: timm's own defaults (ImageNet mean/std, crop_pct
-            # 0.875) would be a silent drift, so every geometry and normalisation field must be set.
-            missing = [k for k in ("input_size", "interpolation", "crop_pct", "mean", "std") if getattr(pp, k) is None]
-            if missing:
-                raise SpecError(f"{spec.path}: timm preprocessing for a {spec.backbone.library} backbone needs every "
-                                f"field explicitly (there is no timm pretrained_cfg); missing [preprocess]."
-                                f"{', '.join(missing)}")
-            config = timm.data.resolve_data_config(args=pp.overrides())
-        return create_preprocess(config, **pp.variant()), config
-    if pp.resize_backend != "pil":
-        raise SpecError(f"{spec.path}: [preprocess].resize_backend applies to timm preprocessing; "
-                        f"{pp.library} runs its own resize (for transformers choose processor = \"fast\" or \"slow\")")
-    if pp.library == "open_clip":
-        cfg = getattr(backbone, "preprocess_cfg", None)
-        if spec.backbone.library != "open_clip" or not cfg:
-            raise SpecError(f"{spec.path}: [preprocess].library = \"open_clip\" reads the open_clip backbone's "
-                            "preprocess_cfg; with another backbone use library = \"timm\" with explicit fields")
-        config = {"library": "open_clip", **cfg}
-        return create_open_clip_preprocess(cfg["size"], mean=cfg["mean"], std=cfg["std"],
-                                           interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
-                                           fill_color=cfg.get("fill_color", 0), **variant), config
-    raw = load_preprocessor_config(_preprocessor_config_path(spec))
-    return create_hf_preprocess(raw, processor=pp.processor, **variant), _hf_record(raw, pp.processor)
 
 
 def assemble_pipeline(spec: Spec, backbone, head, *, device, fingerprints: dict | None = None) -> Pipeline:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from parity.errors import SpecError
 from parity.extras import require
+from parity.spec import CHANNEL_ORDERS, MEAN_STD_PRESETS, RESIZE_BACKENDS, VALUE_SCALES
 
 __all__ = [
     "RESIZE_BACKENDS",
@@ -35,6 +36,7 @@ __all__ = [
     "Preprocess",
     "ProcessorGeometry",
     "create_preprocess",
+    "describe_data_config",
     "create_open_clip_preprocess",
     "check_open_clip_options",
     "create_hf_preprocess",
@@ -43,7 +45,6 @@ __all__ = [
     "processor_mean_std",
 ]
 
-RESIZE_BACKENDS = ("pil", "tensor", "tensor_noaa")
 # Not in RESIZE_BACKENDS: a spec cannot ask timm for it; transformers processors run whole.
 PROCESSOR_BACKEND = "processor"
 HF_PROCESSORS = ("fast", "slow")
@@ -53,13 +54,6 @@ HF_PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImage
 OPEN_CLIP_RESIZE_MODES = ("shortest", "longest", "squash")
 # The entries of timm's data config that decide its eval transform (what manifests record of it).
 TIMM_DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
-CHANNEL_ORDERS = ("rgb", "bgr")
-VALUE_SCALES = ("unit", "byte")
-MEAN_STD_PRESETS = {
-    "openai_clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 
 @dataclass(frozen=True)
@@ -284,3 +278,19 @@ def create_hf_preprocess(config: Mapping[str, Any] | str | Path, *, processor: s
         mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)
     normalize = transforms.Normalize(mean, std)
     return Preprocess((ProcessorGeometry(built),), None, normalize, PROCESSOR_BACKEND, channel_order, value_scale)
+
+
+def describe_data_config(config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
+                         value_scale: str = "unit", exif_transpose: bool = True) -> dict[str, Any]:
+    """The resolved preprocessing as recorded in manifests: the library's configuration plus the variant.
+
+    A timm data config is recorded with its resize backend; a configuration marked by its
+    ``library`` key (open_clip's ``preprocess_cfg``, a transformers preprocessor config) runs
+    its own resize.
+    """
+    if "library" in config:
+        described = json.loads(json.dumps(dict(config), default=str))  # JSON-safe: tuples → lists, enums → str
+        return dict(described, channel_order=channel_order, value_scale=value_scale, exif_transpose=exif_transpose)
+    described = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in TIMM_DATA_CONFIG_KEYS}
+    return dict(described, resize_backend=resize_backend, channel_order=channel_order, value_scale=value_scale,
+                exif_transpose=exif_transpose)

@@ -22,7 +22,6 @@ from parity.preprocess import (
     CHANNEL_ORDERS,
     HF_PROCESSORS,
     RESIZE_BACKENDS,
-    TIMM_DATA_CONFIG_KEYS,
     VALUE_SCALES,
     Preprocess,
     check_open_clip_options,
@@ -45,7 +44,6 @@ __all__ = [
     "describe_open_clip_model",
     "describe_hf",
     "resolve_source",
-    "describe_record",
     "create_transform",
     "crop_box",
 ]
@@ -368,35 +366,6 @@ def resolve_source(text: str) -> PreprocessConfig:
     if prefix in ("hf", "hf-slow"):
         return describe_hf(rest, processor="fast" if prefix == "hf" else "slow", source=text)
     raise SpecError(f"unknown preprocessing source prefix {prefix!r} in {text!r}; expected one of {forms}")
-
-
-_RECORD_KEYS = ("library", "processor", "channel_order", "value_scale", "exif_transpose", "resize_backend")
-
-
-def describe_record(record: Mapping[str, Any], *, source: str) -> PreprocessConfig:
-    """Describe the preprocessing a manifest or a resolved spec records (`parity.pipeline.describe_data_config`).
-
-    A record with ``library`` = ``transformers`` or ``open_clip`` holds that library's own
-    configuration; any other record is a timm data config plus its resize backend.
-
-    Raises:
-        SpecError: the record lacks a field its library needs.
-    """
-    variant = {"channel_order": record.get("channel_order", "rgb"), "value_scale": record.get("value_scale", "unit")}
-    library = record.get("library", "timm")
-    try:
-        if library == "transformers":
-            config = {k: v for k, v in record.items() if k not in _RECORD_KEYS}
-            return describe_hf(config, processor=record.get("processor", "fast"), source=source, **variant)
-        if library == "open_clip":
-            return describe_open_clip(record["size"], mean=record["mean"], std=record["std"],
-                                      interpolation=record.get("interpolation", "bicubic"),
-                                      resize_mode=record.get("resize_mode", "shortest"),
-                                      fill_color=record.get("fill_color", 0), source=source, **variant)
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in TIMM_DATA_CONFIG_KEYS}
-        return describe_timm(config, resize_backend=record.get("resize_backend", "pil"), source=source, **variant)
-    except KeyError as e:
-        raise SpecError(f"{source}: the {library} preprocessing record has no {e.args[0]!r}") from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.checkpoints import explain_key_diff
-from parity.diagnose import Diagnosis, ServiceDiagnosis
-from parity.forensics import CheckpointSummary, describe_layers, module_source
+from parity.forensics import describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import Comparison, KeyDiff, Report, StageResult, Status, Verdict
-from parity.variants import MatrixReport
+from parity.results import (CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Report, ServiceDiagnosis,
+                            StageResult, Status, Verdict)
 
 __all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
            "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
@@ -440,7 +439,8 @@ def document(result: Any) -> dict[str, Any]:
     Renderers of report.md, report.html and junit.xml read only this, so a saved report.json
     re-renders to the same files.
     """
-    from parity.calibrate import Calibration, calibrated_tolerance
+    from parity.results import Calibration
+    from parity.tolerance import calibrated_tolerance
 
     if isinstance(result, Calibration):
         data = _plain(result)

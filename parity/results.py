@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -23,6 +24,19 @@ __all__ = [
     "ConfigDiff",
     "Report",
     "CandidateRun",
+    "PRECISION_AXES",
+    "Cell",
+    "CellResult",
+    "MatrixReport",
+    "toml_value",
+    "Change",
+    "Cause",
+    "LayerDivergence",
+    "Diagnosis",
+    "ServiceDiagnosis",
+    "CheckpointSummary",
+    "Run",
+    "Calibration",
 ]
 
 
@@ -337,3 +351,238 @@ class CandidateRun:
     unobservable: Mapping[str, str] = field(default_factory=dict)
     reference: Any = None
     unloaded: tuple[str, ...] = ()
+
+
+# -- the variant matrix (parity.variants) ----------------------------------------------------
+
+# Matrix axes that change how the backbone computes, not what it is fed.
+PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix. ``deployment`` cells keep the spec's preprocessing and extraction."""
+
+    values: tuple[tuple[str, Any], ...]
+    id: str
+    deployment: bool
+
+    def __getitem__(self, axis: str) -> Any:
+        return dict(self.values)[axis]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    status: Status
+    comparison: Comparison | None = None
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.status is not Status.FAIL
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """Every cell's verdict, plus which axis values reproduce the reference."""
+
+    spec: str
+    fixtures: str
+    cells: tuple[CellResult, ...]
+    axes: tuple[str, ...]
+    equivalent_modes: tuple[tuple[str, ...], ...] = ()
+    reference_dtype: str = "float32"
+
+    @property
+    def passed(self) -> bool:
+        """Every deployment cell that ran reproduces the reference (probes may drift)."""
+        ran = [r for r in self.cells if r.cell.deployment and r.status is not Status.SKIP]
+        return bool(ran) and all(r.status is Status.PASS for r in ran)
+
+    def cell(self, cell_id: str) -> CellResult:
+        for result in self.cells:
+            if result.cell.id == cell_id:
+                return result
+        raise KeyError(f"no cell {cell_id!r}")
+
+    def reproducing(self, axis: str) -> list[Any]:
+        """Values of ``axis`` for which at least one cell reproduces the reference.
+
+        Outside the precision axes only cells at the reference's dtype count: a looser
+        half-precision budget can swallow a preprocessing drift.
+        """
+        cells = self.cells if axis in PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
+        values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
+        return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
+
+
+# -- diagnosis (parity.diagnose) ------------------------------------------------------------
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One spec edit: ``[section].field = value`` (several fields for a preset such as mean/std)."""
+
+    section: str
+    fields: tuple[tuple[str, Any], ...]
+    origin: str = "search"
+
+    @property
+    def key(self) -> tuple:
+        return (self.section, tuple((f, repr(v)) for f, v in self.fields))
+
+    def toml(self) -> str:
+        return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
+                         for f, v in self.fields)
+
+    def apply(self, spec: Any) -> Any:
+        """``spec`` (a `parity.spec.Spec`) with this change made."""
+        values = {f: (tuple(v) if isinstance(v, list) else v) for f, v in self.fields}
+        if self.section == "head" and "class" in values:
+            values["class_path"] = values.pop("class")
+        return spec.replace(**{self.section: values})
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A change that moves the candidate towards the reference, with its evidence."""
+
+    change: Change
+    stage: str
+    metric: str
+    before: float
+    after: float
+    reproduces: bool
+    current: str
+    resolved_from: str = ""  # where the value came from when the spec leaves the field unset
+
+    @property
+    def words(self) -> str:
+        if self.stage == "load":  # no numbers to compare: the evidence is the recognised cause and the load
+            verified = "; the checkpoint then loads with strict=True" if self.reproduces else ""
+            return f"{self.change.toml()} ({self.current}){verified}"
+        has = (f"the spec leaves it unset: {self.current} from {self.resolved_from}" if self.resolved_from
+               else f"the spec has {self.current}")
+        return f"{self.change.toml()} ({has}): {self.stage} {self.metric} {self.before:.2e} -> {self.after:.2e}"
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """The first backbone module whose output moves beyond tolerance, fed identical pixels."""
+
+    module: str
+    index: int
+    total: int
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    report: Report
+    causes: tuple[Cause, ...] = ()
+    fix: tuple[Change, ...] = ()
+    confirmed: bool = False
+    layer: LayerDivergence | None = None
+    affected: tuple[str, ...] = ()
+    total: int = 0
+    pattern: str = ""
+    notes: tuple[str, ...] = ()
+    # Set for shipped code (python, endpoint_handler): ``fix`` is then the spec change under which the
+    # spec reproduces that code's numbers, i.e. where the shipped code departs from the reference.
+    candidate: str = ""
+
+    @property
+    def drift(self) -> bool:
+        return not self.report.passed
+
+
+@dataclass(frozen=True)
+class ServiceDiagnosis:
+    """Whether a service's logged values come from the spec's pipeline, and if not, from which variant."""
+
+    log: str
+    samples: int
+    matches: bool
+    compared: tuple[str, ...]
+    before: float
+    causes: tuple[Cause, ...] = ()
+    reproduced_by: tuple[Change, ...] = ()
+    reproduced: bool = False
+    stage: str = ""  # where the service first departs from the spec: "embedding" or "head"
+    decisions: tuple[DecisionFlips, ...] = ()  # the spec's [decisions], service vs spec pipeline
+    gate: str = "outputs"
+    notes: tuple[str, ...] = ()
+    report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
+
+    @property
+    def passed(self) -> bool:
+        """The spec's gate: matching numbers, or with ``gate = "decisions"`` no decision flip."""
+        if self.matches:
+            return True
+        return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
+
+
+# -- checkpoint inspection (parity.forensics) -------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """Everything `parity inspect` prints about one checkpoint."""
+
+    path: str
+    nested: tuple[str, ...]
+    selected: str | None
+    other_entries: tuple[str, ...]
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+    layers: tuple[LayerGuess, ...]
+
+    @property
+    def total_params(self) -> int:
+        total = 0
+        for _, shape, _ in self.tensors:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+# -- calibration (parity.calibrate) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One perturbation of the reference pipeline."""
+
+    batch_size: int
+    threads: int
+    shuffled: bool = False
+
+    def describe(self) -> str:
+        return f"batch {self.batch_size}{' shuffled' if self.shuffled else ''}, {self.threads} thread(s)"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured noise per stage, and the budgets derived from it."""
+
+    device: str
+    dtype: str
+    runs: tuple[Run, ...]
+    margin: float
+    noise: dict[str, dict[str, Any]]
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
+                             "noise": self.noise}}

@@ -31,6 +31,7 @@ from parity.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.fixtures import (EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, regeneration_lock, sha256_file,
                              stage_fixture)
+from parity.spec import DEFAULT_LIBRARY
 
 __all__ = ["Capture", "capture", "capture_pipeline", "git_revision", "known_revision"]
 
@@ -142,7 +143,7 @@ class Capture:
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if checkpoint.is_dir():  # a transformers directory: config.json, model.safetensors, preprocessor config
-                from parity.backbones import weights_file
+                from parity.libraries import weights_file
 
                 self.folders[checkpoint.name] = checkpoint
                 weights = weights_file(checkpoint)
@@ -157,7 +158,7 @@ class Capture:
 def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] | None = None, transform=None,
             extract: str = "pre_logits", model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
             checkpoint: str | Path | None = None, force: bool = False, extra_files: Mapping[str, Any] = (),
-            library: str = "timm", preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
+            library: str = DEFAULT_LIBRARY, preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
     """Write a fixture from inside the code that produces the reference data.
 
     Args:
@@ -171,12 +172,13 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
             fixture with its sha256.
         library: the backbone's library (``timm``, ``transformers``, ``open_clip``).
         preprocess: the preprocessing description for non-timm libraries (see
-            `parity.pipeline.describe_preprocess_config`); timm pipelines pass ``data_config``.
+            `parity.libraries.transformers.describe_preprocess_config`); timm pipelines pass ``data_config``.
         extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
     """
-    from parity.pipeline import describe_backbone, describe_data_config
+    from parity.libraries import describe_backbone
+    from parity.preprocess import describe_data_config
 
-    from parity.backbones import model_name as infer_model_name
+    from parity.libraries import model_name as infer_model_name
 
     caller = _calling_file()
     cap = Capture(root=Path(out_dir))

@@ -1,4 +1,10 @@
-"""The spec: a declarative TOML description of the candidate inference pipeline."""
+"""The spec: a declarative TOML description of the candidate inference pipeline.
+
+The spec owns its vocabulary (accepted values of every field, the ``[matrix]`` grammar) and
+imports only errors, results and the default budgets. What each library accepts is registered
+by its adapter in `parity.libraries` (`LibraryVocabulary`): no library is named here but the
+default, `DEFAULT_LIBRARY`.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import SpecError
-from parity.preprocess import CHANNEL_ORDERS, HF_PROCESSORS, RESIZE_BACKENDS, VALUE_SCALES
-from parity.results import Tolerance
+from parity.results import PRECISION_AXES, Tolerance
+from parity.tolerance import default_tolerance
 
 __all__ = [
-    "LIBRARIES",
-    "EXTRACT_MODES",
-    "DEFAULT_EXTRACT",
+    "LibraryVocabulary",
+    "register_vocabulary",
+    "unregister_vocabulary",
+    "vocabulary",
+    "library_names",
     "INTERPOLATIONS",
     "CROP_MODES",
-    "CHECKPOINT_FORMATS",
+    "RESIZE_BACKENDS",
+    "CHANNEL_ORDERS",
+    "VALUE_SCALES",
+    "MEAN_STD_PRESETS",
     "DTYPES",
     "STAGES",
     "BackboneSpec",
@@ -38,30 +49,28 @@ __all__ = [
     "default_tolerance",
     "check_device",
     "MAX_INPUT_SIDE",
+    "AXES",
+    "PRECISION_AXES",
+    "parse_axes",
 ]
 
-LIBRARIES = ("timm", "open_clip", "transformers")
-# Each library's own extraction points. timm: forward() is the CLIP projection, pre_logits the pooled
-# feature before it. transformers: pooler_output is post_layernorm CLS, cls is last_hidden_state[:, 0]
-# (before post_layernorm), image_embeds the projection. open_clip: encode_image is the projection,
-# pooled the feature before `proj`.
-EXTRACT_MODES_BY_LIBRARY = {
-    "timm": ("pre_logits", "forward", "cls", "mean_tokens"),
-    "transformers": ("pooler_output", "cls", "image_embeds"),
-    "open_clip": ("encode_image", "pooled"),
-}
-EXTRACT_MODES = EXTRACT_MODES_BY_LIBRARY["timm"]
-DEFAULT_EXTRACT = {"timm": "pre_logits", "transformers": "pooler_output", "open_clip": "encode_image"}
+DEFAULT_LIBRARY = "timm"
 GATES = ("outputs", "decisions")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
-CHECKPOINT_FORMATS = ("timm", "open_clip", "transformers")
+RESIZE_BACKENDS = ("pil", "tensor", "tensor_noaa")
+CHANNEL_ORDERS = ("rgb", "bgr")
+VALUE_SCALES = ("unit", "byte")
+MEAN_STD_PRESETS = {
+    "openai_clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 _VARIANT_FIELDS = ("resize_backend", "channel_order", "value_scale")
 _DECODE_FIELDS = ("exif_transpose",)
 _LIBRARY_FIELDS = ("library", "processor", "config")
-# Geometry and normalisation fields that only timm's data config takes; the other libraries read
-# them from their own configuration (open_clip's model config, HF's preprocessor_config.json).
-_TIMM_ONLY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
+# Geometry and normalisation fields a spec may pin; which of them a library takes is in its vocabulary.
+_GEOMETRY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
 NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # Above this a ViT's attention alone needs gigabytes per image; no CLIP backbone is trained at such sizes.
@@ -83,34 +92,69 @@ def check_device(device: object, *, where: str = "device") -> str:
     return device
 STAGES = ("pixels", "embedding", "head", "outputs")
 
-# In the spirit of torch.testing.assert_close's per-dtype defaults; half precision is
-# looser because a whole network, not one op, sits between input and output.
-_DEFAULT_ATOL_RTOL = {
-    "float64": (1e-7, 1e-7),
-    "float32": (1e-5, 1.3e-6),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
-_DEFAULT_MIN_COSINE = {"float64": 0.999999, "float32": 0.99999, "float16": 0.9995, "bfloat16": 0.999}
+
+@dataclass(frozen=True)
+class LibraryVocabulary:
+    """What a spec may say about one library; its adapter (`parity.libraries`) registers it.
+
+    Attributes:
+        name: the ``[backbone].library`` / ``[preprocess].library`` value.
+        extract_modes: the library's own extraction points, in its own words (the first is the default).
+        preprocess_fields: the geometry/normalisation fields of `_GEOMETRY_FIELDS` its preprocessing takes
+            from ``[preprocess]``, and ``preprocess_fields_name`` what they are (for messages).
+        preprocess_source: where its preprocessing reads geometry and mean/std otherwise (for messages).
+        processors: accepted ``[preprocess].processor`` values (empty: the field and ``config`` are refused).
+        matrix: whether the variant matrix's shared passes (``forward_features``, per-pixel variants) apply.
+    """
+
+    name: str
+    extract_modes: tuple[str, ...]
+    preprocess_fields: tuple[str, ...] = ()
+    preprocess_fields_name: str = ""
+    preprocess_source: str = ""
+    processors: tuple[str, ...] = ()
+    matrix: bool = False
+
+    @property
+    def default_extract(self) -> str:
+        return self.extract_modes[0]
 
 
-def default_tolerance(stage: str, dtype: str) -> Tolerance:
-    """The tolerance used for ``stage`` at ``dtype`` when the spec sets none."""
-    atol, rtol = _DEFAULT_ATOL_RTOL[dtype]
-    if stage == "pixels":
-        # Preprocessing runs in float32 on the CPU whatever the model dtype.
-        atol, rtol = _DEFAULT_ATOL_RTOL["float32"]
-    cosine = _DEFAULT_MIN_COSINE[dtype] if stage == "embedding" else None
-    return Tolerance(atol=atol, rtol=rtol, min_cosine=cosine, origin=f"default for {dtype}")
+_VOCABULARIES: dict[str, LibraryVocabulary] = {}
+
+
+def register_vocabulary(entry: LibraryVocabulary) -> None:
+    """Accept ``entry.name`` as a library in specs from now on (a second registration replaces the first)."""
+    _VOCABULARIES[entry.name] = entry
+
+
+def unregister_vocabulary(name: str) -> None:
+    _VOCABULARIES.pop(name, None)
+
+
+def library_names() -> tuple[str, ...]:
+    return tuple(_VOCABULARIES)
+
+
+def vocabulary(library: str) -> LibraryVocabulary:
+    """The registered vocabulary of ``library``.
+
+    Raises:
+        SpecError: no adapter registered that library.
+    """
+    try:
+        return _VOCABULARIES[library]
+    except KeyError:
+        raise SpecError(f"unknown library {library!r}. Accepted values: {', '.join(library_names())}") from None
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     model: str
-    library: str = "timm"
+    library: str = DEFAULT_LIBRARY
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
-    checkpoint_format: str = "timm"
+    checkpoint_format: str = DEFAULT_LIBRARY
     extract: str = "pre_logits"
     normalize: str = "none"
     state_dict_key: str | None = None
@@ -127,7 +171,7 @@ class PreprocessSpec:
     (a preprocessor_config.json; by default the one in the backbone's checkpoint directory).
     """
 
-    library: str = "timm"
+    library: str = DEFAULT_LIBRARY
     processor: str = "fast"
     config: Path | None = None
     input_size: tuple[int, int, int] | None = None
@@ -419,34 +463,36 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
     fixtures = _path(base, root.get("fixtures", str, None))
 
     bb = root.table("backbone")
-    library = bb.get("library", str, "timm", choices=LIBRARIES)
+    library = bb.get("library", str, DEFAULT_LIBRARY, choices=library_names())
+    modes = vocabulary(library).extract_modes
     backbone = BackboneSpec(
         library=library,
         model=bb.get("model", str),
         kwargs=bb.get("kwargs", dict, {}),
         checkpoint=_path(base, bb.get("checkpoint", str, None)),
-        checkpoint_format=bb.get("checkpoint_format", str, library, choices=CHECKPOINT_FORMATS),
-        extract=bb.get("extract", str, DEFAULT_EXTRACT[library], choices=EXTRACT_MODES_BY_LIBRARY[library]),
+        checkpoint_format=bb.get("checkpoint_format", str, library, choices=library_names()),
+        extract=bb.get("extract", str, modes[0], choices=modes),
         normalize=bb.get("normalize", str, "none", choices=NORMALIZE),
         **_loading(bb),
     )
     bb.finish()
 
     pp = root.table("preprocess")
-    pre_library = pp.get("library", str, library, choices=LIBRARIES)
-    if pre_library != "timm":
-        pinned = [k for k in _TIMM_ONLY_FIELDS if k in pp.data]
-        if pinned:
-            raise SpecError(f"{path}: [preprocess].{pinned[0]} is a timm data-config field; with "
-                            f"[preprocess].library = {pre_library!r} the geometry and mean/std come from "
-                            + ("the preprocessor_config.json named by [preprocess].config"
-                               if pre_library == "transformers" else "open_clip's model config")
-                            + ". Remove the field or set library = \"timm\".")
-    processor = pp.get("processor", str, "fast", choices=HF_PROCESSORS)
+    pre_library = pp.get("library", str, library, choices=library_names())
+    own = vocabulary(pre_library)
+    pinned = [k for k in _GEOMETRY_FIELDS if k in pp.data and k not in own.preprocess_fields]
+    if pinned:
+        owner = next((v for v in _VOCABULARIES.values() if pinned[0] in v.preprocess_fields), own)
+        raise SpecError(f"{path}: [preprocess].{pinned[0]} is a {owner.preprocess_fields_name} field; with "
+                        f"[preprocess].library = {pre_library!r} the geometry and mean/std come from "
+                        f"{own.preprocess_source}. Remove the field or set library = \"{owner.name}\".")
     config = _path(base, pp.get("config", str, None))
-    if pre_library != "transformers" and ("processor" in pp.data or config is not None):
-        raise SpecError(f"{path}: [preprocess].processor and .config are for library = \"transformers\" "
-                        f"(an HF image processor), not {pre_library!r}")
+    if not own.processors and ("processor" in pp.data or config is not None):
+        takes = [v.name for v in _VOCABULARIES.values() if v.processors]
+        raise SpecError(f"{path}: [preprocess].processor and .config are for library = "
+                        f"{' or '.join(repr(n) for n in takes)} (an image processor), not {pre_library!r}")
+    processor = pp.get("processor", str, own.processors[0] if own.processors else "fast",
+                       choices=own.processors or None)
     preprocess = PreprocessSpec(
         library=pre_library,
         processor=processor,
@@ -515,8 +561,6 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
                         "threshold, argmax = true or verification_threshold")
     candidate = _candidate(root.table("candidate"), base)
     root.seen.add("matrix")
-    from parity.variants import parse_axes  # variants builds on spec; the import is deferred
-
     matrix = parse_axes(root.get("matrix", dict, {}), where=f"{path}: [matrix]")
     root.finish()
     return Spec(
@@ -576,3 +620,54 @@ def parse_candidate(text: str, *, base: Path) -> CandidateSpec:
                         "(e.g. python:app:predict, endpoint_handler:handler.py, onnx:model.onnx, "
                         "url:http://127.0.0.1:8000/predict, logged:requests.jsonl)")
     return _candidate(_Table({kind: target}, "candidate", base / "--candidate"), base)
+
+
+# -- the matrix grammar ([matrix] and `parity matrix --axis`) --------------------------------------
+
+PRECISIONS = DTYPES + ("autocast_float16", "autocast_bfloat16")
+SDPA_BACKENDS = ("default", "math", "flash", "efficient")
+# Axis name → accepted values (None: any number in (0, 1]). Order is the order in cell ids. The
+# extract axis takes the extraction modes of the libraries whose vocabulary allows the matrix.
+AXES: dict[str, tuple | None] = {
+    "extract": (),
+    "interpolation": INTERPOLATIONS,
+    "resize_backend": RESIZE_BACKENDS,
+    "crop_pct": None,
+    "mean_std": tuple(MEAN_STD_PRESETS),
+    "channel_order": CHANNEL_ORDERS,
+    "value_scale": VALUE_SCALES,
+    "device": ("cpu", "cuda"),
+    "dtype": PRECISIONS,
+    "tf32": (False, True),
+    "sdpa": SDPA_BACKENDS,
+}
+
+
+def _axis_choices(axis: str) -> tuple | None:
+    if axis == "extract":
+        return tuple(dict.fromkeys(m for v in _VOCABULARIES.values() if v.matrix for m in v.extract_modes))
+    return AXES[axis]
+
+
+def _check_value(axis: str, value: Any, where: str) -> Any:
+    choices = _axis_choices(axis)
+    if choices is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise SpecError(f"{where}: {axis} values must be numbers in (0, 1], got {value!r}")
+        return float(value)
+    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+        raise SpecError(f"{where}: {axis} = {value!r} is not accepted. Accepted values: "
+                        + ", ".join(map(str, choices)))
+    return value
+
+
+def parse_axes(table: Mapping[str, Any], *, where: str) -> dict[str, tuple]:
+    """Validate a ``[matrix]`` table (or command-line axes): known axes, lists of accepted values."""
+    axes = {}
+    for axis, values in table.items():
+        if axis not in AXES:
+            raise SpecError(f"{where}: unknown matrix axis {axis!r}. Accepted axes: {', '.join(AXES)}")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: matrix axis {axis} must be a non-empty list, got {values!r}")
+        axes[axis] = tuple(dict.fromkeys(_check_value(axis, v, where) for v in values))
+    return axes

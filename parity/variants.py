@@ -1,9 +1,10 @@
 """Variant matrices: extraction mode × preprocessing × device × dtype, sharing work across cells.
 
 Every preprocessing geometry is computed once per image, every per-pixel variant once per
-geometry, one backbone trunk pass (``forward_features``) runs per distinct
-(pixels, device, dtype, attention backend), and every extraction mode is derived from
-that pass's tokens.
+geometry, one backbone trunk pass (timm's ``forward_features``) runs per distinct
+(pixels, device, dtype, attention backend), and every extraction mode is taken from that
+pass by `parity.libraries.extract_embeddings`, the function the gate's pipeline extracts
+with. Budgets come from `parity.tolerance.cell_tolerance`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,115 +22,21 @@ from parity.compare import compare_arrays
 from parity.errors import SpecError
 from parity.fixtures import load_fixture
 from parity.images import load_image
-from parity.preprocess import CHANNEL_ORDERS, MEAN_STD_PRESETS, RESIZE_BACKENDS, VALUE_SCALES, create_preprocess
-from parity.results import Comparison, Status, Tolerance
-from parity.spec import DTYPES, EXTRACT_MODES, INTERPOLATIONS, Spec, default_tolerance
+from parity.libraries import extract_embeddings
+from parity.libraries import get as library
+from parity.preprocess import create_preprocess
+from parity.results import Cell, CellResult, MatrixReport, Status, Tolerance
+from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
+from parity.tolerance import cell_tolerance
 
-__all__ = ["AXES", "Cell", "CellResult", "MatrixReport", "expand_matrix", "run_matrix", "parse_axes"]
+__all__ = ["AXES", "Cell", "CellResult", "MatrixReport", "expand_matrix", "run_matrix", "parse_axes",
+           "cell_tolerance"]
 
-PRECISIONS = DTYPES + ("autocast_float16", "autocast_bfloat16")
-SDPA_BACKENDS = ("default", "math", "flash", "efficient")
-# Axis name → accepted values (None: any number in (0, 1]). Order is the order in cell ids.
-AXES: dict[str, tuple | None] = {
-    "extract": EXTRACT_MODES,
-    "interpolation": INTERPOLATIONS,
-    "resize_backend": RESIZE_BACKENDS,
-    "crop_pct": None,
-    "mean_std": tuple(MEAN_STD_PRESETS),
-    "channel_order": CHANNEL_ORDERS,
-    "value_scale": VALUE_SCALES,
-    "device": ("cpu", "cuda"),
-    "dtype": PRECISIONS,
-    "tf32": (False, True),
-    "sdpa": SDPA_BACKENDS,
-}
 _ALWAYS_IN_ID = ("extract", "interpolation", "resize_backend", "device", "dtype")
 _GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
 _PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
-_PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
 _CHUNK = 64  # images whose geometry and pixels are held at once
-_TRUNK = _PIXELS + _PRECISION_AXES
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the matrix. ``deployment`` cells keep the spec's preprocessing and extraction."""
-
-    values: tuple[tuple[str, Any], ...]
-    id: str
-    deployment: bool
-
-    def __getitem__(self, axis: str) -> Any:
-        return dict(self.values)[axis]
-
-
-@dataclass(frozen=True)
-class CellResult:
-    cell: Cell
-    status: Status
-    comparison: Comparison | None = None
-    reason: str = ""
-
-    def __bool__(self) -> bool:
-        return self.status is not Status.FAIL
-
-
-@dataclass(frozen=True)
-class MatrixReport:
-    """Every cell's verdict, plus which axis values reproduce the reference."""
-
-    spec: str
-    fixtures: str
-    cells: tuple[CellResult, ...]
-    axes: tuple[str, ...]
-    equivalent_modes: tuple[tuple[str, ...], ...] = ()
-    reference_dtype: str = "float32"
-
-    @property
-    def passed(self) -> bool:
-        """Every deployment cell that ran reproduces the reference (probes may drift)."""
-        ran = [r for r in self.cells if r.cell.deployment and r.status is not Status.SKIP]
-        return bool(ran) and all(r.status is Status.PASS for r in ran)
-
-    def cell(self, cell_id: str) -> CellResult:
-        for result in self.cells:
-            if result.cell.id == cell_id:
-                return result
-        raise KeyError(f"no cell {cell_id!r}")
-
-    def reproducing(self, axis: str) -> list[Any]:
-        """Values of ``axis`` for which at least one cell reproduces the reference.
-
-        Outside the precision axes only cells at the reference's dtype count: a looser
-        half-precision budget can swallow a preprocessing drift.
-        """
-        cells = self.cells if axis in _PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
-        values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
-        return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
-
-
-def _check_value(axis: str, value: Any, where: str) -> Any:
-    choices = AXES[axis]
-    if choices is None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise SpecError(f"{where}: {axis} values must be numbers in (0, 1], got {value!r}")
-        return float(value)
-    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-        raise SpecError(f"{where}: {axis} = {value!r} is not accepted. Accepted values: "
-                        + ", ".join(map(str, choices)))
-    return value
-
-
-def parse_axes(table: Mapping[str, Any], *, where: str) -> dict[str, tuple]:
-    """Validate a ``[matrix]`` table (or command-line axes): known axes, lists of accepted values."""
-    axes = {}
-    for axis, values in table.items():
-        if axis not in AXES:
-            raise SpecError(f"{where}: unknown matrix axis {axis!r}. Accepted axes: {', '.join(AXES)}")
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"{where}: matrix axis {axis} must be a non-empty list, got {values!r}")
-        axes[axis] = tuple(dict.fromkeys(_check_value(axis, v, where) for v in values))
-    return axes
+_TRUNK = _PIXELS + PRECISION_AXES
 
 
 def _preset_name(mean: Sequence[float], std: Sequence[float]) -> str:
@@ -158,20 +64,13 @@ def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | Non
 
 
 def resolve_data_config(spec: Spec) -> dict[str, Any]:
-    """The data config without building the model: explicit fields over the named pretrained_cfg."""
-    import timm
-
-    try:
-        pretrained = timm.models.get_pretrained_cfg(spec.backbone.model)
-    except Exception as e:  # timm raises RuntimeError or KeyError depending on the name's shape
-        raise SpecError(f"{spec.path}: timm has no pretrained_cfg for [backbone].model {spec.backbone.model!r}: {e}") from e
-    cfg = pretrained.to_dict() if pretrained is not None else {}
-    return timm.data.resolve_data_config(dict(spec.preprocess.overrides()), pretrained_cfg=cfg)
+    """The preprocessing configuration without building the model (the matrix library's own resolution)."""
+    return library(spec.preprocess.library).data_config(spec)
 
 
 def unsupported(spec: Spec) -> str | None:
     """Why the matrix cannot run this spec, or ``None``: its shared passes are timm's."""
-    if spec.backbone.library != "timm" or spec.preprocess.library != "timm":
+    if not (vocabulary(spec.backbone.library).matrix and vocabulary(spec.preprocess.library).matrix):
         return (f"the variant matrix derives every extraction mode from one timm forward_features pass and every "
                 f"pixel variant from timm's transform; this spec uses {spec.backbone.library} with "
                 f"{spec.preprocess.library} preprocessing. Check deployment choices one spec at a time with "
@@ -242,37 +141,13 @@ def _restore_tf32(previous: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def derive_embeddings(model, tokens, modes: Sequence[str]) -> dict[str, Any]:
-    """Every extraction mode from one ``forward_features`` output."""
-    out = {}
-    for mode in modes:
-        if mode == "forward":
-            out[mode] = model.forward_head(tokens)
-        elif mode == "pre_logits":
-            out[mode] = model.forward_head(tokens, pre_logits=True)
-        elif mode == "cls":
-            out[mode] = tokens[:, 0]
-        else:
-            out[mode] = tokens[:, getattr(model, "num_prefix_tokens", 1):].mean(dim=1)
-    return out
-
-
-def cell_tolerance(spec: Spec, precision: str) -> Tolerance:
-    """The cell's budget: its precision's default, never tighter than the float32 reference's own."""
-    dtype = precision.removeprefix("autocast_")
-    if dtype == spec.runtime.dtype and "embedding" in spec.tolerances:
-        return spec.tolerances["embedding"]
-    own, floor = default_tolerance("embedding", dtype), default_tolerance("embedding", "float32")
-    return Tolerance(atol=max(own.atol, floor.atol), rtol=max(own.rtol, floor.rtol),
-                     min_cosine=min(own.min_cosine, floor.min_cosine), origin=own.origin)
-
-
 class _Engine:
     """Caches shared between cells: converted models for the whole run; decoded images, geometry
     and pixels for the current chunk of images only, so memory does not grow with the fixture."""
 
     def __init__(self, pipeline, batch_size: int) -> None:
         self.pipeline, self.batch_size = pipeline, batch_size
+        self.library = pipeline.spec.backbone.library
         self.images: list = []
         self.geometry: dict[tuple, Any] = {}
         self.pixels: dict[tuple, Any] = {}
@@ -327,7 +202,7 @@ class _Engine:
         with torch.inference_mode(), _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
             for start in range(0, len(pixels), self.batch_size):
                 batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
-                for mode, out in derive_embeddings(model, model.forward_features(batch), modes).items():
+                for mode, out in extract_embeddings(model, batch, modes, library=self.library).items():
                     chunks[mode].append(out.float().cpu())
         embeddings = {m: torch.cat(c) for m, c in chunks.items()}
         if self.pipeline.spec.backbone.normalize == "l2":

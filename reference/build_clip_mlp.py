@@ -148,7 +148,7 @@ def build(out: Path, *, source: Path, force: bool = False) -> Path:
     """Write the complete example fixture to ``out`` through the capture API (atomically)."""
     from transformers import CLIPImageProcessor
 
-    from parity.pipeline import describe_preprocess_config
+    from parity.libraries.transformers import describe_preprocess_config
 
     torch.set_num_threads(1)  # bit-for-bit repeatable training on any core count
     with tempfile.TemporaryDirectory() as tmp:

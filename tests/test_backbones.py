@@ -97,7 +97,7 @@ def test_inferred_source_of_a_transformers_checkpoint_loads_strictly():
 
 
 def test_an_impossible_conversion_names_the_accepted_formats(spec):
-    from parity.backbones import checkpoint_converter
+    from parity.libraries import checkpoint_converter
     from parity.errors import SpecError
 
     with pytest.raises(SpecError, match="a timm checkpoint cannot be converted for a open_clip backbone. "

@@ -119,7 +119,7 @@ def test_capture_without_model_name_records_the_transformers_class(tmp_path):
 
 def test_an_unknown_model_name_is_left_out_not_proposed_as_a_fix(example_spec, tmp_path):
     """A backbone that does not know its name (no pretrained_cfg): the record omits it, no fix proposes it."""
-    from parity.backbones import model_name
+    from parity.libraries import model_name
     from parity.report import render_report
     from rich.console import Console
 

@@ -320,7 +320,7 @@ def _library(module, fixture: Fixture, part: str) -> str:
 
 def describe(obs: AppObservation, fixture: Fixture) -> dict[str, Any]:
     """What the app's modules show of their configuration, in the manifest's terms (for explain's diff)."""
-    from parity.backbones import activation_classes
+    from parity.libraries import activation_classes
     from parity.forensics import summarize_structure
 
     described: dict[str, Any] = {}
