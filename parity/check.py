@@ -10,6 +10,7 @@ from parity.explain import SETTABLE, diff_config, explain_run, toml_value
 from parity.fixtures import Fixture, load_fixture
 from parity.results import CandidateRun, Report
 from parity.runners import run_candidate
+from parity.sampling import sample_fixture
 from parity.spec import Spec
 
 __all__ = ["STAGE_ORDER", "SETTABLE", "run_check", "judge_run", "diff_config", "stage_tolerance", "toml_value"]
@@ -18,9 +19,10 @@ Progress = Callable[[int, int], None]
 
 
 def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
-              progress: Progress | None = None) -> Report:
+              progress: Progress | None = None, sample: int | None = None) -> Report:
     """Run the gate on ``spec.candidate`` (the spec-built pipeline by default): strict load, weights,
-    decode, golden pixels, embeddings, head, outputs, decisions.
+    decode, golden pixels, embeddings, head, outputs, decisions. ``sample``: gate a deterministic
+    stratified subset of that many rows (`parity.sampling`); the decisions stage states its bound.
 
     Raises:
         SpecError: no fixtures given, or the spec cannot be built into a pipeline.
@@ -28,6 +30,8 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         CheckpointError: a checkpoint cannot be read at all.
     """
     fixture = load_fixture(spec.fixture_root(fixtures))
+    if sample is not None:  # a stratified subset of a large fixture (parity.sampling)
+        fixture = sample_fixture(fixture, sample)
     device_name = device or spec.runtime.device
     run = run_candidate(spec, fixture, device=device_name, progress=progress)
     return judge_run(run, fixture, spec, device=device_name)

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                                             "stage, with the frozen reference fixtures.")
     _spec_options(check, spec_help="TOML spec of the candidate inference path",
                   json_help="also write the full report as JSON")
+    check.add_argument("--sample", type=int, default=None, metavar="K",
+                       help="gate a deterministic stratified subset of K samples (every label and input-bias "
+                            "value, image mode, EXIF orientation and aspect ratio present is covered); the "
+                            "decisions stage states its flip-rate bound")
     inspect = commands.add_parser(
         "inspect", help="show what a checkpoint holds and why it does (not) load",
         description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
@@ -339,7 +343,7 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     spec = load_spec(args.spec)
     with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
         task = progress.add_task("embedding images", total=None)
-        report = run_check(spec, fixtures=args.fixtures, device=args.device,
+        report = run_check(spec, fixtures=args.fixtures, device=args.device, sample=args.sample,
                            progress=lambda done, total: progress.update(task, completed=done, total=total))
     render_report(report, console)
     if args.json_path is not None:

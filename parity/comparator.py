@@ -12,9 +12,10 @@ import numpy as np
 
 from parity.checkpoints import read_state_dict
 from parity.compare import compare_arrays
-from parity.decisions import argmax_flips, threshold_flips, verification_flips
+from parity.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
 from parity.fixtures import Fixture
 from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff, Tolerance
+from parity.sampling import sample_notes
 from parity.spec import DTYPES, Spec, default_tolerance
 
 __all__ = ["STAGE_ORDER", "compare_run", "stage_tolerance", "recorded_library"]
@@ -145,12 +146,14 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
                                              fixture.embeddings[kept], band, names))
     if not found:
         return StageResult("decisions", Status.SKIP, "not run: " + "; ".join(skipped))
+    found, statements, exceeded = bound_flip_rates(found, wanted.max_flip_rate)
     headline = "; ".join(f"{d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
                          for d in found)
     if skipped:
         headline += "; not run: " + "; ".join(skipped)
-    failed = any(d.flips for d in found)
-    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found))
+    failed = any(d.flips for d in found) or bool(exceeded)
+    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found),
+                       notes=tuple(statements + exceeded + sample_notes(fixture)))
 
 
 def _load_headline(spec: Spec) -> str:

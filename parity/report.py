@@ -122,6 +122,10 @@ def render_report(report: Report, console: Console) -> None:
     console.print(table)
     origins = dict.fromkeys(r.comparison.tolerance.origin for r in report.stages if r.comparison is not None)
     console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
+    for result in report.stages:  # a failing stage prints its notes below; a passing one states its bound here
+        if result.stage == "decisions" and result.status is Status.PASS:
+            for note in result.notes:
+                console.print(f"decisions: {note}", highlight=False, soft_wrap=True)
     for result in report.stages:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),

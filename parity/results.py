@@ -160,7 +160,10 @@ class DecisionFlips:
     ``kind`` is ``threshold`` (an output above ``threshold`` is positive), ``argmax`` (the top-1
     class) or ``verification`` (a pair of samples matches when their embeddings' cosine reaches
     ``threshold``). ``band`` is how close to the boundary the reference must sit to count as a
-    near-tie; ``max_probability_error`` (argmax) is the largest softmax change.
+    near-tie; ``max_probability_error`` (argmax) is the largest softmax change. ``flip_rate_bound`` is
+    the upper one-sided Clopper–Pearson bound, at ``confidence``, on the rate of changed decisions
+    (flips and near-ties: both are decisions the service would make differently) over ``total``
+    decisions counted in ``unit`` (samples, outputs, pairs).
     """
 
     kind: str
@@ -170,6 +173,14 @@ class DecisionFlips:
     flips: tuple[str, ...] = ()
     near_ties: tuple[str, ...] = ()
     max_probability_error: float | None = None
+    flip_rate_bound: float | None = None
+    confidence: float = 0.95
+    unit: str = "samples"
+
+    @property
+    def changed(self) -> int:
+        """Decisions that differ from the reference's, near-ties included."""
+        return len(self.flips) + len(self.near_ties)
 
 
 class Status(str, enum.Enum):
