@@ -14,6 +14,7 @@ from typing import Any
 from parity.comparator import STAGE_ORDER, recorded_library
 from parity.fixtures import Fixture, environment, sha256_file
 from parity.forensics import diff_structure
+from parity.numerics import candidate_numerics
 from parity.results import CandidateRun, ConfigDiff, StageResult, Status
 from parity.source import git_revision
 from parity.spec import Spec
@@ -45,6 +46,9 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
                     provenance={"git_revision": producer.get("git_revision"), **_recorded_checkpoints(fixture)})
     candidate = dict(run.description, versions=environment(),
                      provenance={"git_revision": git_revision(spec.path), **_checkpoint_hashes(spec)})
+    if producer.get("numerics"):  # the numeric environments, where the fixture recorded its own
+        recorded["numerics"] = producer["numerics"]
+        candidate["numerics"] = candidate_numerics(run, spec)
     cross_notes: list[str] = []
     if recorded_library(fixture) != run.description.get("backbone", {}).get("library", spec.backbone.library):
         cross_notes = _align_libraries(recorded, candidate)
