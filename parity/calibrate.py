@@ -52,10 +52,12 @@ class Calibration:
     runs: tuple[Run, ...]
     margin: float
     noise: dict[str, dict[str, Any]]
+    emulation: str | None = None  # why the noise includes an emulated reference's numerics (parity.emulate)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
-                             "noise": self.noise}}
+        entry = {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
+                 "noise": self.noise}
+        return {self.dtype: {**entry, "emulation": self.emulation} if self.emulation else entry}
 
 
 @contextlib.contextmanager
@@ -120,7 +122,11 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
     noise = {stage: {**{k: v for k, v in w.items() if k != "per_sample"},
                      "per_sample": {fixture.rows[i].name: float(v) for i, v in enumerate(w["per_sample"])}}
              for stage, w in worst.items()}
-    result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise)
+    from parity.emulate import add_emulated_noise  # a reference made in TF32/autocast: add its emulated spread
+
+    noise, emulation = add_emulated_noise(noise, pipeline, fixture, spec)
+    result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise,
+                         emulation=emulation)
     if write:
         recorded = dict(fixture.manifest.get("calibration", {}))
         recorded.update(result.to_manifest())
@@ -137,6 +143,8 @@ def calibrated_tolerance(manifest: dict, stage: str, dtype: str) -> Tolerance | 
     cosine = noise.get("min_cosine")
     origin = (f"calibrated on {entry['device']}/{dtype}, {len(entry['runs'])} runs "
               f"({'; '.join(entry['runs'])}), x{margin:g} margin")
+    if entry.get("emulation"):
+        origin += f"; {entry['emulation']}, x{margin:g} margin"
     return Tolerance(
         atol=max(noise["max_abs"] * margin, FLOOR["atol"]),
         rtol=0.0,

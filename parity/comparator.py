@@ -24,7 +24,8 @@ STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outp
 
 
 def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
-    """The spec's explicit tolerance, else a calibrated budget, else the reference precision's default.
+    """The spec's explicit tolerance, else a calibrated budget, else the budget emulating a reduced-precision
+    reference (`parity.emulate`), else the reference precision's default.
 
     A candidate that changes precision (float16, bfloat16) is therefore drift unless its
     spec states the budget it accepts or a calibration at that precision exists.
@@ -36,6 +37,11 @@ def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
     calibrated = calibrated_tolerance(fixture.manifest, stage, spec.runtime.dtype)
     if calibrated is not None:
         return calibrated
+    from parity.emulate import emulated_tolerance  # a reference made in TF32/autocast: its emulated spread
+
+    emulated = emulated_tolerance(spec, fixture, stage)
+    if emulated is not None:
+        return emulated
     reference = fixture.pipeline.get("runtime", {}).get("dtype", "float32")
     return default_tolerance(stage, reference if reference in DTYPES else "float32")
 

@@ -211,7 +211,7 @@ def _numerics(model, batch_size: int | None, overrides: Mapping[str, Any] | None
 
 def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path, *,
                      input_biases: Sequence[Sequence[int]] | None = None, golden: Sequence[str] = (),
-                     force: bool = False) -> Path:
+                     force: bool = False, numerics: Mapping[str, Any] | None = None) -> Path:
     """Freeze what a trusted pipeline (e.g. the training-time path, written as a spec) computes.
 
     Args:
@@ -219,6 +219,7 @@ def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path
         images: the sample images, with unique file names.
         input_biases: per-image categorical inputs, for heads that take them.
         golden: image names whose preprocessed pixels are stored too.
+        numerics: numeric-environment fields to record instead of the probed ones (see `capture`).
 
     Returns:
         ``out_dir``, written atomically with the pipeline's configuration, fingerprints and provenance.
@@ -228,7 +229,7 @@ def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path
     with capture(out_dir, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
                  model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract,
                  transform=pipeline.transform, checkpoint=spec.backbone.checkpoint, force=force,
-                 batch_size=1) as cap:
+                 batch_size=1, numerics=numerics) as cap:
         cap.manifest["pipeline"] = pipeline.describe()
         for image, bias in zip(images, biases):
             pixels = pipeline.preprocess(image)
