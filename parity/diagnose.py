@@ -359,6 +359,12 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         return Diagnosis(report, notes=tuple(fix.causes if fix else ()) + (
             "the head class is not the trained architecture; no spec field can fix that (see the load stage)",))
 
+    from parity.referee import numerics_signature  # a reference made in TF32 is not a pipeline change
+
+    say("refereeing against a float64 run")
+    signature = numerics_signature(spec, fixture, report, device=device, samples=samples)
+    if signature is not None:
+        return Diagnosis(report, notes=signature)
     say("finding the samples that drift")
     affected = _per_row_drift(spec, fixture, device)
     probe_rows = affected[:samples] or list(range(min(samples, len(fixture.rows))))

@@ -18,10 +18,10 @@ from parity.checkpoints import explain_key_diff
 from parity.diagnose import Diagnosis, ServiceDiagnosis
 from parity.forensics import CheckpointSummary, describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import Comparison, KeyDiff, Report, StageResult, Status, Verdict
+from parity.results import Comparison, KeyDiff, Referee, Report, StageResult, Status, Verdict
 from parity.variants import MatrixReport
 
-__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
+__all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
            "format_stage", "to_json", "write_json"]
 
 _SHOWN_TENSORS = 12
@@ -155,6 +155,28 @@ def verdict_line(report: Report) -> str:
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
     return f"DRIFT: first drifted stage: {first.stage}."
+
+
+def render_referee(referee: Referee, console: Console) -> None:
+    """The float64 referee: per stage, the reference's RMSE against float64 next to each rounded run's, and the call."""
+    console.print(f"referee (float64, {len(referee.samples)} samples: {', '.join(referee.samples)}; "
+                  f"{referee.hypotheses}):", highlight=False, soft_wrap=True)
+    for s in referee.stages:
+        if s.reason:
+            console.print(f"  {s.stage}: {s.reason}", highlight=False, soft_wrap=True)
+            continue
+        rounded = ", ".join(f"{label} {_num(e)}" for label, e in s.rounding)
+        call = (f"within {s.explained_by} (x{s.multiplier:g} + tol/10)" if s.explained_by
+                else f"beyond every rounding (x{s.multiplier:g} + tol/10)")
+        console.print(f"  {s.stage}: reference RMSE {_num(s.reference_error)} vs float64; rounded runs: {rounded}; "
+                      f"{call}", highlight=False, soft_wrap=True)
+    if referee.explained:
+        console.print(Text("REFEREE: the difference is explained by rounding"
+                           + (f" (the reference's {referee.reduced_precision})" if referee.reduced_precision else "")
+                           + ", not by a change of computation.", style="bold yellow"))
+    else:
+        console.print(Text("REFEREE: a change of computation: rounding does not explain the difference.",
+                           style="bold red"))
 
 
 def render_preprocess_explanation(explanation: PreprocessExplanation, console: Console) -> None:
@@ -356,6 +378,9 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
     data = _plain(report)
     if isinstance(report, PreprocessExplanation):
         data["identical"] = bool(report)
+        return data
+    if isinstance(report, Referee):
+        data.update(explained=report.explained, verdict=report.verdict)
         return data
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]

@@ -22,6 +22,8 @@ __all__ = [
     "ConfigDiff",
     "Report",
     "CandidateRun",
+    "RefereeStage",
+    "Referee",
 ]
 
 
@@ -318,3 +320,46 @@ class CandidateRun:
     nondeterministic: tuple[str, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
     unobservable: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RefereeStage:
+    """One stage judged against a float64 run of the candidate pipeline (RMSE, as `torch._dynamo.utils.same`).
+
+    ``reference_error`` is the fixture's RMSE against the float64 run; ``rounding`` maps each legitimately
+    rounded run of the same computation (the candidate at its dtype, the reference's emulated precisions)
+    to its own RMSE against it. ``explained_by`` is the first of them within which the reference's
+    error falls (``error <= multiplier * rounding + tol / 10``), or ``None``: a change of computation.
+    """
+
+    stage: str
+    reference_error: float
+    rounding: tuple[tuple[str, float], ...] = ()
+    multiplier: float = 2.0
+    tol: float = 1e-4
+    explained_by: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Referee:
+    """Whether the difference between a candidate and its reference is rounding or a change of computation."""
+
+    samples: tuple[str, ...]
+    stages: tuple[RefereeStage, ...]
+    hypotheses: str = ""
+
+    @property
+    def explained(self) -> bool:
+        return bool(self.stages) and all(s.explained_by is not None for s in self.stages)
+
+    @property
+    def verdict(self) -> str:
+        """``rounding`` or ``computation``."""
+        return "rounding" if self.explained else "computation"
+
+    @property
+    def reduced_precision(self) -> str | None:
+        """The reduced precision of the reference that explains the difference, if that is what explains it."""
+        named = [s.explained_by for s in self.stages if s.explained_by and s.explained_by.startswith("reference ")]
+        return named[0].removeprefix("reference ") if self.explained and named else None

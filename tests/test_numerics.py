@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 from parity.calibrate import Run, calibrate
 from parity.check import run_check
+from parity.diagnose import diagnose
 from parity.emulate import ReducedPrecisionMode, emulate_reference, round_mantissa
 from parity.fixtures import MANIFEST, load_fixture
 from parity.numerics import probe_numerics, reduced_precision
 from parity.pipeline import build_pipeline
+from parity.referee import judge, multiplier, referee
 from parity.report import render_text
 from parity.results import Status
 from parity.source import capture_pipeline
@@ -164,3 +166,55 @@ def test_calibration_adds_the_emulated_spread_and_says_so(example_spec, tf32_fix
     origin = report.stage("embedding").comparison.tolerance.origin
     assert origin.startswith("calibrated on cpu/float32, 1 runs") and origin.endswith(f"{REASON}, x4 margin")
     assert report.passed, render_text(report)
+
+
+# -- the float64 referee ----------------------------------------------------------------------
+
+def test_referee_rule_is_same_with_fp64_ref():
+    """``error <= multiplier * rounding + tol / 10``, RMSE against float64, on arrays made for this test."""
+    rng = np.random.default_rng(1)
+    exact = rng.standard_normal((40, 32))
+    rounded = exact + rng.standard_normal(exact.shape) * 1e-4  # a legitimately rounded run
+    noisy_reference = exact + rng.standard_normal(exact.shape) * 2e-4  # rounding of the same size
+    changed_reference = exact + 0.01 * np.tanh(exact)  # another computation
+    assert multiplier(exact.size, "float32") == 2.0 and multiplier(999, "float32") == 3.0
+    assert multiplier(exact.size, "bfloat16") == 3.0
+    call = judge("embedding", noisy_reference, exact, [("plain", "float32", exact), ("low", "float32", rounded)])
+    assert call.explained_by == "low" and call.multiplier == 2.0
+    assert call.reference_error == pytest.approx(np.sqrt(np.mean((noisy_reference - exact) ** 2)))
+    assert judge("embedding", changed_reference, exact, [("low", "float32", rounded)]).explained_by is None
+    assert judge("embedding", exact[:, :8], exact, [("low", "float32", rounded)]).reason.startswith("shapes differ")
+
+
+def test_referee_tells_a_changed_computation_from_rounding(example_spec):
+    gelu = referee(example_spec.replace(**CATALOGUE["gelu-for-quickgelu"]), fixtures=EXAMPLE_FIXTURES)
+    assert gelu.verdict == "computation" and not gelu.explained
+    assert all(s.reference_error > 3 * max(e for _, e in s.rounding) for s in gelu.stages)
+    bf16 = referee(example_spec.replace(runtime={"dtype": "bfloat16"}), fixtures=EXAMPLE_FIXTURES)
+    assert bf16.verdict == "rounding" and {s.explained_by for s in bf16.stages} == {"candidate bfloat16"}
+
+
+def test_cli_referee_calls_an_unrecorded_tf32_reference_rounding(example_spec, without_environment, tmp_path, capsys):
+    from parity.cli import main
+    from tests.conftest import write_spec
+
+    spec = write_spec(tmp_path)
+    out = tmp_path / "report.json"
+    status = main(["check", "--spec", str(spec), "--fixtures", str(without_environment), "--referee", "float64",
+                   "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 1  # the referee informs; the gate still fails without the environment record
+    assert "REFEREE: the difference is explained by rounding (the reference's TF32 convolutions and TF32 matmuls)" \
+        in " ".join(printed.split())
+    data = json.loads(out.read_text())
+    assert data["referee"]["verdict"] == "rounding" and not data["passed"]
+    assert [s["explained_by"] for s in data["referee"]["stages"]] == \
+        ["reference TF32 convolutions and TF32 matmuls"] * 2
+
+
+def test_diagnose_names_reduced_precision_numerics_and_proposes_recording_them(example_spec, without_environment):
+    result = diagnose(example_spec, fixtures=without_environment)
+    assert result.drift and not result.fix
+    assert result.notes[0].startswith("The difference has the signature of reduced-precision reference numerics "
+                                      "(TF32 convolutions and TF32 matmuls), not of a pipeline change")
+    assert result.notes[1].startswith("Fix: record the reference's numeric environment")
