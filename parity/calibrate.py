@@ -96,7 +96,11 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
                      "scale": float(np.abs(scale[stage]).max(initial=0.0)),
                      "per_sample": {fixture.rows[i].name: float(v) for i, v in enumerate(w["per_sample"])}}
              for stage, w in worst.items()}
-    result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise)
+    from parity.emulate import add_emulated_noise  # a reference made in TF32/autocast: add its emulated spread
+
+    noise, emulation = add_emulated_noise(noise, pipeline, fixture, spec)
+    result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise,
+                         emulation=emulation)
     for stage in noise:
         calibration_budget(result.to_manifest()[result.dtype], stage, result.dtype, source=f"calibration of {root}")
     if write:

@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(check, spec_help="TOML spec of the candidate inference path",
                   json_help="also write the full report as JSON", candidate=True)
     _report_option(check)
+    check.add_argument("--sample", type=int, default=None, metavar="K",
+                       help="gate a deterministic stratified subset of K samples (every label and input-bias "
+                            "value, image mode, EXIF orientation and aspect ratio present is covered); the "
+                            "decisions stage states its flip-rate bound")
+    check.add_argument("--referee", choices=("float64",), default=None,
+                       help="also run the candidate pipeline in float64 on a few probe samples and say whether a "
+                            "difference is rounding (either side) or a change of computation")
     inspect = commands.add_parser(
         "inspect", help="show what a checkpoint holds and why it does (not) load",
         description="Print a checkpoint's nesting, tensors grouped by module, total parameters and the "
@@ -425,10 +432,25 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     spec = _load_spec(args)
     with Progress(errors) as progress:
         progress.phase("embedding images")
-        report = run_check(spec, fixtures=args.fixtures, device=args.device, progress=progress.update)
+        report = run_check(spec, fixtures=args.fixtures, device=args.device, sample=args.sample,
+                           progress=progress.update)
     render_report(report, console)
+    verdict = None
+    if args.referee is not None:  # informative: the gate's exit status is unchanged
+        from parity.referee import referee
+        from parity.report import render_referee
+
+        verdict = referee(spec, fixtures=args.fixtures, device=args.device)
+        render_referee(verdict, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
+        if verdict is not None:
+            import json
+
+            from parity.report import to_json
+
+            data = json.loads(args.json_path.read_text(encoding="utf-8"))
+            args.json_path.write_text(json.dumps({**data, "referee": to_json(verdict)}, indent=2) + "\n", encoding="utf-8")
         console.print(f"report written to {args.json_path}", highlight=False)
     _write_reports(report, args, console)
     return EXIT_PASS if report.passed else EXIT_DRIFT

@@ -13,15 +13,24 @@ import numpy as np
 from parity.libraries import canonical_names
 from parity.checkpoints import read_state_dict
 from parity.compare import compare_arrays
-from parity.decisions import argmax_flips, threshold_flips, verification_flips
+from parity.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
 from parity.fixtures import Fixture
-from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff
+from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff, Tolerance
+from parity.sampling import sample_notes
 from parity.spec import DEFAULT_LIBRARY, Spec
-from parity.tolerance import stage_tolerance
+from parity import tolerance
 
 __all__ = ["STAGE_ORDER", "compare_run", "recorded_library"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
+
+
+def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
+    """The gate's budget (`parity.tolerance.stage_tolerance`), with a reference made in reduced
+    precision (TF32, autocast) given the spread its emulation measures (`parity.emulate`)."""
+    from parity.emulate import emulated_tolerance
+
+    return tolerance.stage_tolerance(spec, fixture, stage, reference=emulated_tolerance)
 
 
 def recorded_library(fixture: Fixture) -> str:
@@ -150,12 +159,14 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
                                              fixture.embeddings[kept], band, names))
     if not found:
         return StageResult("decisions", Status.SKIP, "not run: " + "; ".join(skipped))
+    found, statements, exceeded = bound_flip_rates(found, wanted.max_flip_rate)
     headline = "; ".join(f"{d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
                          for d in found)
     if skipped:
         headline += "; not run: " + "; ".join(skipped)
-    failed = any(d.flips for d in found)
-    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found))
+    failed = any(d.flips for d in found) or bool(exceeded)
+    return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found),
+                       notes=tuple(statements + exceeded + sample_notes(fixture)))
 
 
 def _load_headline(spec: Spec) -> str:

@@ -7,11 +7,14 @@ decision boundary are near-ties, reported and not failed.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from parity.flip_rate import CONFIDENCE, describe_bound, flip_rate_bound, samples_for_rate
 from parity.results import DecisionFlips
 
-__all__ = ["threshold_flips", "argmax_flips", "pair_cosines", "verification_flips"]
+__all__ = ["threshold_flips", "argmax_flips", "pair_cosines", "verification_flips", "bound_flip_rates"]
 
 
 def threshold_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: float, names: list[str]) -> DecisionFlips:
@@ -20,7 +23,7 @@ def threshold_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band: fl
     near = flipped & (np.abs(ref - threshold) <= band)
     return DecisionFlips("threshold", threshold, band, int(ref.size),
                          tuple(f"{names[i]}[{j}]" for i, j in zip(*np.nonzero(flipped & ~near))),
-                         tuple(f"{names[i]}[{j}]" for i, j in zip(*np.nonzero(near))))
+                         tuple(f"{names[i]}[{j}]" for i, j in zip(*np.nonzero(near))), unit="outputs")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -59,4 +62,27 @@ def verification_flips(threshold: float, got: np.ndarray, ref: np.ndarray, band:
     label = [f"{names[a]} ~ {names[b]}: cos {r:.4f} -> {g:.4f}" for a, b, r, g in zip(i, j, c_ref, c_got)]
     return DecisionFlips("verification", threshold, band, len(label),
                          tuple(label[k] for k in np.nonzero(flipped & ~near)[0]),
-                         tuple(label[k] for k in np.nonzero(near)[0]))
+                         tuple(label[k] for k in np.nonzero(near)[0]), unit="pairs")
+
+
+def bound_flip_rates(found: list[DecisionFlips], max_flip_rate: float | None, *,
+                     confidence: float = CONFIDENCE) -> tuple[list[DecisionFlips], list[str], list[str]]:
+    """Each kind of decision with its flip-rate bound, the statements, and why ``max_flip_rate`` fails (if it does).
+
+    A statement reads ``argmax: 0 flips in 300 samples: flip rate below 1.0 % at 95 % confidence``.
+    """
+    bounded, statements, exceeded = [], [], []
+    for d in found:
+        bound = flip_rate_bound(d.changed, d.total, confidence=confidence)
+        d = replace(d, flip_rate_bound=bound, confidence=confidence)
+        bounded.append(d)
+        statements.append(f"{d.kind}: {describe_bound(d.changed, d.total, bound, unit=d.unit, confidence=confidence)}")
+        if max_flip_rate is not None and bound > max_flip_rate:
+            need = samples_for_rate(max_flip_rate, confidence=confidence)
+            exceeded.append(
+                f"{d.kind}: the flip-rate bound {100 * bound:.2f} % exceeds [decisions].max_flip_rate = "
+                f"{100 * max_flip_rate:g} % ({d.changed} changed of {d.total} {d.unit}); "
+                + (f"Fix: gate on at least {need} {d.unit} (with no flip) to state a rate below "
+                   f"{100 * max_flip_rate:g} %, or remove the flips" if d.changed == 0 or need > d.total
+                   else "Fix: remove the flips: the observed rate itself is too high"))
+    return bounded, statements, exceeded

@@ -18,6 +18,7 @@ import numpy as np
 
 from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
+from parity.comparator import stage_tolerance
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError
 from parity.fixtures import Fixture, load_fixture
@@ -26,7 +27,7 @@ from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.spec import DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
-from parity.tolerance import stage_tolerance
+
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
            "diagnose_candidate", "first_divergent_layer"]
@@ -365,6 +366,12 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             f"the {section} module ({fields}) is not the architecture the {section} checkpoint holds; "
             "no key mapping fixes that (see the load stage)",))
 
+    from parity.referee import numerics_signature  # a reference made in TF32 is not a pipeline change
+
+    say("refereeing against a float64 run")
+    signature = numerics_signature(spec, fixture, report, device=device, samples=samples)
+    if signature is not None:
+        return Diagnosis(report, notes=signature)
     say("finding the samples that drift")
     affected = _per_row_drift(spec, fixture, device)
     probe_rows = affected[:samples] or list(range(min(samples, len(fixture.rows))))

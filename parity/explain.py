@@ -15,6 +15,7 @@ from parity.comparator import STAGE_ORDER, recorded_library
 from parity.fixtures import Fixture, environment, sha256_file
 from parity.libraries import activation_family, describe_record, equivalent_extract, extraction_point
 from parity.forensics import diff_structure
+from parity.numerics import candidate_numerics
 from parity.results import CandidateRun, ConfigDiff, StageResult, Status, toml_value
 from parity.source import git_revision, known_revision
 from parity.spec import DEFAULT_LIBRARY, Spec, vocabulary
@@ -46,6 +47,9 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
                     provenance={**known_revision(producer.get("git_revision")), **_recorded_checkpoints(fixture)})
     candidate = dict(run.description, versions=environment(),
                      provenance={**known_revision(git_revision(spec.path)), **_checkpoint_hashes(spec)})
+    if producer.get("numerics"):  # the numeric environments, where the fixture recorded its own
+        recorded["numerics"] = producer["numerics"]
+        candidate["numerics"] = candidate_numerics(run, spec)
     for side in (recorded, candidate):  # one library's classes name the same tower differently
         if "structure" in side.get("backbone", {}):
             library = side["backbone"].get("library", "timm")

@@ -17,11 +17,11 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.forensics import describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import (CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Report, ServiceDiagnosis,
-                            StageResult, Status, Verdict)
+from parity.results import (CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Referee, Report,
+                            ServiceDiagnosis, StageResult, Status, Verdict)
 
-__all__ = ["render_report", "render_text", "render_inspection", "render_config_diffs", "render_matrix", "render_diagnosis",
-           "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
+__all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
+           "render_matrix", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
 
 # Version of the JSON layout that `document` writes and the file renderers (parity.formats) read.
 SCHEMA_VERSION = 1
@@ -129,6 +129,10 @@ def render_report(report: Report, console: Console) -> None:
     origins = dict.fromkeys(r.comparison.tolerance.origin for r in report.stages if r.comparison is not None)
     if origins:  # a failed load compares nothing: no budget to name
         console.print(f"tolerances: {'; '.join(origins)}", highlight=False, soft_wrap=True)
+    for result in report.stages:  # a failing stage prints its notes below; a passing one states its bound here
+        if result.stage == "decisions" and result.status is Status.PASS:
+            for note in result.notes:
+                console.print(f"decisions: {note}", highlight=False, soft_wrap=True)
     for result in report.stages:
         if result.status is Status.FAIL:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
@@ -164,6 +168,28 @@ def verdict_line(report: Report) -> str:
     if first.stage == "load":
         return "DRIFT: first drifted stage: load (the weights do not load with strict=True; no later stage ran)."
     return f"DRIFT: first drifted stage: {first.stage}."
+
+
+def render_referee(referee: Referee, console: Console) -> None:
+    """The float64 referee: per stage, the reference's RMSE against float64 next to each rounded run's, and the call."""
+    console.print(f"referee (float64, {len(referee.samples)} samples: {', '.join(referee.samples)}; "
+                  f"{referee.hypotheses}):", highlight=False, soft_wrap=True)
+    for s in referee.stages:
+        if s.reason:
+            console.print(f"  {s.stage}: {s.reason}", highlight=False, soft_wrap=True)
+            continue
+        rounded = ", ".join(f"{label} {_num(e)}" for label, e in s.rounding)
+        call = (f"within {s.explained_by} (x{s.multiplier:g} + tol/10)" if s.explained_by
+                else f"beyond every rounding (x{s.multiplier:g} + tol/10)")
+        console.print(f"  {s.stage}: reference RMSE {_num(s.reference_error)} vs float64; rounded runs: {rounded}; "
+                      f"{call}", highlight=False, soft_wrap=True)
+    if referee.explained:
+        console.print(Text("REFEREE: the difference is explained by rounding"
+                           + (f" (the reference's {referee.reduced_precision})" if referee.reduced_precision else "")
+                           + ", not by a change of computation.", style="bold yellow"))
+    else:
+        console.print(Text("REFEREE: a change of computation: rounding does not explain the difference.",
+                           style="bold red"))
 
 
 def render_preprocess_explanation(explanation: PreprocessExplanation, console: Console) -> None:
@@ -389,6 +415,9 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
     data = _plain(report)
     if isinstance(report, PreprocessExplanation):
         data["identical"] = bool(report)
+        return data
+    if isinstance(report, Referee):
+        data.update(explained=report.explained, verdict=report.verdict)
         return data
     if isinstance(report, ServiceDiagnosis):
         data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]

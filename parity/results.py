@@ -37,6 +37,8 @@ __all__ = [
     "CheckpointSummary",
     "Run",
     "Calibration",
+    "RefereeStage",
+    "Referee",
 ]
 
 
@@ -198,7 +200,10 @@ class DecisionFlips:
     ``kind`` is ``threshold`` (an output above ``threshold`` is positive), ``argmax`` (the top-1
     class) or ``verification`` (a pair of samples matches when their embeddings' cosine reaches
     ``threshold``). ``band`` is how close to the boundary the reference must sit to count as a
-    near-tie; ``max_probability_error`` (argmax) is the largest softmax change.
+    near-tie; ``max_probability_error`` (argmax) is the largest softmax change. ``flip_rate_bound`` is
+    the upper one-sided Clopper–Pearson bound, at ``confidence``, on the rate of changed decisions
+    (flips and near-ties: both are decisions the service would make differently) over ``total``
+    decisions counted in ``unit`` (samples, outputs, pairs).
     """
 
     kind: str
@@ -208,6 +213,14 @@ class DecisionFlips:
     flips: tuple[str, ...] = ()
     near_ties: tuple[str, ...] = ()
     max_probability_error: float | None = None
+    flip_rate_bound: float | None = None
+    confidence: float = 0.95
+    unit: str = "samples"
+
+    @property
+    def changed(self) -> int:
+        """Decisions that differ from the reference's, near-ties included."""
+        return len(self.flips) + len(self.near_ties)
 
 
 class Status(str, enum.Enum):
@@ -582,7 +595,52 @@ class Calibration:
     runs: tuple[Run, ...]
     margin: float
     noise: dict[str, dict[str, Any]]
+    emulation: str | None = None  # why the noise includes an emulated reference's numerics (parity.emulate)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {self.dtype: {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
-                             "noise": self.noise}}
+        entry = {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
+                 "noise": self.noise}
+        return {self.dtype: {**entry, "emulation": self.emulation} if self.emulation else entry}
+
+
+@dataclass(frozen=True)
+class RefereeStage:
+    """One stage judged against a float64 run of the candidate pipeline (RMSE, as `torch._dynamo.utils.same`).
+
+    ``reference_error`` is the fixture's RMSE against the float64 run; ``rounding`` maps each legitimately
+    rounded run of the same computation (the candidate at its dtype, the reference's emulated precisions)
+    to its own RMSE against it. ``explained_by`` is the first of them within which the reference's
+    error falls (``error <= multiplier * rounding + tol / 10``), or ``None``: a change of computation.
+    """
+
+    stage: str
+    reference_error: float
+    rounding: tuple[tuple[str, float], ...] = ()
+    multiplier: float = 2.0
+    tol: float = 1e-4
+    explained_by: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Referee:
+    """Whether the difference between a candidate and its reference is rounding or a change of computation."""
+
+    samples: tuple[str, ...]
+    stages: tuple[RefereeStage, ...]
+    hypotheses: str = ""
+
+    @property
+    def explained(self) -> bool:
+        return bool(self.stages) and all(s.explained_by is not None for s in self.stages)
+
+    @property
+    def verdict(self) -> str:
+        """``rounding`` or ``computation``."""
+        return "rounding" if self.explained else "computation"
+
+    @property
+    def reduced_precision(self) -> str | None:
+        """The reduced precision of the reference that explains the difference, if that is what explains it."""
+        named = [s.explained_by for s in self.stages if s.explained_by and s.explained_by.startswith("reference ")]
+        return named[0].removeprefix("reference ") if self.explained and named else None

@@ -158,7 +158,8 @@ class Capture:
 def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] | None = None, transform=None,
             extract: str = "pre_logits", model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
             checkpoint: str | Path | None = None, force: bool = False, extra_files: Mapping[str, Any] = (),
-            library: str = DEFAULT_LIBRARY, preprocess: Mapping[str, Any] | None = None) -> Iterator[Capture]:
+            library: str = DEFAULT_LIBRARY, preprocess: Mapping[str, Any] | None = None, batch_size: int | None = None,
+            numerics: Mapping[str, Any] | None = None) -> Iterator[Capture]:
     """Write a fixture from inside the code that produces the reference data.
 
     Args:
@@ -174,6 +175,9 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
         preprocess: the preprocessing description for non-timm libraries (see
             `parity.libraries.transformers.describe_preprocess_config`); timm pipelines pass ``data_config``.
         extra_files: ``{name: writer(path)}`` for further files (e.g. an attribution note).
+        batch_size: how many images each backbone call took (recorded with the numeric environment).
+        numerics: fields of the numeric environment to record instead of the probed ones, when the
+            data was computed elsewhere (see `parity.numerics.probe_numerics`).
     """
     from parity.libraries import describe_backbone
     from parity.preprocess import describe_data_config
@@ -198,7 +202,8 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
     cap.manifest["producer"] = {"script": caller.name if caller else None,
                                 "git_revision": git_revision(caller) if caller else None,
                                 "transform": repr(transform) if transform is not None else None,
-                                "versions": environment()}
+                                "versions": environment(),
+                                "numerics": _numerics(model, batch_size, numerics)}
     # The lock covers the whole regeneration, so a second one is refused before it computes anything.
     held = contextlib.ExitStack()
     held.enter_context(regeneration_lock(cap.root))
@@ -235,9 +240,17 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
         held.close()
 
 
+def _numerics(model, batch_size: int | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The numeric environment the reference is computed in: probed here, then the caller's overrides."""
+    from parity.numerics import probe_numerics
+
+    device = next(model.parameters()).device if model is not None else "cpu"
+    return {**probe_numerics(device, batch_size=batch_size), **dict(overrides or {})}
+
+
 def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path, *,
                      input_biases: Sequence[Sequence[int]] | None = None, golden: Sequence[str] = (),
-                     force: bool = False) -> Path:
+                     force: bool = False, numerics: Mapping[str, Any] | None = None) -> Path:
     """Freeze what a trusted pipeline (e.g. the training-time path, written as a spec) computes.
 
     Args:
@@ -245,6 +258,7 @@ def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path
         images: the sample images, with unique file names.
         input_biases: per-image categorical inputs, for heads that take them.
         golden: image names whose preprocessed pixels are stored too.
+        numerics: numeric-environment fields to record instead of the probed ones (see `capture`).
 
     Returns:
         ``out_dir``, written atomically with the pipeline's configuration, fingerprints and provenance.
@@ -253,7 +267,8 @@ def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path
     biases = [list(b) for b in input_biases] if input_biases is not None else [[] for _ in images]
     with capture(out_dir, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
                  model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract,
-                 transform=pipeline.transform, checkpoint=spec.backbone.checkpoint, force=force) as cap:
+                 transform=pipeline.transform, checkpoint=spec.backbone.checkpoint, force=force,
+                 batch_size=1, numerics=numerics) as cap:
         cap.manifest["pipeline"] = pipeline.describe()
         for image, bias in zip(images, biases):
             pixels = pipeline.preprocess(image)

@@ -219,12 +219,15 @@ class DecisionsSpec:
     ``threshold``: each output above it is a positive (multi-label). ``argmax``: the top-1 class
     (classification). ``verification_threshold``: two samples are the same identity when their
     embeddings' cosine reaches it. ``gate = "decisions"`` accepts drift that flips no decision.
+    ``max_flip_rate``: the decisions stage fails when the upper 95 % Clopper–Pearson bound on the
+    rate of changed decisions exceeds it (too many flips, or too few samples to rule the rate out).
     """
 
     threshold: float | None = None
     argmax: bool = False
     verification_threshold: float | None = None
     gate: str = "outputs"
+    max_flip_rate: float | None = None
 
     @property
     def any(self) -> bool:
@@ -554,10 +557,14 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         argmax=dt.get("argmax", bool, False),
         verification_threshold=dt.number("verification_threshold", None, low=-1.0, high=1.0),
         gate=dt.get("gate", str, "outputs", choices=GATES),
+        max_flip_rate=dt.number("max_flip_rate", None, low=0.0, high=1.0),
     )
     dt.finish()
     if decisions.gate == "decisions" and not decisions.any:
         raise SpecError(f"{path}: [decisions].gate = \"decisions\" needs a decision to gate on: set "
+                        "threshold, argmax = true or verification_threshold")
+    if decisions.max_flip_rate is not None and not decisions.any:
+        raise SpecError(f"{path}: [decisions].max_flip_rate needs a decision to count flips of: set "
                         "threshold, argmax = true or verification_threshold")
     candidate = _candidate(root.table("candidate"), base)
     root.seen.add("matrix")

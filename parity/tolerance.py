@@ -9,6 +9,7 @@ a candidate the gate passes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from parity.errors import FixtureError
@@ -89,6 +90,8 @@ def calibration_budget(entry: Any, stage: str, dtype: str, *, source: str) -> To
             "rebuild the fixture before calibrating."
         )
     origin = (f"calibrated on {device}/{dtype}, {len(runs)} runs ({'; '.join(runs)}), x{margin:g} margin")
+    if isinstance(entry.get("emulation"), str):
+        origin += f"; {entry['emulation']}, x{margin:g} margin"
     return Tolerance(atol=atol, rtol=0.0, min_cosine=None if gap is None else 1.0 - gap, origin=origin)
 
 
@@ -113,7 +116,8 @@ def reference_dtype(fixture: Fixture) -> str:
     return reference if reference in _DEFAULT_ATOL_RTOL else "float32"
 
 
-def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
+def stage_tolerance(spec: Spec, fixture: Fixture, stage: str, *,
+                    reference: Callable[[Spec, Fixture, str], Tolerance | None] | None = None) -> Tolerance:
     """The spec's explicit tolerance, else a calibrated budget, else the reference precision's default.
 
     A candidate that changes precision (float16, bfloat16) is therefore drift unless its
@@ -124,6 +128,11 @@ def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
     calibrated = calibrated_tolerance(fixture.manifest, stage, spec.runtime.dtype)
     if calibrated is not None:
         return calibrated
+    # ``reference``: the budget of a reference made with other numerics (the gate passes
+    # `parity.emulate.emulated_tolerance`: a TF32 or autocast reference's emulated spread).
+    derived = reference(spec, fixture, stage) if reference is not None else None
+    if derived is not None:
+        return derived
     return default_tolerance(stage, reference_dtype(fixture))
 
 
