@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from parity.checkpoints import StrictLoadError
-from parity.errors import FixtureError, SpecError
+from parity.errors import SpecError
 from parity.fixtures import Fixture
-from parity.images import decode_image
 from parity.results import CandidateRun
+from parity.runners.pipeline import Decoded, decoded_batches
 from parity.spec import Spec
 
 __all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
@@ -264,11 +264,7 @@ class _Graph:
 
 
 @dataclass
-class _Seen:
-    rows: list[int] = field(default_factory=list)
-    sample_errors: list[tuple[str, str]] = field(default_factory=list)
-    conversions: dict[str, str] = field(default_factory=dict)
-    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+class _Seen(Decoded):
     embeddings: list[np.ndarray] = field(default_factory=list)
     outputs: list[np.ndarray] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
@@ -278,26 +274,8 @@ def _run_rows(runner: _Graph, fixture: Fixture, progress: Progress | None) -> _S
     """Each sample decoded once and preprocessed by the spec, then embedded batch by batch."""
     import torch
 
-    spec = runner.pipeline.spec
-    exif, size, total = spec.preprocess.exif_transpose, spec.runtime.batch_size, len(fixture.rows)
     seen = _Seen()
-    for start in range(0, total, size):
-        batch, batch_rows = [], []
-        for i in range(start, min(start + size, total)):
-            row = fixture.rows[i]
-            try:
-                image, note = decode_image(row.image, exif_transpose=exif)
-            except FixtureError as e:
-                seen.sample_errors.append((row.name, str(e)))
-                continue
-            if note:
-                seen.conversions[row.name] = note
-            x = runner.pipeline.preprocess(image)
-            if row.name in fixture.golden_pixels:
-                seen.pixels[row.name] = x.numpy()
-            batch.append(x)
-            batch_rows.append(i)
-        seen.rows += batch_rows
+    for batch_rows, batch in decoded_batches(runner.pipeline, fixture, seen, progress=progress):
         if batch and "embedding" not in seen.errors:
             try:
                 embeddings, outputs = runner.embed(torch.stack(batch).numpy(), fixture.biases(batch_rows))
@@ -308,6 +286,4 @@ def _run_rows(runner: _Graph, fixture: Fixture, progress: Progress | None) -> _S
                     seen.embeddings.append(embeddings)
                 if outputs is not None:
                     seen.outputs.append(outputs)
-        if progress:
-            progress(min(start + size, total), total)
     return seen

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from parity.pipeline import Pipeline, build_pipeline
 from parity.results import CandidateRun
 from parity.spec import Spec
 
-__all__ = ["run", "run_spec", "run_pipeline", "run_head_twice"]
+__all__ = ["run", "run_spec", "run_pipeline", "run_head_twice", "Decoded", "decoded_batches"]
 
 Progress = Callable[[int, int], None]
 
@@ -41,22 +42,29 @@ def run_head_twice(pipeline: Pipeline, embeddings: np.ndarray, biases: np.ndarra
     return outputs, bool(np.array_equal(outputs, again, equal_nan=True))
 
 
-def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | None = None) -> CandidateRun:
-    """Every sample decoded once, golden pixels kept, embeddings batched; then the head.
+@dataclass
+class Decoded:
+    """What decoding the fixture's samples found: the rows that decoded, per-sample errors, conversions,
+    and the golden samples' pixels as the spec's preprocessing made them."""
 
-    A sample that does not decode is a per-sample error and the others still run; a backbone
-    that raises fails the embedding stage without losing the decode log.
+    rows: list[int] = field(default_factory=list)
+    sample_errors: list[tuple[str, str]] = field(default_factory=list)
+    conversions: dict[str, str] = field(default_factory=dict)
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def decoded_batches(pipeline: Pipeline, fixture: Fixture, decoded: Decoded, *,
+                    progress: Progress | None = None) -> Iterator[tuple[list[int], list]]:
+    """Every sample decoded once and preprocessed by ``pipeline``, in batches of ``[runtime].batch_size``.
+
+    Yields ``(rows, pixels)`` per batch and records into ``decoded`` as it goes: a sample that does
+    not decode (or whose resize is refused) is a per-sample error and the others still run.
+
+    Raises:
+        FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
     """
-    import torch
-
     exif = pipeline.spec.preprocess.exif_transpose
     size, total = pipeline.spec.runtime.batch_size, len(fixture.rows)
-    rows: list[int] = []
-    sample_errors: list[tuple[str, str]] = []
-    conversions: dict[str, str] = {}
-    pixels: dict[str, np.ndarray] = {}
-    chunks: list[np.ndarray] = []
-    errors: dict[str, str] = {}
     for start in range(0, total, size):
         batch, batch_rows = [], []
         for i in range(start, min(start + size, total)):
@@ -67,22 +75,38 @@ def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | N
             except FixtureChangedError:
                 raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
             except FixtureError as e:
-                sample_errors.append((row.name, str(e)))
+                decoded.sample_errors.append((row.name, str(e)))
                 continue
             if note:
-                conversions[row.name] = note
+                decoded.conversions[row.name] = note
             if row.name in fixture.golden_pixels:
-                pixels[row.name] = x.numpy()
+                decoded.pixels[row.name] = x.numpy()
             batch.append(x)
             batch_rows.append(i)
-        rows += batch_rows
+        decoded.rows += batch_rows
+        yield batch_rows, batch
+        if progress:
+            progress(min(start + size, total), total)
+
+
+def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | None = None) -> CandidateRun:
+    """Every sample decoded once, golden pixels kept, embeddings batched; then the head.
+
+    A sample that does not decode is a per-sample error and the others still run; a backbone
+    that raises fails the embedding stage without losing the decode log.
+    """
+    import torch
+
+    decoded = Decoded()
+    chunks: list[np.ndarray] = []
+    errors: dict[str, str] = {}
+    for _, batch in decoded_batches(pipeline, fixture, decoded, progress=progress):
         if batch and "embedding" not in errors:
             try:
                 chunks.append(pipeline.embed(torch.stack(batch)).numpy())
             except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing 224 px in a 336 px model
                 errors["embedding"] = f"the backbone raised {type(e).__name__}: {e}"
-        if progress:
-            progress(min(start + size, total), total)
+    rows = decoded.rows
 
     nondeterministic: list[str] = []
     head_outputs = outputs = None
@@ -104,7 +128,8 @@ def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | N
     return CandidateRun(
         "spec", description=pipeline.describe(), fingerprints=pipeline.fingerprints,
         modules={"backbone": pipeline.backbone, "head": pipeline.head}, rows=tuple(rows),
-        sample_errors=tuple(sample_errors), conversions=conversions, pixels=pixels, embeddings=embeddings,
+        sample_errors=tuple(decoded.sample_errors), conversions=decoded.conversions, pixels=decoded.pixels,
+        embeddings=embeddings,
         head_outputs=head_outputs, outputs=outputs, nondeterministic=tuple(nondeterministic), errors=errors,
         unloaded=() if pipeline.spec.backbone.checkpoint is not None else ("backbone",),
     )
