@@ -95,7 +95,7 @@ def test_capture_refuses_bad_samples(tmp_path):
 def test_capture_without_model_name_records_the_transformers_class(tmp_path):
     """A transformers backbone has no timm pretrained_cfg: its class is the name, never "None.None"."""
     pytest.importorskip("transformers")
-    from parity.pipeline import describe_preprocess_config
+    from parity.libraries.transformers import describe_preprocess_config
     from parity.spec import load_spec
     from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
 

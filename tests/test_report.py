@@ -85,7 +85,7 @@ def test_a_load_cause_reads_as_words_not_nan():
 
 
 def test_embedding_width_note_speaks_the_backbones_library():
-    from parity.check import _embedding_notes
+    from parity.explain import _embedding_notes
 
     for library, own, foreign in (("transformers", "image_embeds", "timm"), ("open_clip", "encode_image", "timm"),
                                   ("timm", "forward_head", "pooler_output")):

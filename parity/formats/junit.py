@@ -103,7 +103,7 @@ _KINDS = {"check": _check, "matrix": _matrix, "diagnosis": _diagnosis, "service"
 
 def render_junit(data: dict[str, Any]) -> str:
     """The JUnit XML for a report document: one testsuite, named after the command and the spec or log."""
-    subject = Path(data.get("spec") or data.get("report", {}).get("spec") or data.get("log") or "parity").stem
+    subject = Path(data.get("spec") or (data.get("report") or {}).get("spec") or data.get("log") or "parity").stem
     classname = f"parity.{data['kind']}.{subject}"
     suite = ET.Element("testsuite", name=f"parity {data['kind']}: {subject}")
     _KINDS[data["kind"]](suite, data, classname)
