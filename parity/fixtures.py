@@ -458,8 +458,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_verified(root: Path, rel: str, entry: Mapping[str, Any]) -> bytes:
-    """The bytes of one listed file, read once and checked against its size and sha256."""
+def _listed_file(root: Path, rel: str, entry: Mapping[str, Any]) -> Path:
+    """The path of one file the manifest lists, inside the fixture, present and of the recorded size."""
     base = root.resolve()
     path = (base / rel).resolve()
     if not path.is_relative_to(base):
@@ -473,9 +473,10 @@ def _read_verified(root: Path, rel: str, entry: Mapping[str, Any]) -> bytes:
             "Note: the file was modified or partly written. Restore it from version control, "
             "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
         )
-    with open(path, "rb") as f:
-        data = f.read(size + 1)
-    actual = hashlib.sha256(data).hexdigest()
+    return path
+
+
+def _check_sha256(root: Path, rel: str, entry: Mapping[str, Any], actual: str) -> None:
     if actual != entry["sha256"]:
         raise FixtureError(
             f"checksum mismatch for {root / rel}: {MANIFEST} records sha256 {entry['sha256']}, "
@@ -483,32 +484,21 @@ def _read_verified(root: Path, rel: str, entry: Mapping[str, Any]) -> bytes:
             "Note: the file was modified or partly written. Restore it from version control, "
             "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
         )
+
+
+def _read_verified(root: Path, rel: str, entry: Mapping[str, Any]) -> bytes:
+    """The bytes of one listed file, read once and checked against its size and sha256."""
+    path = _listed_file(root, rel, entry)
+    with open(path, "rb") as f:
+        data = f.read(entry["bytes"] + 1)
+    _check_sha256(root, rel, entry, hashlib.sha256(data).hexdigest())
     return data
 
 
 def _verify_files(root: Path, files: Mapping[str, Any], skip: Sequence[str] = ()) -> None:
     for rel, entry in files.items():
-        if rel in skip:
-            continue
-        base = root.resolve()
-        path = (base / rel).resolve()
-        if not path.is_relative_to(base):
-            raise FixtureError(f"{root / MANIFEST}: file entry {rel!r} points outside the fixture directory")
-        if not path.is_file():
-            raise FixtureError(f"{root / rel} is listed in {MANIFEST} but missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise FixtureError(f"size mismatch for {root / rel}: {MANIFEST} records {entry['bytes']} bytes, "
-                               f"the file has {path.stat().st_size}.\n"
-                               "Note: restore it from version control, or rebuild the fixtures on purpose "
-                               "with `make fixtures FORCE=1`.")
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
-            raise FixtureError(
-                f"checksum mismatch for {root / rel}: {MANIFEST} records sha256 {entry['sha256']}, "
-                f"the file has {actual}.\n"
-                "Note: the file was modified or partly written. Restore it from version control, "
-                "or rebuild the fixtures on purpose with `make fixtures FORCE=1`."
-            )
+        if rel not in skip:
+            _check_sha256(root, rel, entry, sha256_file(_listed_file(root, rel, entry)))
 
 
 def _int_list(value: Any, where: str) -> tuple[int, ...]:
