@@ -26,7 +26,8 @@ from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
-from parity.spec import DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, vocabulary
+from parity.spec import (DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, library_names,
+                         vocabulary)
 
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
@@ -56,7 +57,7 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
 
 
 # timm data-config fields a timm preprocessing record carries, for switching back to it.
-_TIMM_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend")
+_GEOMETRY_ORDER = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend")
 
 
 def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
@@ -67,27 +68,31 @@ def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
     transformers'.
     """
     record = fixture.pipeline.get("preprocess") or {}
-    library = record.get("library", "timm")
-    if not record or library == spec.preprocess.library:
+    library = record.get("library", DEFAULT_LIBRARY)
+    if not record or library == spec.preprocess.library or library not in library_names():
         return []
+    vocab = vocabulary(library)
     fields: list[tuple[str, Any]] = [("library", library)]
-    if library == "transformers":
-        fields.append(("processor", record.get("processor", "fast")))
-    if library == "timm":
-        fields += [(k, record[k]) for k in _TIMM_FIELDS if record.get(k) is not None]
+    if vocab.processors:  # a processor-based library: which of its processors made the fixture
+        fields.append(("processor", record.get("processor", vocab.processors[0])))
+    if vocab.preprocess_fields:  # a library that takes geometry from the spec: the recorded values
+        fields += [(k, record[k]) for k in _GEOMETRY_ORDER if k in (*vocab.preprocess_fields, "resize_backend")
+                   and record.get(k) is not None]
     elif spec.preprocess.resize_backend != "pil":
         fields.append(("resize_backend", "pil"))  # the other libraries run their own resize
     return [Change("preprocess", tuple(fields), origin="recorded in the fixture")]
 
 
 def _library_changes(spec: Spec) -> list[Change]:
-    """Whose preprocessing runs: the libraries the spec's backbone can feed, and transformers' two processors."""
+    """Whose preprocessing runs: the backbone library's own (when it reads its own configuration rather
+    than fields from the spec), a processor-based library when the spec names a config file, and the
+    preprocessing library's processors."""
     pp, library = spec.preprocess, spec.backbone.library
-    out = []
-    if pp.library == "transformers":
-        out += [Change("preprocess", (("processor", p),)) for p in ("fast", "slow")]
-    if library in ("transformers", "open_clip") or pp.config is not None:
-        target = "transformers" if library != "open_clip" else "open_clip"
+    out = [Change("preprocess", (("processor", p),)) for p in vocabulary(pp.library).processors]
+    targets = [library] if not vocabulary(library).preprocess_fields else []
+    if pp.config is not None:
+        targets += [name for name in library_names() if vocabulary(name).processors and name not in targets]
+    for target in targets:
         fields: tuple[tuple[str, Any], ...] = (("library", target),)
         if pp.resize_backend != "pil":
             fields += (("resize_backend", "pil"),)

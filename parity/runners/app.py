@@ -18,6 +18,7 @@ import numpy as np
 
 from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
+from parity.spec import DEFAULT_LIBRARY, library_names
 
 __all__ = ["AppObservation", "reachable_modules", "recognise", "observe", "to_array", "to_run", "PARTS"]
 
@@ -315,7 +316,7 @@ def _repeat_first(obs: AppObservation, call: Call, output_key: str | None, fixtu
 
 def _library(module, fixture: Fixture, part: str) -> str:
     top = type(module).__module__.partition(".")[0]
-    return top if top in ("timm", "transformers", "open_clip") else fixture.pipeline.get(part, {}).get("library", "timm")
+    return top if top in library_names() else fixture.pipeline.get(part, {}).get("library", DEFAULT_LIBRARY)
 
 
 def describe(obs: AppObservation, fixture: Fixture) -> dict[str, Any]:
