@@ -93,8 +93,15 @@ class Pipeline:
         Raises:
             FixtureError: the input cannot be decoded, or its resize would be too large.
         """
-        rgb = self.decode(image)[0]
-        check_resize(rgb.size, _resize_edge(self.data_config), path=getattr(image, "filename", "") or "image")
+        return self.pixels(self.decode(image)[0], name=getattr(image, "filename", "") or "image")
+
+    def pixels(self, rgb: Image.Image, *, name: str | Path = "image"):
+        """Pixels (3, H, W) for an image the shared loader already decoded to RGB (no second decode).
+
+        Raises:
+            FixtureError: its resize would be too large.
+        """
+        check_resize(rgb.size, _resize_edge(self.data_config), path=name)
         return self.transform(rgb)
 
     def embed(self, pixels):

@@ -81,10 +81,10 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
         for i in range(start, min(start + size, total)):
             try:
                 image, _ = decode_image(logged.rows[i].image, exif_transpose=exif)
+                batch.append(pipeline.pixels(image, name=logged.rows[i].image))
             except FixtureError as e:
                 failed.append((logged.rows[i].name, f"the spec cannot decode it for the reference: {e}"))
                 continue
-            batch.append(pipeline.preprocess(image))
             rows.append(i)
         if batch:
             try:

@@ -71,7 +71,7 @@ def decoded_batches(pipeline: Pipeline, fixture: Fixture, decoded: Decoded, *,
             row = fixture.rows[i]
             try:
                 image, note = decode_image(row.image, exif_transpose=exif)
-                x = pipeline.preprocess(image)  # a resize refused for its size is this sample's error too
+                x = pipeline.pixels(image, name=row.image)  # a resize refused for its size is this sample's error too
             except FixtureChangedError:
                 raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
             except FixtureError as e:
