@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from parity.comparator import STAGE_ORDER, compare_run, stage_tolerance
 from parity.explain import SETTABLE, diff_config, explain_run, toml_value
-from parity.fixtures import Fixture, load_fixture, verify_referenced_checkpoints
-from parity.results import CandidateRun, Report
+from parity.fixtures import Fixture, files_version, load_fixture, verify_referenced_checkpoints
+from parity.results import CandidateRun, Report, Shard
 from parity.runners import run_candidate
 from parity.sampling import sample_fixture
+from parity.shards import pack_vectors, shard_fixture
 from parity.spec import Spec
 
 
@@ -20,10 +24,13 @@ Progress = Callable[[int, int], None]
 
 
 def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
-              progress: Progress | None = None, sample: int | None = None) -> Report:
+              progress: Progress | None = None, sample: int | None = None,
+              shard: tuple[int, int] | None = None) -> Report:
     """Run the gate on ``spec.candidate`` (the spec-built pipeline by default): strict load, weights,
     decode, golden pixels, embeddings, head, outputs, decisions. ``sample``: gate a deterministic
     stratified subset of that many rows (`parity.sampling`); the decisions stage states its bound.
+    ``shard``: ``(I, N)``: gate shard I of N (`parity.shards`) and record which in the report, a
+    partial report for `parity.merge`.
 
     Raises:
         SpecError: no fixtures given, or the spec cannot be built into a pipeline.
@@ -37,9 +44,31 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         verify_referenced_checkpoints(fixture)
     if fixture is not None and sample is not None:  # a stratified subset of a large fixture (parity.sampling)
         fixture = sample_fixture(fixture, sample)
+    picked = None
+    if fixture is not None and shard is not None:
+        whole = len(fixture.rows)
+        fixture, picked = shard_fixture(fixture, *shard)
+        picked = tuple(zip(picked, fixture.names)), whole
     device_name = device or spec.runtime.device
-    run = run_candidate(spec, fixture, device=device_name, progress=progress)
-    return judge_run(run, run.reference if run.reference is not None else fixture, spec, device=device_name)
+    run = run_candidate(spec, fixture, device=device_name, progress=progress, shard=shard)
+    judged = run.reference if run.reference is not None else fixture
+    report = judge_run(run, judged, spec, device=device_name)
+    if shard is None:
+        return report
+    rows, of = (run.shard_rows, run.shard_of) if run.shard_rows is not None else picked
+    return replace(report, shard=_shard_record(shard, rows, of, run, judged, spec))
+
+
+def _shard_record(shard: tuple[int, int], rows, of: int, run: CandidateRun, judged: Fixture, spec: Spec) -> Shard:
+    """What a merge needs besides the stages: the shard's samples, and its embeddings when a decision
+    pairs samples that other shards hold."""
+    vectors = None
+    if spec.decisions.verification_threshold is not None and run.embeddings is not None and \
+            np.shape(run.embeddings)[1:] == judged.embeddings.shape[1:]:
+        vectors = pack_vectors(run.embeddings, judged.embeddings[list(run.rows)], [judged.names[i] for i in run.rows])
+    return Shard(index=shard[0], count=shard[1], of=of, rows=tuple(r for r, _ in rows), names=tuple(n for _, n in rows),
+                 runner=run.runner, version=files_version(judged.manifest) if "files" in judged.manifest else str(judged.root),
+                 max_flip_rate=spec.decisions.max_flip_rate, vectors=vectors)
 
 
 def judge_run(run: CandidateRun, fixture: Fixture, spec: Spec, *, device: str | None = None) -> Report:

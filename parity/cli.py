@@ -40,6 +40,12 @@ def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bo
         parser.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH", help=json_help)
 
 
+def _shard_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run shard I of N (1 <= I <= N) of the samples, chosen by content hash (adding a sample "
+                             "moves no other); --json writes a partial report for `parity merge`")
+
+
 def _report_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, dest="report_dir", metavar="DIR",
                         help="write report.json, report.md, report.html and junit.xml into DIR (report.md is also "
@@ -70,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="gate a deterministic stratified subset of K samples (every label and input-bias "
                             "value, image mode, EXIF orientation and aspect ratio present is covered); the "
                             "decisions stage states its flip-rate bound")
+    _shard_option(check)
     check.add_argument("--referee", choices=("float64",), default=None,
                        help="also run the candidate pipeline in float64 on a few probe samples and say whether a "
                             "difference is rounding (either side) or a change of computation")
@@ -97,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     _report_option(matrix)
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
+    merge = commands.add_parser(
+        "merge", help="merge the partial reports of `check --shard I/N` into the whole run's report",
+        description="Merge the partial JSON reports of every shard (`parity check --shard I/N --json PART.json`) "
+                    "into the report the unsharded run gives: verdict, per-stage statistics, worst samples, "
+                    "sample errors and decisions. Exit 0 on parity, 1 on drift, 2 when a shard is missing.")
+    merge.add_argument("parts", nargs="+", type=Path, metavar="PART.json", help="one partial report per shard")
+    merge.add_argument("--json", type=Path, default=None, dest="json_path", metavar="PATH",
+                       help="write the merged report as JSON")
+    _report_option(merge)
     diagnose = commands.add_parser(
         "diagnose", help="find the cause of a drift and the spec change that fixes it",
         description="Run the gate, then rank the causes of any drift: fields that differ from what the fixture "
@@ -433,7 +449,7 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     with Progress(errors) as progress:
         progress.phase("embedding images")
         report = run_check(spec, fixtures=args.fixtures, device=args.device, sample=args.sample,
-                           progress=progress.update)
+                           progress=progress.update, shard=_shard(args))
     render_report(report, console)
     verdict = None
     if args.referee is not None:  # informative: the gate's exit status is unchanged
@@ -451,6 +467,25 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
             data = json.loads(args.json_path.read_text(encoding="utf-8"))
             args.json_path.write_text(json.dumps({**data, "referee": to_json(verdict)}, indent=2) + "\n", encoding="utf-8")
+        console.print(f"report written to {args.json_path}", highlight=False)
+    _write_reports(report, args, console)
+    return EXIT_PASS if report.passed else EXIT_DRIFT
+
+
+def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    from parity.shards import parse_shard
+
+    return parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
+
+
+def _merge(args: argparse.Namespace, console: Console) -> int:
+    from parity.merge import load_partial, merge_reports
+    from parity.report import render_report, write_json
+
+    report = merge_reports([load_partial(path) for path in args.parts])
+    render_report(report, console)
+    if args.json_path is not None:
+        write_json(report, args.json_path)
         console.print(f"report written to {args.json_path}", highlight=False)
     _write_reports(report, args, console)
     return EXIT_PASS if report.passed else EXIT_DRIFT
@@ -548,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler[args.command](args, console, errors)
         return {"inspect": _inspect, "diff-structure": _diff_structure,
                 "explain-preprocess": _explain_preprocess, "freeze": _freeze,
-                "report": _report}[args.command](args, console)
+                "report": _report, "merge": _merge}[args.command](args, console)
     except ParityError as e:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)

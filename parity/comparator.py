@@ -20,7 +20,7 @@ from parity.sampling import sample_notes
 from parity.spec import DEFAULT_LIBRARY, Spec
 from parity import tolerance
 
-__all__ = ["STAGE_ORDER", "compare_run", "recorded_library"]
+__all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "verification_band"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 
@@ -62,9 +62,12 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
     names, rows = fixture.names, list(run.rows)
     stages = {"load": unobserved("load", "") if "load" in run.unobservable
               else StageResult("load", Status.PASS, _load_headline(spec)),
-              "weights": _weights_stage(run, fixture, spec), "decode": _decode_stage(run, len(names))}
+              "weights": _weights_stage(run, fixture, spec),
+              "decode": decode_stage(run.runner, run.sample_errors,
+                                     tuple(f"{name}: {note}" for name, note in run.conversions.items()), len(names))}
 
-    golden = [name for name in fixture.golden_pixels if run.pixels is not None and name in run.pixels]
+    # In sample order, as every other stage (and as a merge of shards puts them back).
+    golden = [name for name in names if name in fixture.golden_pixels and run.pixels is not None and name in run.pixels]
     if run.pixels is None:
         stages["pixels"] = unobserved("pixels", "not run")
     elif not fixture.golden_pixels:
@@ -113,16 +116,16 @@ class _NoModule:
         return iter(())
 
 
-def _decode_stage(run: CandidateRun, total: int) -> StageResult:
-    converted = f", {len(run.conversions)} converted to RGB" if run.conversions else ""
-    notes = tuple(f"{name}: {note}" for name, note in run.conversions.items())
-    if run.sample_errors:
-        failed = ("cannot be decoded; an unreadable sample never counts as parity" if run.runner == "spec" else
+def decode_stage(runner: str, sample_errors: Sequence[tuple[str, str]], notes: Sequence[str],
+                 total: int) -> StageResult:
+    """The decode verdict: every sample decoded (``notes``: the RGB conversions), or which failed and why."""
+    converted = f", {len(notes)} converted to RGB" if notes else ""
+    if sample_errors:
+        failed = ("cannot be decoded; an unreadable sample never counts as parity" if runner == "spec" else
                   "failed (unreadable, or the candidate raised on them); a failed sample never counts as parity")
-        return StageResult("decode", Status.FAIL, f"{len(run.sample_errors)} of {total} samples {failed}",
-                           sample_errors=tuple(run.sample_errors),
-                           notes=notes)
-    return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=notes)
+        return StageResult("decode", Status.FAIL, f"{len(sample_errors)} of {total} samples {failed}",
+                           sample_errors=tuple(sample_errors), notes=tuple(notes))
+    return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=tuple(notes))
 
 
 def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResult], run: CandidateRun) -> StageResult:
@@ -152,21 +155,32 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
         if run.embeddings is None or emb_cmp is None or not emb_cmp.shapes_match:
             skipped.append("no comparable embeddings")
         else:
-            # Each embedding may turn by arccos(min_cosine); a pair's angle by twice that.
-            floor = emb_cmp.tolerance.min_cosine if emb_cmp.tolerance.min_cosine is not None else 1.0
-            band = 2 * float(np.arccos(np.clip(floor, -1.0, 1.0)))
             found.append(verification_flips(wanted.verification_threshold, run.embeddings,
-                                             fixture.embeddings[kept], band, names))
+                                             fixture.embeddings[kept], verification_band(emb_cmp.tolerance), names))
+    return decisions_stage(found, skipped, wanted.max_flip_rate, sample_notes(fixture))
+
+
+def verification_band(tolerance: Tolerance) -> float:
+    """How close to the threshold a pair's reference cosine counts as a near-tie: each embedding may
+    turn by arccos(min_cosine), a pair's angle by twice that."""
+    floor = tolerance.min_cosine if tolerance.min_cosine is not None else 1.0
+    return 2 * float(np.arccos(np.clip(floor, -1.0, 1.0)))
+
+
+def decisions_stage(found: list[DecisionFlips], skipped: Sequence[str], max_flip_rate: float | None,
+                    notes: Sequence[str] = ()) -> StageResult:
+    """The decisions verdict from the flips of each kind: any flip, or a flip-rate bound above
+    ``max_flip_rate``, fails; near-ties are reported."""
     if not found:
         return StageResult("decisions", Status.SKIP, "not run: " + "; ".join(skipped))
-    found, statements, exceeded = bound_flip_rates(found, wanted.max_flip_rate)
+    found, statements, exceeded = bound_flip_rates(found, max_flip_rate)
     headline = "; ".join(f"{d.kind}: {len(d.flips)} flip(s), {len(d.near_ties)} near-tie(s) of {d.total}"
                          for d in found)
     if skipped:
         headline += "; not run: " + "; ".join(skipped)
     failed = any(d.flips for d in found) or bool(exceeded)
     return StageResult("decisions", Status.FAIL if failed else Status.PASS, headline, decisions=tuple(found),
-                       notes=tuple(statements + exceeded + sample_notes(fixture)))
+                       notes=tuple(statements + exceeded + list(notes)))
 
 
 def _load_headline(spec: Spec) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from parity.results import Comparison, SampleError, Thumbnail, Tolerance
 
-__all__ = ["compare_arrays", "MAX_SAMPLES"]
+__all__ = ["compare_arrays", "merge_comparisons", "MAX_SAMPLES"]
 
 WORST_SAMPLES = 3
 _ULP_STEPS = 64
@@ -88,6 +88,57 @@ def compare_arrays(
         samples=samples,
         thumbnail=thumbnail,
     )
+
+
+def merge_comparisons(parts: Sequence[Comparison], position: Callable[[str], int]) -> Comparison:
+    """One comparison of all rows from comparisons of disjoint sets of rows (shards, batches).
+
+    Maxima and minima are those of the parts, counts add up, the mean is weighted by element
+    count; the worst samples and the kept per-row errors are chosen from the union as
+    `compare_arrays` chooses them (largest error first, ties by ``position``, the row's place in
+    the whole set), and the thumbnail is the one of the part holding the worst row.
+    """
+    if not parts:
+        raise ValueError("no comparisons to merge")
+    first = parts[0]
+
+    def rows_of(shape: tuple[int, ...]) -> int:
+        return shape[0] if shape else 1
+
+    tails = {c.candidate_shape[1:] for c in parts} | {c.reference_shape[1:] for c in parts}
+    candidate_shape = (sum(rows_of(c.candidate_shape) for c in parts), *first.candidate_shape[1:])
+    reference_shape = (sum(rows_of(c.reference_shape) for c in parts), *first.reference_shape[1:])
+    if len(tails) > 1 or any(not c.shapes_match for c in parts):  # no numbers: as compare_arrays on a mismatch
+        if candidate_shape == reference_shape:
+            candidate_shape = (*candidate_shape, 0)  # never reported as matching
+        return Comparison(candidate_shape, reference_shape, first.tolerance)
+    total = sum(c.total for c in parts)
+    worst_first = lambda e: (-e.max_abs, position(e.name))  # noqa: E731
+    samples = [e for c in parts for e in c.samples]
+    if len(samples) > MAX_SAMPLES:
+        samples = sorted(samples, key=worst_first)[:MAX_SAMPLES]
+    cosines = [c.min_cosine for c in parts if c.min_cosine is not None]
+    worst = sorted((e for c in parts for e in c.worst), key=worst_first)[:WORST_SAMPLES]
+    pictured = [c for c in parts if c.thumbnail is not None]
+    thumbnail = None
+    if pictured:
+        thumbnail = min(pictured, key=lambda c: (-c.max_abs, position(c.thumbnail.name))).thumbnail
+    return Comparison(
+        candidate_shape=candidate_shape, reference_shape=reference_shape, tolerance=first.tolerance,
+        max_abs=_largest(c.max_abs for c in parts),
+        mean_abs=float(sum(c.mean_abs * c.total for c in parts if c.total) / total) if total else 0.0,
+        max_rel=_largest(c.max_rel for c in parts),
+        mismatched=sum(c.mismatched for c in parts), total=total,
+        min_cosine=min(cosines) if cosines else None,
+        nonfinite=sum(c.nonfinite for c in parts),
+        required_atol=_largest(c.required_atol for c in parts),
+        worst=tuple(worst), samples=tuple(sorted(samples, key=lambda e: position(e.name))), thumbnail=thumbnail)
+
+
+def _largest(values) -> float:
+    """The largest value that is not NaN (NaN stands for "not measured", as a saved report writes it)."""
+    known = [v for v in values if not math.isnan(v)]
+    return max(known) if known else math.nan
 
 
 def _blocks(image: np.ndarray, factor: int, reduce) -> np.ndarray:

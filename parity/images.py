@@ -60,7 +60,9 @@ def decode_image(path: str | Path | bytes, *, exif_transpose: bool = True, sha25
                 return _to_rgb(oriented, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise FixtureError(f"refusing {path}: decompression bomb ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except UnidentifiedImageError as e:  # PIL's message names an in-memory buffer, not the file
+        raise FixtureError(f"cannot decode image {path}: not an image format PIL recognises") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise FixtureError(f"cannot decode image {path}: {e}") from e
     except MemoryError as e:
         raise FixtureError(f"cannot decode image {path}: it needs more memory than is available") from e

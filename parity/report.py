@@ -145,7 +145,17 @@ _VERDICT_STYLE = {(True, True): "bold green", (True, False): "bold yellow", (Fal
 
 
 def verdict_line(report: Report) -> str:
-    """One sentence: parity, drift that flips no decision, decision flips, drift, or no verdict."""
+    """One sentence: parity, drift that flips no decision, decision flips, drift, or no verdict
+    (of one shard's samples, for a partial report)."""
+    line = _verdict_sentence(report)
+    shard = report.shard
+    if shard is None:
+        return line
+    return (f"SHARD {shard.index}/{shard.count} ({len(shard.rows)} of {shard.of} samples; merge every shard's "
+            f"report with `parity merge` for the whole verdict): {line}")
+
+
+def _verdict_sentence(report: Report) -> str:
     first = report.first_failure
     verdict = report.verdict
     if verdict is Verdict.PARITY:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import enum
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+_UnionType = types.UnionType
 
 __all__ = [
     "Tolerance",
@@ -39,6 +44,9 @@ __all__ = [
     "Calibration",
     "RefereeStage",
     "Referee",
+    "Shard",
+    "ShardVectors",
+    "from_plain",
 ]
 
 
@@ -262,6 +270,36 @@ class ConfigDiff:
 _ALWAYS_GATED = ("load", "weights", "decode", "decisions")
 
 
+@dataclass(frozen=True)
+class ShardVectors:
+    """One shard's candidate and reference embeddings (base64 of little-endian float32, row-major),
+    kept only when a decision needs pairs of samples that may sit in different shards."""
+
+    names: tuple[str, ...]
+    width: int
+    candidate: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the sample set a partial report covers (`parity check --shard I/N`).
+
+    ``rows`` are the shard's samples as positions in the whole set of ``of`` samples, ``names``
+    their names; ``runner`` and ``max_flip_rate`` are what a merge needs to judge the whole.
+    """
+
+    index: int
+    count: int
+    of: int
+    rows: tuple[int, ...]
+    names: tuple[str, ...]
+    runner: str = "spec"
+    version: str = ""
+    max_flip_rate: float | None = None
+    vectors: ShardVectors | None = None
+
+
 class Verdict(str, enum.Enum):
     PARITY = "parity"
     DRIFT_NO_FLIPS = "drift without decision flips"
@@ -285,6 +323,7 @@ class Report:
     stages: tuple[StageResult, ...]
     config_diffs: tuple[ConfigDiff, ...] = ()
     gate: str = "outputs"
+    shard: Shard | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -345,6 +384,8 @@ class CandidateRun:
         unloaded: parts the candidate runs without loading any checkpoint (initial or library-default
             weights): the weights stage fails for them. A part merely absent from ``fingerprints`` was
             not observed by this runner.
+        shard_rows: for a runner with samples of its own (a log) run on one shard: ``(position,
+            name)`` of each of the shard's samples, positions among all ``shard_of`` of them.
     """
 
     runner: str
@@ -364,6 +405,8 @@ class CandidateRun:
     unobservable: Mapping[str, str] = field(default_factory=dict)
     reference: Any = None
     unloaded: tuple[str, ...] = ()
+    shard_rows: tuple[tuple[int, str], ...] | None = None
+    shard_of: int = 0
 
 
 # -- the variant matrix (parity.variants) ----------------------------------------------------
@@ -644,3 +687,61 @@ class Referee:
         """The reduced precision of the reference that explains the difference, if that is what explains it."""
         named = [s.explained_by for s in self.stages if s.explained_by and s.explained_by.startswith("reference ")]
         return named[0].removeprefix("reference ") if self.explained and named else None
+
+
+def from_plain(cls: type, data: Any) -> Any:
+    """Rebuild a result dataclass from its JSON form (what `parity.report.to_json` wrote).
+
+    Fields the JSON lacks take their defaults; unknown keys (rendering extras such as ``text``)
+    are ignored; JSON ``null`` for a float field is NaN again.
+
+    Raises:
+        ValueError: the data does not have the shape ``cls`` needs.
+    """
+    import math
+    import typing
+
+    def build(tp: Any, value: Any) -> Any:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is Any or tp is object:
+            return value
+        if origin in (typing.Union, _UnionType):
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return build(inner[0], value) if len(inner) == 1 else value
+        if value is None:
+            if tp is float:
+                return math.nan
+            raise ValueError(f"missing value for {tp}")
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"expected an object for {tp.__name__}, got {type(value).__name__}")
+            hints = typing.get_type_hints(tp)
+            return tp(**{f.name: build(hints[f.name], value[f.name])
+                         for f in dataclasses.fields(tp) if f.init and f.name in value})
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(value)
+        if origin is tuple:
+            if not isinstance(value, list):
+                raise ValueError(f"expected a list for {tp}, got {type(value).__name__}")
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(build(args[0], v) for v in value)
+            return tuple(build(a, v) for a, v in zip(args, value)) if args else tuple(value)
+        if origin in (dict, Mapping, collections.abc.Mapping):
+            if not isinstance(value, dict):
+                raise ValueError(f"expected an object for {tp}, got {type(value).__name__}")
+            return {k: build(args[1], v) for k, v in value.items()} if args else dict(value)
+        if tp is float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if tp in (int, str, bool):
+            if type(value) is not tp and not (tp is int and isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"expected {tp.__name__}, got {value!r}")
+            return value
+        if tp is Path:
+            return Path(value)
+        return value
+
+    return build(cls, data)

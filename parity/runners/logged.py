@@ -22,6 +22,7 @@ import numpy as np
 from parity.errors import FixtureError
 from parity.fixtures import Fixture, load_logged_samples
 from parity.results import CandidateRun
+from parity.shards import shard_fixture
 from parity.spec import Spec
 
 __all__ = ["run", "match_rows", "spec_reference"]
@@ -29,6 +30,7 @@ __all__ = ["run", "match_rows", "spec_reference"]
 Progress = Callable[[int, int], None]
 
 UNOBSERVABLE = "a service log holds only what the service logged"
+OWN_SAMPLES = True  # the log's rows are the samples: a shard is taken of them (parity.shards)
 
 
 def _digest(path: Path) -> str:
@@ -111,10 +113,16 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
 
 
 def run(spec: Spec, fixture: Fixture | None, *, device: str | None = None,
-        progress: Progress | None = None) -> CandidateRun:
-    """The logged values as a candidate record, against the fixture or against the spec's pipeline."""
+        progress: Progress | None = None, shard: tuple[int, int] | None = None) -> CandidateRun:
+    """The logged values as a candidate record, against the fixture or against the spec's pipeline.
+
+    ``shard``: ``(I, N)``: only the logged rows in shard I of N (`parity.shards`) are replayed.
+    """
     log = Path(spec.candidate.target)
     logged = load_logged_samples(log)
+    positions, population = None, len(logged.rows)
+    if shard is not None:
+        logged, positions = shard_fixture(logged, *shard)
     has = {"embedding": logged.embeddings.shape[1] > 0, "outputs": logged.outputs.shape[1] > 0}
     unobservable = {stage: UNOBSERVABLE for stage in ("load", "weights", "pixels", "head")}
     unobservable.update({stage: f"{UNOBSERVABLE}; it has no '{stage}'" for stage, there in has.items() if not there})
@@ -144,4 +152,5 @@ def run(spec: Spec, fixture: Fixture | None, *, device: str | None = None,
         embeddings=logged.embeddings[keep] if has["embedding"] else None,
         outputs=logged.outputs[keep] if has["outputs"] else None,
         unobservable=unobservable, reference=reference,
+        shard_rows=None if positions is None else tuple(zip(positions, (r.name for r in logged.rows))), shard_of=population,
     )

@@ -1,0 +1,175 @@
+"""Put the partial reports of `parity check --shard I/N` back together (`parity merge`).
+
+The merged report is the one the unsharded run gives: per stage the maxima, minima and counts
+of the parts, the mean weighted by element count, the worst samples of the union, every sample
+error and flip in sample order, and the decisions' flip-rate bounds recomputed over all
+decisions. Decisions over pairs of samples (verification) are judged again from the
+embeddings the partial reports carry. Only a complete set of shards of one fixture merges.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from parity.comparator import STAGE_ORDER, decisions_stage, decode_stage, verification_band
+from parity.compare import merge_comparisons
+from parity.decisions import verification_flips
+from parity.errors import SpecError
+from parity.results import DecisionFlips, Report, Shard, StageResult, Status, from_plain
+from parity.shards import unpack_vectors
+
+__all__ = ["load_partial", "merge_reports"]
+
+
+def load_partial(path: str | Path) -> Report:
+    """A partial report written by ``parity check --shard I/N --json PATH``.
+
+    Raises:
+        SpecError: not readable, not JSON, not a check report, or not a shard's report.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"cannot read partial report {path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError(f"{path} is not a JSON report: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise SpecError(f"{path} is not a `parity check --json` report (no 'stages')")
+    if data.get("kind", "check") != "check":
+        raise SpecError(f"{path} is a {data['kind']} report; parity merge takes check reports")
+    if not isinstance(data.get("shard"), dict):
+        raise SpecError(f"{path} is a whole report, not a shard's: write parts with "
+                        "`parity check --shard I/N --json PART.json`")
+    try:
+        return from_plain(Report, data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SpecError(f"{path}: not a report this version of parity wrote: {e}") from e
+
+
+def _check_complete(reports: Sequence[Report]) -> list[Shard]:
+    shards = [r.shard for r in reports]
+    if not shards:
+        raise SpecError("parity merge needs the partial reports of every shard")
+    if any(s is None for s in shards):
+        raise SpecError("parity merge takes shard reports only (`parity check --shard I/N --json PART.json`)")
+    first = shards[0]
+    counts = {s.count for s in shards}
+    if len(counts) > 1:
+        raise SpecError(f"the partial reports come from different shardings: N = {sorted(counts)}")
+    for what, values in (("fixture", {(s.of, s.version) for s in shards}), ("spec", {r.spec for r in reports}),
+                         ("candidate", {s.runner for s in shards})):
+        if len(values) > 1:
+            raise SpecError(f"the partial reports are of different {what}s ({len(values)} distinct): "
+                            "merge the shards of one run")
+    seen = sorted(s.index for s in shards)
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    if repeated:
+        raise SpecError(f"shard(s) {', '.join(f'{i}/{first.count}' for i in repeated)} given twice")
+    missing = [i for i in range(1, first.count + 1) if i not in seen]
+    if missing:
+        raise SpecError(f"shard(s) {', '.join(f'{i}/{first.count}' for i in missing)} missing: parity merge "
+                        f"needs all {first.count} partial reports")
+    return shards
+
+
+def merge_reports(reports: Sequence[Report]) -> Report:
+    """The report of the whole sample set from every shard's partial report.
+
+    Raises:
+        SpecError: a shard missing or given twice, or parts of different runs.
+    """
+    shards = _check_complete(reports)
+    order: dict[str, int] = {}
+    for shard in shards:
+        for name, row in zip(shard.names, shard.rows):
+            order.setdefault(name, row)
+    position = lambda name: order.get(name, len(order))  # noqa: E731
+    by_stage = {s: [r.stage(s) for r in reports] for s in STAGE_ORDER}
+    stages = {"load": _same(by_stage["load"]), "weights": _same(by_stage["weights"]),
+              "decode": _decode(by_stage["decode"], shards, position)}
+    for stage in ("pixels", "embedding", "head", "outputs"):
+        stages[stage] = _compared(by_stage[stage], position)
+    stages["decisions"] = _decisions(by_stage["decisions"], stages["embedding"], shards, position)
+    first = reports[0]
+    return replace(first, stages=tuple(stages[s] for s in STAGE_ORDER), shard=None)
+
+
+def _notes(parts: Sequence[StageResult]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(note for part in parts for note in part.notes))
+
+
+def _same(parts: Sequence[StageResult]) -> StageResult:
+    """A stage every shard judges alike (load, weights): the first failure if any shard failed."""
+    return next((p for p in parts if p.status is Status.FAIL), parts[0])
+
+
+def _decode(parts: Sequence[StageResult], shards: Sequence[Shard], position) -> StageResult:
+    errors = sorted((e for p in parts for e in p.sample_errors), key=lambda e: position(e[0]))
+    conversions = sorted(dict.fromkeys(n for p in parts for n in p.notes if not n.startswith("Fix:")),
+                         key=lambda n: position(n.partition(": ")[0]))
+    merged = decode_stage(shards[0].runner, errors, conversions, shards[0].of)
+    return replace(merged, notes=merged.notes + tuple(n for n in _notes(parts) if n.startswith("Fix:")))
+
+
+def _compared(parts: Sequence[StageResult], position) -> StageResult:
+    """A numeric stage: the parts' comparisons merged; a stage that failed without numbers (the
+    candidate raised) stays failed; a stage no shard could compare stays as the first shard says."""
+    raised = [p for p in parts if p.status is Status.FAIL and p.comparison is None]
+    if raised:
+        return replace(raised[0], notes=_notes(parts))
+    compared = [p.comparison for p in parts if p.comparison is not None]
+    if not compared:
+        return parts[0]
+    comparison = merge_comparisons(compared, position)
+    base = next(p for p in parts if p.comparison is not None)
+    return replace(base, status=Status.PASS if comparison else Status.FAIL, comparison=comparison,
+                   notes=_notes(parts))
+
+
+def _decisions(parts: Sequence[StageResult], embedding: StageResult, shards: Sequence[Shard],
+               position) -> StageResult:
+    judged = [p for p in parts if p.decisions]
+    if not judged:
+        return parts[0]
+    kinds = list(dict.fromkeys(d.kind for p in judged for d in p.decisions))
+    found: list[DecisionFlips] = []
+    for kind in kinds:
+        if kind == "verification":
+            threshold = next(d.threshold for p in judged for d in p.decisions if d.kind == kind)
+            pairs = _pairs(shards, embedding, threshold, position)
+            if pairs is not None:
+                found.append(pairs)
+            continue
+        same = [d for p in judged for d in p.decisions if d.kind == kind]
+        probability = [d.max_probability_error for d in same if d.max_probability_error is not None]
+        found.append(replace(
+            same[0], total=sum(d.total for d in same),
+            flips=tuple(sorted((f for d in same for f in d.flips), key=position)),
+            near_ties=tuple(sorted((f for d in same for f in d.near_ties), key=position)),
+            max_probability_error=max(probability) if probability else None, flip_rate_bound=None))
+    skipped = [h.partition("not run: ")[2] for p in parts for h in [p.headline] if "not run: " in h]
+    # The parts' flip-rate statements are about their share only; decisions_stage states the whole.
+    kept = [n for n in _notes(parts) if not any(n.startswith(f"{kind}: ") for kind in kinds)]
+    return decisions_stage(found, list(dict.fromkeys(s for s in skipped if s)), shards[0].max_flip_rate, kept)
+
+
+def _pairs(shards: Sequence[Shard], embedding: StageResult, threshold: float, position) -> DecisionFlips | None:
+    """Verification over every pair of samples, shards crossed, from the embeddings the parts carry."""
+    parts = [s.vectors for s in shards if s.vectors is not None and s.vectors.names]
+    if not parts or embedding.comparison is None:
+        return None
+    names, candidate, reference = [], [], []
+    for vectors in parts:
+        got, want = unpack_vectors(vectors)
+        names += vectors.names
+        candidate.append(got)
+        reference.append(want)
+    keep = sorted(range(len(names)), key=lambda i: position(names[i]))
+    return verification_flips(threshold, np.concatenate(candidate)[keep], np.concatenate(reference)[keep],
+                              verification_band(embedding.comparison.tolerance), [names[i] for i in keep])
