@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                     "embeddings. Exit 0 when every deployment cell reproduces the reference.")
     _spec_options(matrix, spec_help="TOML spec of the candidate", json_help="also write the matrix report as JSON")
     _report_option(matrix)
+    _shard_option(matrix)
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
     merge = commands.add_parser(
@@ -234,7 +235,8 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
         axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
     with Progress(errors) as progress:
         progress.phase("matrix over images")
-        report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device, progress=progress.update)
+        report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device, progress=progress.update,
+                            shard=_shard(args))
     render_matrix(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
@@ -480,10 +482,11 @@ def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _merge(args: argparse.Namespace, console: Console) -> int:
     from parity.merge import load_partial, merge_reports
-    from parity.report import render_report, write_json
+    from parity.report import render_matrix, render_report, write_json
+    from parity.results import MatrixReport
 
     report = merge_reports([load_partial(path) for path in args.parts])
-    render_report(report, console)
+    (render_matrix if isinstance(report, MatrixReport) else render_report)(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
         console.print(f"report written to {args.json_path}", highlight=False)

@@ -1,10 +1,11 @@
-"""Put the partial reports of `parity check --shard I/N` back together (`parity merge`).
+"""Put the partial reports of `parity check|matrix --shard I/N` back together (`parity merge`).
 
 The merged report is the one the unsharded run gives: per stage the maxima, minima and counts
 of the parts, the mean weighted by element count, the worst samples of the union, every sample
 error and flip in sample order, and the decisions' flip-rate bounds recomputed over all
 decisions. Decisions over pairs of samples (verification) are judged again from the
-embeddings the partial reports carry. Only a complete set of shards of one fixture merges.
+embeddings the partial reports carry. A matrix merges cell by cell. Only a complete set of
+shards of one run merges.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ from parity.comparator import STAGE_ORDER, decisions_stage, decode_stage, verifi
 from parity.compare import merge_comparisons
 from parity.decisions import verification_flips
 from parity.errors import SpecError
-from parity.results import DecisionFlips, Report, Shard, StageResult, Status, from_plain
+from parity.results import CellResult, DecisionFlips, MatrixReport, Report, Shard, StageResult, Status, from_plain
 from parity.shards import unpack_vectors
 
 __all__ = ["load_partial", "merge_reports"]
 
 
-def load_partial(path: str | Path) -> Report:
-    """A partial report written by ``parity check --shard I/N --json PATH``.
+_KINDS = {"check": Report, "matrix": MatrixReport}
+
+
+def load_partial(path: str | Path) -> Report | MatrixReport:
+    """A partial report written by ``parity check|matrix --shard I/N --json PATH`` (or ``--report DIR``).
 
     Raises:
-        SpecError: not readable, not JSON, not a check report, or not a shard's report.
+        SpecError: not readable, not JSON, not a check or matrix report, or not a shard's report.
     """
     path = Path(path)
     try:
@@ -39,23 +43,26 @@ def load_partial(path: str | Path) -> Report:
         raise SpecError(f"cannot read partial report {path}: {e.strerror or e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"{path} is not a JSON report: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
-        raise SpecError(f"{path} is not a `parity check --json` report (no 'stages')")
-    if data.get("kind", "check") != "check":
-        raise SpecError(f"{path} is a {data['kind']} report; parity merge takes check reports")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path} is not a `parity check --json` report")
+    kind = data.get("kind", "matrix" if "cells" in data else "check")
+    if kind not in _KINDS:
+        raise SpecError(f"{path} is a {kind} report; parity merge takes check and matrix reports")
     if not isinstance(data.get("shard"), dict):
         raise SpecError(f"{path} is a whole report, not a shard's: write parts with "
-                        "`parity check --shard I/N --json PART.json`")
+                        f"`parity {kind} --shard I/N --json PART.json`")
     try:
-        return from_plain(Report, data)
+        return from_plain(_KINDS[kind], data)
     except (ValueError, TypeError, KeyError) as e:
         raise SpecError(f"{path}: not a report this version of parity wrote: {e}") from e
 
 
-def _check_complete(reports: Sequence[Report]) -> list[Shard]:
+def _check_complete(reports: Sequence[Report | MatrixReport]) -> list[Shard]:
     shards = [r.shard for r in reports]
     if not shards:
         raise SpecError("parity merge needs the partial reports of every shard")
+    if len({type(r) for r in reports}) > 1:
+        raise SpecError("parity merge got check and matrix reports together: merge the shards of one run")
     if any(s is None for s in shards):
         raise SpecError("parity merge takes shard reports only (`parity check --shard I/N --json PART.json`)")
     first = shards[0]
@@ -78,7 +85,7 @@ def _check_complete(reports: Sequence[Report]) -> list[Shard]:
     return shards
 
 
-def merge_reports(reports: Sequence[Report]) -> Report:
+def merge_reports(reports: Sequence[Report | MatrixReport]) -> Report | MatrixReport:
     """The report of the whole sample set from every shard's partial report.
 
     Raises:
@@ -90,6 +97,8 @@ def merge_reports(reports: Sequence[Report]) -> Report:
         for name, row in zip(shard.names, shard.rows):
             order.setdefault(name, row)
     position = lambda name: order.get(name, len(order))  # noqa: E731
+    if isinstance(reports[0], MatrixReport):
+        return _merge_matrices(reports, position)
     by_stage = {s: [r.stage(s) for r in reports] for s in STAGE_ORDER}
     stages = {"load": _same(by_stage["load"]), "weights": _same(by_stage["weights"]),
               "decode": _decode(by_stage["decode"], shards, position)}
@@ -173,3 +182,23 @@ def _pairs(shards: Sequence[Shard], embedding: StageResult, threshold: float, po
     keep = sorted(range(len(names)), key=lambda i: position(names[i]))
     return verification_flips(threshold, np.concatenate(candidate)[keep], np.concatenate(reference)[keep],
                               verification_band(embedding.comparison.tolerance), [names[i] for i in keep])
+
+
+def _merge_matrices(reports: Sequence[MatrixReport], position) -> MatrixReport:
+    """Cell by cell; modes are equivalent when they were bit-identical in every shard."""
+    cells = []
+    for parts in zip(*(r.cells for r in reports)):
+        if len({p.cell.id for p in parts}) > 1:
+            raise SpecError("the partial matrix reports have different cells: run every shard with the same axes")
+        compared = [p.comparison for p in parts if p.comparison is not None]
+        if not compared:
+            cells.append(next((p for p in parts if "no sample falls" not in p.reason), parts[0]))
+            continue
+        comparison = merge_comparisons(compared, position)
+        cells.append(CellResult(parts[0].cell, Status.PASS if comparison else Status.FAIL, comparison))
+    if len({len(r.cells) for r in reports}) > 1:
+        raise SpecError("the partial matrix reports have different cells: run every shard with the same axes")
+    equivalent = set(reports[0].equivalent_modes)
+    for report in reports[1:]:
+        equivalent &= set(report.equivalent_modes)
+    return replace(reports[0], cells=tuple(cells), equivalent_modes=tuple(sorted(equivalent)), shard=None)

@@ -147,12 +147,7 @@ _VERDICT_STYLE = {(True, True): "bold green", (True, False): "bold yellow", (Fal
 def verdict_line(report: Report) -> str:
     """One sentence: parity, drift that flips no decision, decision flips, drift, or no verdict
     (of one shard's samples, for a partial report)."""
-    line = _verdict_sentence(report)
-    shard = report.shard
-    if shard is None:
-        return line
-    return (f"SHARD {shard.index}/{shard.count} ({len(shard.rows)} of {shard.of} samples; merge every shard's "
-            f"report with `parity merge` for the whole verdict): {line}")
+    return _shard_prefix(report.shard) + _verdict_sentence(report)
 
 
 def _verdict_sentence(report: Report) -> str:
@@ -315,10 +310,20 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
     for group in report.equivalent_modes:
         console.print(f"extraction modes {', '.join(group)} gave bit-identical embeddings for this model",
                       highlight=False, soft_wrap=True)
-    if report.passed:
-        console.print(Text("MATRIX: every deployment cell reproduces the reference.", style="bold green"))
-    else:
-        console.print(Text("MATRIX: a deployment cell drifted (or none ran).", style="bold red"))
+    console.print(Text(matrix_line(report), style="bold green" if report.passed else "bold red"))
+
+
+def matrix_line(report: MatrixReport) -> str:
+    line = ("MATRIX: every deployment cell reproduces the reference." if report.passed
+            else "MATRIX: a deployment cell drifted (or none ran).")
+    return _shard_prefix(report.shard) + line
+
+
+def _shard_prefix(shard) -> str:
+    if shard is None:
+        return ""
+    return (f"SHARD {shard.index}/{shard.count} ({len(shard.rows)} of {shard.of} samples; merge every shard's "
+            f"report with `parity merge` for the whole verdict): ")
 
 
 def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
@@ -502,8 +507,7 @@ def document(result: Any) -> dict[str, Any]:
                 entry["comparison"]["tolerance"]["text"] = cell.comparison.tolerance.describe()
                 tolerances.setdefault(str(cell.cell["dtype"]), cell.comparison.tolerance.describe())
         data["tolerances"] = tolerances
-        data["headline"] = ("MATRIX: every deployment cell reproduces the reference." if result.passed
-                            else "MATRIX: a deployment cell drifted (or none ran).")
+        data["headline"] = matrix_line(result)
     elif isinstance(result, ServiceDiagnosis):
         data, kind = to_json(result), "service"
         _cause_extras(data["causes"], result.causes)

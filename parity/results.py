@@ -448,6 +448,7 @@ class MatrixReport:
     axes: tuple[str, ...]
     equivalent_modes: tuple[tuple[str, ...], ...] = ()
     reference_dtype: str = "float32"
+    shard: Shard | None = None
 
     @property
     def passed(self) -> bool:

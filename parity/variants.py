@@ -20,12 +20,13 @@ import numpy as np
 
 from parity.compare import compare_arrays
 from parity.errors import SpecError
-from parity.fixtures import load_fixture
+from parity.fixtures import files_version, load_fixture
 from parity.images import load_image
 from parity.libraries import extract_embeddings
 from parity.libraries import get as library
 from parity.preprocess import create_preprocess
-from parity.results import Cell, CellResult, MatrixReport, Status, Tolerance
+from parity.results import Cell, CellResult, MatrixReport, Shard, Status, Tolerance
+from parity.shards import shard_fixture
 from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
 from parity.tolerance import cell_tolerance
 
@@ -212,11 +213,14 @@ class _Engine:
 
 def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,
                device: str | None = None, tolerance: Tolerance | None = None,
-               progress: Callable[[int, int], None] | None = None) -> MatrixReport:
+               progress: Callable[[int, int], None] | None = None,
+               shard: tuple[int, int] | None = None) -> MatrixReport:
     """Run every cell against the fixture's reference embeddings.
 
     Args:
         tolerance: one budget for every cell (default: per precision, see `cell_tolerance`).
+        shard: ``(I, N)``: run shard I of N of the samples (`parity.shards`); the report records it
+            for `parity.merge`.
     """
     import torch
 
@@ -225,6 +229,12 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     _require_supported(spec)
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
+    shard_record = None
+    if shard is not None:
+        whole = len(fixture.rows)
+        fixture, picked = shard_fixture(fixture, *shard)
+        shard_record = Shard(index=shard[0], count=shard[1], of=whole, rows=tuple(picked), names=tuple(fixture.names),
+                             runner="matrix", version=files_version(fixture.manifest))
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
     engine = _Engine(pipeline, spec.runtime.batch_size)
@@ -237,6 +247,8 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
         if group[0]["device"] == "cuda" and not torch.cuda.is_available():
             results.update({c.id: CellResult(c, Status.SKIP, reason="CUDA is not available on this machine")
                             for c in group})
+        elif not fixture.rows:
+            results.update({c.id: CellResult(c, Status.SKIP, reason="no sample falls in this shard") for c in group})
         else:
             chunks[key] = {m: [] for m in sorted({c["extract"] for c in group})}
 
@@ -268,7 +280,8 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
             results[cell.id] = CellResult(cell, Status.PASS if comparison else Status.FAIL, comparison)
     varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
     return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
-                        axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype)
+                        axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype,
+                        shard=shard_record)
 
 
 def _identical_modes(embeddings: Mapping[str, np.ndarray]) -> set[tuple[str, ...]]:

@@ -285,3 +285,32 @@ def test_a_logged_replay_merges_to_the_unsharded_replay(tmp_path):
         merged = merge_reports(parts)
         _assert_same_report(merged, whole)
         assert not merged.passed
+
+
+# -- a sharded matrix -------------------------------------------------------------------------
+
+def test_merged_matrix_shards_equal_the_unsharded_matrix(tmp_path, capsys):
+    from parity.variants import parse_axes, run_matrix
+
+    spec = load_spec(EXAMPLE_SPEC)
+    axes = {**spec.matrix, **parse_axes({"extract": ["pre_logits", "cls", "forward"], "interpolation": ["bicubic", "bilinear"],
+                                         "resize_backend": ["pil"], "device": ["cpu"], "dtype": ["float32"]},
+                                        where="test")}
+    whole = run_matrix(spec, axes=axes)
+    parts = [run_matrix(spec, axes=axes, shard=(i, 3)) for i in (1, 2, 3)]
+    assert sorted(r for p in parts for r in p.shard.rows) == list(range(len(load_fixture(EXAMPLE_FIXTURES).rows)))
+    merged = merge_reports(parts)
+    assert merged.passed == whole.passed and merged.equivalent_modes == whole.equivalent_modes
+    for got, want in zip(merged.cells, whole.cells):
+        assert (got.cell.id, got.status) == (want.cell.id, want.status)
+        if want.comparison is not None and want.comparison.shapes_match:
+            assert got.comparison.max_abs == pytest.approx(want.comparison.max_abs, abs=BUDGET)
+            assert got.comparison.mean_abs == pytest.approx(want.comparison.mean_abs, abs=BUDGET)
+            assert got.comparison.mismatched == want.comparison.mismatched
+    # Through files: a matrix and a check part do not merge together.
+    for i, part in enumerate(parts):
+        write_json(part, tmp_path / f"m{i}.json")
+    write_json(run_check(spec, shard=(1, 3)), tmp_path / "check.json")
+    assert main(["merge", *(str(tmp_path / f"m{i}.json") for i in range(3))]) == (EXIT_PASS if whole.passed else 1)
+    assert "MATRIX:" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "m0.json"), str(tmp_path / "check.json")]) == EXIT_USAGE
