@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from parity.shards import pack_vectors, shard_fixture
 from parity.spec import Spec
 
 
-__all__ = ["STAGE_ORDER", "SETTABLE", "run_check", "judge_run", "diff_config", "stage_tolerance", "toml_value"]
+__all__ = ["STAGE_ORDER", "SETTABLE", "run_check", "judge_run", "partial_report", "diff_config", "stage_tolerance", "toml_value"]
 
 Progress = Callable[[int, int], None]
 
@@ -44,31 +44,36 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         verify_referenced_checkpoints(fixture)
     if fixture is not None and sample is not None:  # a stratified subset of a large fixture (parity.sampling)
         fixture = sample_fixture(fixture, sample)
-    picked = None
+    samples: tuple[tuple[int, str], ...] = ()
+    whole = 0
     if fixture is not None and shard is not None:
         whole = len(fixture.rows)
         fixture, picked = shard_fixture(fixture, *shard)
-        picked = tuple(zip(picked, fixture.names)), whole
+        samples = tuple(zip(picked, fixture.names))
     device_name = device or spec.runtime.device
     run = run_candidate(spec, fixture, device=device_name, progress=progress, shard=shard)
     judged = run.reference if run.reference is not None else fixture
     report = judge_run(run, judged, spec, device=device_name)
     if shard is None:
         return report
-    rows, of = (run.shard_rows, run.shard_of) if run.shard_rows is not None else picked
-    return replace(report, shard=_shard_record(shard, rows, of, run, judged, spec))
+    if run.shard_rows is not None:  # a runner with samples of its own (a log) sharded them itself
+        samples, whole = run.shard_rows, run.shard_of
+    return partial_report(report, shard, samples, whole, run, judged, spec)
 
 
-def _shard_record(shard: tuple[int, int], rows, of: int, run: CandidateRun, judged: Fixture, spec: Spec) -> Shard:
-    """What a merge needs besides the stages: the shard's samples, and its embeddings when a decision
-    pairs samples that other shards hold."""
+def partial_report(report: Report, shard: tuple[int, int], samples: Sequence[tuple[int, str]], whole: int,
+                   run: CandidateRun, judged: Fixture, spec: Spec) -> Report:
+    """``report`` marked as shard I of N: ``samples`` are ``(position, name)`` of its samples among
+    ``whole``. Keeps what a merge needs besides the stages, e.g. the shard's embeddings when a
+    decision pairs samples that other shards hold."""
     vectors = None
     if spec.decisions.verification_threshold is not None and run.embeddings is not None and \
             np.shape(run.embeddings)[1:] == judged.embeddings.shape[1:]:
         vectors = pack_vectors(run.embeddings, judged.embeddings[list(run.rows)], [judged.names[i] for i in run.rows])
-    return Shard(index=shard[0], count=shard[1], of=of, rows=tuple(r for r, _ in rows), names=tuple(n for _, n in rows),
-                 runner=run.runner, version=files_version(judged.manifest) if "files" in judged.manifest else str(judged.root),
-                 max_flip_rate=spec.decisions.max_flip_rate, vectors=vectors)
+    return replace(report, shard=Shard(
+        index=shard[0], count=shard[1], of=whole, rows=tuple(r for r, _ in samples), names=tuple(n for _, n in samples),
+        runner=run.runner, version=files_version(judged.manifest) if "files" in judged.manifest else str(judged.root),
+        max_flip_rate=spec.decisions.max_flip_rate, vectors=vectors))
 
 
 def judge_run(run: CandidateRun, fixture: Fixture, spec: Spec, *, device: str | None = None) -> Report:

@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                   candidate=True)
     _report_option(diagnose)
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
+    _shard_option(diagnose)
     diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
                           help="a service's logged samples (JSONL or CSV: image, input_biases, embedding and/or "
                                "outputs): does the service match the spec's pipeline, and if not, which variant does")
@@ -252,6 +253,10 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
 
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
+    if args.logged is not None and args.shard is not None:
+        raise SpecError("diagnose --logged does not take --shard: gate the log in shards with "
+                        "`parity check --candidate logged:FILE --shard I/N --json PART.json` and `parity merge`, "
+                        "then diagnose the whole log")
     spec = _load_spec(args)
     with Progress(errors) as progress:
         progress.phase("diagnosing")
@@ -259,7 +264,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
             from parity.diagnose import diagnose_candidate
 
             result = diagnose_candidate(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                                        progress=progress.phase)
+                                        progress=progress.phase, shard=_shard(args))
         elif args.logged is not None:
             from parity.diagnose import diagnose_logged
 
@@ -267,7 +272,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
                                      progress=progress.phase)
         else:
             result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                              progress=progress.phase)
+                              progress=progress.phase, shard=_shard(args))
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
@@ -482,16 +487,19 @@ def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _merge(args: argparse.Namespace, console: Console) -> int:
     from parity.merge import load_partial, merge_reports
-    from parity.report import render_matrix, render_report, write_json
-    from parity.results import MatrixReport
+    from parity.report import render_diagnosis, render_matrix, render_report, write_json
+    from parity.results import Diagnosis, MatrixReport
 
     report = merge_reports([load_partial(path) for path in args.parts])
-    (render_matrix if isinstance(report, MatrixReport) else render_report)(report, console)
+    render = render_matrix if isinstance(report, MatrixReport) else render_diagnosis if isinstance(report, Diagnosis) \
+        else render_report
+    render(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
         console.print(f"report written to {args.json_path}", highlight=False)
     _write_reports(report, args, console)
-    return EXIT_PASS if report.passed else EXIT_DRIFT
+    passed = not report.drift if isinstance(report, Diagnosis) else report.passed
+    return EXIT_PASS if passed else EXIT_DRIFT
 
 
 def _freeze(args: argparse.Namespace, console: Console) -> int:

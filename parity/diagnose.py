@@ -26,6 +26,7 @@ from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
+from parity.shards import shard_fixture
 from parity.spec import (DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, library_names,
                          vocabulary)
 
@@ -336,20 +337,24 @@ def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
 
 
 def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None, samples: int = 4,
-             progress: Progress | None = None) -> Diagnosis:
+             progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis:
     """Find why the candidate drifts and which spec change restores parity.
 
     Args:
         samples: how many of the most-drifting samples each cheap probe runs on; the
             best change is then confirmed by a full `run_check` on every sample.
+        shard: ``(I, N)``: diagnose on shard I of N of the samples (`parity.shards`); the gate,
+            the probes and the confirmation all run on that shard, for `parity.merge`.
     """
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
     say("running the gate")
-    report = run_check(spec, fixtures=fixtures, device=device)
+    report = run_check(spec, fixtures=fixtures, device=device, shard=shard)
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",))
     fixture = load_fixture(spec.fixture_root(fixtures))
+    if shard is not None:
+        fixture, _ = shard_fixture(fixture, *shard)
     # Samples that do not decode are named and left out of every probe: they say nothing about the fix.
     unreadable = dict(report.stage("decode").sample_errors) if _has_stage(report, "decode") else {}
     fixture = _without(fixture, unreadable)
@@ -362,7 +367,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             fields = tuple((f, v) for f, v in (("state_dict_key", fix.state_dict_key), ("key_map", dict(fix.key_map)),
                                                ("drop_keys", list(fix.drop_keys))) if v)
             change = Change(section, fields, origin="checkpoint forensics")
-            confirmed = run_check(change.apply(spec), fixtures=fixtures, device=device).passed
+            confirmed = run_check(change.apply(spec), fixtures=fixtures, device=device, shard=shard).passed
             cause = Cause(change, "load", "keys", float("nan"), float("nan"), confirmed, "; ".join(fix.causes))
             return Diagnosis(report, (cause,), (change,), confirmed)
         section = load.key_diffs[0].section
@@ -394,7 +399,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     causes, fix, current, _ = _search(prober, candidates.values(), spec, stage, base, shown=5)
 
     say("confirming the fix on every sample")
-    confirmed = bool(fix) and _passes(run_check(current, fixtures=fixtures, device=device), bool(unreadable))
+    confirmed = bool(fix) and _passes(run_check(current, fixtures=fixtures, device=device, shard=shard),
+                                      bool(unreadable))
     layer = None
     if report.stage("pixels").status is not Status.FAIL and report.stage("embedding").status is Status.FAIL \
             and fix and all(c.section == "backbone" for c in fix):
@@ -558,7 +564,8 @@ def _localise(candidate: Spec, reference: Spec, prober: _Prober) -> LayerDiverge
 # -- shipped code (python, endpoint_handler candidates) --------------------------------------
 
 def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
-                       samples: int = 4, progress: Progress | None = None) -> Diagnosis:
+                       samples: int = 4, progress: Progress | None = None,
+                       shard: tuple[int, int] | None = None) -> Diagnosis:
     """Gate the shipped code, then name the spec change under which the spec reproduces its numbers.
 
     The embeddings the code's head received (hooked) are the target; the spec, read as the
@@ -568,17 +575,23 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     """
     from dataclasses import replace
 
-    from parity.check import judge_run
+    from parity.check import judge_run, partial_report
     from parity.runners.app import to_run
     from parity.spec import CandidateSpec
 
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
     fixture = load_fixture(spec.fixture_root(fixtures))
+    whole, picked = len(fixture.rows), range(len(fixture.rows))
+    if shard is not None:
+        fixture, picked = shard_fixture(fixture, *shard)
     kind = spec.candidate.kind
     say(f"running the {kind} candidate")
     observation = _observe_shipped(spec, fixture, device)
-    report = judge_run(to_run(observation, fixture), fixture, spec, device=device)
+    run = to_run(observation, fixture)
+    report = judge_run(run, fixture, spec, device=device)
+    if shard is not None:
+        report = partial_report(report, shard, tuple(zip(picked, fixture.names)), whole, run, fixture, spec)
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",), candidate=kind)
     observed = sorted(observation.embeddings)

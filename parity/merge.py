@@ -21,17 +21,19 @@ from parity.comparator import STAGE_ORDER, decisions_stage, decode_stage, verifi
 from parity.compare import merge_comparisons
 from parity.decisions import verification_flips
 from parity.errors import SpecError
-from parity.results import CellResult, DecisionFlips, MatrixReport, Report, Shard, StageResult, Status, from_plain
+from parity.results import (CellResult, DecisionFlips, Diagnosis, MatrixReport, Report, Shard, StageResult, Status,
+                            from_plain)
 from parity.shards import unpack_vectors
 
 __all__ = ["load_partial", "merge_reports"]
 
 
-_KINDS = {"check": Report, "matrix": MatrixReport}
+_KINDS = {"check": Report, "matrix": MatrixReport, "diagnosis": Diagnosis}
+Partial = Report | MatrixReport | Diagnosis
 
 
-def load_partial(path: str | Path) -> Report | MatrixReport:
-    """A partial report written by ``parity check|matrix --shard I/N --json PATH`` (or ``--report DIR``).
+def load_partial(path: str | Path) -> Partial:
+    """A partial report written by ``parity check|matrix|diagnose --shard I/N --json PATH`` (or ``--report DIR``).
 
     Raises:
         SpecError: not readable, not JSON, not a check or matrix report, or not a shard's report.
@@ -47,8 +49,8 @@ def load_partial(path: str | Path) -> Report | MatrixReport:
         raise SpecError(f"{path} is not a `parity check --json` report")
     kind = data.get("kind", "matrix" if "cells" in data else "check")
     if kind not in _KINDS:
-        raise SpecError(f"{path} is a {kind} report; parity merge takes check and matrix reports")
-    if not isinstance(data.get("shard"), dict):
+        raise SpecError(f"{path} is a {kind} report; parity merge takes check, matrix and diagnosis reports")
+    if not isinstance((data.get("report") or {}).get("shard") if kind == "diagnosis" else data.get("shard"), dict):
         raise SpecError(f"{path} is a whole report, not a shard's: write parts with "
                         f"`parity {kind} --shard I/N --json PART.json`")
     try:
@@ -57,19 +59,24 @@ def load_partial(path: str | Path) -> Report | MatrixReport:
         raise SpecError(f"{path}: not a report this version of parity wrote: {e}") from e
 
 
-def _check_complete(reports: Sequence[Report | MatrixReport]) -> list[Shard]:
-    shards = [r.shard for r in reports]
+def _shard(part: Partial) -> Shard | None:
+    return part.report.shard if isinstance(part, Diagnosis) else part.shard
+
+
+def _check_complete(reports: Sequence[Partial]) -> list[Shard]:
+    shards = [_shard(r) for r in reports]
     if not shards:
         raise SpecError("parity merge needs the partial reports of every shard")
     if len({type(r) for r in reports}) > 1:
-        raise SpecError("parity merge got check and matrix reports together: merge the shards of one run")
+        raise SpecError("parity merge got reports of different commands together: merge the shards of one run")
     if any(s is None for s in shards):
         raise SpecError("parity merge takes shard reports only (`parity check --shard I/N --json PART.json`)")
     first = shards[0]
     counts = {s.count for s in shards}
     if len(counts) > 1:
         raise SpecError(f"the partial reports come from different shardings: N = {sorted(counts)}")
-    for what, values in (("fixture", {(s.of, s.version) for s in shards}), ("spec", {r.spec for r in reports}),
+    specs = {(r.report if isinstance(r, Diagnosis) else r).spec for r in reports}
+    for what, values in (("fixture", {(s.of, s.version) for s in shards}), ("spec", specs),
                          ("candidate", {s.runner for s in shards})):
         if len(values) > 1:
             raise SpecError(f"the partial reports are of different {what}s ({len(values)} distinct): "
@@ -85,7 +92,7 @@ def _check_complete(reports: Sequence[Report | MatrixReport]) -> list[Shard]:
     return shards
 
 
-def merge_reports(reports: Sequence[Report | MatrixReport]) -> Report | MatrixReport:
+def merge_reports(reports: Sequence[Partial]) -> Partial:
     """The report of the whole sample set from every shard's partial report.
 
     Raises:
@@ -99,6 +106,12 @@ def merge_reports(reports: Sequence[Report | MatrixReport]) -> Report | MatrixRe
     position = lambda name: order.get(name, len(order))  # noqa: E731
     if isinstance(reports[0], MatrixReport):
         return _merge_matrices(reports, position)
+    if isinstance(reports[0], Diagnosis):
+        return _merge_diagnoses(reports, shards, position)
+    return _merge_checks(reports, shards, position)
+
+
+def _merge_checks(reports: Sequence[Report], shards: Sequence[Shard], position) -> Report:
     by_stage = {s: [r.stage(s) for r in reports] for s in STAGE_ORDER}
     stages = {"load": _same(by_stage["load"]), "weights": _same(by_stage["weights"]),
               "decode": _decode(by_stage["decode"], shards, position)}
@@ -202,3 +215,42 @@ def _merge_matrices(reports: Sequence[MatrixReport], position) -> MatrixReport:
     for report in reports[1:]:
         equivalent &= set(report.equivalent_modes)
     return replace(reports[0], cells=tuple(cells), equivalent_modes=tuple(sorted(equivalent)), shard=None)
+
+
+def _merge_diagnoses(parts: Sequence[Diagnosis], shards: Sequence[Shard], position) -> Diagnosis:
+    """The merged gate, and the fix when every drifting shard's search found the same one.
+
+    Each shard searched and confirmed on its own samples; a fix is confirmed for the whole set
+    when every drifting shard confirmed it (shards without drift need none).
+    """
+    report = _merge_checks([p.report for p in parts], shards, position)
+    drifting = [p for p in parts if p.drift]
+    first = parts[0]
+    if not drifting:
+        return replace(first, report=report, notes=("no drift: every stage reproduces the reference",))
+    notes = list(dict.fromkeys(n for p in drifting for n in p.notes))
+    fixes = {tuple(c.key for c in p.fix) for p in drifting}
+    count = shards[0].count
+    if len(fixes) == 1:
+        fix, confirmed = drifting[0].fix, all(p.confirmed for p in drifting)
+        if len(drifting) < len(parts):
+            notes.append(f"{len(drifting)} of {count} shards drift; the fix was searched and confirmed on those")
+    else:
+        fix, confirmed = (), False
+        notes.append("the shards' searches disagree, so no single change is named for the whole set:")
+        notes += [f"  shard {p.report.shard.index}/{count}: " + ("; ".join(c.toml() for c in p.fix) or "no single change")
+                  + (" (confirmed on its samples)" if p.confirmed else "") for p in drifting]
+    causes: dict[tuple, object] = {}
+    for cause in (c for p in drifting for c in p.causes):
+        kept = causes.get(cause.change.key)
+        if kept is None or cause.before > kept.before:  # the shard where it mattered most speaks for it
+            causes[cause.change.key] = cause
+    errors: dict[str, float] = {}
+    for stage in ("embedding", "outputs"):
+        comparison = report.stage(stage).comparison
+        for sample in comparison.samples if comparison is not None else ():
+            errors[sample.name] = max(errors.get(sample.name, 0.0), sample.max_abs)
+    affected = sorted({n for p in drifting for n in p.affected}, key=lambda n: (-errors.get(n, 0.0), position(n)))
+    return Diagnosis(report, tuple(causes.values()), tuple(fix), confirmed,
+                     next((p.layer for p in drifting if p.layer is not None), None), tuple(affected), shards[0].of,
+                     next((p.pattern for p in drifting if p.pattern), ""), tuple(notes), candidate=first.candidate)

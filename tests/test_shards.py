@@ -314,3 +314,26 @@ def test_merged_matrix_shards_equal_the_unsharded_matrix(tmp_path, capsys):
     assert main(["merge", *(str(tmp_path / f"m{i}.json") for i in range(3))]) == (EXIT_PASS if whole.passed else 1)
     assert "MATRIX:" in capsys.readouterr().out
     assert main(["merge", str(tmp_path / "m0.json"), str(tmp_path / "check.json")]) == EXIT_USAGE
+
+
+# -- a sharded diagnosis ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_merged_diagnosis_shards_name_the_unsharded_fix(tmp_path, capsys):
+    from parity.diagnose import diagnose
+
+    spec = load_spec(write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"'}))
+    whole = diagnose(spec)
+    parts = [diagnose(spec, shard=(i, 2)) for i in (1, 2)]
+    merged = merge_reports(parts)
+    _assert_same_report(merged.report, whole.report)
+    assert [c.toml() for c in merged.fix] == [c.toml() for c in whole.fix] == ['[preprocess].interpolation = "bicubic"']
+    assert merged.confirmed and whole.confirmed
+    assert sorted(merged.affected) == sorted(whole.affected) and merged.total == whole.total
+    for i, part in enumerate(parts):
+        write_json(part, tmp_path / f"d{i}.json")
+    assert main(["merge", str(tmp_path / "d0.json"), str(tmp_path / "d1.json")]) == 1  # drift, with its fix
+    assert 'interpolation = "bicubic"' in capsys.readouterr().out
+    assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(tmp_path / "x.jsonl"),
+                 "--shard", "1/2"]) == EXIT_USAGE
+    assert "does not take --shard" in capsys.readouterr().err
