@@ -24,6 +24,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-report", dest="parity_report", default=None, metavar="DIR",
                     help="write report.json, report.md, report.html and junit.xml of the session's parity run into "
                          "DIR (a matrix run into DIR/matrix when both ran)")
+    group.addoption("--parity-shard", dest="parity_shard", default=None, metavar="I/N",
+                    help="gate shard I of N of the samples (by content hash); with --parity-report the report is "
+                         "a partial one for `parity merge`")
     parser.addini("parity_spec", "default spec for --parity-spec, relative to the rootdir", default="")
 
 
@@ -87,8 +90,13 @@ def parity_matrix(request: pytest.FixtureRequest, parity_spec):
     """Run the spec's matrix once for the session (shared trunk passes) and share the `MatrixReport`."""
     from parity.variants import run_matrix
 
+    shard = request.config.option.parity_shard
+    if shard is not None:
+        from parity.shards import parse_shard
+
+        shard = parse_shard(shard)
     report = run_matrix(parity_spec, fixtures=request.config.option.parity_fixtures,
-                        device=request.config.option.parity_device)
+                        device=request.config.option.parity_device, shard=shard)
     request.config.stash[_MATRIX_KEY] = report
     return report
 
@@ -98,7 +106,12 @@ def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     """Run the gate once for the session and share the `Report` between tests."""
     from parity.check import run_check
 
-    report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device)
+    shard = request.config.option.parity_shard
+    if shard is not None:
+        from parity.shards import parse_shard
+
+        shard = parse_shard(shard)
+    report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device, shard=shard)
     request.config.stash[_REPORT_KEY] = report
     return report
 

@@ -126,3 +126,15 @@ def test_a_decisions_gate_marks_moved_stages_xfail(gate, tmp_path: Path):
     result.stdout.fnmatch_lines(["*DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at pixels)*",
                                  "*XFAIL*test_stage_parity[[]pixels[]] - pixels drifted; accepted because no decision "
                                  "flipped*"])
+
+
+def test_a_ci_matrix_of_pytest_jobs_gates_shards_that_merge(gate, tmp_path: Path):
+    from parity.cli import EXIT_PASS, main
+
+    for i in (1, 2):
+        result = gate.runpytest("--parity-spec", str(CLASSIFIER_SPEC), "--parity-shard", f"{i}/2",
+                                "--parity-report", str(tmp_path / f"shard{i}"))
+        result.assert_outcomes(passed=9)
+        result.stdout.fnmatch_lines([f"*SHARD {i}/2 (* of 18 samples*PARITY*"])
+    parts = [str(tmp_path / f"shard{i}" / "report.json") for i in (1, 2)]
+    assert main(["merge", *parts, "--json", str(tmp_path / "merged.json")]) == EXIT_PASS
