@@ -51,7 +51,11 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
         fixture, picked = shard_fixture(fixture, *shard)
         samples = tuple(zip(picked, fixture.names))
     device_name = device or spec.runtime.device
-    run = run_candidate(spec, fixture, device=device_name, progress=progress, shard=shard)
+    if fixture is not None and shard is not None and not fixture.rows:  # nothing to run: say so, stage by stage
+        empty = f"no sample falls in shard {shard[0]}/{shard[1]}"
+        run = CandidateRun(spec.candidate.kind, unobservable={s: empty for s in STAGE_ORDER if s != "decode"})
+    else:
+        run = run_candidate(spec, fixture, device=device_name, progress=progress, shard=shard)
     judged = run.reference if run.reference is not None else fixture
     report = judge_run(run, judged, spec, device=device_name)
     if shard is None:

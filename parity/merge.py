@@ -127,8 +127,9 @@ def _notes(parts: Sequence[StageResult]) -> tuple[str, ...]:
 
 
 def _same(parts: Sequence[StageResult]) -> StageResult:
-    """A stage every shard judges alike (load, weights): the first failure if any shard failed."""
-    return next((p for p in parts if p.status is Status.FAIL), parts[0])
+    """A stage every shard judges alike (load, weights): the first failure if any shard failed, else
+    the first that ran (a shard without samples runs nothing)."""
+    return next((p for status in (Status.FAIL, Status.PASS) for p in parts if p.status is status), parts[0])
 
 
 def _decode(parts: Sequence[StageResult], shards: Sequence[Shard], position) -> StageResult:
@@ -175,7 +176,7 @@ def _decisions(parts: Sequence[StageResult], embedding: StageResult, shards: Seq
             flips=tuple(sorted((f for d in same for f in d.flips), key=position)),
             near_ties=tuple(sorted((f for d in same for f in d.near_ties), key=position)),
             max_probability_error=max(probability) if probability else None, flip_rate_bound=None))
-    skipped = [h.partition("not run: ")[2] for p in parts for h in [p.headline] if "not run: " in h]
+    skipped = [p.headline.partition("not run: ")[2] for p in judged if "not run: " in p.headline]
     # The parts' flip-rate statements are about their share only; decisions_stage states the whole.
     kept = [n for n in _notes(parts) if not any(n.startswith(f"{kind}: ") for kind in kinds)]
     return decisions_stage(found, list(dict.fromkeys(s for s in skipped if s)), shards[0].max_flip_rate, kept)

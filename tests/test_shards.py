@@ -337,3 +337,16 @@ def test_merged_diagnosis_shards_name_the_unsharded_fix(tmp_path, capsys):
     assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(tmp_path / "x.jsonl"),
                  "--shard", "1/2"]) == EXIT_USAGE
     assert "does not take --shard" in capsys.readouterr().err
+
+
+def test_shards_without_samples_run_nothing_and_merge_away():
+    spec = load_spec(EXAMPLE_SPEC)
+    count = 20  # more shards than the 17 samples: some are empty
+    parts = _sharded(spec, count)
+    empty = [p for p in parts if not p.shard.rows]
+    assert empty and all(p.stage("embedding").status is Status.SKIP for p in empty)
+    assert "no sample falls in shard" in empty[0].stage("embedding").headline
+    whole = run_check(spec)
+    merged = merge_reports(parts)
+    _assert_same_report(merged, whole)
+    assert merged.stage("decisions").headline == whole.stage("decisions").headline

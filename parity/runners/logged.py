@@ -14,6 +14,7 @@ embedding or the outputs when not logged) are reported as not observable.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,13 @@ def run(spec: Spec, fixture: Fixture | None, *, device: str | None = None,
     positions, population = None, len(logged.rows)
     if shard is not None:
         logged, positions = shard_fixture(logged, *shard)
+        if not logged.rows:
+            empty = f"no logged sample falls in shard {shard[0]}/{shard[1]}"
+            return CandidateRun("logged", unobservable={s: empty for s in ("load", "weights", "pixels", "embedding",
+                                                                           "head", "outputs")},
+                                reference=replace(logged, embeddings=np.zeros((0, 0), np.float32),
+                                                  outputs=np.zeros((0, 0), np.float32)),
+                                shard_rows=(), shard_of=population)
     has = {"embedding": logged.embeddings.shape[1] > 0, "outputs": logged.outputs.shape[1] > 0}
     unobservable = {stage: UNOBSERVABLE for stage in ("load", "weights", "pixels", "head")}
     unobservable.update({stage: f"{UNOBSERVABLE}; it has no '{stage}'" for stage, there in has.items() if not there})
