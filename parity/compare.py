@@ -189,9 +189,9 @@ def _required_atol(diff: np.ndarray, ref_abs: np.ndarray, rtol: float) -> float:
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    dot = (a * b).sum(axis=1)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # huge values: a non-finite cosine, below
+        dot = (a * b).sum(axis=1)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         # Two zero rows are identical; one zero row against a non-zero row shares no direction.
         cos = np.where(norms > 0, dot / norms, np.where((a == b).all(axis=1), 1.0, 0.0))
     return np.where(np.isfinite(cos), cos, -1.0)
