@@ -21,8 +21,8 @@ from parity.comparator import STAGE_ORDER, decisions_stage, decode_stage, verifi
 from parity.compare import merge_comparisons
 from parity.decisions import verification_flips
 from parity.errors import SpecError
-from parity.results import (CellResult, DecisionFlips, Diagnosis, MatrixReport, Report, Shard, StageResult, Status,
-                            from_plain)
+from parity.results import (REPORT_SCHEMA_VERSION, CellResult, DecisionFlips, Diagnosis, MatrixReport, Report, Shard,
+                            StageResult, Status, from_plain)
 from parity.shards import unpack_vectors
 
 __all__ = ["load_partial", "merge_reports"]
@@ -47,16 +47,25 @@ def load_partial(path: str | Path) -> Partial:
         raise SpecError(f"{path} is not a JSON report: {e}") from e
     if not isinstance(data, dict):
         raise SpecError(f"{path} is not a `parity check --json` report")
+    if data.get("schema_version", REPORT_SCHEMA_VERSION) != REPORT_SCHEMA_VERSION:
+        raise SpecError(f"{path} has report schema_version {data['schema_version']!r}; this parity reads "
+                        f"{REPORT_SCHEMA_VERSION}: merge with the parity version that wrote the parts")
     kind = data.get("kind", "matrix" if "cells" in data else "check")
     if kind not in _KINDS:
         raise SpecError(f"{path} is a {kind} report; parity merge takes check, matrix and diagnosis reports")
-    if not isinstance((data.get("report") or {}).get("shard") if kind == "diagnosis" else data.get("shard"), dict):
+    holder = data.get("report") if kind == "diagnosis" else data
+    if not isinstance(holder, dict) or not isinstance(holder.get("shard"), dict):
         raise SpecError(f"{path} is a whole report, not a shard's: write parts with "
                         f"`parity {kind} --shard I/N --json PART.json`")
     try:
-        return from_plain(_KINDS[kind], data)
-    except (ValueError, TypeError, KeyError) as e:
+        part = from_plain(_KINDS[kind], data)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise SpecError(f"{path}: not a report this version of parity wrote: {e}") from e
+    check = part.report if isinstance(part, Diagnosis) else part
+    if isinstance(check, Report) and tuple(s.stage for s in check.stages) != STAGE_ORDER:
+        raise SpecError(f"{path}: its stages are not {', '.join(STAGE_ORDER)}: not a report this version of "
+                        "parity wrote")
+    return part
 
 
 def _shard(part: Partial) -> Shard | None:

@@ -17,14 +17,14 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.forensics import describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import (CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Referee, Report,
+from parity.results import (REPORT_SCHEMA_VERSION, CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Referee, Report,
                             ServiceDiagnosis, StageResult, Status, Verdict)
 
 __all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
            "render_matrix", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
 
 # Version of the JSON layout that `document` writes and the file renderers (parity.formats) read.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = REPORT_SCHEMA_VERSION
 
 _SHOWN_TENSORS = 12
 _STYLE = {Status.PASS: "bold green", Status.FAIL: "bold red", Status.SKIP: "yellow"}

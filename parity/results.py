@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 _UnionType = types.UnionType
+# The version of the report.json layout (`parity.report.document`); readers refuse another.
+REPORT_SCHEMA_VERSION = 1
 
 __all__ = [
     "Tolerance",

@@ -350,3 +350,27 @@ def test_shards_without_samples_run_nothing_and_merge_away():
     merged = merge_reports(parts)
     _assert_same_report(merged, whole)
     assert merged.stage("decisions").headline == whole.stage("decisions").headline
+
+
+@pytest.fixture(scope="module")
+def classifier_parts():
+    return [run_check(load_spec(CLASSIFIER_SPEC), shard=(i, 2)) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(schema_version=99),
+    lambda d: d.update(stages=d["stages"][:3]),
+    lambda d: d["stages"][4].update(comparison={"max_abs": "big"}),
+    lambda d: d.update(shard={"index": "one"}),
+    lambda d: d.update(kind="calibration"),
+    lambda d: d.update(shard=None),
+], ids=["schema", "stages", "comparison", "shard", "kind", "whole"])
+def test_a_damaged_partial_report_is_refused_never_a_traceback(edit, classifier_parts, tmp_path, capsys):
+    for i, part in enumerate(classifier_parts):
+        write_json(part, tmp_path / f"p{i}.json")
+    data = json.loads((tmp_path / "p0.json").read_text())
+    edit(data)
+    (tmp_path / "p0.json").write_text(json.dumps(data))
+    assert main(["merge", str(tmp_path / "p0.json"), str(tmp_path / "p1.json")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "p0.json" in err and "internal error" not in err
