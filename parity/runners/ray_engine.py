@@ -151,11 +151,13 @@ def _connect(ray: ModuleType, address: str | None) -> bool:
     return True
 
 
-def _pool(ray: ModuleType, pipeline: Pipeline, n_batches: int) -> tuple[int, str, int | None, dict[str, float]]:
+def _pool(ray: ModuleType, pipeline: Pipeline, n_batches: int,
+          actors: int | None) -> tuple[int, str, int | None, dict[str, float]]:
     """How many actors, their device, torch threads and Ray resources each.
 
-    CPU: each actor takes as many CPUs as the driver's torch threads (at most the cluster's), and
-    as many actors as fit. CUDA: one GPU per actor, one actor per GPU.
+    CPU: each actor takes as many CPUs as the driver's torch threads (fewer when ``actors`` are asked
+    for that would not fit the cluster otherwise), and as many actors as fit. CUDA: one GPU per
+    actor, one actor per GPU.
 
     Raises:
         SpecError: the spec's device is CUDA and the cluster has no GPU.
@@ -168,10 +170,10 @@ def _pool(ray: ModuleType, pipeline: Pipeline, n_batches: int) -> tuple[int, str
         if gpus < 1:
             raise SpecError(f"[runtime].device = {str(pipeline.device)!r} but the Ray cluster has no GPU "
                             f"(resources: {dict(resources)}); use --device cpu or a cluster with GPUs")
-        return max(1, min(gpus, n_batches)), "cuda", None, {"num_gpus": 1}
+        return actors or max(1, min(gpus, n_batches)), "cuda", None, {"num_gpus": 1}
     cpus = max(1, int(resources.get("CPU", 1)))
-    threads = max(1, min(torch.get_num_threads(), cpus))
-    return max(1, min(cpus // threads, n_batches)), "cpu", threads, {"num_cpus": threads}
+    threads = max(1, min(torch.get_num_threads(), cpus // (actors or 1)))
+    return actors or max(1, min(cpus // threads, n_batches)), "cpu", threads, {"num_cpus": threads}
 
 
 def ray_batches(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | None = None,
@@ -180,7 +182,8 @@ def ray_batches(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | No
 
     Args:
         pipeline: the driver's pipeline (its spec, device and fingerprints are what the actors build).
-        actors: the actor pool's size (default: as many as the cluster's CPUs or GPUs allow).
+        actors: the actor pool's size (default: as many as the cluster's CPUs or GPUs allow; on CPUs,
+            each actor's torch threads are then reduced to fit, which may change the last bits).
 
     Raises:
         SpecError: Ray is not installed, or the spec's device needs GPUs the cluster lacks.
@@ -197,12 +200,12 @@ def ray_batches(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | No
     bars = context.enable_progress_bars
     context.enable_progress_bars = False  # the caller's `progress` reports instead
     try:
-        size, device, threads, resources = _pool(ray, pipeline, len(batches))
+        size, device, threads, resources = _pool(ray, pipeline, len(batches), actors)
         dataset = ray.data.from_items([{"batch": b} for b in range(len(batches))]).map_batches(
             EmbedActor,
             batch_size=1,  # one item is one local batch: the same rows per forward as the local engine
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors or size),
+            compute=ray.data.ActorPoolStrategy(size=size),
             fn_constructor_kwargs={
                 "spec": pipeline.spec, "device": device, "threads": threads, "batches": batches,
                 "golden": sorted(fixture.golden_pixels), "fingerprints": pipeline.fingerprints or None,
