@@ -80,6 +80,18 @@ def _apply_engine(spec, args: argparse.Namespace):
     return dataclasses.replace(spec, runtime=runtime) if runtime != spec.runtime else spec
 
 
+def _engine_session(spec, *, used: bool = True):
+    """One Ray session for the whole command when the spec-built pipeline runs on Ray (a diagnosis
+    runs several checks); a no-op otherwise."""
+    import contextlib
+
+    if not used or spec.runtime.engine != "ray" or spec.candidate.kind != "spec":
+        return contextlib.nullcontext()
+    from parity.runners.ray_engine import ray_session
+
+    return ray_session(spec.runtime.ray_address)
+
+
 def _report_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, dest="report_dir", metavar="DIR",
                         help="write report.json, report.md, report.html and junit.xml into DIR (report.md is also "
@@ -281,7 +293,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
     spec = _load_spec(args)
-    with Progress(errors) as progress:
+    with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
         if spec.candidate.kind in ("python", "endpoint_handler") and args.logged is None:
             from parity.diagnose import diagnose_candidate
@@ -476,7 +488,7 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.report import render_report, write_json
 
     spec = _load_spec(args)
-    with Progress(errors) as progress:
+    with _engine_session(spec), Progress(errors) as progress:
         progress.phase("embedding images")
         report = run_check(spec, fixtures=args.fixtures, device=args.device, sample=args.sample,
                            progress=progress.update)

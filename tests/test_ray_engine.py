@@ -7,6 +7,7 @@ the CLI flags and the missing-extra error run without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -161,7 +162,9 @@ def seen_specs(monkeypatch):
 
     for module, name in ((parity.check, "run_check"), (parity.diagnose, "diagnose"), (parity.variants, "run_matrix")):
         monkeypatch.setattr(module, name, record)
-    monkeypatch.setattr(parity.runners.ray_engine, "import_ray", lambda: None)  # the flags, not the extra
+    # The flags are under test, not Ray: no import, no session.
+    monkeypatch.setattr(parity.runners.ray_engine, "import_ray", lambda: None)
+    monkeypatch.setattr(parity.runners.ray_engine, "ray_session", lambda address: contextlib.nullcontext())
     return specs
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -29,7 +30,7 @@ from parity.pipeline import Pipeline, build_pipeline
 from parity.runners.pipeline import BatchResult, batch_rows, embed_batch
 from parity.spec import Spec
 
-__all__ = ["ray_batches", "EmbedActor", "import_ray", "RAY_EXTRA"]
+__all__ = ["ray_batches", "ray_session", "EmbedActor", "import_ray", "RAY_EXTRA"]
 
 Progress = Callable[[int, int], None]
 
@@ -139,16 +140,27 @@ def _decode(meta_text: str, data: bytes) -> BatchResult:
         )
 
 
-def _connect(ray: ModuleType, address: str | None) -> bool:
-    """Join ``address`` (or start a local instance when None) unless Ray is initialised already;
-    whether this call started it (then the caller shuts it down)."""
-    if ray.is_initialized():
-        return False
-    if address is None:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-    return True
+@contextmanager
+def ray_session(address: str | None) -> Iterator[ModuleType]:
+    """``ray``, joined to ``address`` (a local instance when None) unless it is initialised already;
+    an instance this call started is shut down on leaving.
+
+    Raises:
+        SpecError: Ray is not installed.
+    """
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _pool(ray: ModuleType, pipeline: Pipeline, n_batches: int,
@@ -192,41 +204,39 @@ def ray_batches(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | No
     """
     batches = [[(i, row.name, str(row.image), getattr(row.image, "sha256", "")) for i, row in rows]
                for rows in batch_rows(fixture, pipeline.spec.runtime.batch_size)]
-    ray = import_ray()
+    import_ray()
     if not batches:
         return
-    started = _connect(ray, pipeline.spec.runtime.ray_address)
-    context = ray.data.DataContext.get_current()
-    bars = context.enable_progress_bars
-    context.enable_progress_bars = False  # the caller's `progress` reports instead
-    try:
-        size, device, threads, resources = _pool(ray, pipeline, len(batches), actors)
-        dataset = ray.data.from_items([{"batch": b} for b in range(len(batches))]).map_batches(
-            EmbedActor,
-            batch_size=1,  # one item is one local batch: the same rows per forward as the local engine
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=size),
-            fn_constructor_kwargs={
-                "spec": pipeline.spec, "device": device, "threads": threads, "batches": batches,
-                "golden": sorted(fixture.golden_pixels), "fingerprints": pipeline.fingerprints or None,
-            },
-            **resources,
-        )
-        # Items may finish out of order: hold early ones until their predecessors arrive.
-        pending: dict[int, dict[str, Any]] = {}
-        following = done = 0
-        for row in dataset.iter_rows():
-            pending[int(row["batch"])] = row
-            while following in pending:
-                item = pending.pop(following)
-                yield _decode(item["meta"], item["arrays"])
-                done += len(batches[following])
-                following += 1
-                if progress:
-                    progress(done, len(fixture.rows))
-        if following != len(batches):
-            raise RuntimeError(f"the Ray engine returned {following} of {len(batches)} batches")
-    finally:
-        context.enable_progress_bars = bars
-        if started:
-            ray.shutdown()
+    with ray_session(pipeline.spec.runtime.ray_address) as ray:
+        context = ray.data.DataContext.get_current()
+        bars = context.enable_progress_bars
+        context.enable_progress_bars = False  # the caller's `progress` reports instead
+        try:
+            size, device, threads, resources = _pool(ray, pipeline, len(batches), actors)
+            dataset = ray.data.from_items([{"batch": b} for b in range(len(batches))]).map_batches(
+                EmbedActor,
+                batch_size=1,  # one item is one local batch: the same rows per forward as the local engine
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=size),
+                fn_constructor_kwargs={
+                    "spec": pipeline.spec, "device": device, "threads": threads, "batches": batches,
+                    "golden": sorted(fixture.golden_pixels), "fingerprints": pipeline.fingerprints or None,
+                },
+                **resources,
+            )
+            # Items may finish out of order: hold early ones until their predecessors arrive.
+            pending: dict[int, dict[str, Any]] = {}
+            following = done = 0
+            for row in dataset.iter_rows():
+                pending[int(row["batch"])] = row
+                while following in pending:
+                    item = pending.pop(following)
+                    yield _decode(item["meta"], item["arrays"])
+                    done += len(batches[following])
+                    following += 1
+                    if progress:
+                        progress(done, len(fixture.rows))
+            if following != len(batches):
+                raise RuntimeError(f"the Ray engine returned {following} of {len(batches)} batches")
+        finally:
+            context.enable_progress_bars = bars
