@@ -211,3 +211,33 @@ def test_runtime_engine_fields_are_validated(tmp_path, runtime, says):
 def test_runtime_engine_defaults_to_local():
     runtime = load_spec(EXAMPLE_SPEC).runtime
     assert (runtime.engine, runtime.ray_address) == ("local", None)
+
+
+@pytest.mark.parametrize(("device", "resources", "threads", "expected"), [
+    ("cpu", {"CPU": 2.0}, 2, (1, "cpu", 2, {"num_cpus": 2})),
+    ("cpu", {"CPU": 16.0}, 4, (3, "cpu", 4, {"num_cpus": 4})),  # room for 4, but 3 batches
+    ("cpu", {"CPU": 6.0}, 4, (1, "cpu", 4, {"num_cpus": 4})),
+    ("cpu", {"CPU": 16.0}, 32, (1, "cpu", 16, {"num_cpus": 16})),
+    ("cuda", {"CPU": 32.0, "GPU": 4.0}, 8, (3, "cuda", None, {"num_gpus": 1})),  # 3 batches: 3 actors
+    ("cuda:1", {"CPU": 32.0, "GPU": 2.0}, 8, (2, "cuda", None, {"num_gpus": 1})),
+])
+def test_actor_pool_follows_the_cluster(monkeypatch, device, resources, threads, expected):
+    """One GPU per actor on CUDA, the driver's thread count per CPU actor; never more actors than batches."""
+    import torch
+
+    from parity.runners.ray_engine import _pool
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    cluster = type("Cluster", (), {"cluster_resources": staticmethod(lambda: resources)})
+    pipeline = type("P", (), {"device": torch.device(device)})
+    assert _pool(cluster, pipeline, 3, None) == expected
+
+
+def test_cuda_on_a_cluster_without_gpus_is_a_usage_error():
+    import torch
+
+    from parity.runners.ray_engine import _pool
+
+    cluster = type("Cluster", (), {"cluster_resources": staticmethod(lambda: {"CPU": 8.0})})
+    with pytest.raises(SpecError, match="the Ray cluster has no GPU"):
+        _pool(cluster, type("P", (), {"device": torch.device("cuda")}), 3, None)
