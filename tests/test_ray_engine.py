@@ -241,3 +241,30 @@ def test_cuda_on_a_cluster_without_gpus_is_a_usage_error():
     cluster = type("Cluster", (), {"cluster_resources": staticmethod(lambda: {"CPU": 8.0})})
     with pytest.raises(SpecError, match="the Ray cluster has no GPU"):
         _pool(cluster, type("P", (), {"device": torch.device("cuda")}), 3, None)
+
+
+def test_an_actor_with_other_weights_stops_the_run(example_spec):
+    """The actor's side, in this process: its checkpoints' fingerprints must equal the driver's."""
+    import torch
+
+    from parity.errors import CheckpointError
+    from parity.runners.ray_engine import EmbedActor, _decode
+
+    fixture = load_fixture(example_spec.fixture_root())
+    row = fixture.rows[0]
+    batches = [[(0, row.name, str(row.image), row.image.sha256)]]
+    from parity.pipeline import build_pipeline
+
+    driver = build_pipeline(example_spec)
+    good = EmbedActor(example_spec, "cpu", None, batches, [row.name], driver.fingerprints)
+    out = good({"batch": np.array([0])})
+    result = _decode(out["meta"][0], out["arrays"][0])
+    assert result.rows == [0] and set(result.pixels) == {row.name} and result.embeddings.shape == (1, 64)
+    assert np.array_equal(result.embeddings, driver.embed(torch.from_numpy(result.pixels[row.name])[None]).numpy())
+
+    prints = {part: dict(tensors) for part, tensors in driver.fingerprints.items()}
+    prints["head"][sorted(prints["head"])[0]] = "0" * 64
+    other = EmbedActor(example_spec, "cpu", None, batches, [], prints)
+    out = other({"batch": np.array([0])})
+    with pytest.raises(CheckpointError, match=r"a Ray worker loaded other weights than this process: head\."):
+        _decode(out["meta"][0], out["arrays"][0])

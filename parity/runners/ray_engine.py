@@ -78,18 +78,14 @@ class EmbedActor:
         self.pipeline: Pipeline = build_pipeline(spec, device=device, fingerprints=fingerprints is not None)
         self.batches = batches
         self.golden = frozenset(golden)
-        self.changed = ""
-        if fingerprints is not None and self.pipeline.fingerprints != dict(fingerprints):
-            self.changed = ("a checkpoint a Ray worker loaded differs from the one the driver loaded "
-                            f"(fingerprints {self.pipeline.fingerprints} vs {dict(fingerprints)}): it changed during "
-                            "the run, or the nodes do not share the same files at the spec's paths")
+        self.changed = "" if fingerprints is None else _weights_differ(fingerprints, self.pipeline.fingerprints)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"batch": [], "meta": [], "arrays": []}
         for index in batch["batch"].tolist():
             rows = [(i, FixtureRow(name, FixturePath(path, sha256=sha256), ())) for i, name, path, sha256 in
                     self.batches[index]]
-            meta: dict[str, Any] = {"changed": self.changed}
+            meta: dict[str, Any] = {"changed": self.changed, "checkpoint": bool(self.changed)}
             result = BatchResult()
             if not self.changed:
                 try:
@@ -102,6 +98,19 @@ class EmbedActor:
             out["arrays"].append(arrays)
         return {"batch": np.asarray(out["batch"], np.int64), "meta": np.asarray(out["meta"], object),
                 "arrays": np.asarray(out["arrays"], object)}
+
+
+def _weights_differ(expected: Mapping[str, Mapping[str, str]], got: Mapping[str, Mapping[str, str]]) -> str:
+    """Why an actor's checkpoints are not the driver's ("" when they are: the same tensors, bit for bit)."""
+    differ = sorted(f"{part}.{name}" for part in set(expected) | set(got)
+                    for name in set(expected.get(part, {})) | set(got.get(part, {}))
+                    if expected.get(part, {}).get(name) != got.get(part, {}).get(name))
+    if not differ:
+        return ""
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    return (f"a Ray worker loaded other weights than this process: {', '.join(differ[:3])}{more} differ "
+            "(expected the sha256 per tensor of the checkpoints loaded here). A checkpoint changed during the run "
+            "or a node has other files at the spec's paths; give every node the same files and run again.")
 
 
 def _encode(result: BatchResult, meta: dict[str, Any]) -> tuple[str, bytes]:
@@ -126,9 +135,7 @@ def _decode(meta_text: str, data: bytes) -> BatchResult:
     """
     meta = json.loads(meta_text)
     if meta["changed"]:
-        if meta["changed"].startswith("a checkpoint"):
-            raise CheckpointError(meta["changed"])
-        raise FixtureChangedError(meta["changed"])
+        raise (CheckpointError if meta["checkpoint"] else FixtureChangedError)(meta["changed"])
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return BatchResult(
             rows=[int(i) for i in meta["rows"]],
