@@ -46,6 +46,58 @@ def _shard_option(parser: argparse.ArgumentParser) -> None:
                              "moves no other); --json writes a partial report for `parity merge`")
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    """--engine and --ray-address: who runs the pipeline's batches (override [runtime])."""
+    parser.add_argument("--engine", choices=("local", "ray"), default=None,
+                        help="override [runtime].engine: run the batches in this process (local) or on a Ray "
+                             "cluster with Ray Data (ray; pip install 'parity[ray]')")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="override [runtime].ray_address: the Ray cluster to join (auto, HOST:PORT, "
+                             "ray://HOST:PORT); default: the spec's, else start a local Ray instance")
+
+
+def _apply_engine(spec, args: argparse.Namespace):
+    """The spec with --engine / --ray-address applied; checks that Ray is installed when it is used.
+
+    Raises:
+        SpecError: --ray-address without the Ray engine, a bad address, or Ray not installed.
+    """
+    import dataclasses
+
+    from parity.errors import SpecError
+    from parity.spec import check_ray_address
+
+    engine = getattr(args, "engine", None) or spec.runtime.engine
+    address = getattr(args, "ray_address", None)
+    if address is not None:
+        address = check_ray_address(address, where="--ray-address")
+        if engine != "ray":
+            raise SpecError(f"--ray-address {address} needs the Ray engine: add --engine ray "
+                            f"([runtime].engine is {spec.runtime.engine!r})")
+    elif engine != "ray":
+        address = None  # --engine local: a spec's ray_address no longer applies
+    else:
+        address = spec.runtime.ray_address
+    if engine == "ray":
+        from parity.runners.ray_engine import import_ray
+
+        import_ray()  # fail before building any model
+    runtime = dataclasses.replace(spec.runtime, engine=engine, ray_address=address)
+    return dataclasses.replace(spec, runtime=runtime) if runtime != spec.runtime else spec
+
+
+def _engine_session(spec, *, used: bool = True):
+    """One Ray session for the whole command when the spec-built pipeline runs on Ray (a diagnosis
+    runs several checks); a no-op otherwise."""
+    import contextlib
+
+    if not used or spec.runtime.engine != "ray" or spec.candidate.kind != "spec":
+        return contextlib.nullcontext()
+    from parity.runners.ray_engine import ray_session
+
+    return ray_session(spec.runtime.ray_address)
+
+
 def _report_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, dest="report_dir", metavar="DIR",
                         help="write report.json, report.md, report.html and junit.xml into DIR (report.md is also "
@@ -72,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(check, spec_help="TOML spec of the candidate inference path",
                   json_help="also write the full report as JSON", candidate=True)
     _report_option(check)
+    _engine_options(check)
     check.add_argument("--sample", type=int, default=None, metavar="K",
                        help="gate a deterministic stratified subset of K samples (every label and input-bias "
                             "value, image mode, EXIF orientation and aspect ratio present is covered); the "
@@ -103,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(matrix, spec_help="TOML spec of the candidate", json_help="also write the matrix report as JSON")
     _report_option(matrix)
     _shard_option(matrix)
+    _engine_options(matrix)
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
     merge = commands.add_parser(
@@ -122,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(diagnose, spec_help="TOML spec of the candidate", json_help="also write the diagnosis as JSON",
                   candidate=True)
     _report_option(diagnose)
+    _engine_options(diagnose)
     diagnose.add_argument("--samples", type=int, default=4, help="samples each probe runs on (default 4)")
     _shard_option(diagnose)
     diagnose.add_argument("--logged", type=Path, default=None, metavar="FILE",
@@ -217,7 +272,7 @@ def _load_spec(args: argparse.Namespace):
     spec = load_spec(args.spec)
     if getattr(args, "candidate", None):
         spec = dataclasses.replace(spec, candidate=parse_candidate(args.candidate, base=Path.cwd()))
-    return spec
+    return _apply_engine(spec, args)
 
 
 def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -227,13 +282,16 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.spec import load_spec
     from parity.variants import parse_axes, run_matrix
 
-    spec = load_spec(args.spec)
+    spec = _apply_engine(load_spec(args.spec), args)
     axes = dict(spec.matrix)
     for item in args.axis:
         name, sep, values = item.partition("=")
         if not sep or not values:
             raise SpecError(f"--axis {item!r}: expected NAME=V1,V2")
         axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
+    if spec.runtime.engine == "ray":  # its cells share decoded images and forwards, in this process
+        errors.print("note: the variant matrix runs on the local engine; --engine ray applies to check and diagnose",
+                     highlight=False)
     with Progress(errors) as progress:
         progress.phase("matrix over images")
         report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device, progress=progress.update,
@@ -258,7 +316,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
                         "`parity check --candidate logged:FILE --shard I/N --json PART.json` and `parity merge`, "
                         "then diagnose the whole log")
     spec = _load_spec(args)
-    with Progress(errors) as progress:
+    with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
         if spec.candidate.kind in ("python", "endpoint_handler") and args.logged is None:
             from parity.diagnose import diagnose_candidate
@@ -453,7 +511,7 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.report import render_report, write_json
 
     spec = _load_spec(args)
-    with Progress(errors) as progress:
+    with _engine_session(spec), Progress(errors) as progress:
         progress.phase("embedding images")
         report = run_check(spec, fixtures=args.fixtures, device=args.device, sample=args.sample,
                            progress=progress.update, shard=_shard(args))

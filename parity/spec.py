@@ -35,6 +35,8 @@ __all__ = [
     "VALUE_SCALES",
     "MEAN_STD_PRESETS",
     "DTYPES",
+    "ENGINES",
+    "check_ray_address",
     "STAGES",
     "BackboneSpec",
     "PreprocessSpec",
@@ -73,6 +75,8 @@ _LIBRARY_FIELDS = ("library", "processor", "config")
 _GEOMETRY_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
 NORMALIZE = ("none", "l2")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# Who runs the pipeline's batches (`RuntimeSpec.engine`).
+ENGINES = ("local", "ray")
 # Above this a ViT's attention alone needs gigabytes per image; no CLIP backbone is trained at such sizes.
 MAX_INPUT_SIDE = 1024
 # timm's crop_pct: below this the resize before the crop is more than 20x the input size.
@@ -90,6 +94,23 @@ def check_device(device: object, *, where: str = "device") -> str:
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise SpecError(f"{where} = {device!r} is not accepted. Accepted values: cpu, cuda, cuda:N")
     return device
+
+
+def check_ray_address(address: object, *, where: str = "ray_address") -> str | None:
+    """``address`` if it is None (start a local Ray instance), ``auto`` (the running cluster this machine
+    belongs to), ``local`` or an address such as ``HOST:PORT`` or ``ray://HOST:PORT``.
+
+    Raises:
+        SpecError: an empty or blank string, or one with whitespace in it.
+    """
+    if address is None:
+        return None
+    if not isinstance(address, str) or not address.strip() or any(c.isspace() for c in address):
+        raise SpecError(f"{where} = {address!r} is not an address. Accepted values: auto, local, HOST:PORT, "
+                        "ray://HOST:PORT (or leave it unset to start a local Ray instance)")
+    return address
+
+
 STAGES = ("pixels", "embedding", "head", "outputs")
 
 
@@ -207,9 +228,17 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
+    """Where and how the pipeline runs.
+
+    ``engine``: who runs decode → preprocess → backbone: this process (``local``) or a Ray cluster
+    (``ray``, the ``parity[ray]`` extra) at ``ray_address`` (None: start a local Ray instance).
+    """
+
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -536,10 +565,15 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         device=device,
         dtype=rt.get("dtype", str, "float32", choices=DTYPES),
         batch_size=rt.get("batch_size", int, 8),
+        engine=rt.get("engine", str, "local", choices=ENGINES),
+        ray_address=check_ray_address(rt.get("ray_address", str, None), where=f"{path}: [runtime].ray_address"),
     )
     rt.finish()
     if runtime.batch_size < 1:
         raise SpecError(f"{path}: [runtime].batch_size = {runtime.batch_size} is impossible; it must be >= 1")
+    if runtime.ray_address is not None and runtime.engine != "ray":
+        raise SpecError(f"{path}: [runtime].ray_address is set but [runtime].engine = {runtime.engine!r}; "
+                        "set engine = \"ray\" or remove ray_address")
 
     tol_table = root.table("tolerance")
     tolerances = {}
