@@ -251,3 +251,11 @@ def test_missing_extras_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.models.clip", None)
     with pytest.raises(SpecError, match=r"pip install 'parity\[hf\]'"):
         create_hf_preprocess({})
+
+
+def test_measuring_images_needs_the_transform_factory(sources, images):
+    """preprocess_diff knows no library: without the registry's factory it cannot run a transform."""
+    a, b = sources["timm"], sources["open_clip"]
+    assert explain_preprocess(a, b).fields == explain(a, b).fields  # fields alone need no transform
+    with pytest.raises(SpecError, match="pass transform=parity.libraries.create_transform"):
+        explain_preprocess(a, b, images=[("chelsea.png", images["chelsea.png"])])
