@@ -303,3 +303,19 @@ def test_importing_parity_loads_no_backbone_library():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          check=True)
     assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_where_an_unset_preprocess_field_comes_from_is_the_adapters_word(toy_library):
+    """Diagnosis shows an unset field's resolved value with these words (`parity.diagnose._current_words`)."""
+    from types import SimpleNamespace
+
+    def spec(backbone: str):
+        return SimpleNamespace(backbone=SimpleNamespace(library=backbone))
+
+    timm_ = libraries.get("timm")
+    assert timm_.unset_preprocess_origin(spec("timm")) == \
+        "the model's pretrained_cfg (timm.data.resolve_model_data_config)"
+    assert timm_.unset_preprocess_origin(spec("transformers")) == "timm's defaults"
+    # Libraries whose recorded configuration does not hold [preprocess] fields by name resolve none.
+    assert [libraries.get(name).unset_preprocess_origin(spec(name)) for name in ("transformers", "open_clip", "toy")] \
+        == [None, None, None]
