@@ -445,8 +445,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 def _preprocess_source(text: str):
     """A preprocessing description from a library source, a spec file or a fixture directory."""
     from parity.errors import SpecError
-    from parity.libraries import describe_record
-    from parity.preprocess_config import resolve_source
+    from parity.libraries import describe_record, resolve_source
 
     path = Path(text)
     if path.suffix == ".toml":
@@ -487,6 +486,7 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
 def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
     from parity.errors import FixtureError
     from parity.images import decode_image
+    from parity.libraries import create_transform
     from parity.preprocess_diff import explain_preprocess
     from parity.report import render_preprocess_explanation, write_json
 
@@ -498,7 +498,7 @@ def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
             images.append((file.name, decode_image(file)[0]))
         except FixtureError as e:
             console.print(f"skipped {file}: {e}", style="yellow", highlight=False)
-    explanation = explain_preprocess(a, b, images=images)
+    explanation = explain_preprocess(a, b, images=images, transform=create_transform)
     render_preprocess_explanation(explanation, console)
     if args.json_path is not None:
         write_json(explanation, args.json_path)

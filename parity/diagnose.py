@@ -130,21 +130,24 @@ def _current(spec: Spec, section: str, field: str) -> Any:
 def _current_words(spec: Spec, change: Change, prober: _Prober) -> tuple[str, str]:
     """The spec's value for ``change``'s fields in TOML, and where it came from when the spec leaves it unset.
 
-    An unset timm preprocessing field is resolved from the model's ``pretrained_cfg`` (then timm's
-    defaults); saying "None" would hide the value the candidate actually ran with.
+    An unset preprocessing field that the preprocess library resolves (timm: from the model's
+    ``pretrained_cfg``, then timm's defaults) is shown with its resolved value and the adapter's
+    words for its origin (`Library.unset_preprocess_origin`); saying "None" would hide the value
+    the candidate actually ran with.
     """
     values, origin = [], ""
+    adapter = library(spec.preprocess.library)
+    unset_origin = adapter.unset_preprocess_origin(spec) if change.section == "preprocess" else None
     for name, _ in change.fields:
         value = _current(spec, change.section, name)
-        if value is None and change.section == "preprocess" and spec.preprocess.library == "timm":
+        if value is None and unset_origin is not None:
             try:
                 resolved = prober.pipeline(spec).data_config.get(name)
             except (ParityError, RuntimeError, ValueError):
                 resolved = None
             if resolved is not None:
                 value = list(resolved) if isinstance(resolved, tuple) else resolved
-                origin = ("the model's pretrained_cfg (timm.data.resolve_model_data_config)"
-                          if spec.backbone.library == "timm" else "timm's defaults")
+                origin = unset_origin
         values.append(toml_value(value))
     return ", ".join(values), origin
 

@@ -3,19 +3,22 @@
 `explain_preprocess` names every field of `PreprocessConfig` on which two descriptions
 disagree, with one sentence on what that does to the pixels, and runs the real libraries'
 transforms on given images, predicting from the geometry alone where a crop only shifts.
+The transforms come from the caller (`parity.libraries.create_transform`): this module knows
+no library, and rendering (`parity.report`) imports it without importing the adapters.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from PIL import Image
 
 from parity.preprocess import Preprocess
-from parity.preprocess_config import PreprocessConfig, create_transform, crop_box
+from parity.errors import SpecError
+from parity.preprocess_config import PreprocessConfig, crop_box
 
 __all__ = ["FieldDifference", "ImageDifference", "PreprocessExplanation", "explain_preprocess", "format_field_value"]
 
@@ -174,22 +177,29 @@ def _compare_image(name: str, image: Image.Image, a: PreprocessConfig, b: Prepro
 
 
 def explain_preprocess(a: PreprocessConfig, b: PreprocessConfig, *,
-                       images: Sequence[tuple[str, Image.Image]] = ()) -> PreprocessExplanation:
+                       images: Sequence[tuple[str, Image.Image]] = (),
+                       transform: Callable[[PreprocessConfig], Preprocess] | None = None) -> PreprocessExplanation:
     """Name every field on which ``b`` differs from ``a`` and measure both real transforms on ``images``.
 
     Args:
         a, b: the two descriptions; ``library`` and ``source`` are not compared.
         images: (name, RGB PIL image) pairs, decoded as the pipeline decodes them.
+        transform: builds the transform a description stands for, with the library it names
+            (`parity.libraries.create_transform`); needed only with ``images``.
 
     Raises:
-        SpecError: a description its library cannot reproduce (only when images are given).
+        SpecError: a description its library cannot reproduce (only when images are given), or
+            images without a ``transform`` to run them through.
     """
     differences = tuple(FieldDifference(f.name, getattr(a, f.name), getattr(b, f.name), _effect(f.name, a, b))
                         for f in fields(PreprocessConfig)
                         if f.name not in _IDENTITY_FIELDS and getattr(a, f.name) != getattr(b, f.name))
     measured: tuple[ImageDifference, ...] = ()
     if images:
-        ta, tb = create_transform(a), create_transform(b)
+        if transform is None:
+            raise SpecError("explain_preprocess measures images with the libraries' transforms: pass "
+                            "transform=parity.libraries.create_transform")
+        ta, tb = transform(a), transform(b)
         measured = tuple(_compare_image(name, image, a, b, ta, tb) for name, image in images)
     return PreprocessExplanation(a, b, differences, measured)
 

@@ -17,15 +17,11 @@ from parity.preprocess import (
     create_hf_processor,
     create_open_clip_preprocess,
 )
-from parity.preprocess_config import (
-    PreprocessConfig,
-    create_transform,
-    crop_box,
-    describe_hf,
-    describe_open_clip,
-    describe_timm,
-    resolve_source,
-)
+from parity.libraries import create_transform, resolve_source
+from parity.libraries.open_clip import describe_open_clip
+from parity.libraries.timm import describe_timm
+from parity.libraries.transformers import describe_hf
+from parity.preprocess_config import PreprocessConfig, crop_box
 from parity.preprocess_diff import explain_preprocess
 
 pytest.importorskip("open_clip")
@@ -37,6 +33,11 @@ UNSHIFTED = ("astronaut.png", "chelsea.png")
 TIMM_B32 = "timm:vit_base_patch32_clip_quickgelu_224.openai"
 OPEN_CLIP_B32 = "open_clip:ViT-B-32-quickgelu"
 MEAN, STD = MEAN_STD_PRESETS["openai_clip"]
+
+
+def explain(a: PreprocessConfig, b: PreprocessConfig, **options):
+    """`explain_preprocess` running the libraries' own transforms, as `parity explain-preprocess` does."""
+    return explain_preprocess(a, b, transform=create_transform, **options)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_timm_crop_pct_against_open_clip(sources, images):
     assert (timm_.resize_size, open_clip_.resize_size) == (248, 224)  # floor(224 / 0.9) = 248
     assert timm_.crop_pct == pytest.approx(224 / 248) and open_clip_.crop_pct == 1.0
 
-    explanation = explain_preprocess(timm_, open_clip_, images=[("astronaut.png", images["astronaut.png"])])
+    explanation = explain(timm_, open_clip_, images=[("astronaut.png", images["astronaut.png"])])
 
     assert {"resize_size", "crop_pct"} <= set(explanation.fields)
     assert not explanation
@@ -77,7 +78,7 @@ def test_timm_crop_pct_against_open_clip(sources, images):
 
 
 def test_open_clip_against_hf_slow_differs_only_by_crop_offset(sources, images):
-    explanation = explain_preprocess(sources["open_clip"], sources["slow"], images=list(images.items()))
+    explanation = explain(sources["open_clip"], sources["slow"], images=list(images.items()))
 
     # convert_rgb (alpha dropped vs composited on white) cannot act on RGB images
     assert explanation.fields == ("crop_offset_rounding", "convert_rgb")
@@ -120,7 +121,7 @@ def test_crop_box_rounding_rules(sources, size, left_round, left_floor):
 
 
 def test_hf_slow_against_fast_differs_by_resize_kernel(sources, images):
-    explanation = explain_preprocess(sources["slow"], sources["fast"], images=list(images.items()))
+    explanation = explain(sources["slow"], sources["fast"], images=list(images.items()))
 
     assert explanation.fields == ("resize_backend",)
     assert (explanation.differences[0].a, explanation.differences[0].b) == ("pil", "tensor")
@@ -133,7 +134,7 @@ def test_hf_slow_against_fast_differs_by_resize_kernel(sources, images):
 
 @pytest.mark.parametrize("key", ["timm", "open_clip", "fast", "slow"])
 def test_description_against_itself(sources, images, key):
-    explanation = explain_preprocess(sources[key], sources[key], images=[("chelsea.png", images["chelsea.png"])])
+    explanation = explain(sources[key], sources[key], images=[("chelsea.png", images["chelsea.png"])])
 
     assert explanation.differences == ()
     assert explanation.images[0].max_abs == 0
@@ -206,8 +207,8 @@ def test_unknown_source_prefix_lists_the_forms():
     with pytest.raises(SpecError) as info:
         resolve_source("torchvision:resnet50")
     assert str(info.value) == ("unknown preprocessing source prefix 'torchvision' in 'torchvision:resnet50'; "
-                               "expected one of timm:MODEL_NAME, open_clip:MODEL_NAME[@PRETRAINED_TAG], "
-                               "hf:PATH, hf-slow:PATH")
+                               "expected one of timm:MODEL_NAME, hf:PATH, hf-slow:PATH, "
+                               "open_clip:MODEL_NAME[@PRETRAINED_TAG]")
     with pytest.raises(SpecError, match="is not PREFIX:VALUE"):
         resolve_source("vit_base_patch32_clip_224")
     with pytest.raises(SpecError, match="unknown timm model 'no_such_model'"):
@@ -236,8 +237,11 @@ def test_a_description_its_library_cannot_reproduce_is_refused(sources):
         create_transform(edited)
     assert str(info.value) == ("timm cannot reproduce this preprocessing: crop_offset_rounding = 'floor' "
                                "(the library gives 'round_half_even')")
-    with pytest.raises(SpecError, match="PreprocessConfig.library must be one of"):
-        dataclasses.replace(sources["timm"], library="tensorflow")
+    # The registry knows which library builds a description; an unknown one is refused with the known ones.
+    with pytest.raises(SpecError) as info:
+        create_transform(dataclasses.replace(sources["timm"], library="tensorflow"))
+    assert str(info.value) == ("no transform for library 'tensorflow'; expected one of "
+                               "('timm', 'transformers-fast', 'transformers-slow', 'open_clip')")
 
 
 def test_missing_extras_say_what_to_install(monkeypatch):
@@ -247,3 +251,11 @@ def test_missing_extras_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.models.clip", None)
     with pytest.raises(SpecError, match=r"pip install 'parity\[hf\]'"):
         create_hf_preprocess({})
+
+
+def test_measuring_images_needs_the_transform_factory(sources, images):
+    """preprocess_diff knows no library: without the registry's factory it cannot run a transform."""
+    a, b = sources["timm"], sources["open_clip"]
+    assert explain_preprocess(a, b).fields == explain(a, b).fields  # fields alone need no transform
+    with pytest.raises(SpecError, match="pass transform=parity.libraries.create_transform"):
+        explain_preprocess(a, b, images=[("chelsea.png", images["chelsea.png"])])

@@ -2,8 +2,10 @@
 
 Each adapter (`parity.libraries.timm`, `.transformers`, `.open_clip`, or one registered with
 `register`) creates its backbone, converts checkpoints into its key layout, takes embeddings at
-its own extraction points, builds its eval preprocessing and describes what it built. The rest
-of parity asks the registry, by the library a spec names, and never branches on the name.
+its own extraction points, builds its eval preprocessing and describes what it built (also from
+an ``explain-preprocess`` source such as ``timm:MODEL``, and back into a transform). The rest of
+parity asks the registry, by the library a spec, a source or a description names, and never
+branches on the name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from parity.libraries.base import Converter, Library, activation_classes, activa
 from parity.libraries.open_clip import OpenClip
 from parity.libraries.timm import Timm
 from parity.libraries.transformers import Transformers
+from parity.preprocess import Preprocess
+from parity.preprocess_config import PreprocessConfig
 from parity.spec import DEFAULT_LIBRARY, Spec, library_names, register_vocabulary, unregister_vocabulary, vocabulary
 
 __all__ = [
@@ -39,6 +43,9 @@ __all__ = [
     "extraction_hint",
     "resolve_preprocess",
     "describe_record",
+    "source_forms",
+    "resolve_source",
+    "create_transform",
     "activation_classes",
     "activation_family",
 ]
@@ -203,3 +210,38 @@ def describe_record(record: Mapping[str, Any], *, source: str):
         return get(library).describe_preprocess(record, source=source)
     except KeyError as e:
         raise SpecError(f"{source}: the {library} preprocessing record has no {e.args[0]!r}") from e
+
+
+def source_forms() -> tuple[str, ...]:
+    """Every ``explain-preprocess`` source form the registered libraries describe (``timm:MODEL_NAME``, ...)."""
+    return tuple(form for adapter in _ADAPTERS.values() for form in adapter.source_forms.values())
+
+
+def resolve_source(text: str) -> PreprocessConfig:
+    """Describe a command-line source ``PREFIX:VALUE`` with the library that registered ``PREFIX``
+    (built in: ``timm:MODEL``, ``open_clip:MODEL[@TAG]``, ``hf:PATH``, ``hf-slow:PATH``).
+
+    Raises:
+        SpecError: an unknown prefix (the message lists the accepted forms) or an unknown model or path.
+    """
+    prefix, sep, rest = text.partition(":")
+    forms = ", ".join(source_forms())
+    if not sep or not rest:
+        raise SpecError(f"preprocessing source {text!r} is not PREFIX:VALUE; expected one of {forms}")
+    adapter = next((a for a in _ADAPTERS.values() if prefix in a.source_forms), None)
+    if adapter is None:
+        raise SpecError(f"unknown preprocessing source prefix {prefix!r} in {text!r}; expected one of {forms}")
+    return adapter.describe_source(prefix, rest, text)
+
+
+def create_transform(config: PreprocessConfig) -> Preprocess:
+    """Build the transform a description stands for, with the library it names (``config.library``).
+
+    Raises:
+        SpecError: no registered library builds such descriptions, or that library cannot
+            reproduce every field of the description.
+    """
+    described = {name: adapter for adapter in _ADAPTERS.values() for name in adapter.description_libraries}
+    if config.library not in described:
+        raise SpecError(f"no transform for library {config.library!r}; expected one of {tuple(described)}")
+    return described[config.library].create_transform(config)

@@ -51,10 +51,18 @@ class Library:
     extraction_hint: str = ""
     # Whether `create(meta=True)` builds shapes without memory (a factory that moves the model refuses it).
     meta_create: bool = True
+    # `parity explain-preprocess` sources this library describes: prefix → the form shown to people
+    # (``{"timm": "timm:MODEL_NAME"}`` reads ``timm:vit_base_patch32_clip_224`` with `describe_source`).
+    source_forms: Mapping[str, str] = {}
 
     @property
     def name(self) -> str:
         return self.vocabulary.name
+
+    @property
+    def description_libraries(self) -> tuple[str, ...]:
+        """The ``PreprocessConfig.library`` values this library's descriptions carry (default: its name)."""
+        return (self.name,)
 
     def create(self, spec: Spec, *, meta: bool = False):
         """The module ``[backbone]`` names, with random weights (``meta``: shapes only)."""
@@ -124,6 +132,29 @@ class Library:
     def describe_preprocess(self, record: Mapping[str, Any], *, source: str) -> PreprocessConfig:
         """The comparable description (`parity.preprocess_config.PreprocessConfig`) of a recorded configuration."""
         raise SpecError(f"{source}: parity cannot describe {self.name} preprocessing field by field")
+
+    def describe_source(self, prefix: str, rest: str, text: str) -> PreprocessConfig:
+        """The description of command-line source ``text`` = ``prefix:rest`` (``prefix`` one of `source_forms`).
+
+        Raises:
+            SpecError: an unknown model or path.
+        """
+        raise SpecError(f"{text}: parity cannot describe {self.name} preprocessing from a source")
+
+    def create_transform(self, config: PreprocessConfig) -> Preprocess:
+        """Build, with this library, the transform ``config`` stands for (``config.library`` is one of
+        `description_libraries`).
+
+        Raises:
+            SpecError: this library cannot reproduce every field of the description.
+        """
+        raise SpecError(f"{self.name} cannot build a transform from a description ({config.source})")
+
+    def unset_preprocess_origin(self, spec: Spec) -> str | None:
+        """Where an unset ``[preprocess]`` field takes its value from, in words, when the configuration
+        `resolve_preprocess` returns holds it under the field's own name; ``None`` when it does not
+        (an unset field then has no resolved value to show)."""
+        return None
 
     def describe_backbone(self, model, *, name: str | None, kwargs: Mapping, extract: str,
                           normalize: str = "none") -> dict[str, Any]:

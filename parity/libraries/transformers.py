@@ -1,5 +1,6 @@
 """transformers: CLIP vision models from a local ``save_pretrained`` directory (never the hub), the CLIP
-image processor (fast: torchvision, slow: PIL), and transformers' extraction points."""
+image processor (fast: torchvision, slow: PIL) and its comparable description, and transformers'
+extraction points."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from parity.convert import openai_to_hf
 from parity.errors import CheckpointError, SpecError
 from parity.extras import require
 from parity.libraries.base import Library
-from parity.preprocess import (HF_PROCESSORS, Preprocess, create_hf_preprocess, describe_data_config,
-                               load_preprocessor_config)
-from parity.preprocess_config import PreprocessConfig, describe_hf
+from parity.preprocess import (HF_PROCESSORS, Preprocess, create_hf_preprocess, create_hf_processor,
+                               describe_data_config, load_preprocessor_config, processor_mean_std)
+from parity.preprocess_config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
 
-__all__ = ["Transformers", "weights_file", "preprocess_record", "describe_preprocess_config", "TEXT_TOWER"]
+__all__ = ["Transformers", "weights_file", "preprocess_record", "describe_preprocess_config", "describe_hf",
+           "TEXT_TOWER"]
 
 _HF_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 # Keys of the text tower in a whole-CLIP checkpoint: set aside by name, and the rest still loads strictly.
 TEXT_TOWER = ("text_model.", "text_projection.", "logit_scale")
 # Manifest-record keys that are not the preprocessor config's own.
 _RECORD_KEYS = ("library", "processor", "channel_order", "value_scale", "exif_transpose", "resize_backend")
+# `parity explain-preprocess` source prefix → the image processor backend it describes.
+_SOURCE_PROCESSORS = {"hf": "fast", "hf-slow": "slow"}
 
 
 def weights_file(directory: Path) -> Path:
@@ -109,6 +113,76 @@ def _preprocessor_config_path(spec: Spec) -> Path:
                     "preprocessor_config.json (or a transformers [backbone].checkpoint directory holding one)")
 
 
+def _interpolation_name(resample: Any, processor: str) -> str:
+    from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
+
+    resample = PILImageResampling(resample if resample is not None else PILImageResampling.BILINEAR)
+    if processor == "fast":
+        return pil_torch_interpolation_mapping[resample].value  # what torchvision actually runs
+    return resample.name.lower()
+
+
+def describe_hf(config_or_path: Mapping[str, Any] | str | Path, *, processor: str = "fast",
+                channel_order: str = "rgb", value_scale: str = "unit", source: str | None = None) -> PreprocessConfig:
+    """Describe a transformers CLIP image processor (fast: torchvision backend, slow: PIL backend).
+
+    Unset config entries take the processor class's defaults, read from the class itself.
+
+    Raises:
+        SpecError: a missing or unreadable config, a non-CLIP processor, or a ``size`` form
+            other than ``shortest_edge`` or ``height``/``width``.
+    """
+    config = load_preprocessor_config(config_or_path)
+    if source is None:
+        source = "transformers preprocessor config" if isinstance(config_or_path, Mapping) else str(config_or_path)
+    built = create_hf_processor(config, processor=processor)
+    size = built.size
+    if not built.do_resize:
+        resize, resize_size, rounding = "none", None, None
+    elif size.shortest_edge and not size.longest_edge:
+        resize, resize_size, rounding = "shortest_edge", int(size.shortest_edge), "truncate"
+    elif size.height and size.width:
+        resize, resize_size, rounding = "squash", (int(size.height), int(size.width)), None
+    else:
+        raise SpecError(f"size = {config.get('size')!r} is not modelled: parity describes "
+                        "{'shortest_edge': N} and {'height': H, 'width': W}")
+    crop_size = (int(built.crop_size.height), int(built.crop_size.width)) if built.do_center_crop else None
+    mean, std = processor_mean_std(built)
+    return PreprocessConfig(
+        library=f"transformers-{processor}", source=source, resize=resize, resize_size=resize_size,
+        resize_rounding=rounding, crop_size=crop_size,
+        # both backends floor the crop offset; when padding, fast pads like torchvision, slow centres by floor
+        **derived_fields(resize, resize_size, crop_size, crop_rule="floor",
+                   pad_rule="ceil" if processor == "fast" else "floor", fill=(0, 0, 0)),
+        interpolation=_interpolation_name(built.resample, processor),
+        resize_backend="tensor" if processor == "fast" else "pil", antialias=True,
+        rescale_factor=float(built.rescale_factor) if built.do_rescale else 1.0, mean=mean, std=std,
+        convert_rgb="composite_white" if built.do_convert_rgb else "none",
+        channel_order=channel_order, value_scale=value_scale)
+
+
+def _processor_config(config: PreprocessConfig) -> dict[str, Any]:
+    from transformers.image_utils import PILImageResampling
+
+    names = {m.name.lower(): m for m in PILImageResampling} | {"nearest-exact": PILImageResampling.NEAREST}
+    if config.interpolation not in names:
+        raise SpecError(f"transformers has no resample for interpolation {config.interpolation!r}")
+    hf: dict[str, Any] = {"image_processor_type": "CLIPImageProcessor", "do_resize": config.resize != "none",
+                          "resample": int(names[config.interpolation]), "do_center_crop": config.crop_size is not None,
+                          "do_rescale": True, "rescale_factor": config.rescale_factor, "do_normalize": True,
+                          "image_mean": list(config.mean), "image_std": list(config.std),
+                          "do_convert_rgb": config.convert_rgb != "none"}
+    if config.resize == "shortest_edge" and isinstance(config.resize_size, int):
+        hf["size"] = {"shortest_edge": config.resize_size}
+    elif config.resize == "squash":
+        hf["size"] = dict(zip(("height", "width"), size_pair(config.resize_size)))
+    elif config.resize != "none":
+        raise SpecError(f"transformers' CLIP processor cannot resize {config.resize} to {config.resize_size}")
+    if config.crop_size is not None:
+        hf["crop_size"] = dict(zip(("height", "width"), config.crop_size))
+    return hf
+
+
 class Transformers(Library):
     # pooler_output is post_layernorm CLS, cls is last_hidden_state[:, 0] (before post_layernorm),
     # image_embeds the projection.
@@ -125,6 +199,8 @@ class Transformers(Library):
         "cls": "class token before the final norm",
         "image_embeds": "projection",
     }
+    # `parity explain-preprocess hf:PATH` describes the fast processor, `hf-slow:PATH` the slow one.
+    source_forms = {prefix: f"{prefix}:PATH" for prefix in _SOURCE_PROCESSORS}
     # CLIPVisionModelWithProjection (and CLIPVisionModel before version 5) holds the tower under
     # `vision_model.`; CLIPVisionModel in version 5 is the tower itself.
     wrapper_prefix = "vision_model."
@@ -200,3 +276,19 @@ class Transformers(Library):
         return describe_hf(config, processor=record.get("processor", "fast"), source=source,
                            channel_order=record.get("channel_order", "rgb"),
                            value_scale=record.get("value_scale", "unit"))
+
+    @property
+    def description_libraries(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}-{processor}" for processor in HF_PROCESSORS)
+
+    def describe_source(self, prefix: str, rest: str, text: str) -> PreprocessConfig:
+        """``hf:PATH`` (fast processor) or ``hf-slow:PATH`` (slow): a preprocessor_config.json or its directory."""
+        return describe_hf(rest, processor=_SOURCE_PROCESSORS[prefix], source=text)
+
+    def create_transform(self, config: PreprocessConfig) -> Preprocess:
+        """The CLIP image processor (fast or slow, as ``config.library`` says) configured as described."""
+        variant = dict(channel_order=config.channel_order, value_scale=config.value_scale)
+        processor = config.library.removeprefix(f"{self.name}-")  # one of `description_libraries`
+        hf = _processor_config(config)
+        require_same(config, describe_hf(hf, processor=processor, source=config.source, **variant))
+        return create_hf_preprocess(hf, processor=processor, **variant)
