@@ -42,9 +42,16 @@ _LAZY = {
     "calibrate": "parity.calibrate",
     "capture": "parity.source",
     "capture_pipeline": "parity.source",
-    "explain_preprocess": "parity.preprocess_diff",
     "load_fixture": "parity.fixtures",
 }
+
+
+def explain_preprocess(a, b, *, images=(), transform=None):
+    """`parity.preprocess_diff.explain_preprocess`, measuring ``images`` with the registered libraries'
+    transforms (`parity.libraries.create_transform`) unless ``transform`` is given."""
+    from parity.preprocess_diff import explain_preprocess as explain
+
+    return explain(a, b, images=images, transform=transform or parity.libraries.create_transform)
 
 
 def __getattr__(name: str) -> Any:
