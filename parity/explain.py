@@ -52,7 +52,7 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
         candidate["numerics"] = candidate_numerics(run, spec)
     for side in (recorded, candidate):  # one library's classes name the same tower differently
         if "structure" in side.get("backbone", {}):
-            library = side["backbone"].get("library", "timm")
+            library = side["backbone"].get("library", DEFAULT_LIBRARY)
             side["backbone"] = dict(side["backbone"], structure=canonical_names(side["backbone"]["structure"], library))
     library = run.description.get("backbone", {}).get("library", spec.backbone.library)
     cross_notes: list[str] = []
