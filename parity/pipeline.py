@@ -237,8 +237,9 @@ def load_weights(module, path: Path, *, section: str, target: str, state_dict_ke
     module.load_state_dict(state, strict=True, assign=assign)
     if not fingerprints:
         return {}
+    names = set(module.state_dict())
     return cached(path, "fingerprint", lambda: fingerprint(module.state_dict()), settings=settings,
-                  valid=_is_fingerprints)
+                  valid=lambda value: _is_fingerprints(value) and set(value) == names)
 
 
 def _fingerprint_settings(module, **loading) -> dict[str, Any]:
@@ -265,11 +266,12 @@ def _code_identity(function) -> str | None:
         return None
     code = getattr(getattr(function, "func", function), "__code__", None)
     name = f"{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', repr(function))}"
+    bound = repr((getattr(function, "args", ()), getattr(function, "keywords", {})))  # a functools.partial's
     if code is None:
-        return name
+        return f"{name}:{bound}"
     import hashlib
 
-    return f"{name}:{hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]}"
+    return f"{name}:{hashlib.sha256(code.co_code + repr(code.co_consts).encode() + bound.encode()).hexdigest()[:16]}"
 
 
 def _is_fingerprints(value: Any) -> bool:
