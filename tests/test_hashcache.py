@@ -172,3 +172,27 @@ def test_fingerprints_cached_per_file_and_loading_settings(tmp_path, cache, monk
     dropped = _load(narrow, ckpt, drop_keys=bn_keys, **settings)
     assert dropped == real(narrow.state_dict()) == {k: v for k, v in first.items() if k.startswith("fc.")}
     assert len(calls) == 3
+
+
+def test_a_tampered_referenced_checkpoint_is_caught_after_it_was_cached(tmp_path, cache, reads):
+    """Same size, same mtime put back, same inode: the ctime still tells the cache the file changed."""
+    import numpy as np
+
+    from parity.errors import FixtureError
+    from parity.fixtures import Fixture, verify_referenced_checkpoints
+
+    ckpt = settled(tmp_path / "head.pth", b"\x01" * 2048)
+    entry = {"referenced": True, "file": "head.pth", "sha256": sha256_file(ckpt), "bytes": 2048}
+    fixture = Fixture(root=tmp_path, manifest={"weights": {"head": entry}}, rows=(),
+                      embeddings=np.zeros((0, 4), np.float32), outputs=np.zeros((0, 2), np.float32))
+    verify_referenced_checkpoints(fixture)
+    verify_referenced_checkpoints(fixture)
+    assert len(reads) == 1
+    old = ckpt.stat()
+    time.sleep(0.05)  # a later ctime than the write the cache saw, on any clock granularity in use
+    with open(ckpt, "r+b") as f:
+        f.write(b"\x02")
+    os.utime(ckpt, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert ckpt.stat().st_size == old.st_size and ckpt.stat().st_mtime_ns == old.st_mtime_ns
+    with pytest.raises(FixtureError, match="has changed since it was frozen"):
+        verify_referenced_checkpoints(fixture)
