@@ -62,21 +62,29 @@ def verdict(value: float, target: float) -> str:
     return "PASS" if value <= target else "MISS"
 
 
-def measured(argv: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MiB, exit status) of one command in its own process.
+# Starts the command from a small process and prints its wall time and peak RSS. Linux counts the
+# pages a child had before exec (its fork of the parent) in its peak RSS: forked from this bench,
+# which holds torch and the fixtures it built, every command would report at least this process's RSS.
+MEASURE = r"""
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
 
-    ``os.wait4`` gives that child's own rusage: RUSAGE_CHILDREN would be the maximum over every
-    child this process ever waited for.
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode not in (0, 1):
-        print(f"   command failed ({proc.returncode}): {' '.join(argv[:6])} ...\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+def measured(argv: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MiB, exit status) of one command in its own process (see MEASURE)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measured"
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(out), *argv], stderr=subprocess.PIPE,
+                              env=env, cwd=ROOT)
+        wall, rss, status = out.read_text().split() if out.is_file() else ("nan", "0", str(proc.returncode))
+    if int(status) not in (0, 1):
+        print(f"   command failed ({status}): {' '.join(argv[:6])} ...\n{proc.stderr.decode(errors='replace')[-2000:]}")
+    return float(wall), int(rss) / 1024, int(status)
 
 
 def environment() -> dict[str, str]:

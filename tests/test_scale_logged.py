@@ -83,15 +83,28 @@ def _write_log(spec_path: Path, lines: int, path: Path) -> Path:
     return path
 
 
+# Linux counts the pages a child had before exec (its fork of the parent) in the child's peak RSS:
+# forked from this test process, which holds torch and a pipeline, a run would report at least
+# this process's RSS. A small launcher process forks the measured one instead.
+MEASURE = r"""
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def _diagnose(spec: Path, log: Path) -> tuple[float, int, str]:
     """Peak RSS (MiB), exit status and output of ``parity diagnose --logged`` in its own process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "diagnose", "--spec", str(spec), "--logged", str(log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=spec.parent)
-    out = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, proc.returncode, out
+    measured = log.with_suffix(".rss")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(measured), sys.executable, "-m", "parity.cli",
+                           "diagnose", "--spec", str(spec), "--logged", str(log)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=spec.parent)
+    out = proc.stdout.decode(errors="replace")
+    assert measured.is_file(), out
+    rss, status = measured.read_text().split()
+    return int(rss) / 1024, int(status), out
 
 
 def test_a_20000_line_log_is_diagnosed_in_bounded_memory(tmp_path):
