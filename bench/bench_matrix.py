@@ -126,6 +126,25 @@ def naive_cells(spec, axes: dict, paths: list[Path], model) -> None:
             extract_embedding(model, pixels, extract)
 
 
+def gpu_rates(model, *, batch_size: int = 32, size: int = 336) -> dict[str, float]:
+    """Images/s of ``model``'s forward_features on CUDA in float32 and under bfloat16 autocast."""
+    from parity.variants import _precision_context
+
+    model = model.to("cuda")
+    batch = torch.randn(batch_size, 3, size, size, device="cuda")
+    rates = {}
+    for precision in ("float32", "autocast_bfloat16"):
+        with torch.inference_mode(), _precision_context("cuda", precision, False, "default"):
+            model.forward_features(batch[:4])
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                model.forward_features(batch)
+            torch.cuda.synchronize()
+        rates[precision] = 5 * len(batch) / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4, help="images per pass (each costs ~3.5 s on 2 CPU cores)")
@@ -177,19 +196,7 @@ def main() -> None:
               f"-> speedup {naive / shared:.2f}x")
 
         if torch.cuda.is_available():
-            from parity.variants import _precision_context
-
-            model = model.to("cuda")
-            batch = torch.randn(32, 3, 336, 336, device="cuda")
-            for precision in ("float32", "autocast_bfloat16"):
-                with torch.inference_mode(), _precision_context("cuda", precision, False, "default"):
-                    model.forward_features(batch[:4])
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(5):
-                        model.forward_features(batch)
-                    torch.cuda.synchronize()
-                rate = 5 * len(batch) / (time.perf_counter() - start)
+            for precision, rate in gpu_rates(model).items():
                 print(f"4. GPU {torch.cuda.get_device_name()}: {precision} {rate:.0f} img/s (batch 32, full-size)")
             cuda_report, cuda_gate = _timed(lambda: run_check(spec, device="cuda"))
             print(f"   gate on cuda: {cuda_gate:.2f} s, verdict {'PASS' if cuda_report.passed else 'DRIFT'}")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from parity.errors import FixtureChangedError, FixtureError
+from parity.hashcache import cached
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -34,6 +35,7 @@ __all__ = [
     "Fixture",
     "Staging",
     "sha256_file",
+    "cached_sha256",
     "environment",
     "stage_fixture",
     "load_fixture",
@@ -65,6 +67,15 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """`sha256_file`, reused from the hash cache while the file keeps its identity (`parity.hashcache`)."""
+    return cached(path, "sha256", lambda: sha256_file(path), valid=_is_sha256)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def environment() -> dict[str, str]:
@@ -837,7 +848,7 @@ def verify_referenced_checkpoints(fixture: Fixture) -> None:
                 "Note: the fixture was frozen with the checkpoint referenced, not copied; restore the file at "
                 "that path, or freeze again with --copy-checkpoints to keep a copy inside the fixture.")
         size = path.stat().st_size
-        actual = sha256_file(path) if size == entry.get("bytes", size) else None
+        actual = cached_sha256(path) if size == entry.get("bytes", size) else None
         if actual is None or actual != entry.get("sha256"):
             got = f"sha256 {actual}" if actual else f"{size} bytes"
             raise FixtureError(

@@ -13,6 +13,7 @@ from PIL import Image
 from parity.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import SpecError
 from parity.forensics import diagnose_load, summarize_structure
+from parity.hashcache import cached
 from parity.images import check_resize, decode_input
 from parity.libraries import (backbone_weights, checkpoint_converter, create_backbone, describe_backbone,
                               extract_embedding, resolve_preprocess)
@@ -231,8 +232,50 @@ def load_weights(module, path: Path, *, section: str, target: str, state_dict_ke
                                 key_map=key_map, drop_keys=drop_keys, convert=convert)
     if state is None:
         raise StrictLoadError(explain_key_diff(diff), diff)
+    settings = _fingerprint_settings(module, section=section, target=target, state_dict_key=state_dict_key,
+                                     key_map=key_map, drop_keys=drop_keys, convert=convert, assign=assign)
     module.load_state_dict(state, strict=True, assign=assign)
-    return fingerprint(module.state_dict()) if fingerprints else {}
+    if not fingerprints:
+        return {}
+    names = set(module.state_dict())
+    return cached(path, "fingerprint", lambda: fingerprint(module.state_dict()), settings=settings,
+                  valid=lambda value: _is_fingerprints(value) and set(value) == names)
+
+
+def _fingerprint_settings(module, **loading) -> dict[str, Any]:
+    """Everything besides the file's bytes that the loaded tensors depend on, for the hash cache key.
+
+    The module's own names, dtypes and shapes before loading (a strict load without ``assign`` casts
+    the checkpoint's tensors to them); the converter by name and by its compiled code.
+    """
+    import torch
+
+    import parity
+
+    convert = loading.pop("convert")
+    signature = sorted((name, str(t.dtype), tuple(t.shape)) for name, t in module.state_dict().items())
+    return {**loading, "key_map": sorted((loading["key_map"] or {}).items()),
+            "drop_keys": sorted(loading["drop_keys"] or ()), "signature": signature,
+            "module": f"{type(module).__module__}:{type(module).__qualname__}", "converter": _code_identity(convert),
+            "versions": [torch.__version__, getattr(parity, "__version__", "")]}
+
+
+def _code_identity(function) -> str | None:
+    """A converter's name and a digest of its bytecode and constants: a changed conversion is a new key."""
+    if function is None:
+        return None
+    code = getattr(getattr(function, "func", function), "__code__", None)
+    name = f"{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', repr(function))}"
+    bound = repr((getattr(function, "args", ()), getattr(function, "keywords", {})))  # a functools.partial's
+    if code is None:
+        return f"{name}:{bound}"
+    import hashlib
+
+    return f"{name}:{hashlib.sha256(code.co_code + repr(code.co_consts).encode() + bound.encode()).hexdigest()[:16]}"
+
+
+def _is_fingerprints(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 def load_backbone(spec: Spec, *, device, fingerprints: bool = True):

@@ -34,6 +34,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError("PARITY_REQUIRE_EXTRAS is set but these are not installed: " + ", ".join(missing))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The suite's hash cache lives in a temporary directory, never in the user's ~/.cache/parity."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PARITY_CACHE_DIR", str(tmp_path_factory.mktemp("parity-cache")))
+        yield
+
+
 def write_spec(directory: Path, replacements: dict[str, str] | None = None, name: str = "candidate.toml") -> Path:
     """A copy of the example spec in ``directory`` with absolute paths and text replacements applied."""
     text = EXAMPLE_SPEC.read_text().replace('"../fixtures/', f'"{ROOT / "fixtures"}/')
