@@ -139,7 +139,9 @@ def extract_embeddings(model, pixels, modes: Sequence[str], *, library: str = DE
     """
     adapter = get(library)
     trunk = adapter.trunk(model, pixels, modes[0])
-    return {mode: adapter.take(model, trunk, mode) for mode in modes}
+    # A mode that picks a token is a view of the whole (B, tokens, D) output: a copy of its own lets
+    # that go, instead of every kept embedding holding its batch's tokens alive.
+    return {mode: adapter.take(model, trunk, mode).clone() for mode in modes}
 
 
 def extract_embedding(model, pixels, mode: str, *, library: str = DEFAULT_LIBRARY):
