@@ -107,6 +107,7 @@ def _diagnose(spec: Path, log: Path) -> tuple[float, int, str]:
     return int(rss) / 1024, int(status), out
 
 
+@pytest.mark.slow
 def test_a_20000_line_log_is_diagnosed_in_bounded_memory(tmp_path):
     spec = _service(tmp_path)
     small, large = _write_log(spec, 1_000, tmp_path / "small.jsonl"), _write_log(spec, 20_000, tmp_path / "large.jsonl")
