@@ -8,7 +8,6 @@ localisation with forward hooks when the backbone itself computes differently.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -434,10 +433,7 @@ def _without(fixture: Fixture, names: Mapping[str, str]) -> Fixture:
     """``fixture`` without the named rows."""
     if not names:
         return fixture
-    keep = [i for i, row in enumerate(fixture.rows) if row.name not in names]
-    return dataclasses.replace(fixture, rows=tuple(fixture.rows[i] for i in keep), embeddings=fixture.embeddings[keep],
-                               outputs=fixture.outputs[keep],
-                               golden_pixels={k: v for k, v in fixture.golden_pixels.items() if k not in names})
+    return fixture.subset([i for i, row in enumerate(fixture.rows) if row.name not in names])
 
 
 def _service_decisions(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[DecisionFlips, ...]:

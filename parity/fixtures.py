@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,14 @@ class Fixture:
     @property
     def pipeline(self) -> Mapping[str, Any]:
         return self.manifest.get("pipeline", {})
+
+    def subset(self, indices: Sequence[int]) -> Fixture:
+        """The fixture restricted to the rows at ``indices`` (in that order), golden pixels included."""
+        indices = list(indices)
+        kept = {self.rows[i].name for i in indices}
+        return replace(self, rows=tuple(self.rows[i] for i in indices), embeddings=self.embeddings[indices],
+                       outputs=self.outputs[indices],
+                       golden_pixels={name: p for name, p in self.golden_pixels.items() if name in kept})
 
     def biases(self, indices: Sequence[int] | None = None) -> np.ndarray:
         """``input_biases`` of the given rows (all by default) as an (n, K) int64 array."""

@@ -30,6 +30,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("parity_spec", "default spec for --parity-spec, relative to the rootdir", default="")
 
 
+def _shard(config: pytest.Config) -> tuple[int, int] | None:
+    """``--parity-shard I/N`` as ``(I, N)``, or None for every sample."""
+    if config.option.parity_shard is None:
+        return None
+    from parity.shards import parse_shard
+
+    return parse_shard(config.option.parity_shard)
+
+
 def _spec_path(config: pytest.Config) -> Path | None:
     if config.option.parity_spec:
         return Path(config.option.parity_spec)
@@ -90,13 +99,8 @@ def parity_matrix(request: pytest.FixtureRequest, parity_spec):
     """Run the spec's matrix once for the session (shared trunk passes) and share the `MatrixReport`."""
     from parity.variants import run_matrix
 
-    shard = request.config.option.parity_shard
-    if shard is not None:
-        from parity.shards import parse_shard
-
-        shard = parse_shard(shard)
     report = run_matrix(parity_spec, fixtures=request.config.option.parity_fixtures,
-                        device=request.config.option.parity_device, shard=shard)
+                        device=request.config.option.parity_device, shard=_shard(request.config))
     request.config.stash[_MATRIX_KEY] = report
     return report
 
@@ -106,12 +110,8 @@ def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     """Run the gate once for the session and share the `Report` between tests."""
     from parity.check import run_check
 
-    shard = request.config.option.parity_shard
-    if shard is not None:
-        from parity.shards import parse_shard
-
-        shard = parse_shard(shard)
-    report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device, shard=shard)
+    report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device,
+                       shard=_shard(request.config))
     request.config.stash[_REPORT_KEY] = report
     return report
 

@@ -102,13 +102,9 @@ def sample_fixture(fixture: Fixture, k: int) -> Fixture:
     """The fixture restricted to a stratified sample of ``k`` rows; the manifest copy records the sample."""
     strata = row_strata(fixture.rows)
     picked = stratified_rows(strata, fixture.names, k)
-    kept = {fixture.rows[i].name for i in picked}
     covered = len({item for s in strata for item in s.items()})
     sampled = {"k": len(picked), "of": len(fixture.rows), "strata": covered, "rows": [fixture.rows[i].name for i in picked]}
-    return replace(fixture, manifest={**fixture.manifest, "sampled": sampled},
-                   rows=tuple(fixture.rows[i] for i in picked), embeddings=fixture.embeddings[picked],
-                   outputs=fixture.outputs[picked],
-                   golden_pixels={name: p for name, p in fixture.golden_pixels.items() if name in kept})
+    return replace(fixture.subset(picked), manifest={**fixture.manifest, "sampled": sampled})
 
 
 def sample_notes(fixture: Fixture) -> list[str]:

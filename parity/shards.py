@@ -10,17 +10,15 @@ reports back together.
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow, sha256_file
-from parity.results import Shard, ShardVectors
+from parity.results import ShardVectors
 
 __all__ = ["parse_shard", "row_key", "shard_rows", "shard_fixture", "pack_vectors", "unpack_vectors"]
 
@@ -64,10 +62,7 @@ def shard_rows(rows: Sequence[FixtureRow], index: int, count: int) -> list[int]:
 def shard_fixture(fixture: Fixture, index: int, count: int) -> tuple[Fixture, list[int]]:
     """The fixture restricted to one shard, and the shard's rows as positions in the whole fixture."""
     picked = shard_rows(fixture.rows, index, count)
-    kept = {fixture.rows[i].name for i in picked}
-    return replace(fixture, rows=tuple(fixture.rows[i] for i in picked), embeddings=fixture.embeddings[picked],
-                   outputs=fixture.outputs[picked],
-                   golden_pixels={n: p for n, p in fixture.golden_pixels.items() if n in kept}), picked
+    return fixture.subset(picked), picked
 
 
 def _pack(values: np.ndarray) -> str:
@@ -99,6 +94,3 @@ def unpack_vectors(vectors: ShardVectors) -> tuple[np.ndarray, np.ndarray]:
         out.append(np.frombuffer(raw, dtype="<f4").reshape(len(vectors.names), vectors.width).astype(np.float32))
     return out[0], out[1]
 
-
-def describe(shard: Shard) -> str:
-    return f"shard {shard.index}/{shard.count}: {len(shard.rows)} of {shard.of} samples"
