@@ -268,3 +268,31 @@ def test_an_actor_with_other_weights_stops_the_run(example_spec):
     out = other({"batch": np.array([0])})
     with pytest.raises(CheckpointError, match=r"a Ray worker loaded other weights than this process: head\."):
         _decode(out["meta"][0], out["arrays"][0])
+
+
+def test_ray_runs_a_users_own_head_and_fixture_like_the_local_engine(ray_instance, tmp_path):
+    """A BatchNorm head (tests.test_user_heads, not the bundled one) frozen by capture_pipeline over
+    some example images: the Ray workers import the user's class and give the local record."""
+    import torch
+
+    from parity.check import judge_run
+    from parity.pipeline import build_pipeline
+    from parity.source import capture_pipeline
+    from tests.conftest import EXAMPLE_FIXTURES
+    from tests.test_user_heads import BatchNormHead, _trained
+
+    weights = tmp_path / "head.pth"
+    torch.save(_trained(BatchNormHead).state_dict(), weights)
+    spec = load_spec(write_spec(tmp_path, {
+        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.test_user_heads:BatchNormHead"',
+        f'weights = "{EXAMPLE_FIXTURES}/dnnV1_model_best.pth"': f'weights = "{weights}"',
+        "kwargs = { embedding_dim = 64, bias_cardinalities = [3, 4], num_outputs = 5, bias_dim = 8, "
+        "hidden_dims = [128, 64], dropout = 0.1 }": "kwargs = {}",
+    }))
+    rows = load_fixture(EXAMPLE_FIXTURES).rows[:6]
+    fixture_dir = capture_pipeline(build_pipeline(spec), [r.image for r in rows], tmp_path / "fixture",
+                                   input_biases=[r.input_biases for r in rows], golden=[rows[0].image.name])
+    local, remote = _both(spec, fixture_dir)
+    _assert_same_record(local, remote)
+    fixture = load_fixture(fixture_dir)
+    assert judge_run(remote, fixture, _engine(spec, "ray")).passed
