@@ -25,6 +25,7 @@ __all__ = [
     "KeyDiff",
     "TensorDiff",
     "DecisionFlips",
+    "Finding",
     "Status",
     "Verdict",
     "StageResult",
@@ -233,6 +234,35 @@ class DecisionFlips:
         return len(self.flips) + len(self.near_ties)
 
 
+@dataclass(frozen=True)
+class Finding:
+    """A detector whose transform of the reference reproduced what the candidate did: the cause, its evidence, the fix.
+
+    Detectors (`parity.detectors`) each test one named explanation against what a runner observed;
+    a finding exists only when the check reproduced the candidate's numbers within budget.
+
+    Attributes:
+        detector: ``family.name``, e.g. ``pixels.channel_order``, ``outputs.sigmoid``, ``weights.dtype``.
+        stage: the stage it explains (one of the gate's stages).
+        cause: what the shipped code does, in its own terms ("the shipped code feeds the model BGR images").
+        evidence: the check that reproduced the candidate's numbers ("the reference pixels with channels
+            reversed reproduce the shipped pixels: max abs 2.4e-07").
+        fix: the change to make, direction explicit ("Change the shipped code: ...").
+        where: where the hooks saw it (``deploy/app.py:31 in predict``, a module path), or ``""``.
+        max_abs: the reproduction's residual (NaN when the evidence is not numeric).
+        spec_fix: valid TOML for the spec when the reference side could take the change instead, else ``""``.
+    """
+
+    detector: str
+    stage: str
+    cause: str
+    evidence: str
+    fix: str
+    where: str = ""
+    max_abs: float = float("nan")
+    spec_fix: str = ""
+
+
 class Status(str, enum.Enum):
     PASS = "PASS"
     FAIL = "FAIL"
@@ -253,6 +283,8 @@ class StageResult:
     sample_errors: tuple[tuple[str, str], ...] = ()
     decisions: tuple[DecisionFlips, ...] = ()
     notes: tuple[str, ...] = ()
+    # What the detectors reproduced for this stage (`parity.detectors`), most specific first.
+    findings: tuple[Finding, ...] = ()
 
     def __bool__(self) -> bool:
         return self.status is not Status.FAIL
@@ -388,6 +420,15 @@ class CandidateRun:
             not observed by this runner.
         shard_rows: for a runner with samples of its own (a log) run on one shard: ``(position,
             name)`` of each of the shard's samples, positions among all ``shard_of`` of them.
+        head_inputs: sample -> the head's other tensor arguments as the candidate passed them (its
+            ``input_biases``, an int array), samples the candidate raised on included.
+        model_inputs: sample -> (shape, dtype) of the first tensor the backbone received, whatever its
+            channel count, samples the candidate raised on included.
+        module_states: part -> ``(module path, class name)`` of its modules left in training mode.
+        dtypes: part -> the dtype of its floating-point parameters (``float16``).
+        all_fingerprints: every tensor of every torch module the candidate can reach, ``root.path.name``
+            -> sha256, to find a trained tensor held under another name (or not at all).
+        call_sites: part -> where the candidate's own code called it (``app.py:31 in predict``).
     """
 
     runner: str
@@ -409,6 +450,12 @@ class CandidateRun:
     unloaded: tuple[str, ...] = ()
     shard_rows: tuple[tuple[int, str], ...] | None = None
     shard_of: int = 0
+    head_inputs: Mapping[str, Any] = field(default_factory=dict)
+    model_inputs: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    module_states: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+    all_fingerprints: Mapping[str, str] | None = None
+    call_sites: Mapping[str, str] = field(default_factory=dict)
 
 
 # -- the variant matrix (parity.variants) ----------------------------------------------------
