@@ -17,7 +17,7 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.forensics import describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import (REPORT_SCHEMA_VERSION, CheckpointSummary, Comparison, Diagnosis, KeyDiff, MatrixReport, Referee, Report,
+from parity.results import (REPORT_SCHEMA_VERSION, CheckpointSummary, Comparison, Diagnosis, Finding, KeyDiff, MatrixReport, Referee, Report,
                             ServiceDiagnosis, StageResult, Status, Verdict)
 
 __all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
@@ -106,12 +106,24 @@ def format_stage(result: StageResult) -> str:
             lines.append(f"  {d.kind}: largest softmax probability change {_num(d.max_probability_error)}")
     for name, reason in result.sample_errors:
         lines.append(f"  {name}: {reason}")
+    for finding in result.findings:
+        lines += [f"  {line}" for line in finding_lines(finding)]
     for t in result.tensor_diffs[:_SHOWN_TENSORS]:
         lines.append(f"  {t.part}.{t.name}: " + (f"max abs {_num(t.max_abs)}" if t.max_abs is not None else t.reason))
     if len(result.tensor_diffs) > _SHOWN_TENSORS:
         lines.append(f"  ... and {len(result.tensor_diffs) - _SHOWN_TENSORS} more")
     lines += [f"  {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def finding_lines(finding: Finding) -> list[str]:
+    """A finding as the console and report.md say it: cause with where it was seen, the evidence, the fix."""
+    where = f" ({finding.where})" if finding.where else ""
+    lines = [f"Cause: {finding.cause}{where}", f"  Evidence: {finding.evidence}", f"Fix: {finding.fix}"]
+    if finding.spec_fix:
+        lines.append("  Or, if the shipped code is right, rebuild the fixture with this in the spec:")
+        lines += [f"    {line}" for line in finding.spec_fix.splitlines()]
+    return lines
 
 
 def render_report(report: Report, console: Console) -> None:
@@ -138,6 +150,11 @@ def render_report(report: Report, console: Console) -> None:
             console.print(Text(format_stage(result), style="red" if result is report.first_failure else ""),
                           highlight=False, soft_wrap=True)
     console.print(Text(verdict_line(report), style=_VERDICT_STYLE[report.passed, report.verdict is Verdict.PARITY]))
+    cause = report.cause
+    if cause is not None:  # the verdict's last words: what the shipped code does, then what to change
+        console.print(Text(f"Cause: {cause.cause}" + (f" ({cause.where})" if cause.where else ""), style="bold"),
+                      highlight=False, soft_wrap=True)
+        console.print(Text(f"Fix: {cause.fix}", style="bold"), highlight=False, soft_wrap=True)
 
 
 _VERDICT_STYLE = {(True, True): "bold green", (True, False): "bold yellow", (False, False): "bold red",
@@ -167,7 +184,8 @@ def _verdict_sentence(report: Report) -> str:
                     and s.stage not in ("pixels", "embedding", "head", "outputs", "decisions")]
         accepted = (" Accepted: [decisions].gate = \"decisions\"." if report.passed
                     else f" The gate fails on it: the {', '.join(blocking)} stage failed, which no gate accepts."
-                    if blocking else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
+                    if blocking else " The gate fails on it." if report.cause is not None  # a named change is no noise
+                    else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
     if first.stage == "load":
@@ -450,6 +468,7 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
         return data
     data["passed"] = report.passed
     data["verdict"] = report.verdict.value
+    data["cause"] = _plain(report.cause) if report.cause is not None else None
     first = report.first_failure
     data["first_failure"] = first.stage if first is not None else None
     for stage, result in zip(data["stages"], report.stages):
@@ -465,7 +484,8 @@ def _check_extras(data: dict[str, Any], report: Report) -> dict[str, Any]:
                                             if r.comparison is not None))
     for stage, result in zip(data["stages"], report.stages):
         stage["summary"] = dict(zip(("metric", "value", "tolerance"), _metric(result)))
-        stage["fixes"] = [note for note in result.notes if note.startswith("Fix:")]
+        stage["fixes"] = [f"Fix: {f.fix}" for f in result.findings] + [note for note in result.notes
+                                                                       if note.startswith("Fix:")]
         if result.comparison is not None:
             stage["comparison"]["tolerance"]["text"] = result.comparison.tolerance.describe()
     return data

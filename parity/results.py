@@ -383,6 +383,11 @@ class Report:
     def first_failure(self) -> StageResult | None:
         return next((s for s in self.stages if s.status is Status.FAIL), None)
 
+    @property
+    def cause(self) -> Finding | None:
+        """The explanation to lead with: the first finding of a failing stage, in data order."""
+        return next((f for s in self.stages if s.status is Status.FAIL for f in s.findings), None)
+
     def stage(self, name: str) -> StageResult:
         for result in self.stages:
             if result.stage == name:

@@ -102,8 +102,12 @@ def _check_body(check: dict[str, Any]) -> str:
     if first is not None:
         clause = evidence(first)
         found = fixes(check)
+        cause = check.get("cause")
+        said = (f"<b>Cause:</b> {escape(cause['cause'])}"
+                + (f" (<code>{escape(cause['where'])}</code>)" if cause.get("where") else "")
+                + f": {escape(cause['evidence'])}<br>") if cause else ""
         parts.append(f'<div class="lead"><b>First drifting stage:</b> <code>{escape(first["stage"])}</code>: '
-                     f"{escape(stage_headline(first))}{escape(f' ({clause})') if clause else ''}<br>"
+                     f"{escape(stage_headline(first))}{escape(f' ({clause})') if clause else ''}<br>{said}"
                      "<b>Fix:</b> " + ("<br>".join(f"<code>{escape(f)}</code>" for f in found) if found
                                        else "no spec field explains it; see the stages below") + "</div>")
     parts.append(_stage_table(check))

@@ -39,7 +39,8 @@ def _stage_cases(suite: ET.Element, check: dict[str, Any], classname: str) -> No
             own = [f.removeprefix("Fix:").strip() for f in stage.get("fixes", [])] or \
                 (found if stage["stage"] == check.get("first_failure") else [])
             clause = evidence(stage)
-            message = headline + (f" ({clause})" if clause else "") + "".join(f". Fix: {fix}" for fix in own)
+            said = "".join(f". Cause: {f['cause']}" for f in stage.get("findings", [])[:1])
+            message = headline + (f" ({clause})" if clause else "") + said + "".join(f". Fix: {fix}" for fix in own)
             _case(suite, classname, stage["stage"], failure=message, body=stage["text"])
         elif stage["status"] == "SKIP":
             _case(suite, classname, stage["stage"], skipped=headline)

@@ -83,6 +83,10 @@ def _check_head(check: dict[str, Any]) -> list[str]:
         # A trailing backslash is a hard line break in GitHub Markdown: the fix stays on its own line.
         lines.append(f"**First drifting stage:** `{first['stage']}`: {stage_headline(first)}"
                      + (f" ({clause})" if clause else "") + "\\")
+        cause = check.get("cause")
+        if cause:  # cause, then fix, in the shipped code's terms
+            where = f" (`{_cell(cause['where'])}`)" if cause.get("where") else ""
+            lines.append(f"**Cause:** {_cell(cause['cause'])}{where}: {_cell(cause['evidence'])}\\")
         found = fixes(check)
         lines.append("**Fix:** " + ("; ".join(found) if found else "no spec field explains it; see the stage details below"))
     lines += ["", f"`{Path(check['spec']).name}` on {check['device']}/{check['dtype']}, gate `{check['gate']}`, "
