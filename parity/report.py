@@ -379,6 +379,34 @@ def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
     console.print("That is the configuration the service runs; deploy the spec's values instead.", highlight=False)
 
 
+def diagnosis_lead(diagnosis: Diagnosis) -> tuple[str, str, str]:
+    """(cause, fix, what the spec TOML is) a diagnosis leads with, in the direction that applies.
+
+    A detector's finding speaks first (it reproduced the candidate's own numbers). For shipped code a
+    spec change found by search describes what the shipped code does: the fix goes into the shipped
+    code, and the TOML is the alternative of rebuilding the fixture. For a spec candidate the TOML is the fix.
+    """
+    finding = diagnosis.report.cause
+    toml_role = ("If the shipped code is right, rebuild the fixture with this in the spec" if diagnosis.candidate
+                 else "Fix (confirmed: parity check passes with it)" if diagnosis.confirmed
+                 else "Fix (NOT confirmed on every sample)")
+    if finding is not None:
+        where = f" ({finding.where})" if finding.where else ""
+        return f"{finding.cause}{where}: {finding.evidence}", finding.fix, toml_role
+    if not diagnosis.fix:
+        return "", "", toml_role
+    causes = {c.change.key: c for c in diagnosis.causes}
+    found = [(change, causes.get(change.key)) for change in diagnosis.fix]
+    if diagnosis.candidate:
+        state = "on every sample" if diagnosis.confirmed else "on the probe samples only"
+        ran = "; ".join(change.toml() + (f" (the reference has {c.current})" if c is not None else "")
+                        for change, c in found)
+        back = "; ".join(f"{f} = {c.current}" for change, c in found if c is not None for f, _ in change.fields[:1])
+        return (f"the shipped code computes what the reference pipeline computes with {ran} (reproduced {state})",
+                "Change the shipped code back to the reference's " + (back or "values"), toml_role)
+    return "", "", toml_role  # a spec candidate: the TOML below is the fix, in the spec's own terms
+
+
 def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) -> None:
     """Ranked causes with their evidence, the confirmed fix, the divergent layer and per-sample patterns."""
     if isinstance(diagnosis, ServiceDiagnosis):
@@ -392,6 +420,10 @@ def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) 
     console.print(Text(f"DRIFT first seen at the {first.stage if first is not None else '?'} stage "
                        f"({', '.join(s.stage for s in report.stages if s.status is Status.FAIL)} drifted)",
                        style="bold red"))
+    cause, fix, _ = diagnosis_lead(diagnosis)
+    if cause:
+        console.print(Text(f"Cause: {cause}", style="bold"), highlight=False, soft_wrap=True)
+        console.print(Text(f"Fix: {fix}", style="bold"), highlight=False, soft_wrap=True)
     for i, cause in enumerate(diagnosis.causes, start=1):
         goal = "the shipped code" if diagnosis.candidate else "the reference"
         verdict = f"reproduces {goal} on the probe samples" if cause.reproduces else "moves towards it"
@@ -399,7 +431,8 @@ def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) 
                       soft_wrap=True)
     if diagnosis.candidate and diagnosis.fix:
         state = "on every sample" if diagnosis.confirmed else "on the probe samples only"
-        console.print(Text(f"The shipped code's numbers are reproduced ({state}) by the spec with:", style="bold yellow"))
+        console.print(Text(f"The spec reproduces the shipped code's numbers ({state}) with the change below. If the "
+                           "shipped code is right, rebuild the fixture with it:", style="bold yellow"))
         for change in diagnosis.fix:
             console.print(f"    {change.toml()}", highlight=False, markup=False, soft_wrap=True)
     elif diagnosis.candidate:
@@ -541,11 +574,15 @@ def document(result: Any) -> dict[str, Any]:
         _cause_extras(data["causes"], result.causes)
         data["passed"] = not result.drift
         first = result.report.first_failure
+        cause, fix, toml_role = diagnosis_lead(result)
+        data["lead"] = {"cause": cause, "fix": fix, "toml_role": toml_role}
         data["headline"] = ("NO DRIFT: every stage reproduces the reference; no cause to report." if not result.drift
                             else f"DRIFT first seen at the {first.stage if first is not None else '?'} stage; "
-                                 + (f"fix ({'confirmed' if result.confirmed else 'NOT confirmed'}): "
-                                    + "; ".join(c.toml() for c in result.fix) if result.fix
-                                    else "no single spec change reproduces the reference") + ".")
+                                 + (f"cause: {cause}" if cause else
+                                    f"fix ({'confirmed' if result.confirmed else 'NOT confirmed'}): "
+                                    + "; ".join(c.toml() for c in result.fix) if result.fix else
+                                    "no single spec change reproduces the "
+                                    + ("shipped code" if result.candidate else "reference")) + ".")
     elif isinstance(result, PreprocessExplanation):
         data, kind = to_json(result), "preprocess"
     else:

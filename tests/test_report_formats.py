@@ -292,7 +292,9 @@ def test_diagnosis_report_plots_each_cause_and_fails_one_testcase_per_cause():
     data = _document(diagnosis)
     text = render_markdown(data)
     assert text.splitlines()[0] == "## ❌ DRIFT first seen at the pixels stage; fix (confirmed): [preprocess].crop_pct = 0.875."
-    assert "**Fix (confirmed: parity check passes with it):** `[preprocess].crop_pct = 0.875`" in text
+    # The fix is a block of its own, whatever its TOML form: the fixed wording is its label.
+    assert "Fix (confirmed: parity check passes with it):\n\n```toml\n" in text
+    assert data["fix_toml"][0] in text.split("```toml\n", 1)[1].split("```", 1)[0]
     cases = ET.fromstring(render_junit(data)).find("testsuite").findall("testcase")
     assert [c.get("name") for c in cases] == ["load", "pixels", "cause 1: [preprocess].crop_pct = 0.875",
                                               'cause 2: [preprocess].interpolation = "bicubic"']

@@ -138,10 +138,12 @@ def _causes(causes: list[dict[str, Any]]) -> str:
 def _diagnosis(data: dict[str, Any]) -> str:
     check = data["report"]
     parts = [_meta(check), _banner(data)]
+    lead = data.get("lead") or {}
+    if lead.get("cause"):
+        parts.append(f'<div class="lead"><b>Cause:</b> {escape(lead["cause"])}<br><b>Fix:</b> {escape(lead["fix"])}</div>')
     if data["fix_toml"]:
-        state = "confirmed: parity check passes with it" if data["confirmed"] else "NOT confirmed on every sample"
-        parts.append(f'<div class="lead"><b>Fix ({state}):</b> '
-                     + "<br>".join(f"<code>{escape(t)}</code>" for t in data["fix_toml"]) + "</div>")
+        parts.append(f'<div class="lead"><b>{escape(lead.get("toml_role", "Fix"))}:</b>'
+                     f'<pre>{escape(chr(10).join(data["fix_toml"]))}</pre></div>')
     parts.append(_causes(data["causes"]))
     if data.get("layer"):
         layer = data["layer"]

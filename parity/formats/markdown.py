@@ -139,9 +139,14 @@ def _diagnosis(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         clause = evidence(first) if first else ""
         lines.append(f"**First drifting stage:** `{first['stage'] if first else '?'}`: "
                      f"{stage_headline(first) if first else ''}" + (f" ({clause})" if clause else "") + "\\")
-        state = "confirmed: parity check passes with it" if data["confirmed"] else "NOT confirmed on every sample"
-        lines.append(f"**Fix ({state}):** " + "; ".join(f"`{t}`" for t in data["fix_toml"]) if data["fix_toml"]
-                     else "**Fix:** no single spec change reproduces the reference")
+        lead = data.get("lead") or {}
+        if lead.get("cause"):
+            lines += [f"**Cause:** {_cell(lead['cause'])}\\", f"**Fix:** {_cell(lead['fix'])}"]
+        elif not data["fix_toml"]:
+            lines.append("**Fix:** no single spec change reproduces the "
+                         + ("shipped code" if data.get("candidate") else "reference"))
+        if data["fix_toml"]:
+            lines += ["", f"{lead.get('toml_role', 'Fix')}:", "", "```toml", *data["fix_toml"], "```"]
     lines += [""] + _causes(data["causes"])
     if data.get("layer"):
         layer = data["layer"]
