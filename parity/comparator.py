@@ -485,7 +485,10 @@ def _listing(names: Sequence[str]) -> str:
 
 def _unaccounted(account: _Account, run: CandidateRun, fixture: Fixture) -> tuple[str, Finding, list[TensorDiff]]:
     """The sentence, finding and evidence for trained tensors found nowhere in the candidate."""
-    part, missing = account.part, account.missing
+    part = account.part
+    shapes = _trained_shapes(account, fixture)
+    order = {name: i for i, name in enumerate(shapes)}  # as the trained class declares them
+    missing = sorted(account.missing, key=lambda name: order.get(name, len(order)))
     module = run.modules.get(part)
     path = run.description.get("candidate", {}).get(f"{part}_module", "")
     trained_class = (fixture.pipeline.get(part) or {}).get("class") or (fixture.pipeline.get(part) or {}).get("model")
@@ -493,8 +496,9 @@ def _unaccounted(account: _Account, run: CandidateRun, fixture: Fixture) -> tupl
     n = len(missing)
     if module is None:
         others = _unclaimed(run)
-        sentence = (f"{n} trained {part} tensors are in no module the candidate runs: {_listing(missing)}; no reachable "
-                    f"module has the trained {part}'s tensor names or shapes (reachable besides: {_listing(others)})")
+        sentence = (f"{n} trained {part} tensors are in no module the candidate runs: {_listing(missing)}; no "
+                    f"reachable module has the trained {part}'s tensor names or shapes (reachable besides: "
+                    f"{_listing(others)})")
         fix = (f"Change the shipped code: build the {part} as the trained class{trained_as} and load its checkpoint "
                "with load_state_dict(..., strict=True)")
         evidence = (f"the sha256 of each of these trained tensors (fixture manifest) matches none of the "
@@ -507,27 +511,38 @@ def _unaccounted(account: _Account, run: CandidateRun, fixture: Fixture) -> tupl
         sentence = (f"{n} trained tensors are not in the deployed {part}: {_listing(missing)}; the {part} declares "
                     f"{_listing(declared)} ({path}, class {cls}); its values are not the trained ones: it was loaded "
                     "non-strictly (strict=False) or not at all")
-        renames, mapping = _key_mapping(fixture, part, module)
+        renames, mapping = _key_mapping(shapes, part, module)
         fix = (f"Change the shipped code: load the {part} with load_state_dict(..., strict=True) into the trained "
                f"class{trained_as}" + (f", or rename its layers to the trained names: {renames}" if renames else
                                        f"; the deployed class {cls} is another architecture"))
         evidence = (f"no tensor named so in {path}, and the sha256 of each (fixture manifest) matches none of the "
-                    f"{len(run.all_fingerprints or {})} tensors the candidate reaches" + (f"; {mapping}" if mapping else ""))
+                    f"{len(run.all_fingerprints or {})} tensors the candidate reaches"
+                    + (f"; {mapping}" if mapping else ""))
         where = run.call_sites.get(part) or path
     diffs = [TensorDiff(part, name, None, f"not in the deployed {part}, nor its contents under another name")
              for name in missing]
     return sentence, Finding("weights.unaccounted", "weights", sentence, evidence, fix, where=where), diffs
 
 
-def _key_mapping(fixture: Fixture, part: str, module) -> tuple[str, str]:
+def _trained_shapes(account: _Account, fixture: Fixture) -> dict[str, tuple[int, ...]]:
+    """The trained tensors' shapes, in the trained class's order: from the values already read, else as
+    `parity.runners.discover.trained_shapes` finds them (the recorded structure)."""
+    from parity.runners.discover import trained_shapes
+
+    names = set(fixture.manifest["weights"][account.part]["tensors"])
+    values = account.values()
+    if values and names <= set(values):
+        return {name: tuple(t.shape) for name, t in values.items() if name in names}
+    return trained_shapes(fixture, account.part)
+
+
+def _key_mapping(shapes: Mapping[str, tuple[int, ...]], part: str, module) -> tuple[str, str]:
     """How the trained keys map onto the deployed module's, as ``parity inspect --class`` maps them
     (`parity.forensics.propose_key_fix`): the renames that would load it strictly, and the causes."""
     import torch
 
     from parity.forensics import propose_key_fix
-    from parity.runners.discover import trained_shapes
 
-    shapes = trained_shapes(fixture, part)
     if not shapes:
         return "", ""
     checkpoint = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
@@ -549,9 +564,11 @@ def _cast_finding(account: _Account, dtype: str, cast: Sequence[str], measured: 
     largest = max(moved) if moved else float("nan")
     cause = f"the {part} runs in {dtype}: {_CASTS.get(dtype, f'`.to(torch.{dtype})`')}"
     evidence = (f"{len(cast)} of {account.checked} {part} tensors equal the trained ones rounded to {dtype} (sha256 of "
-                f"trained.to(torch.{dtype}))" + (f"; largest change from the trained values {largest:.3g}" if moved else ""))
+                f"trained.to(torch.{dtype}))"
+                + (f"; largest change from the trained values {largest:.3g}" if moved else ""))
     fix = (f"Change the shipped code: keep the {part} in {source} (remove the {_CASTS.get(dtype, dtype)} applied to "
-           f"{path}), or gate the {dtype} deployment against a {dtype} budget: set [runtime].dtype = \"{dtype}\" in the spec")
+           f"{path}), or gate the {dtype} deployment against a {dtype} budget: set [runtime].dtype = \"{dtype}\" "
+           "in the spec")
     finding = Finding("weights.dtype", "weights", cause, evidence, fix, where=run.call_sites.get(part) or path,
                       max_abs=largest, spec_fix=f'[runtime]\ndtype = "{dtype}"')
     return f"{cause} ({evidence})", finding

@@ -11,6 +11,7 @@ reachable tensor is fingerprinted and each part's training flags and dtype are r
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.fixtures import Fixture, FixtureRow
+from parity.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.runners.discover import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
                                      reachable_modules, recognise, user_call_site)
@@ -31,7 +32,7 @@ __all__ = ["AppObservation", "function_roots", "reachable_modules", "recognise",
 # ``call(row)``, or ``call(rows)`` for an app that takes a batch.
 Call = Callable[[Any], Any]
 Modules = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-_PARITY = str(Path(__file__).resolve().parents[1])
+_PARITY = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
 @dataclass
@@ -328,7 +329,8 @@ def _inspect(obs: AppObservation, found: Mapping[str, Any]) -> None:
         these = "it" if len(obs.compiled) == 1 else "them"
         obs.notes.append(f"{' and '.join(obs.compiled)} {'is' if len(obs.compiled) == 1 else 'are'} torch.compile'd: "
                          f"hooks cannot fire inside compiled code, so the app was observed running {these} eagerly "
-                         "(torch.compiler.set_stance(\"force_eager\")); the compiled kernels' own rounding was not gated")
+                         "(torch.compiler.set_stance(\"force_eager\")); the compiled kernels' own rounding was "
+                         "not gated")
 
 
 @contextlib.contextmanager
@@ -427,7 +429,8 @@ def _run_head(obs: AppObservation, fixture: Fixture) -> None:
 
 def _repeat_first(obs: AppObservation, call: Call, fixture: Fixture, chunks: Sequence[Sequence[int]],
                   output_key: str | None, what: str, *, batched: bool) -> None:
-    """Without a recognised head, one repeated call (the same rows, the same batch) is the only determinism check there is."""
+    """Without a recognised head, one repeated call (the same rows, the same batch) is the only determinism
+    check there is."""
     chunk = next((c for c in chunks if all(i in obs.outputs for i in c)), None)
     if chunk is None:
         return

@@ -47,6 +47,7 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(sorted(str(Path(d).resolve()) + "/" for d in dirs))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_library_file(filename: str | None) -> bool:
     """Whether code in ``filename`` is a library's (torch, site-packages, the standard library, parity)."""
     if not filename or filename.startswith("<"):
@@ -104,7 +105,8 @@ def function_roots(fn: Callable, name: str) -> dict[str, Any]:
                 visit(inner, where, level + 1)
         user = not is_library_file(_code_file(function))
         code = getattr(function, "__code__", None)
-        for cell_name, cell in zip(code.co_freevars if code is not None else (), getattr(function, "__closure__", None) or ()):
+        cells = getattr(function, "__closure__", None) or ()
+        for cell_name, cell in zip(code.co_freevars if code is not None else (), cells):
             try:
                 value = cell.cell_contents
             except ValueError:  # an empty cell
@@ -234,7 +236,8 @@ class Recognised:
 
 
 def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
-    """Shape of each trained tensor of ``part``: from the fixture's copy of its checkpoint, else its recorded structure."""
+    """Shape of each trained tensor of ``part``, in the trained module's order where the fixture keeps a copy of its
+    checkpoint (else from its recorded structure, in the manifest's order)."""
     entry = (fixture.manifest.get("weights") or {}).get(part) or {}
     names = list(entry.get("tensors") or ())
     path = fixture.root / entry["file"] if entry.get("file") else None
@@ -246,7 +249,8 @@ def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
             state = read_state_dict(path)
         except ParityError:
             state = {}
-        shapes = {n: tuple(state[n].shape) for n in names if n in state}
+        wanted = set(names)
+        shapes = {n: tuple(t.shape) for n, t in state.items() if n in wanted}  # in the trained module's order
         if len(shapes) == len(names):
             return shapes
     structure = (fixture.pipeline.get(part) or {}).get("structure") or {}
