@@ -6,7 +6,8 @@ added afterwards by `parity.explain`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from parity.checkpoints import read_state_dict
 from parity.compare import compare_arrays
 from parity.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
 from parity.fixtures import Fixture
-from parity.results import CandidateRun, DecisionFlips, StageResult, Status, TensorDiff, Tolerance
+from parity.results import CandidateRun, DecisionFlips, Finding, StageResult, Status, TensorDiff, Tolerance
 from parity.sampling import sample_notes
 from parity.spec import DEFAULT_LIBRARY, Spec
 from parity import tolerance
@@ -197,13 +198,19 @@ def _load_headline(spec: Spec) -> str:
 
 
 def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResult:
-    """Bit-identity of the deployed weights with the trained ones, by per-tensor sha256."""
+    """Bit-identity of the deployed weights with the trained ones, by per-tensor sha256.
+
+    A runner that sees every tensor the candidate reaches (``all_fingerprints``) must account for
+    every trained tensor (`_accounted_weights_stage`); the others compare the parts they loaded.
+    """
     recorded = fixture.manifest.get("weights")
     if run.fingerprints is None:
         reason = run.unobservable.get("weights")
         return StageResult("weights", Status.SKIP, f"not observable: {reason}" if reason else "not run")
     if not recorded:
         return StageResult("weights", Status.SKIP, "the fixture records no weight fingerprints")
+    if run.all_fingerprints is not None:
+        return _accounted_weights_stage(run, fixture, spec, recorded)
     library = run.description.get("backbone", {}).get("library", spec.backbone.library)
     other_library = recorded_library(fixture) != library
     diffs: list[TensorDiff] = []
@@ -253,15 +260,17 @@ def _weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec) -> StageResu
     )
 
 
-def _measure(module, fixture: Fixture, part: str, file: str | None, names: list[str], *,
-             library: str = "") -> list[TensorDiff]:
-    """How far each changed tensor moved, when the fixture keeps a copy of the trained file."""
+def _measure(module, fixture: Fixture, part: str, file: str | None, names: Sequence[str], *,
+             library: str = "", trained: Mapping | None = None) -> list[TensorDiff]:
+    """How far each changed tensor moved, when the fixture keeps a copy of the trained file (or ``trained``
+    holds its values already)."""
     if not names:
         return []
     current = canonical_names(module.state_dict(), library) if module is not None else {}
-    trained = {}
-    if file and (fixture.root / file).is_file():
-        trained = canonical_names(read_state_dict(fixture.root / file), library)
+    if trained is None:
+        trained = {}
+        if file and (fixture.root / file).is_file():
+            trained = canonical_names(read_state_dict(fixture.root / file), library)
     out = []
     for name in names:
         old = trained.get(name)
@@ -271,3 +280,295 @@ def _measure(module, fixture: Fixture, part: str, file: str | None, names: list[
             delta = (current[name].detach().double().cpu() - old.double()).abs().max().item()
             out.append(TensorDiff(part, name, delta))
     return out
+
+
+# -- every trained tensor accounted for (runners that see every tensor the candidate reaches) ----------
+
+# How shipped code casts a whole module to each dtype.
+_CASTS = {"float16": "`.half()` or `.to(torch.float16)`", "bfloat16": "`.bfloat16()` or `.to(torch.bfloat16)`",
+          "float64": "`.double()` or `.to(torch.float64)`", "float32": "`.float()` or `.to(torch.float32)`"}
+# A trained tensor held under another name may also have been rounded on the way (`.half()` after renaming).
+_ROUNDINGS = ("float16", "bfloat16")
+_SHOWN = 4
+
+
+@dataclass
+class _Account:
+    """Where each trained tensor of one part is in the candidate, by sha256."""
+
+    part: str
+    identical: int = 0
+    elsewhere: dict[str, str] = field(default_factory=dict)  # trained name -> the reachable tensor holding it
+    cast: dict[str, str] = field(default_factory=dict)  # trained name -> the dtype it is held in, rounded
+    changed: list[str] = field(default_factory=list)  # held under its name with other values
+    missing: list[str] = field(default_factory=list)  # nowhere
+    absent: list[str] = field(default_factory=list)  # a backbone tensor the deployed class does not hold
+    values: Callable[[], Mapping] = dict  # the trained values, read once when needed
+
+    @property
+    def checked(self) -> int:
+        return self.identical + len(self.elsewhere) + len(self.cast) + len(self.changed) + len(self.missing)
+
+
+def _accounted_weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec,
+                             recorded: Mapping[str, Mapping]) -> StageResult:
+    """Each trained tensor must be found in the modules the candidate runs: by name in the part the runner
+    recognised, or by content (sha256) anywhere it reaches. A tensor equal to the trained one rounded to
+    another dtype is a dtype change; one found nowhere fails, named with what the deployed module holds."""
+    library = run.description.get("backbone", {}).get("library", spec.backbone.library)
+    reachable_libraries = run.description.get("candidate", {}).get("libraries") or []
+    by_content: dict[str, str] = {}
+    for name, sha in (run.all_fingerprints or {}).items():
+        by_content.setdefault(sha, name)
+    skipped: list[str] = []
+    accounts: list[_Account] = []
+    for part, entry in recorded.items():
+        got = run.fingerprints.get(part)
+        deployed_library = library if got is not None else next(
+            (lib for lib in reachable_libraries if lib != recorded_library(fixture)), recorded_library(fixture))
+        if part == "backbone" and deployed_library != recorded_library(fixture):
+            # Converting between libraries renames, splits and transposes tensors; the embeddings are their check.
+            skipped.append(f"backbone not compared: fingerprinted as a {recorded_library(fixture)} module, deployed "
+                           f"as a {deployed_library} one (converted layout; the embedding stage checks it)")
+            continue
+        names_in = library if part == "backbone" else ""
+        values = _TrainedValues(fixture, entry.get("file"), names_in)
+        account = _account(part, canonical_names(entry["tensors"], names_in),
+                           canonical_names(got, names_in) if got is not None else None, run, values, names_in,
+                           by_content)
+        if got is None and not account.elsewhere and not account.cast and not _unclaimed(run):
+            found = " and the ".join(p for p in ("backbone", "head") if run.fingerprints.get(p) is not None)
+            skipped.append(f"{part} not checked: no module the candidate reaches holds its {account.checked} trained "
+                           f"tensors (by name, shape or contents) and none but the {found} is reachable")
+            continue
+        accounts.append(account)
+    notes = list(run.notes)
+    if not accounts:
+        return StageResult("weights", Status.SKIP, "; ".join(["no recorded part is in the candidate", *skipped]),
+                           notes=tuple(notes))
+    findings, sentences, diffs = [], [], []
+    declared: list[str] = []
+    for account in accounts:
+        entry = recorded[account.part]
+        names_in = library if account.part == "backbone" else ""
+        if account.missing:
+            sentence, finding, missing = _unaccounted(account, run, fixture)
+            sentences.append(sentence)
+            findings.append(finding)
+            diffs += missing
+        for dtype in sorted(set(account.cast.values())):
+            cast = [n for n, d in account.cast.items() if d == dtype]
+            if dtype == spec.runtime.dtype:
+                declared.append(f"{len(cast)} {account.part} tensors equal the trained ones in {dtype}, "
+                                "as [runtime].dtype declares")
+                continue
+            measured = _measure(run.modules.get(account.part), fixture, account.part, entry.get("file"), cast,
+                                library=names_in, trained=account.values())
+            sentence, finding = _cast_finding(account, dtype, cast, measured, run)
+            sentences.append(sentence)
+            findings.append(finding)
+        changed = _measure(run.modules.get(account.part), fixture, account.part, entry.get("file"), account.changed,
+                           library=names_in, trained=account.values() if account.changed else None)
+        if changed:
+            diffs += changed
+            sentences.append(f"{len(changed)} of {account.checked} {account.part} tensors differ from the trained "
+                             "weights")
+            notes.append(f"Fix: deploy the {account.part} checkpoint the fixture was made with ({entry.get('file')}), "
+                         "or rebuild the fixture from the new one")
+    checked = sum(a.checked for a in accounts)
+    elsewhere = {f"{a.part}.{n}": w for a in accounts for n, w in a.elsewhere.items()}
+    absent = [f"{a.part}.{n}" for a in accounts for n in a.absent]
+    extra = [*declared, *skipped]
+    if elsewhere:
+        shown = ", ".join(f"{n} as {w}" for n, w in list(elsewhere.items())[:_SHOWN])
+        extra.append(f"{len(elsewhere)} held under other names: {shown}" + (" ..." if len(elsewhere) > _SHOWN else ""))
+    if absent:
+        extra.append(f"{len(absent)} recorded tensor(s) not in the deployed module: {', '.join(absent[:_SHOWN])}"
+                     + (" ..." if len(absent) > _SHOWN else ""))
+    if not sentences:
+        identical = checked - sum(len(a.cast) for a in accounts)
+        return StageResult("weights", Status.PASS, "; ".join([f"{identical} tensors bit-identical to the trained "
+                                                              "weights", *extra]), notes=tuple(notes))
+    notes = [f.fix for f in findings] + notes
+    return StageResult("weights", Status.FAIL, "; ".join(sentences + extra), tensor_diffs=tuple(diffs),
+                       notes=tuple(notes), findings=tuple(findings))
+
+
+def _account(part: str, trained: Mapping[str, str], got: Mapping[str, str] | None, run: CandidateRun,
+             values: Callable[[], Mapping], library: str, by_content: Mapping[str, str]) -> _Account:
+    """Find each trained tensor: by name in the recognised part, else by content, else rounded to another dtype."""
+    account = _Account(part, values=values)
+    held = got or {}
+    by_name: dict[str, str] = {}
+    elsewhere: list[str] = []
+    for name, sha in trained.items():
+        if name in held and held[name] == sha:
+            account.identical += 1
+        elif name in held:
+            by_name[name] = held[name]
+        elif sha in by_content:
+            account.elsewhere[name] = by_content[sha]
+        else:
+            elsewhere.append(name)
+    deployed = canonical_names(run.modules[part].state_dict(), library) if by_name and part in run.modules else {}
+    dtypes = {n: (str(deployed[n].dtype).replace("torch.", ""),) if n in deployed else _ROUNDINGS for n in by_name}
+    rounded = _rounded(values, {**dtypes, **{n: _ROUNDINGS for n in elsewhere}})
+    for name, sha in by_name.items():
+        dtype = next((d for d, h in rounded.get(name, {}).items() if h == sha), None)
+        if dtype is not None:
+            account.cast[name] = dtype
+        else:
+            account.changed.append(name)
+    for name in elsewhere:
+        hit = next((d for d, h in rounded.get(name, {}).items() if h in by_content), None)
+        if hit is not None:
+            account.cast[name] = hit
+        elif part == "backbone" and got is not None:
+            # A backbone tensor the deployed class does not hold (the projection a pooled-output class lacks)
+            # is a structure difference, not a changed weight: every tensor it holds is checked.
+            account.absent.append(name)
+        else:
+            account.missing.append(name)
+    return account
+
+
+def _rounded(values: Callable[[], Mapping], wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, str]]:
+    """sha256 (as `parity.checkpoints.fingerprint` computes it) of each trained tensor cast to each wanted dtype."""
+    import torch
+
+    from parity.checkpoints import fingerprint
+
+    trained = values() if wanted else {}
+    out: dict[str, dict[str, str]] = {}
+    for dtype in dict.fromkeys(d for ds in wanted.values() for d in ds):
+        target = getattr(torch, dtype, None)
+        # One dtype at a time: a whole backbone's casts are not held at once.
+        casts = {n: trained[n].to(target) for n, ds in wanted.items() if dtype in ds and n in trained
+                 and trained[n].is_floating_point() and trained[n].dtype != target}
+        for name, sha in fingerprint(casts).items() if casts else ():
+            out.setdefault(name, {})[dtype] = sha
+    return out
+
+
+class _TrainedValues:
+    """The trained tensors of one part, from the fixture's copy or the referenced checkpoint (none without
+    one), read on first use only: a passing gate never reads a checkpoint."""
+
+    def __init__(self, fixture: Fixture, file: str | None, library: str) -> None:
+        self._path = fixture.root / file if file else None
+        self._library = library
+        self._values: Mapping | None = None
+
+    def __call__(self) -> Mapping:
+        from parity.errors import ParityError
+
+        if self._values is None:
+            self._values = {}
+            if self._path is not None and self._path.is_file():
+                try:
+                    self._values = canonical_names(read_state_dict(self._path), self._library)
+                except ParityError:
+                    pass  # an unreadable copy: nothing to compare with, as without one
+        return self._values
+
+
+def _unclaimed(run: CandidateRun) -> list[str]:
+    """Reachable tensors outside every recognised part: where an unrecognised part could be."""
+    parts = [run.description.get("candidate", {}).get(f"{p}_module") for p in (run.fingerprints or {})]
+    prefixes = tuple(f"{w}." for w in parts if w)
+    return [name for name in (run.all_fingerprints or {}) if not prefixes or not name.startswith(prefixes)]
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (f" ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+def _unaccounted(account: _Account, run: CandidateRun, fixture: Fixture) -> tuple[str, Finding, list[TensorDiff]]:
+    """The sentence, finding and evidence for trained tensors found nowhere in the candidate."""
+    part = account.part
+    shapes = _trained_shapes(account, fixture)
+    order = {name: i for i, name in enumerate(shapes)}  # as the trained class declares them
+    missing = sorted(account.missing, key=lambda name: order.get(name, len(order)))
+    module = run.modules.get(part)
+    path = run.description.get("candidate", {}).get(f"{part}_module", "")
+    trained_class = (fixture.pipeline.get(part) or {}).get("class") or (fixture.pipeline.get(part) or {}).get("model")
+    trained_as = f" ({trained_class})" if trained_class else ""
+    n = len(missing)
+    if module is None:
+        others = _unclaimed(run)
+        sentence = (f"{n} trained {part} tensors are in no module the candidate runs: {_listing(missing)}; no "
+                    f"reachable module has the trained {part}'s tensor names or shapes (reachable besides: "
+                    f"{_listing(others)})")
+        fix = (f"Change the shipped code: build the {part} as the trained class{trained_as} and load its checkpoint "
+               "with load_state_dict(..., strict=True)")
+        evidence = (f"the sha256 of each of these trained tensors (fixture manifest) matches none of the "
+                    f"{len(run.all_fingerprints or {})} tensors the candidate reaches")
+        where = path
+    else:
+        trained_names = set(fixture.manifest["weights"][part]["tensors"])
+        declared = [k for k in module.state_dict() if k not in trained_names]
+        cls = type(module).__name__
+        sentence = (f"{n} trained tensors are not in the deployed {part}: {_listing(missing)}; the {part} declares "
+                    f"{_listing(declared)} ({path}, class {cls}); its values are not the trained ones: it was loaded "
+                    "non-strictly (strict=False) or not at all")
+        renames, mapping = _key_mapping(shapes, part, module)
+        fix = (f"Change the shipped code: load the {part} with load_state_dict(..., strict=True) into the trained "
+               f"class{trained_as}" + (f", or rename its layers to the trained names: {renames}" if renames else
+                                       f"; the deployed class {cls} is another architecture"))
+        evidence = (f"no tensor named so in {path}, and the sha256 of each (fixture manifest) matches none of the "
+                    f"{len(run.all_fingerprints or {})} tensors the candidate reaches"
+                    + (f"; {mapping}" if mapping else ""))
+        where = run.call_sites.get(part) or path
+    diffs = [TensorDiff(part, name, None, f"not in the deployed {part}, nor its contents under another name")
+             for name in missing]
+    return sentence, Finding("weights.unaccounted", "weights", sentence, evidence, fix, where=where), diffs
+
+
+def _trained_shapes(account: _Account, fixture: Fixture) -> dict[str, tuple[int, ...]]:
+    """The trained tensors' shapes, in the trained class's order: from the values already read, else as
+    `parity.runners.discover.trained_shapes` finds them (the recorded structure)."""
+    from parity.runners.discover import trained_shapes
+
+    names = set(fixture.manifest["weights"][account.part]["tensors"])
+    values = account.values()
+    if values and names <= set(values):
+        return {name: tuple(t.shape) for name, t in values.items() if name in names}
+    return trained_shapes(fixture, account.part)
+
+
+def _key_mapping(shapes: Mapping[str, tuple[int, ...]], part: str, module) -> tuple[str, str]:
+    """How the trained keys map onto the deployed module's, as ``parity inspect --class`` maps them
+    (`parity.forensics.propose_key_fix`): the renames that would load it strictly, and the causes."""
+    import torch
+
+    from parity.forensics import propose_key_fix
+
+    if not shapes:
+        return "", ""
+    checkpoint = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    fix = propose_key_fix(checkpoint, {k: tuple(v.shape) for k, v in module.state_dict().items()}, key=None,
+                          source=f"the trained {part}")
+    renames = ", ".join(f"{(dst[:-1] or '<root>')} -> {(src[:-1] or '<root>')}" for src, dst in fix.key_map) \
+        if fix.verified and fix.key_map else ""
+    return renames, "; ".join(fix.causes)
+
+
+def _cast_finding(account: _Account, dtype: str, cast: Sequence[str], measured: Sequence[TensorDiff],
+                  run: CandidateRun) -> tuple[str, Finding]:
+    """A part whose tensors are the trained ones rounded to ``dtype``: a dtype change, not another checkpoint."""
+    part = account.part
+    path = run.description.get("candidate", {}).get(f"{part}_module", "") or part
+    trained = account.values()
+    source = str(trained[cast[0]].dtype).replace("torch.", "") if cast[0] in trained else "float32"
+    moved = [d.max_abs for d in measured if d.max_abs is not None]
+    largest = max(moved) if moved else float("nan")
+    cause = f"the {part} runs in {dtype}: {_CASTS.get(dtype, f'`.to(torch.{dtype})`')}"
+    evidence = (f"{len(cast)} of {account.checked} {part} tensors equal the trained ones rounded to {dtype} (sha256 of "
+                f"trained.to(torch.{dtype}))"
+                + (f"; largest change from the trained values {largest:.3g}" if moved else ""))
+    fix = (f"Change the shipped code: keep the {part} in {source} (remove the {_CASTS.get(dtype, dtype)} applied to "
+           f"{path}), or gate the {dtype} deployment against a {dtype} budget: set [runtime].dtype = \"{dtype}\" "
+           "in the spec")
+    finding = Finding("weights.dtype", "weights", cause, evidence, fix, where=run.call_sites.get(part) or path,
+                      max_abs=largest, spec_fix=f'[runtime]\ndtype = "{dtype}"')
+    return f"{cause} ({evidence})", finding

@@ -434,6 +434,8 @@ class CandidateRun:
         all_fingerprints: every tensor of every torch module the candidate can reach, ``root.path.name``
             -> sha256, to find a trained tensor held under another name (or not at all).
         call_sites: part -> where the candidate's own code called it (``app.py:31 in predict``).
+        notes: how the runner observed the candidate when that is not plain (a compiled module run
+            eagerly so that hooks fire, a module found only once the candidate had been called).
     """
 
     runner: str
@@ -461,6 +463,7 @@ class CandidateRun:
     dtypes: Mapping[str, str] = field(default_factory=dict)
     all_fingerprints: Mapping[str, str] | None = None
     call_sites: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 # -- the variant matrix (parity.variants) ----------------------------------------------------

@@ -279,6 +279,8 @@ class CandidateSpec:
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
     url: ``multipart`` or ``json``); ``timeout`` (seconds) and ``retries`` bound a url candidate.
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
+    ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
+    rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image.
     """
 
     kind: str = "spec"
@@ -289,6 +291,7 @@ class CandidateSpec:
     timeout: float = 30.0
     retries: int = 2
     python_path: Path | None = None
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -644,10 +647,14 @@ def _candidate(table: _Table, base: Path) -> CandidateSpec:
         timeout=table.number("timeout", 30.0, low=0.0, high=3600.0, open_low=True),
         retries=table.get("retries", int, 2),
         python_path=_path(base, table.get("python_path", str, ".")),
+        batch=table.get("batch", bool, False),
     )
     table.finish()
     if kind == "python" and ":" not in target:
         raise SpecError(f"{table.path}: [candidate].python must be 'module:function', got {target!r}")
+    if candidate.batch and kind != "python":
+        raise SpecError(f"{table.path}: [candidate].batch = true is for a python function that takes a batch; "
+                        f"a {kind} candidate is called one sample at a time. Remove batch.")
     if not 0 <= candidate.retries <= 10:
         raise SpecError(f"{table.path}: [candidate].retries = {candidate.retries}: expected 0 to 10")
     return candidate

@@ -1,197 +1,50 @@
-"""Observing the user's own code: find its torch modules, hook them, call it sample by sample.
+"""Observing the user's own code: find its torch modules, hook them, call it sample by sample (or batch by batch).
 
 Shared by the ``python`` and ``endpoint_handler`` runners. Nothing in the user's code is
 changed: the backbone and the head are recognised among the modules reachable from the
-function (or handler object) by the tensor names the fixture fingerprinted, and forward hooks
-record the pixels entering the backbone, the embedding entering the head and the head's output.
+function (or handler object) by the tensor names the fixture fingerprinted (`parity.runners.discover`),
+and forward pre-hooks record what enters the backbone, the embedding and the other arguments
+entering the head, and where the user's code called each. Before the first call, every
+reachable tensor is fingerprinted and each part's training flags and dtype are recorded.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from parity.fixtures import Fixture, FixtureRow
+from parity.fixtures import Fixture
 from parity.results import CandidateRun
+from parity.runners.discover import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
+                                     reachable_modules, recognise, user_call_site)
 from parity.spec import DEFAULT_LIBRARY, library_names
 
-__all__ = ["AppObservation", "reachable_modules", "recognise", "observe", "to_array", "to_run", "PARTS"]
+__all__ = ["AppObservation", "function_roots", "reachable_modules", "recognise", "observe", "to_array", "to_rows",
+           "to_run", "PARTS"]
 
-PARTS = ("backbone", "head")
-# A module is recognised as a part when it shares at least this share of the recorded tensor names.
-_MIN_OVERLAP = 0.5
-
-Call = Callable[[FixtureRow], Any]
-
-
-def reachable_modules(roots: Mapping[str, Any]) -> dict[str, Any]:
-    """``torch.nn.Module``s among ``roots`` and their attributes one level deep, by where they were found.
-
-    ``roots`` maps a readable name (``app.model``) to an object: a function's globals and closure
-    cells, or a handler's attributes. Each module is listed once, under the first name found.
-    """
-    import torch
-
-    found: dict[str, Any] = {}
-    seen: set[int] = set()
-
-    def add(name: str, value: Any) -> None:
-        if isinstance(value, torch.nn.Module) and id(value) not in seen:
-            seen.add(id(value))
-            found[name] = value
-
-    for name, value in roots.items():
-        add(name, value)
-        if isinstance(value, (torch.nn.Module, types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)):
-            continue  # a module's children are walked by recognise; libraries and classes are not the app's state
-        attributes = getattr(value, "__dict__", None)
-        if isinstance(attributes, dict):
-            for attr, child in attributes.items():
-                add(f"{name}.{attr}", child)
-        elif isinstance(value, (list, tuple)):
-            for i, child in enumerate(value):
-                add(f"{name}[{i}]", child)
-        elif isinstance(value, dict):
-            for key, child in value.items():
-                add(f"{name}[{key!r}]", child)
-    return found
-
-
-def function_roots(fn: Callable, name: str) -> dict[str, Any]:
-    """What a function can reach: its module's globals, its closure cells, a bound method's object."""
-    roots: dict[str, Any] = {}
-    target = getattr(fn, "__func__", fn)
-    if getattr(fn, "__self__", None) is not None and not isinstance(fn.__self__, types.ModuleType):
-        roots[f"{name}.__self__"] = fn.__self__
-    code = getattr(target, "__code__", None)
-    for cell_name, cell in zip(code.co_freevars if code is not None else (), getattr(target, "__closure__", None) or ()):
-        try:
-            roots[cell_name] = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-    module = getattr(target, "__module__", None) or "app"
-    for key, value in (getattr(target, "__globals__", None) or {}).items():
-        if not key.startswith("__"):
-            roots.setdefault(f"{module}.{key}", value)
-    if not roots and not isinstance(fn, types.FunctionType):
-        roots[name] = fn  # a callable object: its attributes
-    return roots
-
-
-@dataclass
-class Recognised:
-    """The app's backbone and head, where they were found, and why a part was not."""
-
-    modules: dict[str, Any] = field(default_factory=dict)
-    where: dict[str, str] = field(default_factory=dict)
-    missing: dict[str, str] = field(default_factory=dict)
-
-
-def recognise(modules: Mapping[str, Any], fixture: Fixture) -> Recognised:
-    """Each recorded part's module: the (sub)module whose state_dict names best match the fingerprinted ones.
-
-    Names, not values, decide, so a module with changed weights or a changed activation class is
-    still found and then judged by the weights, head and structure checks.
-    """
-    recorded = fixture.manifest.get("weights") or {}
-    result = Recognised()
-    for part in PARTS:
-        names = set((recorded.get(part) or {}).get("tensors") or ())
-        if not names:
-            result.missing[part] = f"the fixture records no {part} weight fingerprints to recognise it by"
-            continue
-        best: tuple[float, str, Any] | None = None
-        for root, module in modules.items():
-            for sub, child in module.named_modules():
-                keys = set(child.state_dict(keep_vars=True))
-                if not keys:
-                    continue
-                overlap = len(keys & names) / len(keys | names)
-                if overlap >= _MIN_OVERLAP and (best is None or overlap > best[0]):
-                    best = (overlap, f"{root}.{sub}" if sub else root, child)
-        if best is None:
-            shown = ", ".join(modules) or "none"
-            result.missing[part] = (f"no torch module reachable from the candidate has the trained {part}'s tensor names "
-                                    f"(modules found: {shown})")
-        else:
-            result.modules[part], result.where[part] = best[2], best[1]
-    if "backbone" in result.modules and "head" in result.modules \
-            and result.modules["backbone"] is result.modules["head"]:
-        del result.modules["head"], result.where["head"]
-        result.missing["head"] = "the backbone and the head are one module"
-    return result
-
-
-class _Hooks:
-    """Forward hooks recording what enters the backbone, what enters the head and what leaves it."""
-
-    def __init__(self, backbone, head) -> None:
-        self.active = True
-        self.pixels = self.embedding = self.head_output = None
-        self._entry: str | None = None
-        self._handles: dict[str, Any] = {}
-        if backbone is not None:
-            # The app may call forward_features() or a submodule rather than the backbone itself:
-            # every submodule listens until one is seen receiving the image batch, then only it does.
-            for name, module in backbone.named_modules():
-                self._handles[name] = module.register_forward_pre_hook(self._pixel_hook(name), with_kwargs=True)
-        if head is not None:
-            self._handles["head:pre"] = head.register_forward_pre_hook(self._embedding_hook, with_kwargs=True)
-            self._handles["head:post"] = head.register_forward_hook(self._output_hook)
-
-    def reset(self) -> None:
-        self.pixels = self.embedding = self.head_output = None
-
-    def _pixel_hook(self, name: str):
-        def hook(_module, args, kwargs):
-            if not self.active or self.pixels is not None:
-                return
-            x = _first_tensor(args, kwargs, ndim=4)
-            if x is not None and x.shape[1] == 3:
-                self.pixels = x.detach().float().cpu().clone()
-                if self._entry is None:
-                    self._entry = name
-                    for other, handle in list(self._handles.items()):
-                        if other != name and not other.startswith("head:"):
-                            handle.remove()
-                            del self._handles[other]
-        return hook
-
-    def _embedding_hook(self, _module, args, kwargs):
-        if self.active and self.embedding is None:
-            x = _first_tensor(args, kwargs)
-            if x is not None:
-                self.embedding = x.detach().float().cpu().reshape(-1, x.shape[-1]).clone()
-
-    def _output_hook(self, _module, _args, output):
-        import torch
-
-        if self.active and self.head_output is None and isinstance(output, torch.Tensor):
-            self.head_output = output.detach().float().cpu().clone()
-
-    def remove(self) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
-
-
-def _first_tensor(args: Iterable, kwargs: Mapping, *, ndim: int | None = None):
-    import torch
-
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and (ndim is None or value.dim() == ndim):
-            return value
-    return None
+# ``call(row)``, or ``call(rows)`` for an app that takes a batch.
+Call = Callable[[Any], Any]
+Modules = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+_PARITY = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
 @dataclass
 class AppObservation:
-    """Everything observed of the app, every fixture row, including the rows it raised on."""
+    """Everything observed of the app, every fixture row, including the rows it raised on.
+
+    Per row index: ``pixels``, ``embeddings``, ``outputs``, ``sample_errors``, ``head_inputs``
+    (the head's other tensor arguments), ``model_inputs`` ((shape, dtype) of what entered the
+    backbone). Per part: ``fingerprints``, ``module_states``, ``dtypes``, ``call_sites``.
+    ``all_fingerprints``: every tensor of every reachable module; ``notes``: how the app was
+    observed when that is not plain (a compiled module run eagerly, modules built lazily).
+    """
 
     runner: str
     recognised: Recognised
@@ -203,10 +56,117 @@ class AppObservation:
     errors: dict[str, str] = field(default_factory=dict)
     nondeterministic: list[str] = field(default_factory=list)
     head_outputs: np.ndarray | None = None
+    head_inputs: dict[int, Any] = field(default_factory=dict)
+    model_inputs: dict[int, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    module_states: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    all_fingerprints: dict[str, str] = field(default_factory=dict)
+    call_sites: dict[str, str] = field(default_factory=dict)
+    libraries: tuple[str, ...] = ()
+    compiled: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
-def to_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
-    """The app's return value as a float64 vector: array-like, a torch tensor, or a mapping read by ``output_key``."""
+class _Hooks:
+    """Forward pre-hooks recording what enters the backbone and the head, row by row, for one call.
+
+    ``expect`` is the number of rows the current call carries: hooks record until they have that
+    many (an app that calls its model once per image of a batch is read the same way as one that
+    calls it once per batch).
+    """
+
+    def __init__(self, recognised: Recognised, *, base: Path | None) -> None:
+        self.active = True
+        self.expect = 1
+        self.base = base
+        self.call_sites: dict[str, str] = {}
+        self._entry: str | None = None
+        self._handles: dict[str, Any] = {}
+        self._inside = {part: {id(m) for m in module.modules()} for part, module in recognised.modules.items()}
+        self.reset()
+        backbone, head = recognised.modules.get("backbone"), recognised.modules.get("head")
+        if backbone is not None:
+            # The app may call forward_features() or a submodule rather than the backbone itself:
+            # every submodule listens until one is seen receiving the image batch, then only it does.
+            for name, module in backbone.named_modules():
+                self._handles[name] = module.register_forward_pre_hook(self._pixel_hook(name), with_kwargs=True)
+        if head is not None:
+            self._handles["head:pre"] = head.register_forward_pre_hook(self._head_hook, with_kwargs=True)
+
+    def reset(self, expect: int = 1) -> None:
+        self.expect = expect
+        self.pixels: list = []
+        self.embeddings: list = []
+        self.head_inputs: list = []
+        self.model_input: tuple[tuple[int, ...], str] | None = None
+
+    def _site(self, part: str) -> None:
+        if part not in self.call_sites:  # one stack walk per part, not per call
+            site = user_call_site(self._inside.get(part, set()), base=self.base)
+            if site is not None:
+                self.call_sites[part] = site
+
+    def _pixel_hook(self, name: str):
+        def hook(_module, args, kwargs):
+            if not self.active:
+                return
+            x = _first_tensor(args, kwargs)
+            if x is None:
+                return
+            if self.model_input is None:  # whatever it is: 2-D, 4 channels, uint8
+                self.model_input = (tuple(x.shape), str(x.dtype).replace("torch.", ""))
+                self._site("backbone")
+            if x.dim() != 4 or x.shape[1] != 3 or len(self.pixels) >= self.expect:
+                return
+            if self._entry is None:
+                self._entry = name
+                for other, handle in list(self._handles.items()):
+                    if other != name and not other.startswith("head:"):
+                        handle.remove()
+                        del self._handles[other]
+            batch = x.detach().float().cpu()
+            self.pixels += [batch[k].clone() for k in range(min(batch.shape[0], self.expect - len(self.pixels)))]
+        return hook
+
+    def _head_hook(self, _module, args, kwargs) -> None:
+        import torch
+
+        if not self.active:
+            return
+        self._site("head")
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        # The embedding is the first floating-point argument; the others (input_biases) are recorded as passed.
+        first = next((j for j, t in enumerate(tensors) if t.is_floating_point() and t.dim() >= 1), None)
+        if first is None or len(self.embeddings) >= self.expect:
+            return
+        x = tensors[first]
+        rows = x.detach().float().cpu().reshape(-1, x.shape[-1])
+        others = [t.detach().cpu().numpy().copy() for j, t in enumerate(tensors) if j != first]
+        for k in range(min(rows.shape[0], self.expect - len(self.embeddings))):
+            self.embeddings.append(rows[k].clone())
+            self.head_inputs.append(_row_of(others, k, rows.shape[0]))
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+
+def _row_of(others: list[np.ndarray], k: int, rows: int) -> Any:
+    """Row ``k`` of each other head argument that carries the batch dimension; the argument itself otherwise."""
+    picked = [o[k] if o.ndim >= 1 and o.shape[0] == rows and (o.ndim >= 2 or rows > 1) else o for o in others]
+    if not picked:
+        return None
+    return picked[0] if len(picked) == 1 else tuple(picked)
+
+
+def _first_tensor(args, kwargs):
+    import torch
+
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+
+
+def _as_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
     import torch
 
     if isinstance(value, Mapping):
@@ -221,10 +181,17 @@ def to_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
         value = [item[output_key] for item in value]
     if isinstance(value, torch.Tensor):
         value = value.detach().float().cpu().numpy()
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        value = [v.detach().float().cpu().numpy() for v in value]
     try:
-        array = np.asarray(value, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} returned {type(value).__name__}, not numbers: {e}") from e
+
+
+def to_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
+    """The app's return value as a float64 vector: array-like, a torch tensor, or a mapping read by ``output_key``."""
+    array = _as_array(value, output_key, what=what)
     if array.ndim == 2 and array.shape[0] == 1:
         array = array[0]  # a batch of one
     if array.ndim != 1:
@@ -232,42 +199,199 @@ def to_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
     return array
 
 
-def observe(runner: str, call: Call, modules: Mapping[str, Any], fixture: Fixture, *,
-            output_key: str | None, progress: Callable[[int, int], None] | None = None,
-            what: str = "the app") -> AppObservation:
-    """Call ``call(row)`` for every fixture row with hooks on the recognised modules.
+def to_rows(value: Any, output_key: str | None, n: int, *, what: str) -> list[np.ndarray]:
+    """A batch app's return value as ``n`` float64 vectors, one per image of the batch."""
+    array = _as_array(value, output_key, what=what)
+    if array.ndim == 1 and n == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[0] != n:
+        raise ValueError(f"{what} returned outputs of shape {array.shape} for a batch of {n} images; "
+                         f"expected one row per image, ({n}, L)")
+    return list(array)
 
-    An exception from the app on a sample is that sample's error (the others still run).
+
+def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, output_key: str | None,
+            progress: Callable[[int, int], None] | None = None, what: str = "the app",
+            batch_size: int | None = None, base: Path | None = None) -> AppObservation:
+    """Call the app on every fixture row with hooks on the recognised modules.
+
+    ``call(row)`` per row, or ``call(rows)`` per batch of ``batch_size`` rows (an app that takes a
+    batch). ``modules``: the reachable modules, or a function finding them again: a part not
+    found before the first call is looked for again after it (a model built lazily, or cached
+    where no attribute reaches it: every module the first call ran is a candidate), and the first
+    call is then repeated with hooks so that no row goes unobserved. An exception from the app is
+    the error of that call's rows (the others still run). ``base`` shortens call sites' file names.
     """
-    from parity.checkpoints import fingerprint
-
-    recognised = recognise(modules, fixture)
-    obs = AppObservation(runner, recognised)
-    # Before any call: the weights the app loaded, not what a training-mode layer may update later.
-    obs.fingerprints = {part: fingerprint(m.state_dict()) for part, m in recognised.modules.items()}
-    hooks = _Hooks(recognised.modules.get("backbone"), recognised.modules.get("head"))
+    discover = modules if callable(modules) else (lambda: modules)
+    found = dict(discover())
+    obs = AppObservation(runner, recognise(found, fixture))
+    _inspect(obs, found)
+    size = batch_size or 1
     total = len(fixture.rows)
+    chunks = [list(range(start, min(start + size, total))) for start in range(0, total, size)]
+    hooks = _Hooks(obs.recognised, base=base)
+    looked_again = False
     try:
-        for i, row in enumerate(fixture.rows):
-            hooks.reset()
-            try:
-                value = call(row)
-                obs.outputs[i] = to_array(value, output_key, what=what)
-            except Exception as e:  # noqa: BLE001 - whatever the app raises is that sample's error
-                obs.sample_errors[i] = f"{what} raised {type(e).__name__}: {e}"
-            if hooks.pixels is not None:
-                obs.pixels[i] = hooks.pixels[0].numpy()
-            if hooks.embedding is not None:
-                obs.embeddings[i] = hooks.embedding[0].numpy()
+        k = 0
+        while k < len(chunks):
+            lazy = k == 0 and not looked_again and any(p not in obs.recognised.modules for p in PARTS)
+            with _called_modules(lazy) as called:
+                _call_chunk(obs, hooks, call, fixture, chunks[k], output_key, what, batched=batch_size is not None)
+            if lazy:
+                looked_again = True
+                again = _with_called(dict(discover()), called)
+                recognised = recognise(again, fixture)
+                new = [p for p in recognised.modules if p not in obs.recognised.modules]
+                if new:
+                    hooks.remove()
+                    obs = AppObservation(runner, recognised)
+                    _inspect(obs, again)
+                    obs.notes.append(f"the {' and '.join(new)} ({', '.join(recognised.where[p] for p in new)}) "
+                                     f"appeared only when the app was first called: observed from then on, the first "
+                                     f"{'batch' if batch_size else 'sample'} called again")
+                    hooks = _Hooks(recognised, base=base)
+                    continue
             if progress:
-                progress(i + 1, total)
+                progress(chunks[k][-1] + 1, total)
+            k += 1
         hooks.active = False
+        obs.call_sites = dict(hooks.call_sites)
         _run_head(obs, fixture)
-        if "head" not in recognised.modules and obs.outputs:
-            _repeat_first(obs, call, output_key, fixture, what)
+        if "head" not in obs.recognised.modules and obs.outputs:
+            _repeat_first(obs, call, fixture, chunks, output_key, what, batched=batch_size is not None)
     finally:
         hooks.remove()
     return obs
+
+
+def _call_chunk(obs: AppObservation, hooks: _Hooks, call: Call, fixture: Fixture, chunk: Sequence[int],
+                output_key: str | None, what: str, *, batched: bool) -> None:
+    """One call of the app on ``chunk``'s rows: its outputs, or its error on each row, and what the hooks saw."""
+    hooks.reset(len(chunk))
+    for i in chunk:  # a row observed again (after a lazy build) keeps only what this call shows
+        for table in (obs.outputs, obs.sample_errors, obs.pixels, obs.embeddings, obs.head_inputs, obs.model_inputs):
+            table.pop(i, None)
+    try:
+        with _eager(obs):
+            if batched:
+                rows = to_rows(call([fixture.rows[i] for i in chunk]), output_key, len(chunk), what=what)
+            else:
+                rows = [to_array(call(fixture.rows[chunk[0]]), output_key, what=what)]
+        obs.outputs.update(zip(chunk, rows))
+    except Exception as e:  # noqa: BLE001 - whatever the app raises is the error of the rows it was given
+        message = f"{what} raised {type(e).__name__}: {e}"
+        obs.sample_errors.update((i, message) for i in chunk)
+    for j, i in enumerate(chunk):
+        if j < len(hooks.pixels):
+            obs.pixels[i] = hooks.pixels[j].numpy()
+        if j < len(hooks.embeddings):
+            obs.embeddings[i] = hooks.embeddings[j].numpy()
+            if hooks.head_inputs[j] is not None:
+                obs.head_inputs[i] = hooks.head_inputs[j]
+        if hooks.model_input is not None:
+            obs.model_inputs[i] = hooks.model_input
+
+
+def _inspect(obs: AppObservation, found: Mapping[str, Any]) -> None:
+    """Before any call: every reachable tensor's fingerprint, each part's training flags, dtype and libraries.
+
+    The weights the app loaded, not what a training-mode layer may update later.
+    """
+    from parity.checkpoints import fingerprint
+
+    unique: dict[int, Any] = {}
+    names: dict[str, int] = {}
+    for root, module in found.items():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            unique.setdefault(id(tensor), tensor)
+            names[f"{root}.{name}"] = id(tensor)
+    # A tensor reachable under several names (a part held by two objects, tied weights) is hashed once.
+    prints = fingerprint({str(key): tensor for key, tensor in unique.items()})
+    obs.all_fingerprints = {name: prints[str(key)] for name, key in names.items()}
+    recognised = obs.recognised
+    for part, module in recognised.modules.items():
+        prefix = recognised.where[part] + "."
+        keys = list(module.state_dict(keep_vars=True))
+        derived = {k: obs.all_fingerprints.get(prefix + k) for k in keys}
+        obs.fingerprints[part] = derived if None not in derived.values() else fingerprint(module.state_dict())
+        obs.module_states[part] = tuple((f"{recognised.where[part]}.{sub}" if sub else recognised.where[part],
+                                         type(m).__name__) for sub, m in module.named_modules() if m.training)
+        floating = Counter()
+        for p in module.parameters():
+            if p.is_floating_point():
+                floating[str(p.dtype).replace("torch.", "")] += p.numel()
+        if floating:
+            obs.dtypes[part] = ",".join(d for d, _ in floating.most_common())
+    libraries = {type(m).__module__.partition(".")[0] for module in found.values() for m in module.modules()}
+    obs.libraries = tuple(sorted(libraries & set(library_names())))
+    obs.compiled = tuple(compiled_modules(found))
+    if obs.compiled:
+        these = "it" if len(obs.compiled) == 1 else "them"
+        obs.notes.append(f"{' and '.join(obs.compiled)} {'is' if len(obs.compiled) == 1 else 'are'} torch.compile'd: "
+                         f"hooks cannot fire inside compiled code, so the app was observed running {these} eagerly "
+                         "(torch.compiler.set_stance(\"force_eager\")); the compiled kernels' own rounding was "
+                         "not gated")
+
+
+@contextlib.contextmanager
+def _eager(obs: AppObservation) -> Iterator[None]:
+    """Compiled modules run eagerly, so that the hooks on their original module fire."""
+    import torch
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    if not obs.compiled or stance is None:
+        yield
+        return
+    with stance("force_eager"):
+        yield
+
+
+@contextlib.contextmanager
+def _called_modules(active: bool) -> Iterator[list[tuple[str, Any]]]:
+    """``(name, module)`` of every torch module called while the context is open (when ``active``), and of
+    the modules the calling frames hold: the app's locals (``predict.backbone``) and the objects whose
+    methods called them (a backbone entered through ``forward_features`` is never called itself)."""
+    called: list[tuple[str, Any]] = []
+    if not active:
+        yield called
+        return
+    import sys
+
+    import torch
+
+    seen: set[int] = set()
+
+    def hook(module, _args):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        called.append((f"(called) {type(module).__name__}", module))
+        frame = sys._getframe(1)
+        while frame is not None and not frame.f_code.co_filename.startswith(_PARITY):  # the app's call ends at parity
+            user = not is_library_file(frame.f_code.co_filename)
+            for var, value in frame.f_locals.items():
+                if isinstance(value, torch.nn.Module) and id(value) not in seen and (user or var == "self"):
+                    seen.add(id(value))
+                    called.append((f"{frame.f_code.co_name}.{var}" if user else f"(called) {type(value).__name__}",
+                                   value))
+            frame = frame.f_back
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield called
+    finally:
+        handle.remove()
+
+
+def _with_called(found: dict[str, Any], called: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """``found`` plus the outermost modules the app called, or its frames held, that no reachable module holds."""
+    held = {id(m) for module in found.values() for m in module.modules()}
+    for name, module in sorted(called, key=lambda item: -sum(1 for _ in item[1].modules())):  # containers first
+        if id(module) in held:
+            continue
+        held |= {id(m) for m in module.modules()}
+        found[name if name not in found else f"{name}#{len(found)}"] = module
+    return found
 
 
 def _run_head(obs: AppObservation, fixture: Fixture) -> None:
@@ -303,14 +427,22 @@ def _run_head(obs: AppObservation, fixture: Fixture) -> None:
                 b.copy_(saved[name])
 
 
-def _repeat_first(obs: AppObservation, call: Call, output_key: str | None, fixture: Fixture, what: str) -> None:
-    """Without a recognised head, one repeated call is the only determinism check there is."""
-    i = min(obs.outputs)
-    try:
-        again = to_array(call(fixture.rows[i]), output_key, what=what)
-    except Exception:  # noqa: BLE001 - it already answered this sample once; a second answer is the question
+def _repeat_first(obs: AppObservation, call: Call, fixture: Fixture, chunks: Sequence[Sequence[int]],
+                  output_key: str | None, what: str, *, batched: bool) -> None:
+    """Without a recognised head, one repeated call (the same rows, the same batch) is the only determinism
+    check there is."""
+    chunk = next((c for c in chunks if all(i in obs.outputs for i in c)), None)
+    if chunk is None:
         return
-    if not np.array_equal(again, obs.outputs[i], equal_nan=True):
+    try:
+        with _eager(obs):
+            if batched:
+                again = to_rows(call([fixture.rows[i] for i in chunk]), output_key, len(chunk), what=what)
+            else:
+                again = [to_array(call(fixture.rows[chunk[0]]), output_key, what=what)]
+    except Exception:  # noqa: BLE001 - it already answered these rows once; a second answer is the question
+        return
+    if any(not np.array_equal(a, obs.outputs[i], equal_nan=True) for a, i in zip(again, chunk)):
         obs.nondeterministic.append("outputs")
 
 
@@ -335,7 +467,10 @@ def describe(obs: AppObservation, fixture: Fixture) -> dict[str, Any]:
     head = obs.recognised.modules.get("head")
     if head is not None:
         described["head"] = {"structure": summarize_structure(head)}
-    described["candidate"] = {"runner": obs.runner, **{f"{p}_module": w for p, w in obs.recognised.where.items()}}
+    described["candidate"] = {"runner": obs.runner, **{f"{p}_module": w for p, w in obs.recognised.where.items()},
+                              "libraries": list(obs.libraries)}
+    for part in sorted(obs.recognised.by_shapes):
+        described["candidate"][f"{part}_recognised_by"] = "tensor shapes"
     return described
 
 
@@ -378,6 +513,10 @@ def to_run(obs: AppObservation, fixture: Fixture) -> CandidateRun:
         obs.runner, description=describe(obs, fixture), fingerprints=obs.fingerprints or None, modules=dict(found),
         rows=rows, sample_errors=samples, pixels=pixels, embeddings=embeddings, head_outputs=obs.head_outputs,
         outputs=outputs, nondeterministic=tuple(obs.nondeterministic), errors=errors, unobservable=unobservable,
+        head_inputs={names[i]: v for i, v in sorted(obs.head_inputs.items())},
+        model_inputs={names[i]: v for i, v in sorted(obs.model_inputs.items())},
+        module_states=dict(obs.module_states), dtypes=dict(obs.dtypes), all_fingerprints=dict(obs.all_fingerprints),
+        call_sites=dict(obs.call_sites), notes=tuple(obs.notes),
     )
 
 

@@ -17,10 +17,10 @@ from typing import Any
 from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
-from parity.runners.app import observe, open_image, reachable_modules, to_run
+from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
 from parity.spec import Spec
 
-__all__ = ["run", "load_handler", "request"]
+__all__ = ["run", "observe_handler", "load_handler", "request"]
 
 Progress = Callable[[int, int], None]
 
@@ -72,10 +72,27 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
         return CandidateRun("endpoint_handler",
                             errors={"load": f"EndpointHandler(path=...) raised {type(e).__name__}: {e}"})
 
+    return to_run(observe_handler(spec, fixture, handler, progress=progress), fixture)
+
+
+def observe_handler(spec: Spec, fixture: Fixture, handler: Any, *, progress: Progress | None = None) -> AppObservation:
+    """Call the built ``handler`` on every fixture sample with hooks on the modules its attributes hold."""
+    candidate = spec.candidate
+    stem = Path(candidate.target).stem
+
     def call(row: FixtureRow) -> Any:
         return handler(request(row, candidate.send))
 
-    roots = {"handler": handler, **{f"handler.{k}": v for k, v in vars(handler).items()}}
-    observation = observe("endpoint_handler", call, reachable_modules(roots), fixture,
-                          output_key=candidate.output_key, progress=progress, what="the handler")
-    return to_run(observation, fixture)
+    # Looked for again after the first call when a part is missing: a model the handler builds lazily.
+    def modules() -> dict[str, Any]:
+        roots = {"handler": handler, **{f"handler.{k}": v for k, v in vars(handler).items()}}
+        call_method = getattr(type(handler), "__call__", None)
+        if call_method is not None:  # the module-level state its __call__ reaches (a global model)
+            module = type(handler).__module__ + "."
+            for key, value in function_roots(call_method, "handler").items():
+                # Globals read as handler.py's, not under the module name the file was imported as.
+                roots.setdefault(f"{stem}.{key.removeprefix(module)}" if key.startswith(module) else key, value)
+        return reachable_modules(roots)
+
+    return observe("endpoint_handler", call, modules, fixture, output_key=candidate.output_key, progress=progress,
+                   what="the handler", base=Path(candidate.target).parent)

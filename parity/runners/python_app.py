@@ -4,7 +4,8 @@ Call contract: ``predict(image)`` with the PIL image exactly as the fixture file
 conversion: the app's own handling is under test), or ``predict(image, input_biases)`` (a list
 of ints) when the fixture rows carry input biases; ``[candidate].inputs`` maps other signatures
 (`parity.spec.CANDIDATE_INPUTS`). The return value is array-like, a torch tensor, or a mapping
-read by ``output_key``.
+read by ``output_key``. With ``[candidate].batch = true`` each argument is a list of
+``[runtime].batch_size`` rows' values and the function returns one output row per image.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
-from parity.runners.app import function_roots, observe, open_image, reachable_modules, to_run
+from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
 from parity.spec import Spec
 
-__all__ = ["run", "load_function", "default_inputs", "argument"]
+__all__ = ["run", "observe_function", "load_function", "default_inputs", "argument"]
 
 Progress = Callable[[int, int], None]
 
@@ -73,6 +74,28 @@ def argument(name: str, row: FixtureRow) -> Any:
     return str(row.image)
 
 
+def observe_function(spec: Spec, fixture: Fixture, function: Callable, *,
+                     progress: Progress | None = None) -> AppObservation:
+    """Call the app's ``function`` (`load_function`) on every fixture sample, or batch with
+    ``[candidate].batch``, with hooks on the modules it reaches."""
+    candidate = spec.candidate
+    inputs = candidate.inputs or default_inputs(fixture)
+    if candidate.batch:
+        def call(rows: list[FixtureRow]) -> Any:
+            return function(*([argument(name, row) for row in rows] for name in inputs))
+    else:
+        def call(row: FixtureRow) -> Any:
+            return function(*(argument(name, row) for name in inputs))
+
+    # Looked for again after the first call when a part is missing: a model the app builds lazily.
+    def modules() -> dict[str, Any]:
+        return reachable_modules(function_roots(function, candidate.target))
+
+    return observe("python", call, modules, fixture, output_key=candidate.output_key, progress=progress,
+                   what=f"{candidate.target}", batch_size=spec.runtime.batch_size if candidate.batch else None,
+                   base=candidate.python_path)
+
+
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Import the app, call its function on every fixture sample with hooks on its modules."""
     candidate = spec.candidate
@@ -82,12 +105,4 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
         raise
     except Exception as e:  # noqa: BLE001 - the app failing to start is the drift (e.g. its weights do not load)
         return CandidateRun("python", errors={"load": f"importing {candidate.target} raised {type(e).__name__}: {e}"})
-    inputs = candidate.inputs or default_inputs(fixture)
-
-    def call(row: FixtureRow) -> Any:
-        return function(*(argument(name, row) for name in inputs))
-
-    modules = reachable_modules(function_roots(function, candidate.target))
-    observation = observe("python", call, modules, fixture, output_key=candidate.output_key, progress=progress,
-                          what=f"{candidate.target}")
-    return to_run(observation, fixture)
+    return to_run(observe_function(spec, fixture, function, progress=progress), fixture)
