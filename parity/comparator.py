@@ -389,7 +389,6 @@ def _accounted_weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec,
         identical = checked - sum(len(a.cast) for a in accounts)
         return StageResult("weights", Status.PASS, "; ".join([f"{identical} tensors bit-identical to the trained "
                                                               "weights", *extra]), notes=tuple(notes))
-    notes = [f.fix for f in findings] + notes
     return StageResult("weights", Status.FAIL, "; ".join(sentences + extra), tensor_diffs=tuple(diffs),
                        notes=tuple(notes), findings=tuple(findings))
 

@@ -171,7 +171,7 @@ def test_a_head_redeclared_with_renamed_layers_and_loaded_non_strictly_fails_nam
                            "classify -> fc2")
     assert "layers were renamed; they match one-to-one by tensor names and shapes" in finding.evidence
     assert finding.where == f"handler.py:{_line(handler, 'scores = self.scorer(')} in __call__"
-    assert finding.fix in weights.notes
+    assert finding.fix not in weights.notes  # a finding says its fix once, rendered with the finding
     assert not any("deploy the head checkpoint" in note for note in weights.notes)
     # The renamed head is still the head the hooks watch: its stage fails on the reference embeddings.
     assert run.description["candidate"]["head_recognised_by"] == "tensor shapes"
