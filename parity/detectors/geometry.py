@@ -83,7 +83,7 @@ def geometry_variants(config: PreprocessConfig) -> list[tuple[str, str, str, str
         if transform is not None:
             out.append((name, label, cause, fix, transform))
 
-    for interpolation in INTERPOLATIONS:
+    for interpolation in (*INTERPOLATIONS, "nearest-exact"):
         if interpolation != config.interpolation:
             add("interpolation", interpolation,
                 f"The shipped code resizes with {interpolation}; the reference used {config.interpolation}.",
@@ -93,11 +93,19 @@ def geometry_variants(config: PreprocessConfig) -> list[tuple[str, str, str, str
         f"used antialias={config.antialias}.", f"resize with antialias={config.antialias}",
         [replace(config, antialias=not config.antialias)])
     for backend, words in _BACKENDS.items():
-        if backend != config.resize_backend and config.resize_backend in _BACKENDS:
-            add("resize_backend", f"resizing with {words}",
-                f"The shipped code resizes with {words}; the reference resized with {_BACKENDS[config.resize_backend]}.",
-                f"resize with {_BACKENDS[config.resize_backend]}",
-                [replace(config, library=library, resize_backend=backend) for library in _siblings(config.library)])
+        if backend == config.resize_backend or config.resize_backend not in _BACKENDS:
+            continue
+        reference = _BACKENDS[config.resize_backend]
+        # torchvision resized tensors without antialiasing by default before 0.17: try both
+        for antialias in dict.fromkeys((config.antialias, True, False)):
+            plain = antialias == config.antialias
+            how = words if plain else f"{words} {'with' if antialias else 'without'} antialiasing"
+            add("resize_backend" if plain else "resize_backend+antialias", f"resizing with {how}",
+                f"The shipped code resizes with {how}; the reference resized with {reference}"
+                + ("." if plain else f", antialias={config.antialias}."),
+                f"resize with {reference}" + ("" if plain else f", antialias={config.antialias}"),
+                [replace(config, library=library, resize_backend=backend, antialias=antialias)
+                 for library in _siblings(config.library)])
     if config.resize == "shortest_edge" and config.crop_size is not None and isinstance(config.resize_size, int):
         crop = _size(config.crop_size)
         for pct in _CROP_PCTS:

@@ -9,6 +9,7 @@ which the pixel detectors try and which diagnose applies where pixels cannot be 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ __all__ = ["ShippedTransform", "SHIPPED_IMAGE_TRANSFORMS", "JPEG_QUALITIES", "sw
 # The qualities diagnose tries where pixels are not observed (the pixel detector estimates q itself).
 JPEG_QUALITIES = (95, 90, 85, 75, 50)
 _RGB_MODES = ("RGB",)
+# What torch and PIL say when a 1-, 2- or 4-channel image reaches an RGB model.
+_SHAPE_ERROR = re.compile(r"channel|size of tensor|shape|dimension|mode", re.IGNORECASE)
 
 
 def swap_channels(image: Image.Image) -> Image.Image:
@@ -172,8 +175,9 @@ def findings(evidence: Evidence) -> dict[str, list[Finding]]:
             continue  # the model got 3 channels: the failure is elsewhere
         if not inputs and stage == "decode":
             errors = dict(run.sample_errors)
-            # another detector's signature: not an image-mode failure
-            if any(("index out of range" in errors[n] or "more than 1 value per channel" in errors[n]) for n in failed):
+            # without the model's inputs, each error must itself speak of channels or shapes
+            if not all(_SHAPE_ERROR.search(errors.get(n, "")) and "more than 1 value per channel" not in errors[n]
+                       for n in failed):
                 continue
         reached = _shapes(run.model_inputs, failed)
         errors = dict(run.sample_errors)

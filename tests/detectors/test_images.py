@@ -83,3 +83,14 @@ def test_shipped_transforms_do_what_they_say(photo):
     errors = {q: np.abs(np.asarray(SHIPPED_IMAGE_TRANSFORMS[f"jpeg_q{q}"].apply(photo, (0, 0)), float) - array).mean()
               for q in (50, 95)}
     assert 0 < errors[95] < errors[50]
+
+
+def test_without_model_inputs_the_errors_must_speak_of_channels(dnn):
+    fixture, spec = dnn
+    failed, rows, _, errors = _rgba_failures(fixture)
+    unseen = CandidateRun("python", rows=rows, outputs=fixture.outputs[list(rows)], sample_errors=errors)
+    (finding,) = detect(unseen, fixture, judged(unseen, fixture, spec), spec)["decode"]
+    assert finding.detector == "images.mode"
+    other = CandidateRun("python", rows=rows, outputs=fixture.outputs[list(rows)],
+                         sample_errors=tuple((n, "TimeoutError: upstream took too long") for n in failed))
+    assert detect(other, fixture, judged(other, fixture, spec), spec) == {}

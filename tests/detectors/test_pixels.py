@@ -199,3 +199,17 @@ def test_the_variants_never_include_the_reference_itself(dnn, mlp):
         built = geometry_variants(config)
         assert {"interpolation", "crop_pct", "squash"} <= {name for name, *_ in built}
         assert not any(label == config.interpolation for name, label, *_ in built if name == "interpolation")
+
+
+def test_torch_tensor_resize_without_antialiasing(dnn):
+    import torchvision.transforms.functional as TF
+
+    def shipped(path):  # resize the uint8 tensor with torch, antialias off (torchvision's default before 0.17)
+        x = TF.pil_to_tensor(opened(path))
+        x = TF.center_crop(TF.resize(x, 336, interpolation=TF.InterpolationMode.BICUBIC, antialias=False), 336)
+        return to_pixels(Image.fromarray(x.permute(1, 2, 0).numpy()))
+
+    (finding,) = findings_for(*dnn, shipped)
+    assert finding.detector == "pixels.resize_backend+antialias"
+    assert finding.cause == ("The shipped code resizes with torch kernels (torchvision on a uint8 tensor) without "
+                             "antialiasing; the reference resized with Pillow (on the PIL image), antialias=True.")
