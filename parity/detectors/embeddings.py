@@ -75,14 +75,16 @@ def fit_scale(observed: Any, reference: Any, tolerance: Tolerance) -> ScaleFit |
     batch = _batch(factors, ref_sq) if len(obs) > 1 else None
     if batch is not None:
         return ScaleFit("batch_norm", kept, result.max_abs, batch=batch)
-    if len(obs) > 1 and np.ptp(factors) <= _SAME * abs(factors.mean()):
-        return ScaleFit("scale", (kept[0],), result.max_abs)
+    # Unit rows on one side only name an L2 norm even when every row has the same length (a LayerNorm
+    # output has norm sqrt(D) for every row, so its L2 normalisation is a constant factor).
     ref_unit = np.abs(np.sqrt(ref_sq) - 1) < _UNIT
     obs_unit = np.abs(np.linalg.norm(obs, axis=1) - 1) < _UNIT
     if obs_unit.all() and not ref_unit.all():
         return ScaleFit("l2_added", kept, result.max_abs)
     if ref_unit.all() and not obs_unit.all():
         return ScaleFit("l2_missing", kept, result.max_abs)
+    if len(obs) > 1 and np.ptp(factors) <= _SAME * abs(factors.mean()):
+        return ScaleFit("scale", (kept[0],), result.max_abs)
     return ScaleFit("row_scale", kept, result.max_abs)
 
 

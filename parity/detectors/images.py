@@ -103,15 +103,15 @@ SHIPPED_IMAGE_TRANSFORMS: Mapping[str, ShippedTransform] = {t.name: t for t in (
         "squash", "a squash to the model's input size (Pillow bicubic)",
         "the shipped code resizes each image to the model's input size before preprocessing, aspect ratio lost "
         "(`image.resize((W, H))`)",
-        "Change the shipped code: remove the resize before preprocessing; the preprocessing resizes the short "
-        "side and center-crops itself",
+        "Change the shipped code: remove the resize before preprocessing (the preprocessing resizes the short "
+        "side and center-crops by itself)",
         lambda image, size: squash(image, size)),
     ShippedTransform(
         "squash_bilinear", "a squash to the model's input size (Pillow bilinear)",
         "the shipped code resizes each image to the model's input size with bilinear before preprocessing, "
         "aspect ratio lost",
-        "Change the shipped code: remove the resize before preprocessing; the preprocessing resizes the short "
-        "side and center-crops itself",
+        "Change the shipped code: remove the resize before preprocessing (the preprocessing resizes the short "
+        "side and center-crops by itself)",
         lambda image, size: squash(image, size, Image.Resampling.BILINEAR)),
     *(_jpeg(q) for q in JPEG_QUALITIES),
     ShippedTransform(

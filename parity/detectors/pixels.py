@@ -77,8 +77,8 @@ class Variant:
     fixes: tuple[str, ...] = ()
 
 
-def _triple(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+def _triple(values: Sequence[float], digits: int = 8) -> str:
+    return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
 
 
 def _variant(how: Finish, reference: Finish, changed: tuple[str, ...]) -> Variant:
@@ -106,9 +106,10 @@ def _variant(how: Finish, reference: Finish, changed: tuple[str, ...]) -> Varian
             causes.append(f"The shipped code does not normalise with a mean/std; the reference used {ref}.")
         else:
             named = f"the {how.norm} " if how.norm in MEAN_STD_PRESETS else ""
-            labels.append(f"{named}mean {_triple(how.mean)}, std {_triple(how.std)}")
-            causes.append(f"The shipped code normalises with {named}mean {_triple(how.mean)}, std "
-                          f"{_triple(how.std)}; the reference used {ref}.")
+            digits = 5 if how.norm == "fitted" else 8  # a least-squares estimate carries no more
+            shipped = f"mean {_triple(how.mean, digits)}, std {_triple(how.std, digits)}"
+            labels.append(f"{named}{shipped}")
+            causes.append(f"The shipped code normalises with {named}{shipped}; the reference used {ref}.")
         fixes.append(f"normalise with {ref}")
     return Variant(how, changed, tuple(labels), tuple(causes), tuple(fixes))
 

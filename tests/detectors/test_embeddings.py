@@ -75,3 +75,13 @@ def test_detect_names_a_batch_wide_norm_and_the_fix(dnn):
     assert "one norm over the whole batch (`x / x.norm()`)" in finding.cause
     assert "each batch of 8 rows" in finding.evidence and "cosine unchanged" in finding.evidence
     assert finding.fix == ("Change the shipped code: remove the normalisation (at service.py:88 in embed_and_score)")
+
+
+def test_an_l2_norm_of_rows_of_equal_length_is_still_an_l2_norm(mlp):
+    # clip_mlp's pooled embeddings leave a LayerNorm: every row has norm 8, so L2 is a constant 1/8
+    fixture, spec = mlp
+    rows = tuple(range(len(fixture.rows)))
+    run = CandidateRun("python", rows=rows, embeddings=F.normalize(torch.from_numpy(fixture.embeddings), dim=-1).numpy())
+    (finding,) = detect(run, fixture, judged(run, fixture, spec), spec)["embedding"]
+    assert finding.detector == "embeddings.l2_added"
+    assert finding.fix.startswith("Change the shipped code: pass the backbone's embedding to the head as it is")
