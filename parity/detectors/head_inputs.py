@@ -129,12 +129,12 @@ def _columns_finding(evidence: Evidence) -> dict[str, list[Finding]]:
     k = reference.shape[1]
     columns = _column_names(evidence, k)
     parts = []
+    shifted = [f"{columns[mapping.order[j]]} {s:+d}" for j, s in enumerate(mapping.offsets) if s]
     if mapping.permuted:
         shipped = ", ".join(columns[c] for c in mapping.order)
         parts.append(f"passes the input_biases columns in the order ({shipped}); the head was trained on "
                      f"({', '.join(columns)})")
     if mapping.recoded:
-        shifted = [f"{columns[mapping.order[j]]} {s:+d}" for j, s in enumerate(mapping.offsets) if s]
         parts.append(f"re-codes the categories ({', '.join(shifted)}: e.g. counting from 1)")
     fixes = []
     if mapping.permuted:
@@ -142,10 +142,9 @@ def _columns_finding(evidence: Evidence) -> dict[str, list[Finding]]:
     if mapping.recoded:
         fixes.append("pass the category indices the head was trained with, unshifted")
     at = evidence.at("head")
-    evidence_text = (f"on {len(names)} of {len(names)} samples the head's input_biases equal the fixture's "
-                     + ("with the columns re-ordered" if mapping.permuted else "")
-                     + (" and " if mapping.permuted and mapping.recoded else "")
-                     + ("with the offsets above" if mapping.recoded else ""))
+    how = " and ".join(filter(None, ("with the columns re-ordered" if mapping.permuted else "",
+                                     f"shifted ({', '.join(shifted)})" if mapping.recoded else "")))
+    evidence_text = f"on all {len(names)} samples the hooks saw, the head's input_biases are the fixture's {how}"
     raised = [(n, e) for n, e in run.sample_errors if _INDEX_ERROR.search(e)]
     sizes = _table_sizes(evidence, k)
     linked: list[str] = []
@@ -235,7 +234,8 @@ def _dtype_findings(evidence: Evidence) -> dict[str, list[Finding]]:
                 evidence=(f"the {part}'s parameters are {dtype}; the {stage} residual (max abs {number(result.max_abs)}) "
                           f"is within what {dtype} rounding gives ({budget.describe()})"),
                 fix=(f"Change the shipped code: run the {part} in {reference} (remove `{call}`){evidence.at(part)}; "
-                     f"or, if {dtype} is intended, gate it with [runtime].dtype = \"{dtype}\" and its budget"),
+                     f"or, if {dtype} is intended, state the budget it accepts in the spec ([tolerance.{stage}] with "
+                     f"[runtime].dtype = \"{dtype}\") or calibrate at {dtype}"),
                 where=evidence.where(part), max_abs=result.max_abs))
     return found
 
