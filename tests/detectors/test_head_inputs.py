@@ -111,3 +111,13 @@ def test_odd_head_inputs_are_silent(dnn, odd):
     fixture, spec = dnn
     run = CandidateRun("python", rows=(0,), outputs=fixture.outputs[:1] + 1, head_inputs=odd)
     assert detect(run, fixture, judged(run, fixture, spec), spec) == {}
+
+
+def test_categories_counted_from_one(dnn):
+    fixture, spec = dnn
+    shifted = {row.name: np.array(row.input_biases) + 1 for row in fixture.rows}
+    rows = tuple(range(len(fixture.rows)))
+    run = CandidateRun("python", rows=rows, outputs=fixture.outputs + 0.2, head_inputs=shifted)
+    (finding,) = detect(run, fixture, judged(run, fixture, spec), spec)["outputs"]
+    assert finding.cause == "the shipped code re-codes the categories ('source' +1, 'scene' +1: e.g. counting from 1)"
+    assert finding.fix == "Change the shipped code: pass the category indices the head was trained with, unshifted"
