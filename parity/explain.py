@@ -12,6 +12,7 @@ from typing import Any
 
 from parity.libraries import canonical_names, extraction_hint
 from parity.comparator import STAGE_ORDER, recorded_library
+from parity.detectors import detect
 from parity.fixtures import Fixture, environment, sha256_file
 from parity.libraries import activation_family, describe_record, equivalent_extract, extraction_point
 from parity.forensics import diff_structure
@@ -58,10 +59,17 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
     cross_notes: list[str] = []
     if recorded_library(fixture) != library:
         cross_notes = _align_libraries(recorded, candidate)
-    diffs = diff_config(recorded, candidate)
+    diffs = _summarised(diff_config(recorded, candidate), run)
     explained = dict(stages)
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
+    found = detect(run, fixture, stages, spec)
+    explained_by = next((s for s in STAGE_ORDER if stages[s].findings or found.get(s)), None)
     for name in STAGE_ORDER[1:]:
+        findings = stages[name].findings + found.get(name, ())
+        if findings:
+            explained[name] = replace(stages[name], findings=findings, notes=stages[name].notes + tuple(
+                _fixes(diffs, name)))
+            continue
         notes = _fixes(diffs, name)
         if name == "pixels" and stages["pixels"].status is Status.FAIL:
             notes += _preprocess_notes(recorded.get("preprocess"), candidate.get("preprocess"), diffs)
@@ -69,13 +77,29 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
             expected = fixture.embeddings.shape[1:]
             got = run.embeddings.shape[1:] if run.embeddings is not None else expected
             notes = _embedding_notes(stages, got, expected, diffs, library=library) + cross_notes + notes
-        if name != first and not notes and first is not None:
+        if name != first and not notes and explained_by is not None and STAGE_ORDER.index(explained_by) < \
+                STAGE_ORDER.index(name):
+            notes.append(f"follows from the cause found at the {explained_by} stage")
+        elif name != first and not notes and first is not None:
             notes.append(f"follows from the drift first seen at the {first} stage")
         elif name == first and not notes and name in ("pixels", "embedding") and run.runner != "spec":
             notes.append("the shipped code does not record its configuration: `parity diagnose` with the same "
                          "spec names the spec change under which the spec reproduces its numbers")
         explained[name] = _with_notes(stages[name], notes)
     return explained, diffs
+
+
+def _summarised(diffs: tuple[ConfigDiff, ...], run: CandidateRun) -> tuple[ConfigDiff, ...]:
+    """A head found by its tensors' shapes has other layer names by definition: its structure diff is one
+    line (the weights stage names the renamed layers), not one per module."""
+    if run.description.get("candidate", {}).get("head_recognised_by") != "tensor shapes":
+        return diffs
+    structure = [d for d in diffs if d.field.startswith("head.structure.")]
+    if not structure:
+        return diffs
+    kept = tuple(d for d in diffs if not d.field.startswith("head.structure."))
+    return kept + (ConfigDiff("head.structure", f"{len(structure)} module(s) under the trained names",
+                              "other layer names (see the weights stage)"),)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

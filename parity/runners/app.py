@@ -11,6 +11,7 @@ reachable tensor is fingerprinted and each part's training flags and dtype are r
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -410,8 +411,11 @@ def _run_head(obs: AppObservation, fixture: Fixture) -> None:
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     biases = fixture.biases()
+    # A head built under inference_mode holds inference tensors: only inference mode may update them.
+    inference = any(t.is_inference() for t in itertools.chain(head.parameters(), head.buffers()))
+    grad_off = torch.inference_mode if inference else torch.no_grad
     try:
-        with torch.no_grad():
+        with grad_off():
             e = torch.as_tensor(fixture.embeddings).to(device, dtype)
             args = (e,) if biases.shape[1] == 0 else (e, torch.as_tensor(biases).to(device))
             first = head(*args).float().cpu().numpy()
@@ -422,7 +426,7 @@ def _run_head(obs: AppObservation, fixture: Fixture) -> None:
     except Exception as e:  # noqa: BLE001 - the app's head class is the user's code
         obs.errors["head"] = f"the app's head raised {type(e).__name__} on the reference embeddings: {e}"
     finally:
-        with torch.no_grad():
+        with grad_off():
             for name, b in head.named_buffers():
                 b.copy_(saved[name])
 
