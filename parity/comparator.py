@@ -292,6 +292,17 @@ _ROUNDINGS = ("float16", "bfloat16")
 _SHOWN = 4
 
 
+# Buffers a normalisation layer updates in training mode, on every forward.
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _training_statistics(run: CandidateRun, part: str, names: Sequence[str]) -> list[str]:
+    """Of ``names`` (tensors of ``part``), the running statistics of modules the candidate left in training mode."""
+    root = run.description.get("candidate", {}).get(f"{part}_module", "")
+    training = {path.removeprefix(f"{root}.") if path != root else "" for path, _ in run.module_states.get(part, ())}
+    return [n for n in names if n.rpartition(".")[2] in _RUNNING_STATISTICS and n.rpartition(".")[0] in training]
+
+
 @dataclass
 class _Account:
     """Where each trained tensor of one part is in the candidate, by sha256."""
@@ -367,6 +378,12 @@ def _accounted_weights_stage(run: CandidateRun, fixture: Fixture, spec: Spec,
             sentence, finding = _cast_finding(account, dtype, cast, measured, run)
             sentences.append(sentence)
             findings.append(finding)
+        statistics = _training_statistics(run, account.part, account.changed)
+        if statistics:  # moved by the candidate's own calls, not deployed so: the training mode is the cause
+            notes.append(f"{len(statistics)} {account.part} buffer(s) were updated by the candidate's own calls, since "
+                         f"their modules run in training mode: {', '.join(statistics[:_SHOWN])}"
+                         + (" ..." if len(statistics) > _SHOWN else ""))
+        account.changed = [n for n in account.changed if n not in statistics]
         changed = _measure(run.modules.get(account.part), fixture, account.part, entry.get("file"), account.changed,
                            library=names_in, trained=account.values() if account.changed else None)
         if changed:
