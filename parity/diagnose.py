@@ -654,9 +654,15 @@ def diagnose_service(spec: Spec, *, fixtures: str | Path | None = None, device: 
 
 def _not_tried(report: Report, kind: str) -> tuple[str, ...]:
     """The probes a diagnosis of a candidate it can only observe from outside cannot try, and why."""
-    unseen = [(s.stage, s.headline.removeprefix("not observable: ")) for s in report.stages
-              if s.status is Status.SKIP and s.headline.startswith("not observable")]
-    return tuple(f"Not tried: the {stage} probes ({why})." for stage, why in unseen) + (
+    unseen: dict[str, list[str]] = {}  # why -> the stages it hides
+    for s in report.stages:
+        if s.status is Status.SKIP and s.headline.startswith("not observable"):
+            unseen.setdefault(s.headline.removeprefix("not observable: "), []).append(s.stage)
+    def listed(stages: list[str]) -> str:
+        return stages[0] if len(stages) == 1 else f"{', '.join(stages[:-1])} and {stages[-1]}"
+
+    return tuple(f"Not tried: the {listed(stages)} stage{'s' if len(stages) > 1 else ''} ({why})."
+                 for why, stages in unseen.items()) + (
         f"Not tried: re-running the candidate with a changed spec (a {kind} candidate runs its own configuration, not "
         "the spec's): each spec change was probed by running the spec's pipeline, changed, against what it returned.",
         f"Not tried: localising the drift inside the backbone (the {kind} candidate's modules are out of reach).")
