@@ -309,14 +309,6 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     return EXIT_PASS if report.passed else EXIT_DRIFT
 
 
-def _no_shard(args: argparse.Namespace, kind: str) -> None:
-    from parity.errors import SpecError
-
-    if getattr(args, "shard", None) is not None:
-        raise SpecError(f"diagnose of a {kind} candidate does not take --shard: gate it in shards with "
-                        f"`parity check --shard I/N --json PART.json` and `parity merge`, then diagnose it whole")
-
-
 def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.diagnose import diagnose
     from parity.errors import SpecError
@@ -333,25 +325,12 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     spec = _load_spec(args)
     with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
-        if spec.candidate.kind in ("python", "endpoint_handler") and args.logged is None:
-            from parity.diagnose import diagnose_candidate
-
-            result = diagnose_candidate(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                                        progress=progress.phase, shard=_shard(args))
-        elif args.logged is not None or spec.candidate.kind == "logged":
+        if args.logged is not None:
             from parity.diagnose import diagnose_logged
 
-            _no_shard(args, "logged")
-            log = args.logged if args.logged is not None else Path(spec.candidate.target)
-            result = diagnose_logged(spec, log, device=args.device, samples=max(args.samples, 8),
+            result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
                                      progress=progress.phase)
-        elif spec.candidate.kind == "url":  # a service is run once and observed, never re-run with a changed spec
-            from parity.diagnose import diagnose_service
-
-            _no_shard(args, "url")
-            result = diagnose_service(spec, fixtures=args.fixtures, device=args.device, samples=max(args.samples, 8),
-                                      progress=progress.phase)
-        else:
+        else:  # the spec's pipeline, shipped code, or a service observed from outside (url, logged)
             result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
                               progress=progress.phase, shard=_shard(args))
     render_diagnosis(result, console)

@@ -435,15 +435,33 @@ def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
 
 
 def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None, samples: int = 4,
-             progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis:
+             progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis | ServiceDiagnosis:
     """Find why the candidate drifts and which spec change restores parity.
+
+    Shipped code (``python``, ``endpoint_handler``) is diagnosed by `diagnose_candidate`; a candidate
+    observed only from outside (``url``, ``logged``) by `diagnose_service` / `diagnose_logged`.
 
     Args:
         samples: how many of the most-drifting samples each cheap probe runs on; the
             best change is then confirmed by a full `run_check` on every sample.
         shard: ``(I, N)``: diagnose on shard I of N of the samples (`parity.shards`); the gate,
             the probes and the confirmation all run on that shard, for `parity.merge`.
+
+    Raises:
+        SpecError: ``shard`` for a url or logged candidate.
     """
+    kind = spec.candidate.kind
+    if kind in ("python", "endpoint_handler"):
+        return diagnose_candidate(spec, fixtures=fixtures, device=device, samples=samples, progress=progress,
+                                  shard=shard)
+    if kind in ("url", "logged"):  # run once and observed, never re-run with a changed spec
+        if shard is not None:
+            raise SpecError(f"diagnose of a {kind} candidate does not take --shard: gate it in shards with "
+                            "`parity check --shard I/N --json PART.json` and `parity merge`, then diagnose it whole")
+        if kind == "logged":
+            return diagnose_logged(spec, spec.candidate.target, device=device, samples=max(samples, 8),
+                                   progress=progress)
+        return diagnose_service(spec, fixtures=fixtures, device=device, samples=max(samples, 8), progress=progress)
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
     say("running the gate")

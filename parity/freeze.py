@@ -402,7 +402,7 @@ def _emulated_budget(spec: Spec, pipeline: Any, fixture: Fixture) -> Any:
 def _numerics_signature(spec: Spec, pipeline: Any, fixture: Fixture, again: np.ndarray,
                         embedding: Comparison) -> str | None:
     """The reduced precision whose emulated spread covers the golden images' residual, when the residual has
-    rounding's signature (small everywhere, direction kept): ``tf32``, else ``None``."""
+    rounding's signature (small everywhere, direction kept, no rescaling or shift in it): ``tf32``, else ``None``."""
     from parity.compare import compare_arrays
 
     scale = float(np.abs(fixture.embeddings).max(initial=0.0))
