@@ -76,7 +76,8 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
     elif not golden:
         stages["pixels"] = StageResult("pixels", Status.SKIP, "no golden image was decoded")
     else:
-        stages["pixels"] = _pixels_stage({n: run.pixels[n] for n in golden}, {n: fixture.golden_pixels[n] for n in golden},
+        stages["pixels"] = _pixels_stage({n: run.pixels[n] for n in golden},
+                                         {n: fixture.golden_pixels[n] for n in golden},
                                          stage_tolerance(spec, fixture, "pixels"))
 
     if "embedding" in run.errors:

@@ -709,7 +709,7 @@ def _service_diagnosis(spec: Spec, logged: Fixture, report: Report, label: str, 
     causes, changes, _, _ = _search(probe, candidates.values(), spec, stage, probe.score(spec), shown=1)
     printed = printed_fix(spec, changes) if changes else None
     reproduced = printed is not None and everyone.score(printed)["ok"]
-    shipped = _shipped_fix(spec, changes, probe, who="the service") if changes else ()
+    shipped = _shipped_fix(spec, changes, probe, reproduced=reproduced, who="the service") if changes else ()
     return ServiceDiagnosis(label, len(logged.rows), False, compared, base[stage], tuple(causes),
                             tuple(changes), reproduced, where, decisions, gate, notes + not_tried, report, shipped)
 
@@ -834,7 +834,8 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     printed = printed_fix(reference_spec, changes) if changes else None  # the alternative's TOML, as printed
     reproduced = printed is not None and _embedding_score(everyone, printed)["ok"]
     notes: list[str] = []
-    shipped = _shipped_fix(reference_spec, changes, probe, where=_call_site(run, changes)) if changes else ()
+    shipped = _shipped_fix(reference_spec, changes, probe, reproduced=reproduced,
+                           where=_call_site(run, changes)) if changes else ()
     layer = None
     backbone = observation.recognised.modules.get("backbone")
     if report.stage("pixels").status is Status.PASS and report.stage("embedding").status is Status.FAIL \
@@ -916,11 +917,15 @@ def _departure(section: str, fields: Mapping[str, Any]) -> tuple[str, str]:
     return f"runs as the spec does with [{section}] {words}", f"use [{section}] {words}"
 
 
-def _shipped_fix(spec: Spec, fix: Sequence[Change], prober: _Prober, *, who: str = "the shipped code",
-                 where: str = "") -> tuple[str, ...]:
+def _shipped_fix(spec: Spec, fix: Sequence[Change], prober: _Prober, *, reproduced: bool,
+                 who: str = "the shipped code", where: str = "") -> tuple[str, ...]:
     """The fix in the shipped code's terms, the spec being the reference: what ``who`` does, what the
-    reference did, and what to change in ``who``; then the spec's TOML as the alternative."""
-    editor, current, lines = _Editor(spec), spec, []
+    reference did, and what to change in ``who``; then, when the changes reproduce its numbers, the spec's
+    TOML as the alternative (a fixture rebuilt with changes that do not would not pass either)."""
+    editor, current = _Editor(spec), spec
+    lines = [] if reproduced else [
+        f"Partly explained: with the changes below the spec comes closer to the numbers of {who} but does not "
+        "reproduce them; another difference remains."]
     for i, change in enumerate(fix):
         reference, _ = _values(current, change, _resolved(current, prober))
         names = [name for name, _ in change.fields]
@@ -932,6 +937,8 @@ def _shipped_fix(spec: Spec, fix: Sequence[Change], prober: _Prober, *, who: str
         place = f" ({where})" if where else ""
         lines.append(f"{who[0].upper()}{who[1:]} {does}; the reference {did}. Change {who}{place}: {how}.")
         current = editor.load(fix[:i + 1]) or current
+    if not reproduced:
+        return tuple(lines)
     text, removals = Change.merged_toml(fix), Change.merged_removals(fix)
     alternative = f"If {who} is right, rebuild the fixture with this in the spec:\n{text}" if text else \
         f"If {who} is right, rebuild the fixture with the spec changed as follows:"

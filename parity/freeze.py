@@ -468,8 +468,8 @@ def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golde
         scored.append((not score["ok"], score["embedding"], change))
     scored.sort(key=lambda t: (t[0], t[1]))
     found = [t for t in scored if not t[0]] or [t for t in scored if t[1] < 0.5 * base][:3]
-    return tuple(Cause(change, "embedding", "max abs", base, error, not failing, *_current_words(spec, change, everyone))
-                 for failing, error, change in found)
+    return tuple(Cause(change, "embedding", "max abs", base, error, not failing,
+                       *_current_words(spec, change, everyone)) for failing, error, change in found)
 
 
 def _reference(path: Path, out: Path) -> dict[str, Any]:

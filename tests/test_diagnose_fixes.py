@@ -151,7 +151,7 @@ def test_a_library_switch_fix_carries_its_removals_and_passes_as_printed(tmp_pat
 
 # -- shipped code: the spec is the reference -----------------------------------------------------
 
-APP = '''"""The identity service's predict, as its team wrote it: the processor from the checkpoint folder, numpy between."""
+APP = '''"""The identity service's predict, as its team wrote it: the checkpoint folder's processor, numpy between."""
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +236,10 @@ def test_a_squashing_bgr_service_on_a_transformers_spec_gets_no_refused_no_op_or
         assert not names & set(TIMM_FIELDS), cause.words
         assert editor.load([cause.change]) is not None and not _is_current(loaded, cause.change)
     assert result.causes and result.causes[0].change.toml() == '[preprocess].channel_order = "bgr"'
+    # The BGR order is named, as partial evidence; no fixture is to be rebuilt with a change that reproduces nothing.
+    assert result.shipped_fix[0].startswith("Partly explained: ")
+    assert any(line.startswith("The shipped code feeds the channels in BGR order") for line in result.shipped_fix)
+    assert not any("rebuild the fixture" in line for line in result.shipped_fix)
     for text in (Change.merged_toml(result.fix),):
         tomllib.loads(text)
     assert load_fixed(loaded, Change.merged_toml(result.fix), Change.merged_removals(result.fix))

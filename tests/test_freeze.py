@@ -371,7 +371,7 @@ def two_tables(project, tmp_path) -> tuple[Path, Path]:
     torch.save(SiteScannerHead().state_dict(), tmp_path / "scanner_head.pth")
     spec = write_spec(tmp_path, head=tmp_path / "scanner_head.pth")
     spec.write_text(spec.read_text().replace("tests.test_freeze:SiteGradeHead", "tests.test_freeze:SiteScannerHead")
-                    .replace("kwargs = { embedding_dim = 64, sites = 3, outputs = 2 }", "kwargs = { embedding_dim = 64 }"))
+                    .replace("embedding_dim = 64, sites = 3, outputs = 2 }", "embedding_dim = 64 }"))
     rows = json.loads((project / "artifacts" / "clip_metadata.json").read_text())
     for i, row in enumerate(rows):
         row["scanner"] = (2 * i + 1) % 7  # 1, 3, 5, 0, 2, 4: beyond the site table's 3 rows
@@ -419,7 +419,9 @@ def test_golden_pixels_of_several_shapes_are_compared_image_by_image(project, tm
     pytest.importorskip("transformers")
     (tmp_path / "no_crop.json").write_text(json.dumps(NO_CROP))
     spec = write_spec(tmp_path, head=project / "models" / "head.pth")
-    text = spec.read_text().replace("num_heads = 2 }", "num_heads = 2, dynamic_img_size = true, dynamic_img_pad = true }")
+    # timm's ViT at any input size: its position embeddings resampled, the last patch padded.
+    text = spec.read_text().replace("num_heads = 2 }",
+                                    "num_heads = 2, dynamic_img_size = true, dynamic_img_pad = true }")
     start, end = text.index("[preprocess]"), text.index("[head]")
     spec.write_text(text[:start] + '[preprocess]\nlibrary = "transformers"\nconfig = "no_crop.json"\n\n' + text[end:]
                     + "\n[runtime]\nbatch_size = 1\n")
@@ -446,8 +448,8 @@ def test_one_golden_image_of_another_shape_is_that_images_failure():
     from parity.results import Status, Tolerance
 
     rng = np.random.default_rng(0)
-    reference = {"wide.png": rng.random((3, 4, 6), dtype=np.float32), "tall.png": rng.random((3, 6, 4), dtype=np.float32),
-                 "square.png": rng.random((3, 4, 4), dtype=np.float32)}
+    reference = {name: rng.random(shape, dtype=np.float32)
+                 for name, shape in (("wide.png", (3, 4, 6)), ("tall.png", (3, 6, 4)), ("square.png", (3, 4, 4)))}
     tolerance = Tolerance(atol=1e-5, rtol=1.3e-6)
     same = _pixels_stage(dict(reference), reference, tolerance)
     assert same.status is Status.PASS and same.comparison.total == 72 + 72 + 48
