@@ -116,6 +116,8 @@ def _write_reports(result, args: argparse.Namespace, console: Console) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from parity.spec import REFERENCE_NUMERICS
+
     parser = argparse.ArgumentParser(prog="parity", description="Training-inference parity gate for CLIP + head pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="run the parity gate: candidate pipeline vs frozen fixtures",
@@ -236,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     freeze.add_argument("--copy-checkpoints", action="store_true",
                         help="copy the checkpoints into the fixture (default: reference them by path and sha256)")
     freeze.add_argument("--force", action="store_true", help="replace an existing --out fixture")
+    freeze.add_argument("--numerics", choices=REFERENCE_NUMERICS, default=None,
+                        help="the numerics the embeddings were made with, e.g. tf32 for a GPU with TF32 on (default: "
+                             "the spec's [reference].numerics, else as probed here); recorded in the fixture, the "
+                             "gate's budget then comes from emulating it")
     freeze.add_argument("--device", default=None, help="override [runtime].device (cpu, cuda, cuda:N)")
     report = commands.add_parser(
         "report", help="re-render a saved report.json as Markdown, HTML or JUnit",
@@ -308,6 +314,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     from parity.errors import SpecError
     from parity.progress import Progress
     from parity.report import render_diagnosis, write_json
+    from parity.results import ServiceDiagnosis
 
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
@@ -318,24 +325,19 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     spec = _load_spec(args)
     with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
-        if spec.candidate.kind in ("python", "endpoint_handler") and args.logged is None:
-            from parity.diagnose import diagnose_candidate
-
-            result = diagnose_candidate(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
-                                        progress=progress.phase, shard=_shard(args))
-        elif args.logged is not None:
+        if args.logged is not None:
             from parity.diagnose import diagnose_logged
 
             result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
                                      progress=progress.phase)
-        else:
+        else:  # the spec's pipeline, shipped code, or a service observed from outside (url, logged)
             result = diagnose(spec, fixtures=args.fixtures, device=args.device, samples=args.samples,
                               progress=progress.phase, shard=_shard(args))
     render_diagnosis(result, console)
     if args.json_path is not None:
         write_json(result, args.json_path)
     _write_reports(result, args, console)
-    if args.logged is not None:  # the gate's verdict on the log decides ([decisions].gate included)
+    if isinstance(result, ServiceDiagnosis):  # the gate's verdict on the service decides ([decisions].gate included)
         drift = not result.report.passed if result.report is not None else not result.passed
     else:
         drift = result.drift
@@ -569,7 +571,8 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
     spec = load_spec(args.spec)
     result = freeze(spec, embeddings=args.embeddings, metadata=args.metadata, images=args.images, out=args.out,
                     field_map=parse_field_map(args.field_map), outputs=args.outputs, golden=args.golden,
-                    copy_checkpoints=args.copy_checkpoints, force=args.force, device=args.device)
+                    copy_checkpoints=args.copy_checkpoints, force=args.force, device=args.device,
+                    numerics=args.numerics)
     say = lambda text, **style: console.print(text, highlight=False, markup=False, soft_wrap=True, **style)  # noqa: E731
     golden = ", ".join(result.golden)
     if result.embedding:
@@ -583,8 +586,20 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
             verdict = "reproduces the stored embeddings" if cause.reproduces else "comes closest"
             say(f"  {cause.words} [{verdict}]")
         if result.reproducing:
-            say(f"Fix: set {result.reproducing[0].change.toml()} in {args.spec}: the stored embeddings were made "
-                "with it. Then freeze again.")
+            change = result.reproducing[0].change
+            say(f"Fix: set {change.toml()} in {args.spec}: the stored embeddings were made with it. Then freeze "
+                "again. The TOML to paste:")
+            say(change.toml_text())
+            for removal in change.removals():
+                say(f"and {removal}")
+        elif result.numerics_signature:
+            name = result.numerics_signature
+            c = result.embedding
+            say(f"The embeddings look made in reduced precision ({name.upper()}?): the residual (max abs "
+                f"{c.max_abs:.2e}, min cosine {c.min_cosine:.6f}) is small everywhere and within the spread of a "
+                f"{name.upper()} emulation on the golden images. Pass --numerics {name} (or set [reference] numerics = "
+                f"\"{name}\" in {args.spec}) and freeze again: the fixture then records it and the gate budgets "
+                "for it.")
         else:
             say("No single spec change reproduces the stored embeddings: the spec does not describe how they "
                 "were made (check the backbone checkpoint, the extraction point and the preprocessing library).")
@@ -596,6 +611,9 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
     if not result:
         say(f"Nothing was written ({args.out} is untouched).")
         return EXIT_DRIFT
+    if result.numerics:
+        say(f"reference numerics: {result.numerics} (recorded; budget {result.embedding.tolerance.describe()}, "
+            f"{result.embedding.tolerance.origin})")
     say(f"{result.samples} samples; outputs {result.outputs}")
     for part, held in result.checkpoints:
         say(f"{part} checkpoint: {held}")

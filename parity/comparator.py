@@ -7,13 +7,13 @@ added afterwards by `parity.explain`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from parity.libraries import canonical_names
 from parity.checkpoints import read_state_dict
-from parity.compare import compare_arrays
+from parity.compare import compare_arrays, merge_comparisons
 from parity.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
 from parity.fixtures import Fixture
 from parity.results import CandidateRun, DecisionFlips, Finding, StageResult, Status, TensorDiff, Tolerance
@@ -76,8 +76,9 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
     elif not golden:
         stages["pixels"] = StageResult("pixels", Status.SKIP, "no golden image was decoded")
     else:
-        stages["pixels"] = compare("pixels", np.stack([run.pixels[n] for n in golden]),
-                                   np.stack([fixture.golden_pixels[n] for n in golden]), golden)
+        stages["pixels"] = _pixels_stage({n: run.pixels[n] for n in golden},
+                                         {n: fixture.golden_pixels[n] for n in golden},
+                                         stage_tolerance(spec, fixture, "pixels"))
 
     if "embedding" in run.errors:
         stages["embedding"] = StageResult("embedding", Status.FAIL, run.errors["embedding"])
@@ -110,6 +111,34 @@ def _head_stage(stage: str, run: CandidateRun, values, reference, names, compare
         return StageResult(stage, Status.FAIL, "the head gives different outputs for the same inputs in eval mode: "
                            "dropout or another random layer is active in forward()")
     return compare(stage, values, reference, names)
+
+
+def _pixels_stage(candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                  tolerance: Tolerance) -> StageResult:
+    """The golden pixels, in sample order. Images of one shape on each side are compared as one batch;
+    images of several shapes (a processor that keeps the aspect ratio, no centre crop) image by image,
+    where an image whose shape differs from its reference's is that image's failure."""
+    names = list(candidate)
+    cand = {n: np.asarray(candidate[n]) for n in names}
+    ref = {n: np.asarray(reference[n]) for n in names}
+    if len({cand[n].shape for n in names}) == 1 and len({ref[n].shape for n in names}) == 1:
+        comparison = compare_arrays(np.stack([cand[n] for n in names]), np.stack([ref[n] for n in names]),
+                                    tolerance=tolerance, names=names)
+        return StageResult("pixels", Status.PASS if comparison else Status.FAIL, "", comparison=comparison)
+    reshaped = [n for n in names if cand[n].shape != ref[n].shape]
+    notes = tuple(f"{n}: pixels {list(cand[n].shape)}, the reference's {list(ref[n].shape)}" for n in reshaped)
+    headline = (f"{len(reshaped)} of {len(names)} golden images have another shape than the reference's"
+                if reshaped else f"{len(names)} golden images of several shapes, compared image by image")
+    same = [n for n in names if n not in reshaped]
+    if not same:
+        return StageResult("pixels", Status.FAIL, headline, notes=notes)
+    # One comparison per image, merged as shards are: the per-image shapes are kept out of the merged one.
+    position = {n: i for i, n in enumerate(names)}
+    parts = [replace(compare_arrays(cand[n][None], ref[n][None], tolerance=tolerance, names=[n]),
+                     candidate_shape=(1,), reference_shape=(1,)) for n in same]
+    comparison = merge_comparisons(parts, position.__getitem__)
+    status = Status.PASS if comparison and not reshaped else Status.FAIL
+    return StageResult("pixels", status, headline, comparison=comparison, notes=notes)
 
 
 class _NoModule:

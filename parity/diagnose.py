@@ -19,19 +19,20 @@ from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
 from parity.comparator import stage_tolerance
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
-from parity.errors import ParityError
+from parity.errors import ParityError, SpecError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.shards import shard_fixture
-from parity.spec import (DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec, library_names,
-                         vocabulary)
+from parity.spec import (CROP_MODES, DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec,
+                         library_names, vocabulary)
+from parity.spec_toml import load_fixed, spec_document
 
 
 __all__ = ["Change", "Cause", "LayerDivergence", "Diagnosis", "ServiceDiagnosis", "diagnose", "diagnose_logged",
-           "diagnose_candidate", "first_divergent_layer"]
+           "diagnose_candidate", "diagnose_service", "first_divergent_layer", "printed_fix"]
 
 Progress = Callable[[str], None]
 
@@ -40,12 +41,18 @@ Progress = Callable[[str], None]
 
 
 def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
-    """Every settable field whose candidate value differs from what the fixture recorded."""
+    """Every settable field whose candidate value differs from what the fixture recorded.
+
+    A field the fixture was made without is set to the value that meant (`_explicit`) where
+    there is one: a value pastes as TOML, a removal does not.
+    """
     changes = []
+    columns = len(fixture.rows[0].input_biases) if fixture.rows else 0
     for diff in report.config_diffs:
         section, _, key = diff.field.partition(".")
         if key in SETTABLE.get(section, ()):
-            changes.append(Change(section, ((key, diff.reference),), origin="recorded in the fixture"))
+            value = _explicit(section, key, diff.reference, fixture, columns)
+            changes.append(Change(section, ((key, value),), origin="recorded in the fixture"))
     weights = report.stage("weights")
     if weights.status is Status.FAIL:
         for part in sorted({d.part for d in weights.tensor_diffs}):
@@ -56,8 +63,35 @@ def _recorded_changes(report: Report, fixture: Fixture) -> list[Change]:
     return changes
 
 
+def _explicit(section: str, key: str, value: Any, fixture: Fixture, columns: int) -> Any:
+    """``value``, or for ``None`` (the fixture was made without the field) the value that stood for: the
+    identity order of the input_biases columns, or the preprocessing value the fixture recorded."""
+    if value is not None:
+        return value
+    if (section, key) == ("head", "input_biases_order") and columns:
+        return list(range(columns))
+    if section == "preprocess":
+        recorded = (fixture.pipeline.get("preprocess") or {}).get(key)
+        return list(recorded) if isinstance(recorded, tuple) else recorded
+    return None
+
+
 # timm data-config fields a timm preprocessing record carries, for switching back to it.
 _GEOMETRY_ORDER = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "resize_backend")
+_GEOMETRY = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def _switch_library(spec: Spec, fields: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """A preprocessing library switch with the removals the target library needs: each field the spec sets
+    that the target refuses (another library's geometry, a processor or its config) is removed."""
+    target = vocabulary(dict(fields)["library"])
+    named = {name for name, _ in fields}
+    pp = spec.preprocess
+    gone = [k for k in _GEOMETRY if getattr(pp, k) is not None and k not in target.preprocess_fields and k not in named]
+    if not target.processors:
+        gone += [k for k, present in (("processor", bool(vocabulary(pp.library).processors)),
+                                      ("config", pp.config is not None)) if present and k not in named]
+    return tuple(fields) + tuple((k, None) for k in gone)
 
 
 def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
@@ -80,7 +114,7 @@ def _recorded_library_change(spec: Spec, fixture: Fixture) -> list[Change]:
                    and record.get(k) is not None]
     elif spec.preprocess.resize_backend != "pil":
         fields.append(("resize_backend", "pil"))  # the other libraries run their own resize
-    return [Change("preprocess", tuple(fields), origin="recorded in the fixture")]
+    return [Change("preprocess", _switch_library(spec, fields), origin="recorded in the fixture")]
 
 
 def _library_changes(spec: Spec) -> list[Change]:
@@ -93,10 +127,10 @@ def _library_changes(spec: Spec) -> list[Change]:
     if pp.config is not None:
         targets += [name for name in library_names() if vocabulary(name).processors and name not in targets]
     for target in targets:
-        fields: tuple[tuple[str, Any], ...] = (("library", target),)
+        fields: list[tuple[str, Any]] = [("library", target)]
         if pp.resize_backend != "pil":
-            fields += (("resize_backend", "pil"),)
-        out.append(Change("preprocess", fields))
+            fields.append(("resize_backend", "pil"))
+        out.append(Change("preprocess", _switch_library(spec, fields)))
     return out
 
 
@@ -105,9 +139,15 @@ def _search_changes(spec: Spec, head_columns: int) -> list[Change]:
     bb = spec.backbone
     out = [Change("backbone", (("extract", m),)) for m in vocabulary(bb.library).extract_modes]
     out += [Change("backbone", (("normalize", n),)) for n in ("none", "l2")]
-    out += [Change("preprocess", (("interpolation", i),)) for i in INTERPOLATIONS]
-    out += [Change("preprocess", (("mean", list(m)), ("std", list(s)))) for m, s in MEAN_STD_PRESETS.values()]
-    out += [Change("preprocess", (("crop_pct", c),)) for c in (1.0, 0.95, 0.9, 0.875)]
+    takes = vocabulary(spec.preprocess.library).preprocess_fields  # a library's refused fields are no candidates
+    if "interpolation" in takes:
+        out += [Change("preprocess", (("interpolation", i),)) for i in INTERPOLATIONS]
+    if {"mean", "std"} <= set(takes):
+        out += [Change("preprocess", (("mean", list(m)), ("std", list(s)))) for m, s in MEAN_STD_PRESETS.values()]
+    if "crop_pct" in takes:
+        out += [Change("preprocess", (("crop_pct", c),)) for c in (1.0, 0.95, 0.9, 0.875)]
+    if "crop_mode" in takes:
+        out += [Change("preprocess", (("crop_mode", m),)) for m in CROP_MODES]
     out += [Change("preprocess", (("channel_order", c),)) for c in ("rgb", "bgr")]
     out += [Change("preprocess", (("value_scale", v),)) for v in ("unit", "byte")]
     out += [Change("preprocess", (("resize_backend", r),)) for r in RESIZE_BACKENDS]
@@ -126,6 +166,31 @@ def _current(spec: Spec, section: str, field: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _resolved(spec: Spec, prober: _Prober) -> Mapping[str, Any]:
+    """The preprocessing values the library resolves for ``spec`` (its fields left unset included), else ``{}``."""
+    try:
+        return prober.pipeline(spec).data_config
+    except (ParityError, RuntimeError, ValueError, OSError):
+        return {}
+
+
+def _values(spec: Spec, change: Change, resolved: Mapping[str, Any] | None = None) -> tuple[list[Any], bool]:
+    """The spec's values of ``change``'s fields, a field it leaves unset as the library resolves it, and
+    whether any was so resolved."""
+    values, from_library = [], False
+    for name, _ in change.fields:
+        try:
+            value = _current(spec, change.section, name)
+        except AttributeError:  # not a field of the section: nothing to compare with
+            value = None
+        if value is None and change.section == "preprocess" and resolved:
+            found = resolved.get(name)
+            if found is not None:
+                value, from_library = (list(found) if isinstance(found, tuple) else found), True
+        values.append(value)
+    return values, from_library
+
+
 def _current_words(spec: Spec, change: Change, prober: _Prober) -> tuple[str, str]:
     """The spec's value for ``change``'s fields in TOML, and where it came from when the spec leaves it unset.
 
@@ -134,31 +199,62 @@ def _current_words(spec: Spec, change: Change, prober: _Prober) -> tuple[str, st
     words for its origin (`Library.unset_preprocess_origin`); saying "None" would hide the value
     the candidate actually ran with.
     """
-    values, origin = [], ""
     adapter = library(spec.preprocess.library)
     unset_origin = adapter.unset_preprocess_origin(spec) if change.section == "preprocess" else None
-    for name, _ in change.fields:
-        value = _current(spec, change.section, name)
-        if value is None and unset_origin is not None:
-            try:
-                resolved = prober.pipeline(spec).data_config.get(name)
-            except (ParityError, RuntimeError, ValueError):
-                resolved = None
-            if resolved is not None:
-                value = list(resolved) if isinstance(resolved, tuple) else resolved
-                origin = unset_origin
-        values.append(toml_value(value))
-    return ", ".join(values), origin
+    values, from_library = _values(spec, change, _resolved(spec, prober) if unset_origin is not None else None)
+    return ", ".join(toml_value(v) for v in values), (unset_origin or "") if from_library else ""
 
 
-def _is_current(spec: Spec, change: Change) -> bool:
+def _is_current(spec: Spec, change: Change, resolved: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``change`` leaves ``spec`` as it is: every field already has the value (a field the spec
+    leaves unset: the value the library resolves, from ``resolved``), or is already unset for a removal."""
     def same(a, b):
-        return np.allclose(a, b) if isinstance(a, list) and a and isinstance(b, list) else a == b
+        numeric = isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a and \
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a + b)
+        return bool(np.allclose(a, b)) if numeric else a == b
 
-    current = [_current(spec, change.section, f) for f, _ in change.fields]
-    if change.section == "head" and change.fields[0][0] == "input_biases_order" and current[0] is None:
-        return change.fields[0][1] == sorted(change.fields[0][1])  # None means identity
-    return all(same(c, v) for c, (_, v) in zip(current, change.fields))
+    explicit, _ = _values(spec, change)
+    current, _ = _values(spec, change, resolved)
+    for (name, value), set_, now in zip(change.fields, explicit, current):
+        if value is None:
+            if set_ is not None:
+                return False
+        elif (change.section, name) == ("head", "input_biases_order") and set_ is None:
+            if value != sorted(value):  # None means the identity order
+                return False
+        elif not same(now, value):
+            return False
+    return True
+
+
+class _Editor:
+    """Spec variants made as a user makes them: a fix's TOML text pasted into the spec's own TOML and its
+    removals made (`parity.spec_toml`), so that a probed variant, a confirmed fix and a printed fix are
+    one and the same spec, and a change the spec refuses (a field its library does not take) is no variant."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec, self.document = spec, spec_document(spec)
+        self._loaded: dict[tuple, Spec | None] = {}
+
+    def load(self, changes: Sequence[Change]) -> Spec | None:
+        """``spec`` with ``changes`` applied as printed, or ``None`` when the spec refuses them."""
+        key = tuple(c.key for c in changes)
+        if key not in self._loaded:
+            try:
+                self._loaded[key] = load_fixed(self.spec, Change.merged_toml(changes), Change.merged_removals(changes),
+                                               document=self.document)
+            except SpecError:
+                self._loaded[key] = None
+        return self._loaded[key]
+
+
+def printed_fix(spec: Spec, fix: Sequence[Change]) -> Spec | None:
+    """The spec a user gets from the printed fix (its TOML pasted into the spec, its removals made), or
+    ``None`` when that spec is not valid. Confirmations run this spec, never an edit made in memory."""
+    try:
+        return load_fixed(spec, Change.merged_toml(fix), Change.merged_removals(fix))
+    except SpecError:
+        return None
 
 
 # -- probing ---------------------------------------------------------------------------------
@@ -207,7 +303,7 @@ class _Prober:
             embeddings = np.concatenate([pipeline.embed_images([self._image(i, exif) for i in self.rows[s:s + chunk]])
                                          for s in range(0, len(self.rows), chunk)]) if self.rows else \
                 np.zeros((0, 0), np.float32)
-        except (ParityError, RuntimeError, ValueError, AssertionError):
+        except (ParityError, RuntimeError, ValueError, TypeError, AssertionError):  # a variant the libraries cannot run
             return None
         try:
             return embeddings, pipeline.run_head(embeddings, self.fixture.biases(self.rows)).numpy()
@@ -339,15 +435,33 @@ def _per_row_drift(spec: Spec, fixture: Fixture, device: str) -> list[int]:
 
 
 def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None, samples: int = 4,
-             progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis:
+             progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis | ServiceDiagnosis:
     """Find why the candidate drifts and which spec change restores parity.
+
+    Shipped code (``python``, ``endpoint_handler``) is diagnosed by `diagnose_candidate`; a candidate
+    observed only from outside (``url``, ``logged``) by `diagnose_service` / `diagnose_logged`.
 
     Args:
         samples: how many of the most-drifting samples each cheap probe runs on; the
             best change is then confirmed by a full `run_check` on every sample.
         shard: ``(I, N)``: diagnose on shard I of N of the samples (`parity.shards`); the gate,
             the probes and the confirmation all run on that shard, for `parity.merge`.
+
+    Raises:
+        SpecError: ``shard`` for a url or logged candidate.
     """
+    kind = spec.candidate.kind
+    if kind in ("python", "endpoint_handler"):
+        return diagnose_candidate(spec, fixtures=fixtures, device=device, samples=samples, progress=progress,
+                                  shard=shard)
+    if kind in ("url", "logged"):  # run once and observed, never re-run with a changed spec
+        if shard is not None:
+            raise SpecError(f"diagnose of a {kind} candidate does not take --shard: gate it in shards with "
+                            "`parity check --shard I/N --json PART.json` and `parity merge`, then diagnose it whole")
+        if kind == "logged":
+            return diagnose_logged(spec, spec.candidate.target, device=device, samples=max(samples, 8),
+                                   progress=progress)
+        return diagnose_service(spec, fixtures=fixtures, device=device, samples=max(samples, 8), progress=progress)
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
     say("running the gate")
@@ -369,7 +483,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             fields = tuple((f, v) for f, v in (("state_dict_key", fix.state_dict_key), ("key_map", dict(fix.key_map)),
                                                ("drop_keys", list(fix.drop_keys))) if v)
             change = Change(section, fields, origin="checkpoint forensics")
-            confirmed = run_check(change.apply(spec), fixtures=fixtures, device=device, shard=shard).passed
+            fixed = printed_fix(spec, (change,))
+            confirmed = fixed is not None and run_check(fixed, fixtures=fixtures, device=device, shard=shard).passed
             cause = Cause(change, "load", "keys", float("nan"), float("nan"), confirmed, "; ".join(fix.causes))
             return Diagnosis(report, (cause,), (change,), confirmed)
         section = load.key_diffs[0].section
@@ -401,8 +516,9 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     causes, fix, current, _ = _search(prober, candidates.values(), spec, stage, base, shown=5)
 
     say("confirming the fix on every sample")
-    confirmed = bool(fix) and _passes(run_check(current, fixtures=fixtures, device=device, shard=shard),
-                                      bool(unreadable))
+    printed = printed_fix(spec, fix) if fix else None  # the fix as printed, pasted into the spec
+    confirmed = printed is not None and _passes(run_check(printed, fixtures=fixtures, device=device, shard=shard),
+                                                bool(unreadable))
     layer = None
     if report.stage("pixels").status is not Status.FAIL and report.stage("embedding").status is Status.FAIL \
             and fix and all(c.section == "backbone" for c in fix):
@@ -510,26 +626,92 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     logged = load_logged_samples(log)
     say("gating the log")
     report = run_check(spec.replace(candidate={"kind": "logged", "target": str(Path(log).resolve())}), device=device)
+    return _service_diagnosis(spec, logged, report, str(log), device=device or spec.runtime.device, samples=samples,
+                              say=say, not_tried=_not_tried(report, "logged"))
+
+
+def diagnose_service(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None, samples: int = 8,
+                     progress: Progress | None = None) -> ServiceDiagnosis:
+    """`diagnose_logged` for a candidate that cannot be re-run with a changed spec (``url``): it is run once,
+    and what it returned for each fixture sample is what the spec's variants must reproduce.
+
+    The notes name each probe that could not be tried on such a candidate, and why.
+    """
+    from dataclasses import replace
+
+    from parity.check import judge_run
+    from parity.fixtures import verify_referenced_checkpoints
+    from parity.runners import run_candidate
+
+    say = progress or (lambda _message: None)
+    device = device or spec.runtime.device
+    kind = spec.candidate.kind
+    fixture = load_fixture(spec.fixture_root(fixtures))
+    verify_referenced_checkpoints(fixture)
+    say(f"running the {kind} candidate")
+    run = run_candidate(spec, fixture, device=device)
+    judged = run.reference if run.reference is not None else fixture
+    report = judge_run(run, judged, spec, device=device)
+    not_tried = _not_tried(report, kind)
+    rows = list(run.rows)
+
+    def values(array) -> np.ndarray:
+        if array is None or np.ndim(array) != 2 or len(array) != len(rows):
+            return np.zeros((len(rows), 0), np.float32)
+        return np.asarray(array, dtype=np.float32)
+
+    observed = replace(judged.subset(rows), embeddings=values(run.embeddings), outputs=values(run.outputs),
+                       golden_pixels={})
+    if not rows or not (observed.embeddings.shape[1] or observed.outputs.shape[1]):
+        why = "it answered no sample" if not rows else "it returned neither embeddings nor outputs of a known shape"
+        return ServiceDiagnosis(spec.candidate.target, len(rows), False, (), float("nan"), report=report, notes=(
+            f"No spec change can be probed against the {kind} candidate: {why} (see the gate's stages).",) + not_tried)
+    return _service_diagnosis(spec, observed, report, spec.candidate.target, device=device, samples=samples, say=say,
+                              not_tried=not_tried)
+
+
+def _not_tried(report: Report, kind: str) -> tuple[str, ...]:
+    """The probes a diagnosis of a candidate it can only observe from outside cannot try, and why."""
+    unseen: dict[str, list[str]] = {}  # why -> the stages it hides
+    for s in report.stages:
+        if s.status is Status.SKIP and s.headline.startswith("not observable"):
+            unseen.setdefault(s.headline.removeprefix("not observable: "), []).append(s.stage)
+    def listed(stages: list[str]) -> str:
+        return stages[0] if len(stages) == 1 else f"{', '.join(stages[:-1])} and {stages[-1]}"
+
+    return tuple(f"Not tried: the {listed(stages)} stage{'s' if len(stages) > 1 else ''} ({why})."
+                 for why, stages in unseen.items()) + (
+        f"Not tried: re-running the candidate with a changed spec (a {kind} candidate runs its own configuration, not "
+        "the spec's): each spec change was probed by running the spec's pipeline, changed, against what it returned.",
+        f"Not tried: localising the drift inside the backbone (the {kind} candidate's modules are out of reach).")
+
+
+def _service_diagnosis(spec: Spec, logged: Fixture, report: Report, label: str, *, device: str, samples: int,
+                       say: Progress, not_tried: tuple[str, ...]) -> ServiceDiagnosis:
+    """Whether the spec's pipeline reproduces what a service returned for ``logged``'s samples, and if not,
+    the spec changes under which it does (what the service runs instead)."""
     compared = tuple(k for k, a in (("embedding", logged.embeddings), ("outputs", logged.outputs)) if a.shape[1])
     stage = compared[0]
-    everyone = _LogProber(logged, range(len(logged.rows)), device or spec.runtime.device)
+    everyone = _LogProber(logged, range(len(logged.rows)), device)
     base = everyone.score(spec)
     decisions = _service_decisions(spec, logged, everyone)
     gate = spec.decisions.gate
     if base["ok"]:
-        return ServiceDiagnosis(str(log), len(logged.rows), True, compared, base[stage], decisions=decisions,
+        return ServiceDiagnosis(label, len(logged.rows), True, compared, base[stage], decisions=decisions,
                                 gate=gate, report=report)
     where, notes = _service_stage(spec, logged, everyone)
     if where == "head":
         stage = "outputs"  # the embeddings already match: rank changes by what moved
-    probe = _Prober(logged, range(min(samples, len(logged.rows))), device or spec.runtime.device)
+    probe = _Prober(logged, range(min(samples, len(logged.rows))), device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
     candidates = {c.key: c for c in _search_changes(spec, len(logged.rows[0].input_biases))}
     say(f"probing {len(candidates)} changes on {len(probe.rows)} logged samples")
-    causes, changes, current, _ = _search(probe, candidates.values(), spec, stage, probe.score(spec), shown=1)
-    reproduced = bool(changes) and everyone.score(current)["ok"]
-    return ServiceDiagnosis(str(log), len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced, where, decisions, gate, notes, report)
+    causes, changes, _, _ = _search(probe, candidates.values(), spec, stage, probe.score(spec), shown=1)
+    printed = printed_fix(spec, changes) if changes else None
+    reproduced = printed is not None and everyone.score(printed)["ok"]
+    shipped = _shipped_fix(spec, changes, probe, reproduced=reproduced, who="the service") if changes else ()
+    return ServiceDiagnosis(label, len(logged.rows), False, compared, base[stage], tuple(causes),
+                            tuple(changes), reproduced, where, decisions, gate, notes + not_tried, report, shipped)
 
 
 def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str, Any], *, shown: int,
@@ -542,15 +724,20 @@ def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str,
     Returns (causes, kept changes, the changed spec, its score).
     """
     score = score or prober.score
+    editor = _Editor(spec)
     causes: list[Cause] = []
     fix: list[Change] = []
     current = spec
     for step in range(3):
+        resolved = _resolved(current, prober)
         scored = []
         for change in candidates:
-            if not _is_current(current, change):
-                measured = score(change.apply(current))
-                scored.append((not measured["ok"], measured[stage], change.origin == "search", change))
+            # A change the spec refuses, or one that leaves it as it is (the value it has, or resolves), is none.
+            variant = editor.load([*fix, change])
+            if variant is None or variant == current or _is_current(current, change, resolved):
+                continue
+            measured = score(variant)
+            scored.append((not measured["ok"], measured[stage], change.origin == "search", change))
         scored.sort(key=lambda t: (t[0], t[1], t[2]))
         improving = [t for t in scored if not t[0] or t[1] < 0.5 * base[stage]]
         if not improving:
@@ -559,7 +746,7 @@ def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str,
             current_value, origin = _current_words(current, change, prober)
             causes.append(Cause(change, stage, "max abs", base[stage], error, not failing, current_value, origin))
         fix.append(improving[0][3])
-        current = improving[0][3].apply(current)
+        current = editor.load(fix)
         base = score(current)
         if base["ok"]:
             break
@@ -644,12 +831,11 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
                                           _embedding_score(probe, reference_spec), shown=5,
                                           score=lambda variant: _embedding_score(probe, variant))
     say("confirming on every sample")
-    reproduced = bool(changes) and _embedding_score(everyone, current)["ok"]
+    printed = printed_fix(reference_spec, changes) if changes else None  # the alternative's TOML, as printed
+    reproduced = printed is not None and _embedding_score(everyone, printed)["ok"]
     notes: list[str] = []
-    if reproduced:
-        notes.append(f"The shipped code's embeddings equal the spec's with {'; '.join(c.toml() for c in changes)}: "
-                     "that is where it departs from the reference. Change the shipped code to the spec's value "
-                     "(or, if the shipped code is right, rebuild the fixture with that value).")
+    shipped = _shipped_fix(reference_spec, changes, probe, reproduced=reproduced,
+                           where=_call_site(run, changes)) if changes else ()
     layer = None
     backbone = observation.recognised.modules.get("backbone")
     if report.stage("pixels").status is Status.PASS and report.stage("embedding").status is Status.FAIL \
@@ -666,7 +852,105 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
         except (RuntimeError, ValueError, TypeError, AttributeError) as e:
             notes.append(f"the shipped backbone could not be run on the reference's pixels to localise the drift: {e}")
     return Diagnosis(report, tuple(causes), tuple(changes), reproduced, layer, names, len(fixture.rows),
-                     _pattern(fixture, affected), tuple(notes), candidate=kind)
+                     _pattern(fixture, affected), tuple(notes), candidate=kind, shipped_fix=shipped)
+
+
+# -- fixes in the shipped code's terms -------------------------------------------------------
+
+_RESIZERS = {"pil": "PIL's resize", "tensor": "a tensor resize (antialiased)",
+             "tensor_noaa": "a tensor resize without antialiasing"}
+_CROPS = {"center": "resizes the shorter side and crops the centre", "squash": "squashes the whole image to the input "
+          "size (the aspect ratio is not kept)", "border": "pads the image to a square (border) and resizes it"}
+
+
+def _words(value: Any) -> str:
+    return toml_value(value) if not isinstance(value, str) else value
+
+
+def _departure(section: str, fields: Mapping[str, Any]) -> tuple[str, str]:
+    """(what code with these field values does, the instruction to make code do it), in the code's terms."""
+    key = (section, next(iter(fields)))
+    value = next(iter(fields.values()))
+    if key == ("preprocess", "interpolation") and isinstance(value, str):
+        return (f"resizes with {value}", f"resize with {value} (torchvision `InterpolationMode.{value.upper()}`, "
+                f"PIL `Image.Resampling.{value.upper()}`)")
+    if key == ("preprocess", "crop_mode") and value in _CROPS:
+        return _CROPS[value], _CROPS[value].replace("resizes", "resize").replace("crops", "crop").replace(
+            "squashes", "squash").replace("pads", "pad")
+    if key == ("preprocess", "crop_pct"):
+        return (f"crops with crop_pct {_words(value)}", f"resize the shorter side to input size / {_words(value)} "
+                "before the centre crop")
+    if key == ("preprocess", "input_size") and isinstance(value, list) and len(value) == 3:
+        return f"feeds {value[1]}x{value[2]} pixels", f"resize and crop to {value[1]}x{value[2]}"
+    if key == ("preprocess", "mean"):
+        norm = f"mean {_words(fields.get('mean'))} and std {_words(fields.get('std'))}"
+        return f"normalises with {norm}", f"normalise with {norm}"
+    if key == ("preprocess", "channel_order") and isinstance(value, str):
+        how = ("feed the channels in RGB order (PIL `image.convert(\"RGB\")`; from OpenCV, "
+               "`cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`)" if value == "rgb" else "feed the channels in BGR order")
+        return f"feeds the channels in {value.upper()} order", how
+    if key == ("preprocess", "value_scale"):
+        return (("feeds pixel values in 0-255", "keep the pixel values in 0-255 before normalising") if value == "byte"
+                else ("feeds pixel values in 0-1", "scale the pixel values to 0-1 before normalising (divide by 255, "
+                      "as `ToTensor()` does)"))
+    if key == ("preprocess", "resize_backend") and value in _RESIZERS:
+        return f"resizes with {_RESIZERS[value]}", f"resize with {_RESIZERS[value]}"
+    if key == ("preprocess", "exif_transpose"):
+        return (("applies the EXIF orientation", "apply the EXIF orientation after opening the image "
+                 "(`ImageOps.exif_transpose(image)`)") if value else
+                ("ignores the EXIF orientation", "do not rotate the image by its EXIF orientation"))
+    if key == ("backbone", "extract"):
+        return f"takes the embedding at {_words(value)}", f"take the embedding at {_words(value)}"
+    if key == ("backbone", "normalize"):
+        return (("L2-normalises the embedding", "L2-normalise the embedding before the head") if value == "l2" else
+                ("passes the embedding on without L2 normalisation", "pass the embedding to the head without "
+                 "L2 normalisation"))
+    if key == ("runtime", "dtype"):
+        return (f"runs in {_words(value)}", f"run in {_words(value)} (no `.half()`, `.to(torch.{value})` or autocast "
+                "on the modules or inputs)" if value == "float32" else f"run in {_words(value)}")
+    if key == ("backbone", "model"):
+        return f"builds {_words(value)}", f"build {_words(value)}"
+    if key == ("head", "input_biases_order"):
+        return (f"passes the input_biases columns in the order {_words(value)}",
+                f"pass the input_biases columns in the order {_words(value)}")
+    words = ", ".join(f"{name} = {_words(v)}" for name, v in fields.items())
+    return f"runs as the spec does with [{section}] {words}", f"use [{section}] {words}"
+
+
+def _shipped_fix(spec: Spec, fix: Sequence[Change], prober: _Prober, *, reproduced: bool,
+                 who: str = "the shipped code", where: str = "") -> tuple[str, ...]:
+    """The fix in the shipped code's terms, the spec being the reference: what ``who`` does, what the
+    reference did, and what to change in ``who``; then, when the changes reproduce its numbers, the spec's
+    TOML as the alternative (a fixture rebuilt with changes that do not would not pass either)."""
+    editor, current = _Editor(spec), spec
+    lines = [] if reproduced else [
+        f"Partly explained: with the changes below the spec comes closer to the numbers of {who} but does not "
+        "reproduce them; another difference remains."]
+    for i, change in enumerate(fix):
+        reference, _ = _values(current, change, _resolved(current, prober))
+        names = [name for name, _ in change.fields]
+        does, _ = _departure(change.section, dict(change.fields))
+        if any(v is None for v in reference):
+            did, how = "leaves it to the library", f"use the reference's {', '.join(names)}"
+        else:
+            did, how = _departure(change.section, dict(zip(names, reference)))
+        place = f" ({where})" if where else ""
+        lines.append(f"{who[0].upper()}{who[1:]} {does}; the reference {did}. Change {who}{place}: {how}.")
+        current = editor.load(fix[:i + 1]) or current
+    if not reproduced:
+        return tuple(lines)
+    text, removals = Change.merged_toml(fix), Change.merged_removals(fix)
+    alternative = f"If {who} is right, rebuild the fixture with this in the spec:\n{text}" if text else \
+        f"If {who} is right, rebuild the fixture with the spec changed as follows:"
+    return (*lines, alternative, *(f"and {r} from the spec" for r in removals))
+
+
+def _call_site(run, fix: Sequence[Change]) -> str:
+    """Where the shipped code called the module a fix's first change acts on, when the runner saw it."""
+    sites = getattr(run, "call_sites", None) or {}
+    part = "head" if fix and fix[0].section == "head" else "backbone"
+    site = sites.get(part)
+    return f"where it calls the {part}: {site}" if site else ""
 
 
 def _embedding_score(prober: _Prober, spec: Spec) -> dict[str, Any]:

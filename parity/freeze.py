@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from parity.spec import Spec
 
 __all__ = ["FieldMap", "SourceRow", "FreezeResult", "parse_field_map", "read_metadata", "read_rows_array",
-           "select_golden", "freeze"]
+           "select_golden", "declared_numerics", "check_input_biases", "freeze"]
 
 Progress = Callable[[str], None]
 _MAPPABLE = ("image", "input_biases", "labels")
@@ -84,6 +84,10 @@ class FreezeResult:
     outputs: str = ""
     checkpoints: tuple[tuple[str, str], ...] = ()
     git_revision: str | None = None
+    # The reference numerics declared (`declared_numerics`), and on a refusal without one the numerics
+    # whose emulated spread covers the residual (the embeddings look made in reduced precision).
+    numerics: str | None = None
+    numerics_signature: str | None = None
 
     def __bool__(self) -> bool:
         return self.written
@@ -280,37 +284,192 @@ def select_golden(images: Sequence[Path], k: int) -> list[int]:
     return sorted(chosen)
 
 
+# What each `parity.spec.REFERENCE_NUMERICS` value records as ``producer.numerics`` (the fields of
+# `parity.numerics.probe_numerics`), so that `parity.numerics.reduced_precision` reads it back: a GPU of
+# unknown compute capability is taken at its flags' word.
+_GPU = {"device": "cuda", "compute_capability": None, "cudnn_allow_tf32": False, "matmul_allow_tf32": False,
+        "float32_matmul_precision": "highest", "autocast_dtype": None}
+_DECLARED: dict[str, dict[str, Any]] = {
+    "float32": {"cudnn_allow_tf32": False, "matmul_allow_tf32": False, "float32_matmul_precision": "highest",
+                "autocast_dtype": None},
+    "tf32": {**_GPU, "cudnn_allow_tf32": True, "matmul_allow_tf32": True, "float32_matmul_precision": "high"},
+    "tf32_conv": {**_GPU, "cudnn_allow_tf32": True},
+    "autocast_float16": {**_GPU, "autocast_dtype": "float16"},
+    "autocast_bfloat16": {**_GPU, "autocast_dtype": "bfloat16"},
+}
+# A residual beyond this share of the embeddings' scale is no TF32 rounding (which gives ~1e-4).
+_ROUNDING_SCALE = 2e-3
+_ROUNDING_COSINE = 0.9999
+
+
+def declared_numerics(name: str) -> dict[str, Any]:
+    """The ``producer.numerics`` fields recording reference numerics declared as ``name`` (``--numerics``).
+
+    Raises:
+        SpecError: ``name`` is not one of `parity.spec.REFERENCE_NUMERICS`.
+    """
+    from parity.spec import REFERENCE_NUMERICS
+
+    if name not in _DECLARED:
+        raise SpecError(f"--numerics {name!r} is not accepted. Accepted values: {', '.join(REFERENCE_NUMERICS)}")
+    fields = dict(_DECLARED[name], declared=name)
+    if fields.get("device") == "cuda":
+        fields["device_name"] = f"a GPU (declared: numerics {name})"
+    return fields
+
+
+def check_input_biases(head: Any, rows: Sequence[SourceRow], field_map: FieldMap, *,
+                       order: Sequence[int] | None = None) -> None:
+    """Each ``input_biases`` column within the size of the head's embedding table it indexes.
+
+    Column ``j`` (after ``order``, ``[head].input_biases_order``) indexes the head's ``j``-th
+    ``nn.Embedding`` in declaration order when the head declares one per column; otherwise only
+    negative values are refused here (the head's own call names the rest).
+
+    Raises:
+        SpecError: a column with values outside its table: which column (its field), its value range,
+            the table's size, and the column order that fits when there is one.
+    """
+    import itertools
+
+    from torch import nn
+
+    biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
+    columns = biases.shape[1]
+    if not columns:
+        return
+    fields = field_map.input_biases or ()
+    names = [f"column {i} ({fields[i]})" if len(fields) == columns else f"column {i}" for i in range(columns)]
+    low, high = biases.min(axis=0), biases.max(axis=0)
+    flag = f"--map input_biases={','.join(fields)}" if fields else "the input_biases"
+    negative = [i for i in range(columns) if low[i] < 0]
+    if negative:
+        i = negative[0]
+        raise SpecError(f"{flag}: {names[i]} holds {low[i]}..{high[i]}; category indices are never negative.\n"
+                        "Note: map the columns that hold the head's category indices.")
+    sizes = [m.num_embeddings for m in head.modules() if isinstance(m, nn.Embedding)]
+    if len(sizes) != columns:
+        return
+    taken = list(order) if order is not None and len(order) == columns else list(range(columns))
+    bad = [j for j, column in enumerate(taken) if high[column] >= sizes[j]]
+    if not bad:
+        return
+    j = bad[0]
+    column = taken[j]
+    message = (f"{flag}: {names[column]} holds {low[column]}..{high[column]}, but the head's embedding table it "
+               f"indexes (table {j} of {columns}, in the order the head declares them) has {sizes[j]} rows "
+               f"(indices 0..{sizes[j] - 1}).")
+    fits = next((p for p in itertools.permutations(range(columns)) if columns <= 6
+                 and all(high[c] < sizes[k] for k, c in enumerate(p))), None)
+    if fits is not None and len(fields) == columns and order is None:
+        message += f"\nFix: the columns look swapped: --map input_biases={','.join(fields[c] for c in fits)}"
+    elif fits is not None:
+        message += f"\nFix: the columns fit the tables in the order {list(fits)}; map them in that order."
+    else:
+        message += "\nNote: no order of the columns fits the head's tables: map the fields the head was trained on."
+    raise SpecError(message)
+
+
+def _golden_fixture(rows: Sequence[SourceRow], stored: np.ndarray, golden: Sequence[int],
+                    numerics: Mapping[str, Any] | None = None) -> Fixture:
+    """The golden rows as an in-memory fixture (for the probes and the numerics emulation)."""
+    picked = [rows[i] for i in golden]
+    producer = {"numerics": dict(numerics)} if numerics else {}
+    return Fixture(root=picked[0].image.parent, manifest={"pipeline": {}, "producer": producer},
+                   rows=tuple(FixtureRow(r.image.name, r.image, r.input_biases, r.labels) for r in picked),
+                   embeddings=stored[list(golden)], outputs=np.zeros((len(picked), 0), np.float32))
+
+
+def _emulated_budget(spec: Spec, pipeline: Any, fixture: Fixture) -> Any:
+    """The embedding budget of a reference made with ``fixture``'s recorded numerics, measured as the gate
+    measures it (`parity.emulate`): the spread of emulating them on the golden images, x the margin."""
+    from parity.emulate import MARGIN, budget_from_spread, describe_emulation, emulated_runs, measure_spread, \
+        reference_emulation
+    from parity.numerics import describe_reduced
+    from parity.spec import default_tolerance
+
+    reduced = reference_emulation(fixture, spec)
+    if not reduced or spec.runtime.dtype != "float32":
+        return None
+    numerics = fixture.manifest["producer"]["numerics"]
+    spread = measure_spread(*emulated_runs(pipeline, fixture, range(len(fixture.rows)), numerics), fixture.names)
+    origin = (f"{describe_reduced(reduced, numerics)}; budget from {describe_emulation(reduced)} on "
+              f"{len(fixture.rows)} golden images, x{MARGIN:g} margin")
+    return budget_from_spread(spread["embedding"], default_tolerance("embedding", "float32"), margin=MARGIN,
+                              origin=origin)
+
+
+def _numerics_signature(spec: Spec, pipeline: Any, fixture: Fixture, again: np.ndarray,
+                        embedding: Comparison) -> str | None:
+    """The reduced precision whose emulated spread covers the golden images' residual, when the residual has
+    rounding's signature (small everywhere, direction kept, no rescaling or shift in it): ``tf32``, else ``None``."""
+    from parity.compare import compare_arrays
+
+    scale = float(np.abs(fixture.embeddings).max(initial=0.0))
+    if not embedding.shapes_match or not scale or embedding.max_abs > _ROUNDING_SCALE * scale or \
+            embedding.min_cosine is None or embedding.min_cosine < _ROUNDING_COSINE or \
+            _systematic_share(again, fixture.embeddings) > 0.5:
+        return None
+    for name in ("tf32",):
+        budget = _emulated_budget(spec, pipeline, _with_numerics(fixture, declared_numerics(name)))
+        if budget is not None and compare_arrays(again, fixture.embeddings, tolerance=budget, cosine=True):
+            return name
+    return None
+
+
+def _systematic_share(computed: np.ndarray, stored: np.ndarray) -> float:
+    """The share of the residual's energy that a per-row scale and offset of ``computed`` explain: near 0 for
+    rounding noise, near 1 for a rescaling (a norm, a temperature) or a shift, which no precision makes."""
+    residual = (stored - computed).astype(np.float64)
+    total = float((residual ** 2).sum())
+    if not total:
+        return 0.0
+    explained = 0.0
+    for row, r in zip(computed.astype(np.float64), residual):
+        basis = np.stack([row, np.ones_like(row)], axis=1)
+        fit, *_ = np.linalg.lstsq(basis, r, rcond=None)
+        explained += float(((basis @ fit) ** 2).sum())
+    return explained / total
+
+
+def _with_numerics(fixture: Fixture, numerics: Mapping[str, Any]) -> Fixture:
+    from dataclasses import replace
+
+    return replace(fixture, manifest={**fixture.manifest, "producer": {"numerics": dict(numerics)}})
+
+
 def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golden: Sequence[int],
             embedding: Comparison, device: str) -> tuple[Cause, ...]:
     """Single spec changes that reproduce the stored embeddings of the golden rows (else come closest).
 
     Every change is screened on the golden image that drifts most (reproducing it is necessary),
-    and those that reproduce it are confirmed on every golden image.
+    and those that reproduce it are confirmed on every golden image. A change is applied as its
+    printed TOML pasted into the spec; one the spec refuses, or that leaves it as it is, is none.
     """
-    from parity.check import toml_value
-    from parity.diagnose import Cause, _current, _Prober, _search_changes
+    from parity.diagnose import Cause, _current_words, _Editor, _is_current, _Prober, _resolved, _search_changes
 
-    picked = [rows[i] for i in golden]
-    fixture = Fixture(root=picked[0].image.parent, manifest={"pipeline": {"runtime": {"dtype": spec.runtime.dtype}}},
-                      rows=tuple(FixtureRow(r.image.name, r.image, r.input_biases, r.labels) for r in picked),
-                      embeddings=embeddings[list(golden)], outputs=np.zeros((len(picked), 0), np.float32))
-    worst = [r.image.name for r in picked].index(embedding.worst[0].name) if embedding.worst else 0
+    fixture = _golden_fixture(rows, embeddings, golden)
+    picked = fixture.names
+    worst = picked.index(embedding.worst[0].name) if embedding.worst else 0
     everyone, screen = _Prober(fixture, range(len(picked)), device), _Prober(fixture, [worst], device)
     for prober in (everyone, screen):
         prober.budgets["embedding"] = embedding.tolerance
     screen.backbones, screen.heads, screen.images = everyone.backbones, everyone.heads, everyone.images
+    editor, resolved = _Editor(spec), _resolved(spec, everyone)
     base = embedding.max_abs
     scored = []
-    for change in _search_changes(spec, len(picked[0].input_biases)):
-        score = screen.score(change.apply(spec))
+    for change in _search_changes(spec, len(fixture.rows[0].input_biases)):
+        variant = editor.load([change])
+        if variant is None or variant == spec or _is_current(spec, change, resolved):
+            continue
+        score = screen.score(variant)
         if score["ok"]:
-            score = everyone.score(change.apply(spec))
+            score = everyone.score(variant)
         scored.append((not score["ok"], score["embedding"], change))
     scored.sort(key=lambda t: (t[0], t[1]))
     found = [t for t in scored if not t[0]] or [t for t in scored if t[1] < 0.5 * base][:3]
     return tuple(Cause(change, "embedding", "max abs", base, error, not failing,
-                       ", ".join(toml_value(_current(spec, change.section, f)) for f, _ in change.fields))
-                 for failing, error, change in found)
+                       *_current_words(spec, change, everyone)) for failing, error, change in found)
 
 
 def _reference(path: Path, out: Path) -> dict[str, Any]:
@@ -323,7 +482,7 @@ def _reference(path: Path, out: Path) -> dict[str, Any]:
 def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: str | Path, out: str | Path,
            field_map: FieldMap = FieldMap(), outputs: str | Path | None = None, golden: int = 4,
            copy_checkpoints: bool = False, force: bool = False, device: str | None = None,
-           progress: Progress | None = None) -> FreezeResult:
+           numerics: str | None = None, progress: Progress | None = None) -> FreezeResult:
     """Turn existing training artifacts into a fixture, after checking the spec's pipeline made them.
 
     Args:
@@ -334,6 +493,9 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
         outputs: the head's outputs (N, L); default: the spec's head on ``embeddings`` in eval mode.
         golden: how many images are re-embedded to check the claim (their pixels are stored too).
         copy_checkpoints: copy the checkpoints into the fixture instead of referencing them.
+        numerics: the numerics the embeddings were made with (`parity.spec.REFERENCE_NUMERICS`; default:
+            the spec's ``[reference].numerics``, else as probed here). Recorded as ``producer.numerics``;
+            with reduced precision the claim is checked at the budget its emulation measures, as the gate's.
 
     Returns:
         A `FreezeResult`; false (nothing written) when the golden images' embeddings are not
@@ -341,7 +503,8 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
 
     Raises:
         FixtureError: ``out`` exists without ``force``; unreadable artifacts; row counts that differ.
-        SpecError: a mapped field is missing; ``golden`` < 1.
+        SpecError: a mapped field is missing; ``golden`` < 1; an ``input_biases`` column outside the
+            head's embedding table (`check_input_biases`); unknown ``numerics``.
         CheckpointError: a checkpoint is unreadable or does not load with ``strict=True``.
     """
     from parity.compare import compare_arrays
@@ -356,6 +519,8 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
                            "Note: freeze into a new directory, or replace it on purpose with --force.")
     if golden < 1:
         raise SpecError(f"--golden must be >= 1 (the claim is checked on golden images), got {golden}")
+    numerics = numerics or spec.reference.numerics
+    declared = declared_numerics(numerics) if numerics is not None else None
     say("reading the metadata and the arrays")
     rows = read_metadata(metadata, images, field_map)
     stored = read_rows_array(embeddings, what="embeddings", rows=len(rows), metadata=metadata.name)
@@ -373,26 +538,43 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
 
     device = device or spec.runtime.device
     pipeline = build_pipeline(spec, device=device)
+    # Before any head call: a column outside the head's table is a mapping error, not a defect.
+    check_input_biases(pipeline.head, rows, field_map, order=spec.head.input_biases_order)
     picked = select_golden([row.image for row in rows], golden)
     names = [rows[i].image.name for i in picked]
     say(f"re-embedding {len(picked)} golden images")
-    # The gate's own budget for the embedding stage: the spec's explicit one, else the dtype's default.
-    tolerance = spec.tolerances.get("embedding") or default_tolerance("embedding", spec.runtime.dtype)
     pixels = {i: pipeline.preprocess(rows[i].image) for i in picked}
     import torch
 
-    size = spec.runtime.batch_size
+    # Golden images of several shapes (a processor without a centre crop) are embedded one by one.
+    size = spec.runtime.batch_size if len({tuple(p.shape) for p in pixels.values()}) == 1 else 1
     again = np.concatenate([pipeline.embed(torch.stack([pixels[i] for i in picked[s:s + size]])).numpy()
                             for s in range(0, len(picked), size)])
+    goldens = _golden_fixture(rows, stored, picked, declared)
+    # The gate's own budget for the embedding stage: the spec's explicit one, else that of the declared
+    # reduced precision's emulation, else the dtype's default.
+    tolerance = spec.tolerances.get("embedding") or (_emulated_budget(spec, pipeline, goldens) if declared else None) \
+        or default_tolerance("embedding", spec.runtime.dtype)
     embedding = compare_arrays(again, stored[picked], tolerance=tolerance, names=names, cosine=True)
-    result = dict(out=out, samples=len(rows), golden=tuple(names), embedding=embedding)
+    result = dict(out=out, samples=len(rows), golden=tuple(names), embedding=embedding, numerics=numerics)
     if not embedding:
         say("searching for the spec change that reproduces the stored embeddings")
-        return FreezeResult(**result, written=False, causes=_search(spec, rows, stored, picked, embedding, device))
+        causes = _search(spec, rows, stored, picked, embedding, device)
+        signature = None
+        if not any(c.reproduces for c in causes) and declared is None and "embedding" not in spec.tolerances:
+            say("emulating reduced-precision numerics on the golden images")
+            signature = _numerics_signature(spec, pipeline, goldens, again, embedding)
+        return FreezeResult(**result, written=False, causes=causes, numerics_signature=signature)
 
     biases = np.array([row.input_biases for row in rows], dtype=np.int64).reshape(len(rows), -1)
-    computed = np.concatenate([pipeline.run_head(stored[s:s + _HEAD_BATCH], biases[s:s + _HEAD_BATCH]).numpy()
-                               for s in range(0, len(rows), _HEAD_BATCH)])
+    try:
+        computed = np.concatenate([pipeline.run_head(stored[s:s + _HEAD_BATCH], biases[s:s + _HEAD_BATCH]).numpy()
+                                   for s in range(0, len(rows), _HEAD_BATCH)])
+    except (IndexError, RuntimeError, ValueError) as e:  # e.g. an index past an embedding table
+        ranges = ", ".join(f"column {i}: {biases[:, i].min()}..{biases[:, i].max()}" for i in range(biases.shape[1]))
+        raise SpecError(f"the spec's head cannot take the mapped input_biases ({type(e).__name__}: {e}); they hold "
+                        f"{ranges or 'no columns'}.\nFix: map (--map input_biases=...) the fields the head was "
+                        "trained on, in the order it takes them.") from e
     head = None
     if given is not None:
         head_tolerance = spec.tolerances.get("head") or default_tolerance("head", spec.runtime.dtype)
@@ -404,7 +586,8 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
     say("writing the fixture")
     with capture(out, model=pipeline.backbone, model_name=spec.backbone.model, library=spec.backbone.library,
                  model_kwargs=dict(spec.backbone.kwargs), extract=spec.backbone.extract, transform=pipeline.transform,
-                 checkpoint=spec.backbone.checkpoint if copy_checkpoints else None, force=force) as cap:
+                 checkpoint=spec.backbone.checkpoint if copy_checkpoints else None, force=force,
+                 numerics=declared) as cap:
         cap.manifest["pipeline"] = pipeline.describe()
         cap.manifest["producer"] = {
             "script": "parity freeze", "spec": str(spec.path), "git_revision": revision,
@@ -413,6 +596,8 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
                           for name, p in (("embeddings", embeddings), ("metadata", metadata),
                                           ("outputs", None if outputs is None else Path(outputs))) if p is not None},
             "golden": list(names),
+            # Where the embeddings were made is unknown unless declared: this machine's numerics would be a guess.
+            **({"numerics": cap.manifest["producer"]["numerics"]} if declared else {}),
         }
         for i, row in enumerate(rows):
             cap.add(row.image, embedding=stored[i], input_biases=row.input_biases, labels=row.labels,

@@ -17,8 +17,8 @@ from rich.text import Text
 from parity.checkpoints import explain_key_diff
 from parity.forensics import describe_layers, module_source
 from parity.preprocess_diff import PreprocessExplanation, format_field_value
-from parity.results import (REPORT_SCHEMA_VERSION, CheckpointSummary, Comparison, Diagnosis, Finding, KeyDiff, MatrixReport, Referee, Report,
-                            ServiceDiagnosis, StageResult, Status, Verdict)
+from parity.results import (REPORT_SCHEMA_VERSION, Change, CheckpointSummary, Comparison, Diagnosis, Finding, KeyDiff,
+                            MatrixReport, Referee, Report, ServiceDiagnosis, StageResult, Status, Verdict)
 
 __all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
            "render_matrix", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
@@ -486,13 +486,16 @@ def to_json(report: Report | MatrixReport | Diagnosis | ServiceDiagnosis | Prepr
         data.update(explained=report.explained, verdict=report.verdict)
         return data
     if isinstance(report, ServiceDiagnosis):
-        data["reproduced_by_toml"] = [change.toml() for change in report.reproduced_by]
+        # One TOML snippet a user pastes (tomllib parses it); removals, which are no TOML, apart.
+        data["reproduced_by_toml"] = [text for text in (Change.merged_toml(report.reproduced_by),) if text]
+        data["reproduced_by_remove"] = list(Change.merged_removals(report.reproduced_by))
         data["passed"] = report.passed
         data["report"] = to_json(report.report) if report.report is not None else None
         return data
     if isinstance(report, Diagnosis):
         data["drift"] = report.drift
-        data["fix_toml"] = [change.toml() for change in report.fix]
+        data["fix_toml"] = [text for text in (Change.merged_toml(report.fix),) if text]
+        data["fix_remove"] = list(Change.merged_removals(report.fix))
         data["report"] = to_json(report.report)
         return data
     if isinstance(report, MatrixReport):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import enum
+import json
+import numbers
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ __all__ = [
     "CellResult",
     "MatrixReport",
     "toml_value",
+    "toml_literal",
+    "toml_key",
     "Change",
     "Cause",
     "LayerDivergence",
@@ -546,6 +550,30 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def toml_key(key: str) -> str:
+    return key if key and set(key) <= _BARE_KEY else json.dumps(key, ensure_ascii=False)
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a valid TOML value (JSON's string escapes are TOML's; NumPy scalars become plain numbers)."""
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))  # inf and nan are TOML too
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{toml_key(str(k))} = {toml_literal(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class Change:
     """One spec edit: ``[section].field = value`` (several fields for a preset such as mean/std)."""
@@ -559,8 +587,43 @@ class Change:
         return (self.section, tuple((f, repr(v)) for f, v in self.fields))
 
     def toml(self) -> str:
+        """One line, for reading (``[preprocess].interpolation = "bicubic"; remove [head].x``); not TOML:
+        a user pastes `toml_text` and follows `removals`."""
         return "; ".join(f"[{self.section}].{f} = {toml_value(v)}" if v is not None else f"remove [{self.section}].{f}"
                          for f, v in self.fields)
+
+    def toml_text(self) -> str:
+        """This change as TOML a user pastes into the spec (``[preprocess]\ninterpolation = "bicubic"``),
+        removals left out (`removals`)."""
+        return Change.merged_toml((self,))
+
+    def removals(self) -> tuple[str, ...]:
+        """The fields this change removes, as instructions (a removal is no TOML value)."""
+        return tuple(f"remove [{self.section}].{f}" for f, v in self.fields if v is None)
+
+    @staticmethod
+    def merged_toml(changes: collections.abc.Iterable[Change]) -> str:
+        """Several changes as one TOML snippet, one table per section (a later change of a field wins);
+        empty when they only remove fields."""
+        tables: dict[str, dict[str, Any]] = {}
+        for change in changes:
+            table = tables.setdefault(change.section, {})
+            for name, value in change.fields:
+                table.pop(name, None)
+                if value is not None:
+                    table[name] = value
+        return "\n\n".join(f"[{section}]\n" + "\n".join(f"{toml_key(k)} = {toml_literal(v)}" for k, v in table.items())
+                           for section, table in tables.items() if table)
+
+    @staticmethod
+    def merged_removals(changes: collections.abc.Iterable[Change]) -> tuple[str, ...]:
+        """The removal instructions of several changes (a field a later change sets again is not removed)."""
+        removed: dict[tuple[str, str], bool] = {}
+        for change in changes:
+            for name, value in change.fields:
+                removed.pop((change.section, name), None)
+                removed[(change.section, name)] = value is None
+        return tuple(f"remove [{section}].{name}" for (section, name), gone in removed.items() if gone)
 
     def apply(self, spec: Any) -> Any:
         """``spec`` (a `parity.spec.Spec`) with this change made."""
@@ -617,6 +680,10 @@ class Diagnosis:
     # Set for shipped code (python, endpoint_handler): ``fix`` is then the spec change under which the
     # spec reproduces that code's numbers, i.e. where the shipped code departs from the reference.
     candidate: str = ""
+    # Shipped code only: the fix in the shipped code's terms, the spec being the reference ("The shipped
+    # code resizes with bilinear; the reference used bicubic. Change the shipped code: ..."), then the
+    # alternative: the TOML to rebuild the fixture with if the shipped code is right.
+    shipped_fix: tuple[str, ...] = ()
 
     @property
     def drift(self) -> bool:
@@ -640,6 +707,7 @@ class ServiceDiagnosis:
     gate: str = "outputs"
     notes: tuple[str, ...] = ()
     report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
+    shipped_fix: tuple[str, ...] = ()  # as `Diagnosis.shipped_fix`: the service departs from the spec
 
     @property
     def passed(self) -> bool:

@@ -45,6 +45,8 @@ __all__ = [
     "DecisionsSpec",
     "CandidateSpec",
     "CANDIDATE_KINDS",
+    "ReferenceSpec",
+    "REFERENCE_NUMERICS",
     "parse_candidate",
     "Spec",
     "load_spec",
@@ -264,6 +266,10 @@ class DecisionsSpec:
 
 
 CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged")
+# The numerics a reference may be declared made with ([reference].numerics, `parity freeze --numerics`):
+# plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
+# convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
+REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autocast_bfloat16")
 # What a python candidate's positional arguments are, in order (see README "Gating the code that ships").
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
@@ -295,6 +301,16 @@ class CandidateSpec:
 
 
 @dataclass(frozen=True)
+class ReferenceSpec:
+    """How the reference was made, where a fixture frozen from existing artifacts cannot record it.
+
+    ``numerics``: one of `REFERENCE_NUMERICS` (None: as probed on the machine that freezes).
+    """
+
+    numerics: str | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     """A parsed, validated spec. Paths are absolute (resolved against the spec's folder)."""
 
@@ -309,6 +325,7 @@ class Spec:
     matrix: Mapping[str, tuple] = field(default_factory=dict)
     decisions: DecisionsSpec = DecisionsSpec()
     candidate: CandidateSpec = CandidateSpec()
+    reference: ReferenceSpec = ReferenceSpec()
 
     def fixture_root(self, override: str | Path | None = None) -> Path:
         """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.
@@ -604,6 +621,9 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         raise SpecError(f"{path}: [decisions].max_flip_rate needs a decision to count flips of: set "
                         "threshold, argmax = true or verification_threshold")
     candidate = _candidate(root.table("candidate"), base)
+    rf = root.table("reference")
+    reference = ReferenceSpec(numerics=rf.get("numerics", str, None, choices=REFERENCE_NUMERICS))
+    rf.finish()
     root.seen.add("matrix")
     matrix = parse_axes(root.get("matrix", dict, {}), where=f"{path}: [matrix]")
     root.finish()
@@ -619,6 +639,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         matrix=matrix,
         decisions=decisions,
         candidate=candidate,
+        reference=reference,
     )
 
 

@@ -40,7 +40,8 @@ DRIFTS = {
     "float16": ({"runtime": {"dtype": "float16"}}, '[runtime].dtype = "float32"'),
     "bfloat16": ({"runtime": {"dtype": "bfloat16"}}, '[runtime].dtype = "float32"'),
     "exif-ignored": ({"preprocess": {"exif_transpose": False}}, "[preprocess].exif_transpose = true"),
-    "input-biases-order": ({"head": {"input_biases_order": (1, 0)}}, "remove [head].input_biases_order"),
+    # The value the fixture was made without the field stands for (the identity order), not a removal: TOML.
+    "input-biases-order": ({"head": {"input_biases_order": (1, 0)}}, "[head].input_biases_order = [0, 1]"),
     "l2-one-side": ({"backbone": {"normalize": "l2"}}, '[backbone].normalize = "none"'),
 }
 
@@ -111,7 +112,7 @@ def test_diagnose_cli(tmp_path, capsys):
     assert "Fix (confirmed: parity check passes with it):" in out
     import json
 
-    assert json.loads((tmp_path / "d.json").read_text())["fix_toml"] == ['[preprocess].channel_order = "rgb"']
+    assert json.loads((tmp_path / "d.json").read_text())["fix_toml"] == ['[preprocess]\nchannel_order = "rgb"']
 
 
 def _log_service(spec, path, *, rows=6, embedding=True, outputs=True, csv=False):
@@ -264,7 +265,10 @@ def test_a_preprocessing_library_swap_is_found_and_fixed():
     result = diagnose(candidate)
     assert result.report.stage("pixels").status.value == "FAIL"
     first = result.causes[0]
-    assert first.change.toml() == '[preprocess].library = "transformers"; [preprocess].processor = "fast"'
+    # The timm fields the transformers processor refuses go with the switch (removals, printed apart from the TOML).
+    assert first.change.toml() == ('[preprocess].library = "transformers"; [preprocess].processor = "fast"; '
+                                   + "; ".join(f"remove [preprocess].{k}" for k in
+                                               ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")))
     assert first.change.origin == "recorded in the fixture" and first.reproduces
     assert result.confirmed and [c.toml() for c in result.fix] == [first.change.toml()]
 

@@ -347,3 +347,117 @@ def test_golden_selection_covers_exif_alpha_grayscale_and_shape():
     # rocket: non-square; logo: RGBA; moon: grayscale; no EXIF-tagged image here.
     assert select_golden(paths, 3) == [1, 2, 3]
     assert select_golden(paths, 10) == [0, 1, 2, 3, 4]
+
+
+# -- input_biases mapped in the wrong order: a usage error naming the column -----------------------
+
+class SiteScannerHead(nn.Module):
+    """A head with two category tables of different sizes: the site (3) and the scanner model (7)."""
+
+    def __init__(self, embedding_dim: int = 64) -> None:
+        super().__init__()
+        self.site = nn.Embedding(3, 4)
+        self.scanner = nn.Embedding(7, 4)
+        self.out = nn.Linear(embedding_dim + 8, 2)
+
+    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([embedding, self.site(input_biases[:, 0]), self.scanner(input_biases[:, 1])], dim=1))
+
+
+@pytest.fixture
+def two_tables(project, tmp_path) -> tuple[Path, Path]:
+    """A spec whose head takes (site, scanner), and metadata holding both fields."""
+    torch.manual_seed(3)
+    torch.save(SiteScannerHead().state_dict(), tmp_path / "scanner_head.pth")
+    spec = write_spec(tmp_path, head=tmp_path / "scanner_head.pth")
+    spec.write_text(spec.read_text().replace("tests.test_freeze:SiteGradeHead", "tests.test_freeze:SiteScannerHead")
+                    .replace("embedding_dim = 64, sites = 3, outputs = 2 }", "embedding_dim = 64 }"))
+    rows = json.loads((project / "artifacts" / "clip_metadata.json").read_text())
+    for i, row in enumerate(rows):
+        row["scanner"] = (2 * i + 1) % 7  # 1, 3, 5, 0, 2, 4: beyond the site table's 3 rows
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(rows))
+    return spec, meta
+
+
+def test_swapped_input_biases_columns_are_a_usage_error_with_the_order_that_fits(project, two_tables, tmp_path, capsys):
+    spec, meta = two_tables
+    code = freeze_cli(project, tmp_path / "out", "--map", "image=file", "--map", "input_biases=scanner,site",
+                      spec=spec, metadata=meta)
+    assert code == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "column 0 (scanner) holds 0..5" in err and "has 3 rows (indices 0..2)" in err
+    assert "Fix: the columns look swapped: --map input_biases=site,scanner" in err
+    assert not (tmp_path / "out").exists()
+    assert freeze_cli(project, tmp_path / "out", "--map", "image=file", "--map", "input_biases=site,scanner",
+                      "--golden", "1", spec=spec, metadata=meta) == 0
+    assert check_cli(spec, tmp_path / "out") == 0
+
+
+def test_input_biases_the_head_cannot_take_are_a_usage_error_even_when_its_tables_do_not_map_to_columns(
+        project, two_tables, tmp_path, capsys):
+    spec, meta = two_tables
+    code = freeze_cli(project, tmp_path / "out", "--map", "image=file", "--map", "input_biases=site", "--golden", "1",
+                      spec=spec, metadata=meta)
+    assert code == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "the spec's head cannot take the mapped input_biases" in err and "column 0: 0..2" in err
+    assert "Fix: map (--map input_biases=...) the fields the head was trained on" in err
+
+
+# -- golden images of several shapes (a processor without a centre crop) ----------------------------
+
+NO_CROP = {"do_center_crop": False, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "CLIPImageProcessor",
+           "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+           "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 56}}
+
+
+def test_golden_pixels_of_several_shapes_are_compared_image_by_image(project, tmp_path, capsys):
+    """transformers' processor keeping the aspect ratio (no centre crop) before a timm ViT that takes any size:
+    frozen and checked; each golden image is compared with its own reference (exit 3 before)."""
+    pytest.importorskip("transformers")
+    (tmp_path / "no_crop.json").write_text(json.dumps(NO_CROP))
+    spec = write_spec(tmp_path, head=project / "models" / "head.pth")
+    # timm's ViT at any input size: its position embeddings resampled, the last patch padded.
+    text = spec.read_text().replace("num_heads = 2 }",
+                                    "num_heads = 2, dynamic_img_size = true, dynamic_img_pad = true }")
+    start, end = text.index("[preprocess]"), text.index("[head]")
+    spec.write_text(text[:start] + '[preprocess]\nlibrary = "transformers"\nconfig = "no_crop.json"\n\n' + text[end:]
+                    + "\n[runtime]\nbatch_size = 1\n")
+    pipeline = build_pipeline(load_spec(spec))
+    photos = project / "data" / "photos"
+    shapes = {n: tuple(pipeline.preprocess(photos / n).shape) for n in IMAGES}
+    assert len(set(shapes.values())) > 2
+    stored = np.stack([pipeline.embed(pipeline.preprocess(photos / n)[None])[0].numpy() for n in IMAGES])
+    np.save(tmp_path / "clip.npy", stored)
+    out = tmp_path / "fixture"
+    assert freeze_cli(project, out, *MAP, "--golden", "4", spec=spec, embeddings=tmp_path / "clip.npy") == 0
+    golden = load_fixture(out).golden_pixels
+    assert len({p.shape for p in golden.values()}) > 1
+    assert check_cli(spec, out) == 0
+    from parity.check import run_check
+
+    pixels = run_check(load_spec(spec), fixtures=out).stage("pixels")
+    assert pixels.headline == "4 golden images of several shapes, compared image by image"
+    assert pixels.comparison.max_abs == 0.0 and pixels.comparison.total == sum(p.size for p in golden.values())
+
+
+def test_one_golden_image_of_another_shape_is_that_images_failure():
+    from parity.comparator import _pixels_stage
+    from parity.results import Status, Tolerance
+
+    rng = np.random.default_rng(0)
+    reference = {name: rng.random(shape, dtype=np.float32)
+                 for name, shape in (("wide.png", (3, 4, 6)), ("tall.png", (3, 6, 4)), ("square.png", (3, 4, 4)))}
+    tolerance = Tolerance(atol=1e-5, rtol=1.3e-6)
+    same = _pixels_stage(dict(reference), reference, tolerance)
+    assert same.status is Status.PASS and same.comparison.total == 72 + 72 + 48
+    moved = dict(reference)
+    moved["tall.png"] = reference["tall.png"][:, :, :3]  # a crop one column narrower
+    moved["wide.png"] = reference["wide.png"] + 1e-3
+    stage = _pixels_stage(moved, reference, tolerance)
+    assert stage.status is Status.FAIL
+    assert stage.headline == "1 of 3 golden images have another shape than the reference's"
+    assert stage.notes == ("tall.png: pixels [3, 6, 3], the reference's [3, 6, 4]",)
+    assert stage.comparison.worst[0].name == "wide.png" and stage.comparison.total == 72 + 48
