@@ -17,14 +17,14 @@ import numpy as np
 
 from parity.check import SETTABLE, toml_value, run_check
 from parity.compare import compare_arrays
-from parity.comparator import stage_tolerance
+from parity.comparator import STAGE_ORDER, stage_tolerance
 from parity.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError, SpecError
 from parity.fixtures import Fixture, load_fixture
 from parity.images import load_image
 from parity.libraries import extract_embedding
 from parity.libraries import get as library
-from parity.results import Cause, Change, DecisionFlips, Diagnosis, LayerDivergence, Report, ServiceDiagnosis, Status
+from parity.results import Cause, Change, DecisionFlips, Diagnosis, Finding, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.shards import shard_fixture
 from parity.spec import (CROP_MODES, DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec,
                          library_names, vocabulary)
@@ -710,8 +710,16 @@ def _service_diagnosis(spec: Spec, logged: Fixture, report: Report, label: str, 
     printed = printed_fix(spec, changes) if changes else None
     reproduced = printed is not None and everyone.score(printed)["ok"]
     shipped = _shipped_fix(spec, changes, probe, reproduced=reproduced, who="the service") if changes else ()
+    if reproduced:
+        found = (_search_finding(changes, shipped, who="the service", stage=stage, before=base[stage],
+                                 after=everyone.score(printed)[stage]),)
+    else:
+        say("probing the image changes services make before the model")
+        image_change = _image_search(spec, probe, everyone, stage, base[stage], who="the service")
+        found = (image_change,) if image_change is not None else ()
     return ServiceDiagnosis(label, len(logged.rows), False, compared, base[stage], tuple(causes),
-                            tuple(changes), reproduced, where, decisions, gate, notes + not_tried, report, shipped)
+                            tuple(changes), reproduced, where, decisions, gate, notes + not_tried, report, shipped,
+                            findings=found)
 
 
 def _search(prober: _Prober, candidates, spec: Spec, stage: str, base: dict[str, Any], *, shown: int,
@@ -797,6 +805,13 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
         report = partial_report(report, shard, tuple(zip(picked, fixture.names)), whole, run, fixture, spec)
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",), candidate=kind)
+    cause = report.cause
+    if cause is not None and (report.stage("embedding").status is not Status.FAIL
+                              or STAGE_ORDER.index(cause.stage) <= STAGE_ORDER.index("embedding")):
+        # A detector reproduced the shipped code's own numbers up to the embedding: a spec search has nothing to add.
+        return Diagnosis(report, total=len(fixture.rows), candidate=kind, notes=(
+            f"The gate's detectors reproduced the shipped code's numbers ({cause.detector}, {cause.stage} stage): no "
+            "spec change was searched.",))
     observed = sorted(observation.embeddings)
     if not observed:
         reason = report.stage("embedding").headline
@@ -836,6 +851,10 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     notes: list[str] = []
     shipped = _shipped_fix(reference_spec, changes, probe, reproduced=reproduced,
                            where=_call_site(run, changes)) if changes else ()
+    found = (_search_finding(changes, shipped, who="the shipped code", stage="embedding",
+                             before=_embedding_score(everyone, reference_spec)["embedding"],
+                             after=_embedding_score(everyone, printed)["embedding"], where=_call_site(run, changes)),) \
+        if reproduced else ()
     layer = None
     backbone = observation.recognised.modules.get("backbone")
     if report.stage("pixels").status is Status.PASS and report.stage("embedding").status is Status.FAIL \
@@ -852,7 +871,7 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
         except (RuntimeError, ValueError, TypeError, AttributeError) as e:
             notes.append(f"the shipped backbone could not be run on the reference's pixels to localise the drift: {e}")
     return Diagnosis(report, tuple(causes), tuple(changes), reproduced, layer, names, len(fixture.rows),
-                     _pattern(fixture, affected), tuple(notes), candidate=kind, shipped_fix=shipped)
+                     _pattern(fixture, affected), tuple(notes), candidate=kind, shipped_fix=shipped, findings=found)
 
 
 # -- fixes in the shipped code's terms -------------------------------------------------------
@@ -945,6 +964,100 @@ def _shipped_fix(spec: Spec, fix: Sequence[Change], prober: _Prober, *, reproduc
     return (*lines, alternative, *(f"and {r} from the spec" for r in removals))
 
 
+# The detector a spec field's departure is reported as, when the search reproduced the candidate with it.
+_FIELD_DETECTORS = {
+    ("preprocess", "interpolation"): "pixels.interpolation", ("preprocess", "crop_pct"): "pixels.crop_pct",
+    ("preprocess", "crop_mode"): "pixels.crop_mode", ("preprocess", "input_size"): "pixels.input_size",
+    ("preprocess", "mean"): "pixels.mean_std", ("preprocess", "std"): "pixels.mean_std",
+    ("preprocess", "channel_order"): "pixels.channel_order", ("preprocess", "value_scale"): "pixels.value_scale",
+    ("preprocess", "resize_backend"): "pixels.resize_backend", ("preprocess", "exif_transpose"): "pixels.exif",
+    ("preprocess", "library"): "pixels.library", ("preprocess", "processor"): "pixels.processor",
+    ("backbone", "extract"): "embeddings.extract", ("backbone", "normalize"): "embeddings.normalize",
+    ("backbone", "model"): "embeddings.model", ("head", "input_biases_order"): "head_inputs.columns",
+    ("runtime", "dtype"): "numerics.dtype",
+}
+
+
+def _search_finding(fix: Sequence[Change], shipped: Sequence[str], *, who: str, stage: str, before: float,
+                    after: float, where: str = "") -> Finding:
+    """A reproducing search result as a finding: what ``who`` does (``shipped``, `_shipped_fix`'s sentences)
+    with the numbers, and the spec's TOML as the alternative."""
+    names = []
+    for change in fix:
+        field = change.fields[0][0]
+        name = _FIELD_DETECTORS.get((change.section, field), f"{change.section}.{field}")
+        if name == "pixels.crop_mode" and dict(change.fields).get("crop_mode") == "squash":
+            name = "pixels.squash"
+        names.append(name.partition(".")[2])
+    family = _FIELD_DETECTORS.get((fix[0].section, fix[0].fields[0][0]), "spec.").partition(".")[0]
+    sentences = [line for line in shipped if not line.startswith("If ") and not line.startswith("and ")]
+    causes = [line.split(". Change ", 1)[0] for line in sentences]
+    fixes = ["Change " + line.split(". Change ", 1)[1] for line in sentences if ". Change " in line]
+    one_line = "; ".join(change.toml() for change in fix)
+    return Finding(
+        f"{family}.{'+'.join(dict.fromkeys(names))}", stage, "; ".join(causes),
+        f"the reference pipeline with {one_line} reproduces {who}'s {stage} on every sample: max abs {after:.2e} "
+        f"(without it {before:.2e})", " ".join(fixes), where=where, max_abs=after,
+        spec_fix="" if Change.merged_removals(fix) else Change.merged_toml(fix))
+
+
+class _ShippedImages(_Prober):
+    """A prober whose images first go through changes a shipped service makes (`SHIPPED_IMAGE_TRANSFORMS`)."""
+
+    def __init__(self, base: _Prober, transforms: Sequence[Any], size: tuple[int, int]) -> None:
+        super().__init__(base.fixture, base.rows, base.device)
+        self.backbones, self.heads, self.budgets = base.backbones, base.heads, base.budgets
+        self.transforms, self.size = tuple(transforms), size
+
+    def _image(self, i: int, exif: bool):
+        image = load_image(self.fixture.rows[i].image,
+                           exif_transpose=exif and all(t.exif_transpose for t in self.transforms))
+        for transform in self.transforms:
+            image = transform.apply(image, self.size)
+        return image
+
+
+def _image_search(spec: Spec, probe: _Prober, everyone: _Prober, stage: str, before: float, *,
+                  who: str) -> Finding | None:
+    """The change (or two) a shipped service makes to each image before the model under which the spec's own
+    pipeline reproduces what it returned, confirmed on every sample; none when no such change does."""
+    from parity.detectors import SHIPPED_IMAGE_TRANSFORMS
+
+    try:
+        first = probe.fixture.rows[probe.rows[0]].image
+        pipeline = probe.pipeline(spec)
+        size = tuple(pipeline.preprocess(load_image(first)).shape[-2:])
+    except (ParityError, RuntimeError, ValueError, IndexError, OSError):
+        return None
+    transforms = list(SHIPPED_IMAGE_TRANSFORMS.values())
+    family = {t.name: _TRANSFORM_DETECTORS.get(t.name.split("_")[0], t.name) for t in transforms}
+    trials = [(t,) for t in transforms] + [(a, b) for i, a in enumerate(transforms) for b in transforms[i + 1:]
+                                           if family[a.name] != family[b.name]]
+    best: tuple[float, tuple] | None = None
+    for trial in trials:
+        measured = _ShippedImages(probe, trial, size).score(spec)
+        if measured["ok"] and (best is None or measured[stage] < best[0]):
+            best = (measured[stage], trial)
+        if best is not None and len(trial) > 1 and len(best[1]) == 1:
+            break  # one change that reproduces beats any pair
+    if best is None:
+        return None
+    confirmed = _ShippedImages(everyone, best[1], size).score(spec)
+    if not confirmed["ok"]:
+        return None
+    names = "+".join(dict.fromkeys(family[t.name] for t in best[1]))
+    return Finding(
+        f"pixels.{names}", stage, " and ".join(t.cause for t in best[1]),
+        f"the reference pipeline fed images after {' then '.join(t.description for t in best[1])} reproduces "
+        f"{who}'s {stage} on every sample: max abs {confirmed[stage]:.2e} (without it {before:.2e})",
+        "; ".join(t.fix for t in best[1]), max_abs=confirmed[stage])
+
+
+# `SHIPPED_IMAGE_TRANSFORMS` names by the detector they are reported as.
+_TRANSFORM_DETECTORS = {"bgr": "channel_order", "squash": "squash", "jpeg": "jpeg", "no": "exif",
+                        "grayscale": "grayscale"}
+
+
 def _call_site(run, fix: Sequence[Change]) -> str:
     """Where the shipped code called the module a fix's first change acts on, when the runner saw it."""
     sites = getattr(run, "call_sites", None) or {}
@@ -967,22 +1080,12 @@ def _embedding_score(prober: _Prober, spec: Spec) -> dict[str, Any]:
 
 
 def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
-    """The shipped code's full observation (every row, the rows it raised on included)."""
-    from parity.runners.app import observe, reachable_modules
-
+    """The shipped code's full observation (every row, the rows it raised on included), as its runner makes it."""
     candidate = spec.candidate
     if candidate.kind == "python":
-        from parity.runners.python_app import argument, default_inputs, load_function
-        from parity.runners.app import function_roots
+        from parity.runners.python_app import load_function, observe_function
 
-        function = load_function(candidate.target, candidate.python_path)
-        inputs = candidate.inputs or default_inputs(fixture)
-        roots = function_roots(function, candidate.target)
-        return observe("python", lambda row: function(*(argument(n, row) for n in inputs)), reachable_modules(roots),
-                       fixture, output_key=candidate.output_key, what=candidate.target)
-    from parity.runners.endpoint import load_handler, request
+        return observe_function(spec, fixture, load_function(candidate.target, candidate.python_path))
+    from parity.runners.endpoint import load_handler, observe_handler
 
-    handler = load_handler(Path(candidate.target))
-    roots = {"handler": handler, **{f"handler.{k}": v for k, v in vars(handler).items()}}
-    return observe("endpoint_handler", lambda row: handler(request(row, candidate.send)), reachable_modules(roots),
-                   fixture, output_key=candidate.output_key, what="the handler")
+    return observe_handler(spec, fixture, load_handler(Path(candidate.target)))

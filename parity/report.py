@@ -7,6 +7,7 @@ import enum
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,10 @@ def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
                            style="bold green"))
     for note in diagnosis.notes:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
+    for finding in diagnosis.findings:
+        console.print("\n".join(finding_lines(finding)), highlight=False, markup=False, soft_wrap=True)
+    if not diagnosis.reproduced_by and diagnosis.findings:
+        return
     if not diagnosis.reproduced_by:
         if diagnosis.stage == "head":
             console.print("No change to the spec's preprocessing or backbone is needed: the head stage differs.",
@@ -376,7 +381,9 @@ def render_service(diagnosis: ServiceDiagnosis, console: Console) -> None:
     console.print(f"The logged values are reproduced ({state}) by the spec with:")
     for cause in diagnosis.causes:
         console.print(f"    {cause.words}", highlight=False, markup=False, soft_wrap=True)
-    console.print("That is the configuration the service runs; deploy the spec's values instead.", highlight=False)
+    for line in diagnosis.shipped_fix:
+        console.print(textwrap.indent(line, "    ") if "\n" in line else line, highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 def diagnosis_lead(diagnosis: Diagnosis) -> tuple[str, str, str]:
@@ -386,24 +393,16 @@ def diagnosis_lead(diagnosis: Diagnosis) -> tuple[str, str, str]:
     spec change found by search describes what the shipped code does: the fix goes into the shipped
     code, and the TOML is the alternative of rebuilding the fixture. For a spec candidate the TOML is the fix.
     """
-    finding = diagnosis.report.cause
+    finding = diagnosis.report.cause or next(iter(diagnosis.findings), None)
     toml_role = ("If the shipped code is right, rebuild the fixture with this in the spec" if diagnosis.candidate
                  else "Fix (confirmed: parity check passes with it)" if diagnosis.confirmed
                  else "Fix (NOT confirmed on every sample)")
     if finding is not None:
         where = f" ({finding.where})" if finding.where else ""
         return f"{finding.cause}{where}: {finding.evidence}", finding.fix, toml_role
-    if not diagnosis.fix:
-        return "", "", toml_role
-    causes = {c.change.key: c for c in diagnosis.causes}
-    found = [(change, causes.get(change.key)) for change in diagnosis.fix]
-    if diagnosis.candidate:
-        state = "on every sample" if diagnosis.confirmed else "on the probe samples only"
-        ran = "; ".join(change.toml() + (f" (the reference has {c.current})" if c is not None else "")
-                        for change, c in found)
-        back = "; ".join(f"{f} = {c.current}" for change, c in found if c is not None for f, _ in change.fields[:1])
-        return (f"the shipped code computes what the reference pipeline computes with {ran} (reproduced {state})",
-                "Change the shipped code back to the reference's " + (back or "values"), toml_role)
+    if diagnosis.candidate and diagnosis.shipped_fix:  # not reproduced: what the search moved, said as partial
+        said = [line for line in diagnosis.shipped_fix if not line.startswith(("If ", "and "))]
+        return said[0], " ".join(said[1:]), toml_role
     return "", "", toml_role  # a spec candidate: the TOML below is the fix, in the spec's own terms
 
 
@@ -429,19 +428,19 @@ def render_diagnosis(diagnosis: Diagnosis | ServiceDiagnosis, console: Console) 
         verdict = f"reproduces {goal} on the probe samples" if cause.reproduces else "moves towards it"
         console.print(f"{i}. {cause.words} [{cause.change.origin}; {verdict}]", highlight=False, markup=False,
                       soft_wrap=True)
-    if diagnosis.candidate and diagnosis.fix:
-        state = "on every sample" if diagnosis.confirmed else "on the probe samples only"
-        console.print(Text(f"The spec reproduces the shipped code's numbers ({state}) with the change below. If the "
-                           "shipped code is right, rebuild the fixture with it:", style="bold yellow"))
-        for change in diagnosis.fix:
-            console.print(f"    {change.toml()}", highlight=False, markup=False, soft_wrap=True)
+    if diagnosis.candidate and diagnosis.shipped_fix:
+        for line in diagnosis.shipped_fix:
+            console.print(textwrap.indent(line, "    ") if "\n" in line else line, highlight=False, markup=False,
+                          soft_wrap=True)
     elif diagnosis.candidate:
         console.print(Text("No single spec change reproduces the shipped code's numbers.", style="bold yellow"))
     elif diagnosis.fix:
         state = "confirmed: parity check passes with it" if diagnosis.confirmed else "NOT confirmed on every sample"
         console.print(Text(f"Fix ({state}):", style="bold green" if diagnosis.confirmed else "bold yellow"))
-        for change in diagnosis.fix:
-            console.print(f"    {change.toml()}", highlight=False, markup=False, soft_wrap=True)
+        console.print(textwrap.indent(Change.merged_toml(diagnosis.fix), "    "), highlight=False, markup=False,
+                      soft_wrap=True)
+        for removal in Change.merged_removals(diagnosis.fix):
+            console.print(f"    and {removal} from the spec", highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(Text("No single spec change reproduces the reference.", style="bold yellow"))
     if diagnosis.layer is not None:

@@ -684,6 +684,9 @@ class Diagnosis:
     # code resizes with bilinear; the reference used bicubic. Change the shipped code: ..."), then the
     # alternative: the TOML to rebuild the fixture with if the shipped code is right.
     shipped_fix: tuple[str, ...] = ()
+    # What the diagnosis reproduced, as detectors word it (`Finding`): a spec change or an image change
+    # before the spec's preprocessing under which the reference pipeline computes the candidate's numbers.
+    findings: tuple[Finding, ...] = ()
 
     @property
     def drift(self) -> bool:
@@ -708,6 +711,7 @@ class ServiceDiagnosis:
     notes: tuple[str, ...] = ()
     report: Report | None = None  # the gate on the log as a candidate (stages, [decisions], verdict)
     shipped_fix: tuple[str, ...] = ()  # as `Diagnosis.shipped_fix`: the service departs from the spec
+    findings: tuple[Finding, ...] = ()  # as `Diagnosis.findings`
 
     @property
     def passed(self) -> bool:
