@@ -26,6 +26,7 @@ import http.client
 import json
 import mimetypes
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -236,6 +237,9 @@ def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.nd
     except RecursionError as e:
         raise ServiceError(f"the answer nests too deeply to be outputs: {snippet!r}...") from e
     except ValueError as e:  # not JSON, not UTF-8, or an integer longer than Python reads (4300 digits)
+        if "integer string conversion" in str(e):
+            raise ServiceError(f"the answer holds an integer of more than {sys.get_int_max_str_digits()} digits: "
+                               f"not an output: {snippet!r}...") from e
         raise ServiceError(f"the answer is not JSON ({str(e)[:200]}): {snippet!r}") from e
     key = output_key or "outputs"
     embedding = None
