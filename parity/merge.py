@@ -116,6 +116,11 @@ def _differ(what: str, values: Sequence[str], sources: Sequence[str], fix: str) 
         raise SpecError(f"the partial reports were made from different {what} ({listed}): {fix}")
 
 
+def _short(version: str) -> str:
+    """A digest's first 16 hex digits (enough to tell two apart); anything else as it is."""
+    return version[:16] if len(version) == 64 and all(c in "0123456789abcdef" for c in version) else version
+
+
 def _check_complete(reports: Sequence[Partial], sources: Sequence[str]) -> list[Shard]:
     shards = [_shard(r) for r in reports]
     if not shards:
@@ -130,10 +135,10 @@ def _check_complete(reports: Sequence[Partial], sources: Sequence[str]) -> list[
         raise SpecError(f"the partial reports come from different shardings: N = {sorted(counts)}")
     versions = [read_part_version(s.version) for s in shards]
     again = "run every shard on the same fixture and spec, then merge"
-    _differ("fixture data", [f"{s.of} samples, data version {v['fixture'][:16]}" for s, v in zip(shards, versions)],
+    _differ("fixture data", [f"{s.of} samples, data version {_short(v['fixture'])}" for s, v in zip(shards, versions)],
             sources, again)
     if all(v["spec"] for v in versions):  # contents decide; the same file may sit at other paths on other machines
-        _differ("spec contents", [f"spec sha256 {v['spec'][:16]}" for v in versions], sources,
+        _differ("spec contents", [f"spec sha256 {_short(v['spec'])}" for v in versions], sources,
                 "the spec file changed between the shards' runs; " + again)
     else:  # parts written before they carried the spec's digest: its path is all there is
         _differ("specs", [(r.report if isinstance(r, Diagnosis) else r).spec for r in reports], sources, again)

@@ -48,7 +48,8 @@ def made(tmp_path_factory) -> dict:
     spec_path = write_spec(root, DRIFT)
     spec = load_spec(spec_path)
     checks = [run_check(spec, shard=(i, SHARDS)) for i in range(1, SHARDS + 1)]
-    assert not run_check(spec).passed  # a drift with flips: the verdict is worth keeping stable
+    whole = run_check(spec)
+    assert not whole.passed  # a drift with flips: the verdict is worth keeping stable
     from parity.variants import run_matrix
 
     axes = {"interpolation": ("bicubic", "bilinear"), "device": ("cpu",), "dtype": ("float32",)}
@@ -59,7 +60,7 @@ def made(tmp_path_factory) -> dict:
                            (shared if i % 2 else other,), i % 2 == 1, affected=tuple(part.shard.names[:2]),
                            total=part.shard.of, notes=(f"shard note {i}",))
                  for i, part in enumerate(checks)]
-    return {"root": root, "spec": spec_path,
+    return {"root": root, "spec": spec_path, "whole": whole,
             "check": _through_json(checks, root, "check"), "matrix": _through_json(matrices, root, "matrix"),
             "diagnosis": _through_json(diagnoses, root, "diagnosis")}
 
@@ -80,9 +81,9 @@ def test_every_order_of_the_parts_merges_to_one_document(made, kind, data):
 def test_the_merged_verdict_is_the_unsharded_verdict_in_every_order(made):
     import itertools
 
-    whole = run_check(load_spec(made["spec"]))
-    verdicts = {merge_reports([load_partial(p) for p in order]).verdict for order in itertools.permutations(made["check"])}
-    assert verdicts == {whole.verdict}
+    parts = [load_partial(p) for p in made["check"]]
+    verdicts = {merge_reports(list(order)).verdict for order in itertools.permutations(parts)}
+    assert verdicts == {made["whole"].verdict}
 
 
 def test_parts_of_one_spec_file_edited_between_shards_do_not_merge(made, tmp_path):
@@ -100,7 +101,7 @@ def test_the_same_spec_contents_at_another_path_merge(made, tmp_path):
     elsewhere = Path(shutil.copy(made["spec"], tmp_path / "checked-out-elsewhere.toml"))
     parts = [run_check(load_spec(made["spec"]), shard=(1, 2)), run_check(load_spec(elsewhere), shard=(2, 2))]
     merged = merge_reports([load_partial(p) for p in _through_json(parts, tmp_path, "part")])
-    assert merged.verdict == run_check(load_spec(made["spec"])).verdict
+    assert merged.verdict == made["whole"].verdict
 
 
 def test_parts_written_before_they_carried_digests_are_compared_by_path(made, tmp_path):

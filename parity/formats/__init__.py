@@ -86,7 +86,7 @@ def render_saved(data: dict[str, Any], fmt: str, *, source: str) -> str:
     try:
         return render(data)
     except KeyError as e:
-        problem = f"it has no {str(e.args[0])[:80]!r} where a {kind} report has one"
+        problem = f"it has no {str(e.args[0] if e.args else e)[:80]!r} where a {kind} report has one"
     except (TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         problem = f"a field has the wrong type or value ({type(e).__name__}: {str(e)[:160]})"
     except RecursionError:
