@@ -610,7 +610,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     from parity.spec import load_spec, parse_candidate
 
     found: list[tuple[str, Path | None]] = []
-    if getattr(args, "spec", None) is not None and args.command != "freeze":
+    if getattr(args, "spec", None) is not None:
         spec = load_spec(args.spec)
         candidate = parse_candidate(args.candidate, base=Path.cwd()) if getattr(args, "candidate", None) else spec.candidate
         found += [("the spec", args.spec), ("the head checkpoint", spec.head.weights),
@@ -675,7 +675,9 @@ def _check_targets(args: argparse.Namespace) -> None:
     checked: set[Path] = set()
     for option, path in targets:
         shown = f"{option} {path}" if option != "--report" else f"--report {path.parent} ({path.name})"
-        if path.is_symlink():
+        # A link to a file (or to nothing yet) would have parity write where the link points; a link to a
+        # stream (/dev/stdout) writes no file.
+        if path.is_symlink() and (not path.exists() or path.is_file() or path.is_dir()):
             raise SpecError(f"{shown} is a symbolic link (to {os.readlink(path)}): parity does not write through links; "
                             "remove the link or name another path")
         if path.is_dir():
@@ -688,6 +690,8 @@ def _check_targets(args: argparse.Namespace) -> None:
                 where = "is" if resolved == protected else "is inside"
                 raise SpecError(f"{shown} {where} {what} ({protected}): parity never overwrites what it reads; "
                                 "write the report elsewhere")
+        if path.exists() and not path.is_file():
+            continue  # a device or a pipe: nothing to overwrite, and opening a pipe to try it would wait
         if path.exists():
             try:
                 with open(path, "ab"):  # appends nothing: only asks whether it may be written

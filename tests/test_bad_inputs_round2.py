@@ -210,6 +210,14 @@ def _target_cases(parts: dict[str, Path]) -> list[Case]:
         (t / "r.json").symlink_to(victim)
         return t / "r.json"
 
+    def dangling(t: Path) -> Path:
+        (t / "r.json").symlink_to(t / "created-through-the-link.json")
+        return t / "r.json"
+
+    def to_stream(t: Path) -> Path:
+        (t / "out.md").symlink_to(os.devnull)
+        return t / "out.md"
+
     def report_dir_with_link(t: Path) -> Path:
         (t / "reports").mkdir()
         victim = t / "victim.txt"
@@ -247,6 +255,10 @@ def _target_cases(parts: dict[str, Path]) -> list[Case]:
              says=("is the spec",), refused=True),
         Case("--json through a symbolic link", lambda t: ["check", "--spec", str(_spec(t)), "--json", str(linked(t))],
              says=("symbolic link",), refused=True),
+        Case("--json through a link to nothing yet", lambda t: [
+            "check", "--spec", str(_spec(t)), "--json", str(dangling(t))], says=("symbolic link",), refused=True),
+        Case("report --md through a link to a stream (/dev/null), which writes no file", lambda t: [
+            "report", str(_copy(parts["p1"], t, "report.json")), "--md", str(to_stream(t))], expect=(0,)),
         Case("--report with report.md a symbolic link", lambda t: [
             "check", "--spec", str(_spec(t)), "--report", str(report_dir_with_link(t))], says=("symbolic link",),
              refused=True),
