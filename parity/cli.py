@@ -612,7 +612,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path | None]] = []
     if getattr(args, "spec", None) is not None:
         spec = load_spec(args.spec)
-        candidate = parse_candidate(args.candidate, base=Path.cwd()) if getattr(args, "candidate", None) else spec.candidate
+        candidate = (parse_candidate(args.candidate, base=Path.cwd()) if getattr(args, "candidate", None)
+                     else spec.candidate)
         found += [("the spec", args.spec), ("the head checkpoint", spec.head.weights),
                   ("the backbone checkpoint", spec.backbone.checkpoint),
                   ("the candidate", Path(candidate.target) if candidate.kind in ("onnx", "logged", "endpoint_handler")
@@ -678,8 +679,8 @@ def _check_targets(args: argparse.Namespace) -> None:
         # A link to a file (or to nothing yet) would have parity write where the link points; a link to a
         # stream (/dev/stdout) writes no file.
         if path.is_symlink() and (not path.exists() or path.is_file() or path.is_dir()):
-            raise SpecError(f"{shown} is a symbolic link (to {os.readlink(path)}): parity does not write through links; "
-                            "remove the link or name another path")
+            raise SpecError(f"{shown} is a symbolic link (to {os.readlink(path)}): parity does not write through "
+                            "links; remove the link or name another path")
         if path.is_dir():
             raise SpecError(f"{shown} is a directory; name a file to write the report to")
         if option == "--json" and not path.parent.is_dir():

@@ -161,8 +161,9 @@ def _url_cases(services: dict[str, str]) -> list[Case]:
     # Three samples time out, then the rest are not sent (GIVE_UP_AFTER): ~3 timeouts, never 17 or unbounded.
     trickle_limit = int(http_runner.GIVE_UP_AFTER * CLI_TIMEOUT * 2 + 20)
     return [
-        Case("url trickling one byte every 0.5 s", check(services["trickle"], f"timeout = {CLI_TIMEOUT}\nretries = 0\n"),
-             expect=(1,), says=(f"no answer within {CLI_TIMEOUT:g} s (timeout)", "not sent"), seconds=trickle_limit),
+        Case("url trickling one byte every 0.5 s",
+             check(services["trickle"], f"timeout = {CLI_TIMEOUT}\nretries = 0\n"), expect=(1,),
+             says=(f"no answer within {CLI_TIMEOUT:g} s (timeout)", "not sent"), seconds=trickle_limit),
         Case("url answers numeric strings", check(services["strings"]), expect=(1,),
              says=("is not a list of numbers (JSON numbers, not strings",)),
         Case("url answer nested 100000 deep", check(services["nested"]), expect=(1,), says=("nests too deeply",)),
@@ -292,7 +293,8 @@ def _reader_cases(parts: dict[str, Path]) -> list[Case]:
         Case("report --junit of a body whose stages are numbers", lambda t: [
             "report", str(_edited(parts["p1"], t, lambda d: d.update(stages=[1, 2]))), "--junit", str(t / "j.xml")],
              says=("does not match its kind",)),
-        Case("merge part nested 100000 deep", merge_with(lambda t: _raw(t, DEEP)), says=("part.json", "nests too deeply")),
+        Case("merge part nested 100000 deep", merge_with(lambda t: _raw(t, DEEP)),
+             says=("part.json", "nests too deeply")),
         Case("merge part not UTF-8", merge_with(lambda t: _raw(t, b'{"kind": "\xff"}')),
              says=("part.json", "not a JSON report")),
         Case("merge parts of different spec contents at one path", lambda t: [
@@ -388,8 +390,8 @@ def test_any_hash_cache_is_used_or_ignored_never_an_error(tmp_path_factory, cont
         assert cached(target, "sha256", lambda: "fresh", valid=check) == "fresh"
         # This file's own entry, holding anything, stored at any time: used only when it passes the check.
         key = _key("sha256", str(target.resolve()), target.resolve().stat(), None)
-        (directory / CACHE_FILE).write_text(json.dumps({"format": 1, "entries": {key: {"value": stored, "stored": when},
-                                                                                  "other": {"value": 1, "stored": when}}}))
+        entries = {key: {"value": stored, "stored": when}, "other": {"value": 1, "stored": when}}
+        (directory / CACHE_FILE).write_text(json.dumps({"format": 1, "entries": entries}))
         value = cached(target, "sha256", lambda: "fresh", valid=check)
         assert value == "fresh" or value == stored and check(stored)
 
@@ -401,7 +403,8 @@ def documents(parts) -> list[dict]:
     from parity.calibrate import Calibration, Run
     from parity.report import document
 
-    calibration = Calibration("cpu", "float32", (Run(1, 1),), 4.0, {"embedding": {"max_abs": 2e-7, "min_cosine": 0.99999999}})
+    noise = {"embedding": {"max_abs": 2e-7, "min_cosine": 0.99999999}}
+    calibration = Calibration("cpu", "float32", (Run(1, 1),), 4.0, noise)
     return [json.loads(parts["p1"].read_text()), json.loads(json.dumps(document(_drift_with_names(["a.png"])))),
             json.loads(json.dumps(document(calibration)))]
 
