@@ -14,7 +14,7 @@ from parity.fixtures import Fixture, files_version, load_fixture, verify_referen
 from parity.results import CandidateRun, Report, Shard
 from parity.runners import run_candidate
 from parity.sampling import sample_fixture
-from parity.shards import pack_vectors, shard_fixture
+from parity.shards import pack_vectors, part_version, shard_fixture
 from parity.spec import Spec
 
 
@@ -76,7 +76,8 @@ def partial_report(report: Report, shard: tuple[int, int], samples: Sequence[tup
         vectors = pack_vectors(run.embeddings, judged.embeddings[list(run.rows)], [judged.names[i] for i in run.rows])
     return replace(report, shard=Shard(
         index=shard[0], count=shard[1], of=whole, rows=tuple(r for r, _ in samples), names=tuple(n for _, n in samples),
-        runner=run.runner, version=files_version(judged.manifest) if "files" in judged.manifest else str(judged.root),
+        runner=run.runner, version=part_version(files_version(judged.manifest) if "files" in judged.manifest
+                                                else str(judged.root), spec.path),
         max_flip_rate=spec.decisions.max_flip_rate, vectors=vectors))
 
 

@@ -550,7 +550,7 @@ def _merge(args: argparse.Namespace, console: Console) -> int:
     from parity.report import render_diagnosis, render_matrix, render_report, write_json
     from parity.results import Diagnosis, MatrixReport
 
-    report = merge_reports([load_partial(path) for path in args.parts])
+    report = merge_reports([load_partial(path) for path in args.parts], sources=args.parts)
     render = render_matrix if isinstance(report, MatrixReport) else render_diagnosis if isinstance(report, Diagnosis) \
         else render_report
     render(report, console)
@@ -622,33 +622,127 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
     return EXIT_PASS
 
 
-def _check_output_path(path: Path | None) -> None:
-    """Refuse an output path that cannot be written before any work is done (not after a verdict)."""
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """What the command reads and must never overwrite: ``(what, path)``; a fixture directory
+    protects everything under it (its manifest.json first of all)."""
+    from parity.spec import load_spec, parse_candidate
+
+    found: list[tuple[str, Path | None]] = []
+    if getattr(args, "spec", None) is not None:
+        spec = load_spec(args.spec)
+        candidate = (parse_candidate(args.candidate, base=Path.cwd()) if getattr(args, "candidate", None)
+                     else spec.candidate)
+        found += [("the spec", args.spec), ("the head checkpoint", spec.head.weights),
+                  ("the backbone checkpoint", spec.backbone.checkpoint),
+                  ("the candidate", Path(candidate.target) if candidate.kind in ("onnx", "logged", "endpoint_handler")
+                   else None),
+                  ("the fixture directory", args.fixtures if args.fixtures is not None else spec.fixtures)]
+    found += [("the logged samples", getattr(args, "logged", None))]
+    found += [("a partial report", part) for part in getattr(args, "parts", None) or ()]
+    if args.command == "report":
+        found.append(("the report being rendered", args.json_file))
+    if args.command == "explain-preprocess":
+        found += [("a preprocessing source", Path(text)) for text in (args.a, args.b)]
+    return [(what, path) for what, path in found if path is not None and Path(path).exists()]
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Every file the command will write: ``(option, path)``."""
+    from parity.formats import FILES
+
+    targets = [("--json", args.json_path)] if getattr(args, "json_path", None) is not None else []
+    if getattr(args, "report_dir", None) is not None:
+        targets += [("--report", args.report_dir / name) for name in FILES.values()]
+    if args.command == "report":
+        targets += [(f"--{name}", getattr(args, name)) for name in ("md", "html", "junit")
+                    if getattr(args, name) is not None]
+    return targets
+
+
+def _writable_directory(directory: Path) -> str:
+    """Why files cannot be created in ``directory`` (made with its parents if missing), or "" if they can."""
+    import tempfile
+
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:  # try it: permission bits do not tell (root, read-only mounts, ACLs)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".parity-write-test.")
+    except OSError as e:
+        return f"{existing} is not writable ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return ""
+
+
+def _check_targets(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot or must not be written, before any work is done (not after a verdict):
+    a missing or read-only directory, a directory where a file goes, a symbolic link (parity never writes
+    through one), and anything inside the fixture or that is one of the command's own inputs.
+
+    Raises:
+        SpecError: the option and path that cannot be written, and why.
+    """
     from parity.errors import SpecError
 
-    if path is None:
+    targets = _targets(args)
+    if not targets:
         return
-    if path.is_dir():
-        raise SpecError(f"--json {path} is a directory; name a file to write the report to")
-    if not path.parent.is_dir():
-        raise SpecError(f"--json {path}: directory {path.parent} does not exist; create it or choose another path")
-    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
-        raise SpecError(f"--json {path}: not writable by this user")
+    inputs = [(what, Path(path).resolve()) for what, path in _inputs(args)]
+    checked: set[Path] = set()
+    for option, path in targets:
+        shown = f"{option} {path}" if option != "--report" else f"--report {path.parent} ({path.name})"
+        # A link to a file (or to nothing yet) would have parity write where the link points; a link to a
+        # stream (/dev/stdout) writes no file.
+        if path.is_symlink() and (not path.exists() or path.is_file() or path.is_dir()):
+            raise SpecError(f"{shown} is a symbolic link (to {os.readlink(path)}): parity does not write through "
+                            "links; remove the link or name another path")
+        if path.is_dir():
+            raise SpecError(f"{shown} is a directory; name a file to write the report to")
+        if option == "--json" and not path.parent.is_dir():
+            raise SpecError(f"{shown}: directory {path.parent} does not exist; create it or choose another path")
+        resolved = path.resolve()
+        for what, protected in inputs:
+            if resolved == protected or protected.is_dir() and protected in resolved.parents:
+                where = "is" if resolved == protected else "is inside"
+                raise SpecError(f"{shown} {where} {what} ({protected}): parity never overwrites what it reads; "
+                                "write the report elsewhere")
+        if path.exists() and not path.is_file():
+            continue  # a device or a pipe: nothing to overwrite, and opening a pipe to try it would wait
+        if path.exists():
+            try:
+                with open(path, "ab"):  # appends nothing: only asks whether it may be written
+                    pass
+            except OSError as e:
+                raise SpecError(f"{shown}: not writable ({e.strerror or e})") from e
+        elif path.parent not in checked:
+            why = _writable_directory(path.parent)
+            if why:
+                raise SpecError(f"{shown}: cannot be written: {why}")
+            checked.add(path.parent)
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from parity.formats import load_document, render_html, render_junit, render_markdown
+    from parity.errors import ReportError
+    from parity.formats import load_document, render_saved
 
     data = load_document(args.json_file)
-    outputs = [(path, render) for path, render in ((args.md, render_markdown), (args.html, render_html),
-                                                   (args.junit, render_junit)) if path is not None]
+    outputs = [(path, fmt) for path, fmt in ((args.md, "md"), (args.html, "html"), (args.junit, "junit"))
+               if path is not None]
     if not outputs:
         # Markdown as it is, no rich wrapping: it may be piped into a comment.
-        sys.stdout.write(render_markdown(data))
+        sys.stdout.write(render_saved(data, "md", source=str(args.json_file)))
         return EXIT_PASS
-    for path, render in outputs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(data), encoding="utf-8")
+    # Every format first: a document that does not render leaves no file half written.
+    rendered = [(path, render_saved(data, fmt, source=str(args.json_file))) for path, fmt in outputs]
+    for path, text in rendered:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise ReportError(f"cannot write {path}: {e.strerror or e}") from e
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     return EXIT_PASS
 
@@ -664,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.errors import ParityError
 
     try:
-        _check_output_path(getattr(args, "json_path", None))
+        _check_targets(args)
         if args.command in ("check", "matrix", "diagnose", "calibrate"):
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)

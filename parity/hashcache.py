@@ -64,7 +64,7 @@ def _read(file: Path) -> dict[str, Any]:
         if file.stat().st_size > _MAX_BYTES:
             return {}
         data = json.loads(file.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON (nor UTF-8), nested past the parser
         return {}
     if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("entries"), dict):
         return {}
@@ -82,8 +82,8 @@ def _write(file: Path, entries: dict[str, Any]) -> None:
             json.dump({"format": _FORMAT, "entries": kept}, f)
         os.replace(tmp, file)
         tmp = None
-    except (OSError, TypeError, ValueError):
-        pass  # a read-only home, a full disk: the next run hashes again
+    except (OSError, TypeError, ValueError, RecursionError):
+        pass  # a read-only home, a full disk, an entry read back that cannot be written: the next run hashes again
     finally:
         if tmp is not None:
             try:
@@ -107,7 +107,7 @@ def cached(path: str | Path, kind: str, compute: Callable[[], T], *, settings: A
     key = _key(kind, resolved, before, settings)
     file = cache_dir() / CACHE_FILE
     entries = _read(file)
-    if key in entries and valid(entries[key]["value"]):
+    if key in entries and _valid(valid, entries[key]["value"]):
         return entries[key]["value"]
     value = compute()
     after = _identity(Path(path))
@@ -120,6 +120,18 @@ def cached(path: str | Path, kind: str, compute: Callable[[], T], *, settings: A
     return value
 
 
+def _valid(valid: Callable[[Any], bool], value: Any) -> bool:
+    """Whether a stored value may be used: a check that fails on what a damaged cache holds says no."""
+    try:
+        return bool(valid(value))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError):
+        return False
+
+
 def _stored(entry: dict[str, Any]) -> float:
     stored = entry.get("stored")
-    return float(stored) if isinstance(stored, (int, float)) else 0.0
+    try:
+        when = float(stored) if isinstance(stored, (int, float)) and not isinstance(stored, bool) else 0.0
+    except OverflowError:  # an integer beyond float: not a time this cache wrote
+        return 0.0
+    return when if when == when else 0.0  # NaN sorts nowhere

@@ -5,7 +5,9 @@ of the parts, the mean weighted by element count, the worst samples of the union
 error and flip in sample order, and the decisions' flip-rate bounds recomputed over all
 decisions. Decisions over pairs of samples (verification) are judged again from the
 embeddings the partial reports carry. A matrix merges cell by cell. Only a complete set of
-shards of one run merges.
+shards of one run merges: one part per shard, all made from the same fixture data and the same
+spec contents (the digests each part records). The parts are taken in shard order, so the
+order they are given in changes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from parity.decisions import verification_flips
 from parity.errors import SpecError
 from parity.results import (REPORT_SCHEMA_VERSION, CellResult, DecisionFlips, Diagnosis, MatrixReport, Report, Shard,
                             StageResult, Status, from_plain)
-from parity.shards import unpack_vectors
+from parity.shards import read_part_version, unpack_vectors
 
 __all__ = ["load_partial", "merge_reports"]
 
@@ -40,11 +42,13 @@ def load_partial(path: str | Path) -> Partial:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes())
     except OSError as e:
         raise SpecError(f"cannot read partial report {path}: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"{path} is not a JSON report: {e}") from e
+    except RecursionError as e:
+        raise SpecError(f"{path} nests too deeply to be a parity report") from e
+    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's digit limit
+        raise SpecError(f"{path} is not a JSON report: {str(e)[:200]}") from e
     if not isinstance(data, dict):
         raise SpecError(f"{path} is not a `parity check --json` report")
     if data.get("schema_version", REPORT_SCHEMA_VERSION) != REPORT_SCHEMA_VERSION:
@@ -59,20 +63,65 @@ def load_partial(path: str | Path) -> Partial:
                         f"`parity {kind} --shard I/N --json PART.json`")
     try:
         part = from_plain(_KINDS[kind], data)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise SpecError(f"{path}: not a report this version of parity wrote: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise SpecError(f"{path}: not a report this version of parity wrote: {str(e)[:200]}") from e
     check = part.report if isinstance(part, Diagnosis) else part
     if isinstance(check, Report) and tuple(s.stage for s in check.stages) != STAGE_ORDER:
         raise SpecError(f"{path}: its stages are not {', '.join(STAGE_ORDER)}: not a report this version of "
                         "parity wrote")
+    _check_vectors(path, part)
     return part
+
+
+def _check_vectors(path: Path, part: Partial) -> None:
+    """The embeddings a part carries for pair decisions must be what its own stages say they are:
+    the reference's are finite (a fixture holds no NaN), and the candidate's are non-finite only
+    where its embedding stage counted non-finite values. Otherwise NaN would be judged as flips.
+
+    Raises:
+        SpecError: the vectors do not decode, or hold NaN or infinity the part's stages do not account for.
+    """
+    shard = _shard(part)
+    if shard is None or shard.vectors is None:
+        return
+    try:
+        candidate, reference = unpack_vectors(shard.vectors)
+    except (SpecError, ValueError) as e:
+        raise SpecError(f"{path}: {e}: not a report this version of parity wrote") from e
+    check = part.report if isinstance(part, Diagnosis) else part
+    embedding = check.stage("embedding").comparison if isinstance(check, Report) else None
+    counted = embedding.nonfinite if embedding is not None else 0
+    bad = int((~np.isfinite(candidate)).sum())
+    if not np.isfinite(reference).all() or bad > counted:
+        raise SpecError(f"{path}: its embeddings for pair decisions hold NaN or infinite values "
+                        f"({bad} in the candidate's, {int((~np.isfinite(reference)).sum())} in the reference's) that "
+                        "its embedding stage does not report: the part is damaged; run its shard again")
 
 
 def _shard(part: Partial) -> Shard | None:
     return part.report.shard if isinstance(part, Diagnosis) else part.shard
 
 
-def _check_complete(reports: Sequence[Partial]) -> list[Shard]:
+def _differ(what: str, values: Sequence[str], sources: Sequence[str], fix: str) -> None:
+    """Refuse parts whose ``values`` differ, naming which part has which.
+
+    Raises:
+        SpecError: more than one distinct value.
+    """
+    groups: dict[str, list[str]] = {}
+    for value, source in zip(values, sources):
+        groups.setdefault(value, []).append(source)
+    if len(groups) > 1:
+        listed = "; ".join(f"{', '.join(names)}: {value or 'not recorded'}" for value, names in groups.items())
+        raise SpecError(f"the partial reports were made from different {what} ({listed}): {fix}")
+
+
+def _short(version: str) -> str:
+    """A digest's first 16 hex digits (enough to tell two apart); anything else as it is."""
+    return version[:16] if len(version) == 64 and all(c in "0123456789abcdef" for c in version) else version
+
+
+def _check_complete(reports: Sequence[Partial], sources: Sequence[str]) -> list[Shard]:
     shards = [_shard(r) for r in reports]
     if not shards:
         raise SpecError("parity merge needs the partial reports of every shard")
@@ -84,12 +133,16 @@ def _check_complete(reports: Sequence[Partial]) -> list[Shard]:
     counts = {s.count for s in shards}
     if len(counts) > 1:
         raise SpecError(f"the partial reports come from different shardings: N = {sorted(counts)}")
-    specs = {(r.report if isinstance(r, Diagnosis) else r).spec for r in reports}
-    for what, values in (("fixture", {(s.of, s.version) for s in shards}), ("spec", specs),
-                         ("candidate", {s.runner for s in shards})):
-        if len(values) > 1:
-            raise SpecError(f"the partial reports are of different {what}s ({len(values)} distinct): "
-                            "merge the shards of one run")
+    versions = [read_part_version(s.version) for s in shards]
+    again = "run every shard on the same fixture and spec, then merge"
+    _differ("fixture data", [f"{s.of} samples, data version {_short(v['fixture'])}" for s, v in zip(shards, versions)],
+            sources, again)
+    if all(v["spec"] for v in versions):  # contents decide; the same file may sit at other paths on other machines
+        _differ("spec contents", [f"spec sha256 {_short(v['spec'])}" for v in versions], sources,
+                "the spec file changed between the shards' runs; " + again)
+    else:  # parts written before they carried the spec's digest: its path is all there is
+        _differ("specs", [(r.report if isinstance(r, Diagnosis) else r).spec for r in reports], sources, again)
+    _differ("candidates", [s.runner for s in shards], sources, again)
     seen = sorted(s.index for s in shards)
     repeated = sorted({i for i in seen if seen.count(i) > 1})
     if repeated:
@@ -101,13 +154,20 @@ def _check_complete(reports: Sequence[Partial]) -> list[Shard]:
     return shards
 
 
-def merge_reports(reports: Sequence[Partial]) -> Partial:
-    """The report of the whole sample set from every shard's partial report.
+def merge_reports(reports: Sequence[Partial], *, sources: Sequence[str | Path] | None = None) -> Partial:
+    """The report of the whole sample set from every shard's partial report, in any order.
+
+    ``sources`` name the parts in messages (their files); by default ``part 1``, ``part 2``...
 
     Raises:
-        SpecError: a shard missing or given twice, or parts of different runs.
+        SpecError: a shard missing or given twice, or parts of different runs (fixture data, spec
+            contents or candidate).
     """
-    shards = _check_complete(reports)
+    names = [str(s) for s in sources] if sources is not None else [f"part {i}" for i in range(1, len(reports) + 1)]
+    _check_complete(reports, names)
+    # Shard order, whatever the argument order: every "first" below is then the same part.
+    reports = sorted(reports, key=lambda r: _shard(r).index)
+    shards = [_shard(r) for r in reports]
     order: dict[str, int] = {}
     for shard in shards:
         for name, row in zip(shard.names, shard.rows):

@@ -4,12 +4,16 @@ A row belongs to shard ``int(sha256(content), 16) % N``, where the content is th
 image file (the fixture's manifest records it; a logged image is hashed once). The assignment
 depends on nothing but the row itself: adding a sample moves no other sample to another shard,
 and the same fixture gives the same shards on every machine. `parity.merge` puts the partial
-reports back together.
+reports back together; each part records what it was made from (`part_version`: the fixture's
+data version and the sha256 of the spec file's bytes), and parts made from different inputs
+do not merge.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +24,8 @@ from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow, sha256_file
 from parity.results import ShardVectors
 
-__all__ = ["parse_shard", "row_key", "shard_rows", "shard_fixture", "pack_vectors", "unpack_vectors"]
+__all__ = ["parse_shard", "row_key", "shard_rows", "shard_fixture", "pack_vectors", "unpack_vectors", "part_version",
+           "read_part_version"]
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -94,3 +99,29 @@ def unpack_vectors(vectors: ShardVectors) -> tuple[np.ndarray, np.ndarray]:
         out.append(np.frombuffer(raw, dtype="<f4").reshape(len(vectors.names), vectors.width).astype(np.float32))
     return out[0], out[1]
 
+
+
+def part_version(fixture_version: str, spec_path: str | Path) -> str:
+    """What a partial report was made from, as its ``Shard.version``: the fixture's data version and
+    the sha256 of the spec file's bytes (empty when the spec has no file), as a small JSON object.
+
+    A merge compares contents, not paths: the same spec file edited between two shards' runs is
+    another spec, and the same bytes checked out at another path on another machine are the same.
+    """
+    try:
+        spec = hashlib.sha256(Path(spec_path).read_bytes()).hexdigest()
+    except OSError:
+        spec = ""
+    return json.dumps({"fixture": fixture_version, "spec": spec}, sort_keys=True)
+
+
+def read_part_version(version: str) -> dict[str, str]:
+    """``{"fixture": ..., "spec": ...}`` from a ``Shard.version`` (`part_version`); a version written
+    before parts carried the spec's digest is the fixture's alone (``spec`` empty)."""
+    try:
+        data = json.loads(version) if version.startswith("{") else None
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("fixture", "spec")):
+        return {"fixture": data["fixture"], "spec": data["spec"]}
+    return {"fixture": version, "spec": ""}

@@ -26,7 +26,7 @@ from parity.libraries import extract_embeddings
 from parity.libraries import get as library
 from parity.preprocess import create_preprocess
 from parity.results import Cell, CellResult, MatrixReport, Shard, Status, Tolerance
-from parity.shards import shard_fixture
+from parity.shards import part_version, shard_fixture
 from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
 from parity.tolerance import cell_tolerance
 
@@ -234,7 +234,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
         whole = len(fixture.rows)
         fixture, picked = shard_fixture(fixture, *shard)
         shard_record = Shard(index=shard[0], count=shard[1], of=whole, rows=tuple(picked), names=tuple(fixture.names),
-                             runner="matrix", version=files_version(fixture.manifest))
+                             runner="matrix", version=part_version(files_version(fixture.manifest), spec.path))
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
     engine = _Engine(pipeline, spec.runtime.batch_size)

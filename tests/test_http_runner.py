@@ -7,12 +7,9 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,53 +21,10 @@ from parity.errors import SpecError
 from parity.fixtures import load_fixture
 from parity.results import Status, Verdict
 from parity.spec import load_spec
-from tests.conftest import EXAMPLE_FIXTURES, ROOT, write_spec
+from tests.conftest import EXAMPLE_FIXTURES, ROOT
+from tests.support.http_service import answer, free_port, stdlib_service, url_spec
 
 OBSERVABLE_ONLY = ("load", "weights", "pixels", "head")
-
-
-def url_spec(directory: Path, url: str, extra: str = "", name: str = "url.toml") -> Path:
-    path = write_spec(directory, name=name)
-    path.write_text(path.read_text() + f'\n[candidate]\nurl = "{url}"\n{extra}')
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def stdlib_service(respond: Callable[[BaseHTTPRequestHandler, bytes], None]) -> Iterator[str]:
-    """A tiny threaded HTTP server on 127.0.0.1 whose POST handler is ``respond(handler, body)``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-            respond(self, self.rfile.read(int(self.headers.get("Content-Length", 0))))
-
-        def log_message(self, *args) -> None:  # keep the test output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/predict"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def answer(handler: BaseHTTPRequestHandler, status: int, body: bytes, kind: str = "application/json") -> None:
-    handler.send_response(status)
-    handler.send_header("Content-Type", kind)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up first (timeout tests)
-        handler.wfile.write(body)
 
 
 @pytest.fixture(autouse=True)

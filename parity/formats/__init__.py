@@ -14,8 +14,8 @@ from typing import Any
 
 from parity.errors import ReportError
 
-__all__ = ["write_reports", "load_document", "render_markdown", "render_html", "render_junit", "FILES",
-           "KINDS"]
+__all__ = ["write_reports", "load_document", "render_saved", "render_markdown", "render_html", "render_junit",
+           "FILES", "KINDS"]
 
 FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "junit.xml"}
 KINDS = ("check", "matrix", "diagnosis", "service", "calibration")
@@ -61,12 +61,38 @@ def load_document(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes())
     except OSError as e:
-        raise ReportError(f"cannot read {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not JSON ({e}); expected a report.json written by --report") from e
+        raise ReportError(f"cannot read {path}: {e.strerror or e}") from e
+    except RecursionError as e:
+        raise ReportError(f"{path} nests too deeply to be a report.json; expected one written by --report") from e
+    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's digit limit
+        raise ReportError(f"{path} is not a JSON report ({str(e)[:200]}); expected a report.json written by "
+                          "--report") from e
     return _check_document(data, str(path))
+
+
+def render_saved(data: dict[str, Any], fmt: str, *, source: str) -> str:
+    """A saved document (`load_document`) rendered as ``fmt`` (``md``, ``html`` or ``junit``).
+
+    The document's header says its kind; a body that does not have that kind's fields (an edited
+    or truncated file, another tool's JSON with a parity header) cannot be rendered.
+
+    Raises:
+        ReportError: the body does not match its ``kind``: the field the renderer missed or could not read.
+    """
+    render = {"md": render_markdown, "html": render_html, "junit": render_junit}[fmt]
+    kind = data.get("kind")
+    try:
+        return render(data)
+    except KeyError as e:
+        problem = f"it has no {str(e.args[0] if e.args else e)[:80]!r} where a {kind} report has one"
+    except (TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        problem = f"a field has the wrong type or value ({type(e).__name__}: {str(e)[:160]})"
+    except RecursionError:
+        problem = "it nests too deeply"
+    raise ReportError(f"{source}: its body does not match its kind {kind!r}: {problem}. Render the report.json "
+                      "that `parity ... --report DIR` wrote, unedited, with the parity version that wrote it")
 
 
 def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -> dict[str, Path]:

@@ -11,8 +11,10 @@ outputs, or a bare list. An object may also carry ``embedding``, then compared a
 Nothing else of the service is visible: load, weights, pixels and the head are reported as
 not observable.
 
-Every request has ``[candidate].timeout`` seconds; a refused connection, a timeout or a 5xx
-answer is retried ``[candidate].retries`` times with a bounded backoff. What still fails is a
+Every request has ``[candidate].timeout`` seconds in all, from connecting to the last byte of
+the answer (a service that trickles its answer a byte at a time is cut off at the deadline, not
+let through because each read is quick); a refused connection, a timeout or a 5xx answer is
+retried ``[candidate].retries`` times with a bounded backoff. What still fails is a
 per-sample error naming the sample, and after a few consecutive unreachable samples the rest
 are not sent (each gets that error) so that a dead service costs seconds, not minutes.
 """
@@ -24,11 +26,12 @@ import http.client
 import json
 import mimetypes
 import socket
+import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,7 +99,14 @@ def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[st
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
-def _request(url: str, image: Path, biases: Sequence[int], send: str) -> urllib.request.Request:
+@dataclass(frozen=True)
+class _Request:
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def _request(url: str, image: Path, biases: Sequence[int], send: str) -> _Request:
     data = image.read_bytes()
     if send == "json":
         payload: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii")}
@@ -106,33 +116,110 @@ def _request(url: str, image: Path, biases: Sequence[int], send: str) -> urllib.
     else:
         fields = [("input_biases", json.dumps(list(biases)))] if biases else []
         body, kind = encode_multipart(fields, [("image", image.name, data)])
-    return urllib.request.Request(url, data=body, method="POST",
-                                  headers={"Content-Type": kind, "Accept": "application/json"})
+    return _Request(url, body, {"Content-Type": kind, "Accept": "application/json"})
 
 
-# No proxies: fixture images go straight to the named service, never through an environment proxy.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+class _Deadline:
+    """Cuts a connection off when its request's time is up, whatever it is doing then.
+
+    A socket timeout bounds each read, not the request: a service that sends one byte every
+    half second never trips it. A timer that shuts the socket down ends any read or write in
+    progress (the caller then reports the timeout, not the broken read it caused).
+    """
+
+    def __init__(self, connection: http.client.HTTPConnection, timeout: float) -> None:
+        self.connection, self.timeout = connection, timeout
+        self.end = time.monotonic() + timeout
+        self.expired = threading.Event()
+        self._timer = threading.Timer(timeout, self._cut)
+        self._timer.daemon = True
+
+    def _cut(self) -> None:
+        self.expired.set()  # before reading .sock: a socket connected after this sees it set
+        sock = self.connection.sock
+        if sock is not None:
+            try:
+                # The plain socket's shutdown, also for TLS: it wakes a blocked read without touching SSL state.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def remaining(self) -> float:
+        """Seconds left; raises TimeoutError when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0 or self.expired.is_set():
+            raise TimeoutError(f"no answer within {self.timeout:g} s")
+        return left
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
 
 
-def _send_once(request: urllib.request.Request, timeout: float) -> bytes:
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    # No proxies (http.client reads no environment): fixture images go straight to the named service.
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return kind(parts.hostname, parts.port, timeout=timeout), target
+
+
+def _read_body(response: http.client.HTTPResponse, deadline: _Deadline, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        sock = deadline.connection.sock
+        if sock is not None:
+            sock.settimeout(deadline.remaining())
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _send_once(request: _Request, timeout: float) -> bytes:
+    """One POST and its answer's body, all within ``timeout`` seconds.
+
+    Raises:
+        ServiceError: no connection, no (complete) answer in time, an HTTP error status, or a broken answer.
+    """
+    connection, target = _connection(request.url, timeout)
+    connected = False
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            body = response.read(MAX_RESPONSE_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        detail = e.read(500).decode("utf-8", "replace").strip() if e.fp is not None else ""
-        raise ServiceError(f"the service answered HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""),
-                           transient=e.code >= 500) from e
-    except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True, unreachable=True) from e
-        raise ServiceError(f"cannot reach {request.full_url}: {reason}", transient=True, unreachable=True) from e
-    except (TimeoutError, socket.timeout) as e:
-        raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True, unreachable=True) from e
-    except (ConnectionError, OSError) as e:  # reset or closed mid-answer
-        raise ServiceError(f"the connection failed: {type(e).__name__}: {e}", transient=True, unreachable=True) from e
-    except http.client.HTTPException as e:  # a broken answer: bad status line, truncated body
-        raise ServiceError(f"a broken HTTP answer: {type(e).__name__}: {e}", transient=True) from e
+        with _Deadline(connection, timeout) as deadline:
+            try:
+                connection.timeout = deadline.remaining()
+                connection.connect()
+                connected = True
+                deadline.remaining()  # the timer may have fired while the socket was being made
+                connection.request("POST", target, body=request.body, headers=request.headers)
+                response = connection.getresponse()
+                body = _read_body(response, deadline, MAX_RESPONSE_BYTES)
+                deadline.remaining()  # a cut-off answer may read as a short one
+            except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as e:
+                if deadline.expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
+                    raise ServiceError(f"no answer within {timeout:g} s (timeout)", transient=True,
+                                       unreachable=True) from e
+                if not connected:
+                    raise ServiceError(f"cannot reach {request.url}: {e}", transient=True, unreachable=True) from e
+                if isinstance(e, http.client.HTTPException):  # a bad status line, a truncated body
+                    raise ServiceError(f"a broken HTTP answer: {type(e).__name__}: {e}", transient=True) from e
+                # reset or closed mid-answer
+                raise ServiceError(f"the connection failed: {type(e).__name__}: {e}", transient=True,
+                                   unreachable=True) from e
+    finally:
+        connection.close()
+    if response.status >= 300:
+        detail = body[:500].decode("utf-8", "replace").strip()
+        where = f" (to {response.getheader('Location')}; set [candidate].url to that address)" \
+            if 300 <= response.status < 400 and response.getheader("Location") else ""
+        raise ServiceError(f"the service answered HTTP {response.status} {response.reason}{where}"
+                           + (f": {detail}" if detail else ""), transient=response.status >= 500)
     if len(body) > MAX_RESPONSE_BYTES:
         raise ServiceError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
     return body
@@ -144,11 +231,16 @@ def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.nd
     Raises:
         ServiceError: not JSON, no outputs under the key, or not a list of finite numbers.
     """
+    snippet = body[:80].decode("utf-8", "replace")
     try:
         answer = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        snippet = body[:80].decode("utf-8", "replace")
-        raise ServiceError(f"the answer is not JSON ({e}): {snippet!r}") from e
+    except RecursionError as e:
+        raise ServiceError(f"the answer nests too deeply to be outputs: {snippet!r}...") from e
+    except ValueError as e:  # not JSON, not UTF-8, or an integer longer than Python reads (4300 digits)
+        if "integer string conversion" in str(e):
+            raise ServiceError(f"the answer holds an integer of more than {sys.get_int_max_str_digits()} digits: "
+                               f"not an output: {snippet!r}...") from e
+        raise ServiceError(f"the answer is not JSON ({str(e)[:200]}): {snippet!r}") from e
     key = output_key or "outputs"
     embedding = None
     if isinstance(answer, dict):
@@ -164,17 +256,35 @@ def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.nd
 
 
 def _vector(values: Any, what: str) -> np.ndarray:
+    """One sample's values: JSON numbers (``null`` reads as NaN), as the log runner reads them; a
+    string such as ``"0.12"`` is not a number (a service that answers strings has a bug of its own)."""
+    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], list):
+        values = values[0]  # a batch of one
+    if not isinstance(values, list) or not values:
+        raise ServiceError(f"{what!r} is not a list of numbers: {_shown(values)}" if not isinstance(values, list)
+                           else f"{what!r} must be one list of numbers per sample, got an empty list")
+    if all(isinstance(v, list) for v in values):
+        raise ServiceError(f"{what!r} must be one list of numbers per sample, got {len(values)} lists")
+    if not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ServiceError(f"{what!r} is not a list of numbers (JSON numbers, not strings, booleans or lists): "
+                           f"{_shown(values)}")
     try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ServiceError(f"{what!r} is not a list of numbers: {str(values)[:80]}") from e
-    if array.ndim == 2 and array.shape[0] == 1:  # a batch of one
-        array = array[0]
-    if array.ndim != 1 or not array.size:
-        raise ServiceError(f"{what!r} must be one list of numbers per sample, got shape {list(array.shape)}")
+        array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        array = np.array([np.inf])
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise ServiceError(f"{what!r} holds non-finite values (NaN or infinity)")
-    return array.astype(np.float32)
+        raise ServiceError(f"{what!r} holds non-finite values (NaN, infinity or null, or a number beyond float32)")
+    return array
+
+
+def _shown(values: Any) -> str:
+    try:
+        text = json.dumps(values)
+    except (ValueError, TypeError, RecursionError):
+        text = type(values).__name__
+    return text[:80]
 
 
 def post_sample(url: str, image: Path, biases: Sequence[int], *, send: str = "multipart", timeout: float = 30.0,

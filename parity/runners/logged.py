@@ -57,6 +57,20 @@ def match_rows(logged: Fixture, fixture: Fixture | None) -> list[int] | None:
     return matched
 
 
+def _require_biases(log: Path, logged: Fixture, fixture: Fixture, outputs: bool) -> None:
+    """A logged output is the answer to a request, and with a head that takes ``input_biases`` the
+    request includes them: a log that does not say them cannot be matched to the fixture's samples.
+
+    Raises:
+        FixtureError: the log has outputs but no input_biases, and the fixture's samples have some.
+    """
+    width = len(fixture.rows[0].input_biases) if fixture.rows else 0
+    if outputs and width and logged.rows and not logged.rows[0].input_biases:
+        raise FixtureError(f"{log}: the logged requests have no input_biases (missing or []), but the fixture's "
+                           f"samples carry {width} each and the head's outputs depend on them: log each request's "
+                           "input_biases with its outputs, or log only embeddings")
+
+
 def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
                    progress: Progress | None = None) -> tuple[Fixture, list[int], list[tuple[str, str]]]:
     """The spec pipeline's embeddings and outputs on the logged images, as a fixture to judge the log against.
@@ -99,9 +113,13 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
     embedded = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
     try:
         outputs = pipeline.run_head(embedded, logged.biases(rows)).numpy() if rows else np.zeros((0, 0), np.float32)
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise FixtureError(f"the spec's head cannot run on the logged samples ({type(e).__name__}: {e}); log each "
-                           "sample's input_biases") from e
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # TypeError: a head called without its biases
+        if logged.outputs.shape[1] == 0:  # the log holds embeddings only: no outputs to compare with
+            outputs = np.zeros((len(rows), 0), np.float32)
+        else:
+            raise FixtureError(f"the spec's head cannot run on the logged samples ({type(e).__name__}: {e})"
+                               + ("; the log has no input_biases: log each request's input_biases"
+                                  if not logged.biases().shape[1] else "")) from e
 
     def full(values: np.ndarray) -> np.ndarray:
         out = np.full((total, values.shape[1]), np.nan, np.float32)
@@ -137,6 +155,7 @@ def run(spec: Spec, fixture: Fixture | None, *, device: str | None = None,
     matched = match_rows(logged, fixture)
     sample_errors: list[tuple[str, str]] = []
     if matched is not None:
+        _require_biases(log, logged, fixture, has["outputs"])
         reference = None
         keep = []
         for j, i in enumerate(matched):

@@ -15,8 +15,12 @@ the same paths on every node, and parity with the same libraries installed there
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import os
+import socket
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -30,22 +34,29 @@ from parity.pipeline import Pipeline, build_pipeline
 from parity.runners.pipeline import BatchResult, batch_rows, embed_batch
 from parity.spec import Spec
 
-__all__ = ["ray_batches", "ray_session", "EmbedActor", "import_ray", "RAY_EXTRA"]
+__all__ = ["ray_batches", "ray_session", "EmbedActor", "import_ray", "check_reachable", "RAY_EXTRA",
+           "RAY_CLIENT_EXTRA"]
 
 Progress = Callable[[int, int], None]
 
 # The optional extra that installs Ray Data, as named in pyproject.toml.
 RAY_EXTRA = "ray"
+# Ray's own extra for ``ray://`` addresses (Ray Client, over gRPC).
+RAY_CLIENT_EXTRA = "ray[client]"
+# Joining a cluster: Ray itself retries an unreachable address for minutes; parity tries a TCP
+# connection this many times, each bounded, before it hands the address to Ray.
+CONNECT_ATTEMPTS, CONNECT_TIMEOUT, CONNECT_BACKOFF = 3, 2.0, 0.5
 
 # One batch's rows as plain values (a FixturePath's sha256 does not survive pickling): (index, name, path, sha256).
 _Row = tuple[int, str, str, str]
 
 
-def import_ray() -> ModuleType:
-    """``ray`` with Ray Data, or say which extra installs it.
+def import_ray(address: str | None = None) -> ModuleType:
+    """``ray`` with Ray Data, or say which extra installs it (also Ray Client for a ``ray://`` ``address``).
 
     Raises:
-        SpecError: Ray (or Ray Data's dependencies) is not installed.
+        SpecError: Ray (or Ray Data's dependencies) is not installed, or ``address`` is ``ray://...``
+            and Ray Client's gRPC is not.
     """
     try:
         import ray
@@ -53,7 +64,46 @@ def import_ray() -> ModuleType:
     except ImportError as e:
         raise SpecError(f"[runtime].engine = 'ray' (--engine ray) needs Ray Data, which is not installed: "
                         f"pip install 'parity[{RAY_EXTRA}]' ({e})") from e
+    if address is not None and address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise SpecError(f"ray_address {address!r} joins through Ray Client, which needs the extra "
+                        f"'{RAY_CLIENT_EXTRA}' (gRPC): pip install '{RAY_CLIENT_EXTRA}', or give the cluster's "
+                        "HOST:PORT (its GCS address) when this machine is one of its nodes")
     return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` or ``ray://HOST:PORT`` (IPv6 in brackets); None for ``auto``,
+    ``local`` and anything without a port (Ray resolves those itself, without retrying a network address)."""
+    rest = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str | None, *, attempts: int = CONNECT_ATTEMPTS, timeout: float = CONNECT_TIMEOUT,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """Refuse a Ray address that takes no connection, after ``attempts`` bounded tries.
+
+    Raises:
+        SpecError: nothing accepts a TCP connection at the address's host and port.
+    """
+    target = _host_port(address) if address else None
+    if target is None:
+        return
+    started, reason = time.monotonic(), ""
+    for attempt in range(attempts):
+        try:
+            with socket.create_connection(target, timeout=timeout):
+                return
+        except OSError as e:
+            reason = f"{type(e).__name__}: {e.strerror or e}" if not isinstance(e, TimeoutError) else \
+                f"no answer within {timeout:g} s"
+        if attempt + 1 < attempts:
+            sleep(CONNECT_BACKOFF * 2 ** attempt)
+    raise SpecError(f"cannot reach the Ray cluster at {address} ({reason}; {attempts} attempts over "
+                    f"{time.monotonic() - started:.1f} s). Start it (`ray start --head`), or fix --ray-address / "
+                    "[runtime].ray_address (leave it unset to start a local Ray instance)")
 
 
 class EmbedActor:
@@ -153,15 +203,23 @@ def ray_session(address: str | None) -> Iterator[ModuleType]:
     an instance this call started is shut down on leaving.
 
     Raises:
-        SpecError: Ray is not installed.
+        SpecError: Ray is not installed, or the cluster cannot be joined (the address takes no
+            connection, Ray refuses it): bounded, never Ray's own unending retries.
     """
-    ray = import_ray()
+    # Without an address, ray.init joins $RAY_ADDRESS when it is set: that one is checked too.
+    joining = address if address is not None else os.environ.get("RAY_ADDRESS") or None
+    ray = import_ray(joining)
     started = False
     if not ray.is_initialized():
-        if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+        check_reachable(joining)
+        try:
+            if address is None:
+                ray.init(include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+            raise SpecError(f"cannot join the Ray cluster at {joining or 'a new local instance'}: "
+                            f"{type(e).__name__}: {e}") from e
         started = True
     try:
         yield ray
@@ -211,7 +269,7 @@ def ray_batches(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | No
     """
     batches = [[(i, row.name, str(row.image), getattr(row.image, "sha256", "")) for i, row in rows]
                for rows in batch_rows(fixture, pipeline.spec.runtime.batch_size)]
-    import_ray()
+    import_ray(pipeline.spec.runtime.ray_address)
     if not batches:
         return
     with ray_session(pipeline.spec.runtime.ray_address) as ray:

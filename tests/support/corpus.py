@@ -1,0 +1,73 @@
+"""Bad-input cases run as command lines in one process (`tests.support.bad_input_runner`), and the checks
+every outcome must pass: the expected exit status, the message naming the problem, no traceback, no
+verdict printed before a refusal, within its time, and every pre-existing byte where it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Case:
+    """One bad input: how to build it (returns the argv), what must come out, and how fast.
+
+    ``refused``: exit 2 before any work is done, so no verdict may be printed; ``seconds``: the
+    case's own time limit (a hang is a failure, recorded by the runner's alarm).
+    """
+
+    name: str
+    build: Callable[[Path], list[str]]
+    expect: tuple[int, ...] = (2,)
+    says: tuple[str, ...] = ()
+    refused: bool = False
+    seconds: int = 60
+
+
+def snapshot(root: Path) -> dict[Path, bytes]:
+    """Every regular file under ``root`` (links not followed) and its bytes."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def changed(before: dict[Path, bytes]) -> list[str]:
+    """The files of a `snapshot` that are gone or hold other bytes now."""
+    return [f"{p}: {'removed' if not p.is_file() else 'changed'}" for p, data in before.items()
+            if not p.is_file() or p.read_bytes() != data]
+
+
+def run_corpus(cases: list[Case], work: Path, *, timeout: float = 600) -> list[str]:
+    """Build and run every case in one runner process; the problems found (empty: all clean)."""
+    runs = []
+    for i, case in enumerate(cases):
+        directory = work / f"case{i}"
+        directory.mkdir()
+        runs.append({"name": case.name, "argv": case.build(directory), "seconds": case.seconds})
+    before = snapshot(work)
+    (work / "cases.json").write_text(json.dumps(runs))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.bad_input_runner", str(work / "cases.json"),
+                           str(work / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return [f"the runner failed:\n{proc.stderr[-3000:]}"]
+    results = {r["name"]: r for r in json.loads((work / "results.json").read_text())}
+    problems = []
+    for case in cases:
+        r = results[case.name]
+        text = r["stdout"] + r["stderr"]
+        if r["escaped"]:
+            problems.append(f"{case.name}: escaped main():\n{r['escaped'][-1500:]}")
+        elif r["rc"] not in case.expect:
+            problems.append(f"{case.name}: exit {r['rc']}, expected {case.expect}\n{text[-1500:]}")
+        elif "Traceback" in text:
+            problems.append(f"{case.name}: printed a traceback\n{text[-1500:]}")
+        elif case.refused and any(word in r["stdout"] for word in ("PARITY", "DRIFT", "NO VERDICT")):
+            problems.append(f"{case.name}: ran before refusing its output target\n{text[-1500:]}")
+        else:
+            problems += [f"{case.name}: output does not say {s!r}\n{text[-1500:]}" for s in case.says if s not in text]
+    problems += [f"data loss: {line}" for line in changed(before) if "cases.json" not in line]
+    return problems
