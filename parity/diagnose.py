@@ -307,7 +307,7 @@ class _Prober:
             return None
         try:
             return embeddings, pipeline.run_head(embeddings, self.fixture.biases(self.rows)).numpy()
-        except (RuntimeError, ValueError, IndexError):
+        except (RuntimeError, ValueError, IndexError, TypeError):  # the head refuses what the probe gives it
             return embeddings, None
 
     def targets(self) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -586,7 +586,7 @@ def _service_stage(spec: Spec, logged: Fixture, prober: _Prober) -> tuple[str, t
     try:  # the spec's head on the service's own embeddings isolates the head
         pipeline = prober.pipeline(spec)
         on_logged = pipeline.run_head(logged.embeddings, logged.biases(list(range(len(logged.rows))))).numpy()
-    except (ParityError, RuntimeError, ValueError, IndexError):
+    except (ParityError, RuntimeError, ValueError, IndexError, TypeError):
         on_logged = None
     gap = "" if on_logged is None or on_logged.shape != logged.outputs.shape else (
         f" (the spec's head on the logged embeddings: outputs max abs {np.abs(on_logged - logged.outputs).max():.2e})")
@@ -806,17 +806,16 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     if report.passed:
         return Diagnosis(report, notes=("no drift: every stage reproduces the reference",), candidate=kind)
     cause = report.cause
-    if cause is not None and (report.stage("embedding").status is not Status.FAIL
-                              or STAGE_ORDER.index(cause.stage) <= STAGE_ORDER.index("embedding")):
-        # A detector reproduced the shipped code's own numbers up to the embedding: a spec search has nothing to add.
-        return Diagnosis(report, total=len(fixture.rows), candidate=kind, notes=(
-            f"The gate's detectors reproduced the shipped code's numbers ({cause.detector}, {cause.stage} stage): no "
-            "spec change was searched.",))
+    explained = cause is not None and (report.stage("embedding").status is not Status.FAIL
+                                       or STAGE_ORDER.index(cause.stage) <= STAGE_ORDER.index("embedding"))
+    searched_out = (f"The gate's detectors reproduced the shipped code's numbers ({cause.detector}, {cause.stage} "
+                    "stage): no spec change was searched.",) if explained else ()
     observed = sorted(observation.embeddings)
     if not observed:
         reason = report.stage("embedding").headline
-        return Diagnosis(report, notes=(f"no embedding entering the head was observed ({reason}): only the gate's "
-                                        "stages above say where the shipped code drifts",), candidate=kind)
+        return Diagnosis(report, notes=searched_out or (
+            f"no embedding entering the head was observed ({reason}): only the gate's stages above say where the "
+            "shipped code drifts",), candidate=kind)
     target = np.stack([observation.embeddings[i] for i in observed]).astype(np.float32)
     reference = fixture.embeddings[observed]
     if target.shape[1:] == reference.shape[1:]:
@@ -828,8 +827,10 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     else:
         affected = list(observed)
     names = tuple(fixture.rows[i].name for i in affected)
-    if not affected:
-        return Diagnosis(report, total=len(fixture.rows), candidate=kind, notes=(
+    if not affected or explained:
+        # A detector reproduced the shipped code's own numbers up to the embedding: a spec search has nothing to add.
+        return Diagnosis(report, affected=names, total=len(fixture.rows), pattern=_pattern(fixture, affected),
+                         candidate=kind, notes=searched_out or (
             "the embeddings the shipped head receives equal the reference's: the drift is in the head or after it "
             "(see the head and outputs stages)",))
     # A fixture whose targets are what the shipped code's head received, for the probes to reproduce.

@@ -154,10 +154,11 @@ class TestInjectedBugs:
         report, diagnosis = _gate(kind, _copy(tmp_path, source, name, bugs["bilinear"]))
         assert report.first_failure.stage == "pixels"
         assert report.stage("weights").status is Status.PASS
-        assert any("parity diagnose" in note for note in report.stage("pixels").notes)
-        if diagnosis is not None:
-            assert diagnosis.causes[0].change.toml() == '[preprocess].interpolation = "bilinear"'
-            assert diagnosis.confirmed and diagnosis.candidate == kind
+        (finding, *_) = report.stage("pixels").findings
+        assert finding.detector == "pixels.interpolation" and "bilinear" in finding.cause
+        assert finding.fix.startswith("Change the shipped code") and "bicubic" in finding.fix
+        if diagnosis is not None:  # the gate named the cause: the diagnosis leads with it and searches no more
+            assert diagnosis.report.cause == finding and not diagnosis.causes and diagnosis.candidate == kind
 
     def test_head_with_relu_for_gelu_passes_weights_fails_head_and_names_the_structure(
             self, tmp_path, kind, source, name, bugs):
@@ -186,10 +187,10 @@ class TestInjectedBugs:
         report, diagnosis = _gate(kind, _copy(tmp_path, source, name, bugs["no_exif"]))
         assert report.first_failure.stage == "pixels"
         assert _drifting_pixels(report) == ["chelsea_exif_rotated.png"]
+        assert report.stage("pixels").findings[0].detector == "pixels.exif"
         if diagnosis is not None:
             assert diagnosis.affected == ("chelsea_exif_rotated.png",)
-            assert diagnosis.causes[0].change.toml() == "[preprocess].exif_transpose = false"
-            assert diagnosis.confirmed
+            assert diagnosis.report.cause.detector == "pixels.exif"
 
 
 def test_a_per_sample_error_exits_1_without_a_traceback(tmp_path, capsys):
@@ -211,7 +212,7 @@ def test_cli_candidate_replaces_the_spec_candidate(tmp_path, monkeypatch, capsys
     assert "chelsea_exif_rotated.png" in capsys.readouterr().out
     assert main(["diagnose", "--spec", str(plain), "--candidate", "python:app:predict"]) == 1
     out = capsys.readouterr().out
-    assert "reproduced (on every sample) by the spec with" in out and "exif_transpose = false" in out
+    assert "cause: the shipped code" in out.lower() and "EXIF" in out and "exif_transpose" in out
 
 
 def test_an_app_that_cannot_start_fails_the_load_stage(tmp_path):

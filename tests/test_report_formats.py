@@ -339,7 +339,8 @@ def test_calibration_and_service_documents_render_in_every_format():
     data = _document(service)
     text = render_markdown(data)
     assert text.splitlines()[:2] == ["## ❌ The service does NOT match the spec's pipeline (embedding max abs 0.06).",
-                                     '**Reproduced by:** `[preprocess].interpolation = "bilinear"`']
+                                     "**Reproduced by:** the spec with"]
+    assert '```toml\n[preprocess]\ninterpolation = "bilinear"\n```' in text
     failures = [c.find("failure") for c in ET.fromstring(render_junit(data)).iter("testcase")]
     assert all(f is not None for f in failures) and len(failures) == 2
     assert ("causes", "diagnosis") in _plots(render_html(data))

@@ -218,8 +218,9 @@ def _diagnosis(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _service(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     lines = [_verdict(data)]
     if not data["matches"]:
-        lines.append("**Reproduced by:** " + ("; ".join(_code(t) for t in data["reproduced_by_toml"])
-                                              if data["reproduced_by_toml"] else "no variant of the spec"))
+        lines.append("**Reproduced by:** " + ("the spec with" if data["reproduced_by_toml"] else "no variant of the spec"))
+        if data["reproduced_by_toml"]:
+            lines += ["", _FENCE + "toml", *_fenced(data["reproduced_by_toml"]), _FENCE]
     lines += ["", f"{_code(data['log'])}: {_text(data['samples'])} logged samples; compared: "
                   f"{', '.join(_text(stage) for stage in data['compared'])}", ""]
     return lines + _causes(data["causes"]), []
