@@ -120,7 +120,7 @@ def format_stage(result: StageResult) -> str:
 def finding_lines(finding: Finding) -> list[str]:
     """A finding as the console and report.md say it: cause with where it was seen, the evidence, the fix."""
     where = f" ({finding.where})" if finding.where else ""
-    lines = [f"Cause: {finding.cause}{where}", f"  Evidence: {finding.evidence}", f"Fix: {finding.fix}"]
+    lines = [f"Cause: {finding.cause.rstrip('.')}{where}", f"  Evidence: {finding.evidence}", f"Fix: {finding.fix}"]
     if finding.spec_fix:
         lines.append("  Or, if the shipped code is right, rebuild the fixture with this in the spec:")
         lines += [f"    {line}" for line in finding.spec_fix.splitlines()]
@@ -153,7 +153,7 @@ def render_report(report: Report, console: Console) -> None:
     console.print(Text(verdict_line(report), style=_VERDICT_STYLE[report.passed, report.verdict is Verdict.PARITY]))
     cause = report.cause
     if cause is not None:  # the verdict's last words: what the shipped code does, then what to change
-        console.print(Text(f"Cause: {cause.cause}" + (f" ({cause.where})" if cause.where else ""), style="bold"),
+        console.print(Text(f"Cause: {cause.cause.rstrip('.')}" + (f" ({cause.where})" if cause.where else ""), style="bold"),
                       highlight=False, soft_wrap=True)
         console.print(Text(f"Fix: {cause.fix}", style="bold"), highlight=False, soft_wrap=True)
 
@@ -399,7 +399,7 @@ def diagnosis_lead(diagnosis: Diagnosis) -> tuple[str, str, str]:
                  else "Fix (NOT confirmed on every sample)")
     if finding is not None:
         where = f" ({finding.where})" if finding.where else ""
-        return f"{finding.cause}{where}: {finding.evidence}", finding.fix, toml_role
+        return f"{finding.cause.rstrip('.')}{where}: {finding.evidence}", finding.fix, toml_role
     if diagnosis.candidate and diagnosis.shipped_fix:  # not reproduced: what the search moved, said as partial
         said = [line for line in diagnosis.shipped_fix if not line.startswith(("If ", "and "))]
         return said[0], " ".join(said[1:]), toml_role

@@ -103,7 +103,7 @@ def _check_body(check: dict[str, Any]) -> str:
         clause = evidence(first)
         found = fixes(check)
         cause = check.get("cause")
-        said = (f"<b>Cause:</b> {escape(cause['cause'])}"
+        said = (f"<b>Cause:</b> {escape(cause['cause'].rstrip('.'))}"
                 + (f" (<code>{escape(cause['where'])}</code>)" if cause.get("where") else "")
                 + f": {escape(cause['evidence'])}<br>") if cause else ""
         parts.append(f'<div class="lead"><b>First drifting stage:</b> <code>{escape(first["stage"])}</code>: '

@@ -133,7 +133,7 @@ def _check_head(check: dict[str, Any]) -> list[str]:
         cause = check.get("cause")
         if cause:  # cause, then fix, in the shipped code's terms
             where = f" ({_code(cause['where'])})" if cause.get("where") else ""
-            lines.append(f"**Cause:** {_text(cause['cause'])}{where}: {_text(cause['evidence'])}\\")
+            lines.append(f"**Cause:** {_text(cause['cause'].rstrip('.'))}{where}: {_text(cause['evidence'])}\\")
         found = [_text(fix) for fix in fixes(check)]
         lines.append("**Fix:** " + ("; ".join(found) if found else "no spec field explains it; see the stage details below"))
     lines += ["", f"{_code(Path(check['spec']).name)} on {_text(check['device'])}/{_text(check['dtype'])}, gate "
