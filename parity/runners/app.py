@@ -46,6 +46,8 @@ class AppObservation:
     backbone). Per part: ``fingerprints``, ``module_states``, ``dtypes``, ``call_sites``.
     ``all_fingerprints``: every tensor of every reachable module; ``notes``: how the app was
     observed when that is not plain (a compiled module run eagerly, modules built lazily).
+    ``timeout`` bounds each call (seconds); ``abandoned`` says which call did not return in time,
+    after which the app is called no more.
     """
 
     runner: str
