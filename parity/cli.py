@@ -4,7 +4,8 @@
 Exit 0 on parity (or a checkpoint that loads, or identical preprocessing), 1 on drift (or one
 that does not load, or preprocessing that differs), 2 on a usage or configuration error, 3 on an
 internal error: an exception parity did not raise on purpose (a defect, never drift). It is
-reported in one line; ``parity --debug COMMAND ...`` prints its traceback as well.
+reported in one line; ``parity --debug COMMAND ...`` prints its traceback as well. 130 when
+interrupted (Ctrl-C). A candidate's code never sets the status: it cannot exit parity.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-__all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE", "EXIT_INTERNAL"]
+__all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 EXIT_PASS, EXIT_DRIFT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bool = True,
@@ -748,6 +750,12 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status (module docstring).
+
+    A candidate's code cannot end parity nor set its status (`parity.runners.guard`). What it left
+    running (a call past [candidate].timeout, a non-daemon thread it started) is named, and from
+    the command line (``argv`` None) parity leaves without waiting for it, its output flushed.
+    """
     parser = _parser()
     parser.add_argument("--debug", action="store_true",
                         help="on an internal error (exit 3), print the traceback too")
@@ -755,6 +763,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Logs (CI) are not terminals: give tables room instead of rich's 80-column fallback.
     console = Console() if sys.stdout.isatty() else Console(width=120)
     errors = Console(stderr=True)
+    status = _run(args, console, errors)
+    guard = sys.modules.get("parity.runners.guard")  # imported only when user code ran
+    left = guard.lingering() if guard is not None else []
+    if left:
+        errors.print(f"note: the candidate's code left running: {'; '.join(left)}; parity does not wait for it",
+                     markup=False, highlight=False, soft_wrap=True)
+        if argv is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    return status
+
+
+def _run(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.errors import ParityError
 
     try:
@@ -769,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.print(f"[bold red]error:[/] {type(e).__name__}: ", end="")
         errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # the user's Ctrl-C (a candidate's own KeyboardInterrupt never gets here)
+        errors.print("interrupted", markup=False, highlight=False)
+        return EXIT_INTERRUPTED
     except Exception as e:  # not raised on purpose: a defect, which must never read as drift (1)
         if args.debug:
             errors.print_exception()
@@ -778,7 +803,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{'the traceback is above' if args.debug else 'rerun with parity --debug for the traceback'})",
                      markup=False, highlight=False, soft_wrap=True)
         return EXIT_INTERNAL
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -371,7 +371,13 @@ class Report:
         if "decisions" in failed:
             return Verdict.DECISION_FLIPS
         decided = any(s.stage == "decisions" and s.status is Status.PASS for s in self.stages)
-        return Verdict.DRIFT_NO_FLIPS if decided else Verdict.DRIFT
+        # Values of another shape are another model or extraction: no count of decisions vouches for it.
+        return Verdict.DRIFT_NO_FLIPS if decided and not self.reshaped else Verdict.DRIFT
+
+    @property
+    def reshaped(self) -> tuple[str, ...]:
+        """The stages whose candidate values have another shape than the reference's."""
+        return tuple(s.stage for s in self.stages if s.comparison is not None and not s.comparison.shapes_match)
 
     @property
     def passed(self) -> bool:
@@ -718,6 +724,8 @@ class ServiceDiagnosis:
         """The spec's gate: matching numbers, or with ``gate = "decisions"`` no decision flip."""
         if self.matches:
             return True
+        if self.report is not None and self.report.reshaped:
+            return False
         return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
 
 

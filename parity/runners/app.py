@@ -23,6 +23,7 @@ import numpy as np
 
 from parity.fixtures import Fixture
 from parity.results import CandidateRun
+from parity.runners import guard
 from parity.runners.discover import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
                                      reachable_modules, recognise, user_call_site)
 from parity.spec import DEFAULT_LIBRARY, library_names
@@ -45,6 +46,8 @@ class AppObservation:
     backbone). Per part: ``fingerprints``, ``module_states``, ``dtypes``, ``call_sites``.
     ``all_fingerprints``: every tensor of every reachable module; ``notes``: how the app was
     observed when that is not plain (a compiled module run eagerly, modules built lazily).
+    ``timeout`` bounds each call (seconds); ``abandoned`` says which call did not return in time,
+    after which the app is called no more.
     """
 
     runner: str
@@ -66,6 +69,8 @@ class AppObservation:
     libraries: tuple[str, ...] = ()
     compiled: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    timeout: float = 30.0
+    abandoned: str | None = None  # the call that did not return in time: the app is not called again
 
 
 class _Hooks:
@@ -167,6 +172,17 @@ def _first_tensor(args, kwargs):
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
 
 
+def _holds_text(value: Any) -> bool:
+    """Whether the returned values are text (``["0.12", ...]``), which numpy would silently parse as numbers."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # ragged and the like: the conversion names it
+        return False
+    if array.dtype.kind in "US":
+        return True
+    return array.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in array.flat)
+
+
 def _as_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
     import torch
 
@@ -184,6 +200,11 @@ def _as_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
         value = value.detach().float().cpu().numpy()
     elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         value = [v.detach().float().cpu().numpy() for v in value]
+    if _holds_text(value):
+        shown = repr(value)
+        raise ValueError(f"{what} returned text, not numbers: {shown[:80]}{' ...' if len(shown) > 80 else ''} "
+                         "(numbers as strings such as '0.12' are not outputs: return floats, as a list, an array "
+                         "or a tensor)")
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -213,7 +234,7 @@ def to_rows(value: Any, output_key: str | None, n: int, *, what: str) -> list[np
 
 def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, output_key: str | None,
             progress: Callable[[int, int], None] | None = None, what: str = "the app",
-            batch_size: int | None = None, base: Path | None = None) -> AppObservation:
+            batch_size: int | None = None, base: Path | None = None, timeout: float = 30.0) -> AppObservation:
     """Call the app on every fixture row with hooks on the recognised modules.
 
     ``call(row)`` per row, or ``call(rows)`` per batch of ``batch_size`` rows (an app that takes a
@@ -221,11 +242,14 @@ def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, outp
     found before the first call is looked for again after it (a model built lazily, or cached
     where no attribute reaches it: every module the first call ran is a candidate), and the first
     call is then repeated with hooks so that no row goes unobserved. An exception from the app is
-    the error of that call's rows (the others still run). ``base`` shortens call sites' file names.
+    the error of that call's rows (the others still run), and so is a ``sys.exit``, ``os._exit`` or
+    ``KeyboardInterrupt`` (`parity.runners.guard`); a call past ``timeout`` seconds is abandoned and
+    the app not called again (the rows left are named as not called). ``base`` shortens call sites'
+    file names.
     """
     discover = modules if callable(modules) else (lambda: modules)
     found = dict(discover())
-    obs = AppObservation(runner, recognise(found, fixture))
+    obs = AppObservation(runner, recognise(found, fixture), timeout=timeout)
     _inspect(obs, found)
     size = batch_size or 1
     total = len(fixture.rows)
@@ -238,14 +262,14 @@ def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, outp
             lazy = k == 0 and not looked_again and any(p not in obs.recognised.modules for p in PARTS)
             with _called_modules(lazy) as called:
                 _call_chunk(obs, hooks, call, fixture, chunks[k], output_key, what, batched=batch_size is not None)
-            if lazy:
+            if lazy and obs.abandoned is None:
                 looked_again = True
                 again = _with_called(dict(discover()), called)
                 recognised = recognise(again, fixture)
                 new = [p for p in recognised.modules if p not in obs.recognised.modules]
                 if new:
                     hooks.remove()
-                    obs = AppObservation(runner, recognised)
+                    obs = AppObservation(runner, recognised, timeout=timeout)
                     _inspect(obs, again)
                     obs.notes.append(f"the {' and '.join(new)} ({', '.join(recognised.where[p] for p in new)}) "
                                      f"appeared only when the app was first called: observed from then on, the first "
@@ -257,8 +281,11 @@ def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, outp
             k += 1
         hooks.active = False
         obs.call_sites = dict(hooks.call_sites)
-        _run_head(obs, fixture)
-        if "head" not in obs.recognised.modules and obs.outputs:
+        if obs.abandoned is not None:
+            obs.notes.append(f"the app's head was not run on the reference embeddings: {obs.abandoned}")
+        else:
+            _run_head(obs, fixture)
+        if "head" not in obs.recognised.modules and obs.outputs and obs.abandoned is None:
             _repeat_first(obs, call, fixture, chunks, output_key, what, batched=batch_size is not None)
     finally:
         hooks.remove()
@@ -272,13 +299,23 @@ def _call_chunk(obs: AppObservation, hooks: _Hooks, call: Call, fixture: Fixture
     for i in chunk:  # a row observed again (after a lazy build) keeps only what this call shows
         for table in (obs.outputs, obs.sample_errors, obs.pixels, obs.embeddings, obs.head_inputs, obs.model_inputs):
             table.pop(i, None)
+    if obs.abandoned is not None:
+        obs.sample_errors.update((i, f"not called: {obs.abandoned}") for i in chunk)
+        return
     try:
-        with _eager(obs):
-            if batched:
-                rows = to_rows(call([fixture.rows[i] for i in chunk]), output_key, len(chunk), what=what)
-            else:
-                rows = [to_array(call(fixture.rows[chunk[0]]), output_key, what=what)]
+        value = guard.call(_called_eagerly, obs, call, [fixture.rows[i] for i in chunk] if batched
+                           else fixture.rows[chunk[0]], timeout=obs.timeout, what=what)
+        rows = (to_rows(value, output_key, len(chunk), what=what) if batched
+                else [to_array(value, output_key, what=what)])
         obs.outputs.update(zip(chunk, rows))
+    except guard.TimedOut as e:
+        # The app is still running that call, with the hooks' state: nothing more is read from it or asked of it.
+        hooks.active = False
+        obs.abandoned = f"{what} did not return on {fixture.rows[chunk[0]].name} within {obs.timeout:g} s"
+        obs.sample_errors.update((i, str(e)) for i in chunk)
+        return
+    except guard.Stopped as e:
+        obs.sample_errors.update((i, str(e)) for i in chunk)
     except Exception as e:  # noqa: BLE001 - whatever the app raises is the error of the rows it was given
         message = f"{what} raised {type(e).__name__}: {e}"
         obs.sample_errors.update((i, message) for i in chunk)
@@ -332,6 +369,12 @@ def _inspect(obs: AppObservation, found: Mapping[str, Any]) -> None:
                          f"hooks cannot fire inside compiled code, so the app was observed running {these} eagerly "
                          "(torch.compiler.set_stance(\"force_eager\")); the compiled kernels' own rounding was "
                          "not gated")
+
+
+def _called_eagerly(obs: AppObservation, call: Call, rows: Any) -> Any:
+    """``call(rows)`` with compiled modules run eagerly: on the user-code thread, where the stance must hold."""
+    with _eager(obs):
+        return call(rows)
 
 
 @contextlib.contextmanager
@@ -414,15 +457,21 @@ def _run_head(obs: AppObservation, fixture: Fixture) -> None:
     # A head built under inference_mode holds inference tensors: only inference mode may update them.
     inference = any(t.is_inference() for t in itertools.chain(head.parameters(), head.buffers()))
     grad_off = torch.inference_mode if inference else torch.no_grad
-    try:
-        with grad_off():
+
+    def twice() -> tuple[np.ndarray, np.ndarray]:
+        with grad_off():  # per thread, as torch's grad mode is: entered where the head runs
             e = torch.as_tensor(fixture.embeddings).to(device, dtype)
             args = (e,) if biases.shape[1] == 0 else (e, torch.as_tensor(biases).to(device))
-            first = head(*args).float().cpu().numpy()
-            second = head(*args).float().cpu().numpy()
+            return head(*args).float().cpu().numpy(), head(*args).float().cpu().numpy()
+
+    what = "the app's head on the reference embeddings"
+    try:
+        first, second = guard.call(twice, timeout=obs.timeout, what=what)
         obs.head_outputs = first
         if not np.array_equal(first, second, equal_nan=True):
             obs.nondeterministic.append("head")
+    except guard.Stopped as e:
+        obs.errors["head"] = str(e)
     except Exception as e:  # noqa: BLE001 - the app's head class is the user's code
         obs.errors["head"] = f"the app's head raised {type(e).__name__} on the reference embeddings: {e}"
     finally:
@@ -439,11 +488,10 @@ def _repeat_first(obs: AppObservation, call: Call, fixture: Fixture, chunks: Seq
     if chunk is None:
         return
     try:
-        with _eager(obs):
-            if batched:
-                again = to_rows(call([fixture.rows[i] for i in chunk]), output_key, len(chunk), what=what)
-            else:
-                again = [to_array(call(fixture.rows[chunk[0]]), output_key, what=what)]
+        value = guard.call(_called_eagerly, obs, call, [fixture.rows[i] for i in chunk] if batched
+                           else fixture.rows[chunk[0]], timeout=obs.timeout, what=what)
+        again = (to_rows(value, output_key, len(chunk), what=what) if batched
+                 else [to_array(value, output_key, what=what)])
     except Exception:  # noqa: BLE001 - it already answered these rows once; a second answer is the question
         return
     if any(not np.array_equal(a, obs.outputs[i], equal_nan=True) for a, i in zip(again, chunk)):

@@ -3,6 +3,8 @@
 ``EndpointHandler(path=<the handler's folder>)`` once, then per sample
 ``handler({"inputs": <PIL image>, "parameters": {"input_biases": [...]}})`` (``inputs`` as the
 file's raw bytes with ``send = "bytes"``); outputs read by ``output_key`` or as the returned list.
+The import, the construction and each call are bounded by ``[candidate].timeout`` and cannot
+end parity (`parity.runners.guard`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
+from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
 from parity.spec import Spec
 
@@ -25,15 +28,22 @@ __all__ = ["run", "observe_handler", "load_handler", "request"]
 Progress = Callable[[int, int], None]
 
 
-def load_handler(path: Path):
+def load_handler(path: Path, *, timeout: float = 30.0):
     """Import ``path`` (its folder first on ``sys.path``, for its own imports) and build its handler.
 
+    Both run on the user-code thread, each within ``timeout`` seconds (`parity.runners.guard`).
+
     Raises:
-        SpecError: no such file, or it defines no ``EndpointHandler``.
+        SpecError: no such file, not a ``.py`` file, or it defines no ``EndpointHandler``.
+        guard.Stopped: the import or the construction called ``sys.exit``/``os._exit``, raised
+            ``KeyboardInterrupt`` or took too long.
     """
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"[candidate].endpoint_handler: {path} not found")
+    if path.suffix != ".py":
+        raise SpecError(f"[candidate].endpoint_handler: {path} is not a .py file; name the handler's Python "
+                        "source (handler.py), as Inference Endpoints does")
     folder = str(path.parent.resolve())
     if folder in sys.path:
         sys.path.remove(folder)
@@ -41,13 +51,20 @@ def load_handler(path: Path):
     # One module name per file, so two copies of a handler.py never share a cached module.
     name = "parity_endpoint_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise SpecError(f"[candidate].endpoint_handler: {path} cannot be imported as a Python module; name the "
+                        "handler's .py file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        guard.call(module_spec.loader.exec_module, module, timeout=timeout, what=f"importing {path.name}")
+    except BaseException:
+        sys.modules.pop(name, None)  # as a failed import leaves no module behind
+        raise
     cls = getattr(module, "EndpointHandler", None)
     if cls is None:
         raise SpecError(f"{path} defines no EndpointHandler class (the Inference Endpoints contract)")
-    return cls(path=folder)
+    return guard.call(lambda: cls(path=folder), timeout=timeout, what="EndpointHandler(path=...)")
 
 
 def request(row: FixtureRow, send: str | None) -> dict[str, Any]:
@@ -65,9 +82,11 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     if candidate.send not in (None, "pil", "bytes"):
         raise SpecError(f"[candidate].send = {candidate.send!r}: an endpoint handler receives \"pil\" or \"bytes\"")
     try:
-        handler = load_handler(Path(candidate.target))
+        handler = load_handler(Path(candidate.target), timeout=candidate.timeout)
     except SpecError:
         raise
+    except guard.Stopped as e:  # it exited, was interrupted or hung while starting
+        return CandidateRun("endpoint_handler", errors={"load": str(e)})
     except Exception as e:  # noqa: BLE001 - the handler failing to start is the drift (e.g. its weights do not load)
         return CandidateRun("endpoint_handler",
                             errors={"load": f"EndpointHandler(path=...) raised {type(e).__name__}: {e}"})
@@ -95,4 +114,4 @@ def observe_handler(spec: Spec, fixture: Fixture, handler: Any, *, progress: Pro
         return reachable_modules(roots)
 
     return observe("endpoint_handler", call, modules, fixture, output_key=candidate.output_key, progress=progress,
-                   what="the handler", base=Path(candidate.target).parent)
+                   what="the handler", base=Path(candidate.target).parent, timeout=candidate.timeout)

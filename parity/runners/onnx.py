@@ -126,6 +126,10 @@ def inspect_graph(session, path: Path, *, output_key: str | None = None) -> Onnx
                             "(B, K) int")
         dtypes[node.name] = _FLOATS.get(node.type) or _INTS[node.type]
         if isinstance(shape[0], int):
+            if shape[0] < 1:
+                raise SpecError(f"[candidate].onnx {path}: input {node.name!r} has the fixed shape {shape}, a batch "
+                                f"of {shape[0]} samples, which no sample can be fed in; export it with a dynamic "
+                                f"batch dimension (dynamic_axes={{{node.name!r}: {{0: 'batch'}}}}) or a batch of 1")
             batch = shape[0]
     if pixels is not None and embedding is not None:
         raise SpecError(f"[candidate].onnx {path}: the graph takes both pixels ({pixels!r}) and an embedding "

@@ -6,6 +6,8 @@ of ints) when the fixture rows carry input biases; ``[candidate].inputs`` maps o
 (`parity.spec.CANDIDATE_INPUTS`). The return value is array-like, a torch tensor, or a mapping
 read by ``output_key``. With ``[candidate].batch = true`` each argument is a list of
 ``[runtime].batch_size`` rows' values and the function returns one output row per image.
+The import and each call are bounded by ``[candidate].timeout`` and cannot end parity
+(`parity.runners.guard`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from parity.errors import SpecError
 from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
+from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
 from parity.spec import Spec
 
@@ -27,14 +30,16 @@ __all__ = ["run", "observe_function", "load_function", "default_inputs", "argume
 Progress = Callable[[int, int], None]
 
 
-def load_function(target: str, python_path: Path | None) -> Callable:
+def load_function(target: str, python_path: Path | None, *, timeout: float = 30.0) -> Callable:
     """Import ``module:function`` with ``python_path`` first on ``sys.path``.
 
     The module's code runs: a spec's import path is code its author trusts. A module of the same
     name imported from elsewhere (another copy of the app) is imported afresh from ``python_path``.
+    The import runs on the user-code thread, within ``timeout`` seconds (`parity.runners.guard`).
 
     Raises:
         SpecError: the module or the function cannot be found.
+        guard.Stopped: the import called ``sys.exit``/``os._exit``, raised ``KeyboardInterrupt`` or took too long.
     """
     module_name, _, attr = target.partition(":")
     if python_path is not None:
@@ -47,7 +52,7 @@ def load_function(target: str, python_path: Path | None) -> Callable:
         if cached is not None and (origin is None or Path(origin).resolve().parent != python_path.resolve()):
             del sys.modules[module_name]
     try:
-        module = importlib.import_module(module_name)
+        module = guard.call(importlib.import_module, module_name, timeout=timeout, what=f"importing {target}")
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise  # the app itself imports something missing: that is the app's error
@@ -93,16 +98,18 @@ def observe_function(spec: Spec, fixture: Fixture, function: Callable, *,
 
     return observe("python", call, modules, fixture, output_key=candidate.output_key, progress=progress,
                    what=f"{candidate.target}", batch_size=spec.runtime.batch_size if candidate.batch else None,
-                   base=candidate.python_path)
+                   base=candidate.python_path, timeout=candidate.timeout)
 
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Import the app, call its function on every fixture sample with hooks on its modules."""
     candidate = spec.candidate
     try:
-        function = load_function(candidate.target, candidate.python_path)
+        function = load_function(candidate.target, candidate.python_path, timeout=candidate.timeout)
     except SpecError:
         raise
+    except guard.Stopped as e:  # it exited, was interrupted or hung while importing: it did not start
+        return CandidateRun("python", errors={"load": str(e)})
     except Exception as e:  # noqa: BLE001 - the app failing to start is the drift (e.g. its weights do not load)
         return CandidateRun("python", errors={"load": f"importing {candidate.target} raised {type(e).__name__}: {e}"})
     return to_run(observe_function(spec, fixture, function, progress=progress), fixture)
