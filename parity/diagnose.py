@@ -1086,7 +1086,8 @@ def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
     if candidate.kind == "python":
         from parity.runners.python_app import load_function, observe_function
 
-        return observe_function(spec, fixture, load_function(candidate.target, candidate.python_path))
+        return observe_function(spec, fixture, load_function(candidate.target, candidate.python_path,
+                                                             timeout=candidate.timeout))
     from parity.runners.endpoint import load_handler, observe_handler
 
-    return observe_handler(spec, fixture, load_handler(Path(candidate.target)))
+    return observe_handler(spec, fixture, load_handler(Path(candidate.target), timeout=candidate.timeout))

@@ -189,8 +189,10 @@ def _verdict_sentence(report: Report) -> str:
                     else " The gate fails on it ([decisions].gate = \"decisions\" would accept it).")
         return (f"DRIFT WITHOUT DECISION FLIPS: the numbers moved beyond tolerance (first at {first.stage}) "
                 f"but no decision flipped ({counted}).{accepted}")
-    if first.stage == "load":
+    if first.stage == "load" and first.key_diffs:
         return "DRIFT: first drifted stage: load (the weights do not load with strict=True; no later stage ran)."
+    if first.stage == "load":  # the candidate itself did not start (its import raised, exited or hung)
+        return "DRIFT: first drifted stage: load (the candidate did not start; no later stage ran)."
     return f"DRIFT: first drifted stage: {first.stage}."
 
 

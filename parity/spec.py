@@ -283,7 +283,8 @@ class CandidateSpec:
     ``module:function`` (python), a path (endpoint_handler, onnx, logged) or a URL (url). Paths are
     absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
-    url: ``multipart`` or ``json``); ``timeout`` (seconds) and ``retries`` bound a url candidate.
+    url: ``multipart`` or ``json``); ``timeout`` (seconds) bounds each request of a url candidate and the import, construction and each
+    call of a python or endpoint_handler candidate; ``retries`` applies to a url candidate.
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
     ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
     rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image.
