@@ -808,8 +808,13 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     cause = report.cause
     explained = cause is not None and (report.stage("embedding").status is not Status.FAIL
                                        or STAGE_ORDER.index(cause.stage) <= STAGE_ORDER.index("embedding"))
+    reference_spec = replace(spec, candidate=CandidateSpec(python_path=spec.candidate.python_path))
+    candidates = {c.key: c for c in _search_changes(reference_spec, len(fixture.rows[0].input_biases))}
+    if explained:  # the gate's detectors named the cause: only the spec fields that say the same are searched
+        named = _detector_names(cause.detector)
+        candidates = {k: c for k, c in candidates.items() if _detector_names(_change_detector(c)) & named}
     searched_out = (f"The gate's detectors reproduced the shipped code's numbers ({cause.detector}, {cause.stage} "
-                    "stage): no spec change was searched.",) if explained else ()
+                    "stage); no spec field says the same, so none was searched.",) if explained and not candidates else ()
     observed = sorted(observation.embeddings)
     if not observed:
         reason = report.stage("embedding").headline
@@ -827,7 +832,7 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     else:
         affected = list(observed)
     names = tuple(fixture.rows[i].name for i in affected)
-    if not affected or explained:
+    if not affected or searched_out:
         # A detector reproduced the shipped code's own numbers up to the embedding: a spec search has nothing to add.
         return Diagnosis(report, affected=names, total=len(fixture.rows), pattern=_pattern(fixture, affected),
                          candidate=kind, notes=searched_out or (
@@ -837,11 +842,9 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     shipped = replace(fixture, rows=tuple(fixture.rows[i] for i in observed), embeddings=target,
                       outputs=np.zeros((len(observed), 0), np.float32))
     position = {row: j for j, row in enumerate(observed)}
-    reference_spec = replace(spec, candidate=CandidateSpec(python_path=spec.candidate.python_path))
     everyone = _Prober(shipped, range(len(observed)), device)
     probe = _Prober(shipped, [position[i] for i in affected[:samples]], device)
     probe.backbones, probe.heads = everyone.backbones, everyone.heads
-    candidates = {c.key: c for c in _search_changes(reference_spec, len(fixture.rows[0].input_biases))}
     say(f"probing {len(candidates)} changes on {len(probe.rows)} samples")
     causes, changes, current, _ = _search(probe, candidates.values(), reference_spec, "embedding",
                                           _embedding_score(probe, reference_spec), shown=5,
@@ -979,18 +982,25 @@ _FIELD_DETECTORS = {
 }
 
 
+def _change_detector(change: Change) -> str:
+    """The detector that names what ``change`` describes (``pixels.squash`` for ``crop_mode = "squash"``)."""
+    field = change.fields[0][0]
+    name = _FIELD_DETECTORS.get((change.section, field), f"{change.section}.{field}")
+    return "pixels.squash" if name == "pixels.crop_mode" and dict(change.fields).get(field) == "squash" else name
+
+
+def _detector_names(detector: str) -> set[str]:
+    """Each detector a (possibly combined, ``pixels.squash+channel_order``) detector name stands for."""
+    family, _, names = detector.partition(".")
+    return {f"{family}.{name}" for name in names.split("+")}
+
+
 def _search_finding(fix: Sequence[Change], shipped: Sequence[str], *, who: str, stage: str, before: float,
                     after: float, where: str = "") -> Finding:
     """A reproducing search result as a finding: what ``who`` does (``shipped``, `_shipped_fix`'s sentences)
     with the numbers, and the spec's TOML as the alternative."""
-    names = []
-    for change in fix:
-        field = change.fields[0][0]
-        name = _FIELD_DETECTORS.get((change.section, field), f"{change.section}.{field}")
-        if name == "pixels.crop_mode" and dict(change.fields).get("crop_mode") == "squash":
-            name = "pixels.squash"
-        names.append(name.partition(".")[2])
-    family = _FIELD_DETECTORS.get((fix[0].section, fix[0].fields[0][0]), "spec.").partition(".")[0]
+    names = [_change_detector(change).partition(".")[2] for change in fix]
+    family = _change_detector(fix[0]).partition(".")[0]
     sentences = [line for line in shipped if not line.startswith("If ") and not line.startswith("and ")]
     causes = [line.split(". Change ", 1)[0] for line in sentences]
     fixes = ["Change " + line.split(". Change ", 1)[1] for line in sentences if ". Change " in line]

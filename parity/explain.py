@@ -62,22 +62,21 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
     diffs = _summarised(diff_config(recorded, candidate), run)
     explained = dict(stages)
     first = next((s for s in STAGE_ORDER if stages[s].status is Status.FAIL), None)
-    found = detect(run, fixture, stages, spec)
+    # The spec-built pipeline's configuration is known: its diff is the explanation, in the spec's terms.
+    found = detect(run, fixture, stages, spec) if run.runner != "spec" else {}
     explained_by = next((s for s in STAGE_ORDER if stages[s].findings or found.get(s)), None)
     for name in STAGE_ORDER[1:]:
         findings = stages[name].findings + found.get(name, ())
-        if findings:
-            explained[name] = replace(stages[name], findings=findings, notes=stages[name].notes + tuple(
-                _fixes(diffs, name)))
-            continue
         notes = _fixes(diffs, name)
         if name == "pixels" and stages["pixels"].status is Status.FAIL:
             notes += _preprocess_notes(recorded.get("preprocess"), candidate.get("preprocess"), diffs)
-        if name == "embedding":
+        if name == "embedding" and not findings:  # a finding says what moved the embeddings, not these guesses
             expected = fixture.embeddings.shape[1:]
             got = run.embeddings.shape[1:] if run.embeddings is not None else expected
             notes = _embedding_notes(stages, got, expected, diffs, library=library) + cross_notes + notes
-        if name != first and not notes and explained_by is not None and STAGE_ORDER.index(explained_by) < \
+        if findings:  # the finding is the explanation: no generic word on top of it
+            pass
+        elif name != first and not notes and explained_by is not None and STAGE_ORDER.index(explained_by) < \
                 STAGE_ORDER.index(name):
             notes.append(f"follows from the cause found at the {explained_by} stage")
         elif name != first and not notes and first is not None:
@@ -85,7 +84,7 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
         elif name == first and not notes and name in ("pixels", "embedding") and run.runner != "spec":
             notes.append("the shipped code does not record its configuration: `parity diagnose` with the same "
                          "spec names the spec change under which the spec reproduces its numbers")
-        explained[name] = _with_notes(stages[name], notes)
+        explained[name] = _with_notes(replace(stages[name], findings=findings), notes)
     return explained, diffs
 
 

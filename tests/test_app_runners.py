@@ -157,8 +157,10 @@ class TestInjectedBugs:
         (finding, *_) = report.stage("pixels").findings
         assert finding.detector == "pixels.interpolation" and "bilinear" in finding.cause
         assert finding.fix.startswith("Change the shipped code") and "bicubic" in finding.fix
-        if diagnosis is not None:  # the gate named the cause: the diagnosis leads with it and searches no more
-            assert diagnosis.report.cause == finding and not diagnosis.causes and diagnosis.candidate == kind
+        if diagnosis is not None:  # the gate named the cause: the diagnosis leads with it, and confirms its spec twin
+            assert diagnosis.report.cause == finding and diagnosis.candidate == kind
+            assert [c.change.toml() for c in diagnosis.causes] == ['[preprocess].interpolation = "bilinear"']
+            assert diagnosis.confirmed
 
     def test_head_with_relu_for_gelu_passes_weights_fails_head_and_names_the_structure(
             self, tmp_path, kind, source, name, bugs):

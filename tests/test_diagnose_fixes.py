@@ -207,10 +207,11 @@ def test_a_bgr_service_is_told_to_change_its_code_and_the_alternative_toml_rebui
     result = diagnose_candidate(load_spec(spec))
     assert result.report.first_failure.stage == "pixels"
     assert [c.toml() for c in result.fix] == ['[preprocess].channel_order = "bgr"'] and result.confirmed
-    assert result.shipped_fix[0] == (
-        "The shipped code feeds the channels in BGR order; the reference feeds the channels in RGB order. Change the "
-        'shipped code: feed the channels in RGB order (PIL `image.convert("RGB")`; from OpenCV, '
-        "`cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`).")
+    said = result.shipped_fix[0]
+    assert said.startswith("The shipped code feeds the channels in BGR order; the reference feeds the channels in RGB "
+                           "order. Change the shipped code (where it calls the backbone: identity_app.py:")
+    assert said.endswith('feed the channels in RGB order (PIL `image.convert("RGB")`; from OpenCV, '
+                         "`cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`).")
     assert result.shipped_fix[1] == ('If the shipped code is right, rebuild the fixture with this in the spec:\n'
                                      '[preprocess]\nchannel_order = "bgr"')
     # Taken at its word: the fixture rebuilt from the spec with that TOML is one the shipped code passes.
