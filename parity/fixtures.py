@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -450,7 +450,7 @@ def _recover(dest: Path) -> None:
             _fsync_dir(dest.parent)
     for leftover in stagings:  # the lock is ours, so every staging directory belongs to a dead writer
         shutil.rmtree(leftover, ignore_errors=True)
-    if dest.is_dir():
+    if dest.is_dir() and _made_by_parity(dest):  # never another's files, whatever their names
         for tmp in dest.glob(f".{MANIFEST}.*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -535,9 +535,25 @@ def _parse_json(path: Path, data: bytes) -> Any:
 # types; a dict of fields (fields not named are free); ``{str: T}``, an object whose every value is a T
 # (keys the writer chose: weight parts, tensor and module names); ``[T]``, a list of T. Top-level keys
 # not named here are the writer's own notes (`parity.source.Capture.note`) and are not read.
+@dataclass(frozen=True)
+class _Valued:
+    """A field whose value (not only its type) must pass ``test``; described as ``words``."""
+
+    words: str
+    test: Callable[[Any], bool]
+
+
+def _side(value: Any) -> bool:
+    return type(value) is int and 0 < value <= 1 << 16
+
+
 _NUMBER = (int, float)
 _TEXT = (str, type(None))
-_SIZE = (int, dict, list, type(None))  # an image processor's size: 224, {"height": 224, ...}, [224, 224]
+# An image processor's size as transformers reads it: 224, {"height": 224, "width": 224}, [224, 224].
+_SIZE = _Valued("a positive integer, an object of them, or [height, width]",
+                lambda v: v is None or _side(v) or isinstance(v, dict) and all(x is None or _side(x) for x in v.values())
+                or isinstance(v, list) and len(v) == 2 and all(map(_side, v)))
+_RESAMPLE = _Valued("a PIL resampling filter (0 to 5)", lambda v: type(v) is int and 0 <= v <= 5)
 _SCHEMA: dict[str, Any] = {
     "name": str,
     "pipeline": {
@@ -547,7 +563,7 @@ _SCHEMA: dict[str, Any] = {
         "preprocess": {"library": str, "processor": str, "interpolation": str, "crop_pct": _NUMBER,
                        "crop_mode": str, "input_size": [int], "mean": [_NUMBER], "std": [_NUMBER],
                        "resize_backend": str, "channel_order": str, "value_scale": str, "exif_transpose": bool,
-                       "crop_size": _SIZE, "size": _SIZE, "resample": int, "rescale_factor": _NUMBER,
+                       "crop_size": _SIZE, "size": _SIZE, "resample": _RESAMPLE, "rescale_factor": _NUMBER,
                        "image_mean": [_NUMBER], "image_std": [_NUMBER], "do_resize": bool, "do_center_crop": bool,
                        "do_rescale": bool, "do_normalize": bool, "do_convert_rgb": bool},
         "head": {"class": str, "kwargs": dict, "input_biases_order": ([int], type(None)), "structure": {str: str}},
@@ -566,6 +582,8 @@ _SCHEMA: dict[str, Any] = {
 
 
 def _type_words(kind: Any) -> str:
+    if isinstance(kind, _Valued):
+        return kind.words
     if isinstance(kind, tuple):
         return " or ".join(_type_words(k) for k in kind)
     if isinstance(kind, list):
@@ -578,6 +596,8 @@ def _type_words(kind: Any) -> str:
 
 def _conforms(value: Any, kind: Any) -> bool:
     """Whether ``value`` has the JSON type ``kind`` names at its own level (containers are entered by the caller)."""
+    if isinstance(kind, _Valued):
+        return kind.test(value)
     if isinstance(kind, tuple):
         return any(_conforms(value, k) for k in kind)
     if isinstance(kind, (list, dict)):
