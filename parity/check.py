@@ -10,7 +10,7 @@ import numpy as np
 
 from parity.comparator import STAGE_ORDER, compare_run, stage_tolerance
 from parity.explain import SETTABLE, diff_config, explain_run, toml_value
-from parity.fixtures import Fixture, files_version, load_fixture, verify_referenced_checkpoints
+from parity.fixtures import Fixture, check_fixture_inputs, files_version, load_fixture, verify_referenced_checkpoints
 from parity.results import CandidateRun, Report, Shard
 from parity.runners import run_candidate
 from parity.sampling import sample_fixture
@@ -42,6 +42,8 @@ def run_check(spec: Spec, *, fixtures: str | Path | None = None, device: str | N
     fixture = None if replay else load_fixture(spec.fixture_root(fixtures))
     if fixture is not None:
         verify_referenced_checkpoints(fixture)
+        if spec.candidate.kind == "spec":  # a configuration that cannot fit the fixture is an error, not drift
+            check_fixture_inputs(spec, fixture)
     if fixture is not None and sample is not None:  # a stratified subset of a large fixture (parity.sampling)
         fixture = sample_fixture(fixture, sample)
     samples: tuple[tuple[int, str], ...] = ()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from parity.errors import CheckpointError
+from parity.fixtures import verify_pinned_checkpoint
 from parity.results import KeyDiff
 
 __all__ = [
@@ -39,11 +40,13 @@ class StrictLoadError(CheckpointError):
 def read_checkpoint(path: str | Path) -> Mapping:
     """Read a checkpoint file as it is (possibly nested) without executing pickled code.
 
-    ``.safetensors`` files go through safetensors; anything else through
-    ``torch.load(weights_only=True)``, which refuses pickles that need arbitrary code.
+    safetensors files (by their bytes, whatever their name) go through safetensors; anything else
+    through ``torch.load(weights_only=True)``, which refuses pickles that need arbitrary code.
+    A file a loaded fixture records is checked against its sha256 (`parity.fixtures.verify_pinned_checkpoint`).
 
     Raises:
         CheckpointError: missing or unreadable file, or a pickle that needs arbitrary code.
+        FixtureChangedError: the file holds other bytes than the fixture loaded last records for it.
     """
     import torch
 
@@ -52,7 +55,7 @@ def read_checkpoint(path: str | Path) -> Mapping:
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_declared_sizes(path)
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _is_safetensors(path):  # the bytes decide, not the name
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
@@ -79,7 +82,18 @@ def read_checkpoint(path: str | Path) -> Mapping:
             f"{path} holds a {type(state).__name__}, not a state_dict.\n"
             "Note: save module.state_dict(), not the module."
         )
+    verify_pinned_checkpoint(path)  # after the read: a file replaced before or during it is seen
     return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors files do: an 8-byte little-endian header length, then that
+    many bytes of a JSON object, within the file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _check_declared_sizes(path: Path) -> None:

@@ -370,6 +370,17 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
     console.print(table)
     for run in result.runs:
         console.print(f"  run: {run.describe()}", highlight=False)
+    for stage, noise in result.noise.items():  # what the budgets absorb, and why it is noise
+        line = f"absorbed ({stage}): at most {noise['max_abs']:.3g} from the fixture"
+        if "offset" in noise:
+            line += (f"; the same in every run (offset of the runs' mean) {noise['offset']:.3g}, between runs "
+                     f"(spread) {noise['spread']:.3g}")
+        judged = noise.get("referee")
+        if judged:
+            rounding = ", ".join(f"{label} {error:.2e}" for label, error in judged["rounding"].items())
+            line += (f"; float64 referee on {judged['samples']} samples: rounding ({judged['explained_by']}: fixture "
+                     f"RMSE {judged['reference_rmse']:.2e}; {rounding})")
+        console.print(line, highlight=False, soft_wrap=True)
     console.print("dry run: nothing written" if args.dry_run else "budgets written to the fixture manifest", highlight=False)
     _write_reports(result, args, console)
     return EXIT_PASS

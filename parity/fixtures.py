@@ -12,16 +12,19 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from parity.errors import FixtureChangedError, FixtureError
+from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.hashcache import cached
+
+if TYPE_CHECKING:
+    from parity.spec import Spec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -49,6 +52,11 @@ __all__ = [
     "data_version",
     "files_version",
     "FixturePath",
+    "check_replaceable",
+    "npy_layout",
+    "verify_pinned_checkpoint",
+    "check_head_inputs",
+    "check_fixture_inputs",
 ]
 
 SCHEMA_VERSION = 1
@@ -269,29 +277,37 @@ def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]
     """Build a fixture in a temporary sibling directory, then swap it into place.
 
     On success every file gets a sha256 in ``manifest.json``, the manifest is sealed with its
-    own digest, everything is fsynced, and the previous version is kept as ``.<name>.previous``.
+    own digest, the fixture is read back with the loader every command uses, everything is fsynced,
+    and the previous version is kept as ``.<name>.previous``. With ``force`` only a fixture parity
+    wrote is replaced (`check_replaceable`).
     On any error the staging directory is removed and ``dest`` is untouched; if the process
     dies, the next reader or writer recovers (see `recover_fixture`). The regeneration lock is
     held throughout: a concurrent regeneration or manifest update is refused, never interleaved.
 
     Raises:
-        FixtureError: ``dest`` exists and ``force`` is false, or another process holds the lock.
+        FixtureError: ``dest`` exists and ``force`` is false, or is not a fixture parity wrote; the staged
+            fixture does not load; another process holds the lock.
     """
     dest = Path(dest)
     with regeneration_lock(dest):
-        if dest.exists() and not force:
+        if (dest.exists() or dest.is_symlink()) and not force:
             raise FixtureError(
                 f"{dest} already exists; refusing to overwrite frozen fixtures.\n"
                 "Note: rebuild on purpose with `make fixtures FORCE=1` (or --force)."
             )
+        check_replaceable(dest)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the fixture is not
         try:
             stage = Staging(staging, {"schema_version": SCHEMA_VERSION})
             yield stage
             _fault("staged")
+            # One mode for every file and folder, as the umask gives new files: mkdtemp makes the folder
+            # private, and some writers (safetensors) make their files private too.
+            for p in [staging, *staging.rglob("*")]:
+                if not p.is_symlink():
+                    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
             files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
             for p in files:
                 _fsync_file(p)
@@ -302,10 +318,92 @@ def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]
                 for p in files
             }
             _write_manifest(staging, stage.manifest)
+            _loads(staging, dest)
             _fault("sealed")
             _swap_into_place(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _loads(staging: Path, dest: Path) -> None:
+    """Read the staged fixture back with the reader every command uses, before it replaces anything:
+    a fixture that ``check`` would refuse is never written. (A staged tree without the fixture's data
+    files is no fixture to read: what the regeneration mechanics alone are tested with.)"""
+    if not (staging / METADATA).is_file():
+        return
+    try:
+        _load(staging, _read_manifest(staging))
+    except FixtureError as e:
+        detail = str(e).replace(str(staging), str(dest)).split("\nNote:")[0]
+        raise FixtureError(f"refusing to write {dest}: the fixture would not load ({detail}).\n"
+                           f"Nothing was written; {dest} is as it was.") from e
+
+
+def _made_by_parity(directory: Path) -> bool:
+    """Whether ``directory`` holds a manifest parity wrote: a JSON object with parity's schema version,
+    seal and file list (the seal need not verify: a damaged fixture is still parity's to rebuild)."""
+    path = directory / MANIFEST
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_JSON_BYTES:
+            return False
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("schema_version"), int) \
+        and isinstance(manifest.get(MANIFEST_DIGEST), str) and isinstance(manifest.get("files"), dict)
+
+
+def _unlisted(directory: Path) -> list[str]:
+    """Files under a fixture that its manifest does not list (someone else's), parity's own temporary files aside."""
+    listed = json.loads((directory / MANIFEST).read_bytes().decode("utf-8"))["files"]
+    found = []
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in listed \
+                and not p.name.startswith(f".{MANIFEST}."):
+            found.append(rel)
+    return found
+
+
+def check_replaceable(dest: str | Path, *, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
+    """Refuse to replace ``dest`` unless it is absent or a fixture parity wrote, holding only what its manifest
+    lists and none of ``inputs`` (``(what, path)``: what the writer reads). A regeneration moves the old
+    fixture aside and the next one deletes it, so anything else there would be lost.
+
+    Raises:
+        FixtureError: what ``dest`` is, and that nothing was changed.
+    """
+    dest = Path(dest)
+    untouched = "Nothing was changed; choose another output directory, or move it away yourself if you mean to."
+    for what, path in inputs:
+        if path is None:
+            continue
+        target, read = dest.resolve(), Path(path).resolve()
+        if read == target or target in read.parents:
+            where = "is" if read == target else "holds"
+            raise FixtureError(f"{dest} {where} {what} ({path}): a fixture is written over its whole directory, "
+                               f"which must not hold what the fixture is made from.\n{untouched}")
+    if dest.is_symlink():
+        raise FixtureError(f"{dest} is a symbolic link (to {os.readlink(dest)}); a fixture replaces only a "
+                           f"directory parity wrote, never a link.\n{untouched}")
+    previous = _previous(dest)
+    if (previous.exists() or previous.is_symlink()) and not (previous.is_dir() and not previous.is_symlink()
+                                                             and _made_by_parity(previous)):
+        raise FixtureError(f"{previous} exists and is not a fixture parity kept; a regeneration moves the old "
+                           f"fixture there.\n{untouched}")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise FixtureError(f"{dest} is a file, not a fixture directory; --force replaces only a fixture parity "
+                           f"wrote.\n{untouched}")
+    if not _made_by_parity(dest):
+        raise FixtureError(f"{dest} is not a fixture parity wrote (it has no {MANIFEST} with parity's schema, seal "
+                           f"and file list); --force replaces only such a directory.\n{untouched}")
+    unlisted = _unlisted(dest)
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        raise FixtureError(f"{dest} holds files its {MANIFEST} does not list ({shown}): parity did not write "
+                           f"them, and replacing the fixture would remove them.\n{untouched}")
 
 
 def _previous(dest: Path) -> Path:
@@ -352,7 +450,7 @@ def _recover(dest: Path) -> None:
             _fsync_dir(dest.parent)
     for leftover in stagings:  # the lock is ours, so every staging directory belongs to a dead writer
         shutil.rmtree(leftover, ignore_errors=True)
-    if dest.is_dir():
+    if dest.is_dir() and _made_by_parity(dest):  # never another's files, whatever their names
         for tmp in dest.glob(f".{MANIFEST}.*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -433,6 +531,104 @@ def _parse_json(path: Path, data: bytes) -> Any:
         raise FixtureError(f"{path} nests too deeply to be a parity file") from e
 
 
+# The manifest sections parity reads, and the JSON type of each field it reads: a type or a tuple of
+# types; a dict of fields (fields not named are free); ``{str: T}``, an object whose every value is a T
+# (keys the writer chose: weight parts, tensor and module names); ``[T]``, a list of T. Top-level keys
+# not named here are the writer's own notes (`parity.source.Capture.note`) and are not read.
+@dataclass(frozen=True)
+class _Valued:
+    """A field whose value (not only its type) must pass ``test``; described as ``words``."""
+
+    words: str
+    test: Callable[[Any], bool]
+
+
+def _side(value: Any) -> bool:
+    return type(value) is int and 0 < value <= 1 << 16
+
+
+_NUMBER = (int, float)
+_TEXT = (str, type(None))
+# An image processor's size as transformers reads it: 224, {"height": 224, "width": 224}, [224, 224].
+_SIZE = _Valued("a positive integer, an object of them, or [height, width]",
+                lambda v: v is None or _side(v) or isinstance(v, dict) and all(x is None or _side(x) for x in v.values())
+                or isinstance(v, list) and len(v) == 2 and all(map(_side, v)))
+_RESAMPLE = _Valued("a PIL resampling filter (0 to 5)", lambda v: type(v) is int and 0 <= v <= 5)
+_SCHEMA: dict[str, Any] = {
+    "name": str,
+    "pipeline": {
+        "backbone": {"library": str, "model": str, "extract": str, "normalize": str, "kwargs": dict,
+                     "activation": [str], "structure": {str: str}, "embedding_dim": int,
+                     "hidden_act": str, "attn_implementation": str},
+        "preprocess": {"library": str, "processor": str, "interpolation": str, "crop_pct": _NUMBER,
+                       "crop_mode": str, "input_size": [int], "mean": [_NUMBER], "std": [_NUMBER],
+                       "resize_backend": str, "channel_order": str, "value_scale": str, "exif_transpose": bool,
+                       "crop_size": _SIZE, "size": _SIZE, "resample": _RESAMPLE, "rescale_factor": _NUMBER,
+                       "image_mean": [_NUMBER], "image_std": [_NUMBER], "do_resize": bool, "do_center_crop": bool,
+                       "do_rescale": bool, "do_normalize": bool, "do_convert_rgb": bool},
+        "head": {"class": str, "kwargs": dict, "input_biases_order": ([int], type(None)), "structure": {str: str}},
+        "runtime": {"device": str, "dtype": str},
+    },
+    "weights": {str: {"file": str, "sha256": str, "bytes": int, "referenced": bool, "tensors": {str: str}}},
+    "producer": {"script": _TEXT, "git_revision": _TEXT, "transform": _TEXT, "spec": _TEXT, "versions": {str: str},
+                 "golden": [str], "artifacts": {str: dict},
+                 "numerics": {"device": str, "device_name": _TEXT, "compute_capability": _TEXT,
+                              "autocast_dtype": _TEXT, "float32_matmul_precision": _TEXT, "declared": _TEXT,
+                              "cudnn_allow_tf32": bool, "matmul_allow_tf32": bool,
+                              "batch_size": (int, type(None)), "threads": (int, type(None))}},
+    "calibration": {str: dict},
+    "golden_pixels": [str],
+}
+
+
+def _type_words(kind: Any) -> str:
+    if isinstance(kind, _Valued):
+        return kind.words
+    if isinstance(kind, tuple):
+        return " or ".join(_type_words(k) for k in kind)
+    if isinstance(kind, list):
+        return f"a list of {_type_words(kind[0])}"
+    if isinstance(kind, dict):
+        return "an object"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+            list: "a list", type(None): "null"}[kind]
+
+
+def _conforms(value: Any, kind: Any) -> bool:
+    """Whether ``value`` has the JSON type ``kind`` names at its own level (containers are entered by the caller)."""
+    if isinstance(kind, _Valued):
+        return kind.test(value)
+    if isinstance(kind, tuple):
+        return any(_conforms(value, k) for k in kind)
+    if isinstance(kind, (list, dict)):
+        kind = type(kind)
+    if kind is int or kind is float:  # true is not a number; an integer is a float's value too
+        return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    return isinstance(value, kind)
+
+
+def _check_types(value: Any, kind: Any, where: str, path: Path) -> None:
+    """Raise a FixtureError naming the first field of ``value`` that is not of the type ``kind`` names."""
+    if not _conforms(value, kind):
+        raise FixtureError(
+            f"{path}: '{where}' must be {_type_words(kind)}, got {type(value).__name__} {json.dumps(value)[:80]}.\n"
+            "Note: the manifest was edited by hand or written by another tool, then sealed again; restore it from "
+            "version control, or rebuild the fixture on purpose with `make fixtures FORCE=1` (or freeze --force)."
+        )
+    inner = next((k for k in (kind if isinstance(kind, tuple) else (kind,)) if _conforms(value, k)), kind)
+    if isinstance(inner, list):
+        for i, item in enumerate(value):
+            _check_types(item, inner[0], f"{where}[{i}]", path)
+    elif isinstance(inner, dict) and list(inner) == [str]:
+        for key, item in value.items():
+            _check_types(item, inner[str], f"{where}.{key}", path)
+    elif isinstance(inner, dict):
+        for key, field_kind in inner.items():
+            if key in value:
+                _check_types(value[key], field_kind, f"{where}.{key}" if where else key, path)
+
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not root.is_dir():
@@ -474,6 +670,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
                 or type(entry.get("bytes")) is not int or entry["bytes"] < 0):
             raise FixtureError(f"{path}: file entry {rel!r} must be an object with a 'sha256' string and "
                                f"a non-negative integer 'bytes', got {str(entry)[:200]}")
+    _check_types(manifest, _SCHEMA, "", path)
     return manifest
 
 
@@ -569,22 +766,43 @@ def _rows(root: Path, meta_path: Path, data: bytes, files: Mapping[str, Any]) ->
 
 def _npy_header(path: Path, data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and header length of an .npy file, checked against its size before anything is allocated."""
-    buffer = io.BytesIO(data)
+    return _parse_npy_header(path, io.BytesIO(data), len(data))
+
+
+def _parse_npy_header(path: Path, buffer: Any, size: int) -> tuple[tuple[int, ...], np.dtype, int]:
     try:
         version = np.lib.format.read_magic(buffer)
         reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in reader:
             raise ValueError(f"unsupported .npy version {version}")
         shape, _fortran, dtype = reader[version](buffer, max_header_size=10000)
-    except (ValueError, OSError, SyntaxError, TypeError) as e:
-        raise FixtureError(f"cannot read {path}: not a valid .npy file ({e})") from e
+    except (ValueError, OSError, SyntaxError, TypeError, EOFError) as e:
+        raise FixtureError(f"cannot read {path}: not a valid .npy file ({e or type(e).__name__})") from e
     if dtype.hasobject:
         raise FixtureError(f"{path}: object arrays are refused (they need pickle)")
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(data) - buffer.tell():
+    if expected != size - buffer.tell():
         raise FixtureError(f"{path}: its header declares shape {shape} of {dtype} ({expected} bytes) but the file "
-                           f"holds {len(data) - buffer.tell()} bytes of data")
+                           f"holds {size - buffer.tell()} bytes of data")
     return shape, dtype, buffer.tell()
+
+
+def npy_layout(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy file's header declares, checked against the file's size; nothing else is read.
+
+    Raises:
+        FixtureError: not an .npy file (empty, truncated, another format), an object array, or a header
+            that declares more (or fewer) bytes than the file holds.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            shape, dtype, _ = _parse_npy_header(path, f, os.fstat(f.fileno()).st_size)
+    except FixtureError:
+        raise
+    except OSError as e:
+        raise FixtureError(f"cannot read {path}: {e.strerror or e}") from e
+    return shape, dtype
 
 
 def _array(path: Path, data: bytes, rows: int, what: str) -> np.ndarray:
@@ -653,7 +871,9 @@ def load_fixture(root: str | Path) -> Fixture:
     for attempt in range(_READ_ATTEMPTS):
         manifest = _read_manifest(root)
         try:
-            return _load(root, manifest)
+            fixture = _load(root, manifest)
+            _pin_checkpoints(fixture)
+            return fixture
         except FixtureError:
             # A checksum that stops matching because a regeneration swapped the tree is not tampering.
             if not _changed(root, manifest):
@@ -662,6 +882,52 @@ def load_fixture(root: str | Path) -> Fixture:
                 raise FixtureChangedError(f"{root} was regenerated {_READ_ATTEMPTS} times while it was being read; "
                                           "run again when the regeneration is done") from None
     raise AssertionError("unreachable")
+
+
+# The checkpoints of the fixture loaded last, by resolved path: (sha256, part, fixture root, manifest seal).
+# `parity.checkpoints.read_checkpoint` checks what it reads against them, as `parity.images.decode_image`
+# checks a fixture image: weights replaced after the fixture was verified are never compared with it.
+_pinned: dict[Path, tuple[str, str, Path, str]] = {}
+
+
+def _pin_checkpoints(fixture: Fixture) -> None:
+    pins = {}
+    for part, entry in fixture.manifest.get("weights", {}).items():
+        if isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str):
+            pins[(fixture.root / entry["file"]).resolve()] = (entry["sha256"], part, fixture.root,
+                                                              fixture.manifest[MANIFEST_DIGEST])
+    _pinned.clear()
+    _pinned.update(pins)
+
+
+def verify_pinned_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint just read against the sha256 the fixture loaded last records for that file, if any.
+
+    Called after the read, so that a file replaced before or during it is seen.
+
+    Raises:
+        FixtureChangedError: the file holds other bytes: the fixture was regenerated while this ran, or the
+            file changed after the fixture was verified.
+    """
+    resolved = Path(path).resolve()
+    pin = _pinned.get(resolved)
+    if pin is None:
+        return
+    sha256, part, root, seal = pin
+    actual = cached_sha256(resolved)
+    if actual == sha256:
+        return
+    try:
+        regenerated = _read_manifest(root)[MANIFEST_DIGEST] != seal
+    except FixtureError:
+        regenerated = True  # gone or half-swapped: a regeneration is under way
+    why = (f"{root} was regenerated while this ran" if regenerated
+           else f"it changed after the fixture {root} was verified")
+    raise FixtureChangedError(
+        f"the {part} checkpoint {resolved} holds other weights than the fixture records (sha256 {actual}, the "
+        f"manifest {sha256}): {why}; nothing was compared.\n"
+        "Note: run it again" + ("." if regenerated else "; if the file was replaced on purpose, freeze (or capture) "
+                                "the fixture again from it."))
 
 
 def _changed(root: Path, manifest: Mapping[str, Any]) -> bool:
@@ -837,6 +1103,58 @@ def _vector(value: Any, width: int | None, where: str, key: str) -> np.ndarray:
     if len(value) != width:
         raise FixtureError(f"{where}: '{key}' has {len(value)} values, but the first line has {width}")
     return parsed  # checked for finite float32 values once, over the whole column
+
+
+def check_head_inputs(spec: Spec, width: int, *, where: str, fix: str) -> None:
+    """Rows of ``width`` ``input_biases`` fit the spec's [head] as configured, before any head call.
+
+    Args:
+        where: whose rows these are, for the message (e.g. the fixture's metadata file).
+        fix: what to change when the rows carry none and the head needs them.
+
+    Raises:
+        SpecError: ``[head].input_biases_order`` does not reorder ``width`` columns.
+        FixtureError: the rows carry no ``input_biases`` but the head's ``forward`` requires them.
+    """
+    order = spec.head.input_biases_order
+    if order is not None and len(order) != width:
+        change = (f"list a permutation of 0..{width - 1} (the column each of the head's inputs takes), or remove "
+                  "it to keep the rows' order" if width else "remove it")
+        raise SpecError(f"{spec.path}: [head].input_biases_order = {list(order)} reorders {len(order)} columns, but "
+                        f"{where} carry {width} input_biases per row.\nFix: {change}.")
+    if width == 0 and _requires_biases(spec.head.class_path):
+        raise FixtureError(f"{where} carry no input_biases (every row has []), but the spec's head "
+                           f"{spec.head.class_path} takes them: forward(embedding, input_biases).\nFix: {fix}")
+
+
+def check_fixture_inputs(spec: Spec, fixture: Fixture) -> None:
+    """`check_head_inputs` for a fixture's rows, before the spec's pipeline runs on them.
+
+    Raises:
+        SpecError, FixtureError: see `check_head_inputs`.
+    """
+    check_head_inputs(spec, fixture.biases().shape[1], where=f"the rows of {fixture.root / METADATA}",
+                      fix="freeze the fixture again with each row's input_biases (--map input_biases=FIELD,...), "
+                          "or point [head] at a head that takes none")
+
+
+def _requires_biases(class_path: str) -> bool:
+    """Whether the head class's ``forward`` requires a second positional argument (the input_biases)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.partition(":")
+    try:
+        head = importlib.import_module(module)
+        for part in name.split("."):
+            head = getattr(head, part)
+        parameters = list(inspect.signature(head.forward).parameters.values())[1:]  # after self
+    except Exception:  # noqa: BLE001  (user code: building the head names what is wrong with it)
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len([p for p in parameters if p.kind in positional and p.default is p.empty]) >= 2
 
 
 def verify_referenced_checkpoints(fixture: Fixture) -> None:

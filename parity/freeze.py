@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from parity.errors import FixtureError, SpecError
-from parity.fixtures import Fixture, FixtureRow, environment, sha256_file
+from parity.fixtures import (MAX_JSON_BYTES, Fixture, FixtureRow, check_head_inputs, check_replaceable, environment,
+                             npy_layout, sha256_file)
 from parity.results import Comparison
 from parity.source import capture, git_revision
 
@@ -38,6 +40,7 @@ __all__ = ["FieldMap", "SourceRow", "FreezeResult", "parse_field_map", "read_met
 Progress = Callable[[str], None]
 _MAPPABLE = ("image", "input_biases", "labels")
 _HEAD_BATCH = 4096  # head outputs for every stored embedding, this many rows at a time
+_MAX_INDEX = 2 ** 31  # a category index at or above this indexes no embedding table
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def _entries(path: Path) -> list[Mapping[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FixtureError(f"{path}: not valid JSON ({e}); metadata is a JSON list of objects, an object "
                                "holding one such list, or a .csv file with a header row") from e
+        except RecursionError as e:
+            raise FixtureError(f"{path}: nests too deeply to be metadata (a list of row objects)") from e
         if isinstance(entries, dict):
             lists = [k for k, v in entries.items() if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
             if len(lists) != 1:
@@ -155,19 +160,26 @@ def _integers(values: list[Any], *, what: str, where: str) -> tuple[int, ...]:
     for value in values:
         try:
             number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = None
         if number is None or not number.is_integer():
-            raise FixtureError(f"{where}: {what} must be integers (category indices), got {value!r}")
+            raise FixtureError(f"{where}: {what} must be integers (category indices), got {str(value)[:40]!r}")
+        if abs(number) >= _MAX_INDEX:  # negative ones are named with the column by `check_input_biases`
+            raise FixtureError(f"{where}: {what} holds {str(value)[:40]}, which is no category index (they are "
+                               f"below 2^31).\nNote: map the fields that hold the head's category indices.")
         out.append(int(number))
     return tuple(out)
 
 
 def _floats(values: list[Any], *, what: str, where: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in values)  # a boolean label is 0.0 or 1.0
-    except (TypeError, ValueError) as e:
-        raise FixtureError(f"{where}: {what} must be numbers, got {values!r}") from e
+        numbers = tuple(float(v) for v in values)  # a boolean label is 0.0 or 1.0
+    except (TypeError, ValueError, OverflowError) as e:
+        raise FixtureError(f"{where}: {what} must be numbers, got {str(values)[:120]}") from e
+    bad = [v for v, n in zip(values, numbers) if not math.isfinite(n)]
+    if bad:  # a fixture's labels are finite (the loader refuses others): 1e400 reads as inf, "nan" as NaN
+        raise FixtureError(f"{where}: {what} must be finite numbers, got {str(bad[0])[:40]!r}")
+    return numbers
 
 
 def _take(entry: Mapping[str, Any], fields: Sequence[str], *, flag: str, where: str) -> list[Any]:
@@ -240,9 +252,19 @@ def read_rows_array(path: str | Path, *, what: str, rows: int, metadata: str | P
     path = Path(path)
     if not path.is_file():
         raise FixtureError(f"{what} not found: {path}")
+    try:  # the header, before anything is allocated: an empty file, another format, a false size
+        shape, _dtype = npy_layout(path)
+    except FixtureError as e:
+        raise FixtureError(f"cannot read {what} {path}: {str(e).removeprefix(f'cannot read {path}: ')}") from e
+    if not shape or shape[0] != rows:
+        raise FixtureError(
+            f"{path} has {shape[0] if shape else 'no'} rows but {metadata} lists {rows} "
+            f"({'more' if shape and shape[0] > rows else 'fewer'} {what} than metadata rows).\n"
+            f"Note: row i of the {what} must be metadata entry i; rows cannot be matched by guessing, so remove "
+            "the extra rows (or add the missing entries) and freeze again.")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise FixtureError(f"cannot read {what} {path}: {e}") from e
     if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
         raise FixtureError(f"{path}: {what} must be a floating-point .npy array, got "
@@ -472,6 +494,41 @@ def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golde
                        *_current_words(spec, change, everyone)) for failing, error, change in found)
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an ``out`` whose parent cannot take the fixture (the fixture is staged beside it), before any work."""
+    import tempfile
+
+    existing = out.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FixtureError(f"--out {out}: {existing} is not a directory")
+    try:  # try it: permission bits do not tell (root, read-only mounts, ACLs)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".parity-write-test.")
+    except OSError as e:
+        raise FixtureError(f"--out {out}: {existing} is not writable ({e.strerror or e}); choose another "
+                           "directory") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_metadata_size(rows: Sequence[SourceRow], metadata: Path) -> None:
+    """Refuse metadata whose fields would make the fixture's clip_metadata.json larger than any reader reads."""
+    try:  # as the fixture writes them
+        sizes = [len(json.dumps(dict(row.fields), indent=1, default=str)) for row in rows]
+    except RecursionError as e:
+        raise FixtureError(f"{metadata}: a row's fields nest too deeply to be written into a fixture") from e
+    if sum(sizes) + 200 * len(rows) <= MAX_JSON_BYTES:
+        return
+    i = int(np.argmax(sizes))
+    name, value = max(rows[i].fields.items(), key=lambda kv: len(json.dumps(kv[1], default=str)))
+    raise FixtureError(
+        f"{metadata}: the fields kept with the rows (those not mapped to image, input_biases or labels) come to "
+        f"about {sum(sizes) / 2**20:.0f} MiB, more than the {MAX_JSON_BYTES // 2**20} MiB a fixture's metadata may "
+        f"hold (check would refuse it); the largest is {name!r} of row {i} ({len(json.dumps(value, default=str))} "
+        "bytes).\nFix: leave such fields out of the metadata given to freeze.")
+
+
 def _reference(path: Path, out: Path) -> dict[str, Any]:
     """A checkpoint referenced, not copied: its path relative to the fixture (so the two move together)."""
     path = path.resolve()
@@ -514,15 +571,25 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
 
     say = progress or (lambda _message: None)
     out, embeddings, metadata = Path(out), Path(embeddings), Path(metadata)
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise FixtureError(f"{out} already exists; refusing to overwrite a fixture.\n"
                            "Note: freeze into a new directory, or replace it on purpose with --force.")
+    # Before any work: --force replaces only a fixture parity wrote, never what this freeze reads.
+    checkpoints = () if copy_checkpoints else (("the head checkpoint", spec.head.weights),
+                                               ("the backbone checkpoint", spec.backbone.checkpoint))
+    check_replaceable(out, inputs=(("the --images folder", Path(images)), ("the embeddings", embeddings),
+                                   ("the metadata", metadata), ("the outputs", outputs), ("the spec", spec.path),
+                                   *checkpoints))
+    _check_writable(out)
     if golden < 1:
         raise SpecError(f"--golden must be >= 1 (the claim is checked on golden images), got {golden}")
     numerics = numerics or spec.reference.numerics
     declared = declared_numerics(numerics) if numerics is not None else None
     say("reading the metadata and the arrays")
     rows = read_metadata(metadata, images, field_map)
+    _check_metadata_size(rows, metadata)
+    check_head_inputs(spec, len(rows[0].input_biases), where=f"the rows of {metadata}",
+                      fix="map the fields that hold them: --map input_biases=FIELD[,FIELD...]")
     stored = read_rows_array(embeddings, what="embeddings", rows=len(rows), metadata=metadata.name)
     given = None if outputs is None else read_rows_array(outputs, what="outputs", rows=len(rows),
                                                          metadata=metadata.name)
@@ -570,7 +637,7 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
     try:
         computed = np.concatenate([pipeline.run_head(stored[s:s + _HEAD_BATCH], biases[s:s + _HEAD_BATCH]).numpy()
                                    for s in range(0, len(rows), _HEAD_BATCH)])
-    except (IndexError, RuntimeError, ValueError) as e:  # e.g. an index past an embedding table
+    except (IndexError, RuntimeError, ValueError, TypeError) as e:  # e.g. an index past an embedding table
         ranges = ", ".join(f"column {i}: {biases[:, i].min()}..{biases[:, i].max()}" for i in range(biases.shape[1]))
         raise SpecError(f"the spec's head cannot take the mapped input_biases ({type(e).__name__}: {e}); they hold "
                         f"{ranges or 'no columns'}.\nFix: map (--map input_biases=...) the fields the head was "

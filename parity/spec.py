@@ -721,9 +721,10 @@ def _axis_choices(axis: str) -> tuple | None:
 
 def _check_value(axis: str, value: Any, where: str) -> Any:
     choices = _axis_choices(axis)
-    if choices is None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise SpecError(f"{where}: {axis} values must be numbers in (0, 1], got {value!r}")
+    if choices is None:  # crop_pct, within the bounds [preprocess].crop_pct has
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_CROP_PCT <= value <= 1:
+            raise SpecError(f"{where}: {axis} values must be numbers in [{MIN_CROP_PCT:g}, 1] (below {MIN_CROP_PCT:g} "
+                            f"the resize before the crop is more than 20x the input size), got {value!r}")
         return float(value)
     if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
         raise SpecError(f"{where}: {axis} = {value!r} is not accepted. Accepted values: "

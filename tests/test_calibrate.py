@@ -130,7 +130,48 @@ def test_calibrate_cli_dry_run_writes_nothing(example_spec, fixture_copy, capsys
 
     before = (fixture_copy / "manifest.json").read_text()
     assert main(["calibrate", "--spec", str(EXAMPLE_SPEC), "--fixtures", str(fixture_copy), "--dry-run"]) == 0
-    assert "dry run: nothing written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dry run: nothing written" in out
+    # What the budgets absorb, and the evidence that it is noise.
+    assert "absorbed (embedding): at most " in out and "(offset of the runs' mean)" in out
+    assert "float64 referee on 8 samples: rounding (float32 rounding: fixture RMSE" in out
     assert (fixture_copy / "manifest.json").read_text() == before
     assert "calibration" not in json.loads(before)
     assert run_check(example_spec, fixtures=fixture_copy).stage("embedding").status is Status.PASS
+
+
+# -- calibration absorbs noise, never a drift ------------------------------------------------------
+
+def test_a_drifted_candidate_is_refused_not_absorbed(example_spec, fixture_copy):
+    """GELU for the fixture's QuickGELU used to be calibrated into an atol of 0.07, and the next check passed."""
+    from tests.test_diagnose import DRIFTS
+
+    gelu = example_spec.replace(**DRIFTS["gelu-for-quickgelu"][0])
+    before = (fixture_copy / "manifest.json").read_bytes()
+    with pytest.raises(SpecError) as info:
+        calibrate(gelu, fixtures=fixture_copy, runs=[Run(8, 1)])
+    message = str(info.value)
+    assert "calibrate measures the noise of the reference configuration" in message
+    assert "backbone.activation: reference ['QuickGELU'], spec ['GELU']" in message
+    assert (fixture_copy / "manifest.json").read_bytes() == before
+    assert not run_check(gelu, fixtures=fixture_copy).passed
+
+
+def test_a_systematic_error_under_the_reference_configuration_is_refused(example_spec, fixture_copy):
+    """The spec is the recorded one, but the fixture's embeddings carry one offset on every sample (another
+    version of the data): the same error in every run, far beyond the rounding of the computation."""
+    import numpy as np
+
+    from tests.conftest import reseal
+
+    stored = np.load(fixture_copy / "clip.npy")
+    offset = np.random.default_rng(0).standard_normal(stored.shape[-1]).astype(np.float32) * np.float32(2e-3)
+    np.save(fixture_copy / "clip.npy", stored + offset)
+    reseal(fixture_copy)
+    before = (fixture_copy / "manifest.json").read_bytes()
+    with pytest.raises(SpecError) as info:
+        calibrate(example_spec, fixtures=fixture_copy, runs=[Run(8, 1)])
+    message = str(info.value)
+    assert "refuses to absorb a systematic difference" in message and "the fixture's embedding differs" in message
+    assert "float32 rounding" in message and "nothing was written" in message
+    assert (fixture_copy / "manifest.json").read_bytes() == before

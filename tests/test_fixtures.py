@@ -168,12 +168,20 @@ def test_stage_fixture_refuses_an_existing_destination(tmp_path):
 
 def test_stage_fixture_with_force_replaces_the_destination(tmp_path):
     dest = tmp_path / "fx"
-    dest.mkdir()
-    (dest / "old.txt").write_text("old")
+    with stage_fixture(dest) as stage:
+        (stage.path / "old.txt").write_text("old")
     with stage_fixture(dest, force=True) as stage:
         (stage.path / "new.txt").write_text("new")
     assert sorted(_tree(dest)) == ["manifest.json", "new.txt"]
     assert _staging_leftovers(tmp_path) == []
+    # Only a fixture parity wrote: a directory of someone else's files is refused and kept as it was.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "old.txt").write_text("old")
+    with pytest.raises(FixtureError, match="is not a fixture parity wrote"):
+        with stage_fixture(other, force=True) as stage:
+            (stage.path / "new.txt").write_text("new")
+    assert sorted(_tree(other)) == ["old.txt"] and _staging_leftovers(tmp_path) == []
 
 
 def test_an_error_while_staging_leaves_the_destination_untouched(tmp_path):

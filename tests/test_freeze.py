@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -156,6 +158,9 @@ def test_freeze_user_layout_with_batchnorm_head_passes_check(project, tmp_path, 
     assert len(head["tensors"]["norm.num_batches_tracked"]) == 64  # the 0-dim BatchNorm buffer is fingerprinted
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "clip.npy", "clip_metadata.json", "manifest.json", "outputs.npy", "pixels.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o666 & ~umask}  # pixels too
     # Outputs are the head's in eval mode on the stored embeddings.
     pipeline = build_pipeline(load_spec(project / "training.toml"))
     expected = pipeline.run_head(stored[:, 0, :], fixture.biases()).numpy()
@@ -277,15 +282,20 @@ def test_unreadable_image_is_named(project, tmp_path, capsys, damage):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_out_is_refused_without_force(project, tmp_path, capsys):
+def test_existing_out_is_refused_without_force_and_force_replaces_only_a_fixture(project, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert freeze_cli(project, out, *MAP) == 2
     assert "already exists" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
-    assert freeze_cli(project, out, *MAP, "--force", "--golden", "1") == 0
-    assert not (out / "keep.txt").exists() and load_fixture(out).golden_pixels.keys() == {"chelsea_exif_rotated.png"}
+    assert freeze_cli(project, out, *MAP, "--force", "--golden", "1") == 2  # the user's folder, not a fixture
+    assert "is not a fixture parity wrote" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.") and not p.name.endswith(".lock")] == []
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    fixture = tmp_path / "fixture"
+    assert freeze_cli(project, fixture, *MAP, "--golden", "2") == 0
+    assert freeze_cli(project, fixture, *MAP, "--force", "--golden", "1") == 0
+    assert load_fixture(fixture).golden_pixels.keys() == {"chelsea_exif_rotated.png"}
 
 
 def test_outputs_from_file_are_checked_against_the_head(project, tmp_path, capsys):

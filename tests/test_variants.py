@@ -104,7 +104,7 @@ def test_cell_ids_and_deployment_flags(example_spec):
 @pytest.mark.parametrize(("table", "message"), [
     ({"extrct": ["cls"]}, "unknown matrix axis 'extrct'. Accepted axes: extract, interpolation"),
     ({"interpolation": ["bicubc"]}, "interpolation = 'bicubc' is not accepted. Accepted values: bicubic, bilinear"),
-    ({"crop_pct": [1.5]}, "crop_pct values must be numbers in (0, 1], got 1.5"),
+    ({"crop_pct": [1.5]}, "crop_pct values must be numbers in [0.05, 1]"),
     ({"dtype": "float32"}, "matrix axis dtype must be a non-empty list, got 'float32'"),
     ({"tf32": ["yes"]}, "tf32 = 'yes' is not accepted. Accepted values: False, True"),
 ])
