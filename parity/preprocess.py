@@ -177,6 +177,12 @@ def load_preprocessor_config(config: Mapping[str, Any] | str | Path) -> dict[str
         raise SpecError(f"cannot read preprocessor config {path}: {e}") from e
     if not isinstance(loaded, dict):
         raise SpecError(f"preprocessor config {path} must hold a JSON object, got {type(loaded).__name__}")
+    for key in ("size", "crop_size"):  # an int, or a mapping of sides (shortest_edge, height, width)
+        value = loaded.get(key)
+        sides = value.values() if isinstance(value, dict) else [value] if value is not None else []
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sides):
+            raise SpecError(f"preprocessor config {path}: {key} = {json.dumps(value)} is not a size: every side must "
+                            "be a positive integer")
     return loaded
 
 

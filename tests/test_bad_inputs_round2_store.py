@@ -439,3 +439,21 @@ def test_a_damaged_fixture_is_still_replaceable_but_nothing_else_is(tmp_path):
     (root / "manifest.json").write_text("{}")
     with pytest.raises(FixtureError, match="is not a fixture parity wrote"):
         check_replaceable(root)
+
+
+def test_a_processor_config_with_a_zero_crop_size_is_a_spec_error_not_drift(tmp_path, capsys):
+    """``crop_size`` 0 in the transformers processor config: exit 2 naming the field, before any image is run."""
+    from parity.cli import main
+    from tests.conftest import CLASSIFIER_SPEC, ROOT
+
+    backbone = shutil.copytree(ROOT / "fixtures" / "clip_mlp" / "backbone", tmp_path / "backbone")
+    config = json.loads((backbone / "preprocessor_config.json").read_text())
+    config["crop_size"] = {"height": 0, "width": 224}
+    (backbone / "preprocessor_config.json").write_text(json.dumps(config))
+    text = CLASSIFIER_SPEC.read_text().replace('"../fixtures/clip_mlp/backbone"', f'"{backbone}"')
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text.replace('"../fixtures/', f'"{ROOT / "fixtures"}/'))
+    assert main(["check", "--spec", str(spec)]) == 2
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "crop_size" in said and "positive integer" in said and "Traceback" not in said
