@@ -517,8 +517,10 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
 
     say("confirming the fix on every sample")
     printed = printed_fix(spec, fix) if fix else None  # the fix as printed, pasted into the spec
-    confirmed = printed is not None and _passes(run_check(printed, fixtures=fixtures, device=device, shard=shard),
-                                                bool(unreadable))
+    checked = run_check(printed, fixtures=fixtures, device=device, shard=shard) if printed is not None else None
+    # "Confirmed" is the gate passing with the printed fix; samples that cannot be decoded fail it whatever the fix.
+    confirmed = checked is not None and checked.passed
+    readable_only = checked is not None and not confirmed and _passes(checked, bool(unreadable))
     layer = None
     if report.stage("pixels").status is not Status.FAIL and report.stage("embedding").status is Status.FAIL \
             and fix and all(c.section == "backbone" for c in fix):
@@ -530,6 +532,10 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     if not confirmed and pixels.status is Status.FAIL and pixels.notes:
         # No spec field reaches the fixture's preprocessing (e.g. another library's): say how it differs.
         notes = ("The preprocessing differs from the fixture's:",) + tuple(f"  {note}" for note in pixels.notes)
+    if readable_only:
+        notes += (f"With the fix every readable sample passes, but parity check still fails: {len(unreadable)} "
+                  "sample(s) cannot be decoded (named above); the fix is NOT confirmed until they are repaired or "
+                  "removed from the fixture.",)
     return Diagnosis(report, tuple(causes), tuple(fix), confirmed, layer, names, len(fixture.rows),
                      _pattern(fixture, affected), excluded + notes)
 
