@@ -557,9 +557,10 @@ _RESAMPLE = _Valued("a PIL resampling filter (0 to 5)", lambda v: type(v) is int
 _SCHEMA: dict[str, Any] = {
     "name": str,
     "pipeline": {
-        "backbone": {"library": str, "model": str, "extract": str, "normalize": str, "kwargs": dict,
-                     "activation": [str], "structure": {str: str}, "embedding_dim": int,
-                     "hidden_act": str, "attn_implementation": str},
+        # What an adapter cannot tell of its model (a registered library's embedding width) is recorded as null.
+        "backbone": {"library": str, "model": _TEXT, "extract": str, "normalize": str, "kwargs": dict,
+                     "activation": [str], "structure": {str: str}, "embedding_dim": (int, type(None)),
+                     "hidden_act": _TEXT, "attn_implementation": _TEXT},
         "preprocess": {"library": str, "processor": str, "interpolation": str, "crop_pct": _NUMBER,
                        "crop_mode": str, "input_size": [int], "mean": [_NUMBER], "std": [_NUMBER],
                        "resize_backend": str, "channel_order": str, "value_scale": str, "exif_transpose": bool,
