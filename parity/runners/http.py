@@ -6,8 +6,12 @@ Each fixture image is posted as the file's own bytes (the service's decoding is 
   ``image`` and, when the fixture rows carry them, ``input_biases`` as a JSON array in a form field;
 - ``send = "json"``: ``{"image": "<base64 of the file>", "input_biases": [...]}``.
 
-The response is JSON: an object whose ``[candidate].output_key`` (default ``outputs``) holds the
-outputs, or a bare list. An object may also carry ``embedding``, then compared as its own stage.
+``[candidate].field`` renames the file field (``image``), ``form`` replaces ``input_biases`` with
+the fields it maps (`RequestMap`), ``headers`` are sent with each request, ``env:NAME`` values
+read from the environment and never shown (`resolve_headers`, `redact`).
+
+The response is JSON: an object whose ``[candidate].output_key`` (default ``outputs``; a dotted
+path) holds the outputs, a bare list, or scores by label (`parity.runners.outputs`). An object may also carry ``embedding``, then compared as its own stage.
 Nothing else of the service is visible: load, weights, pixels and the head are reported as
 not observable.
 
