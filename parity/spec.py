@@ -299,6 +299,14 @@ class CandidateSpec:
     retries: int = 2
     python_path: Path | None = None
     batch: bool = False
+    # How answers and requests map, declared rather than coded (`parity.runners.outputs`, `parity.runners.http`):
+    # ``labels``: the output order of scores given by label; ``field``: a url candidate's multipart file
+    # field; ``form``: request field -> ``input_biases`` or ``input_biases.N`` (replaces the default
+    # ``input_biases`` field); ``headers``: request headers, a value ``env:NAME`` read from the environment.
+    labels: tuple[str, ...] | None = None
+    field: str = "image"
+    form: Mapping[str, str] | None = None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -670,6 +678,7 @@ def _candidate(table: _Table, base: Path) -> CandidateSpec:
         retries=table.get("retries", int, 2),
         python_path=_path(base, table.get("python_path", str, ".")),
         batch=table.get("batch", bool, False),
+        **_mapping_fields(table, kind),
     )
     table.finish()
     if kind == "python" and ":" not in target:
@@ -680,6 +689,47 @@ def _candidate(table: _Table, base: Path) -> CandidateSpec:
     if not 0 <= candidate.retries <= 10:
         raise SpecError(f"{table.path}: [candidate].retries = {candidate.retries}: expected 0 to 10")
     return candidate
+
+
+_FORM_SOURCE = re.compile(r"input_biases(\.(0|[1-9][0-9]*))?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
+def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
+    """``labels``, ``field``, ``form`` and ``headers``: how a candidate's answers and requests map."""
+    name = table._name
+    labels = table.get("labels", list, None)
+    if labels is not None and (not labels or not all(isinstance(v, str) and v for v in labels)
+                               or len(set(labels)) != len(labels)):
+        raise SpecError(f"{table.path}: {name('labels')} must be a list of distinct, non-empty label names in "
+                        f"the order of the head's outputs, got {labels!r}")
+    found = {key: table.data[key] for key in ("field", "form", "headers") if key in table.data}
+    if found and kind != "url":
+        raise SpecError(f"{table.path}: {', '.join(name(k) for k in found)} shape{'s' if len(found) == 1 else ''} "
+                        f"the HTTP request of a url candidate; a {kind} candidate sends none. Remove "
+                        f"{'it' if len(found) == 1 else 'them'}.")
+    upload = table.get("field", str, "image")
+    if not upload or not _HEADER_NAME.fullmatch(upload):
+        raise SpecError(f"{table.path}: {name('field')} = {upload!r}: expected the name of the service's file "
+                        "field, such as \"file\" or \"image\"")
+    form = table.get("form", dict, None)
+    if form is not None:
+        bad = {k: v for k, v in form.items() if not isinstance(v, str) or not _FORM_SOURCE.fullmatch(v)}
+        if bad or upload in form:
+            raise SpecError(f"{table.path}: {name('form')} maps each request field to \"input_biases\" (all, as a "
+                            "JSON array) or \"input_biases.N\" (the N-th, 0-based), and not the file field "
+                            f"{upload!r}; got {bad or {upload: form[upload]}!r}")
+    headers = table.get("headers", dict, {})
+    for key, value in headers.items():
+        if not _HEADER_NAME.fullmatch(key) or not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise SpecError(f"{table.path}: {name('headers')}.{key}: expected a header name and a one-line "
+                            "string value (\"env:NAME\" reads it from the environment)")
+        if value.startswith("env:") and not _ENV_NAME.fullmatch(value[4:]):
+            raise SpecError(f"{table.path}: {name('headers')}.{key} = {value!r}: after env: comes the name of an "
+                            "environment variable, such as env:HF_TOKEN")
+    return {"labels": None if labels is None else tuple(labels), "field": upload,
+            "form": None if form is None else dict(form), "headers": dict(headers)}
 
 
 def parse_candidate(text: str, *, base: Path) -> CandidateSpec:

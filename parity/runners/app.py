@@ -15,7 +15,7 @@ import itertools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.discover import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
                                      reachable_modules, recognise, user_call_site)
+from parity.runners.outputs import OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, read
 from parity.spec import DEFAULT_LIBRARY, library_names
 
 __all__ = ["AppObservation", "function_roots", "reachable_modules", "recognise", "observe", "to_array", "to_rows",
-           "to_run", "PARTS"]
+           "to_run", "PARTS", "read_vector", "read_rows"]
 
 # ``call(row)``, or ``call(rows)`` for an app that takes a batch.
 Call = Callable[[Any], Any]
@@ -55,6 +56,7 @@ class AppObservation:
     pixels: dict[int, np.ndarray] = field(default_factory=dict)
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)
     outputs: dict[int, np.ndarray] = field(default_factory=dict)
+    listed: dict[int, np.ndarray] = field(default_factory=dict)  # scores a truncated top-k list held
     sample_errors: dict[int, str] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -183,56 +185,77 @@ def _holds_text(value: Any) -> bool:
     return array.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in array.flat)
 
 
-def _as_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
+def _mapping(output_key: str | OutputMap | None) -> OutputMap:
+    return output_key if isinstance(output_key, OutputMap) else OutputMap(key=output_key)
+
+
+def _as_array(value: Any, output_key: str | OutputMap | None, *, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The answer as float64 numbers, and which entries a list of scores by label listed (None: all)."""
     import torch
 
-    if isinstance(value, Mapping):
-        if output_key is None:
-            raise ValueError(f"{what} returned a mapping with keys {sorted(map(str, value))}; set [candidate].output_key "
-                             "to the one holding the outputs")
-        if output_key not in value:
-            raise ValueError(f"{what} returned no {output_key!r} (keys: {sorted(map(str, value))}); "
-                             "check [candidate].output_key")
-        value = value[output_key]
-    elif output_key is not None and isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
-        value = [item[output_key] for item in value]
+    value, listed = read(value, _mapping(output_key), what=what)
+    if listed is not None:
+        return value, listed
     if isinstance(value, torch.Tensor):
         value = value.detach().float().cpu().numpy()
     elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         value = [v.detach().float().cpu().numpy() for v in value]
     if _holds_text(value):
         shown = repr(value)
-        raise ValueError(f"{what} returned text, not numbers: {shown[:80]}{' ...' if len(shown) > 80 else ''} "
-                         "(numbers as strings such as '0.12' are not outputs: return floats, as a list, an array "
-                         "or a tensor)")
+        raise UnreadableOutput(f"{what} returned text, not numbers: {shown[:80]}{' ...' if len(shown) > 80 else ''} "
+                               "(numbers as strings such as '0.12' are not outputs: return floats, as a list, an "
+                               "array or a tensor)")
     try:
-        return np.asarray(value, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64), None
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} returned {type(value).__name__}, not numbers: {e}") from e
+        shown = repr(value)
+        raise UnreadableOutput(f"{what} returned {type(value).__name__}, not numbers: {e} ({shown[:80]}"
+                               f"{' ...' if len(shown) > 80 else ''}); set [candidate].output_key or "
+                               "[candidate].labels to say where the outputs are") from e
 
 
-def to_array(value: Any, output_key: str | None, *, what: str) -> np.ndarray:
-    """The app's return value as a float64 vector: array-like, a torch tensor, or a mapping read by ``output_key``."""
-    array = _as_array(value, output_key, what=what)
+def read_vector(value: Any, output_key: str | OutputMap | None, *, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One sample's answer as a float64 vector, and which entries it listed (None: all).
+
+    Raises:
+        UnreadableOutput: parity cannot read the answer as one vector.
+    """
+    array, listed = _as_array(value, output_key, what=what)
     if array.ndim == 2 and array.shape[0] == 1:
-        array = array[0]  # a batch of one
+        array, listed = array[0], None if listed is None else listed[0]  # a batch of one
     if array.ndim != 1:
-        raise ValueError(f"{what} returned outputs of shape {array.shape}; expected one vector per sample")
-    return array
+        raise UnreadableOutput(f"{what} returned outputs of shape {array.shape}; expected one vector per sample")
+    return array, listed
 
 
-def to_rows(value: Any, output_key: str | None, n: int, *, what: str) -> list[np.ndarray]:
-    """A batch app's return value as ``n`` float64 vectors, one per image of the batch."""
-    array = _as_array(value, output_key, what=what)
+def read_rows(value: Any, output_key: str | OutputMap | None, n: int, *,
+              what: str) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """A batch's answer as ``n`` float64 vectors, and which entries each listed (None: all).
+
+    Raises:
+        UnreadableOutput: parity cannot read the answer as one row per image.
+    """
+    array, listed = _as_array(value, output_key, what=what)
     if array.ndim == 1 and n == 1:
-        array = array[None]
+        array, listed = array[None], None if listed is None else listed[None]
     if array.ndim != 2 or array.shape[0] != n:
-        raise ValueError(f"{what} returned outputs of shape {array.shape} for a batch of {n} images; "
-                         f"expected one row per image, ({n}, L)")
-    return list(array)
+        raise UnreadableOutput(f"{what} returned outputs of shape {array.shape} for a batch of {n} images; "
+                               f"expected one row per image, ({n}, L)")
+    return list(array), [None] * n if listed is None else list(listed)
 
 
-def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, output_key: str | None,
+def to_array(value: Any, output_key: str | OutputMap | None, *, what: str) -> np.ndarray:
+    """The app's return value as a float64 vector: array-like, a torch tensor, a mapping read by ``output_key``
+    (a dotted path) or scores by label (NaN for a label a truncated list leaves out)."""
+    return read_vector(value, output_key, what=what)[0]
+
+
+def to_rows(value: Any, output_key: str | OutputMap | None, n: int, *, what: str) -> list[np.ndarray]:
+    """A batch app's return value as ``n`` float64 vectors, one per image of the batch."""
+    return read_rows(value, output_key, n, what=what)[0]
+
+
+def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, output_key: str | OutputMap | None,
             progress: Callable[[int, int], None] | None = None, what: str = "the app",
             batch_size: int | None = None, base: Path | None = None, timeout: float = 30.0) -> AppObservation:
     """Call the app on every fixture row with hooks on the recognised modules.
@@ -245,8 +268,12 @@ def observe(runner: str, call: Call, modules: Modules, fixture: Fixture, *, outp
     the error of that call's rows (the others still run), and so is a ``sys.exit``, ``os._exit`` or
     ``KeyboardInterrupt`` (`parity.runners.guard`); a call past ``timeout`` seconds is abandoned and
     the app not called again (the rows left are named as not called). ``base`` shortens call sites'
-    file names.
+    file names. ``output_key``: how to read the answers (`parity.runners.outputs`); scores by label
+    without declared labels take the order the fixture's metadata records.
     """
+    output_key = _mapping(output_key)
+    if output_key.labels is None:
+        output_key = replace(output_key, labels=fixture_labels(fixture))
     discover = modules if callable(modules) else (lambda: modules)
     found = dict(discover())
     obs = AppObservation(runner, recognise(found, fixture), timeout=timeout)
@@ -297,7 +324,7 @@ def _call_chunk(obs: AppObservation, hooks: _Hooks, call: Call, fixture: Fixture
     """One call of the app on ``chunk``'s rows: its outputs, or its error on each row, and what the hooks saw."""
     hooks.reset(len(chunk))
     for i in chunk:  # a row observed again (after a lazy build) keeps only what this call shows
-        for table in (obs.outputs, obs.sample_errors, obs.pixels, obs.embeddings, obs.head_inputs, obs.model_inputs):
+        for table in (obs.outputs, obs.listed, obs.sample_errors, obs.pixels, obs.embeddings, obs.head_inputs, obs.model_inputs):
             table.pop(i, None)
     if obs.abandoned is not None:
         obs.sample_errors.update((i, f"not called: {obs.abandoned}") for i in chunk)
@@ -305,9 +332,14 @@ def _call_chunk(obs: AppObservation, hooks: _Hooks, call: Call, fixture: Fixture
     try:
         value = guard.call(_called_eagerly, obs, call, [fixture.rows[i] for i in chunk] if batched
                            else fixture.rows[chunk[0]], timeout=obs.timeout, what=what)
-        rows = (to_rows(value, output_key, len(chunk), what=what) if batched
-                else [to_array(value, output_key, what=what)])
-        obs.outputs.update(zip(chunk, rows))
+        try:
+            rows, listed = (read_rows(value, output_key, len(chunk), what=what) if batched
+                            else tuple([x] for x in read_vector(value, output_key, what=what)))
+        except UnreadableOutput as e:  # the app answered: parity could not read the answer
+            obs.sample_errors.update((i, f"parity could not read what {what} returned: {e}") for i in chunk)
+        else:
+            obs.outputs.update(zip(chunk, rows))
+            obs.listed.update((i, m) for i, m in zip(chunk, listed) if m is not None)
     except guard.TimedOut as e:
         # The app is still running that call, with the hooks' state: nothing more is read from it or asked of it.
         hooks.active = False
@@ -558,6 +590,11 @@ def to_run(obs: AppObservation, fixture: Fixture) -> CandidateRun:
         widths = {obs.outputs[i].shape for i in rows}
         if len(widths) == 1:
             outputs = np.stack([obs.outputs[i] for i in rows]).astype(np.float32)
+            if any(i in obs.listed for i in rows):
+                listed = np.stack([obs.listed.get(i, np.ones(outputs.shape[1], bool)) for i in rows])
+                outputs, note = fill_unlisted(outputs, listed, fixture.outputs[list(rows)])
+                if note:
+                    obs.notes.append(note)
         else:
             errors["outputs"] = f"the outputs' widths differ between samples: {sorted(w[0] for w in widths)}"
     samples = tuple((names[i], message) for i, message in sorted(obs.sample_errors.items()))

@@ -21,6 +21,7 @@ from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
+from parity.runners.outputs import output_map
 from parity.spec import Spec
 
 __all__ = ["run", "observe_handler", "load_handler", "request"]
@@ -113,5 +114,5 @@ def observe_handler(spec: Spec, fixture: Fixture, handler: Any, *, progress: Pro
                 roots.setdefault(f"{stem}.{key.removeprefix(module)}" if key.startswith(module) else key, value)
         return reachable_modules(roots)
 
-    return observe("endpoint_handler", call, modules, fixture, output_key=candidate.output_key, progress=progress,
+    return observe("endpoint_handler", call, modules, fixture, output_key=output_map(candidate), progress=progress,
                    what="the handler", base=Path(candidate.target).parent, timeout=candidate.timeout)

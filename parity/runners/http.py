@@ -6,8 +6,12 @@ Each fixture image is posted as the file's own bytes (the service's decoding is 
   ``image`` and, when the fixture rows carry them, ``input_biases`` as a JSON array in a form field;
 - ``send = "json"``: ``{"image": "<base64 of the file>", "input_biases": [...]}``.
 
-The response is JSON: an object whose ``[candidate].output_key`` (default ``outputs``) holds the
-outputs, or a bare list. An object may also carry ``embedding``, then compared as its own stage.
+``[candidate].field`` renames the file field (``image``), ``form`` replaces ``input_biases`` with
+the fields it maps (`RequestMap`), ``headers`` are sent with each request, ``env:NAME`` values
+read from the environment and never shown (`resolve_headers`, `redact`).
+
+The response is JSON: an object whose ``[candidate].output_key`` (default ``outputs``; a dotted
+path) holds the outputs, a bare list, or scores by label (`parity.runners.outputs`). An object may also carry ``embedding``, then compared as its own stage.
 Nothing else of the service is visible: load, weights, pixels and the head are reported as
 not observable.
 
@@ -22,15 +26,17 @@ are not sent (each gets that error) so that a dead service costs seconds, not mi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import json
 import mimetypes
+import os
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,8 @@ import numpy as np
 from parity.errors import SpecError
 from parity.fixtures import Fixture
 from parity.results import CandidateRun
+from parity.runners.outputs import (OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, label_scores,
+                                    output_map, read)
 from parity.spec import Spec
 
 __all__ = ["run", "ServiceError", "post_sample", "encode_multipart", "read_outputs"]
@@ -106,17 +114,71 @@ class _Request:
     headers: dict[str, str]
 
 
-def _request(url: str, image: Path, biases: Sequence[int], send: str) -> _Request:
+@dataclass(frozen=True)
+class RequestMap:
+    """How a fixture sample becomes a request: the file field, the other fields, the headers (values resolved)."""
+
+    field: str = "image"
+    form: Mapping[str, str] | None = None  # request field -> "input_biases" or "input_biases.N"
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def fields(self, biases: Sequence[int]) -> dict[str, Any]:
+        """The request's fields besides the image: ``input_biases`` by default, else as ``form`` maps them."""
+        if self.form is None:
+            return {"input_biases": list(biases)} if biases else {}
+        picked: dict[str, Any] = {}
+        for name, source in self.form.items():
+            _, _, index = source.partition(".")
+            if not index:
+                picked[name] = list(biases)
+            elif int(index) < len(biases):
+                picked[name] = int(biases[int(index)])
+            else:
+                raise SpecError(f"[candidate].form.{name} = {source!r}, but the fixture's rows carry "
+                                f"{len(biases)} input_biases")
+        return picked
+
+
+def resolve_headers(headers: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Header values with ``env:NAME`` read from the environment, and the values read so (never to be shown).
+
+    Raises:
+        SpecError: a named variable is not set (its name is said, never a value).
+    """
+    resolved, secrets = {}, []
+    for key, value in headers.items():
+        if value.startswith("env:"):
+            name = value[4:]
+            if not os.environ.get(name):
+                raise SpecError(f"[candidate].headers.{key} reads the environment variable {name}, which is not "
+                                f"set: export {name} before running parity")
+            value = os.environ[name]
+            if "\n" in value or "\r" in value:
+                raise SpecError(f"[candidate].headers.{key}: the environment variable {name} holds a line break, "
+                                "which no header value may")
+            secrets.append(value)
+        resolved[key] = value
+    return resolved, tuple(secrets)
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret header value replaced (a service may echo a request back in its error)."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: RequestMap = RequestMap()) -> _Request:
     data = image.read_bytes()
+    fields = mapping.fields(biases)
     if send == "json":
-        payload: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii")}
-        if biases:
-            payload["input_biases"] = list(biases)
+        payload: dict[str, Any] = {mapping.field: base64.b64encode(data).decode("ascii"), **fields}
         body, kind = json.dumps(payload).encode(), "application/json"
     else:
-        fields = [("input_biases", json.dumps(list(biases)))] if biases else []
-        body, kind = encode_multipart(fields, [("image", image.name, data)])
-    return _Request(url, body, {"Content-Type": kind, "Accept": "application/json"})
+        # A form field is text: a list as a JSON array, a single input_bias as its number.
+        text = [(name, value if isinstance(value, str) else json.dumps(value)) for name, value in fields.items()]
+        body, kind = encode_multipart(text, [(mapping.field, image.name, data)])
+    return _Request(url, body, {**mapping.headers, "Content-Type": kind, "Accept": "application/json"})
 
 
 class _Deadline:
@@ -225,11 +287,15 @@ def _send_once(request: _Request, timeout: float) -> bytes:
     return body
 
 
-def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+def read_outputs(body: bytes, output_key: str | OutputMap | None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(outputs, embedding or None)`` from a response body.
 
+    Outputs are read by ``output_key`` (a dotted path; default: the object's ``outputs`` or a bare
+    list), or from scores by label in the label order (`parity.runners.outputs`): NaN marks a label
+    a truncated list leaves out, never anything else.
+
     Raises:
-        ServiceError: not JSON, no outputs under the key, or not a list of finite numbers.
+        ServiceError: not JSON, no outputs where said, or not a list of finite numbers.
     """
     snippet = body[:80].decode("utf-8", "replace")
     try:
@@ -241,18 +307,29 @@ def read_outputs(body: bytes, output_key: str | None) -> tuple[np.ndarray, np.nd
             raise ServiceError(f"the answer holds an integer of more than {sys.get_int_max_str_digits()} digits: "
                                f"not an output: {snippet!r}...") from e
         raise ServiceError(f"the answer is not JSON ({str(e)[:200]}): {snippet!r}") from e
-    key = output_key or "outputs"
-    embedding = None
-    if isinstance(answer, dict):
-        if key not in answer:
-            raise ServiceError(f"the answer has no {key!r} (keys: {', '.join(map(str, answer)) or 'none'}); set "
-                               "[candidate].output_key to the one holding the outputs")
-        values, embedding = answer[key], answer.get("embedding")
-    elif isinstance(answer, list):
-        values = answer
-    else:
+    mapping = output_key if isinstance(output_key, OutputMap) else OutputMap(key=output_key)
+    key = mapping.key or "outputs"
+    embedding = answer.get("embedding") if isinstance(answer, dict) else None
+    if not isinstance(answer, (dict, list)):
         raise ServiceError(f"the answer is a JSON {type(answer).__name__}; expected an object or a list of outputs")
-    return _vector(values, key), None if embedding is None else _vector(embedding, "embedding")
+    if mapping.key is None and isinstance(answer, dict):
+        if "outputs" in answer:
+            answer = answer["outputs"]
+        elif label_scores(answer) is None:
+            raise ServiceError(f"the answer has no {key!r} (keys: {', '.join(map(str, answer)) or 'none'}); set "
+                               "[candidate].output_key to the one holding the outputs (a dotted path such as "
+                               "predictions.0.scores reaches into nested JSON)")
+    try:
+        values, listed = read(answer, mapping, what="the service")
+    except UnreadableOutput as e:
+        raise ServiceError(f"parity could not read the answer: {e}") from e
+    if listed is None:
+        return _vector(values, key), None if embedding is None else _vector(embedding, "embedding")
+    if listed.ndim != 1:
+        raise ServiceError(f"the answer holds {listed.shape[0]} lists of scores by label; expected one per sample")
+    if not np.isfinite(values[listed]).all():
+        raise ServiceError("the scores by label hold non-finite values (NaN, infinity or null)")
+    return values.astype(np.float32), None if embedding is None else _vector(embedding, "embedding")
 
 
 def _vector(values: Any, what: str) -> np.ndarray:
@@ -288,22 +365,28 @@ def _shown(values: Any) -> str:
 
 
 def post_sample(url: str, image: Path, biases: Sequence[int], *, send: str = "multipart", timeout: float = 30.0,
-                retries: int = 2, output_key: str | None = None,
+                retries: int = 2, output_key: str | OutputMap | None = None, request: RequestMap = RequestMap(),
+                secrets: Sequence[str] = (),
                 sleep: Callable[[float], None] = time.sleep) -> tuple[np.ndarray, np.ndarray | None]:
     """Post one image and read its outputs, retrying what may pass on a second try.
+
+    ``request``: the file field, other fields and headers; ``secrets``: header values no message may show.
 
     Raises:
         ServiceError: the last attempt's failure.
     """
-    request = _request(url, image, biases, send)
+    built = _request(url, image, biases, send, request)
     for attempt in range(retries + 1):
         try:
-            return read_outputs(_send_once(request, timeout), output_key)
+            return read_outputs(_send_once(built, timeout), output_key)
         except ServiceError as e:
             if not e.transient or attempt == retries:
+                message = redact(str(e), secrets)
                 if attempt:
-                    raise ServiceError(f"{e} (after {attempt + 1} attempts)", transient=e.transient,
-                                       unreachable=e.unreachable) from e
+                    raise ServiceError(f"{message} (after {attempt + 1} attempts)", transient=e.transient,
+                                       unreachable=e.unreachable) from None
+                if secrets:
+                    raise ServiceError(message, transient=e.transient, unreachable=e.unreachable) from None
                 raise
             sleep(min(BACKOFF * 2 ** attempt, MAX_BACKOFF))
     raise AssertionError("unreachable")  # the loop returns or raises
@@ -317,6 +400,17 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     if send not in SENDS:
         raise SpecError(f"[candidate].send = {send!r} does not apply to a url candidate: use one of {', '.join(SENDS)}")
     width = fixture.outputs.shape[1]
+    if candidate.labels is not None and len(candidate.labels) != width:
+        raise SpecError(f"[candidate].labels names {len(candidate.labels)} labels; the fixture has {width} outputs "
+                        "per sample")
+    headers, secrets = resolve_headers(candidate.headers)
+    request = RequestMap(candidate.field, candidate.form, headers)
+    mapping = output_map(candidate)
+    if mapping.labels is None:
+        mapping = dataclasses.replace(mapping, labels=fixture_labels(fixture))
+    if fixture.rows:
+        request.fields(fixture.rows[0].input_biases)  # a form field naming a bias the rows lack: said once
+    listed: list[np.ndarray] = []
     rows: list[int] = []
     sample_errors: list[tuple[str, str]] = []
     outputs: list[np.ndarray] = []
@@ -330,7 +424,8 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
         else:
             try:
                 values, embedding = post_sample(url, row.image, row.input_biases, send=send, timeout=candidate.timeout,
-                                                retries=candidate.retries, output_key=candidate.output_key)
+                                                retries=candidate.retries, output_key=mapping, request=request,
+                                                secrets=secrets)
                 if values.shape[0] != width:
                     raise ServiceError(f"{values.shape[0]} outputs, the fixture has {width} per sample")
             except ServiceError as e:
@@ -341,6 +436,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
             else:
                 silent = 0
                 rows.append(i)
+                listed.append(~np.isnan(values))  # NaN only where a truncated list left a label out
                 outputs.append(values)
                 embeddings.append(embedding)
         if progress:
@@ -350,9 +446,16 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
                                                           for e in embeddings) else None
     if embedded is None:
         unobservable["embedding"] = UNOBSERVABLE + " (answer with an 'embedding' list to compare it)"
+    stacked = np.stack(outputs) if outputs else np.zeros((0, width), np.float32)
+    note = None
+    if outputs:
+        stacked, note = fill_unlisted(stacked, np.stack(listed), fixture.outputs[rows])
+    # What was sent, never a header's value (only the names of the headers and where their values come from).
+    sent = {"url": url, "send": send, "field": request.field,
+            **({"form": dict(request.form)} if request.form is not None else {}),
+            **({"headers": sorted(request.headers)} if request.headers else {})}
     return CandidateRun(
-        "url", description={"candidate": {"url": url, "send": send}}, rows=tuple(rows),
-        sample_errors=tuple(sample_errors),
-        outputs=np.stack(outputs) if outputs else np.zeros((0, width), np.float32),
-        embeddings=embedded, unobservable=unobservable,
+        "url", description={"candidate": sent}, rows=tuple(rows),
+        sample_errors=tuple(sample_errors), outputs=stacked,
+        embeddings=embedded, unobservable=unobservable, notes=(note,) if note else (),
     )

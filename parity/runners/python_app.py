@@ -23,6 +23,7 @@ from parity.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run
+from parity.runners.outputs import output_map
 from parity.spec import Spec
 
 __all__ = ["run", "observe_function", "load_function", "default_inputs", "argument"]
@@ -96,7 +97,7 @@ def observe_function(spec: Spec, fixture: Fixture, function: Callable, *,
     def modules() -> dict[str, Any]:
         return reachable_modules(function_roots(function, candidate.target))
 
-    return observe("python", call, modules, fixture, output_key=candidate.output_key, progress=progress,
+    return observe("python", call, modules, fixture, output_key=output_map(candidate), progress=progress,
                    what=f"{candidate.target}", batch_size=spec.runtime.batch_size if candidate.batch else None,
                    base=candidate.python_path, timeout=candidate.timeout)
 
