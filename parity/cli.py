@@ -30,9 +30,11 @@ def _spec_options(parser: argparse.ArgumentParser, *, spec_help: str, device: bo
     """The options every spec-driven command shares."""
     parser.add_argument("--spec", required=True, type=Path, help=spec_help)
     if candidate:
-        parser.add_argument("--candidate", default=None, metavar="KIND:TARGET",
-                            help="gate what ships instead of the spec's [candidate] (paths relative to the current "
-                                 "directory): python:app:predict, endpoint_handler:handler.py, onnx:model.onnx, "
+        parser.add_argument("--candidate", default=None, metavar="NAME|KIND:TARGET",
+                            help="gate what ships instead of the spec's [candidate]: the NAME of a [candidates.NAME] "
+                                 "table, or KIND:TARGET (paths relative to the current directory; the options of the "
+                                 "spec's matching candidate table apply): python:app:predict, "
+                                 "python:deploy/app.py:predict, endpoint_handler:handler.py, onnx:model.onnx, "
                                  "url:http://127.0.0.1:8000/predict, logged:requests.jsonl")
     parser.add_argument("--fixtures", type=Path, default=None,
                         help="fixture directory (default: the spec's `fixtures` field)")
@@ -273,13 +275,11 @@ def _axis_values(text: str) -> list:
 
 def _load_spec(args: argparse.Namespace):
     """The spec, with ``--candidate`` (when given) replacing its [candidate]."""
-    import dataclasses
-
-    from parity.spec import load_spec, parse_candidate
+    from parity.spec import load_spec, select_candidate
 
     spec = load_spec(args.spec)
     if getattr(args, "candidate", None):
-        spec = dataclasses.replace(spec, candidate=parse_candidate(args.candidate, base=Path.cwd()))
+        spec = select_candidate(spec, args.candidate, base=Path.cwd())
     return _apply_engine(spec, args)
 
 
@@ -638,13 +638,13 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """What the command reads and must never overwrite: ``(what, path)``; a fixture directory
     protects everything under it (its manifest.json first of all)."""
-    from parity.spec import load_spec, parse_candidate
+    from parity.spec import load_spec, select_candidate
 
     found: list[tuple[str, Path | None]] = []
     if getattr(args, "spec", None) is not None:
         spec = load_spec(args.spec)
-        candidate = (parse_candidate(args.candidate, base=Path.cwd()) if getattr(args, "candidate", None)
-                     else spec.candidate)
+        candidate = (select_candidate(spec, args.candidate, base=Path.cwd()).candidate
+                     if getattr(args, "candidate", None) else spec.candidate)
         found += [("the spec", args.spec), ("the head checkpoint", spec.head.weights),
                   ("the backbone checkpoint", spec.backbone.checkpoint),
                   ("the candidate", Path(candidate.target) if candidate.kind in ("onnx", "logged", "endpoint_handler")

@@ -24,6 +24,10 @@ from parity import tolerance
 __all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "verification_band"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
+# Runners whose head stage runs the head module itself (the one found in the app or handler): what
+# the shipped code does after it ([candidate].postprocess) is not in it. Other runners' head (an
+# ONNX head graph) is the exported code, post-processing included.
+_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler")
 
 
 def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
@@ -61,6 +65,12 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
         return StageResult(stage, Status.SKIP, f"not observable: {reason}" if reason else default)
 
     names, rows = fixture.names, list(run.rows)
+    # What the shipped code returns for the reference's head outputs ([candidate].postprocess).
+    shipped = fixture.outputs
+    if spec.candidate.kind != "spec" and spec.candidate.postprocess != "none":
+        from parity.runners.postprocess import postprocess_reference
+
+        shipped = postprocess_reference(spec.candidate, fixture.outputs)
     stages = {"load": unobserved("load", "") if "load" in run.unobservable
               else StageResult("load", Status.PASS, _load_headline(spec)),
               "weights": _weights_stage(run, fixture, spec),
@@ -88,11 +98,12 @@ def compare_run(run: CandidateRun, fixture: Fixture, spec: Spec) -> dict[str, St
         stages["embedding"] = compare("embedding", run.embeddings, fixture.embeddings[rows], [names[i] for i in rows],
                                       cosine=True)
 
-    stages["head"] = _head_stage("head", run, run.head_outputs, fixture.outputs, names, compare, unobserved)
-    stages["outputs"] = _head_stage("outputs", run, run.outputs, fixture.outputs[rows], [names[i] for i in rows],
+    head_reference = fixture.outputs if run.runner in _HEAD_MODULE_RUNNERS else shipped
+    stages["head"] = _head_stage("head", run, run.head_outputs, head_reference, names, compare, unobserved)
+    stages["outputs"] = _head_stage("outputs", run, run.outputs, shipped[rows], [names[i] for i in rows],
                                     compare, unobserved,
                                     default="not run: no candidate embeddings of the right shape")
-    stages["decisions"] = _decision_stage(spec, fixture, stages, run)
+    stages["decisions"] = _decision_stage(spec, fixture, stages, run, shipped)
     return {s: stages[s] for s in STAGE_ORDER}
 
 
@@ -158,7 +169,8 @@ def decode_stage(runner: str, sample_errors: Sequence[tuple[str, str]], notes: S
     return StageResult("decode", Status.PASS, f"{total}/{total} decoded{converted}", notes=tuple(notes))
 
 
-def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResult], run: CandidateRun) -> StageResult:
+def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResult], run: CandidateRun,
+                    outputs: np.ndarray) -> StageResult:
     """Every decision the spec names, checked for flips; a flip where the reference sits within the
     budget of the boundary is a near-tie (reported, not failed); any other flip fails."""
     wanted = spec.decisions
@@ -175,7 +187,7 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
         if run.outputs is None or out_cmp is None or not out_cmp.shapes_match:
             skipped.append("no comparable outputs")
         else:
-            ref, band = fixture.outputs[kept], out_cmp.tolerance.atol
+            ref, band = outputs[kept], out_cmp.tolerance.atol
             if wanted.threshold is not None:
                 found.append(threshold_flips(wanted.threshold, run.outputs, ref, band, names))
             if wanted.argmax:

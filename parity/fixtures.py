@@ -61,6 +61,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# In a fixture and beside it: git ignores what a write leaves for a moment (or a dead writer leaves
+# for the next command to recover); never listed in the manifest.
+GITIGNORE = ".gitignore"
 MANIFEST_DIGEST = "manifest_sha256"  # the manifest's seal, over its canonical form
 EMBEDDINGS = "clip.npy"
 METADATA = "clip_metadata.json"
@@ -303,12 +306,14 @@ def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]
             stage = Staging(staging, {"schema_version": SCHEMA_VERSION})
             yield stage
             _fault("staged")
+            (staging / GITIGNORE).write_text(f"# parity: a manifest being written\n.{MANIFEST}.*\n", encoding="utf-8")
             # One mode for every file and folder, as the umask gives new files: mkdtemp makes the folder
             # private, and some writers (safetensors) make their files private too.
             for p in [staging, *staging.rglob("*")]:
                 if not p.is_symlink():
                     os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-            files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
+            files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST
+                           and p.relative_to(staging).as_posix() != GITIGNORE)
             for p in files:
                 _fsync_file(p)
             for d in sorted({p.parent for p in files}, key=lambda d: -len(d.parts)):
@@ -321,8 +326,26 @@ def stage_fixture(dest: str | Path, *, force: bool = False) -> Iterator[Staging]
             _loads(staging, dest)
             _fault("sealed")
             _swap_into_place(staging, dest)
+            _ignore_leftovers(dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ignore_leftovers(dest: Path) -> None:
+    """Add to the ``.gitignore`` beside ``dest`` (made if absent) what a regeneration keeps or leaves there:
+    the previous version, the lock file and staging directories, so that ``git add -A`` commits none."""
+    wanted = [f"/{_previous(dest).name}/", f"/{_lock_path(dest).name}", f"/.{dest.name}.tmp-*/"]
+    path = dest.parent / GITIGNORE
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        missing = [line for line in wanted if line not in text.splitlines()]
+        if missing:
+            lead = "" if not text or text.endswith("\n") else "\n"
+            with path.open("a", encoding="utf-8") as f:
+                f.write(f"{lead}# parity: fixture {dest.name}'s previous version, lock and staging\n"
+                        + "".join(f"{line}\n" for line in missing))
+    except (OSError, UnicodeDecodeError):
+        pass  # a convenience: the fixture itself is written and sealed
 
 
 def _loads(staging: Path, dest: Path) -> None:
@@ -359,7 +382,7 @@ def _unlisted(directory: Path) -> list[str]:
     found = []
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
-        if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in listed \
+        if (p.is_file() or p.is_symlink()) and rel not in (MANIFEST, GITIGNORE) and rel not in listed \
                 and not p.name.startswith(f".{MANIFEST}."):
             found.append(rel)
     return found

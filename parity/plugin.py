@@ -11,6 +11,8 @@ import pytest
 
 _REPORT_KEY = pytest.StashKey[object]()
 _MATRIX_KEY = pytest.StashKey[object]()
+# The reports of the gates that ran when the session gates several specs or candidates, by gate id.
+_REPORTS_KEY = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,7 +29,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-shard", dest="parity_shard", default=None, metavar="I/N",
                     help="gate shard I of N of the samples (by content hash); with --parity-report the report is "
                          "a partial one for `parity merge`")
-    parser.addini("parity_spec", "default spec for --parity-spec, relative to the rootdir", default="")
+    parser.addini("parity_spec", "default spec(s) for --parity-spec, relative to the rootdir: one per line",
+                  type="linelist", default=[])
 
 
 def _shard(config: pytest.Config) -> tuple[int, int] | None:
@@ -39,11 +42,17 @@ def _shard(config: pytest.Config) -> tuple[int, int] | None:
     return parse_shard(config.option.parity_shard)
 
 
-def _spec_path(config: pytest.Config) -> Path | None:
+def _spec_paths(config: pytest.Config) -> list[Path]:
+    """``--parity-spec``, else every line of the ``parity_spec`` ini value (relative to the rootdir)."""
     if config.option.parity_spec:
-        return Path(config.option.parity_spec)
-    ini = config.getini("parity_spec")
-    return config.rootpath / ini if ini else None
+        return [Path(config.option.parity_spec)]
+    return [config.rootpath / line for line in config.getini("parity_spec")]
+
+
+def _spec_path(config: pytest.Config) -> Path | None:
+    """The session's first spec (the one the session-wide fixtures gate)."""
+    paths = _spec_paths(config)
+    return paths[0] if paths else None
 
 
 @pytest.fixture(scope="session")
@@ -123,20 +132,37 @@ def _report_dirs(config: pytest.Config) -> dict[object, Path]:
     root = Path(config.option.parity_report)
     ran = [key for key in (_REPORT_KEY, _MATRIX_KEY) if config.stash.get(key, None) is not None]
     return {key: root / "matrix" if key is _MATRIX_KEY and len(ran) > 1 else root for key in ran}
+
+
+def _targets(config: pytest.Config) -> list[tuple[Path, str | None, str]]:
+    """What the session gates: ``(spec path, candidate name or None, id prefix)``, one per candidate of
+    each spec: its ``[candidates.NAME]`` tables (ids ``SPEC-NAME``), else its ``[candidate]`` (id ``SPEC``)."""
+    from parity.spec import load_spec
+
+    targets = []
+    for path in _spec_paths(config):
+        spec = load_spec(path)
+        if spec.candidates:
+            targets += [(path, name, f"{spec.name}-{name}") for name in spec.candidates]
+        else:
+            targets.append((path, None, spec.name))
+    return targets
+
+
 def _parametrize_gate(metafunc: pytest.Metafunc) -> None:
     from parity.comparator import STAGE_ORDER
 
-    path = _spec_path(metafunc.config)
-    if path is None:
+    targets = _targets(metafunc.config)
+    if not targets:
         metafunc.parametrize("parity_gate", [pytest.param(None, marks=pytest.mark.skip(
             reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))],
             ids=["no-spec"], indirect=True)
         return
-    from parity.spec import load_spec
-
-    name = load_spec(path).name
     steps = (*STAGE_ORDER, "gate")
-    metafunc.parametrize("parity_gate", steps, ids=[f"{name}-{step}" for step in steps], indirect=True)
+    single = len(targets) == 1 and targets[0][1] is None
+    params = [(None if single else (path, name, prefix), step) for path, name, prefix in targets for step in steps]
+    metafunc.parametrize("parity_gate", params, ids=[f"{prefix}-{step}" for _, _, prefix in targets for step in steps],
+                         indirect=True)
 
 
 class ParityGate:
@@ -176,21 +202,47 @@ def parity_gate(request: pytest.FixtureRequest) -> ParityGate:
     Each test is parametrized per stage; the ids name the spec and the stage. The spec is
     ``--parity-spec`` or the ``parity_spec`` ini value; the gate runs once per session.
     """
-    report = request.getfixturevalue("parity_report")
-    return ParityGate(report, request.param)
+    target, stage = request.param
+    report = request.getfixturevalue("parity_report") if target is None else _gate_report(request, *target)
+    return ParityGate(report, stage)
+
+
+def _gate_report(request: pytest.FixtureRequest, path: Path, candidate: str | None, prefix: str):
+    """The gate of one spec and candidate, run once per session (several specs or candidates)."""
+    reports = request.config.stash.setdefault(_REPORTS_KEY, {})
+    if prefix not in reports:
+        from parity.check import run_check
+        from parity.spec import load_spec, select_candidate
+
+        spec = load_spec(path)
+        if candidate is not None:
+            spec = select_candidate(spec, candidate, base=Path.cwd())
+        device = request.config.option.parity_device or spec.runtime.device
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                pytest.skip(f"--parity-device {device}: CUDA is not available on this machine")
+        reports[prefix] = run_check(spec, fixtures=request.config.option.parity_fixtures, device=device,
+                                    shard=_shard(request.config))
+    return reports[prefix]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     directories = _report_dirs(config)
-    for key, title in ((_REPORT_KEY, "parity report"), (_MATRIX_KEY, "parity matrix")):
-        report = config.stash.get(key, None)
+    shown = [(config.stash.get(key, None), title, directories.get(key))
+             for key, title in ((_REPORT_KEY, "parity report"), (_MATRIX_KEY, "parity matrix"))]
+    root = Path(config.option.parity_report) if config.option.parity_report else None
+    shown += [(report, f"parity report {prefix}", root / prefix if root else None)
+              for prefix, report in config.stash.get(_REPORTS_KEY, {}).items()]
+    for report, title, directory in shown:
         if report is not None:
             from parity.report import render_text
 
             terminalreporter.write_sep("=", title)
             terminalreporter.write(render_text(report))
-            if key in directories:
+            if directory is not None:
                 from parity.formats import write_reports
 
-                paths = write_reports(report, directories[key])
+                paths = write_reports(report, directory)
                 terminalreporter.write_line(f"{title} files: {', '.join(str(p) for p in paths.values())}")

@@ -48,6 +48,8 @@ __all__ = [
     "ReferenceSpec",
     "REFERENCE_NUMERICS",
     "parse_candidate",
+    "select_candidate",
+    "POSTPROCESSES",
     "Spec",
     "load_spec",
     "default_tolerance",
@@ -273,6 +275,11 @@ REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autoc
 # What a python candidate's positional arguments are, in order (see README "Gating the code that ships").
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
+# What the shipped code does after the head ([candidate].postprocess), by the names the outputs
+# detectors use (`parity.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
+POSTPROCESSES = ("none", "sigmoid", "softmax", "log_softmax")
+# A [candidates.NAME] name: it becomes part of a pytest id and a --candidate value.
+_CANDIDATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,9 @@ class CandidateSpec:
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
     ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
     rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image.
+    ``postprocess``: what the shipped code does after the head (one of `POSTPROCESSES`, or
+    ``module:function`` imported from ``python_path``), applied to the reference's outputs before
+    comparing. ``name``: the ``[candidates.NAME]`` table it came from ("" for ``[candidate]``).
     """
 
     kind: str = "spec"
@@ -307,6 +317,8 @@ class CandidateSpec:
     field: str = "image"
     form: Mapping[str, str] | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    postprocess: str = "none"
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -321,7 +333,12 @@ class ReferenceSpec:
 
 @dataclass(frozen=True)
 class Spec:
-    """A parsed, validated spec. Paths are absolute (resolved against the spec's folder)."""
+    """A parsed, validated spec. Paths are absolute (resolved against the spec's folder).
+
+    ``candidate`` is what is gated (``[candidate]``, or the one `select_candidate` picked);
+    ``candidates`` the ``[candidates.NAME]`` tables by name, and ``candidate_tables`` every candidate
+    table's raw fields ("" for ``[candidate]``), whose options ``--candidate KIND:TARGET`` takes.
+    """
 
     path: Path
     name: str
@@ -335,6 +352,8 @@ class Spec:
     decisions: DecisionsSpec = DecisionsSpec()
     candidate: CandidateSpec = CandidateSpec()
     reference: ReferenceSpec = ReferenceSpec()
+    candidates: Mapping[str, CandidateSpec] = field(default_factory=dict)
+    candidate_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def fixture_root(self, override: str | Path | None = None) -> Path:
         """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.
@@ -513,7 +532,18 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: not valid TOML: {e}") from e
     except RecursionError as e:
         raise SpecError(f"{path}: nests too deeply to be a spec") from e
-    return parse_spec(data, path=path)
+    spec = parse_spec(data, path=path)
+    _import_from(spec.path.parent)
+    return spec
+
+
+def _import_from(folder: Path) -> None:
+    """Let the spec's import paths (``[head].class``, a python candidate, a postprocess) resolve from
+    its folder, as they do with ``python -m`` run there; appended, so an installed package still wins."""
+    import sys
+
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 
 def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
@@ -629,7 +659,7 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
     if decisions.max_flip_rate is not None and not decisions.any:
         raise SpecError(f"{path}: [decisions].max_flip_rate needs a decision to count flips of: set "
                         "threshold, argmax = true or verification_threshold")
-    candidate = _candidate(root.table("candidate"), base)
+    candidate, candidates, candidate_tables = _candidates(root, base)
     rf = root.table("reference")
     reference = ReferenceSpec(numerics=rf.get("numerics", str, None, choices=REFERENCE_NUMERICS))
     rf.finish()
@@ -649,45 +679,54 @@ def parse_spec(data: Mapping[str, Any], *, path: Path) -> Spec:
         decisions=decisions,
         candidate=candidate,
         reference=reference,
+        candidates=candidates,
+        candidate_tables=candidate_tables,
     )
 
 
-def _candidate(table: _Table, base: Path) -> CandidateSpec:
+def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
+    """One ``[candidate]`` / ``[candidates.NAME]`` table: a kind key and its target, and options.
+
+    A table without a kind key holds only options: for ``--candidate KIND:TARGET`` (`select_candidate`).
+    """
+    where = table.where
     named = [kind for kind in CANDIDATE_KINDS if kind in table.data]
     if len(named) > 1:
-        raise SpecError(f"{table.path}: [candidate] names {' and '.join(named)}; name exactly one of "
+        raise SpecError(f"{table.path}: {where} names {' and '.join(named)}; name exactly one of "
                         f"{', '.join(CANDIDATE_KINDS)}")
-    if not named:
-        table.finish()
-        return CandidateSpec(python_path=base)
-    kind = named[0]
-    target = table.get(kind, str)
+    kind = named[0] if named else "spec"
+    target = table.get(kind, str) if named else ""
+    for other in CANDIDATE_KINDS:  # accepted as fields, so that an unknown field's message lists them
+        table.seen.add(other)
     inputs = table.get("inputs", list, None)
     if inputs is not None:
-        unknown = [name for name in inputs if name not in CANDIDATE_INPUTS]
+        unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS]
         if unknown or not inputs:
-            raise SpecError(f"{table.path}: [candidate].inputs = {inputs!r}: each entry must be one of "
+            raise SpecError(f"{table.path}: {where}.inputs = {inputs!r}: each entry must be one of "
                             f"{', '.join(CANDIDATE_INPUTS)}")
+    python_path = _path(base, table.get("python_path", str, "."))
     candidate = CandidateSpec(
         kind=kind,
-        target=target if kind in ("python", "url") else str(_path(base, target)),
+        target=_target(kind, target, base, python_path, where=f"{table.path}: {where}.{kind}"),
         inputs=None if inputs is None else tuple(inputs),
         output_key=table.get("output_key", str, None),
         send=table.get("send", str, None, choices=CANDIDATE_SEND),
         timeout=table.number("timeout", 30.0, low=0.0, high=3600.0, open_low=True),
         retries=table.get("retries", int, 2),
-        python_path=_path(base, table.get("python_path", str, ".")),
+        python_path=python_path,
         batch=table.get("batch", bool, False),
         **_mapping_fields(table, kind),
+        postprocess=_postprocess(table),
+        name=name,
     )
     table.finish()
-    if kind == "python" and ":" not in target:
-        raise SpecError(f"{table.path}: [candidate].python must be 'module:function', got {target!r}")
-    if candidate.batch and kind != "python":
-        raise SpecError(f"{table.path}: [candidate].batch = true is for a python function that takes a batch; "
+    if kind == "python" and python_path is not None:
+        candidate = dataclasses.replace(candidate, python_path=_python_root(candidate.target, python_path))
+    if candidate.batch and kind not in ("python", "spec"):
+        raise SpecError(f"{table.path}: {where}.batch = true is for a python function that takes a batch; "
                         f"a {kind} candidate is called one sample at a time. Remove batch.")
     if not 0 <= candidate.retries <= 10:
-        raise SpecError(f"{table.path}: [candidate].retries = {candidate.retries}: expected 0 to 10")
+        raise SpecError(f"{table.path}: {where}.retries = {candidate.retries}: expected 0 to 10")
     return candidate
 
 
@@ -732,14 +771,117 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
             "form": None if form is None else dict(form), "headers": dict(headers)}
 
 
-def parse_candidate(text: str, *, base: Path) -> CandidateSpec:
-    """``KIND:TARGET`` from the command line (paths relative to ``base``), e.g. ``python:app:predict``."""
+def _postprocess(table: _Table) -> str:
+    value = table.get("postprocess", str, "none")
+    if value not in POSTPROCESSES and not _CLASS_PATH.fullmatch(value):
+        raise SpecError(f"{table.path}: {table._name('postprocess')} = {value!r} is not accepted. Accepted values: "
+                        f"{', '.join(POSTPROCESSES)}, or 'module:function' (your own, called on the reference's "
+                        "outputs as an (N, L) float64 array)")
+    return value
+
+
+def _target(kind: str, target: str, base: Path, python_path: Path | None, *, where: str) -> str:
+    """The target as the runner takes it: a URL as is; a path made absolute; a python target
+    ``module:function`` as is, or ``path/to/app.py:function`` made ``module:function`` importable from
+    ``python_path`` (the file's folder when it lies outside it)."""
+    if kind in ("spec", "url"):
+        return target
+    if kind != "python":
+        return str(_path(base, target))
+    module, sep, function = target.rpartition(":")
+    if not sep or not module or not function.isidentifier():
+        raise SpecError(f"{where} must be 'module:function' or 'path/to/app.py:function', got {target!r}")
+    if not module.endswith(".py") and "/" not in module and "\\" not in module:
+        return target
+    file = (base / module).resolve()
+    if file.suffix != ".py" or not file.is_file():
+        raise SpecError(f"{where} = {target!r}: no Python file {file}")
+    return f"{file}:{function}"
+
+
+def _python_root(target: str, python_path: Path) -> Path:
+    """Where a file target (``/abs/app.py:function``) is imported from: ``python_path`` when the file
+    lies under it, else the file's own folder."""
+    module = target.rpartition(":")[0]
+    if not module.endswith(".py"):
+        return python_path
+    file = Path(module)
+    return python_path if file.is_relative_to(python_path) else file.parent
+
+
+def _candidates(root: _Table, base: Path) -> tuple[CandidateSpec, dict[str, CandidateSpec], dict[str, dict]]:
+    """``[candidate]``, the ``[candidates.NAME]`` tables, and every table's raw fields (for `select_candidate`)."""
+    default = root.table("candidate")
+    candidate = _candidate(default, base)
+    tables: dict[str, dict] = {"": dict(default.data)}
+    named: dict[str, CandidateSpec] = {}
+    group = root.table("candidates")
+    for name in group.data:
+        group.seen.add(name)
+        if not _CANDIDATE_NAME.fullmatch(name) or name in CANDIDATE_KINDS:
+            raise SpecError(f"{root.path}: [candidates.{name}]: a candidate's name is letters, digits, '_', '.' and "
+                            f"'-', and not a kind ({', '.join(CANDIDATE_KINDS)})")
+        table = _Table(group.data[name], f"[candidates.{name}]", root.path)
+        named[name] = _candidate(table, base, name=name)
+        if named[name].kind == "spec":
+            raise SpecError(f"{root.path}: [candidates.{name}] names no kind; set exactly one of "
+                            f"{', '.join(CANDIDATE_KINDS)} (e.g. python = \"app:predict\")")
+        tables[name] = dict(table.data)
+    group.finish()
+    return candidate, named, tables
+
+
+def parse_candidate(text: str, *, base: Path, options: Mapping[str, Any] | None = None) -> CandidateSpec:
+    """``KIND:TARGET`` from the command line (paths relative to ``base``), e.g. ``python:app:predict``,
+    with ``options`` (a ``[candidate]`` table's other fields, paths absolute) if given."""
     kind, sep, target = text.partition(":")
     if not sep or kind not in CANDIDATE_KINDS or not target:
         raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
-                        "(e.g. python:app:predict, endpoint_handler:handler.py, onnx:model.onnx, "
-                        "url:http://127.0.0.1:8000/predict, logged:requests.jsonl)")
-    return _candidate(_Table({kind: target}, "candidate", base / "--candidate"), base)
+                        "(e.g. python:app:predict, python:deploy/app.py:predict, endpoint_handler:handler.py, "
+                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl), "
+                        "or the NAME of a [candidates.NAME] table")
+    fields = {k: v for k, v in (options or {}).items() if k not in CANDIDATE_KINDS}
+    return _candidate(_Table({**fields, kind: target}, "--candidate", base / "--candidate"), base)
+
+
+def select_candidate(spec: Spec, text: str, *, base: Path) -> Spec:
+    """``spec`` gating ``text``: the NAME of a ``[candidates.NAME]`` table, or ``KIND:TARGET`` (paths
+    relative to ``base``) with the options of the table it matches: one of the same kind (the same
+    target first), else a ``[candidate]`` with only options.
+
+    Raises:
+        SpecError: an unknown name, a malformed KIND:TARGET, or several tables of that kind to take options from.
+    """
+    if text in spec.candidates:
+        return dataclasses.replace(spec, candidate=spec.candidates[text])
+    kind, sep, target = text.partition(":")
+    if not sep or kind not in CANDIDATE_KINDS:
+        names = ", ".join(spec.candidates) or "(the spec has no [candidates.NAME] table)"
+        raise SpecError(f"--candidate {text!r}: no candidate of that name in {spec.path}. Accepted values: {names}; "
+                        f"or KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)}")
+    bare = parse_candidate(text, base=base)
+    tables = {name: data for name, data in spec.candidate_tables.items()}
+    chosen = {"": spec.candidate, **spec.candidates}
+    same_kind = [name for name in tables if chosen[name].kind == kind]
+    exact = [name for name in same_kind if chosen[name].target == bare.target]
+    if exact:
+        match = exact[0]
+    elif len(same_kind) == 1:
+        match = same_kind[0]
+    elif same_kind:
+        listed = ", ".join(f"[candidates.{n}]" if n else "[candidate]" for n in same_kind)
+        raise SpecError(f"--candidate {text!r}: {listed} are all {kind} candidates; say which one's options to take "
+                        f"with --candidate NAME ({', '.join(n for n in same_kind if n)})")
+    elif chosen[""].kind == "spec" and tables.get(""):
+        match = ""
+    else:
+        return dataclasses.replace(spec, candidate=bare)
+    options = dict(tables[match])
+    # The table's own paths stay relative to the spec's folder; the target, to ``base``.
+    options["python_path"] = str(chosen[match].python_path if "python_path" in options else
+                                 bare.python_path)
+    candidate = parse_candidate(text, base=base, options=options)
+    return dataclasses.replace(spec, candidate=dataclasses.replace(candidate, name=match))
 
 
 # -- the matrix grammar ([matrix] and `parity matrix --axis`) --------------------------------------

@@ -172,7 +172,7 @@ def test_stage_fixture_with_force_replaces_the_destination(tmp_path):
         (stage.path / "old.txt").write_text("old")
     with stage_fixture(dest, force=True) as stage:
         (stage.path / "new.txt").write_text("new")
-    assert sorted(_tree(dest)) == ["manifest.json", "new.txt"]
+    assert sorted(_tree(dest)) == [".gitignore", "manifest.json", "new.txt"]
     assert _staging_leftovers(tmp_path) == []
     # Only a fixture parity wrote: a directory of someone else's files is refused and kept as it was.
     other = tmp_path / "other"

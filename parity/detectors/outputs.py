@@ -154,5 +154,6 @@ def findings(evidence: Evidence) -> dict[str, list[Finding]]:
             detector=f"outputs.{name}", stage=stage, cause=cause,
             evidence=(f"{_describe(name, params)} reproduces the shipped {stage} of {len(rows)} samples: max abs "
                       f"{number(max_abs)} ({tolerance.describe()})"),
-            fix=fix, where=evidence.where("head"), max_abs=max_abs))
+            fix=fix, where=evidence.where("head"), max_abs=max_abs,
+            spec_fix=f'[candidate]\npostprocess = "{name}"' if name in ("sigmoid", "softmax", "log_softmax") else ""))
     return found

@@ -31,8 +31,13 @@ __all__ = ["run", "observe_function", "load_function", "default_inputs", "argume
 Progress = Callable[[int, int], None]
 
 
-def load_function(target: str, python_path: Path | None, *, timeout: float = 30.0) -> Callable:
-    """Import ``module:function`` with ``python_path`` first on ``sys.path``.
+def load_function(target: str, python_path: Path | None, *, timeout: float = 30.0,
+                  field: str = "[candidate].python") -> Callable:
+    """Import ``module:function`` (or ``/path/to/app.py:function``) with ``python_path`` first on ``sys.path``.
+
+    A file under ``python_path`` is imported by its dotted name from there (``deploy/app.py`` as
+    ``deploy.app``), so that its own absolute imports work; a file elsewhere, from its folder.
+    ``field`` names the spec field in messages.
 
     The module's code runs: a spec's import path is code its author trusts. A module of the same
     name imported from elsewhere (another copy of the app) is imported afresh from ``python_path``.
@@ -42,7 +47,12 @@ def load_function(target: str, python_path: Path | None, *, timeout: float = 30.
         SpecError: the module or the function cannot be found.
         guard.Stopped: the import called ``sys.exit``/``os._exit``, raised ``KeyboardInterrupt`` or took too long.
     """
-    module_name, _, attr = target.partition(":")
+    module_name, _, attr = target.rpartition(":")
+    if module_name.endswith(".py"):
+        file = Path(module_name)
+        if python_path is None or not file.is_relative_to(python_path):
+            python_path = file.parent
+        module_name = ".".join(file.relative_to(python_path).with_suffix("").parts)
     if python_path is not None:
         path = str(python_path)
         if path in sys.path:
@@ -57,11 +67,11 @@ def load_function(target: str, python_path: Path | None, *, timeout: float = 30.
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise  # the app itself imports something missing: that is the app's error
-        raise SpecError(f"[candidate].python = {target!r}: no module {module_name!r} in {python_path} "
+        raise SpecError(f"{field} = {target!r}: no module {module_name!r} in {python_path} "
                         "(set [candidate].python_path to the app's folder)") from e
     function = getattr(module, attr, None)
     if not callable(function):
-        raise SpecError(f"[candidate].python = {target!r}: module {module.__file__} has no function {attr!r}")
+        raise SpecError(f"{field} = {target!r}: module {module.__file__} has no function {attr!r}")
     return function
 
 
