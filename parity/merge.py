@@ -55,8 +55,8 @@ def load_partial(path: str | Path) -> Partial:
         raise SpecError(f"{path} has report schema_version {data['schema_version']!r}; this parity reads "
                         f"{REPORT_SCHEMA_VERSION}: merge with the parity version that wrote the parts")
     kind = data.get("kind", "matrix" if "cells" in data else "check")
-    if kind not in _KINDS:
-        raise SpecError(f"{path} is a {kind} report; parity merge takes check, matrix and diagnosis reports")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise SpecError(f"{path} is a {str(kind)[:40]} report; parity merge takes check, matrix and diagnosis reports")
     holder = data.get("report") if kind == "diagnosis" else data
     if not isinstance(holder, dict) or not isinstance(holder.get("shard"), dict):
         raise SpecError(f"{path} is a whole report, not a shard's: write parts with "

@@ -353,7 +353,8 @@ class Spec:
     candidate: CandidateSpec = CandidateSpec()
     reference: ReferenceSpec = ReferenceSpec()
     candidates: Mapping[str, CandidateSpec] = field(default_factory=dict)
-    candidate_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The tables as written, for `select_candidate` to pass their options on; what they mean is in the fields above.
+    candidate_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
 
     def fixture_root(self, override: str | Path | None = None) -> Path:
         """``override`` (a ``--fixtures`` value) or the spec's own ``fixtures`` field.

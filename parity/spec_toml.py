@@ -87,10 +87,14 @@ def render_spec(spec: Spec) -> dict[str, Any]:
                             if isinstance(t, Tolerance)}
     if spec.matrix:
         doc["matrix"] = {axis: _plain(values) for axis, values in spec.matrix.items()}
-    candidate = spec.candidate
-    if candidate.kind != "spec":
-        doc["candidate"] = {candidate.kind: candidate.target,
-                            **_table(candidate, always=("python_path",), skip=("kind", "target"))}
+    def candidate_table(candidate) -> dict[str, Any]:
+        return {candidate.kind: candidate.target,
+                **_table(candidate, always=("python_path",), skip=("kind", "target", "name"))}
+
+    if spec.candidate.kind != "spec":
+        doc["candidate"] = candidate_table(spec.candidate)
+    if spec.candidates:
+        doc["candidates"] = {name: candidate_table(c) for name, c in spec.candidates.items()}
     reference = _table(spec.reference)
     if reference:
         doc["reference"] = reference

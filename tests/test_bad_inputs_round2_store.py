@@ -32,7 +32,8 @@ from tests.conftest import EXAMPLE_FIXTURES, reseal, write_spec
 from tests.support.corpus import Case, run_corpus, snapshot
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+# What a sealed manifest can hold: JSON has no NaN or infinity, and sealing refuses them.
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=8)
 GELU = {'"vit_large_patch14_clip_quickgelu_336.openai"': '"vit_large_patch14_clip_336.openai"'}

@@ -238,3 +238,15 @@ def test_pytest_gates_every_spec_of_a_multi_line_ini_and_every_candidate(repo: P
     result.assert_outcomes(passed=33, skipped=3)  # an app's strict load is not observable: 3 skips
     for prefix in ("tags-app", "tags-logits", "tags-calibrated", "tags_pipeline"):
         result.stdout.fnmatch_lines([f"*test_parity[[]{prefix}-outputs[]] PASSED*", f"*[[]{prefix}-gate[]] PASSED*"])
+
+
+def test_a_spec_with_named_candidates_is_written_out_as_the_toml_that_loads_it(repo: Path):
+    """What diagnosis pastes its fixes into (`parity.spec_toml`) keeps every candidate table."""
+    import tomllib
+
+    from parity.spec import parse_spec
+    from parity.spec_toml import render_document, render_spec
+
+    spec = load_spec(repo / "parity.toml")
+    again = parse_spec(tomllib.loads(render_document(render_spec(spec))), path=spec.path)
+    assert again == spec and sorted(again.candidates) == ["app", "calibrated", "logits"]

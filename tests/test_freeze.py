@@ -156,8 +156,10 @@ def test_freeze_user_layout_with_batchnorm_head_passes_check(project, tmp_path, 
     assert head["referenced"] is True
     assert (out / head["file"]).resolve() == (project / "models" / "head.pth").resolve()
     assert len(head["tensors"]["norm.num_batches_tracked"]) == 64  # the 0-dim BatchNorm buffer is fingerprinted
+    # The fixture's own .gitignore keeps a manifest's temporary files out of a commit; it is no data file.
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "clip.npy", "clip_metadata.json", "manifest.json", "outputs.npy", "pixels.safetensors"]
+        ".gitignore", "clip.npy", "clip_metadata.json", "manifest.json", "outputs.npy", "pixels.safetensors"]
+    assert ".gitignore" not in json.loads((out / "manifest.json").read_text())["files"]
     umask = os.umask(0)
     os.umask(umask)
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o666 & ~umask}  # pixels too
