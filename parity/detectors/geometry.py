@@ -16,7 +16,7 @@ import numpy as np
 
 from parity.detectors.evidence import Evidence
 from parity.detectors.images import SHIPPED_IMAGE_TRANSFORMS, ShippedTransform, composite_white, has_alpha
-from parity.detectors.pixels import Candidate
+from parity.detectors.pixel_fit import Candidate
 from parity.preprocess_config import PreprocessConfig, derived_fields
 from parity.spec import INTERPOLATIONS
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from parity.detectors.evidence import Evidence, fit, number
 from parity.detectors.images import JPEG_QUALITIES, SHIPPED_IMAGE_TRANSFORMS, reencode_jpeg
-from parity.detectors.pixels import Candidate, PixelFit, Target, Variant, finish
+from parity.detectors.pixel_fit import Candidate, PixelFit, Target, Variant, finish
 
 __all__ = ["LOOSE_LEVELS", "estimate_jpeg"]
 
