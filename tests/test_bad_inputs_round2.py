@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from hypothesis import strategies as st
 import parity.runners.http as http_runner
 from parity.errors import ReportError, SpecError
 from tests.conftest import EXAMPLE_FIXTURES, write_spec
-from tests.support.corpus import Case, run_corpus
+from tests.support.corpus import Case, run_corpus, unwritable_directory
 from tests.support.http_service import answer, free_port, stdlib_service, trickling_service, url_spec
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -72,22 +71,6 @@ def _log(tmp: Path, *, biases: str = "keep", outside: bool = False) -> Path:
     path = tmp / "service.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-def _unwritable(tmp: Path) -> Path:
-    """A directory this process cannot create files in (a read-only one; as root, /sys)."""
-    if os.geteuid() != 0:
-        directory = tmp / "read-only"
-        directory.mkdir()
-        directory.chmod(0o500)
-        return directory
-    try:
-        fd, probe = tempfile.mkstemp(dir="/sys")
-    except OSError:
-        return Path("/sys")
-    os.close(fd)
-    os.unlink(probe)
-    pytest.skip("no unwritable directory on this machine (root and /sys writable)")
 
 
 def _copy(source: Path, tmp: Path, name: str | None = None) -> Path:
@@ -236,10 +219,10 @@ def _target_cases(parts: dict[str, Path]) -> list[Case]:
     for name, command in commands.items():
         cases += [
             Case(f"{name} --json into an unwritable directory",
-                 lambda t, c=command: [*c(t), "--json", str(_unwritable(t) / "r.json")], says=("not writable",),
+                 lambda t, c=command: [*c(t), "--json", str(unwritable_directory(t) / "r.json")], says=("not writable",),
                  refused=True),
             Case(f"{name} --report into an unwritable directory",
-                 lambda t, c=command: [*c(t), "--report", str(_unwritable(t) / "reports")], says=("not writable",),
+                 lambda t, c=command: [*c(t), "--report", str(unwritable_directory(t) / "reports")], says=("not writable",),
                  refused=True),
         ]
     return cases + [

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parity.cli import main
-from parity.errors import FixtureChangedError, FixtureError, ParityError
+from parity.errors import FixtureError, ParityError
 from parity.fixtures import METADATA, load_fixture, stage_fixture
 from tests.conftest import EXAMPLE_FIXTURES, reseal, write_spec
-from tests.support.corpus import Case, run_corpus, snapshot
+from tests.support.corpus import Case, run_corpus, snapshot, unwritable_directory
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # What a sealed manifest can hold: JSON has no NaN or infinity, and sealing refuses them.
@@ -118,22 +117,6 @@ def _huge_header(t: Path) -> Path:
     return _raw(t, buffer.getvalue() + bytes(64))
 
 
-def _unwritable(t: Path) -> Path:
-    """A directory this process cannot create files in (a read-only one; as root, /sys)."""
-    if os.geteuid() != 0:
-        directory = t / "read-only"
-        directory.mkdir()
-        directory.chmod(0o500)
-        return directory
-    try:
-        fd, probe = tempfile.mkstemp(dir="/sys")
-    except OSError:
-        return Path("/sys")
-    os.close(fd)
-    os.unlink(probe)
-    pytest.skip("no unwritable directory on this machine (root and /sys writable)")
-
-
 def _head_order(order: str):
     return lambda t: ["check", "--spec", str(write_spec(t, {"dropout = 0.1 }": f"dropout = 0.1 }}\ninput_biases_order = {order}"}))]
 
@@ -154,7 +137,7 @@ FREEZE_TARGETS = [
          says=("does not list (notes.txt)",)),
     Case("freeze --force through a symbolic link", lambda t: _freeze(t, "--force", out=_linked(t)),
          says=("is a symbolic link",)),
-    Case("freeze --out in an unwritable directory", lambda t: _freeze(t, out=_unwritable(t) / "out"),
+    Case("freeze --out in an unwritable directory", lambda t: _freeze(t, out=unwritable_directory(t) / "out"),
          says=("not writable",)),
 ]
 

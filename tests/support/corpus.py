@@ -5,11 +5,15 @@ verdict printed before a refusal, within its time, and every pre-existing byte w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +75,19 @@ def run_corpus(cases: list[Case], work: Path, *, timeout: float = 600) -> list[s
             problems += [f"{case.name}: output does not say {s!r}\n{text[-1500:]}" for s in case.says if s not in text]
     problems += [f"data loss: {line}" for line in changed(before) if "cases.json" not in line]
     return problems
+
+
+def unwritable_directory(tmp: Path) -> Path:
+    """A directory this process cannot create files in (a read-only one; as root, /sys)."""
+    if os.geteuid() != 0:
+        directory = tmp / "read-only"
+        directory.mkdir()
+        directory.chmod(0o500)
+        return directory
+    try:
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return Path("/sys")
+    os.close(fd)
+    os.unlink(probe)
+    pytest.skip("no unwritable directory on this machine (root and /sys writable)")
