@@ -26,7 +26,7 @@ parity: $(STAMP)
 
 # The suite must cover the optional libraries: a missing extra is an error here, not a skip.
 test: $(STAMP)
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 	PARITY_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Rebuild the frozen reference data from reference/. Refuses to overwrite unless FORCE=1.

@@ -20,7 +20,6 @@ from typing import Any
 
 from parity.errors import SpecError
 from parity.results import PRECISION_AXES, Tolerance
-from parity.tolerance import default_tolerance
 
 __all__ = [
     "LibraryVocabulary",
@@ -87,6 +86,27 @@ MAX_INPUT_SIDE = 1024
 MIN_CROP_PCT = 0.05
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?")
+
+
+# In the spirit of torch.testing.assert_close's per-dtype defaults; half precision is
+# looser because a whole network, not one op, sits between input and output.
+DEFAULT_ATOL_RTOL = {
+    "float64": (1e-7, 1e-7),
+    "float32": (1e-5, 1.3e-6),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+DEFAULT_MIN_COSINE = {"float64": 0.999999, "float32": 0.99999, "float16": 0.9995, "bfloat16": 0.999}
+
+def default_tolerance(stage: str, dtype: str) -> Tolerance:
+    """The tolerance used for ``stage`` at ``dtype`` when the spec sets none."""
+    atol, rtol = DEFAULT_ATOL_RTOL[dtype]
+    if stage == "pixels":
+        # Preprocessing runs in float32 on the CPU whatever the model dtype.
+        atol, rtol = DEFAULT_ATOL_RTOL["float32"]
+    cosine = DEFAULT_MIN_COSINE[dtype] if stage == "embedding" else None
+    return Tolerance(atol=atol, rtol=rtol, min_cosine=cosine, origin=f"default for {dtype}")
+
 
 
 def check_device(device: object, *, where: str = "device") -> str:
@@ -276,7 +296,7 @@ REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autoc
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
 # What the shipped code does after the head ([candidate].postprocess), by the names the outputs
-# detectors use (`parity.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
+# detectors use (`parity.explain.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
 POSTPROCESSES = ("none", "sigmoid", "softmax", "log_softmax")
 # A [candidates.NAME] name: it becomes part of a pytest id and a --candidate value.
 _CANDIDATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")

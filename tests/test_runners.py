@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-import parity.runners.pipeline as spec_runner
-from parity.check import judge_run, run_check
-from parity.comparator import STAGE_ORDER, compare_run
-from parity.fixtures import load_fixture
+import parity.model.batches as spec_runner
+from parity.commands.check import judge_run, run_check
+from parity.numerics.emulate import gate_budgets
+from parity.judge.stages import STAGE_ORDER, compare_run
+from parity.store.fixtures import load_fixture
 from parity.results import CandidateRun, Status
 from tests.conftest import reseal, write_spec
 
@@ -48,7 +49,7 @@ def test_unobservable_stages_are_skipped_with_the_reason_never_passed(example_sp
     run = CandidateRun("url", rows=rows, outputs=fixture.outputs.copy(),
                        unobservable={s: "an HTTP service returns outputs only"
                                      for s in ("load", "weights", "pixels", "embedding", "head")})
-    stages = compare_run(run, fixture, example_spec)
+    stages = compare_run(run, fixture, example_spec, budgets=gate_budgets(example_spec, fixture))
     assert list(stages) == list(STAGE_ORDER)
     for stage in ("load", "weights", "pixels", "embedding", "head"):
         assert stages[stage].status is Status.SKIP
@@ -75,10 +76,12 @@ def test_the_comparator_judges_the_record_alone(example_spec):
     run = CandidateRun("test", rows=rows, embeddings=embeddings, pixels=dict(fixture.golden_pixels),
                        head_outputs=fixture.outputs.copy(), outputs=fixture.outputs.copy(),
                        unobservable={"load": "hand-made", "weights": "hand-made"})
-    assert all(s.status is not Status.FAIL for s in compare_run(run, fixture, example_spec).values())
+    stages = compare_run(run, fixture, example_spec, budgets=gate_budgets(example_spec, fixture))
+    assert all(s.status is not Status.FAIL for s in stages.values())
     embeddings = embeddings.copy()
     embeddings[0] = -embeddings[0]
-    moved = compare_run(CandidateRun("test", rows=rows, embeddings=embeddings), fixture, example_spec)
+    moved = compare_run(CandidateRun("test", rows=rows, embeddings=embeddings), fixture, example_spec,
+                        budgets=gate_budgets(example_spec, fixture))
     assert moved["embedding"].status is Status.FAIL
     assert moved["embedding"].comparison.min_cosine < 0
     assert np.isclose(moved["embedding"].comparison.min_cosine, -1.0)

@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from parity.check import judge_run
-from parity.comparator import compare_run
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline
+from parity.commands.check import judge_run
+from parity.numerics.emulate import gate_budgets
+from parity.judge.stages import compare_run
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline
 from parity.results import CandidateRun, Status
 from parity.runners import run_candidate
-from parity.source import capture_pipeline
+from parity.commands.capture import capture_pipeline
 from parity.spec import CandidateSpec, load_spec
 from tests.conftest import EXAMPLE_FIXTURES, write_spec
 
@@ -252,7 +253,7 @@ def test_the_spec_runner_keeps_comparing_the_parts_it_loaded(captured):
     fixture = load_fixture(out)
     head = fixture.manifest["weights"]["head"]["tensors"]
     run = CandidateRun("spec", fingerprints={"head": dict(head)})
-    weights = compare_run(run, fixture, spec)["weights"]
+    weights = compare_run(run, fixture, spec, budgets=gate_budgets(spec, fixture))["weights"]
     assert weights.headline == f"{len(head)} tensors bit-identical to the trained weights"
 
 
@@ -264,7 +265,7 @@ def test_a_part_no_reachable_module_could_be_is_not_checked_rather_than_failed(c
     run = dataclasses.replace(_run(backbone, {"backbone": fixture.manifest["weights"]["backbone"]["tensors"]}),
                               description={"backbone": {"library": "timm"},
                                            "candidate": {"backbone_module": "app.encoder", "libraries": ["timm"]}})
-    weights = compare_run(run, fixture, spec)["weights"]
+    weights = compare_run(run, fixture, spec, budgets=gate_budgets(spec, fixture))["weights"]
     assert weights.status is Status.PASS
     assert weights.headline == ("33 tensors bit-identical to the trained weights; head not checked: no module the "
                                 f"candidate reaches holds its {len(TRAINED_NAMES)} trained tensors (by name, shape or "
@@ -279,6 +280,6 @@ def test_a_backbone_deployed_through_another_library_is_left_to_the_embedding_st
     prints.update({"app.vision.embeddings.patch_embedding.weight": "0" * 64})
     run = dataclasses.replace(_run(prints, {"head": dict(head)}), description={
         "candidate": {"head_module": "app.head", "libraries": ["transformers"]}})
-    weights = compare_run(run, fixture, spec)["weights"]
+    weights = compare_run(run, fixture, spec, budgets=gate_budgets(spec, fixture))["weights"]
     assert weights.status is Status.PASS
     assert "backbone not compared: fingerprinted as a timm module, deployed as a transformers one" in weights.headline

@@ -7,14 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from parity.comparator import compare_run
+from parity.numerics.emulate import gate_budgets
+from parity.judge.stages import compare_run
 from parity.results import CandidateRun, Status
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
 
 def judged(run: CandidateRun, fixture, spec, *, failing: tuple[str, ...] = ()):
     """The comparator's stages for ``run``, with the ``failing`` stages forced to FAIL."""
-    stages = compare_run(run, fixture, spec)
+    stages = compare_run(run, fixture, spec, budgets=gate_budgets(spec, fixture))
     return {name: replace(result, status=Status.FAIL) if name in failing else result
             for name, result in stages.items()}
 
@@ -22,7 +23,7 @@ def judged(run: CandidateRun, fixture, spec, *, failing: tuple[str, ...] = ()):
 @pytest.fixture(scope="session")
 def dnn():
     """(fixture, spec) of clip_dnn: a timm data config (bicubic, crop_pct 1.0, 336, PIL)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.spec import load_spec
 
     return load_fixture(EXAMPLE_FIXTURES), load_spec(EXAMPLE_SPEC)
@@ -31,7 +32,7 @@ def dnn():
 @pytest.fixture(scope="session")
 def mlp():
     """(fixture, spec) of clip_mlp: a transformers CLIPImageProcessor (fast, shortest_edge 224)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.spec import load_spec
 
     return load_fixture(CLASSIFIER_FIXTURES), load_spec(CLASSIFIER_SPEC)
