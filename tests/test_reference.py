@@ -39,6 +39,11 @@ def test_rebuild_reproduces_the_shipped_fixture(rebuilt):
 # is bit-identical. Rebuilt fixtures are therefore compared with the shipped ones within a budget and
 # gated against their own rebuilt checkpoints.
 TRAINED_WEIGHTS_ATOL = 1e-4
+# The classifier's head trains on logits up to ~21 in magnitude, so its rebuild drifts further between CPUs:
+# 1.1e-3 (weights) and 6.5e-3 (outputs) max abs measured on an AVX2-only AMD EPYC against the shipped
+# fixture. Budgets are about 10x that; the decisions (argmax) must still all agree.
+CLASSIFIER_WEIGHTS_ATOL = 1e-2
+CLASSIFIER_OUTPUTS_ATOL = 5e-2
 EMBEDDINGS_ATOL = 1e-5  # the float32 embedding budget (measured: 7e-7)
 OUTPUTS_ATOL = 1e-4  # outputs reach 21 in magnitude for the classifier's logits (measured: 4e-6)
 
@@ -117,9 +122,9 @@ def test_rebuild_reproduces_the_shipped_classifier_fixture(rebuilt_classifier):
     assert fresh.manifest["weights"]["backbone"] == shipped.manifest["weights"]["backbone"]  # seeded init
     assert set(fresh.manifest["weights"]["head"]["tensors"]) == set(shipped.manifest["weights"]["head"]["tensors"])
     _assert_close_state(rebuilt_classifier / "mlp_classifier.pth", CLASSIFIER_FIXTURES / "mlp_classifier.pth",
-                        TRAINED_WEIGHTS_ATOL)
+                        CLASSIFIER_WEIGHTS_ATOL)
     np.testing.assert_allclose(fresh.embeddings, shipped.embeddings, rtol=0, atol=EMBEDDINGS_ATOL)
-    np.testing.assert_allclose(fresh.outputs, shipped.outputs, rtol=0, atol=OUTPUTS_ATOL)
+    np.testing.assert_allclose(fresh.outputs, shipped.outputs, rtol=0, atol=CLASSIFIER_OUTPUTS_ATOL)
     assert (fresh.outputs.argmax(1) == shipped.outputs.argmax(1)).all()
     assert fresh.manifest["head_training"]["fixture_accuracy"] == 1.0
 
