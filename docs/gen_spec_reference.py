@@ -122,7 +122,8 @@ FIELDS: dict[str, str | tuple[str, str]] = {
     "decisions.verification_threshold": "Pairs: two samples are the same identity when their embeddings' cosine "
                                         "reaches it.",
     "decisions.gate": "`outputs`: every stage must pass; `decisions`: drift that flips no decision passes.",
-    "decisions.max_flip_rate": "Fail when the 95 % Clopper–Pearson bound on the rate of changed decisions exceeds it.",
+    "decisions.max_flip_rate": "Fail when the 95 % Clopper–Pearson bound on the rate of changed decisions "
+                               "exceeds it.",
 
     "candidate.python": "A python candidate: `module:function`, or a file `path/to/app.py:function`.",
     "candidate.endpoint_handler": "A Hugging Face Inference Endpoints `handler.py`.",
