@@ -235,6 +235,11 @@ def _cell(column: Callable[[SpecField], str], found: Mapping[tuple[str, str], Sp
         text = distinct[0] if distinct else ""
     else:
         text = "; ".join(f"{', '.join(k for k, v in cells.items() if v == value)}: {value}" for value in distinct)
+    return _escape(text)
+
+
+def _escape(text: str) -> str:
+    """A table cell's text: a pipe would end the cell."""
     return text.replace("|", "\\|")
 
 
@@ -265,8 +270,8 @@ def render(fields_by_library: Mapping[str, Mapping[str, Mapping[str, SpecField]]
     if fields_by_library is None:
         fields_by_library = {library: spec_fields(library) for library in library_names()}
     default = next(iter(fields_by_library.values()))
-    missing = sorted({_doc_key(table, name) for table, fields in default.items() for name in fields}
-                     - set(FIELDS))
+    missing = sorted({_doc_key(table, name) for fields_of in fields_by_library.values()
+                      for table, fields in fields_of.items() for name in fields} - set(FIELDS))
     missing += sorted(f"[{table}] (TABLES)" for table in default if _SHARED.get(table, table) not in TABLES)
     if missing:
         raise UndocumentedFields("spec fields without a line in docs/gen_spec_reference.py: " + ", ".join(missing))
@@ -296,7 +301,7 @@ def render(fields_by_library: Mapping[str, Mapping[str, Mapping[str, SpecField]]
             if default_text is not None and any(f.required for f in found.values()):
                 default_cell = "**required**"
             lines.append(f"| `{name}` | {_cell(_types, found)} | {default_cell} | {_cell(_values, found)} "
-                         f"| {meaning.replace('|', chr(92) + '|')} |")
+                         f"| {_escape(meaning)} |")
     return "\n".join(lines) + "\n"
 
 
