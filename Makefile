@@ -1,4 +1,5 @@
-# parity: `make parity` runs the gate on the bundled example, `make test` the whole suite.
+# parity: `make parity` runs the gate on the bundled example, `make test` the whole suite (and builds
+# the docs with --strict), `make docs` the documentation site into site/.
 # Both create .venv and install the project on first use.
 
 PYTHON ?= python3
@@ -11,12 +12,12 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SPECS  ?= specs/clip_dnn.toml specs/clip_mlp.toml
 PYTEST_ARGS ?=
 
-.PHONY: install parity test fixtures bench clean
+.PHONY: install parity test docs fixtures bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +29,12 @@ parity: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	PARITY_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site; \
+		status=$$?; rm -rf $$site; exit $$status
+
+# The documentation site (mkdocs.yml, docs/) into site/; the spec reference page is generated from the parser.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Rebuild the frozen reference data from reference/. Refuses to overwrite unless FORCE=1.
 fixtures: $(STAMP)
@@ -35,7 +42,7 @@ fixtures: $(STAMP)
 	$(BIN)/python -m reference.build_clip_mlp $(if $(filter 1 yes true,$(FORCE)),--force)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info site
 
 # Report rendering time for 3,000 samples (budget 5 s), then speed ratios on the full-size
 # ViT-L/14@336 (random init); BENCH_IMAGES=2 for a quicker run. The scaling section (wall time

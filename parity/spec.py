@@ -8,6 +8,7 @@ default, `DEFAULT_LIBRARY`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -57,6 +58,8 @@ __all__ = [
     "AXES",
     "PRECISION_AXES",
     "parse_axes",
+    "SpecField",
+    "spec_fields",
 ]
 
 DEFAULT_LIBRARY = "timm"
@@ -292,7 +295,7 @@ CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged")
 # plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
 # convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
 REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autocast_bfloat16")
-# What a python candidate's positional arguments are, in order (see README "Gating the code that ships").
+# What a python candidate's positional arguments are, in order (docs/candidates.md).
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
 # What the shipped code does after the head ([candidate].postprocess), by the names the outputs
@@ -403,6 +406,9 @@ class Spec:
 
 
 _REQUIRED = object()
+# While `spec_fields` probes the parser: table -> field -> how it was read (None outside a probe).
+_READS: contextvars.ContextVar[dict[str, dict[str, dict[str, Any]]] | None] = contextvars.ContextVar(
+    "_READS", default=None)
 
 
 class _Table:
@@ -419,6 +425,10 @@ class _Table:
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED,
             *, choices: tuple[str, ...] | None = None) -> Any:
         self.seen.add(key)
+        reads = _READS.get()
+        if reads is not None:
+            reads.setdefault(self.where, {})[key] = {
+                "kinds": kind if isinstance(kind, tuple) else (kind,), "default": default, "choices": choices}
         if key not in self.data:
             if default is _REQUIRED:
                 raise SpecError(f"{self.path}: missing required field {self._name(key)}")
@@ -442,6 +452,9 @@ class _Table:
                high: float = math.inf, open_low: bool = False) -> Any:
         present = key in self.data
         value = self.get(key, (int, float), default)
+        reads = _READS.get()
+        if reads is not None:
+            reads[self.where][key].update(low=low, high=high, open_low=open_low)
         if not present:
             return value
         if not (low < value if open_low else low <= value) or value > high or not math.isfinite(value):
@@ -454,6 +467,10 @@ class _Table:
         return _Table(self.data.get(key, {}), self._name(key) if self.where else f"[{key}]", self.path)
 
     def finish(self) -> None:
+        reads = _READS.get()
+        if reads is not None:  # fields accepted without a typed read (the candidate kinds not named)
+            for key in self.seen:
+                reads.setdefault(self.where, {}).setdefault(key, {})
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             key = unknown[0]
@@ -955,3 +972,91 @@ def parse_axes(table: Mapping[str, Any], *, where: str) -> dict[str, tuple]:
             raise SpecError(f"{where}: matrix axis {axis} must be a non-empty list, got {values!r}")
         axes[axis] = tuple(dict.fromkeys(_check_value(axis, v, where) for v in values))
     return axes
+
+
+# -- the accepted fields, as the parser reads them (the docs' spec reference is generated from it) --
+
+_TOML_TYPES = {str: "string", int: "integer", float: "float", bool: "boolean", list: "array", dict: "table"}
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One field a spec table accepts, as `parse_spec` reads it.
+
+    ``types``: the TOML types it takes (empty where the parser only accepts the name: a candidate kind
+    read in another table); ``required``: no default; ``default``: the value when unset (None: unset);
+    ``choices``: the values the parser accepts, when it checks a list; ``bounds``: ``(low, high,
+    low_excluded)`` for a number.
+    """
+
+    name: str
+    types: tuple[str, ...] = ()
+    required: bool = False
+    default: Any = None
+    choices: tuple | None = None
+    bounds: tuple[float, float, bool] | None = None
+
+
+def _probe_document(library: str) -> dict[str, Any]:
+    """A spec that makes the parser read every table it knows: each tolerance stage, each candidate kind."""
+    targets = {"python": "probe:predict", "url": "http://127.0.0.1/probe"}
+    return {
+        "backbone": {"library": library, "model": "probe"},
+        "head": {"class": "probe:Probe", "weights": "probe.pth"},
+        "tolerance": {stage: {"atol": 0.0} for stage in STAGES},
+        "candidates": {f"probe-{kind}": {kind: targets.get(kind, "probe")} for kind in CANDIDATE_KINDS},
+    }
+
+
+def _table_name(where: str) -> str:
+    """``[tolerance].pixels`` -> ``tolerance.pixels``; every ``[candidates.X]`` -> ``candidates.NAME``."""
+    name = where.replace("[", "").replace("]", "")
+    return "candidates.NAME" if name.startswith("candidates.") else name
+
+
+def spec_fields(library: str = DEFAULT_LIBRARY) -> dict[str, dict[str, SpecField]]:
+    """Every field a spec accepts, by table, read off `parse_spec` itself with ``[backbone].library = library``.
+
+    Tables are named as in TOML without brackets: ``""`` (top level), ``backbone``, ``preprocess``, ``head``,
+    ``runtime``, ``tolerance.STAGE`` for each of `STAGES`, ``decisions``, ``candidate``, ``candidates.NAME``,
+    ``reference`` and ``matrix`` (its axes, `AXES`). Defaults and choices that depend on the library (the
+    extraction points, the image processors) are ``library``'s.
+
+    Raises:
+        SpecError: ``library`` is not registered.
+    """
+    vocabulary(library)
+    reads: dict[str, dict[str, dict[str, Any]]] = {}
+    token = _READS.set(reads)
+    try:
+        parse_spec(_probe_document(library), path=Path("probe.toml"))
+    finally:
+        _READS.reset(token)
+    merged: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for where, fields in reads.items():
+        for key, read in fields.items():
+            merged.setdefault(_table_name(where), {}).setdefault(key, []).append(read)
+    tables = {name.split(".")[0] for name in merged if name}
+    result: dict[str, dict[str, SpecField]] = {}
+    for table, fields in merged.items():
+        if table in ("tolerance", "candidates"):  # holders of tables only
+            continue
+        result[table] = {}
+        for key, found in fields.items():
+            if table == "" and key in tables | {"matrix"}:
+                continue
+            typed = [r for r in found if "kinds" in r]
+            if not typed:
+                result[table][key] = SpecField(key)
+                continue
+            read = typed[0]
+            default = read["default"]
+            bounds = (read["low"], read["high"], read["open_low"]) if "low" in read else None
+            result[table][key] = SpecField(
+                key, tuple(_TOML_TYPES[k] for k in read["kinds"]),
+                required=len(typed) == len(found) and all(r["default"] is _REQUIRED for r in typed),
+                default=None if default is _REQUIRED else default, choices=read["choices"], bounds=bounds)
+    result["matrix"] = {axis: SpecField(axis, ("array",), choices=_axis_choices(axis),
+                                        bounds=None if _axis_choices(axis) else (MIN_CROP_PCT, 1.0, False))
+                        for axis in AXES}
+    return result
