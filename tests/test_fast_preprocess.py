@@ -25,13 +25,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from parity.fast_preprocess import TorchPreprocessOnly, numpy_preprocess
-from parity.images import decode_image
+from parity.preprocess.fast import TorchPreprocessOnly, numpy_preprocess
+from parity.store.images import decode_image
 from parity.libraries import create_backbone, create_transform, describe_record, get, resolve_preprocess
-from parity.pipeline import preprocess_record
-from parity.preprocess import (create_hf_preprocess, create_open_clip_preprocess, create_preprocess,
+from parity.model.pipeline import preprocess_record
+from parity.preprocess.transform import (create_hf_preprocess, create_open_clip_preprocess, create_preprocess,
                                describe_data_config)
-from parity.preprocess_config import PreprocessConfig
+from parity.preprocess.config import PreprocessConfig
 from parity.spec import CHANNEL_ORDERS, CROP_MODES, INTERPOLATIONS, MEAN_STD_PRESETS, VALUE_SCALES, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def _encoded(mode: str) -> bytes:
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "P+transparency", "CMYK", "I;16", "1", "exif"])
 def test_every_image_mode_as_decoded(mode):
-    """Decoded by parity.images first, as every runner does; then the same pixels whichever way preprocessed."""
+    """Decoded by parity.store.images first, as every runner does; then the same pixels whichever way preprocessed."""
     image, _ = decode_image(_encoded(mode))
     for interpolation, crop_mode in (("bicubic", "center"), ("lanczos", "border"), ("box", "squash")):
         data_config, record = _timm_record(interpolation, crop_mode, 0.9, (3, 40, 30), ("rgb", "unit", "imagenet"))
@@ -191,7 +191,7 @@ def test_unit_pixels_are_every_librarys():
     from torchvision.transforms.functional import to_tensor
     from transformers.image_transforms import rescale
 
-    from parity.fast_preprocess import NumpyPreprocess
+    from parity.preprocess.fast import NumpyPreprocess
 
     values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
     ours = NumpyPreprocess.unit(values)
@@ -289,9 +289,9 @@ def test_golden_pixels_without_torch():
     script = textwrap.dedent("""\
         import sys
         import numpy as np
-        from parity.fast_preprocess import numpy_preprocess
-        from parity.fixtures import load_fixture
-        from parity.images import decode_image
+        from parity.preprocess.fast import numpy_preprocess
+        from parity.store.fixtures import load_fixture
+        from parity.store.images import decode_image
         from parity.libraries import describe_record
 
         fixture = load_fixture("fixtures/clip_dnn")
