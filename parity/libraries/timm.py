@@ -48,6 +48,14 @@ def data_config(spec: Spec, model=None) -> dict[str, Any]:
     return timm.data.resolve_data_config(dict(spec.preprocess.overrides()), pretrained_cfg=cfg)
 
 
+def _timm_default(name: str) -> Any:
+    """One of timm's data constants, imported only for a config that leaves it unset: importing timm
+    imports torch, which a complete record (a manifest's) never needs."""
+    import timm.data
+
+    return getattr(timm.data, name)
+
+
 def describe_timm(data_config: Mapping[str, Any], *, resize_backend: str = "pil", channel_order: str = "rgb",
                   value_scale: str = "unit", source: str = "timm data config") -> PreprocessConfig:
     """Describe timm's eval transform for ``data_config`` (as from ``timm.data.resolve_model_data_config``).
@@ -58,8 +66,6 @@ def describe_timm(data_config: Mapping[str, Any], *, resize_backend: str = "pil"
     Raises:
         SpecError: an unknown backend or crop_mode, or a crop_border_pixels parity does not model.
     """
-    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     if resize_backend not in RESIZE_BACKENDS:
         raise SpecError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
     crop_mode = data_config.get("crop_mode") or "center"
@@ -70,10 +76,12 @@ def describe_timm(data_config: Mapping[str, Any], *, resize_backend: str = "pil"
         raise SpecError("crop_border_pixels is not modelled by parity's preprocessing descriptions")
     input_size = data_config.get("input_size", 224)
     img_size = size_pair(input_size if isinstance(input_size, int) else tuple(input_size)[-2:])
-    crop_pct = data_config.get("crop_pct") or DEFAULT_CROP_PCT
+    crop_pct = data_config.get("crop_pct") or _timm_default("DEFAULT_CROP_PCT")
     scale = tuple(math.floor(x / crop_pct) for x in img_size)
-    mean = tuple(float(v) for v in data_config.get("mean", IMAGENET_DEFAULT_MEAN))
-    std = tuple(float(v) for v in data_config.get("std", IMAGENET_DEFAULT_STD))
+    mean = tuple(float(v) for v in (data_config["mean"] if "mean" in data_config
+                                    else _timm_default("IMAGENET_DEFAULT_MEAN")))
+    std = tuple(float(v) for v in (data_config["std"] if "std" in data_config
+                                   else _timm_default("IMAGENET_DEFAULT_STD")))
     resize = _CROP_MODES[crop_mode]
     fill: tuple[int, ...] = (0, 0, 0)  # torchvision CenterCrop pads with zeros
     if crop_mode == "squash":
