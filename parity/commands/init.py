@@ -359,12 +359,14 @@ def _ranked_classes(checkpoint: Checkpoint, classes: Sequence[ModuleClass]) -> l
     return [c for s, c in sorted(scored, key=lambda sc: -sc[0]) if s >= _MIN_OVERLAP]
 
 
-def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallSite]) -> _Head | None:
+def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallSite]) -> tuple[_Head | None, str]:
     """The first kwargs (stored hyperparameters, the user's calls, the defaults, a fit) that build ``cls``
-    so that the checkpoint loads strictly."""
+    so that the checkpoint loads strictly; else None and why."""
     from parity.pipeline import construct_module
 
     tried: list[dict[str, Any]] = []
+    refused = ""
+    built = False
     sources = _hparams(checkpoint, cls) + _called(cls, calls) + [({}, "")]
     for kwargs, where in sources:
         if kwargs in tried:
@@ -372,12 +374,16 @@ def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallS
         tried.append(kwargs)
         try:
             module = construct_module(cls.class_path, kwargs, where="")
-        except ParityError:
+        except ParityError as e:
+            refused = refused or str(e).splitlines()[0]
             continue
+        built = True
         ok, fix = _loads(checkpoint, module, section="head", target=cls.class_path)
         if ok:
             origin = where or f"{cls.rel}:{cls.line}: the defaults of {cls.name}"
-            return _Head(checkpoint, cls, kwargs, {k: origin for k in kwargs}, fix, True)
+            return _Head(checkpoint, cls, kwargs, {k: origin for k in kwargs}, fix, True), ""
+    if not built and "import" in refused:  # the module itself does not import: no kwargs can help
+        return None, refused
     for start, where in sources:
         fitted = _fit(cls, checkpoint, start)
         if fitted is None:
@@ -387,8 +393,9 @@ def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallS
         if ok:
             origins = {k: where if k in start and start[k] == v and where else
                        f"fitted to {checkpoint.rel}'s tensor shapes" for k, v in fitted.items()}
-            return _Head(checkpoint, cls, fitted, origins, fix, True)
-    return None
+            return _Head(checkpoint, cls, fitted, origins, fix, True), ""
+    return None, (f"no kwargs found that make {cls.name} load {checkpoint.rel} with strict=True"
+                  + (f" ({refused})" if refused else ""))
 
 
 def _find_head(checkpoints: Sequence[Checkpoint], classes: Sequence[ModuleClass], calls: Sequence[CallSite],
@@ -407,13 +414,14 @@ def _find_head(checkpoints: Sequence[Checkpoint], classes: Sequence[ModuleClass]
             kwargs, where = next(iter(_hparams(checkpoint, cls) + _called(cls, calls)), ({}, ""))
             return _Head(checkpoint, cls, kwargs, {k: f"{where} (not verified: --no-verify)" for k in kwargs},
                          why="not verified (--no-verify): the class was not built")
+        reasons = []
         with _importable(root):
             for cls in ranked[:_MAX_CLASSES_TRIED]:
-                found = _verify_head(checkpoint, cls, calls)
+                found, why = _verify_head(checkpoint, cls, calls)
                 if found is not None:
                     return found
-        first = first or _Head(checkpoint, ranked[0], why=f"no kwargs found that make {ranked[0].name} load "
-                                                          f"{checkpoint.rel} with strict=True")
+                reasons.append(why)
+        first = first or _Head(checkpoint, ranked[0], why=reasons[0])
     return first
 
 
@@ -727,6 +735,11 @@ def init_spec(root: str | Path = ".", *, out: str | Path | None = None, force: b
     if not todos:
         parse_spec(document, path=out)  # what is complete must load as it is
     found = _found(backbone, head, artifacts, sections)
+    if spec_dir != root and head is not None and head.cls is not None:
+        package = head.cls.module.split(".")[0]
+        notes.append(f"[head].class {head.cls.class_path} is imported from the spec's folder ({_shown(spec_dir)}) or "
+                     f"the installed packages, and {package} lives in {_shown(root)}: install the repository, run "
+                     f"parity with PYTHONPATH={_shown(root)}, or write the spec in {_shown(root)} (the default)")
     _write(out, text)
     return InitResult(out, text, tuple(todos), tuple(found), tuple(notes), tuple(freeze), check, tuple(missing))
 

@@ -328,7 +328,7 @@ def entry_points(sources: Sequence[Source]) -> list[Entry]:
             continue
         functions = {n.name: n for n in source.tree.body if isinstance(n, ast.FunctionDef)}
         for node in source.tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "predict":
+            if isinstance(node, ast.FunctionDef) and node.name == "predict":  # a coroutine is served, not called
                 entries.append(Entry("python", source.rel, node.lineno, node.name,
                                      _predict_details(node, source, functions)))
             elif isinstance(node, ast.ClassDef) and node.name == "EndpointHandler":
