@@ -15,7 +15,7 @@ from parity.checkpoints import read_checkpoint
 from parity.errors import ParityError
 from parity.fixtures import MANIFEST, MANIFEST_DIGEST, npy_layout
 from parity.forensics import summarize_checkpoint
-from parity.results import LayerGuess
+from parity.results import KeyFix, LayerGuess
 
 __all__ = ["Checkpoint", "Metadata", "RowArray", "CHECKPOINT_SUFFIXES", "IMAGE_SUFFIXES", "is_fixture_dir",
            "find_checkpoints", "find_metadata", "find_arrays", "strip_wrapper"]
@@ -71,6 +71,21 @@ class Checkpoint:
 
     def layers_of(self, kind: str) -> list[LayerGuess]:
         return [layer for layer in self.layers if layer.kind == kind]
+
+    def loads(self, module, *, section: str, target: str) -> tuple[bool, KeyFix | None]:
+        """Whether the checkpoint loads into ``module`` with ``strict=True``: as it is (fix None), or with the
+        explicit loading fields (``state_dict_key``, ``key_map``, ``drop_keys``) of a verified fix."""
+        from parity.forensics import diagnose_load
+
+        try:
+            state, diff = diagnose_load(self.data, module, section=section, target=target, source=self.rel)
+        except ParityError:
+            return False, None
+        if state is not None:
+            return True, None
+        if diff.fix is not None and diff.fix.verified:
+            return True, diff.fix
+        return False, None
 
 
 def find_checkpoints(root: Path, files: Sequence[Path]) -> tuple[list[Checkpoint], list[str]]:

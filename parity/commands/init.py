@@ -29,18 +29,17 @@ import contextlib
 import os
 import re
 import shlex
-import sys
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from parity.commands.artifacts import (Checkpoint, Metadata, RowArray, find_arrays, find_checkpoints, find_metadata,
                                        is_fixture_dir, strip_wrapper)
-from parity.commands.scan import (NO_DEFAULT, NOT_LITERAL, Entry, ModuleClass, call_sites, entry_points,
-                                  module_classes, read_sources, walk_files)
-from parity.errors import ParityError, SpecError
+from parity.commands.heads import HeadMatch, find_head
+from parity.commands.scan import Entry, call_sites, entry_points, module_classes, read_sources, walk_files
+from parity.errors import SpecError
 from parity.fixtures import MANIFEST
 from parity.libraries import BackboneGuess, CallSite, get, guess_backbones
 from parity.results import toml_key, toml_literal
@@ -50,12 +49,6 @@ __all__ = ["Field", "InitResult", "init_spec", "DEFAULT_SPEC", "TODO"]
 
 DEFAULT_SPEC = "parity.toml"
 TODO = "TODO"
-# Where a nested checkpoint keeps its hyperparameters (Lightning, common training loops).
-_HPARAM_ENTRIES = ("hyper_parameters", "hparams", "config", "args", "model_config", "model_args", "kwargs")
-# A class is proposed for a head when its attributes name at least this share of the checkpoint's top-level modules.
-_MIN_OVERLAP = 0.5
-_MAX_CLASSES_TRIED = 4
-_MAX_FIT_BUILDS = 400
 
 
 @dataclass(frozen=True)
@@ -134,22 +127,6 @@ def _loading_fields(fix, source: str) -> list[Field]:
     return fields
 
 
-def _loads(checkpoint: Checkpoint, module, *, section: str, target: str) -> tuple[bool, Any]:
-    """Whether ``checkpoint`` loads into ``module`` with ``strict=True`` as is (fix None) or with the
-    explicit loading fields of a verified fix."""
-    from parity.forensics import diagnose_load
-
-    try:
-        state, diff = diagnose_load(checkpoint.data, module, section=section, target=target, source=checkpoint.rel)
-    except ParityError:
-        return False, None
-    if state is not None:
-        return True, None
-    if diff.fix is not None and diff.fix.verified:
-        return True, diff.fix
-    return False, None
-
-
 @dataclass(frozen=True)
 class _Backbone:
     checkpoint: Checkpoint
@@ -164,7 +141,7 @@ def _find_backbone(checkpoints: Sequence[Checkpoint], calls: Sequence[CallSite])
         for guess in guess_backbones(shapes, calls, source=checkpoint.rel):
             if guess.module is None:
                 continue
-            ok, fix = _loads(checkpoint, guess.module, section="backbone", target=f"{guess.library} {guess.model}")
+            ok, fix = checkpoint.loads(guess.module, section="backbone", target=f"{guess.library} {guess.model}")
             if ok:
                 return _Backbone(checkpoint, guess, fix)
     return None
@@ -224,208 +201,7 @@ def _library_names() -> tuple[str, ...]:
 
 # -- the head ----------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _importable(root: Path) -> Iterator[None]:
-    """The repository's own packages importable from ``root`` for a while, then forgotten: another copy of
-    a package of the same name is set aside meanwhile, and put back after."""
-    tops = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
-            if (p.suffix == ".py" or p.is_dir()) and (p.stem if p.suffix == ".py" else p.name).isidentifier()}
-    saved_path = list(sys.path)
-    aside = {name: module for name, module in sys.modules.items() if name.split(".")[0] in tops}
-    for name in aside:
-        del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in [n for n in sys.modules if n.split(".")[0] in tops]:
-            del sys.modules[name]
-        sys.modules.update(aside)
-
-
-def _hparams(checkpoint: Checkpoint, cls: ModuleClass) -> list[tuple[dict[str, Any], str]]:
-    """The class's kwargs a nested checkpoint keeps beside its weights (``hyper_parameters``, ``config``...)."""
-    names = {p.name for p in cls.params}
-    found = []
-    for entry in _HPARAM_ENTRIES:
-        value = checkpoint.data.get(entry)
-        if isinstance(value, Mapping):
-            kwargs = {k: v for k, v in value.items() if k in names and _plain(v)}
-            if kwargs:
-                found.append((kwargs, f"{checkpoint.rel}[{entry!r}]"))
-    return found
-
-
-def _plain(value: Any) -> bool:
-    """Whether ``value`` can be written in TOML (what a spec's kwargs hold)."""
-    if isinstance(value, (str, bool, int, float)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
-
-
-def _called(cls: ModuleClass, calls: Sequence[CallSite]) -> list[tuple[dict[str, Any], str]]:
-    """The literal arguments of the user's calls of ``cls``, as keyword arguments."""
-    found = []
-    for call in calls:
-        if call.function != cls.qualified:
-            continue
-        if len(call.args) > len(cls.params) or any(a is None for a in call.args):
-            continue
-        kwargs = {p.name: v for p, v in zip(cls.params, call.args)}
-        kwargs.update({k: v for k, v in call.kwargs.items() if _plain(v)})
-        found.append((kwargs, call.where))
-    return found
-
-
-def _shape_items(module) -> set[tuple[str, tuple[int, ...]]]:
-    return {(k, tuple(v.shape)) for k, v in module.state_dict().items()}
-
-
-def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Integer and integer-list kwargs that make ``cls`` hold the checkpoint's tensor shapes, found by trying
-    the checkpoint's own widths one parameter at a time (a bounded search; None when nothing fits)."""
-    from parity.pipeline import construct_module
-
-    shapes, _ = strip_wrapper(checkpoint.shapes)
-    target = set(shapes.items())
-    dims = sorted({d for shape in shapes.values() for d in shape})
-    linears = checkpoint.layers_of("Linear")
-    lists = [l for l in ([layer.args[1] for layer in linears[:-1]], [t.args[0] for t in checkpoint.layers_of("Embedding")]) if l]
-    choices: dict[str, list[Any]] = {}
-    current: dict[str, Any] = {}
-    for p in cls.params:
-        default = p.default
-        if isinstance(default, bool) or default is NOT_LITERAL:
-            continue
-        if default is NO_DEFAULT or isinstance(default, int):
-            choices[p.name] = dims
-            current[p.name] = start.get(p.name, default if default is not NO_DEFAULT else (dims[-1] if dims else 1))
-        elif isinstance(default, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in default):
-            choices[p.name] = lists
-            current[p.name] = start.get(p.name, list(default))
-    current.update({k: v for k, v in start.items() if k not in current})
-    builds = 0
-
-    def score(kwargs: Mapping[str, Any]) -> int | None:
-        nonlocal builds
-        builds += 1
-        try:
-            return len(_shape_items(construct_module(cls.class_path, dict(kwargs), where="")) ^ target)
-        except Exception:  # noqa: BLE001 - the class refuses these values: not a fit
-            return None
-
-    best = score(current)
-    for _ in range(4):
-        if best == 0 or builds > _MAX_FIT_BUILDS:
-            break
-        improved = False
-        for name, values in choices.items():
-            for value in values:
-                if value == current[name] or builds > _MAX_FIT_BUILDS:
-                    continue
-                trial = {**current, name: value}
-                s = score(trial)
-                if s is not None and (best is None or s < best):
-                    current, best, improved = trial, s, True
-        if not improved:
-            break
-    if best != 0:
-        return None
-    defaults = {p.name: p.default for p in cls.params}
-    return {k: v for k, v in current.items() if defaults.get(k, NO_DEFAULT) != v or k in start}
-
-
-@dataclass(frozen=True)
-class _Head:
-    checkpoint: Checkpoint
-    cls: ModuleClass | None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    origins: Mapping[str, str] = field(default_factory=dict)
-    fix: Any = None
-    verified: bool = False
-    why: str = ""
-
-
-def _ranked_classes(checkpoint: Checkpoint, classes: Sequence[ModuleClass]) -> list[ModuleClass]:
-    """Classes whose attributes name most of the checkpoint's top-level modules, best first."""
-    shapes, _ = strip_wrapper(checkpoint.shapes)
-    tops = {k.split(".")[0] for k in shapes}
-    scored = [(len(tops & c.attributes) / len(tops), c) for c in classes if tops]
-    return [c for s, c in sorted(scored, key=lambda sc: -sc[0]) if s >= _MIN_OVERLAP]
-
-
-def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallSite]) -> tuple[_Head | None, str]:
-    """The first kwargs (stored hyperparameters, the user's calls, the defaults, a fit) that build ``cls``
-    so that the checkpoint loads strictly; else None and why."""
-    from parity.pipeline import construct_module
-
-    tried: list[dict[str, Any]] = []
-    refused = ""
-    built = False
-    sources = _hparams(checkpoint, cls) + _called(cls, calls) + [({}, "")]
-    for kwargs, where in sources:
-        if kwargs in tried:
-            continue
-        tried.append(kwargs)
-        try:
-            module = construct_module(cls.class_path, kwargs, where="")
-        except ParityError as e:
-            refused = refused or str(e).splitlines()[0]
-            continue
-        built = True
-        ok, fix = _loads(checkpoint, module, section="head", target=cls.class_path)
-        if ok:
-            origin = where or f"{cls.rel}:{cls.line}: the defaults of {cls.name}"
-            return _Head(checkpoint, cls, kwargs, {k: origin for k in kwargs}, fix, True), ""
-    if not built and "import" in refused:  # the module itself does not import: no kwargs can help
-        return None, refused
-    for start, where in sources:
-        fitted = _fit(cls, checkpoint, start)
-        if fitted is None:
-            continue
-        module = construct_module(cls.class_path, fitted, where="")
-        ok, fix = _loads(checkpoint, module, section="head", target=cls.class_path)
-        if ok:
-            origins = {k: where if k in start and start[k] == v and where else
-                       f"fitted to {checkpoint.rel}'s tensor shapes" for k, v in fitted.items()}
-            return _Head(checkpoint, cls, fitted, origins, fix, True), ""
-    return None, (f"no kwargs found that make {cls.name} load {checkpoint.rel} with strict=True"
-                  + (f" ({refused})" if refused else ""))
-
-
-def _find_head(checkpoints: Sequence[Checkpoint], classes: Sequence[ModuleClass], calls: Sequence[CallSite],
-               root: Path, *, verify: bool) -> _Head | None:
-    """The head checkpoint (one with Linear layers) and the class that loads it strictly."""
-    heads = [c for c in checkpoints if c.layers_of("Linear")]
-    heads.sort(key=lambda c: ("head" not in c.path.name.lower(), "best" not in c.path.name.lower(), c.parameters))
-    first: _Head | None = None
-    for checkpoint in heads:
-        ranked = _ranked_classes(checkpoint, classes)
-        if not ranked:
-            first = first or _Head(checkpoint, None, why="no nn.Module class in the repository names its layers")
-            continue
-        if not verify:
-            cls = ranked[0]
-            kwargs, where = next(iter(_hparams(checkpoint, cls) + _called(cls, calls)), ({}, ""))
-            return _Head(checkpoint, cls, kwargs, {k: f"{where} (not verified: --no-verify)" for k in kwargs},
-                         why="not verified (--no-verify): the class was not built")
-        reasons = []
-        with _importable(root):
-            for cls in ranked[:_MAX_CLASSES_TRIED]:
-                found, why = _verify_head(checkpoint, cls, calls)
-                if found is not None:
-                    return found
-                reasons.append(why)
-        first = first or _Head(checkpoint, ranked[0], why=reasons[0])
-    return first
-
-
-def _head_section(head: _Head | None, spec_dir: Path) -> Section:
+def _head_section(head: HeadMatch | None, spec_dir: Path) -> Section:
     if head is None:
         return Section("head", (
             Field("class", None, todo="your head's class, as 'package.module:ClassName'"),
@@ -469,7 +245,7 @@ class _Artifacts:
     origins: tuple[str, ...]
 
 
-def _input_biases(metadata: Metadata, head: _Head | None) -> tuple[list[str], str]:
+def _input_biases(metadata: Metadata, head: HeadMatch | None) -> tuple[list[str], str]:
     """Integer fields matched to the head's embedding tables by cardinality, in the tables' order."""
     if head is None:
         return [], ""
@@ -490,7 +266,7 @@ def _input_biases(metadata: Metadata, head: _Head | None) -> tuple[list[str], st
                     "in another)")
 
 
-def _find_artifacts(metadata: Sequence[Metadata], arrays: Sequence[RowArray], head: _Head | None,
+def _find_artifacts(metadata: Sequence[Metadata], arrays: Sequence[RowArray], head: HeadMatch | None,
                     backbone: _Backbone | None) -> _Artifacts:
     widths = set()
     if backbone is not None:
@@ -683,7 +459,7 @@ def init_spec(root: str | Path = ".", *, out: str | Path | None = None, force: b
     notes += checkpoint_notes
     backbone = _find_backbone(checkpoints, calls)
     rest = [c for c in checkpoints if backbone is None or c is not backbone.checkpoint]
-    head = _find_head(rest, module_classes(sources), calls, root, verify=verify)
+    head = find_head(rest, module_classes(sources), calls, root, verify=verify)
     artifacts = _find_artifacts(find_metadata(root, files), find_arrays(root, files), head, backbone)
     biases = [m.partition("=")[2] for m in artifacts.maps if m.startswith("input_biases=")]
     biases = biases[0].split(",") if biases else []
@@ -744,7 +520,7 @@ def init_spec(root: str | Path = ".", *, out: str | Path | None = None, force: b
     return InitResult(out, text, tuple(todos), tuple(found), tuple(notes), tuple(freeze), check, tuple(missing))
 
 
-def _found(backbone: _Backbone | None, head: _Head | None, artifacts: _Artifacts,
+def _found(backbone: _Backbone | None, head: HeadMatch | None, artifacts: _Artifacts,
            sections: Sequence[Section]) -> list[str]:
     found = []
     if backbone is not None:
