@@ -32,12 +32,15 @@ _WRAPPERS = ("module.", "_orig_mod.", "model.")
 
 
 def is_fixture_dir(folder: Path) -> bool:
-    """Whether ``folder`` is a parity fixture (its sealed manifest): what it holds was made by parity, not the user."""
+    """Whether ``folder`` is a parity fixture (a sealed manifest): what it holds parity made or copied."""
     manifest = folder / MANIFEST
     try:
-        return manifest.is_file() and MANIFEST_DIGEST in manifest.read_text(encoding="utf-8", errors="replace")[-4096:]
-    except OSError:
+        if not manifest.is_file() or manifest.stat().st_size > _MAX_METADATA_BYTES:
+            return False
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
+    return isinstance(data, dict) and MANIFEST_DIGEST in data
 
 
 def strip_wrapper(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], str]:

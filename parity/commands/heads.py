@@ -31,22 +31,30 @@ _MAX_CLASSES_TRIED = 4
 _MAX_FIT_BUILDS = 400
 
 
+def _within(module: Any, root: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return bool(file) and root in Path(file).resolve().parents
+
+
 @contextlib.contextmanager
-def _importable(root: Path) -> Iterator[None]:
-    """The repository's own packages importable from ``root`` for a while, then forgotten: another copy of
-    a package of the same name is set aside meanwhile, and put back after."""
-    tops = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
-            if (p.suffix == ".py" or p.is_dir()) and (p.stem if p.suffix == ".py" else p.name).isidentifier()}
-    saved_path = list(sys.path)
-    aside = {name: module for name, module in sys.modules.items() if name.split(".")[0] in tops}
+def _importable(root: Path, package: str) -> Iterator[None]:
+    """``package`` importable from ``root`` for a while, then forgotten: a copy of a package of that name
+    imported from elsewhere is set aside meanwhile and put back after; parity itself is never touched."""
+    if package == __name__.split(".")[0]:
+        yield
+        return
+    before = set(sys.modules)
+    aside = {name: module for name, module in sys.modules.items()
+             if name.split(".")[0] == package and not _within(module, root)}
     for name in aside:
         del sys.modules[name]
+    saved_path = list(sys.path)
     sys.path.insert(0, str(root))
     try:
         yield
     finally:
         sys.path[:] = saved_path
-        for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+        for name in [n for n in sys.modules if n not in before and n.split(".")[0] == package]:
             del sys.modules[name]
         sys.modules.update(aside)
 
@@ -109,9 +117,12 @@ def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> 
         default = p.default
         if isinstance(default, bool) or default is NOT_LITERAL:
             continue
-        if default is NO_DEFAULT or isinstance(default, int):
+        if default is NO_DEFAULT:  # an int or a list of ints, by the look of the tensors
+            choices[p.name] = [*dims, *lists]
+            current[p.name] = start.get(p.name, dims[-1] if dims else 1)
+        elif isinstance(default, int):
             choices[p.name] = dims
-            current[p.name] = start.get(p.name, default if default is not NO_DEFAULT else (dims[-1] if dims else 1))
+            current[p.name] = start.get(p.name, default)
         elif isinstance(default, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in default):
             choices[p.name] = lists
             current[p.name] = start.get(p.name, list(default))
@@ -195,7 +206,10 @@ def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallS
         fitted = _fit(cls, checkpoint, start)
         if fitted is None:
             continue
-        module = construct_module(cls.class_path, fitted, where="")
+        try:
+            module = construct_module(cls.class_path, fitted, where="")
+        except ParityError:
+            continue
         ok, fix = checkpoint.loads(module, section="head", target=cls.class_path)
         if ok:
             origins = {k: where if k in start and start[k] == v and where else
@@ -222,11 +236,11 @@ def find_head(checkpoints: Sequence[Checkpoint], classes: Sequence[ModuleClass],
             return HeadMatch(checkpoint, cls, kwargs, {k: f"{where} (not verified: --no-verify)" for k in kwargs},
                          why="not verified (--no-verify): the class was not built")
         reasons = []
-        with _importable(root):
-            for cls in ranked[:_MAX_CLASSES_TRIED]:
+        for cls in ranked[:_MAX_CLASSES_TRIED]:
+            with _importable(root, cls.module.split(".")[0]):
                 found, why = _verify_head(checkpoint, cls, calls)
-                if found is not None:
-                    return found
-                reasons.append(why)
+            if found is not None:
+                return found
+            reasons.append(why)
         first = first or HeadMatch(checkpoint, ranked[0], why=reasons[0])
     return first

@@ -171,12 +171,12 @@ def _extract(backbone: _Backbone | None, embeddings: RowArray | None) -> Field |
 def _backbone_section(backbone: _Backbone | None, checkpoints: Sequence[Checkpoint], spec_dir: Path,
                       extract: Field | None) -> Section:
     if backbone is None:
-        listed = ", ".join(c.rel for c in checkpoints) or "none"
+        listed = ", ".join(c.rel for c in checkpoints)
+        seen = f"checkpoints found, none recognised: {listed}" if listed else "no checkpoint file found"
         return Section("backbone", (
             Field("library", None, todo=f"the backbone's library, one of {', '.join(_library_names())}"),
             Field("model", None, todo="the backbone's model name in that library"),
-            Field("checkpoint", None, todo=f"the backbone's weights file (checkpoints found, none recognised: "
-                                           f"{listed})"),
+            Field("checkpoint", None, todo=f"the backbone's weights file ({seen})"),
         ), ("No checkpoint was recognised as a backbone: no library's model loads one with strict=True.",))
     guess, checkpoint = backbone.guess, backbone.checkpoint
     origin = guess.origins.get("model", "")
@@ -366,8 +366,6 @@ def _candidate_sections(entries: Sequence[Entry], root: Path, spec_dir: Path, bi
             sections.append(Section(f"candidates.{name_for(entry.rel, 'python')}", tuple(fields)))
         elif entry.kind == "endpoint_handler":
             fields = [Field("endpoint_handler", file, f"{where}: class EndpointHandler")]
-            if entry.details.get("bytes"):
-                fields.append(Field("send", "bytes", f"{entry.rel}: reads its inputs through io.BytesIO"))
             sections.append(Section(f"candidates.{name_for(entry.rel, 'handler')}", tuple(fields)))
         elif entry.kind == "fastapi":
             routes = entry.details["routes"]

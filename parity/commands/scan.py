@@ -332,9 +332,7 @@ def entry_points(sources: Sequence[Source]) -> list[Entry]:
                 entries.append(Entry("python", source.rel, node.lineno, node.name,
                                      _predict_details(node, source, functions)))
             elif isinstance(node, ast.ClassDef) and node.name == "EndpointHandler":
-                text = ast.unparse(node)
-                entries.append(Entry("endpoint_handler", source.rel, node.lineno, node.name,
-                                     {"bytes": "BytesIO" in text}))
+                entries.append(Entry("endpoint_handler", source.rel, node.lineno, node.name))
         for node in ast.walk(source.tree):
             target, value = None, None
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
