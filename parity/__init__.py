@@ -30,6 +30,7 @@ __all__ = [
     "capture_pipeline",
     "explain_preprocess",
     "load_fixture",
+    "init_spec",
 ]
 
 _LAZY = {
@@ -43,6 +44,7 @@ _LAZY = {
     "capture": "parity.source",
     "capture_pipeline": "parity.source",
     "load_fixture": "parity.fixtures",
+    "init_spec": "parity.commands.init",
 }
 
 
