@@ -110,7 +110,9 @@ def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> 
     target = set(shapes.items())
     dims = sorted({d for shape in shapes.values() for d in shape})
     linears = checkpoint.layers_of("Linear")
-    lists = [l for l in ([layer.args[1] for layer in linears[:-1]], [t.args[0] for t in checkpoint.layers_of("Embedding")]) if l]
+    # Lists a constructor may take: the hidden widths of the Linear chain, the embedding tables' sizes.
+    lists = [widths for widths in ([layer.args[1] for layer in linears[:-1]],
+                                   [table.args[0] for table in checkpoint.layers_of("Embedding")]) if widths]
     choices: dict[str, list[Any]] = {}
     current: dict[str, Any] = {}
     for p in cls.params:
@@ -160,6 +162,10 @@ def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> 
 
 @dataclass(frozen=True)
 class HeadMatch:
+    """The head checkpoint and the class proposed for it. ``verified``: built with ``kwargs``, it loads the
+    checkpoint with ``strict=True`` (with ``fix``'s explicit loading fields when set); ``origins``: kwarg →
+    where its value came from; ``why``: what is missing when ``cls`` is None or not verified."""
+
     checkpoint: Checkpoint
     cls: ModuleClass | None
     kwargs: Mapping[str, Any] = field(default_factory=dict)

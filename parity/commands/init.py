@@ -41,7 +41,7 @@ from parity.commands.heads import HeadMatch, find_head
 from parity.commands.scan import Entry, call_sites, entry_points, module_classes, read_sources, walk_files
 from parity.errors import SpecError
 from parity.fixtures import MANIFEST
-from parity.libraries import BackboneGuess, CallSite, get, guess_backbones
+from parity.libraries import BackboneGuess, CallSite, get, guess_backbones, names
 from parity.results import toml_key, toml_literal
 from parity.spec import CANDIDATE_KINDS, parse_spec, vocabulary
 
@@ -174,7 +174,7 @@ def _backbone_section(backbone: _Backbone | None, checkpoints: Sequence[Checkpoi
         listed = ", ".join(c.rel for c in checkpoints)
         seen = f"checkpoints found, none recognised: {listed}" if listed else "no checkpoint file found"
         return Section("backbone", (
-            Field("library", None, todo=f"the backbone's library, one of {', '.join(_library_names())}"),
+            Field("library", None, todo=f"the backbone's library, one of {', '.join(names())}"),
             Field("model", None, todo="the backbone's model name in that library"),
             Field("checkpoint", None, todo=f"the backbone's weights file ({seen})"),
         ), ("No checkpoint was recognised as a backbone: no library's model loads one with strict=True.",))
@@ -191,12 +191,6 @@ def _backbone_section(backbone: _Backbone | None, checkpoints: Sequence[Checkpoi
     if extract is not None:
         fields.append(extract)
     return Section("backbone", tuple(fields))
-
-
-def _library_names() -> tuple[str, ...]:
-    from parity.libraries import names
-
-    return names()
 
 
 # -- the head ----------------------------------------------------------------------------------------
