@@ -2,7 +2,7 @@
 
 Classes are proposed from the sources alone (`parity.commands.scan`): those whose attributes name the
 checkpoint's top-level modules. Verifying one imports the module that defines it and builds it, as
-``parity check`` will (`parity.pipeline.construct_module`), with the repository's folder first on
+``parity check`` will (`parity.model.pipeline.construct_module`), with the repository's folder first on
 ``sys.path`` for the while; the kwargs tried are the checkpoint's stored hyperparameters, the user's
 literal calls of the class, its defaults, then integer widths fitted to the tensor shapes.
 """
@@ -104,7 +104,7 @@ def _shape_items(module) -> set[tuple[str, tuple[int, ...]]]:
 def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> dict[str, Any] | None:
     """Integer and integer-list kwargs that make ``cls`` hold the checkpoint's tensor shapes, found by trying
     the checkpoint's own widths one parameter at a time (a bounded search; None when nothing fits)."""
-    from parity.pipeline import construct_module
+    from parity.model.pipeline import construct_module
 
     shapes, _ = strip_wrapper(checkpoint.shapes)
     target = set(shapes.items())
@@ -186,7 +186,7 @@ def _ranked_classes(checkpoint: Checkpoint, classes: Sequence[ModuleClass]) -> l
 def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallSite]) -> tuple[HeadMatch | None, str]:
     """The first kwargs (stored hyperparameters, the user's calls, the defaults, a fit) that build ``cls``
     so that the checkpoint loads strictly; else None and why."""
-    from parity.pipeline import construct_module
+    from parity.model.pipeline import construct_module
 
     tried: list[dict[str, Any]] = []
     refused = ""

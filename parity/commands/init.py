@@ -40,7 +40,7 @@ from parity.commands.artifacts import (Checkpoint, Metadata, RowArray, find_arra
 from parity.commands.heads import HeadMatch, find_head
 from parity.commands.scan import Entry, call_sites, entry_points, module_classes, read_sources, walk_files
 from parity.errors import SpecError
-from parity.fixtures import MANIFEST
+from parity.store.fixtures import MANIFEST
 from parity.libraries import BackboneGuess, CallSite, get, guess_backbones, names
 from parity.results import toml_key, toml_literal
 from parity.spec import CANDIDATE_KINDS, parse_spec, vocabulary
