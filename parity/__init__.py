@@ -30,6 +30,7 @@ __all__ = [
     "capture_pipeline",
     "explain_preprocess",
     "load_fixture",
+    "init_spec",
 ]
 
 _LAZY = {
@@ -43,6 +44,7 @@ _LAZY = {
     "capture": "parity.commands.capture",
     "capture_pipeline": "parity.commands.capture",
     "load_fixture": "parity.store.fixtures",
+    "init_spec": "parity.commands.init",
 }
 
 

@@ -1,8 +1,9 @@
-"""Command line: ``parity check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``,
+"""Command line: ``parity init``, ``check``, ``matrix``, ``diagnose``, ``calibrate``, ``inspect``, ``diff-structure``,
 ``explain-preprocess``, ``report``.
 
-Exit 0 on parity (or a checkpoint that loads, or identical preprocessing), 1 on drift (or one
-that does not load, or preprocessing that differs), 2 on a usage or configuration error, 3 on an
+Exit 0 on parity (or a checkpoint that loads, or identical preprocessing, or a spec ``init`` wrote
+complete), 1 on drift (or one that does not load, or preprocessing that differs, or a spec written
+with TODOs left to set), 2 on a usage or configuration error, 3 on an
 internal error: an exception parity did not raise on purpose (a defect, never drift). It is
 reported in one line; ``parity --debug COMMAND ...`` prints its traceback as well. 130 when
 interrupted (Ctrl-C). A candidate's code never sets the status: it cannot exit parity.
@@ -124,6 +125,22 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="parity", description="Training-inference parity gate for CLIP + head pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init = commands.add_parser(
+        "init", help="scaffold a spec from what a repository holds (checkpoints, head class, metadata, deploy code)",
+        description="Write a spec for the repository DIR: the backbone checkpoint and the model that loads it, the head "
+                    "checkpoint and the class that loads it strictly, the extraction point of the stored embeddings, "
+                    "and a [candidates.NAME] table per deploy entry point found (a predict function, handler.py, a "
+                    "FastAPI or Gradio app). Each value is commented with where it came from; what cannot be "
+                    "inferred is a \"TODO: ...\" value that check refuses by name. Prints the freeze and check "
+                    "commands to run next. Sources are read, not run; the head's module is imported to verify it "
+                    "(--no-verify: not). Exit 0 complete, 1 written with TODOs left, 2 nothing written.")
+    init.add_argument("directory", nargs="?", type=Path, default=Path("."), metavar="DIR",
+                      help="the repository to scaffold a spec for (default: the current directory)")
+    init.add_argument("--out", type=Path, default=None, metavar="SPEC.toml",
+                      help="where to write the spec (default: DIR/parity.toml, where the repository's imports resolve)")
+    init.add_argument("--force", action="store_true", help="replace an existing --out spec")
+    init.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="do not import the head's module to check that its checkpoint loads strictly")
     check = commands.add_parser("check", help="run the parity gate: candidate pipeline vs frozen fixtures",
                                 description="Run the candidate pipeline described by SPEC and compare it, stage by "
                                             "stage, with the frozen reference fixtures.")
@@ -635,6 +652,31 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
     return EXIT_PASS
 
 
+def _init(args: argparse.Namespace, console: Console) -> int:
+    import shlex
+
+    from parity.commands.init import init_spec
+
+    result = init_spec(args.directory, out=args.out, force=args.force, verify=args.verify)
+    say = lambda text, **style: console.print(text, highlight=False, markup=False, soft_wrap=True, **style)  # noqa: E731
+    for line in result.found:
+        say(f"found {line}")
+    for line in result.notes:
+        say(f"note: {line}", style="yellow")
+    say(Text(f"WROTE: {result.spec}", style="bold green"))
+    if result.todos:
+        say(f"{len(result.todos)} value(s) to set in {result.spec} (parity check refuses the spec until then):",
+            style="bold yellow")
+        for todo in result.todos:
+            say(f"  {todo}")
+    for line in result.missing:
+        say(f"missing for freeze: {line}", style="yellow")
+    say("Next:" if not result.todos else "Then:")
+    say(f"  {shlex.join(result.freeze)}")
+    say(f"  {shlex.join(result.check)}")
+    return EXIT_PASS if result.complete else EXIT_DRIFT
+
+
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """What the command reads and must never overwrite: ``(what, path)``; a fixture directory
     protects everything under it (its manifest.json first of all)."""
@@ -795,7 +837,7 @@ def _run(args: argparse.Namespace, console: Console, errors: Console) -> int:
         if args.command in ("check", "matrix", "diagnose", "calibrate"):
             handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
             return handler[args.command](args, console, errors)
-        return {"inspect": _inspect, "diff-structure": _diff_structure,
+        return {"init": _init, "inspect": _inspect, "diff-structure": _diff_structure,
                 "explain-preprocess": _explain_preprocess, "freeze": _freeze,
                 "report": _report, "merge": _merge}[args.command](args, console)
     except ParityError as e:

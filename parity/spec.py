@@ -409,6 +409,22 @@ _REQUIRED = object()
 # While `spec_fields` probes the parser: table -> field -> how it was read (None outside a probe).
 _READS: contextvars.ContextVar[dict[str, dict[str, dict[str, Any]]] | None] = contextvars.ContextVar(
     "_READS", default=None)
+# A value `parity init` could not infer: the user sets it (`parity.commands.init`).
+_TODO = re.compile(r"TODO\b")
+
+
+def _refuse_todo(value: Any, name: str, path: Path) -> None:
+    """Refuse a value (or one inside a table or list) still reading ``TODO...``, naming the field.
+
+    Raises:
+        SpecError: the first such value, with its dotted name and its text.
+    """
+    if isinstance(value, str) and _TODO.match(value):
+        raise SpecError(f"{path}: {name} is still a TODO: {value!r}.\nFix: replace it with the value it asks for; "
+                        "`parity init` left it because the repository does not show it.")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        _refuse_todo(inner, f"{name}.{key}" if isinstance(key, str) else f"{name}[{key}]", path)
 
 
 class _Table:
@@ -434,6 +450,7 @@ class _Table:
                 raise SpecError(f"{self.path}: missing required field {self._name(key)}")
             return default
         value = self.data[key]
+        _refuse_todo(value, self._name(key), self.path)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # TOML booleans are ints to Python; never accept one where a number is meant.
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import CheckpointError, SpecError
-from parity.libraries.base import Converter, Library, activation_classes, activation_family
+from parity.libraries.base import (BackboneGuess, CallSite, Converter, Library, activation_classes,
+                                   activation_family)
 from parity.libraries.open_clip import OpenClip
 from parity.libraries.timm import Timm
 from parity.libraries.transformers import Transformers
@@ -48,6 +49,9 @@ __all__ = [
     "create_transform",
     "activation_classes",
     "activation_family",
+    "CallSite",
+    "BackboneGuess",
+    "guess_backbones",
 ]
 
 _ADAPTERS: dict[str, Library] = {}
@@ -247,3 +251,11 @@ def create_transform(config: PreprocessConfig) -> Preprocess:
     if config.library not in described:
         raise SpecError(f"no transform for library {config.library!r}; expected one of {tuple(described)}")
     return described[config.library].create_transform(config)
+
+
+def guess_backbones(shapes: Mapping[str, tuple[int, ...]], calls: Sequence[CallSite], *,
+                    source: str) -> list[BackboneGuess]:
+    """What every registered library proposes for a checkpoint of ``shapes`` (`Library.guess_backbones`),
+    each library's best first."""
+    return [guess for adapter in _ADAPTERS.values()
+            for guess in adapter.guess_backbones(shapes, calls, source=source)]

@@ -8,7 +8,8 @@ the facts about a built module that a strict load cannot see.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,45 @@ from parity.preprocess.transform import Preprocess
 from parity.preprocess.config import PreprocessConfig
 from parity.spec import LibraryVocabulary, Spec
 
-__all__ = ["Library", "Converter", "activation_classes", "activation_family"]
+__all__ = ["Library", "Converter", "CallSite", "BackboneGuess", "activation_classes", "activation_family"]
 
 # (state_dict, module) → the state_dict in the module's key layout.
 Converter = Callable[[Mapping, Any], dict]
 # Leaf-module names that hold a block's activation in each library (QuickGELU vs GELU keeps every key).
 _ACTIVATION_NAMES = ("act", "activation_fn", "gelu")
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """A call in the user's code, read without running it: ``timm.create_model("vit_...", depth=2)``.
+
+    ``function`` is the called name as imported (``timm.create_model``); ``args`` and ``kwargs`` the
+    literal arguments (a non-literal positional argument is ``None``, a non-literal keyword is in
+    ``opaque``); ``where`` is ``file:line``.
+    """
+
+    function: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    opaque: tuple[str, ...] = ()
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class BackboneGuess:
+    """A ``[backbone]`` a library proposes for a checkpoint (`Library.guess_backbones`).
+
+    ``origins``: field (``model``, ``kwargs.depth``) → where its value came from; ``todos``: field →
+    what the user must say because the tensors cannot; ``module``: the module ``model`` and
+    ``kwargs`` build (shapes only), for the caller to verify the checkpoint loads into it strictly.
+    """
+
+    library: str
+    model: str | None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    origins: Mapping[str, str] = field(default_factory=dict)
+    todos: Mapping[str, str] = field(default_factory=dict)
+    module: Any = None
 
 
 def activation_family(name: str) -> str:
@@ -71,6 +105,13 @@ class Library:
     def model_name(self, model) -> str | None:
         """What ``[backbone].model`` would say for ``model`` when the module itself tells (else ``None``)."""
         return None
+
+    def guess_backbones(self, shapes: Mapping[str, tuple[int, ...]], calls: Sequence[CallSite], *,
+                        source: str) -> list[BackboneGuess]:
+        """The ``[backbone]`` entries of this library that could have made a checkpoint of ``shapes``
+        (its main state_dict's tensor shapes, named ``source`` in origins), best first: from the user's
+        ``calls`` that build a model of this library, then from the tensors alone (default: none)."""
+        return []
 
     def sibling_models(self, model: str) -> tuple[str, ...]:
         """Model names that build the same keys with another computation (e.g. another activation):

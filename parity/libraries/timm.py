@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from parity.libraries.convert import hf_to_timm, openai_to_timm
 from parity.errors import SpecError
-from parity.libraries.base import Library
+from parity.libraries.base import BackboneGuess, CallSite, Library
 from parity.preprocess.transform import RESIZE_BACKENDS, TIMM_DATA_CONFIG_KEYS, Preprocess, create_preprocess
 from parity.preprocess.config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
@@ -159,6 +159,12 @@ class Timm(Library):
         bb = spec.backbone
         with torch.device("meta") if meta else contextlib.nullcontext():
             return timm.create_model(bb.model, pretrained=False, **bb.kwargs)
+
+    def guess_backbones(self, shapes: Mapping[str, tuple[int, ...]], calls: Sequence[CallSite], *,
+                        source: str) -> list[BackboneGuess]:
+        from parity.libraries.timm_guess import guess_timm
+
+        return guess_timm(shapes, calls, source=source)
 
     def sibling_models(self, model: str) -> tuple[str, ...]:
         """QuickGELU and GELU CLIP variants: identical keys, so strict loading cannot tell them apart."""
