@@ -26,9 +26,9 @@ from parity.spec import load_spec  # noqa: E402
 from tests.shipped.findings import findings  # noqa: E402
 from tests.support.mlflow_models import BUGS, STYLES, build_style_reference, save_style_model, served  # noqa: E402
 
-# MLflow's advice at save time (type hints, an input example) is not what these tests are about.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*type hints to the `predict` method:UserWarning"),
-              pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")]
+# MLflow's advice at save time is not what these tests are about (its advice on type hints it shows whatever
+# the filters say: MLflow sets its own for UserWarning around the calls that give it).
+pytestmark = pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
 INNER_STAGES = ("weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 # How the style tagger's requests and answers map: the source id in its own column, scores by style after a sigmoid.
 OPTIONS = ('form = { source = "input_biases.0" }\n'
@@ -127,6 +127,8 @@ def test_instances_requests_reach_predict_as_the_server_gives_them(style, models
 # -- served: mlflow models serve --env-manager local on free 127.0.0.1 ports ------------------------
 
 SERVED = ("clean", "bgr", "columns_reversed")
+# Three servers start together (each the CLI and its uvicorn, importing MLflow and torch): most of this file's
+# time, hence the served tests' slow mark.
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,7 @@ def urls(models, tmp_path_factory) -> dict[str, str]:
         yield dict(zip(SERVED, found))
 
 
+@pytest.mark.slow
 def test_the_clean_model_served_passes_and_shows_its_outputs_only(style, models, urls, tmp_path):
     status, report = _check(_spec(style, tmp_path, models, "clean", urls), "served", tmp_path / "check.json")
     assert status == EXIT_PASS and report["passed"] is True
@@ -145,6 +148,7 @@ def test_the_clean_model_served_passes_and_shows_its_outputs_only(style, models,
         assert stages[stage]["status"] == "SKIP" and "not observable" in stages[stage]["headline"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", ["bgr", "columns_reversed"])
 def test_a_bug_in_the_served_model_fails_at_outputs(style, models, urls, tmp_path, bug):
     status, report = _check(_spec(style, tmp_path, models, bug, urls), "served", tmp_path / "check.json")
@@ -152,6 +156,7 @@ def test_a_bug_in_the_served_model_fails_at_outputs(style, models, urls, tmp_pat
     assert _stages(report)["decode"]["status"] == "PASS"  # every request answered
 
 
+@pytest.mark.slow
 def test_the_server_refuses_what_the_model_in_process_raised_on(style, models, urls, tmp_path):
     """The same ``instances`` request served: MLflow answers HTTP 400 for every sample, each named."""
     spec = _spec(style, tmp_path, models, "clean", urls)
