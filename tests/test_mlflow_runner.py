@@ -106,6 +106,14 @@ def test_a_bug_in_the_model_code_fails_in_process_at_its_stage(style, models, tm
         assert word in text, text
 
 
+def test_the_model_named_on_the_command_line_takes_its_tables_options(style, models, tmp_path, monkeypatch):
+    """``--candidate mlflow_model:PATH`` (relative to the working directory) with [candidates.in_process]'s options."""
+    spec = _spec(style, tmp_path / "spec", models, "clean")
+    monkeypatch.chdir(models["clean"].parent)
+    status, report = _check(spec, "mlflow_model:model", tmp_path / "check.json")
+    assert status == EXIT_PASS, report.get("first_failure")
+
+
 def test_a_batch_of_rows_per_predict_passes_too(style, models, tmp_path):
     spec = _spec(style, tmp_path, models, "clean")
     spec.write_text(spec.read_text().replace('mlflow_model = "', 'batch = true\nmlflow_model = "'))
@@ -241,6 +249,13 @@ def test_fields_that_do_not_apply_are_refused(style, tmp_path, candidate, says):
     spec = style.write_spec(tmp_path, candidate)
     with pytest.raises(SpecError, match=says):
         load_spec(spec)
+
+
+def test_a_send_that_is_no_mlflow_request_is_refused_before_the_model_loads(style, models, tmp_path, capsys):
+    spec = style.write_spec(tmp_path, f'mlflow_model = "{models["clean"]}"\nsend = "pil"\n{OPTIONS}')
+    assert main(["check", "--spec", str(spec)]) == 2
+    assert "[candidate].send = 'pil' is not an MLflow request. Accepted values: dataframe_split" in \
+        capsys.readouterr().err
 
 
 def test_a_plain_send_on_an_mlflow_url_is_refused(style, tmp_path, capsys):

@@ -45,7 +45,7 @@ from parity.runners.http import RequestMap
 from parity.runners.outputs import UnreadableOutput, output_map
 from parity.spec import MLFLOW_SEND, Spec
 
-__all__ = ["run", "SENDS", "DEFAULT_SEND", "payload", "served_predictions", "load_model", "observe_model",
+__all__ = ["run", "SENDS", "DEFAULT_SEND", "request_send", "payload", "served_predictions", "load_model", "observe_model",
            "check_columns"]
 
 Progress = Callable[[int, int], None]
@@ -54,6 +54,19 @@ SENDS = MLFLOW_SEND
 DEFAULT_SEND = "dataframe_split"
 # The file an MLflow model folder holds (mlflow.pyfunc.save_model's output).
 MLMODEL = "MLmodel"
+
+
+def request_send(send: str | None) -> str:
+    """``[candidate].send`` of an MLflow request, `DEFAULT_SEND` when unset.
+
+    Raises:
+        SpecError: not one of `SENDS`.
+    """
+    if send is None:
+        return DEFAULT_SEND
+    if send not in SENDS:
+        raise SpecError(f"[candidate].send = {send!r} is not an MLflow request. Accepted values: {', '.join(SENDS)}")
+    return send
 
 
 def _row(data: bytes, biases: Sequence[int], request: RequestMap) -> dict[str, Any]:
@@ -68,8 +81,7 @@ def payload(samples: Sequence[tuple[bytes, Sequence[int]]], *, send: str = DEFAU
     Raises:
         SpecError: ``send`` is not one of `SENDS`, or ``request.form`` names a bias the rows lack.
     """
-    if send not in SENDS:
-        raise SpecError(f"[candidate].send = {send!r} is not an MLflow request. Accepted values: {', '.join(SENDS)}")
+    request_send(send)
     rows = [_row(data, biases, request) for data, biases in samples]
     columns = list(rows[0]) if rows else [request.field]
     if send == "dataframe_split":
@@ -217,7 +229,7 @@ def observe_model(spec: Spec, fixture: Fixture, model: Any, *, progress: Progres
         SpecError: ``send`` is not an MLflow request, or the request lacks a column the signature requires.
     """
     candidate = spec.candidate
-    send = candidate.send or DEFAULT_SEND
+    send = request_send(candidate.send)
     request = RequestMap(candidate.field, candidate.form)
     biases = fixture.rows[0].input_biases if fixture.rows else ()
     check_columns(model, [request.field, *request.fields(biases)])
@@ -238,6 +250,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     """Load the model, send it every fixture sample with hooks on its modules."""
     candidate = spec.candidate
     path = Path(candidate.target)
+    request_send(candidate.send)  # a wrong send is said before the model loads
     try:
         model = load_model(path, timeout=candidate.timeout)
     except SpecError:
@@ -248,6 +261,6 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
         return CandidateRun("mlflow_model", errors={"load": f"loading {path} raised {type(e).__name__}: {e}"})
     result = to_run(observe_model(spec, fixture, model, progress=progress), fixture)
     described: Mapping[str, Any] = result.description.get("candidate", {})
-    result.description["candidate"] = {**described, "mlflow_model": str(path), "send": candidate.send or DEFAULT_SEND,
-                                       "field": candidate.field, "loader_module": model.loader_module}
+    result.description["candidate"] = {**described, "mlflow_model": str(path), "send": request_send(candidate.send),
+                                       "field": candidate.field, "loader_module": getattr(model, "loader_module", None)}
     return result
