@@ -297,11 +297,13 @@ class CandidateSpec:
     ``module:function`` (python), a path (endpoint_handler, onnx, logged, mlflow_model) or a URL (url). Paths are
     absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
-    url: ``multipart`` or ``json``; an MLflow request: one of `MLFLOW_SEND`); ``timeout`` (seconds) bounds each request of a url candidate and the import, construction and each
-    call of a python or endpoint_handler candidate; ``retries`` applies to a url candidate.
+    url: ``multipart`` or ``json``; an MLflow request: one of `MLFLOW_SEND`); ``timeout`` (seconds) bounds each
+    request of a url candidate and the import, construction and each call of a python, endpoint_handler or
+    mlflow_model candidate (its load included); ``retries`` applies to a url candidate.
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
     ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
-    rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image.
+    rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image (an
+    mlflow_model: each request holds ``[runtime].batch_size`` rows).
     ``postprocess``: what the shipped code does after the head (one of `POSTPROCESSES`, or
     ``module:function`` imported from ``python_path``), applied to the reference's outputs before
     comparing. ``name``: the ``[candidates.NAME]`` table it came from ("" for ``[candidate]``).

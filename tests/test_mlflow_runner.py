@@ -139,11 +139,21 @@ SERVED = ("clean", "bgr", "columns_reversed")
 # time, hence the served tests' slow mark.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def servers(request, tmp_path_factory):
+    """The clean model and two bugged ones, each behind its own server for the whole module, started before the
+    module's first test when any selected test needs them (they start while the in-process tests run)."""
+    if not any("urls" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    models = request.getfixturevalue("models")
+    with served([models[name] for name in SERVED], tmp_path_factory.mktemp("serve-logs")) as ready:
+        yield ready
+
+
 @pytest.fixture(scope="module")
-def urls(models, tmp_path_factory) -> dict[str, str]:
-    """The clean model and two bugged ones, each behind its own server, for the whole module."""
-    with served([models[name] for name in SERVED], tmp_path_factory.mktemp("serve-logs")) as found:
-        yield dict(zip(SERVED, found))
+def urls(servers) -> dict[str, str]:
+    return dict(zip(SERVED, servers()))
 
 
 @pytest.mark.slow

@@ -179,7 +179,8 @@ def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: R
         from parity.runners import mlflow
 
         body = json.dumps(mlflow.payload([(data, biases)], send=send, request=mapping)).encode()
-        return _Request(url, body, {**mapping.headers, "Content-Type": "application/json", "Accept": "application/json"})
+        kind = {"Content-Type": "application/json", "Accept": "application/json"}
+        return _Request(url, body, {**mapping.headers, **kind})
     fields = mapping.fields(biases)
     if send == "json":
         payload: dict[str, Any] = {mapping.field: base64.b64encode(data).decode("ascii"), **fields}

@@ -45,8 +45,8 @@ from parity.runners.http import RequestMap
 from parity.runners.outputs import UnreadableOutput, output_map
 from parity.spec import MLFLOW_SEND, Spec
 
-__all__ = ["run", "SENDS", "DEFAULT_SEND", "request_send", "payload", "served_predictions", "load_model", "observe_model",
-           "check_columns"]
+__all__ = ["run", "SENDS", "DEFAULT_SEND", "request_send", "payload", "served_predictions", "load_model",
+           "observe_model", "check_columns"]
 
 Progress = Callable[[int, int], None]
 

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,19 +262,34 @@ def _ping(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def served(models: Sequence[Path], logs: Path) -> Iterator[list[str]]:
-    """``mlflow models serve --env-manager local`` for each model on a free 127.0.0.1 port, started together;
-    yields their ``/invocations`` URLs once each answers ``/ping``, and stops every server (its whole process
-    group: the CLI and the uvicorn it runs) on exit.
+def served(models: Sequence[Path], logs: Path) -> Iterator[Callable[[], list[str]]]:
+    """``mlflow models serve --env-manager local`` for each model on a free 127.0.0.1 port, all started at once.
+
+    Yields ``ready()``, which waits until each server answers ``/ping`` and returns their ``/invocations`` URLs
+    (so that the servers start while other work goes on); on exit every server is stopped, its whole process
+    group (the CLI and the uvicorn it runs).
 
     Raises:
-        RuntimeError: a server exited or did not answer within `SERVE_TIMEOUT` seconds (its log is quoted).
+        RuntimeError: from ``ready()``: a server exited, or did not answer within `SERVE_TIMEOUT` seconds of the
+            call (its log is quoted).
     """
     bin_dir = str(Path(sys.executable).parent)  # the CLI runs `uvicorn` from PATH
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "OMP_NUM_THREADS": "1"}
     logs.mkdir(parents=True, exist_ok=True)
     started: list[tuple[subprocess.Popen, str, Path]] = []
+
+    def ready() -> list[str]:
+        deadline = time.monotonic() + SERVE_TIMEOUT
+        for process, url, log in started:
+            while not _ping(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"mlflow models serve for {url} did not start within {SERVE_TIMEOUT:g} s:\n"
+                                       f"{tail}")
+                time.sleep(0.2)
+        return [f"{url}/invocations" for _, url, _ in started]
+
     try:
         for i, model in enumerate(models):
             port, log = free_port(), logs / f"serve-{i}.log"
@@ -284,14 +299,7 @@ def served(models: Sequence[Path], logs: Path) -> Iterator[list[str]]:
                      "--host", "127.0.0.1", "--port", str(port)],
                     stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             started.append((process, f"http://127.0.0.1:{port}", log))
-        deadline = time.monotonic() + SERVE_TIMEOUT
-        for process, url, log in started:
-            while not _ping(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow models serve for {url} did not start within {SERVE_TIMEOUT:g} s:\n{tail}")
-                time.sleep(0.2)
-        yield [f"{url}/invocations" for _, url, _ in started]
+        yield ready
     finally:
         for process, _, _ in started:
             _stop(process)
