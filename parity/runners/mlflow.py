@@ -37,7 +37,7 @@ from typing import Any
 
 from parity.errors import SpecError
 from parity.extras import require
-from parity.fixtures import Fixture, FixtureRow
+from parity.store.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, reachable_modules, to_run

@@ -2,7 +2,7 @@
 
 The training side: the photo tagger's tiny timm CLIP tower and images (`tests.shipped.reference`) under
 `StyleHead` (LayerNorm on the embedding, a learned embedding of the photo's source, BatchNorm, GELU;
-one ``input_biases`` column), frozen into a fixture by `parity.source.capture_pipeline`. The
+one ``input_biases`` column), frozen into a fixture by `parity.commands.capture.capture_pipeline`. The
 deployment: `MODEL_CODE`, a models-from-code ``PythonModel`` that decodes the image bytes itself,
 preprocesses with torchvision's functional API and numpy, re-declares the head and answers a
 DataFrame of sigmoid scores by style; saved with ``mlflow.pyfunc.save_model`` and a signature whose
@@ -207,8 +207,8 @@ def build_style_reference(root: Path) -> StyleReference:
     """The training side's files under ``root`` and its frozen fixture; one thread, as on any machine."""
     from safetensors.torch import save_file
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
 
     threads = torch.get_num_threads()
