@@ -689,7 +689,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
                      if getattr(args, "candidate", None) else spec.candidate)
         found += [("the spec", args.spec), ("the head checkpoint", spec.head.weights),
                   ("the backbone checkpoint", spec.backbone.checkpoint),
-                  ("the candidate", Path(candidate.target) if candidate.kind in ("onnx", "logged", "endpoint_handler")
+                  ("the candidate", Path(candidate.target) if candidate.kind in ("onnx", "logged", "endpoint_handler",
+                                                                                "mlflow_model")
                    else None),
                   ("the fixture directory", args.fixtures if args.fixtures is not None else spec.fixtures)]
     found += [("the logged samples", getattr(args, "logged", None))]

@@ -45,6 +45,8 @@ __all__ = [
     "DecisionsSpec",
     "CandidateSpec",
     "CANDIDATE_KINDS",
+    "CANDIDATE_FORMATS",
+    "MLFLOW_SEND",
     "ReferenceSpec",
     "REFERENCE_NUMERICS",
     "parse_candidate",
@@ -290,14 +292,19 @@ class DecisionsSpec:
         return self.threshold is not None or self.argmax or self.verification_threshold is not None
 
 
-CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged")
+CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged", "mlflow_model")
 # The numerics a reference may be declared made with ([reference].numerics, `parity freeze --numerics`):
 # plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
 # convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
 REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autocast_bfloat16")
 # What a python candidate's positional arguments are, in order (docs/candidates.md).
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
-CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
+# The MLflow scoring server's request formats (an mlflow_model, or a url with format = "mlflow").
+MLFLOW_SEND = ("dataframe_split", "dataframe_records", "instances", "inputs")
+CANDIDATE_SEND = ("pil", "bytes", "multipart", "json") + MLFLOW_SEND
+# How a url candidate's requests and answers are written: the scoring server's own protocol (None: parity's plain
+# multipart/JSON request and answer, `parity.runners.http`).
+CANDIDATE_FORMATS = ("mlflow",)
 # What the shipped code does after the head ([candidate].postprocess), by the names the outputs
 # detectors use (`parity.explain.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
 POSTPROCESSES = ("none", "sigmoid", "softmax", "log_softmax")
@@ -310,14 +317,16 @@ class CandidateSpec:
     """What ships, when it is not the spec-built pipeline: ``[candidate]`` or ``--candidate KIND:TARGET``.
 
     ``kind`` is ``spec`` (the pipeline this spec builds) or one of `CANDIDATE_KINDS`; ``target`` is
-    ``module:function`` (python), a path (endpoint_handler, onnx, logged) or a URL (url). Paths are
+    ``module:function`` (python), a path (endpoint_handler, onnx, logged, mlflow_model) or a URL (url). Paths are
     absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
-    url: ``multipart`` or ``json``); ``timeout`` (seconds) bounds each request of a url candidate and the import, construction and each
-    call of a python or endpoint_handler candidate; ``retries`` applies to a url candidate.
+    url: ``multipart`` or ``json``; an MLflow request: one of `MLFLOW_SEND`); ``timeout`` (seconds) bounds each
+    request of a url candidate and the import, construction and each call of a python, endpoint_handler or
+    mlflow_model candidate (its load included); ``retries`` applies to a url candidate.
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
     ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
-    rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image.
+    rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image (an
+    mlflow_model: each request holds ``[runtime].batch_size`` rows).
     ``postprocess``: what the shipped code does after the head (one of `POSTPROCESSES`, or
     ``module:function`` imported from ``python_path``), applied to the reference's outputs before
     comparing. ``name``: the ``[candidates.NAME]`` table it came from ("" for ``[candidate]``).
@@ -334,14 +343,17 @@ class CandidateSpec:
     batch: bool = False
     # How answers and requests map, declared rather than coded (`parity.runners.outputs`, `parity.runners.http`):
     # ``labels``: the output order of scores given by label; ``field``: a url candidate's multipart file
-    # field; ``form``: request field -> ``input_biases`` or ``input_biases.N`` (replaces the default
-    # ``input_biases`` field); ``headers``: request headers, a value ``env:NAME`` read from the environment.
+    # field (an MLflow request's image column); ``form``: request field (an MLflow request's column) ->
+    # ``input_biases`` or ``input_biases.N`` (replaces the default ``input_biases`` field); ``headers``: request
+    # headers, a value ``env:NAME`` read from the environment; ``format``: a url candidate's protocol, one of
+    # `CANDIDATE_FORMATS` (None: parity's plain one).
     labels: tuple[str, ...] | None = None
     field: str = "image"
     form: Mapping[str, str] | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     postprocess: str = "none"
     name: str = ""
+    format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -773,13 +785,17 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
         **_mapping_fields(table, kind),
         postprocess=_postprocess(table),
         name=name,
+        format=table.get("format", str, None, choices=CANDIDATE_FORMATS),
     )
     table.finish()
     if kind == "python" and python_path is not None:
         candidate = dataclasses.replace(candidate, python_path=_python_root(candidate.target, python_path))
-    if candidate.batch and kind not in ("python", "spec"):
-        raise SpecError(f"{table.path}: {where}.batch = true is for a python function that takes a batch; "
-                        f"a {kind} candidate is called one sample at a time. Remove batch.")
+    if candidate.batch and kind not in ("python", "spec", "mlflow_model"):
+        raise SpecError(f"{table.path}: {where}.batch = true is for a python function or an MLflow model that takes "
+                        f"a batch; a {kind} candidate is called one sample at a time. Remove batch.")
+    if candidate.format is not None and kind not in ("url", "spec"):
+        raise SpecError(f"{table.path}: {where}.format = {candidate.format!r} is the protocol of a url candidate; a "
+                        f"{kind} candidate is not reached over HTTP. Remove format.")
     if not 0 <= candidate.retries <= 10:
         raise SpecError(f"{table.path}: {where}.retries = {candidate.retries}: expected 0 to 10")
     return candidate
@@ -798,7 +814,9 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
                                or len(set(labels)) != len(labels)):
         raise SpecError(f"{table.path}: {name('labels')} must be a list of distinct, non-empty label names in "
                         f"the order of the head's outputs, got {labels!r}")
-    found = {key: table.data[key] for key in ("field", "form", "headers") if key in table.data}
+    # An MLflow model in process takes the scoring server's request: its columns, but no HTTP headers.
+    found = {key: table.data[key] for key in ("field", "form", "headers") if key in table.data
+             and not (kind == "mlflow_model" and key != "headers")}
     if found and kind != "url":
         raise SpecError(f"{table.path}: {', '.join(name(k) for k in found)} shape{'s' if len(found) == 1 else ''} "
                         f"the HTTP request of a url candidate; a {kind} candidate sends none. Remove "
@@ -893,7 +911,8 @@ def parse_candidate(text: str, *, base: Path, options: Mapping[str, Any] | None 
     if not sep or kind not in CANDIDATE_KINDS or not target:
         raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
                         "(e.g. python:app:predict, python:deploy/app.py:predict, endpoint_handler:handler.py, "
-                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl), "
+                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl, "
+                        "mlflow_model:path/to/model), "
                         "or the NAME of a [candidates.NAME] table")
     fields = {k: v for k, v in (options or {}).items() if k not in CANDIDATE_KINDS}
     return _candidate(_Table({**fields, kind: target}, "--candidate", base / "--candidate"), base)

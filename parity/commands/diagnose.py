@@ -439,7 +439,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
              progress: Progress | None = None, shard: tuple[int, int] | None = None) -> Diagnosis | ServiceDiagnosis:
     """Find why the candidate drifts and which spec change restores parity.
 
-    Shipped code (``python``, ``endpoint_handler``) is diagnosed by `diagnose_candidate`; a candidate
+    Shipped code (``python``, ``endpoint_handler``, ``mlflow_model``) is diagnosed by `diagnose_candidate`; a candidate
     observed only from outside (``url``, ``logged``) by `diagnose_service` / `diagnose_logged`.
 
     Args:
@@ -452,7 +452,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
         SpecError: ``shard`` for a url or logged candidate.
     """
     kind = spec.candidate.kind
-    if kind in ("python", "endpoint_handler"):
+    if kind in ("python", "endpoint_handler", "mlflow_model"):
         return diagnose_candidate(spec, fixtures=fixtures, device=device, samples=samples, progress=progress,
                                   shard=shard)
     if kind in ("url", "logged"):  # run once and observed, never re-run with a changed spec
@@ -1105,6 +1105,10 @@ def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
 
         return observe_function(spec, fixture, load_function(candidate.target, candidate.python_path,
                                                              timeout=candidate.timeout))
+    if candidate.kind == "mlflow_model":
+        from parity.runners.mlflow import load_model, observe_model
+
+        return observe_model(spec, fixture, load_model(Path(candidate.target), timeout=candidate.timeout))
     from parity.runners.endpoint import load_handler, observe_handler
 
     return observe_handler(spec, fixture, load_handler(Path(candidate.target), timeout=candidate.timeout))

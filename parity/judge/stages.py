@@ -23,10 +23,10 @@ from parity.spec import DEFAULT_LIBRARY, Spec
 __all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "verification_band"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
-# Runners whose head stage runs the head module itself (the one found in the app or handler): what
-# the shipped code does after it ([candidate].postprocess) is not in it. Other runners' head (an
-# ONNX head graph) is the exported code, post-processing included.
-_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler")
+# Runners whose head stage runs the head module itself (the one found in the app, handler or MLflow
+# model): what the shipped code does after it ([candidate].postprocess) is not in it. Other runners'
+# head (an ONNX head graph) is the exported code, post-processing included.
+_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler", "mlflow_model")
 
 
 def recorded_library(fixture: Fixture) -> str:
@@ -101,7 +101,7 @@ def _head_stage(stage: str, run: CandidateRun, values, reference, names, compare
         return StageResult(stage, Status.FAIL, run.errors[stage])
     if values is None:
         return unobserved(stage, default)
-    if stage in run.nondeterministic and run.runner in ("python", "endpoint_handler"):
+    if stage in run.nondeterministic and run.runner in _HEAD_MODULE_RUNNERS:
         training = [name for name, m in (run.modules.get("head") or _NoModule()).named_modules() if m.training]
         mode = (f"the app's head is in training mode ({len(training)} modules with .training = True): call "
                 ".eval() on it after loading" if training else "a random layer is active in forward()")

@@ -29,6 +29,7 @@ RUNNERS = {
     "onnx": "parity.runners.onnx",
     "url": "parity.runners.http",
     "logged": "parity.runners.logged",
+    "mlflow_model": "parity.runners.mlflow",
 }
 
 

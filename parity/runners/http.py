@@ -15,6 +15,10 @@ path) holds the outputs, a bare list, or scores by label (`parity.runners.output
 Nothing else of the service is visible: load, weights, pixels and the head are reported as
 not observable.
 
+``format = "mlflow"``: an MLflow scoring server's ``/invocations`` (``mlflow models serve``): the
+request and the answer are its own (`parity.runners.mlflow`: ``send`` one of its JSON keys, the
+image as a base64 column, the outputs read from ``predictions``).
+
 Every request has ``[candidate].timeout`` seconds in all, from connecting to the last byte of
 the answer (a service that trickles its answer a byte at a time is cut off at the deadline, not
 let through because each read is quick); a refused connection, a timeout or a 5xx answer is
@@ -168,8 +172,15 @@ def redact(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: RequestMap = RequestMap()) -> _Request:
+def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: RequestMap = RequestMap(),
+             format: str | None = None) -> _Request:
     data = image.read_bytes()
+    if format == "mlflow":
+        from parity.runners import mlflow
+
+        body = json.dumps(mlflow.payload([(data, biases)], send=send, request=mapping)).encode()
+        kind = {"Content-Type": "application/json", "Accept": "application/json"}
+        return _Request(url, body, {**mapping.headers, **kind})
     fields = mapping.fields(biases)
     if send == "json":
         payload: dict[str, Any] = {mapping.field: base64.b64encode(data).decode("ascii"), **fields}
@@ -287,12 +298,14 @@ def _send_once(request: _Request, timeout: float) -> bytes:
     return body
 
 
-def read_outputs(body: bytes, output_key: str | OutputMap | None) -> tuple[np.ndarray, np.ndarray | None]:
+def read_outputs(body: bytes, output_key: str | OutputMap | None, *,
+                 format: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(outputs, embedding or None)`` from a response body.
 
     Outputs are read by ``output_key`` (a dotted path; default: the object's ``outputs`` or a bare
     list), or from scores by label in the label order (`parity.runners.outputs`): NaN marks a label
-    a truncated list leaves out, never anything else.
+    a truncated list leaves out, never anything else. ``format = "mlflow"``: read from the answer's
+    ``predictions`` (``output_key`` inside them), one row.
 
     Raises:
         ServiceError: not JSON, no outputs where said, or not a list of finite numbers.
@@ -310,9 +323,16 @@ def read_outputs(body: bytes, output_key: str | OutputMap | None) -> tuple[np.nd
     mapping = output_key if isinstance(output_key, OutputMap) else OutputMap(key=output_key)
     key = mapping.key or "outputs"
     embedding = answer.get("embedding") if isinstance(answer, dict) else None
+    if format == "mlflow":
+        from parity.runners.mlflow import served_predictions
+
+        try:
+            answer, key, embedding = served_predictions(answer), mapping.key or "predictions", None
+        except UnreadableOutput as e:
+            raise ServiceError(str(e)) from e
     if not isinstance(answer, (dict, list)):
         raise ServiceError(f"the answer is a JSON {type(answer).__name__}; expected an object or a list of outputs")
-    if mapping.key is None and isinstance(answer, dict):
+    if mapping.key is None and isinstance(answer, dict) and format is None:
         if "outputs" in answer:
             answer = answer["outputs"]
         elif label_scores(answer) is None:
@@ -325,6 +345,8 @@ def read_outputs(body: bytes, output_key: str | OutputMap | None) -> tuple[np.nd
         raise ServiceError(f"parity could not read the answer: {e}") from e
     if listed is None:
         return _vector(values, key), None if embedding is None else _vector(embedding, "embedding")
+    if format == "mlflow" and listed.ndim == 2 and listed.shape[0] == 1:
+        values, listed = values[0], listed[0]  # the request's one row of scores by label (a DataFrame's record)
     if listed.ndim != 1:
         raise ServiceError(f"the answer holds {listed.shape[0]} lists of scores by label; expected one per sample")
     if not np.isfinite(values[listed]).all():
@@ -366,19 +388,20 @@ def _shown(values: Any) -> str:
 
 def post_sample(url: str, image: Path, biases: Sequence[int], *, send: str = "multipart", timeout: float = 30.0,
                 retries: int = 2, output_key: str | OutputMap | None = None, request: RequestMap = RequestMap(),
-                secrets: Sequence[str] = (),
+                secrets: Sequence[str] = (), format: str | None = None,
                 sleep: Callable[[float], None] = time.sleep) -> tuple[np.ndarray, np.ndarray | None]:
     """Post one image and read its outputs, retrying what may pass on a second try.
 
-    ``request``: the file field, other fields and headers; ``secrets``: header values no message may show.
+    ``request``: the file field, other fields and headers; ``secrets``: header values no message may show;
+    ``format``: the service's protocol (None: parity's plain one; ``mlflow``: the scoring server's).
 
     Raises:
         ServiceError: the last attempt's failure.
     """
-    built = _request(url, image, biases, send, request)
+    built = _request(url, image, biases, send, request, format)
     for attempt in range(retries + 1):
         try:
-            return read_outputs(_send_once(built, timeout), output_key)
+            return read_outputs(_send_once(built, timeout), output_key, format=format)
         except ServiceError as e:
             if not e.transient or attempt == retries:
                 message = redact(str(e), secrets)
@@ -396,9 +419,16 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     """Post every fixture sample to the service and record its outputs (and embeddings if it gives them)."""
     candidate = spec.candidate
     url = check_url(candidate.target)
-    send = candidate.send or "multipart"
-    if send not in SENDS:
-        raise SpecError(f"[candidate].send = {send!r} does not apply to a url candidate: use one of {', '.join(SENDS)}")
+    default, sends = "multipart", SENDS
+    if candidate.format == "mlflow":
+        from parity.runners import mlflow
+
+        default, sends = mlflow.DEFAULT_SEND, mlflow.SENDS
+    send = candidate.send or default
+    if send not in sends:
+        protocol = " with format = \"mlflow\"" if candidate.format else ""
+        raise SpecError(f"[candidate].send = {send!r} does not apply to a url candidate{protocol}: use one of "
+                        f"{', '.join(sends)}")
     width = fixture.outputs.shape[1]
     if candidate.labels is not None and len(candidate.labels) != width:
         raise SpecError(f"[candidate].labels names {len(candidate.labels)} labels; the fixture has {width} outputs "
@@ -425,7 +455,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
             try:
                 values, embedding = post_sample(url, row.image, row.input_biases, send=send, timeout=candidate.timeout,
                                                 retries=candidate.retries, output_key=mapping, request=request,
-                                                secrets=secrets)
+                                                secrets=secrets, format=candidate.format)
                 if values.shape[0] != width:
                     raise ServiceError(f"{values.shape[0]} outputs, the fixture has {width} per sample")
             except ServiceError as e:
@@ -451,7 +481,8 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     if outputs:
         stacked, note = fill_unlisted(stacked, np.stack(listed), fixture.outputs[rows])
     # What was sent, never a header's value (only the names of the headers and where their values come from).
-    sent = {"url": url, "send": send, "field": request.field,
+    sent = {"url": url, **({"format": candidate.format} if candidate.format else {}), "send": send,
+            "field": request.field,
             **({"form": dict(request.form)} if request.form is not None else {}),
             **({"headers": sorted(request.headers)} if request.headers else {})}
     return CandidateRun(
