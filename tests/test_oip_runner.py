@@ -7,6 +7,7 @@ and stopped when the module's tests are done. The injected runs differ from the 
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import time
@@ -23,7 +24,8 @@ from parity.runners.oip import ModelMetadata, Plan, Tensor, model_url, plan, rea
 from parity.runners.http import ServiceError
 from parity.spec import load_spec
 from tests.support.http_service import free_port
-from tests.support.oip_server import MODEL, PIXELS_MODEL, freeze, quality_spec, served, user_repo, write_server
+from tests.support.oip_server import (MODEL, PIXELS_MODEL, freeze, quality_spec, served, stub_model, user_repo,
+                                      write_server)
 
 UNSEEN = ("load", "weights", "head")
 
@@ -134,6 +136,87 @@ def test_kind_target_on_the_command_line_takes_the_tables_options(deployment, mo
     assert main(["check", "--spec", "cli.toml", "--candidate", f"oip:{url}"]) == EXIT_PASS
     assert main(["check", "--spec", "cli.toml", "--candidate", f"oip:{servers['softmax'].model()}"]) == EXIT_DRIFT
     assert main(["check", "--spec", "cli.toml", "--candidate", "served"]) == EXIT_USAGE  # its own URL: port 9
+
+
+# -- what KServe will not do: a stand-in server answering the fixture's own outputs ---------------
+
+def _fixture_answers(repo, *, fail: str | None = None, token: str | None = None, width: int = 5,
+                     seen: list | None = None):
+    """``infer`` for `stub_model`: the fixture's outputs for the sample the request's id names (``seen``
+    collects the requests)."""
+    from parity.fixtures import load_fixture
+
+    fixture = load_fixture(repo / "fixtures" / "quality")
+    by_name = {row.name: (row, fixture.outputs[i]) for i, row in enumerate(fixture.rows)}
+
+    def infer(request, headers):
+        if token is not None and headers.get("Authorization") != token:
+            return 401, {"error": f"bad token {headers.get('Authorization')}"}
+        if seen is not None:
+            seen.append(request)
+        row, outputs = by_name[request["id"]]
+        photo, *context = request["inputs"]
+        assert photo["datatype"] == "BYTES" and photo["shape"] == [1]
+        assert base64.b64decode(photo["data"][0]) == row.image.read_bytes()
+        assert context in ([], [{"name": "context", "shape": [1, 2], "datatype": "INT32",
+                                 "data": list(row.input_biases)}])
+        if request["id"] == fail:
+            return 500, {"error": "CUDA out of memory"}
+        return 200, {"model_name": "stub", "outputs": [
+            {"name": "scores", "shape": [1, width], "datatype": "FP64", "data": outputs.tolist()[:width]}]}
+    return infer
+
+
+STUB = {"name": "stub", "platform": "",
+        "inputs": [{"name": "photo", "datatype": "BYTES", "shape": [-1]},
+                   {"name": "context", "datatype": "INT32", "shape": [-1, 2]}],
+        "outputs": [{"name": "scores", "datatype": "FP64", "shape": [-1, 5]}]}
+
+
+def test_headers_from_the_environment_reach_the_server_and_are_never_shown(deployment, monkeypatch):
+    repo, _ = deployment
+    monkeypatch.setenv("OIP_TOKEN", "Bearer s3cret-value")
+    headers = 'headers = { Authorization = "env:OIP_TOKEN" }\n'
+    with stub_model(STUB, _fixture_answers(repo, token="Bearer s3cret-value")) as url:
+        report = _check(repo, url, headers)
+        assert report.passed, [(s.stage, s.status, s.headline) for s in report.stages]
+        assert report.stage("embedding").status is Status.SKIP  # no 'embedding' output declared
+        monkeypatch.setenv("OIP_TOKEN", "Bearer wrong-s3cret-value")  # the server echoes it back
+        report = _check(repo, url, headers + "retries = 0\n")
+    message = report.stage("decode").sample_errors[0][1]
+    assert "HTTP 401" in message and "s3cret" not in message, message
+
+
+def test_a_sample_the_server_fails_on_is_named_and_the_others_are_compared(deployment):
+    repo, _ = deployment
+    with stub_model(STUB, _fixture_answers(repo, fail="rocket.jpg")) as url:
+        report = _check(repo, url, "retries = 0\n")
+    assert dict(report.stage("decode").sample_errors) == {
+        "rocket.jpg": f"{url}/infer: the service answered HTTP 500 Internal Server Error: "
+                      '{"error": "CUDA out of memory"}'}
+    assert report.stage("outputs").status is Status.PASS and report.stage("outputs").comparison.total == 7 * 5
+
+
+def test_a_model_declaring_no_tensors_is_sent_under_input_name(deployment):
+    repo, _ = deployment
+    bare = {"name": "stub", "platform": "", "inputs": [], "outputs": []}
+    seen: list[dict] = []
+    with stub_model(bare, _fixture_answers(repo, seen=seen)) as url:
+        with pytest.raises(SpecError, match="declares no inputs"):
+            _check(repo, url)
+        report = _check(repo, url, 'input_name = "photo"\n')
+    assert report.passed, [(s.stage, s.status, s.headline) for s in report.stages]
+    # The image alone: no input is declared for the input_biases.
+    assert [[t["name"] for t in r["inputs"]] for r in seen] == [["photo"]] * 8
+
+
+def test_a_model_giving_another_number_of_outputs_is_exit_2(deployment, capsys):
+    repo, _ = deployment
+    six = {**STUB, "outputs": [{"name": "scores", "datatype": "FP64", "shape": [-1, 6]}]}
+    with stub_model(six, _fixture_answers(repo)) as url:
+        spec = quality_spec(repo, f'oip = "{url}"\n', name="six.toml")
+        assert main(["check", "--spec", str(spec)]) == EXIT_USAGE
+    assert "gives 6 values per sample; the fixture has 5" in capsys.readouterr().err
 
 
 # -- the protocol's parts, without a server ----------------------------------------------------

@@ -311,6 +311,29 @@ def read_answer(body: bytes, the_plan: Plan) -> tuple[np.ndarray, np.ndarray | N
     return _tensor_values(by_name[name], name), embedding
 
 
+def _fits(declared: Sequence[int], actual: Sequence[int]) -> bool:
+    return len(declared) == len(actual) and all(d in (-1, a) for d, a in zip(declared, actual))
+
+
+def _check_width(output: Tensor | None, width: int, model: str) -> None:
+    """Raises SpecError when the model declares a fixed number of outputs that is not the fixture's."""
+    if output is not None and output.shape and output.shape[-1] not in (-1, width):
+        raise SpecError(f"output {output} of model {model!r} gives {output.shape[-1]} values per sample; the fixture "
+                        f"has {width} outputs per sample: is [candidate].oip the model this fixture was frozen for?")
+
+
+def _check_pixels(image: Tensor | None, pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` (3, H, W), if the model's declared pixel input takes them (a batch of one of them).
+
+    Raises:
+        SpecError: the model takes another size: the spec's preprocessing is not the one it was built for.
+    """
+    if image is not None and not _fits(image.shape, (1, *pixels.shape)):
+        raise SpecError(f"input {image} takes pixels of another shape than the spec's preprocessing makes "
+                        f"({list(pixels.shape)}); set [preprocess] to what the model's clients send")
+    return pixels
+
+
 def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np.ndarray]], Any, Any]:
     """Each decodable sample's pixels as the spec's preprocessing makes them, the pipeline that made them
     and its decoding record (`parity.runners.pipeline.Decoded`, filled as the samples are drawn)."""
@@ -347,6 +370,8 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     columns = len(fixture.rows[0].input_biases) if fixture.rows else 0
     chosen = plan(metadata, send=send, input_name=candidate.input_name, output_name=candidate.output_name,
                   biases=columns)
+    declared = {t.name: t for t in metadata.inputs + metadata.outputs}
+    _check_width(declared.get(chosen.output), width, metadata.name)
 
     errors: dict[int, str] = {}
     description: dict[str, Any] = {}
@@ -368,7 +393,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
             errors[i] = f"not sent: the server at {url} did not answer the {silent} samples before it"
         else:
             try:
-                data = image.read_bytes() if send == "bytes" else image
+                data = image.read_bytes() if send == "bytes" else _check_pixels(declared.get(chosen.image), image)
                 request = infer_request(url, chosen, row.name, data, row.input_biases, headers)
                 values, embedding = exchange(request, timeout=candidate.timeout, retries=candidate.retries,
                                              secrets=secrets, read=lambda body: read_answer(body, chosen))

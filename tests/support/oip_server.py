@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -297,3 +298,38 @@ def served(repo: Path, *modules: str, meanwhile: Callable[[], object] | None = N
             server.terminate()
         for server in servers:
             server.stop()
+
+
+@contextlib.contextmanager
+def stub_model(metadata: dict, infer: Callable[[dict, dict], tuple[int, dict]]) -> Iterator[str]:
+    """A stand-in V2 server on 127.0.0.1 (stdlib): ``GET`` answers ``metadata``, ``POST .../infer`` answers
+    ``infer(request, headers)`` as ``(status, body)``; yields the model's address. For what KServe will not do."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.support.http_service import answer
+
+    name = metadata.get("name", "stub")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            found = self.path == f"/v2/models/{name}"
+            answer(self, 200 if found else 404, json.dumps(metadata if found else {"error": "no model"}).encode())
+
+        def do_POST(self) -> None:  # noqa: N802
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            status, body = infer(request, dict(self.headers))
+            answer(self, status, json.dumps(body).encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/{name}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
