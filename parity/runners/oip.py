@@ -370,8 +370,8 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     columns = len(fixture.rows[0].input_biases) if fixture.rows else 0
     chosen = plan(metadata, send=send, input_name=candidate.input_name, output_name=candidate.output_name,
                   biases=columns)
-    declared = {t.name: t for t in metadata.inputs + metadata.outputs}
-    _check_width(declared.get(chosen.output), width, metadata.name)
+    image_input = next((t for t in metadata.inputs if t.name == chosen.image), None)
+    _check_width(next((t for t in metadata.outputs if t.name == chosen.output), None), width, metadata.name)
 
     errors: dict[int, str] = {}
     description: dict[str, Any] = {}
@@ -393,7 +393,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
             errors[i] = f"not sent: the server at {url} did not answer the {silent} samples before it"
         else:
             try:
-                data = image.read_bytes() if send == "bytes" else _check_pixels(declared.get(chosen.image), image)
+                data = image.read_bytes() if send == "bytes" else _check_pixels(image_input, image)
                 request = infer_request(url, chosen, row.name, data, row.input_biases, headers)
                 values, embedding = exchange(request, timeout=candidate.timeout, retries=candidate.retries,
                                              secrets=secrets, read=lambda body: read_answer(body, chosen))
