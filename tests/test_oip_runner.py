@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import parity.runners.http as http_runner
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
 from parity.errors import SpecError
 from parity.results import Status
@@ -144,7 +144,7 @@ def _fixture_answers(repo, *, fail: str | None = None, token: str | None = None,
                      seen: list | None = None):
     """``infer`` for `stub_model`: the fixture's outputs for the sample the request's id names (``seen``
     collects the requests)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
 
     fixture = load_fixture(repo / "fixtures" / "quality")
     by_name = {row.name: (row, fixture.outputs[i]) for i, row in enumerate(fixture.rows)}

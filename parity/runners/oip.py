@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from parity.errors import SpecError
-from parity.fixtures import Fixture
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.runners.http import GIVE_UP_AFTER, Request, ServiceError, check_url, exchange, resolve_headers
 from parity.spec import Spec
@@ -336,9 +336,9 @@ def _check_pixels(image: Tensor | None, pixels: np.ndarray) -> np.ndarray:
 
 def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np.ndarray]], Any, Any]:
     """Each decodable sample's pixels as the spec's preprocessing makes them, the pipeline that made them
-    and its decoding record (`parity.runners.pipeline.Decoded`, filled as the samples are drawn)."""
-    from parity.pipeline import assemble_pipeline, load_backbone, resolve_device
-    from parity.runners.pipeline import Decoded, decoded_batches
+    and its decoding record (`parity.model.batches.Decoded`, filled as the samples are drawn)."""
+    from parity.model.pipeline import assemble_pipeline, load_backbone, resolve_device
+    from parity.model.batches import Decoded, decoded_batches
 
     device = resolve_device("cpu")  # only the preprocessing runs here; the backbone gives its data config
     backbone, _ = load_backbone(spec, device=device, fingerprints=False)
@@ -351,7 +351,7 @@ def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Send every fixture sample to the served model and record its outputs (and embedding, when it gives one)."""
-    from parity.pipeline import preprocess_record
+    from parity.model.pipeline import preprocess_record
 
     candidate = spec.candidate
     url = model_url(candidate.target)

@@ -171,9 +171,9 @@ def user_repo(root: Path) -> Path:
 
 def freeze(repo: Path) -> Path:
     """The fixture the training side would freeze: the user's spec pipeline over `IMAGES` (their input_biases)."""
-    from parity.fixtures import load_fixture
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.store.fixtures import load_fixture
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
 
     spec = load_spec(quality_spec(repo, "", name="reference.toml"))  # imports mlcore from the repository
