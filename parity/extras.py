@@ -1,4 +1,5 @@
-"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray, MLflow) and the extra that installs each."""
+"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray, MLflow, KServe, Gradio) and the
+extra that installs each."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ __all__ = ["EXTRAS", "require"]
 
 # Module name → the optional extra that installs it, as named in pyproject.toml.
 EXTRAS = {"transformers": "hf", "open_clip": "open-clip", "onnxruntime": "onnx", "onnx": "onnx",
-          "fastapi": "service", "uvicorn": "service", "ray": "ray", "mlflow": "mlflow"}
+          "fastapi": "service", "uvicorn": "service", "ray": "ray", "mlflow": "mlflow", "kserve": "oip"}
 
 
 def require(library: str, purpose: str | None = None) -> ModuleType:

@@ -292,7 +292,7 @@ class DecisionsSpec:
         return self.threshold is not None or self.argmax or self.verification_threshold is not None
 
 
-CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged", "mlflow_model")
+CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "oip", "logged", "mlflow_model")
 # The numerics a reference may be declared made with ([reference].numerics, `parity freeze --numerics`):
 # plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
 # convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
@@ -301,7 +301,7 @@ REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autoc
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 # The MLflow scoring server's request formats (an mlflow_model, or a url with format = "mlflow").
 MLFLOW_SEND = ("dataframe_split", "dataframe_records", "instances", "inputs")
-CANDIDATE_SEND = ("pil", "bytes", "multipart", "json") + MLFLOW_SEND
+CANDIDATE_SEND = ("pil", "bytes", "multipart", "json", "pixels") + MLFLOW_SEND
 # How a url candidate's requests and answers are written: the scoring server's own protocol (None: parity's plain
 # multipart/JSON request and answer, `parity.runners.http`).
 CANDIDATE_FORMATS = ("mlflow",)
@@ -317,12 +317,13 @@ class CandidateSpec:
     """What ships, when it is not the spec-built pipeline: ``[candidate]`` or ``--candidate KIND:TARGET``.
 
     ``kind`` is ``spec`` (the pipeline this spec builds) or one of `CANDIDATE_KINDS`; ``target`` is
-    ``module:function`` (python), a path (endpoint_handler, onnx, logged, mlflow_model) or a URL (url). Paths are
-    absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
+    ``module:function`` (python), a path (endpoint_handler, onnx, logged, mlflow_model) or a URL (url, oip). Paths
+    are absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
-    url: ``multipart`` or ``json``; an MLflow request: one of `MLFLOW_SEND`); ``timeout`` (seconds) bounds each
-    request of a url candidate and the import, construction and each call of a python, endpoint_handler or
-    mlflow_model candidate (its load included); ``retries`` applies to a url candidate.
+    url: ``multipart`` or ``json``; oip: ``bytes`` or ``pixels``; an MLflow request: one of `MLFLOW_SEND`);
+    ``timeout`` (seconds) bounds each request of a url or oip candidate and the import, construction and each
+    call of a python, endpoint_handler or mlflow_model candidate (its load included); ``retries`` applies to a
+    url or oip candidate.
     ``python_path`` is put first on ``sys.path`` to import a python candidate (default: the spec's folder).
     ``batch``: the python function takes a batch: each argument is a list of ``[runtime].batch_size``
     rows' values (PIL images, ``input_biases`` lists) and it returns one output row per image (an
@@ -351,6 +352,9 @@ class CandidateSpec:
     field: str = "image"
     form: Mapping[str, str] | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # An oip candidate's tensors by name (`parity.runners.oip`); None: as the model's metadata declares them.
+    input_name: str | None = None
+    output_name: str | None = None
     postprocess: str = "none"
     name: str = ""
     format: str | None = None
@@ -815,12 +819,19 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
         raise SpecError(f"{table.path}: {name('labels')} must be a list of distinct, non-empty label names in "
                         f"the order of the head's outputs, got {labels!r}")
     # An MLflow model in process takes the scoring server's request: its columns, but no HTTP headers.
-    found = {key: table.data[key] for key in ("field", "form", "headers") if key in table.data
-             and not (kind == "mlflow_model" and key != "headers")}
-    if found and kind != "url":
+    allowed = {"url": ("field", "form", "headers"), "oip": ("headers",), "mlflow_model": ("field", "form")}.get(kind, ())
+    found = [key for key in ("field", "form", "headers") if key in table.data and key not in allowed]
+    if found:
         raise SpecError(f"{table.path}: {', '.join(name(k) for k in found)} shape{'s' if len(found) == 1 else ''} "
-                        f"the HTTP request of a url candidate; a {kind} candidate sends none. Remove "
-                        f"{'it' if len(found) == 1 else 'them'}.")
+                        f"the HTTP request of a url candidate; {_a(kind)} candidate sends "
+                        f"{'typed tensors' if kind == 'oip' else 'none'}. Remove {'it' if len(found) == 1 else 'them'}.")
+    tensors = {key: table.get(key, str, None) for key in ("input_name", "output_name")}
+    for key, value in tensors.items():
+        if value is not None and (kind != "oip" or not value):
+            raise SpecError(f"{table.path}: {name(key)} names a tensor of a model served over the Open Inference "
+                            "Protocol (an oip candidate) by its non-empty name; "
+                            + ("remove it or give the name." if kind == "oip" else f"{_a(kind)} candidate has none. "
+                               "Remove it."))
     upload = table.get("field", str, "image")
     if not upload or not _HEADER_NAME.fullmatch(upload):
         raise SpecError(f"{table.path}: {name('field')} = {upload!r}: expected the name of the service's file "
@@ -841,7 +852,12 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
             raise SpecError(f"{table.path}: {name('headers')}.{key} = {value!r}: after env: comes the name of an "
                             "environment variable, such as env:HF_TOKEN")
     return {"labels": None if labels is None else tuple(labels), "field": upload,
-            "form": None if form is None else dict(form), "headers": dict(headers)}
+            "form": None if form is None else dict(form), "headers": dict(headers), **tensors}
+
+
+def _a(kind: str) -> str:
+    """``kind`` with its article, as said aloud: an oip, an onnx, a url, a python."""
+    return f"an {kind}" if kind[:1] in "aeio" else f"a {kind}"
 
 
 def _postprocess(table: _Table) -> str:
@@ -857,7 +873,7 @@ def _target(kind: str, target: str, base: Path, python_path: Path | None, *, whe
     """The target as the runner takes it: a URL as is; a path made absolute; a python target
     ``module:function`` as is, or ``path/to/app.py:function`` made ``module:function`` importable from
     ``python_path`` (the file's folder when it lies outside it)."""
-    if kind in ("spec", "url"):
+    if kind in ("spec", "url", "oip"):
         return target
     if kind != "python":
         return str(_path(base, target))
@@ -911,8 +927,8 @@ def parse_candidate(text: str, *, base: Path, options: Mapping[str, Any] | None 
     if not sep or kind not in CANDIDATE_KINDS or not target:
         raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
                         "(e.g. python:app:predict, python:deploy/app.py:predict, endpoint_handler:handler.py, "
-                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl, "
-                        "mlflow_model:path/to/model), "
+                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, "
+                        "oip:http://127.0.0.1:8080/v2/models/NAME, logged:requests.jsonl, mlflow_model:path/to/model), "
                         "or the NAME of a [candidates.NAME] table")
     fields = {k: v for k, v in (options or {}).items() if k not in CANDIDATE_KINDS}
     return _candidate(_Table({**fields, kind: target}, "--candidate", base / "--candidate"), base)

@@ -455,7 +455,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     if kind in ("python", "endpoint_handler", "mlflow_model"):
         return diagnose_candidate(spec, fixtures=fixtures, device=device, samples=samples, progress=progress,
                                   shard=shard)
-    if kind in ("url", "logged"):  # run once and observed, never re-run with a changed spec
+    if kind in ("url", "oip", "logged"):  # run once and observed, never re-run with a changed spec
         if shard is not None:
             raise SpecError(f"diagnose of a {kind} candidate does not take --shard: gate it in shards with "
                             "`parity check --shard I/N --json PART.json` and `parity merge`, then diagnose it whole")

@@ -28,6 +28,7 @@ RUNNERS = {
     "endpoint_handler": "parity.runners.endpoint",
     "onnx": "parity.runners.onnx",
     "url": "parity.runners.http",
+    "oip": "parity.runners.oip",
     "logged": "parity.runners.logged",
     "mlflow_model": "parity.runners.mlflow",
 }

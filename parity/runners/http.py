@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -55,9 +55,11 @@ from parity.runners.outputs import (OutputMap, UnreadableOutput, fill_unlisted, 
                                     output_map, read)
 from parity.spec import Spec
 
-__all__ = ["run", "ServiceError", "post_sample", "encode_multipart", "read_outputs"]
+__all__ = ["run", "ServiceError", "post_sample", "encode_multipart", "read_outputs", "Request", "exchange",
+           "check_url", "resolve_headers", "redact"]
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 SENDS = ("multipart", "json")
 UNOBSERVABLE = "an HTTP service shows its outputs only"
@@ -76,8 +78,8 @@ class ServiceError(Exception):
         self.transient, self.unreachable = transient, unreachable
 
 
-def check_url(url: str) -> str:
-    """The URL, if it is one parity may post fixture images to.
+def check_url(url: str, *, field: str = "url", example: str = "http://127.0.0.1:8000/predict") -> str:
+    """The URL, if it is one parity may post fixture images to (``field``, ``example``: for the message).
 
     Raises:
         SpecError: not an http(s) URL with a host (``file:``, ``ftp:`` and the like are refused).
@@ -86,10 +88,10 @@ def check_url(url: str) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError on a malformed port)
     except ValueError as e:
-        raise SpecError(f"[candidate].url = {url!r} is not a valid URL: {e}") from e
+        raise SpecError(f"[candidate].{field} = {url!r} is not a valid URL: {e}") from e
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SpecError(f"[candidate].url = {url!r}: expected an http:// or https:// URL with a host, "
-                        "e.g. http://127.0.0.1:8000/predict")
+        raise SpecError(f"[candidate].{field} = {url!r}: expected an http:// or https:// URL with a host, "
+                        f"e.g. {example}")
     return url
 
 
@@ -112,10 +114,13 @@ def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[st
 
 
 @dataclass(frozen=True)
-class _Request:
+class Request:
+    """One HTTP request as sent: ``body`` None for a GET."""
+
     url: str
-    body: bytes
+    body: bytes | None
     headers: dict[str, str]
+    method: str = "POST"
 
 
 @dataclass(frozen=True)
@@ -173,14 +178,14 @@ def redact(text: str, secrets: Sequence[str]) -> str:
 
 
 def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: RequestMap = RequestMap(),
-             format: str | None = None) -> _Request:
+             format: str | None = None) -> Request:
     data = image.read_bytes()
     if format == "mlflow":
         from parity.runners import mlflow
 
         body = json.dumps(mlflow.payload([(data, biases)], send=send, request=mapping)).encode()
         kind = {"Content-Type": "application/json", "Accept": "application/json"}
-        return _Request(url, body, {**mapping.headers, **kind})
+        return Request(url, body, {**mapping.headers, **kind})
     fields = mapping.fields(biases)
     if send == "json":
         payload: dict[str, Any] = {mapping.field: base64.b64encode(data).decode("ascii"), **fields}
@@ -189,7 +194,7 @@ def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: R
         # A form field is text: a list as a JSON array, a single input_bias as its number.
         text = [(name, value if isinstance(value, str) else json.dumps(value)) for name, value in fields.items()]
         body, kind = encode_multipart(text, [(mapping.field, image.name, data)])
-    return _Request(url, body, {**mapping.headers, "Content-Type": kind, "Accept": "application/json"})
+    return Request(url, body, {**mapping.headers, "Content-Type": kind, "Accept": "application/json"})
 
 
 class _Deadline:
@@ -255,8 +260,8 @@ def _read_body(response: http.client.HTTPResponse, deadline: _Deadline, limit: i
     return b"".join(chunks)
 
 
-def _send_once(request: _Request, timeout: float) -> bytes:
-    """One POST and its answer's body, all within ``timeout`` seconds.
+def _send_once(request: Request, timeout: float) -> bytes:
+    """One request and its answer's body, all within ``timeout`` seconds.
 
     Raises:
         ServiceError: no connection, no (complete) answer in time, an HTTP error status, or a broken answer.
@@ -270,7 +275,7 @@ def _send_once(request: _Request, timeout: float) -> bytes:
                 connection.connect()
                 connected = True
                 deadline.remaining()  # the timer may have fired while the socket was being made
-                connection.request("POST", target, body=request.body, headers=request.headers)
+                connection.request(request.method, target, body=request.body, headers=request.headers)
                 response = connection.getresponse()
                 body = _read_body(response, deadline, MAX_RESPONSE_BYTES)
                 deadline.remaining()  # a cut-off answer may read as a short one
@@ -399,9 +404,21 @@ def post_sample(url: str, image: Path, biases: Sequence[int], *, send: str = "mu
         ServiceError: the last attempt's failure.
     """
     built = _request(url, image, biases, send, request, format)
+    return exchange(built, timeout=timeout, retries=retries, secrets=secrets, sleep=sleep,
+                    read=lambda body: read_outputs(body, output_key, format=format))
+
+
+def exchange(request: Request, *, timeout: float = 30.0, retries: int = 2, secrets: Sequence[str] = (),
+             sleep: Callable[[float], None] = time.sleep, read: Callable[[bytes], T] = bytes) -> T:
+    """Send ``request`` and return ``read(body)`` of its answer, retrying what may pass on a second try
+    (no answer, a timeout, a 5xx) with a bounded backoff; no message shows a value in ``secrets``.
+
+    Raises:
+        ServiceError: the last attempt's failure, or what ``read`` raised (never retried unless transient).
+    """
     for attempt in range(retries + 1):
         try:
-            return read_outputs(_send_once(built, timeout), output_key, format=format)
+            return read(_send_once(request, timeout))
         except ServiceError as e:
             if not e.transient or attempt == retries:
                 message = redact(str(e), secrets)
