@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray,gradio]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outp
 # Runners whose head stage runs the head module itself (the one found in the app or handler): what
 # the shipped code does after it ([candidate].postprocess) is not in it. Other runners' head (an
 # ONNX head graph) is the exported code, post-processing included.
-_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler")
+_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler", "gradio_app")
 
 
 def stage_tolerance(spec: Spec, fixture: Fixture, stage: str) -> Tolerance:
@@ -113,7 +113,7 @@ def _head_stage(stage: str, run: CandidateRun, values, reference, names, compare
         return StageResult(stage, Status.FAIL, run.errors[stage])
     if values is None:
         return unobserved(stage, default)
-    if stage in run.nondeterministic and run.runner in ("python", "endpoint_handler"):
+    if stage in run.nondeterministic and run.runner in _HEAD_MODULE_RUNNERS:
         training = [name for name, m in (run.modules.get("head") or _NoModule()).named_modules() if m.training]
         mode = (f"the app's head is in training mode ({len(training)} modules with .training = True): call "
                 ".eval() on it after loading" if training else "a random layer is active in forward()")

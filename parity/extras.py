@@ -1,4 +1,4 @@
-"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray) and the extra that installs each."""
+"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray, Gradio) and their extras."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["EXTRAS", "require"]
 
 # Module name → the optional extra that installs it, as named in pyproject.toml.
 EXTRAS = {"transformers": "hf", "open_clip": "open-clip", "onnxruntime": "onnx", "onnx": "onnx",
-          "fastapi": "service", "uvicorn": "service", "ray": "ray"}
+          "fastapi": "service", "uvicorn": "service", "ray": "ray", "gradio": "gradio", "gradio_client": "gradio"}
 
 
 def require(library: str, purpose: str | None = None) -> ModuleType:

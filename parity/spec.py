@@ -45,6 +45,7 @@ __all__ = [
     "DecisionsSpec",
     "CandidateSpec",
     "CANDIDATE_KINDS",
+    "GRADIO_KINDS",
     "ReferenceSpec",
     "REFERENCE_NUMERICS",
     "parse_candidate",
@@ -267,7 +268,9 @@ class DecisionsSpec:
         return self.threshold is not None or self.argmax or self.verification_threshold is not None
 
 
-CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged")
+CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "logged", "gradio", "gradio_app")
+# A Gradio app called through gradio_client: running at a URL, or launched from the user's Blocks for the run.
+GRADIO_KINDS = ("gradio", "gradio_app")
 # The numerics a reference may be declared made with ([reference].numerics, `parity freeze --numerics`):
 # plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
 # convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
@@ -298,6 +301,8 @@ class CandidateSpec:
     ``postprocess``: what the shipped code does after the head (one of `POSTPROCESSES`, or
     ``module:function`` imported from ``python_path``), applied to the reference's outputs before
     comparing. ``name``: the ``[candidates.NAME]`` table it came from ("" for ``[candidate]``).
+    ``api_name``: a Gradio candidate's endpoint (``/predict``; None: the app's only named endpoint);
+    its ``inputs`` may also name one bias, ``input_biases.N``, per input component.
     """
 
     kind: str = "spec"
@@ -319,6 +324,7 @@ class CandidateSpec:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     postprocess: str = "none"
     name: str = ""
+    api_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -700,11 +706,18 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
     for other in CANDIDATE_KINDS:  # accepted as fields, so that an unknown field's message lists them
         table.seen.add(other)
     inputs = table.get("inputs", list, None)
+    gradio = kind in GRADIO_KINDS
     if inputs is not None:
-        unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS]
+        unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS
+                   and not (gradio and isinstance(entry, str) and _FORM_SOURCE.fullmatch(entry))]
         if unknown or not inputs:
             raise SpecError(f"{table.path}: {where}.inputs = {inputs!r}: each entry must be one of "
-                            f"{', '.join(CANDIDATE_INPUTS)}")
+                            f"{', '.join(CANDIDATE_INPUTS + (('input_biases.N',) if gradio else ()))}")
+    api_name = table.get("api_name", str, None)
+    if api_name is not None and (kind not in GRADIO_KINDS + ("spec",) or not api_name.startswith("/")):
+        raise SpecError(f"{table.path}: {where}.api_name = {api_name!r}: " + (
+            f"it names a Gradio app's endpoint, which a {kind} candidate has not; remove it" if kind not in GRADIO_KINDS
+            else 'expected the endpoint\'s name with its leading slash, e.g. "/predict"'))
     python_path = _path(base, table.get("python_path", str, "."))
     candidate = CandidateSpec(
         kind=kind,
@@ -719,9 +732,10 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
         **_mapping_fields(table, kind),
         postprocess=_postprocess(table),
         name=name,
+        api_name=api_name,
     )
     table.finish()
-    if kind == "python" and python_path is not None:
+    if kind in ("python", "gradio_app") and python_path is not None:
         candidate = dataclasses.replace(candidate, python_path=_python_root(candidate.target, python_path))
     if candidate.batch and kind not in ("python", "spec"):
         raise SpecError(f"{table.path}: {where}.batch = true is for a python function that takes a batch; "
@@ -744,7 +758,9 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
                                or len(set(labels)) != len(labels)):
         raise SpecError(f"{table.path}: {name('labels')} must be a list of distinct, non-empty label names in "
                         f"the order of the head's outputs, got {labels!r}")
-    found = {key: table.data[key] for key in ("field", "form", "headers") if key in table.data}
+    # A Gradio app reached at a URL takes headers too (a private Space's token).
+    found = {key: table.data[key] for key in ("field", "form", "headers")
+             if key in table.data and not (key == "headers" and kind == "gradio")}
     if found and kind != "url":
         raise SpecError(f"{table.path}: {', '.join(name(k) for k in found)} shape{'s' if len(found) == 1 else ''} "
                         f"the HTTP request of a url candidate; a {kind} candidate sends none. Remove "
@@ -782,16 +798,17 @@ def _postprocess(table: _Table) -> str:
 
 
 def _target(kind: str, target: str, base: Path, python_path: Path | None, *, where: str) -> str:
-    """The target as the runner takes it: a URL as is; a path made absolute; a python target
-    ``module:function`` as is, or ``path/to/app.py:function`` made ``module:function`` importable from
-    ``python_path`` (the file's folder when it lies outside it)."""
-    if kind in ("spec", "url"):
+    """The target as the runner takes it: a URL as is; a path made absolute; a python (gradio_app) target
+    ``module:function`` (``module:demo``) as is, or ``path/to/app.py:function`` made ``/abs/app.py:function``,
+    which the runner imports from ``python_path`` (the file's folder when it lies outside it)."""
+    if kind in ("spec", "url", "gradio"):
         return target
-    if kind != "python":
+    if kind not in ("python", "gradio_app"):
         return str(_path(base, target))
     module, sep, function = target.rpartition(":")
     if not sep or not module or not function.isidentifier():
-        raise SpecError(f"{where} must be 'module:function' or 'path/to/app.py:function', got {target!r}")
+        name = "demo" if kind == "gradio_app" else "function"
+        raise SpecError(f"{where} must be 'module:{name}' or 'path/to/app.py:{name}', got {target!r}")
     if not module.endswith(".py") and "/" not in module and "\\" not in module:
         return target
     file = (base / module).resolve()
@@ -839,7 +856,8 @@ def parse_candidate(text: str, *, base: Path, options: Mapping[str, Any] | None 
     if not sep or kind not in CANDIDATE_KINDS or not target:
         raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
                         "(e.g. python:app:predict, python:deploy/app.py:predict, endpoint_handler:handler.py, "
-                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl), "
+                        "onnx:model.onnx, url:http://127.0.0.1:8000/predict, logged:requests.jsonl, "
+                        "gradio:http://127.0.0.1:7860/, gradio_app:app.py:demo), "
                         "or the NAME of a [candidates.NAME] table")
     fields = {k: v for k, v in (options or {}).items() if k not in CANDIDATE_KINDS}
     return _candidate(_Table({**fields, kind: target}, "--candidate", base / "--candidate"), base)

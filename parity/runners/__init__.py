@@ -29,6 +29,8 @@ RUNNERS = {
     "onnx": "parity.runners.onnx",
     "url": "parity.runners.http",
     "logged": "parity.runners.logged",
+    "gradio": "parity.runners.gradio",
+    "gradio_app": "parity.runners.gradio",
 }
 
 
