@@ -706,7 +706,7 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
     for other in CANDIDATE_KINDS:  # accepted as fields, so that an unknown field's message lists them
         table.seen.add(other)
     inputs = table.get("inputs", list, None)
-    gradio = kind in GRADIO_KINDS
+    gradio = kind in GRADIO_KINDS + ("spec",)  # a table of options only may be for --candidate gradio:URL
     if inputs is not None:
         unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS
                    and not (gradio and isinstance(entry, str) and _FORM_SOURCE.fullmatch(entry))]

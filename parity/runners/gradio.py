@@ -191,7 +191,8 @@ def _check_inputs(candidate: CandidateSpec, fixture: Fixture, api_name: str, url
             raise SpecError(f"[candidate].inputs names {name}, but the fixture's rows carry {width} input_biases")
     if parameters is None:
         return tuple(inputs)
-    required = sum(1 for p in parameters if not p.get("parameter_has_default"))
+    # Declared inputs may leave the last components at their defaults (a slider); the default inputs must fit all.
+    required = sum(1 for p in parameters if not p.get("parameter_has_default")) if candidate.inputs else len(parameters)
     if not required <= len(inputs) <= len(parameters):
         proposal = _proposal(len(parameters), width)
         said = "" if candidate.inputs else " (the default)"
