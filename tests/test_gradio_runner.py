@@ -7,6 +7,7 @@ examples; each injected run differs from the clean one by the bug's line in app.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,21 @@ def test_kind_target_on_the_command_line_launches_a_space_that_launches_itself(r
     monkeypatch.chdir(tmp_path)
     assert main(["check", "--spec", str(spec), "--candidate", "gradio_app:app.py:demo"]) == EXIT_PASS, \
         capsys.readouterr().err
+
+
+def test_a_space_that_hangs_costs_a_few_timeouts_not_the_run(reference, tmp_path):
+    """Each call past [candidate].timeout is cancelled; after three unanswered samples the rest are not sent."""
+    hang = {"    pixels = prepare(image)": "    time.sleep(30)\n    pixels = prepare(image)",
+            "import json\n": "import json\nimport time\n"}
+    spec = write_app(reference, tmp_path, hang,
+                     candidate='gradio_app = "app.py:demo"\n' + OPTIONS.replace("timeout = 60.0", "timeout = 1.0"))
+    started = time.monotonic()
+    report = run_check(load_spec(spec))
+    assert time.monotonic() - started < 45  # import, three 1 s timeouts, closing; never the 30 s sleeps
+    errors = [message for _, message in report.stage("decode").sample_errors]
+    assert len(errors) == 10 and report.first_failure.stage == "decode"
+    assert all("no answer within 1 s (cancelled)" in m for m in errors[:3]), errors[:3]
+    assert all("not sent: the app at http://127.0.0.1:" in m for m in errors[3:]), errors[3:]
 
 
 # -- gradio = URL: a running app, its answers only -------------------------------------------------------

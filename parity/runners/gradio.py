@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,8 @@ UNOBSERVABLE = "a Gradio app reached at a URL shows its answers only"
 LAUNCH = {"prevent_thread_lock": True, "share": False, "inbrowser": False, "quiet": True, "show_error": True,
           "ssr_mode": False, "mcp_server": False}
 PORT_TRIES = 3
+# Gradio's event stream sends a heartbeat every 15 s: a read that waits longer has lost the app.
+STREAM_SILENCE = 20.0
 
 
 def check_url(url: str, field: str = "[candidate].gradio") -> str:
@@ -139,8 +142,10 @@ class Endpoint:
             try:
                 answer = job.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:
-                job.cancel()
                 self.silent += 1
+                # Cancelling ends the client's threads for the job; the app may not answer the request (it can wait
+                # for the call it cancels): sent from a thread of its own, never waited for.
+                threading.Thread(target=_cancel, args=(job,), name="parity-gradio-cancel", daemon=True).start()
                 raise TimeoutError(f"no answer within {self.timeout:g} s (cancelled); raise [candidate].timeout if "
                                    "the app needs longer") from None
             except httpx.TransportError as e:  # refused, reset, a request past its time
@@ -161,6 +166,11 @@ class Endpoint:
             pool = getattr(self.client, name, None)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _cancel(job: Any) -> None:
+    with contextlib.suppress(Exception):
+        job.cancel()
 
 
 def _described(parameter: Mapping[str, Any]) -> str:
@@ -223,11 +233,15 @@ def connect(url: str, candidate: CandidateSpec, fixture: Fixture, *,
         ConnectionError: the app cannot be reached or does not answer as a Gradio app.
     """
     client_module = require("gradio_client", f"[candidate].{candidate.kind}")
+    import httpx  # gradio_client's own HTTP client
+
+    # Each read may wait for the app's event stream, silent up to its heartbeat between messages; a call's
+    # answer is bounded by `Endpoint.call`.
+    timeout = httpx.Timeout(candidate.timeout, read=max(candidate.timeout, STREAM_SILENCE))
     try:
         # token=False: no Hugging Face token read from this machine is sent; analytics off (the variable too).
         client = client_module.Client(url, token=False, verbose=False, analytics_enabled=False, download_files=False,
-                                      headers=dict(headers or {}) or None,
-                                      httpx_kwargs={"timeout": candidate.timeout})
+                                      headers=dict(headers or {}) or None, httpx_kwargs={"timeout": timeout})
     except Exception as e:  # noqa: BLE001 - whatever the client raised, the app did not answer as a Gradio app
         raise ConnectionError(f"cannot connect to the Gradio app at {url}: {type(e).__name__}: {e}") from None
     try:
