@@ -5,8 +5,8 @@
 - ``[candidate] gradio_app = "app.py:demo"`` (or ``package.module:demo``): the user's ``gr.Blocks`` /
   ``gr.Interface``, imported from ``[candidate].python_path`` and launched on 127.0.0.1 for the run
   (a free port, no share link, no analytics), closed afterwards whatever happens. A ``demo.launch()``
-  the file runs when imported (a Space's ``app.py`` as it ships) only records the Blocks then. It is
-  called through the same client, and its torch modules are observed as a python app's are
+  the file runs when imported (a Space's ``app.py`` as it ships) returns at once, serving nothing. It
+  is called through the same client, and its torch modules are observed as a python app's are
   (`parity.runners.app`): pixels, embedding and head are gated too.
 
 ``[candidate].api_name`` names the endpoint (default: the app's only named one). ``inputs`` says
@@ -19,9 +19,9 @@ Answers are read by `parity.runners.outputs`: a ``gr.Label`` (scores by label, i
 ``[candidate].labels`` or the fixture's metadata), a list of numbers (``gr.JSON``), a dotted
 ``output_key`` (``"1"``: the second of several output components).
 
-Bounded: every request has ``[candidate].timeout`` seconds; a call past it is cancelled and is
-that sample's error, a refused connection is retried ``[candidate].retries`` times, and after a
-few consecutive samples without an answer the rest are not sent. Nothing is sent anywhere but
+Bounded: each call has ``[candidate].timeout`` seconds in all; a call past it is cancelled and is
+that sample's error, a refused or broken connection is retried ``[candidate].retries`` times, and
+after a few consecutive samples without an answer the rest are not sent. Nothing is sent anywhere but
 the URL (no Hugging Face token read from the machine: a private Space's goes in ``headers``).
 """
 
@@ -65,6 +65,8 @@ LAUNCH = {"prevent_thread_lock": True, "share": False, "inbrowser": False, "quie
 PORT_TRIES = 3
 # Gradio's event stream sends a heartbeat every 15 s: a read that waits longer has lost the app.
 STREAM_SILENCE = 20.0
+# A launched app's calls: the client's own deadline answers first; the user-code thread's is the backstop.
+CANCEL_GRACE = 5.0
 
 
 def check_url(url: str, field: str = "[candidate].gradio") -> str:
@@ -326,19 +328,17 @@ def _mapping(candidate: CandidateSpec, fixture: Fixture) -> OutputMap:
 # -- the user's Blocks, launched for the run ----------------------------------------------------
 
 @contextlib.contextmanager
-def _launch_deferred(blocks: type) -> Iterator[list]:
-    """While the app is imported, ``Blocks.launch`` only records its Blocks (a Space's ``app.py`` launches
-    when run, which would serve, and block, there)."""
-    recorded: list = []
+def _launch_deferred(blocks: type) -> Iterator[None]:
+    """While the app is imported, ``Blocks.launch`` returns at once, serving nothing: a Space's ``app.py``
+    launches its demo when run, which would serve (and block) there."""
     original = blocks.launch
 
-    def deferred(self, *args: Any, **kwargs: Any) -> tuple[None, None, None]:
-        recorded.append(self)
+    def deferred(self: Any, *args: Any, **kwargs: Any) -> tuple[None, None, None]:
         return None, None, None  # what launch returns: app, local URL, share URL
 
     blocks.launch = deferred
     try:
-        yield recorded
+        yield
     finally:
         blocks.launch = original
 
@@ -406,34 +406,30 @@ def _run_app(spec: Spec, fixture: Fixture, progress: Progress | None) -> Candida
     candidate = spec.candidate
     if candidate.headers:
         raise SpecError("[candidate].headers: a launched app is called on 127.0.0.1 without headers; remove them")
-    try:
-        with launched(candidate) as (demo, url):
+    with contextlib.ExitStack() as stack:
+        try:
+            demo, url = stack.enter_context(launched(candidate))
             endpoint = connect(url, candidate, fixture)
-            try:
-                function = _endpoint_function(demo, endpoint.api_name)
-                what = f"{candidate.target} ({endpoint.api_name})"
-                observation = observe(
-                    "gradio_app", endpoint.call, lambda: reachable_modules(function_roots(function, candidate.target)),
-                    fixture, output_key=_mapping(candidate, fixture), progress=progress, what=what,
-                    base=candidate.python_path, timeout=candidate.timeout + CANCEL_GRACE)
-            finally:
-                endpoint.close()
-    except SpecError:
-        raise
-    except guard.Stopped as e:  # it exited, was interrupted or hung while importing or launching
-        hint = (" (an app.py that blocks when imported, e.g. demo.launch(debug=True) or demo.block_thread(), "
-                "cannot be launched for the run: guard that with if __name__ == \"__main__\":)"
-                if isinstance(e, guard.TimedOut) else "")
-        return CandidateRun("gradio_app", errors={"load": f"{e}{hint}"})
-    except ConnectionError as e:
-        return CandidateRun("gradio_app", errors={"load": f"the launched app: {e}"})
-    except Exception as e:  # noqa: BLE001 - the app failing to start is the drift (e.g. its weights do not load)
-        return CandidateRun("gradio_app", errors={"load": f"starting {candidate.target} raised {type(e).__name__}: {e}"})
+        except SpecError:
+            raise
+        except guard.Stopped as e:  # it exited, was interrupted or hung while importing or launching
+            hint = (" (an app.py that blocks when imported, e.g. serving with uvicorn.run() or looping, cannot be "
+                    "launched for the run: put that under if __name__ == \"__main__\":)"
+                    if isinstance(e, guard.TimedOut) else "")
+            return CandidateRun("gradio_app", errors={"load": f"{e}{hint}"})
+        except ConnectionError as e:
+            return CandidateRun("gradio_app", errors={"load": f"the launched app: {e}"})
+        except Exception as e:  # noqa: BLE001 - the app failing to start is the drift (e.g. its weights do not load)
+            return CandidateRun("gradio_app", errors={"load": f"starting {candidate.target} raised "
+                                                              f"{type(e).__name__}: {e}"})
+        stack.callback(endpoint.close)  # before the app closes
+        function = _endpoint_function(demo, endpoint.api_name)
+        observation = observe(
+            "gradio_app", endpoint.call, lambda: reachable_modules(function_roots(function, candidate.target)),
+            fixture, output_key=_mapping(candidate, fixture), progress=progress,
+            what=f"{candidate.target} ({endpoint.api_name})", base=candidate.python_path,
+            timeout=candidate.timeout + CANCEL_GRACE)
     return to_run(observation, fixture)
-
-
-# The client's own deadline answers a call first; the user-code thread's is the backstop.
-CANCEL_GRACE = 5.0
 
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:

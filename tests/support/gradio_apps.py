@@ -228,9 +228,15 @@ def serve(folder: Path) -> Iterator[str]:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         demo = module.demo
-        port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True,
-                    show_error=True, ssr_mode=False)
+        for attempt in range(3):  # a port taken meanwhile, or a server slower to start than gradio waits (5 s)
+            port = free_port()
+            try:
+                demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
+                            quiet=True, show_error=True, ssr_mode=False)
+                break
+            except OSError:
+                if attempt == 2:
+                    raise
         try:
             yield f"http://127.0.0.1:{port}/"
         finally:
