@@ -290,8 +290,8 @@ class CandidateSpec:
     """What ships, when it is not the spec-built pipeline: ``[candidate]`` or ``--candidate KIND:TARGET``.
 
     ``kind`` is ``spec`` (the pipeline this spec builds) or one of `CANDIDATE_KINDS`; ``target`` is
-    ``module:function`` (python), a path (endpoint_handler, onnx, logged) or a URL (url). Paths are
-    absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
+    ``module:function`` (python), ``module:demo`` (gradio_app), a path (endpoint_handler, onnx, logged)
+    or a URL (url, gradio). Paths are absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
     url: ``multipart`` or ``json``); ``timeout`` (seconds) bounds each request of a url candidate and the import, construction and each
     call of a python or endpoint_handler candidate; ``retries`` applies to a url candidate.
