@@ -129,6 +129,13 @@ def test_an_app_that_is_not_there_fails_to_load_and_a_missing_extra_is_named(ref
     assert report.first_failure.stage == "load"
     assert report.stage("load").headline.startswith("cannot connect to the Gradio app at http://127.0.0.1:")
 
+    # A private Space's token, read from the environment: unset, the variable is named (never a value).
+    monkeypatch.delenv("PARITY_TEST_SPACE_TOKEN", raising=False)
+    token = write_app(reference, tmp_path / "private", candidate=_remote("https://owner-space.hf.space/")
+                      + 'headers = { Authorization = "env:PARITY_TEST_SPACE_TOKEN" }\n')
+    assert main(["check", "--spec", str(token)]) == EXIT_USAGE
+    assert "PARITY_TEST_SPACE_TOKEN" in capsys.readouterr().err
+
     monkeypatch.setitem(sys.modules, "gradio_client", None)  # as if not installed
     assert main(["check", "--spec", str(spec)]) == EXIT_USAGE
     assert "parity[gradio]" in capsys.readouterr().err
