@@ -25,8 +25,8 @@ def main() -> None:
 
     from PIL import Image
 
-    from parity.check import judge_run
-    from parity.fixtures import load_fixture
+    from parity.commands.check import judge_run
+    from parity.store.fixtures import load_fixture
     from parity.runners import run_candidate
     from parity.runners.python_app import load_function
     from parity.spec import load_spec

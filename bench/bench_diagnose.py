@@ -41,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # the Space imports the trained head class from reference/
 
-    from parity.check import run_check
-    from parity.diagnose import diagnose_candidate
+    from parity.commands.check import run_check
+    from parity.commands.diagnose import diagnose_candidate
     from parity.spec import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,10 +41,10 @@ def build_full_size(workdir: Path, n_images: int) -> tuple[Path, list[Path]]:
     from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
-    from parity.checkpoints import fingerprint
-    from parity.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, stage_fixture
-    from parity.images import load_image
-    from parity.pipeline import describe_backbone, describe_data_config, describe_head
+    from parity.store.checkpoints import fingerprint
+    from parity.store.fixtures import EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, stage_fixture
+    from parity.store.images import load_image
+    from parity.model.pipeline import describe_backbone, describe_data_config, describe_head
     from reference.models import MultiLabelRegressionNN
 
     meta = json.loads((EXAMPLE / METADATA).read_text())
@@ -98,7 +98,7 @@ def bare_script(checkpoint: Path, paths: list[Path], *, meta: bool = False):
     import timm
     from safetensors.torch import load_file
 
-    from parity.images import load_image
+    from parity.store.images import load_image
 
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = timm.create_model(MODEL, pretrained=False)
@@ -112,23 +112,23 @@ def bare_script(checkpoint: Path, paths: list[Path], *, meta: bool = False):
 
 def naive_cells(spec, axes: dict, paths: list[Path], model) -> None:
     """Every cell on its own: preprocess all images, full forward, one extraction."""
-    from parity.images import load_image
-    from parity.preprocess import create_preprocess
-    from parity.variants import resolve_data_config
+    from parity.store.images import load_image
+    from parity.preprocess.transform import create_preprocess
+    from parity.commands.matrix import resolve_data_config
 
     base = resolve_data_config(spec)
     for extract, interpolation in itertools.product(axes["extract"], axes["interpolation"]):
         transform = create_preprocess(dict(base, interpolation=interpolation))
         with torch.inference_mode():
             pixels = torch.stack([transform(load_image(p)) for p in paths])
-            from parity.pipeline import extract_embedding
+            from parity.model.pipeline import extract_embedding
 
             extract_embedding(model, pixels, extract)
 
 
 def gpu_rates(model, *, batch_size: int = 32, size: int = 336) -> dict[str, float]:
     """Images/s of ``model``'s forward_features on CUDA in float32 and under bfloat16 autocast."""
-    from parity.variants import _precision_context
+    from parity.commands.matrix import _precision_context
 
     model = model.to("cuda")
     batch = torch.randn(batch_size, 3, size, size, device="cuda")
@@ -150,10 +150,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="images per pass (each costs ~3.5 s on 2 CPU cores)")
     args = parser.parse_args()
 
-    from parity.check import run_check
-    from parity.pipeline import build_pipeline
+    from parity.commands.check import run_check
+    from parity.model.pipeline import build_pipeline
     from parity.spec import load_spec
-    from parity.variants import run_matrix
+    from parity.commands.matrix import run_matrix
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA: {torch.cuda.is_available()}; "
           f"targeted ratios use the best of {REPEATS} interleaved runs in rotating order")

@@ -1,7 +1,7 @@
 """Time to render all four report files for a large run, and their sizes (`make bench`).
 
 A synthetic check report (random arrays, no model) with SAMPLES samples in the embedding and
-outputs stages and a few golden images, written by `parity.formats.write_reports`. The budget
+outputs stages and a few golden images, written by `parity.report.files.write_reports`. The budget
 is 5 s for 3,000 samples and an HTML page under 5 MB.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.compare import compare_arrays
+from parity.judge.arrays import compare_arrays
 from parity.results import Report, StageResult, Status, Tolerance
 
 BUDGET_S = 5.0
@@ -53,7 +53,7 @@ def main() -> None:
     start = time.perf_counter()
     import matplotlib.figure  # noqa: F401  (import time is reported apart from rendering)
 
-    from parity.formats import write_reports
+    from parity.report.files import write_reports
 
     imported = time.perf_counter() - start
     report = synthetic_report(args.samples)

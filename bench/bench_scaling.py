@@ -101,8 +101,8 @@ def tiny_fixture(workdir: Path, n: int) -> Path:
     """A spec and a fixture of ``n`` generated images (unique names) captured by the bundled tiny pipeline."""
     from PIL import Image
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
 
     rng = np.random.default_rng(n)
@@ -150,7 +150,7 @@ def scaling(workdir: Path) -> None:
 
 
 def fixed_cost() -> None:
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.spec import load_spec
 
     spec = load_spec(EXAMPLE_SPEC)
@@ -178,7 +178,7 @@ def full_size(workdir: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_matrix
 
-    from parity.check import run_check
+    from parity.commands.check import run_check
     from parity.spec import load_spec
 
     spec_path, paths = bench_matrix.build_full_size(workdir, FULL_IMAGES)
@@ -202,7 +202,7 @@ def full_size(workdir: Path) -> None:
           f"   projected for {SEED_IMAGES:,} images: {local / 3600:.2f} h locally, "
           f"{shard / 60:.1f} min per shard with --shard I/{SHARDS}")
     if torch.cuda.is_available():
-        from parity.pipeline import build_pipeline
+        from parity.model.pipeline import build_pipeline
 
         model = build_pipeline(spec).backbone
         for precision, rate in bench_matrix.gpu_rates(model).items():

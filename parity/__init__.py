@@ -34,22 +34,22 @@ __all__ = [
 
 _LAZY = {
     "load_spec": "parity.spec",
-    "build_pipeline": "parity.pipeline",
-    "run_check": "parity.check",
-    "run_matrix": "parity.variants",
-    "diagnose": "parity.diagnose",
-    "diagnose_logged": "parity.diagnose",
-    "calibrate": "parity.calibrate",
-    "capture": "parity.source",
-    "capture_pipeline": "parity.source",
-    "load_fixture": "parity.fixtures",
+    "build_pipeline": "parity.model.pipeline",
+    "run_check": "parity.commands.check",
+    "run_matrix": "parity.commands.matrix",
+    "diagnose": "parity.commands.diagnose",
+    "diagnose_logged": "parity.commands.diagnose",
+    "calibrate": "parity.commands.calibrate",
+    "capture": "parity.commands.capture",
+    "capture_pipeline": "parity.commands.capture",
+    "load_fixture": "parity.store.fixtures",
 }
 
 
 def explain_preprocess(a, b, *, images=(), transform=None):
-    """`parity.preprocess_diff.explain_preprocess`, measuring ``images`` with the registered libraries'
+    """`parity.preprocess.diff.explain_preprocess`, measuring ``images`` with the registered libraries'
     transforms (`parity.libraries.create_transform`) unless ``transform`` is given."""
-    from parity.preprocess_diff import explain_preprocess as explain
+    from parity.preprocess.diff import explain_preprocess as explain
 
     return explain(a, b, images=images, transform=transform or parity.libraries.create_transform)
 

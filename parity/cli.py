@@ -83,7 +83,7 @@ def _apply_engine(spec, args: argparse.Namespace):
     else:
         address = spec.runtime.ray_address
     if engine == "ray":
-        from parity.runners.ray_engine import import_ray
+        from parity.model.ray_engine import import_ray
 
         import_ray()  # fail before building any model
     runtime = dataclasses.replace(spec.runtime, engine=engine, ray_address=address)
@@ -97,7 +97,7 @@ def _engine_session(spec, *, used: bool = True):
 
     if not used or spec.runtime.engine != "ray" or spec.candidate.kind != "spec":
         return contextlib.nullcontext()
-    from parity.runners.ray_engine import ray_session
+    from parity.model.ray_engine import ray_session
 
     return ray_session(spec.runtime.ray_address)
 
@@ -112,7 +112,7 @@ def _write_reports(result, args: argparse.Namespace, console: Console) -> None:
     """The report files, when --report was given."""
     if args.report_dir is None:
         return
-    from parity.formats import write_reports
+    from parity.report.files import write_reports
 
     paths = write_reports(result, args.report_dir)
     console.print(f"reports written to {args.report_dir}: {', '.join(p.name for p in paths.values())}",
@@ -286,9 +286,9 @@ def _load_spec(args: argparse.Namespace):
 def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from parity.errors import SpecError
     from parity.progress import Progress
-    from parity.report import render_matrix, write_json
+    from parity.report.console import render_matrix, write_json
     from parity.spec import load_spec
-    from parity.variants import parse_axes, run_matrix
+    from parity.commands.matrix import parse_axes, run_matrix
 
     spec = _apply_engine(load_spec(args.spec), args)
     axes = dict(spec.matrix)
@@ -312,10 +312,10 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from parity.diagnose import diagnose
+    from parity.commands.diagnose import diagnose
     from parity.errors import SpecError
     from parity.progress import Progress
-    from parity.report import render_diagnosis, write_json
+    from parity.report.console import render_diagnosis, write_json
     from parity.results import ServiceDiagnosis
 
     if args.samples < 1:
@@ -328,7 +328,7 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
         if args.logged is not None:
-            from parity.diagnose import diagnose_logged
+            from parity.commands.diagnose import diagnose_logged
 
             result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
                                      progress=progress.phase)
@@ -349,9 +349,9 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
 def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from rich.table import Table
 
-    from parity.calibrate import calibrate
+    from parity.commands.calibrate import calibrate
     from parity.progress import Progress
-    from parity.tolerance import calibrated_tolerance
+    from parity.judge.tolerance import calibrated_tolerance
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -387,10 +387,10 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
-    from parity.fixtures import load_fixture
-    from parity.forensics import diff_structure, summarize_structure
-    from parity.pipeline import create_backbone, create_head
-    from parity.report import render_config_diffs
+    from parity.store.fixtures import load_fixture
+    from parity.store.forensics import diff_structure, summarize_structure
+    from parity.model.pipeline import create_backbone, create_head
+    from parity.report.console import render_config_diffs
     from parity.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -411,10 +411,10 @@ def _diff_structure(args: argparse.Namespace, console: Console) -> int:
 def _inspect(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from parity.checkpoints import read_checkpoint
+    from parity.store.checkpoints import read_checkpoint
     from parity.errors import SpecError
-    from parity.forensics import diagnose_load, summarize_checkpoint
-    from parity.report import render_inspection
+    from parity.store.forensics import diagnose_load, summarize_checkpoint
+    from parity.report.console import render_inspection
 
     if args.checkpoint.is_dir():  # a save_pretrained directory
         from parity.libraries import weights_file
@@ -427,7 +427,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         return EXIT_PASS
     loading: dict = {}
     if args.class_path is not None:
-        from parity.pipeline import construct_module
+        from parity.model.pipeline import construct_module
 
         try:
             kwargs = json.loads(args.kwargs)
@@ -437,7 +437,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
             args.class_path
     else:
         from parity.libraries import backbone_weights, checkpoint_converter, create_backbone
-        from parity.pipeline import create_head
+        from parity.model.pipeline import create_head
         from parity.spec import load_spec
 
         spec = load_spec(args.against)
@@ -465,7 +465,7 @@ def _preprocess_source(text: str):
     path = Path(text)
     if path.suffix == ".toml":
         from parity.libraries import create_backbone, get, resolve_preprocess
-        from parity.pipeline import preprocess_record
+        from parity.model.pipeline import preprocess_record
         from parity.spec import load_spec
 
         spec = load_spec(path)
@@ -474,7 +474,7 @@ def _preprocess_source(text: str):
         _, config = resolve_preprocess(spec, backbone)
         return describe_record(preprocess_record(spec, config), source=str(path)), []
     if path.is_dir() and (path / "manifest.json").is_file():
-        from parity.fixtures import load_fixture
+        from parity.store.fixtures import load_fixture
 
         fixture = load_fixture(path)
         record = fixture.pipeline.get("preprocess")
@@ -500,10 +500,10 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
 
 def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
     from parity.errors import FixtureError
-    from parity.images import decode_image
+    from parity.store.images import decode_image
     from parity.libraries import create_transform
-    from parity.preprocess_diff import explain_preprocess
-    from parity.report import render_preprocess_explanation, write_json
+    from parity.preprocess.diff import explain_preprocess
+    from parity.report.console import render_preprocess_explanation, write_json
 
     (a, images_a), (b, images_b) = _preprocess_source(args.a), _preprocess_source(args.b)
     files = _image_files(args.images) if args.images is not None else images_a or images_b
@@ -521,9 +521,9 @@ def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from parity.check import run_check
+    from parity.commands.check import run_check
     from parity.progress import Progress
-    from parity.report import render_report, write_json
+    from parity.report.console import render_report, write_json
 
     spec = _load_spec(args)
     with _engine_session(spec), Progress(errors) as progress:
@@ -533,8 +533,8 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     render_report(report, console)
     verdict = None
     if args.referee is not None:  # informative: the gate's exit status is unchanged
-        from parity.referee import referee
-        from parity.report import render_referee
+        from parity.numerics.referee import referee
+        from parity.report.console import render_referee
 
         verdict = referee(spec, fixtures=args.fixtures, device=args.device)
         render_referee(verdict, console)
@@ -543,7 +543,7 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
         if verdict is not None:
             import json
 
-            from parity.report import to_json
+            from parity.report.console import to_json
 
             data = json.loads(args.json_path.read_text(encoding="utf-8"))
             args.json_path.write_text(json.dumps({**data, "referee": to_json(verdict)}, indent=2) + "\n", encoding="utf-8")
@@ -553,14 +553,14 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
-    from parity.shards import parse_shard
+    from parity.store.shards import parse_shard
 
     return parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
 
 
 def _merge(args: argparse.Namespace, console: Console) -> int:
-    from parity.merge import load_partial, merge_reports
-    from parity.report import render_diagnosis, render_matrix, render_report, write_json
+    from parity.commands.merge import load_partial, merge_reports
+    from parity.report.console import render_diagnosis, render_matrix, render_report, write_json
     from parity.results import Diagnosis, MatrixReport
 
     report = merge_reports([load_partial(path) for path in args.parts], sources=args.parts)
@@ -576,8 +576,8 @@ def _merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def _freeze(args: argparse.Namespace, console: Console) -> int:
-    from parity.freeze import freeze, parse_field_map
-    from parity.report import format_stage
+    from parity.commands.freeze import freeze, parse_field_map
+    from parity.report.console import format_stage
     from parity.results import StageResult, Status
     from parity.spec import load_spec
 
@@ -661,7 +661,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Every file the command will write: ``(option, path)``."""
-    from parity.formats import FILES
+    from parity.report.files import FILES
 
     targets = [("--json", args.json_path)] if getattr(args, "json_path", None) is not None else []
     if getattr(args, "report_dir", None) is not None:
@@ -739,7 +739,7 @@ def _check_targets(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     from parity.errors import ReportError
-    from parity.formats import load_document, render_saved
+    from parity.report.files import load_document, render_saved
 
     data = load_document(args.json_file)
     outputs = [(path, fmt) for path, fmt in ((args.md, "md"), (args.html, "html"), (args.junit, "junit"))

@@ -37,7 +37,7 @@ def _shard(config: pytest.Config) -> tuple[int, int] | None:
     """``--parity-shard I/N`` as ``(I, N)``, or None for every sample."""
     if config.option.parity_shard is None:
         return None
-    from parity.shards import parse_shard
+    from parity.store.shards import parse_shard
 
     return parse_shard(config.option.parity_shard)
 
@@ -91,7 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))], ids=["no-spec"])
         return
     from parity.spec import load_spec
-    from parity.variants import expand_matrix, unsupported
+    from parity.commands.matrix import expand_matrix, unsupported
 
     spec = load_spec(path)
     reason = unsupported(spec)
@@ -106,7 +106,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def parity_matrix(request: pytest.FixtureRequest, parity_spec):
     """Run the spec's matrix once for the session (shared trunk passes) and share the `MatrixReport`."""
-    from parity.variants import run_matrix
+    from parity.commands.matrix import run_matrix
 
     report = run_matrix(parity_spec, fixtures=request.config.option.parity_fixtures,
                         device=request.config.option.parity_device, shard=_shard(request.config))
@@ -117,7 +117,7 @@ def parity_matrix(request: pytest.FixtureRequest, parity_spec):
 @pytest.fixture(scope="session")
 def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     """Run the gate once for the session and share the `Report` between tests."""
-    from parity.check import run_check
+    from parity.commands.check import run_check
 
     report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device,
                        shard=_shard(request.config))
@@ -150,7 +150,7 @@ def _targets(config: pytest.Config) -> list[tuple[Path, str | None, str]]:
 
 
 def _parametrize_gate(metafunc: pytest.Metafunc) -> None:
-    from parity.comparator import STAGE_ORDER
+    from parity.judge.stages import STAGE_ORDER
 
     targets = _targets(metafunc.config)
     if not targets:
@@ -178,7 +178,7 @@ class ParityGate:
 
     def assert_parity(self) -> None:
         from parity.errors import DriftError
-        from parity.report import format_stage, verdict_line
+        from parity.report.console import format_stage, verdict_line
         from parity.results import Status
 
         __tracebackhide__ = True
@@ -211,7 +211,7 @@ def _gate_report(request: pytest.FixtureRequest, path: Path, candidate: str | No
     """The gate of one spec and candidate, run once per session (several specs or candidates)."""
     reports = request.config.stash.setdefault(_REPORTS_KEY, {})
     if prefix not in reports:
-        from parity.check import run_check
+        from parity.commands.check import run_check
         from parity.spec import load_spec, select_candidate
 
         spec = load_spec(path)
@@ -237,12 +237,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
               for prefix, report in config.stash.get(_REPORTS_KEY, {}).items()]
     for report, title, directory in shown:
         if report is not None:
-            from parity.report import render_text
+            from parity.report.console import render_text
 
             terminalreporter.write_sep("=", title)
             terminalreporter.write(render_text(report))
             if directory is not None:
-                from parity.formats import write_reports
+                from parity.report.files import write_reports
 
                 paths = write_reports(report, directory)
                 terminalreporter.write_line(f"{title} files: {', '.join(str(p) for p in paths.values())}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 _UnionType = types.UnionType
-# The version of the report.json layout (`parity.report.document`); readers refuse another.
+# The version of the report.json layout (`parity.report.console.document`); readers refuse another.
 REPORT_SCHEMA_VERSION = 1
 
 __all__ = [
@@ -242,7 +242,7 @@ class DecisionFlips:
 class Finding:
     """A detector whose transform of the reference reproduced what the candidate did: the cause, its evidence, the fix.
 
-    Detectors (`parity.detectors`) each test one named explanation against what a runner observed;
+    Detectors (`parity.explain.detectors`) each test one named explanation against what a runner observed;
     a finding exists only when the check reproduced the candidate's numbers within budget.
 
     Attributes:
@@ -287,7 +287,7 @@ class StageResult:
     sample_errors: tuple[tuple[str, str], ...] = ()
     decisions: tuple[DecisionFlips, ...] = ()
     notes: tuple[str, ...] = ()
-    # What the detectors reproduced for this stage (`parity.detectors`), most specific first.
+    # What the detectors reproduced for this stage (`parity.explain.detectors`), most specific first.
     findings: tuple[Finding, ...] = ()
 
     def __bool__(self) -> bool:
@@ -427,7 +427,7 @@ class CandidateRun:
         outputs: (len(rows), L) the candidate's outputs.
         nondeterministic: stages whose values changed between two identical calls.
         errors: stage -> what the candidate raised there (the stage fails with it).
-        reference: the `parity.fixtures.Fixture` to judge the record against when it is not the
+        reference: the `parity.store.fixtures.Fixture` to judge the record against when it is not the
             spec's fixture (a replayed service log of images outside it: the spec pipeline's values
             on those images); ``rows`` then index into it.
         unloaded: parts the candidate runs without loading any checkpoint (initial or library-default
@@ -476,7 +476,7 @@ class CandidateRun:
     notes: tuple[str, ...] = ()
 
 
-# -- the variant matrix (parity.variants) ----------------------------------------------------
+# -- the variant matrix (parity.commands.matrix) ----------------------------------------------------
 
 # Matrix axes that change how the backbone computes, not what it is fed.
 PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
@@ -540,7 +540,7 @@ class MatrixReport:
         return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
 
 
-# -- diagnosis (parity.diagnose) ------------------------------------------------------------
+# -- diagnosis (parity.commands.diagnose) ------------------------------------------------------------
 
 def toml_value(value: Any) -> str:
     if isinstance(value, Path):
@@ -729,7 +729,7 @@ class ServiceDiagnosis:
         return self.gate == "decisions" and bool(self.decisions) and not any(d.flips for d in self.decisions)
 
 
-# -- checkpoint inspection (parity.forensics) -------------------------------------------------
+# -- checkpoint inspection (parity.store.forensics) -------------------------------------------------
 
 @dataclass(frozen=True)
 class CheckpointSummary:
@@ -753,7 +753,7 @@ class CheckpointSummary:
         return total
 
 
-# -- calibration (parity.calibrate) -----------------------------------------------------------
+# -- calibration (parity.commands.calibrate) -----------------------------------------------------------
 
 @dataclass(frozen=True)
 class Run:
@@ -776,7 +776,7 @@ class Calibration:
     runs: tuple[Run, ...]
     margin: float
     noise: dict[str, dict[str, Any]]
-    emulation: str | None = None  # why the noise includes an emulated reference's numerics (parity.emulate)
+    emulation: str | None = None  # why the noise includes an emulated reference's numerics (parity.numerics.emulate)
 
     def to_manifest(self) -> dict[str, Any]:
         entry = {"device": self.device, "margin": self.margin, "runs": [r.describe() for r in self.runs],
@@ -828,7 +828,7 @@ class Referee:
 
 
 def from_plain(cls: type, data: Any) -> Any:
-    """Rebuild a result dataclass from its JSON form (what `parity.report.to_json` wrote).
+    """Rebuild a result dataclass from its JSON form (what `parity.report.console.to_json` wrote).
 
     Fields the JSON lacks take their defaults; unknown keys (rendering extras such as ``text``)
     are ignored; JSON ``null`` for a float field is NaN again.

@@ -20,7 +20,7 @@ from typing import Any
 
 from parity.errors import SpecError
 from parity.results import PRECISION_AXES, Tolerance
-from parity.tolerance import default_tolerance
+from parity.judge.tolerance import default_tolerance
 
 __all__ = [
     "LibraryVocabulary",
@@ -279,7 +279,7 @@ REFERENCE_NUMERICS = ("float32", "tf32", "tf32_conv", "autocast_float16", "autoc
 CANDIDATE_INPUTS = ("image", "input_biases", "image_bytes", "image_path")
 CANDIDATE_SEND = ("pil", "bytes", "multipart", "json")
 # What the shipped code does after the head ([candidate].postprocess), by the names the outputs
-# detectors use (`parity.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
+# detectors use (`parity.explain.detectors.outputs.POSTPROCESSES`); or "module:function" of the user's own.
 POSTPROCESSES = ("none", "sigmoid", "softmax", "log_softmax")
 # A [candidates.NAME] name: it becomes part of a pytest id and a --candidate value.
 _CANDIDATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")

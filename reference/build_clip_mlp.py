@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parity.decisions import pair_cosines
-from parity.images import load_image
-from parity.source import capture
+from parity.judge.decisions import pair_cosines
+from parity.store.images import load_image
+from parity.commands.capture import capture
 from reference.build_fixtures import run_builder
 from reference.models import MLPClassifier
 

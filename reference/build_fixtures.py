@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parity.source import capture
+from parity.commands.capture import capture
 from parity.errors import ParityError
-from parity.images import load_image
+from parity.store.images import load_image
 from reference.models import MultiLabelRegressionNN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.fixtures import MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256_file
+from parity.store.fixtures import MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256_file
 
 pytest_plugins = ["pytester"]
 

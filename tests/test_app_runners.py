@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import main
 from parity.results import Status, Verdict
 from parity.spec import CandidateSpec, load_spec, parse_candidate
@@ -119,7 +119,7 @@ def test_the_clip_mlp_handler_passes_and_the_slow_processor_drifts_without_flips
 
 def _gate(kind: str, spec: Path):
     """The report, and for the app the diagnosis too (it runs the gate first): one gate per copy."""
-    from parity.diagnose import diagnose_candidate
+    from parity.commands.diagnose import diagnose_candidate
 
     if kind == "python":
         diagnosis = diagnose_candidate(load_spec(spec), samples=2)
@@ -227,7 +227,7 @@ def test_an_app_that_cannot_start_fails_the_load_stage(tmp_path):
 
 def test_an_app_without_recognisable_modules_still_gates_its_outputs(tmp_path, example_spec):
     """Outputs from a plain lookup table (no torch module): the inner stages say why they are not observable."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
 
     fixture = load_fixture(example_spec.fixture_root())
     rows = {row.image.name: fixture.outputs[i].tolist() for i, row in enumerate(fixture.rows)}
@@ -251,7 +251,7 @@ def test_parse_candidate_resolves_paths_against_the_current_directory(tmp_path):
 
 
 def test_endpoint_bytes_requests_are_the_file_bytes(tmp_path, example_spec):
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.runners.endpoint import request
 
     row = load_fixture(example_spec.fixture_root()).rows[1]
@@ -345,7 +345,7 @@ def test_modules_are_found_through_a_closure_inside_a_wrapper_whatever_their_wei
     """A head with untrained weights inside a wrapper module, reachable only through a closure cell."""
     import torch
 
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.runners.app import function_roots, reachable_modules, recognise
     from reference.models import MultiLabelRegressionNN
 
@@ -368,7 +368,7 @@ def test_an_app_built_with_gelu_for_quickgelu_is_localised_to_the_first_activati
     """Same weights, same pixels, another activation class: diagnose names the model and the layer."""
     spec = _copy(tmp_path, SPACE, "app.py", {'"vit_large_patch14_clip_quickgelu_336.openai"':
                                              '"vit_large_patch14_clip_336.openai"'})
-    from parity.diagnose import diagnose_candidate
+    from parity.commands.diagnose import diagnose_candidate
 
     diagnosis = diagnose_candidate(load_spec(spec), samples=2)
     report = diagnosis.report

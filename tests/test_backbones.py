@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.check import run_check
-from parity.checkpoints import StrictLoadError, read_state_dict
+from parity.commands.check import run_check
+from parity.store.checkpoints import StrictLoadError, read_state_dict
 from parity.cli import EXIT_PASS, main
-from parity.forensics import infer_layers, module_source
-from parity.pipeline import build_pipeline
+from parity.store.forensics import infer_layers, module_source
+from parity.model.pipeline import build_pipeline
 from parity.results import Status
 from parity.spec import load_spec
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
@@ -119,8 +119,8 @@ def test_spec_refuses_timm_fields_with_another_preprocessing_library(tmp_path):
 def test_the_same_tower_in_either_vision_class_has_identical_weights(spec, whole_clip, tmp_path):
     """CLIPVisionModelWithProjection holds the tower under `vision_model.`, CLIPVisionModel (transformers 5)
     is the tower: the weights stage compares fingerprints by the tower's names, not the class's."""
-    from parity.fixtures import load_fixture
-    from parity.source import capture_pipeline
+    from parity.store.fixtures import load_fixture
+    from parity.commands.capture import capture_pipeline
 
     directory, _ = whole_clip
     transformers.CLIPImageProcessor(size={"shortest_edge": 64},

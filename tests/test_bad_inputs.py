@@ -61,7 +61,7 @@ def _fixture(tmp: Path, edit_files: Callable[[Path], None] | None = None, edit_m
 
 def _sealed(root: Path, edit) -> Path:
     """Edit the manifest and recompute only its own seal (the file checksums stay as edited)."""
-    from parity.fixtures import MANIFEST_DIGEST, manifest_digest
+    from parity.store.fixtures import MANIFEST_DIGEST, manifest_digest
 
     manifest = json.loads((root / "manifest.json").read_text())
     edit(manifest)
@@ -440,8 +440,8 @@ def pristine(tmp_path_factory) -> Path:
 @FUZZ
 @given(key=st.sampled_from(["schema_version", "files", "calibration", "pipeline", "weights", "producer"]), value=JSON)
 def test_any_manifest_value_loads_or_is_refused_as_a_fixture_error(pristine, tmp_path_factory, key, value):
-    from parity.calibrate import calibrated_tolerance
-    from parity.fixtures import load_fixture
+    from parity.commands.calibrate import calibrated_tolerance
+    from parity.store.fixtures import load_fixture
 
     root = Path(shutil.copytree(pristine, tmp_path_factory.mktemp("m") / "fx"))
     reseal(root, lambda m: m.update({key: value}))
@@ -456,7 +456,7 @@ def test_any_manifest_value_loads_or_is_refused_as_a_fixture_error(pristine, tmp
 @FUZZ
 @given(row=st.integers(0, 16), field_name=st.sampled_from(["image", "input_biases", "labels", "row"]), value=JSON)
 def test_any_metadata_value_loads_or_is_refused_as_a_fixture_error(pristine, tmp_path_factory, row, field_name, value):
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
 
     root = Path(shutil.copytree(pristine, tmp_path_factory.mktemp("r") / "fx"))
     _meta(lambda m: m["rows"][row].update({field_name: value}))(root)
@@ -472,7 +472,7 @@ def test_any_metadata_value_loads_or_is_refused_as_a_fixture_error(pristine, tmp
 @given(lines=st.lists(st.dictionaries(st.sampled_from(["image", "input_biases", "embedding", "outputs"]), JSON,
                                       max_size=4), min_size=1, max_size=4))
 def test_any_log_line_loads_or_is_refused_as_a_fixture_error(tmp_path_factory, lines):
-    from parity.fixtures import load_logged_samples
+    from parity.store.fixtures import load_logged_samples
 
     path = tmp_path_factory.mktemp("log") / "service.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -486,7 +486,7 @@ def test_any_log_line_loads_or_is_refused_as_a_fixture_error(tmp_path_factory, l
 @given(content=st.binary(max_size=256) | st.builds(lambda cut: _encoded(Image.new("RGB", (16, 16)), "PNG")[:cut],
                                                       st.integers(0, 80)))
 def test_any_bytes_decode_or_are_refused_as_a_fixture_error(tmp_path_factory, content):
-    from parity.images import decode_image
+    from parity.store.images import decode_image
 
     path = tmp_path_factory.mktemp("img") / "x.png"
     path.write_bytes(content)
@@ -504,7 +504,7 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=64)
 @given(values=st.lists(st.tuples(FLOATS, FLOATS), min_size=1, max_size=12),
        rtol=st.floats(0, 1e3) | st.just(math.inf))
 def test_comparison_terminates_on_any_numbers(values, rtol):
-    from parity.compare import compare_arrays
+    from parity.judge.arrays import compare_arrays
     from parity.results import Tolerance
 
     cand = np.array([[a for a, _ in values]])

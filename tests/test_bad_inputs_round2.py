@@ -54,7 +54,7 @@ def _spec(tmp: Path, replacements: dict[str, str] | None = None) -> Path:
 def _log(tmp: Path, *, biases: str = "keep", outside: bool = False) -> Path:
     """A log of the fixture's samples with their recorded outputs; ``biases``: keep, drop or empty;
     ``outside``: the images copied under other names (the fixture does not hold them)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
 
     fixture = load_fixture(EXAMPLE_FIXTURES)
     lines = []
@@ -112,8 +112,8 @@ def services() -> Iterator[dict[str, str]]:
 def parts(tmp_path_factory) -> dict[str, Path]:
     """Two shards' partial reports (with the embeddings pair decisions need), the second also made
     after the spec file was edited, and the first with NaN embeddings its stages do not report."""
-    from parity.check import run_check
-    from parity.report import write_json
+    from parity.commands.check import run_check
+    from parity.report.console import write_json
     from parity.spec import load_spec
 
     root = tmp_path_factory.mktemp("parts")
@@ -310,7 +310,7 @@ def test_a_trickling_service_is_cut_off_at_the_request_deadline(headers):
 
 
 def test_an_address_nothing_listens_on_is_refused_after_bounded_tries():
-    from parity.runners.ray_engine import CONNECT_ATTEMPTS, CONNECT_BACKOFF, CONNECT_TIMEOUT, check_reachable
+    from parity.model.ray_engine import CONNECT_ATTEMPTS, CONNECT_BACKOFF, CONNECT_TIMEOUT, check_reachable
 
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -355,7 +355,7 @@ def test_url_answers_that_are_not_outputs_are_named(body, says):
 @given(content=JSON.map(_as_bytes) | st.binary(max_size=64) | st.just(DEEP)
        | st.just(b'{"format": 1, "entries": ' + DEEP + b"}"), stored=JSON, when=JSON)
 def test_any_hash_cache_is_used_or_ignored_never_an_error(tmp_path_factory, content, stored, when):
-    from parity.hashcache import CACHE_FILE, _key, cached
+    from parity.store.hashcache import CACHE_FILE, _key, cached
 
     directory = tmp_path_factory.mktemp("cache")
     target = directory / "weights.bin"
@@ -383,8 +383,8 @@ def test_any_hash_cache_is_used_or_ignored_never_an_error(tmp_path_factory, cont
 def documents(parts) -> list[dict]:
     """Saved report documents of every kind this module can make quickly: a check part, a diagnosis-free
     synthetic drift with samples, a calibration."""
-    from parity.calibrate import Calibration, Run
-    from parity.report import document
+    from parity.commands.calibrate import Calibration, Run
+    from parity.report.console import document
 
     noise = {"embedding": {"max_abs": 2e-7, "min_cosine": 0.99999999}}
     calibration = Calibration("cpu", "float32", (Run(1, 1),), 4.0, noise)
@@ -422,7 +422,7 @@ def _mutate(data, path: tuple, value, remove: bool):
 @given(which=st.integers(0, 2), where=st.integers(0, 10**6), value=JSON, remove=st.booleans())
 def test_any_edit_of_a_saved_report_renders_or_is_a_report_error(documents, tmp_path_factory, which, where, value,
                                                                   remove):
-    from parity.formats import load_document, render_saved
+    from parity.report.files import load_document, render_saved
 
     original = documents[which]
     paths = _paths(original)
@@ -441,8 +441,8 @@ def test_any_edit_of_a_saved_report_renders_or_is_a_report_error(documents, tmp_
 @FUZZ
 @given(value=JSON)
 def test_any_json_given_to_parity_report_renders_or_is_a_report_error(tmp_path_factory, value):
-    from parity.formats import load_document, render_saved
-    from parity.report import SCHEMA_VERSION
+    from parity.report.files import load_document, render_saved
+    from parity.report.console import SCHEMA_VERSION
 
     file = tmp_path_factory.mktemp("doc") / "report.json"
     for data in (value, {"schema_version": SCHEMA_VERSION, "kind": "check", "body": value},
@@ -459,8 +459,8 @@ def test_any_json_given_to_parity_report_renders_or_is_a_report_error(tmp_path_f
 def test_any_edit_of_a_partial_report_merges_or_is_a_spec_error(parts, tmp_path_factory, where, value, remove):
     from rich.console import Console
 
-    from parity.merge import load_partial, merge_reports
-    from parity.report import render_report, to_json
+    from parity.commands.merge import load_partial, merge_reports
+    from parity.report.console import render_report, to_json
 
     original = json.loads(parts["p1"].read_text())
     paths = _paths(original)
@@ -482,7 +482,7 @@ HOSTILE = ["<img src=x onerror=alert(1)>.png", "[click](javascript:alert(1)).png
 
 
 def _drift_with_names(names: list[str]):
-    from parity.compare import compare_arrays
+    from parity.judge.arrays import compare_arrays
     from parity.results import Report, StageResult, Status, Tolerance
 
     reference = np.zeros((len(names), 4), np.float32)
@@ -495,7 +495,7 @@ def _drift_with_names(names: list[str]):
 def test_report_md_shows_hostile_sample_names_as_text_never_as_html_or_links(tmp_path):
     from markdown_it import MarkdownIt
 
-    from parity.formats import write_reports
+    from parity.report.files import write_reports
 
     paths = write_reports(_drift_with_names(HOSTILE), tmp_path / "report", summary=False)
     text = paths["md"].read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from tests.conftest import EXAMPLE_FIXTURES, write_spec
 from tests.support.corpus import Case, run_corpus
 
@@ -107,7 +107,7 @@ def test_every_bad_runner_input_ends_in_a_clear_error(tmp_path):
 
 def test_a_shape_mismatch_is_never_accepted_by_the_decisions_gate(example_spec, tmp_path):
     """The report's verdict and a service diagnosis built on it: drift, not 'drift without decision flips'."""
-    from parity.check import run_check
+    from parity.commands.check import run_check
     from parity.results import ServiceDiagnosis, Status, Verdict
     from parity.spec import CandidateSpec
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from parity.cli import main
 from parity.errors import FixtureError, ParityError
-from parity.fixtures import METADATA, load_fixture, stage_fixture
+from parity.store.fixtures import METADATA, load_fixture, stage_fixture
 from tests.conftest import EXAMPLE_FIXTURES, reseal, write_spec
 from tests.support.corpus import Case, run_corpus, snapshot, unwritable_directory
 
@@ -280,7 +280,7 @@ def _other_head(path: Path) -> None:
 
 def _regenerate_head_only(root: Path) -> None:
     """A regeneration in which only the head changed: a new checkpoint, its outputs and its manifest record."""
-    from parity.fixtures import sha256_file
+    from parity.store.fixtures import sha256_file
 
     with stage_fixture(root, force=True) as stage:
         shutil.copytree(root, stage.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
@@ -331,7 +331,7 @@ def test_a_head_replaced_while_check_runs_is_a_changed_fixture_not_a_weights_fai
 def test_a_safetensors_file_named_pth_is_read_as_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from parity.checkpoints import read_checkpoint
+    from parity.store.checkpoints import read_checkpoint
 
     renamed = Path(shutil.copy(EXAMPLE_FIXTURES / "backbone.safetensors", tmp_path / "backbone.pth"))
     state, expected = read_checkpoint(renamed), load_file(EXAMPLE_FIXTURES / "backbone.safetensors")
@@ -359,11 +359,11 @@ def _paths(value, prefix=()) -> list[tuple]:
 def _read_everything(fixture) -> None:
     """What the gate reads from a manifest besides running models: config records, structures, numerics, budgets,
     checkpoint records."""
-    from parity.explain import diff_config
-    from parity.fixtures import verify_referenced_checkpoints
+    from parity.explain.fixes import diff_config
+    from parity.store.fixtures import verify_referenced_checkpoints
     from parity.libraries import canonical_names, describe_record
-    from parity.numerics import reduced_precision
-    from parity.tolerance import calibrated_tolerance, reference_dtype
+    from parity.model.numerics import reduced_precision
+    from parity.judge.tolerance import calibrated_tolerance, reference_dtype
 
     verify_referenced_checkpoints(fixture)
     pipeline, producer = fixture.pipeline, fixture.manifest.get("producer", {})
@@ -413,7 +413,7 @@ def test_any_sealed_manifest_is_refused_at_load_or_read_without_error(pristine, 
 
 def test_a_damaged_fixture_is_still_replaceable_but_nothing_else_is(tmp_path):
     """--force rebuilds a fixture whose seal no longer verifies (the fix its own errors recommend)."""
-    from parity.fixtures import check_replaceable
+    from parity.store.fixtures import check_replaceable
 
     root = _copy_fixture(tmp_path)
     (root / "manifest.json").write_text((root / "manifest.json").read_text().replace('"clip_dnn"', '"edited"'))

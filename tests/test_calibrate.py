@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.calibrate import Run, calibrate
-from parity.check import run_check
+from parity.commands.calibrate import Run, calibrate
+from parity.commands.check import run_check
 from parity.errors import SpecError
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from parity.results import Status, Tolerance
 from tests.test_diagnose import DRIFTS
 
@@ -88,7 +88,7 @@ def test_margins_outside_one_to_the_maximum_are_refused(example_spec, margin):
 def test_stored_budgets_are_validated_when_read(calibrated, edit, message):
     import copy
 
-    from parity.calibrate import calibrated_tolerance
+    from parity.commands.calibrate import calibrated_tolerance
     from parity.errors import FixtureError
 
     manifest = copy.deepcopy(dict(load_fixture(calibrated).manifest))

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import main
 from parity.errors import SpecError
-from parity.fixtures import MANIFEST, load_fixture
+from parity.store.fixtures import MANIFEST, load_fixture
 from parity.spec import load_spec, select_candidate
 from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
@@ -130,8 +130,8 @@ def repo(tmp_path_factory) -> Path:
             head(torch.randn(16, 64))
     torch.save(head.eval().state_dict(), root / "weights" / "tags.pth")
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
 
     reference = load_fixture(EXAMPLE_FIXTURES)
     images = [row.image for row in reference.rows[:4]]
@@ -220,7 +220,7 @@ def test_fixture_directories_ignore_their_staging_and_lock_files(repo: Path):
     assert {"/.tags.previous/", "/.tags.lock", "/.tags.tmp-*/"} <= set(beside)
     assert ".gitignore" not in json.loads((fixture / MANIFEST).read_text())["files"]
     load_fixture(fixture)  # not refused for a file the manifest does not list
-    from parity.fixtures import check_replaceable
+    from parity.store.fixtures import check_replaceable
 
     check_replaceable(fixture)  # --force may still replace it
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from parity.source import capture, git_revision
-from parity.check import run_check
-from parity.checkpoints import read_state_dict
+from parity.commands.capture import capture, git_revision
+from parity.commands.check import run_check
+from parity.store.checkpoints import read_state_dict
 from parity.errors import FixtureError
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline
 from parity.results import Status
 from tests.conftest import EXAMPLE_FIXTURES, ROOT
 
@@ -120,7 +120,7 @@ def test_capture_without_model_name_records_the_transformers_class(tmp_path):
 def test_an_unknown_model_name_is_left_out_not_proposed_as_a_fix(example_spec, tmp_path):
     """A backbone that does not know its name (no pretrained_cfg): the record omits it, no fix proposes it."""
     from parity.libraries import model_name
-    from parity.report import render_report
+    from parity.report.console import render_report
     from rich.console import Console
 
     pipeline = build_pipeline(example_spec)
@@ -157,7 +157,7 @@ def test_capture_pipeline_records_the_callers_script_and_revision(example_spec, 
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "training code"], check=True)
-    namespace: dict = {"capture_pipeline": __import__("parity.source", fromlist=["x"]).capture_pipeline}
+    namespace: dict = {"capture_pipeline": __import__("parity.commands.capture", fromlist=["x"]).capture_pipeline}
     exec(compile(script.read_text(), str(script), "exec"), namespace)  # frames now name their file
     fixture = load_fixture(EXAMPLE_FIXTURES)
     images = [row.image for row in fixture.rows[:2]]

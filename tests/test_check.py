@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity.check import STAGE_ORDER, diff_config, run_check
+from parity.commands.check import STAGE_ORDER, diff_config, run_check
 from parity.results import ConfigDiff, Status
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from parity.checkpoints import StrictLoadError, load_state_dict_strict, read_state_dict
+from parity.store.checkpoints import StrictLoadError, load_state_dict_strict, read_state_dict
 from parity.errors import CheckpointError, ParityError
 
 

@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.errors import SpecError
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline
-from parity.report import render_text, verdict_line
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline
+from parity.report.console import render_text, verdict_line
 from parity.results import Status, Verdict
 from parity.spec import load_spec
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
@@ -68,7 +68,7 @@ def test_flipped_argmax_names_sample_and_classes(spec):
     fixture = load_fixture(CLASSIFIER_FIXTURES)
     pipeline = build_pipeline(spec)
     swapped = pipeline.run_head(fixture.embeddings).numpy()[:, ::-1]
-    from parity.decisions import argmax_flips
+    from parity.judge.decisions import argmax_flips
 
     flips = argmax_flips(swapped, fixture.outputs, 1e-5, fixture.names)
     first = fixture.names[0]
@@ -124,14 +124,14 @@ def test_core_imports_without_the_extras():
     import subprocess
 
     code = ("import sys; sys.modules['transformers'] = None; sys.modules['open_clip'] = None; "
-            "import parity, parity.check, parity.cli, parity.pipeline, parity.preprocess_config, parity.preprocess_diff; "
-            "from parity.spec import load_spec; from parity.check import run_check; "
+            "import parity, parity.commands.check, parity.cli, parity.model.pipeline, parity.preprocess.config, parity.preprocess.diff; "
+            "from parity.spec import load_spec; from parity.commands.check import run_check; "
             f"assert run_check(load_spec({str(ROOT / 'specs' / 'clip_dnn.toml')!r})).passed")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
 
 
 def test_diagnose_localises_a_transformers_activation_swap(spec):
-    from parity.diagnose import diagnose
+    from parity.commands.diagnose import diagnose
 
     result = diagnose(spec.replace(backbone={"kwargs": {"hidden_act": "gelu"}}), samples=2)
     assert result.drift
@@ -142,7 +142,7 @@ def test_diagnose_localises_a_transformers_activation_swap(spec):
 def test_calibration_measures_the_transformers_pipelines_own_noise(spec, tmp_path):
     import shutil
 
-    from parity.calibrate import calibrate, calibrated_tolerance
+    from parity.commands.calibrate import calibrate, calibrated_tolerance
 
     fixture = shutil.copytree(CLASSIFIER_FIXTURES, tmp_path / "clip_mlp")
     result = calibrate(spec, fixtures=fixture)

@@ -107,12 +107,12 @@ def test_explain_preprocess_refuses_an_unknown_source(capsys):
 @pytest.mark.parametrize("debug", [False, True])
 def test_unexpected_exception_exits_3_with_one_line(tmp_path, capsys, monkeypatch, debug):
     """An exception parity did not raise on purpose (a defect) is exit 3, never the drift status 1."""
-    import parity.check
+    import parity.commands.check
 
     def defect(*args, **kwargs):
         raise ZeroDivisionError("division by zero in the user's head")
 
-    monkeypatch.setattr(parity.check, "run_check", defect)
+    monkeypatch.setattr(parity.commands.check, "run_check", defect)
     argv = (["--debug"] if debug else []) + ["check", "--spec", str(EXAMPLE_SPEC)]
     assert main(argv) == EXIT_INTERNAL == 3
     err = capsys.readouterr().err

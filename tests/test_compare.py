@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from parity.compare import compare_arrays
+from parity.judge.arrays import compare_arrays
 from parity.results import SampleError, Tolerance
 
 DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=150)

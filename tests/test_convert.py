@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from parity.convert import hf_to_openai, hf_to_timm, hf_vision_config_from_openai, openai_to_hf
+from parity.libraries.convert import hf_to_openai, hf_to_timm, hf_vision_config_from_openai, openai_to_hf
 from parity.errors import CheckpointError
 
 open_clip = pytest.importorskip("open_clip")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.check import run_check
-from parity.pipeline import build_pipeline
+from parity.commands.check import run_check
+from parity.model.pipeline import build_pipeline
 from parity.results import Status, Verdict
-from parity.source import capture_pipeline
+from parity.commands.capture import capture_pipeline
 from parity.spec import load_spec
 from tests.conftest import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
 
@@ -259,7 +259,7 @@ def test_extraction_point_is_compared_across_libraries(world):
 
 
 def test_diagnose_explains_a_preprocessing_no_spec_field_reaches(tmp_path):
-    from parity.diagnose import diagnose
+    from parity.commands.diagnose import diagnose
 
     result = diagnose(load_spec(timm_serving_spec(tmp_path)), fixtures=CLASSIFIER_FIXTURES, samples=2)
     assert result.drift and not result.confirmed

@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from parity.check import judge_run, run_check
-from parity.decisions import argmax_flips, threshold_flips, verification_flips
+from parity.commands.check import judge_run, run_check
+from parity.judge.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import SpecError
-from parity.flip_rate import describe_bound, flip_rate_bound, samples_for_rate
-from parity.pipeline import build_pipeline
-from parity.fixtures import FixtureRow, load_fixture
+from parity.judge.flip_rate import describe_bound, flip_rate_bound, samples_for_rate
+from parity.model.pipeline import build_pipeline
+from parity.store.fixtures import FixtureRow, load_fixture
 from parity.results import Status
 from parity.runners import run_candidate
-from parity.sampling import row_strata, sample_fixture, stratified_rows
+from parity.store.sampling import row_strata, sample_fixture, stratified_rows
 from parity.spec import parse_spec
 from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 

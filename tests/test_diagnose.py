@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity.check import run_check
-from parity.checkpoints import read_state_dict
-from parity.diagnose import diagnose, first_divergent_layer
-from parity.pipeline import build_pipeline
+from parity.commands.check import run_check
+from parity.store.checkpoints import read_state_dict
+from parity.commands.diagnose import diagnose, first_divergent_layer
+from parity.model.pipeline import build_pipeline
 from tests.conftest import EXAMPLE_FIXTURES
 
 HEAD = EXAMPLE_FIXTURES / "dnnV1_model_best.pth"
@@ -120,7 +120,7 @@ def _log_service(spec, path, *, rows=6, embedding=True, outputs=True, csv=False)
     import csv as csv_module
     import json
 
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
 
     pipeline = build_pipeline(spec)
     records = []
@@ -143,7 +143,7 @@ def _log_service(spec, path, *, rows=6, embedding=True, outputs=True, csv=False)
 
 
 def test_service_log_from_the_spec_pipeline_matches(example_spec, tmp_path):
-    from parity.diagnose import diagnose_logged
+    from parity.commands.diagnose import diagnose_logged
 
     result = diagnose_logged(example_spec, _log_service(example_spec, tmp_path / "service.jsonl"))
     assert result.matches and result.compared == ("embedding", "outputs")
@@ -154,7 +154,7 @@ def test_service_log_from_the_spec_pipeline_matches(example_spec, tmp_path):
     ({"preprocess": {"channel_order": "bgr"}}, '[preprocess].channel_order = "bgr"', "csv-outputs-only"),
 ])
 def test_service_log_names_the_configuration_the_service_runs(example_spec, tmp_path, change, reproduced_by, kind):
-    from parity.diagnose import diagnose_logged
+    from parity.commands.diagnose import diagnose_logged
 
     csv = kind.startswith("csv")
     log = _log_service(example_spec.replace(**change), tmp_path / f"service.{'csv' if csv else 'jsonl'}",
@@ -174,7 +174,7 @@ def test_service_log_names_the_configuration_the_service_runs(example_spec, tmp_
 ])
 def test_bad_service_logs_are_refused_with_the_reason(tmp_path, content, message):
     from parity.errors import FixtureError
-    from parity.fixtures import load_logged_samples
+    from parity.store.fixtures import load_logged_samples
 
     image = str((EXAMPLE_FIXTURES / "images" / "chelsea.png").resolve())
     path = tmp_path / "log.jsonl"
@@ -196,8 +196,8 @@ def test_diagnose_cli_with_a_service_log(example_spec, tmp_path, capsys):
 def bilinear_without_pixels(example_spec, tmp_path_factory):
     """A fixture made with bilinear resizing and no golden pixels, and a candidate that leaves
     interpolation unset (so it resolves to bicubic from the model's pretrained_cfg)."""
-    from parity.fixtures import load_fixture
-    from parity.source import capture_pipeline
+    from parity.store.fixtures import load_fixture
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
     from tests.conftest import write_spec
 
@@ -285,8 +285,8 @@ def _edit_outputs(path, edit):
 
 
 def test_service_log_with_matching_embeddings_names_the_head_stage(example_spec, other_run, tmp_path, capsys):
-    from parity.diagnose import diagnose_logged
-    from parity.report import render_diagnosis
+    from parity.commands.diagnose import diagnose_logged
+    from parity.report.console import render_diagnosis
     from rich.console import Console
 
     log = _log_service(example_spec.replace(head={"weights": other_run}), tmp_path / "service.jsonl")
@@ -303,7 +303,7 @@ def test_service_log_with_matching_embeddings_names_the_head_stage(example_spec,
 def test_service_log_is_judged_by_the_specs_decisions(example_spec, tmp_path, capsys):
     """[decisions] threshold = 0.0: outputs scaled by 1.001 drift but flip nothing; a sign change flips."""
     from parity.cli import main
-    from parity.diagnose import diagnose_logged
+    from parity.commands.diagnose import diagnose_logged
     from tests.conftest import write_spec
 
     scaled = _edit_outputs(_log_service(example_spec, tmp_path / "scaled.jsonl"),

@@ -15,8 +15,8 @@ import pytest
 
 from parity.cli import main
 from parity.errors import SpecError
-from parity.diagnose import _Editor, _is_current, _Prober, _resolved, diagnose_candidate, printed_fix
-from parity.fixtures import load_fixture
+from parity.commands.diagnose import _Editor, _is_current, _Prober, _resolved, diagnose_candidate, printed_fix
+from parity.store.fixtures import load_fixture
 from parity.results import Change
 from parity.spec import load_spec, parse_spec, vocabulary
 from parity.spec_toml import apply_toml_fix, load_fixed, render_document, render_spec
@@ -199,9 +199,9 @@ def shipped_app(directory: Path, *, processor: str = "", convert: str = "pass") 
 
 def test_a_bgr_service_is_told_to_change_its_code_and_the_alternative_toml_rebuilds_a_fixture_it_passes(tmp_path):
     pytest.importorskip("transformers")
-    from parity.check import run_check
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.commands.check import run_check
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
 
     spec = shipped_app(tmp_path, convert="rgb = rgb[:, :, ::-1]  # the frame as OpenCV gives it")
     result = diagnose_candidate(load_spec(spec))

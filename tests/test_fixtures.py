@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from parity.errors import FixtureError
-from parity.fixtures import MANIFEST_DIGEST, SCHEMA_VERSION, load_fixture, manifest_digest, stage_fixture
+from parity.store.fixtures import MANIFEST_DIGEST, SCHEMA_VERSION, load_fixture, manifest_digest, stage_fixture
 from tests.conftest import reseal
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "clip_dnn"

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from parity.check import run_check
-from parity.checkpoints import read_checkpoint, read_state_dict
+from parity.commands.check import run_check
+from parity.store.checkpoints import read_checkpoint, read_state_dict
 from parity.errors import CheckpointError
-from parity.forensics import describe_layers, infer_layers, module_source
-from parity.pipeline import build_pipeline
-from parity.report import format_stage
+from parity.store.forensics import describe_layers, infer_layers, module_source
+from parity.model.pipeline import build_pipeline
+from parity.report.console import format_stage
 from parity.results import Status
 from reference.build_fixtures import HEAD_KWARGS
 from reference.models import MultiLabelRegressionNN

@@ -23,9 +23,9 @@ from torch import nn
 
 from parity.cli import main
 from parity.errors import FixtureError, SpecError
-from parity.fixtures import load_fixture
-from parity.freeze import FieldMap, freeze, parse_field_map, read_metadata, read_rows_array, select_golden
-from parity.pipeline import build_pipeline
+from parity.store.fixtures import load_fixture
+from parity.commands.freeze import FieldMap, freeze, parse_field_map, read_metadata, read_rows_array, select_golden
+from parity.model.pipeline import build_pipeline
 from parity.spec import load_spec
 from tests.conftest import EXAMPLE_FIXTURES
 
@@ -448,7 +448,7 @@ def test_golden_pixels_of_several_shapes_are_compared_image_by_image(project, tm
     golden = load_fixture(out).golden_pixels
     assert len({p.shape for p in golden.values()}) > 1
     assert check_cli(spec, out) == 0
-    from parity.check import run_check
+    from parity.commands.check import run_check
 
     pixels = run_check(load_spec(spec), fixtures=out).stage("pixels")
     assert pixels.headline == "4 golden images of several shapes, compared image by image"
@@ -456,7 +456,7 @@ def test_golden_pixels_of_several_shapes_are_compared_image_by_image(project, tm
 
 
 def test_one_golden_image_of_another_shape_is_that_images_failure():
-    from parity.comparator import _pixels_stage
+    from parity.judge.stages import _pixels_stage
     from parity.results import Status, Tolerance
 
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 The training project is a user's own (its BatchNorm head, its field names, from tests/test_freeze.py); its
 embeddings were made with TF32 convolutions and matmuls, as an Ampere GPU with ``allow_tf32`` makes them,
-emulated here by rounding every convolution and matmul operand to TF32 (`parity.emulate`), so that the
+emulated here by rounding every convolution and matmul operand to TF32 (`parity.numerics.emulate`), so that the
 suite runs on any CPU.
 """
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from parity.cli import main
-from parity.emulate import emulate_reference
-from parity.fixtures import load_fixture
-from parity.numerics import reduced_precision
-from parity.pipeline import build_pipeline
+from parity.numerics.emulate import emulate_reference
+from parity.store.fixtures import load_fixture
+from parity.model.numerics import reduced_precision
+from parity.model.pipeline import build_pipeline
 from parity.spec import REFERENCE_NUMERICS, load_spec
 from tests.conftest import EXAMPLE_FIXTURES
 from tests.test_freeze import IMAGES, SITES, SiteGradeHead, write_spec

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_PASS, EXIT_USAGE, main
 from parity.results import Status
 from parity.spec import load_spec

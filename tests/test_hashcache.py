@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import parity.fixtures
-import parity.pipeline
-from parity.fixtures import cached_sha256, sha256_file
-from parity.hashcache import CACHE_FILE, cache_dir
-from parity.pipeline import load_weights
+import parity.store.fixtures
+import parity.model.pipeline
+from parity.store.fixtures import cached_sha256, sha256_file
+from parity.store.hashcache import CACHE_FILE, cache_dir
+from parity.model.pipeline import load_weights
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         seen.append(Path(path))
         return sha256_file(path)
 
-    monkeypatch.setattr(parity.fixtures, "sha256_file", counting)
+    monkeypatch.setattr(parity.store.fixtures, "sha256_file", counting)
     return seen
 
 
@@ -152,8 +152,8 @@ def test_fingerprints_cached_per_file_and_loading_settings(tmp_path, cache, monk
     torch.save({"model": {f"net.{k}": v for k, v in source.state_dict().items()}}, ckpt)
     settled(ckpt, ckpt.read_bytes())
     calls = []
-    real = parity.pipeline.fingerprint
-    monkeypatch.setattr(parity.pipeline, "fingerprint", lambda sd: calls.append(1) or real(sd))
+    real = parity.model.pipeline.fingerprint
+    monkeypatch.setattr(parity.model.pipeline, "fingerprint", lambda sd: calls.append(1) or real(sd))
 
     settings = dict(state_dict_key="model", key_map={"net.": ""})
     first = _load(_Head(), ckpt, **settings)
@@ -179,7 +179,7 @@ def test_a_tampered_referenced_checkpoint_is_caught_after_it_was_cached(tmp_path
     import numpy as np
 
     from parity.errors import FixtureError
-    from parity.fixtures import Fixture, verify_referenced_checkpoints
+    from parity.store.fixtures import Fixture, verify_referenced_checkpoints
 
     ckpt = settled(tmp_path / "head.pth", b"\x01" * 2048)
     entry = {"referenced": True, "file": "head.pth", "sha256": sha256_file(ckpt), "bytes": 2048}

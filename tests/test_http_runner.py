@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import parity.runners.http as http_runner
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_DRIFT, EXIT_USAGE, main
 from parity.errors import SpecError
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from parity.results import Status, Verdict
 from parity.spec import load_spec
 from tests.conftest import EXAMPLE_FIXTURES, ROOT

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from parity.errors import FixtureError
-from parity.images import decode_image, load_image
+from parity.store.images import decode_image, load_image
 
 EXIF_ORIENTATION = 0x0112
 
@@ -114,7 +114,7 @@ def test_images_with_no_faithful_8_bit_mapping_are_refused_with_the_reason(tmp_p
 
 
 def test_a_resize_that_would_be_huge_is_refused_before_it_allocates():
-    from parity.images import check_resize
+    from parity.store.images import check_resize
 
     check_resize((3, 2000), 336.0)  # 75M pixels after the resize: allowed
     with pytest.raises(FixtureError, match=r"1x20000 resized to a shortest edge of 336 would be 2.26e\+09 pixels"):
@@ -123,7 +123,7 @@ def test_a_resize_that_would_be_huge_is_refused_before_it_allocates():
 
 def test_a_fixture_image_that_changed_after_loading_is_refused(tmp_path):
     from parity.errors import FixtureChangedError
-    from parity.fixtures import FixturePath
+    from parity.store.fixtures import FixturePath
 
     path = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(path)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity.check import run_check
-from parity.diagnose import _Prober
-from parity.fixtures import load_fixture
+from parity.commands.check import run_check
+from parity.commands.diagnose import _Prober
+from parity.store.fixtures import load_fixture
 from parity.results import Status, Tolerance
 from tests.test_diagnose import DRIFTS
 
 
 def test_the_matrix_deployment_cell_computes_the_gates_embeddings_bit_for_bit(example_spec):
     """Same configuration, same machine, same process: the two paths run the same code, so the bits agree."""
-    from parity.images import load_image
-    from parity.pipeline import build_pipeline
+    from parity.store.images import load_image
+    from parity.model.pipeline import build_pipeline
     from parity.runners import run_candidate
-    from parity.variants import _Engine, base_values, expand_matrix, resolve_data_config
+    from parity.commands.matrix import _Engine, base_values, expand_matrix, resolve_data_config
 
     spec = example_spec.replace(runtime={"batch_size": 3})  # a ragged last batch on both paths
     fixture = load_fixture(spec.fixture_root())

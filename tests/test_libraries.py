@@ -17,8 +17,8 @@ from torch import nn
 from parity import libraries
 from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
 from parity.libraries import Library
-from parity.preprocess import Preprocess
-from parity.preprocess_config import PreprocessConfig, derived_fields, require_same
+from parity.preprocess.transform import Preprocess
+from parity.preprocess.config import PreprocessConfig, derived_fields, require_same
 from parity.spec import LibraryVocabulary, load_spec
 from tests.conftest import EXAMPLE_FIXTURES, ROOT
 
@@ -109,8 +109,8 @@ def _toy_project(root: Path) -> Path:
     """Weights, a spec and a fixture captured from the spec's own pipeline, for the toy library."""
     from safetensors.torch import save_file
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from tests.support.heads import CustomDNN
 
     torch.manual_seed(0)
@@ -297,7 +297,7 @@ def test_no_module_outside_the_registry_branches_on_a_library_name():
 
 def test_importing_parity_loads_no_backbone_library():
     """timm, transformers and open_clip load only when a spec or source uses them."""
-    code = ("import importlib, pkgutil, sys, parity, parity.cli, parity.check; "
+    code = ("import importlib, pkgutil, sys, parity, parity.cli, parity.commands.check; "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(parity.__path__, 'parity.')]; "
             "print(sorted(m for m in ('timm', 'transformers', 'open_clip') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -306,7 +306,7 @@ def test_importing_parity_loads_no_backbone_library():
 
 
 def test_where_an_unset_preprocess_field_comes_from_is_the_adapters_word(toy_library):
-    """Diagnosis shows an unset field's resolved value with these words (`parity.diagnose._current_words`)."""
+    """Diagnosis shows an unset field's resolved value with these words (`parity.commands.diagnose._current_words`)."""
     from types import SimpleNamespace
 
     def spec(backbone: str):

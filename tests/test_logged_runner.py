@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_DRIFT, EXIT_PASS, main
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from parity.results import Status, Verdict
 from parity.spec import load_spec
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, write_spec
@@ -22,7 +22,7 @@ NOT_LOGGED = ("load", "weights", "pixels", "head")
 
 @cache
 def _pipeline(spec_path: Path, change: tuple = ()):
-    from parity.pipeline import build_pipeline
+    from parity.model.pipeline import build_pipeline
 
     spec = load_spec(spec_path)
     return build_pipeline(spec.replace(**{section: dict(fields) for section, fields in change}))
@@ -212,8 +212,8 @@ def test_a_classifier_log_with_embeddings_only_checks_verification_decisions(tmp
 
 
 def test_diagnose_logged_carries_the_gate_report_of_the_log(tmp_path, capsys):
-    from parity.diagnose import diagnose_logged
-    from parity.report import to_json
+    from parity.commands.diagnose import diagnose_logged
+    from parity.report.console import to_json
 
     images, biases = _copies(tmp_path / "uploads", count=3)
     log = write_log(tmp_path / "log.jsonl", images, biases)

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.errors import SpecError
-from parity.merge import load_partial, merge_reports
-from parity.report import document, write_json
+from parity.commands.merge import load_partial, merge_reports
+from parity.report.console import document, write_json
 from parity.results import Cause, Change, Diagnosis
 from parity.spec import load_spec
 from tests.conftest import write_spec
@@ -50,7 +50,7 @@ def made(tmp_path_factory) -> dict:
     checks = [run_check(spec, shard=(i, SHARDS)) for i in range(1, SHARDS + 1)]
     whole = run_check(spec)
     assert not whole.passed  # a drift with flips: the verdict is worth keeping stable
-    from parity.variants import run_matrix
+    from parity.commands.matrix import run_matrix
 
     axes = {"interpolation": ("bicubic", "bilinear"), "device": ("cpu",), "dtype": ("float32",)}
     matrices = [run_matrix(spec, axes=axes, shard=(i, 2)) for i in (1, 2)]
@@ -145,7 +145,7 @@ def test_a_part_with_nan_embeddings_its_stages_do_not_report_is_refused(made, tm
 def test_the_spec_digest_is_of_the_files_bytes(made):
     import hashlib
 
-    from parity.shards import read_part_version
+    from parity.store.shards import read_part_version
 
     version = read_part_version(load_partial(made["check"][0]).shard.version)
     assert version["spec"] == hashlib.sha256(Path(made["spec"]).read_bytes()).hexdigest()

@@ -10,17 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity.calibrate import Run, calibrate
-from parity.check import run_check
-from parity.diagnose import diagnose
-from parity.emulate import ReducedPrecisionMode, emulate_reference, round_mantissa
-from parity.fixtures import MANIFEST, load_fixture
-from parity.numerics import probe_numerics, reduced_precision
-from parity.pipeline import build_pipeline
-from parity.referee import judge, multiplier, referee
-from parity.report import render_text
+from parity.commands.calibrate import Run, calibrate
+from parity.commands.check import run_check
+from parity.commands.diagnose import diagnose
+from parity.numerics.emulate import ReducedPrecisionMode, emulate_reference, round_mantissa
+from parity.store.fixtures import MANIFEST, load_fixture
+from parity.model.numerics import probe_numerics, reduced_precision
+from parity.model.pipeline import build_pipeline
+from parity.numerics.referee import judge, multiplier, referee
+from parity.report.console import render_text
 from parity.results import Status
-from parity.source import capture_pipeline
+from parity.commands.capture import capture_pipeline
 from tests.conftest import EXAMPLE_FIXTURES, reseal
 
 # What a GPU extraction with PyTorch's defaults records: cuDNN convolutions in TF32, matmuls in float32.

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.check import judge_run
-from parity.checkpoints import fingerprint
-from parity.fixtures import load_fixture
+from parity.commands.check import judge_run
+from parity.store.checkpoints import fingerprint
+from parity.store.fixtures import load_fixture
 from parity.results import Status
 from parity.runners import run_candidate
 from parity.errors import SpecError
@@ -244,7 +244,7 @@ def test_hooks_on_a_compiled_module_fire_while_it_is_observed():
     import torch
 
     from parity.runners.app import AppObservation, _eager
-    from parity.runners.discover import Recognised
+    from parity.runners.observe import Recognised
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
     compiled = torch.compile(model, backend="eager")
@@ -408,7 +408,7 @@ def test_the_endpoint_runner_records_the_same_evidence(tmp_path, example_spec, f
 def test_reachable_modules_stop_at_library_internals_and_their_depth():
     import torch
 
-    from parity.runners.discover import reachable_modules
+    from parity.runners.observe import reachable_modules
 
     class Holder:
         pass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_PASS, EXIT_USAGE, main
 from parity.results import Status
 from parity.spec import load_spec
@@ -103,7 +103,7 @@ class _Classifier(torch.nn.Module):
 
 def _export_classifier_head(spec, path: Path, *, nudge: float = 0.0) -> Path:
     """The clip_mlp head (no input_biases) exported with a fixed batch of 1 and an output named 'logits'."""
-    from parity.pipeline import load_head
+    from parity.model.pipeline import load_head
 
     head = load_head(spec, device=torch.device("cpu"), fingerprints=False)[0]
     with torch.no_grad():

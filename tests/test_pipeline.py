@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from parity.checkpoints import StrictLoadError
+from parity.store.checkpoints import StrictLoadError
 from parity.errors import SpecError
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline, extract_embedding, import_object
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline, extract_embedding, import_object
 from tests.conftest import EXAMPLE_FIXTURES
 
 
@@ -86,7 +86,7 @@ def test_predict_accepts_any_image_a_service_is_handed(pipeline, tmp_path):
     from PIL import Image
 
     from parity.errors import FixtureError
-    from parity.images import decode_image
+    from parity.store.images import decode_image
 
     rgb = Image.open(EXAMPLE_FIXTURES / "images" / "chelsea.png").convert("RGB")
     rgba = rgb.copy()

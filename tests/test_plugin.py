@@ -18,7 +18,7 @@ def loaded_modules(example_spec) -> None:
     Inline sessions drop the modules they imported when they end; dropping and
     re-importing torch's extension modules crashes the interpreter.
     """
-    from parity.check import run_check
+    from parity.commands.check import run_check
 
     run_check(example_spec)
 
@@ -112,7 +112,7 @@ def test_importing_the_package_and_plugin_loads_no_torch():
 
 def test_a_decisions_gate_marks_moved_stages_xfail(gate, tmp_path: Path):
     pytest.importorskip("transformers")
-    from parity.check import run_check
+    from parity.commands.check import run_check
     from parity.spec import load_spec
 
     classifier = CLASSIFIER_SPEC

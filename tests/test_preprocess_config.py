@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from parity.errors import SpecError
-from parity.preprocess import (
+from parity.preprocess.transform import (
     MEAN_STD_PRESETS,
     PROCESSOR_BACKEND,
     create_hf_preprocess,
@@ -21,8 +21,8 @@ from parity.libraries import create_transform, resolve_source
 from parity.libraries.open_clip import describe_open_clip
 from parity.libraries.timm import describe_timm
 from parity.libraries.transformers import describe_hf
-from parity.preprocess_config import PreprocessConfig, crop_box
-from parity.preprocess_diff import explain_preprocess
+from parity.preprocess.config import PreprocessConfig, crop_box
+from parity.preprocess.diff import explain_preprocess
 
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers.models.clip")

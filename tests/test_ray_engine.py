@@ -19,7 +19,7 @@ import pytest
 
 from parity.cli import EXIT_USAGE, main
 from parity.errors import FixtureChangedError, SpecError
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from parity.runners import run_candidate
 from parity.spec import Spec, load_spec
 from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT, reseal, write_spec
@@ -89,8 +89,8 @@ def test_ray_batches_like_the_local_engine_at_any_batch_size(ray_instance, tmp_p
     """17 samples in batches of 5: four batches, the last one short, in fixture order from two actors."""
     import torch
 
-    from parity.pipeline import build_pipeline
-    from parity.runners.ray_engine import ray_batches
+    from parity.model.pipeline import build_pipeline
+    from parity.model.ray_engine import ray_batches
 
     spec = load_spec(write_spec(tmp_path, {"batch_size = 8": "batch_size = 5"}))
     fixture = load_fixture(spec.fixture_root())
@@ -140,7 +140,7 @@ def test_engine_ray_without_ray_is_a_usage_error_naming_the_extra(monkeypatch, c
     assert main(["check", "--spec", str(EXAMPLE_SPEC), "--engine", "ray"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "pip install 'parity[ray]'" in err and "Traceback" not in err
-    from parity.runners.ray_engine import import_ray
+    from parity.model.ray_engine import import_ray
 
     with pytest.raises(SpecError, match=r"parity\[ray\]"):
         import_ray()
@@ -149,10 +149,10 @@ def test_engine_ray_without_ray_is_a_usage_error_naming_the_extra(monkeypatch, c
 @pytest.fixture
 def seen_specs(monkeypatch):
     """The spec each command would run (its engine replaced by a stub that records it)."""
-    import parity.check
-    import parity.diagnose
-    import parity.runners.ray_engine
-    import parity.variants
+    import parity.commands.check
+    import parity.commands.diagnose
+    import parity.model.ray_engine
+    import parity.commands.matrix
 
     specs: list[Spec] = []
 
@@ -160,11 +160,11 @@ def seen_specs(monkeypatch):
         specs.append(spec)
         raise SpecError("recorded")  # stops the command: exit 2
 
-    for module, name in ((parity.check, "run_check"), (parity.diagnose, "diagnose"), (parity.variants, "run_matrix")):
+    for module, name in ((parity.commands.check, "run_check"), (parity.commands.diagnose, "diagnose"), (parity.commands.matrix, "run_matrix")):
         monkeypatch.setattr(module, name, record)
     # The flags are under test, not Ray: no import, no session.
-    monkeypatch.setattr(parity.runners.ray_engine, "import_ray", lambda: None)
-    monkeypatch.setattr(parity.runners.ray_engine, "ray_session", lambda address: contextlib.nullcontext())
+    monkeypatch.setattr(parity.model.ray_engine, "import_ray", lambda: None)
+    monkeypatch.setattr(parity.model.ray_engine, "ray_session", lambda address: contextlib.nullcontext())
     return specs
 
 
@@ -225,7 +225,7 @@ def test_actor_pool_follows_the_cluster(monkeypatch, device, resources, threads,
     """One GPU per actor on CUDA, the driver's thread count per CPU actor; never more actors than batches."""
     import torch
 
-    from parity.runners.ray_engine import _pool
+    from parity.model.ray_engine import _pool
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     cluster = type("Cluster", (), {"cluster_resources": staticmethod(lambda: resources)})
@@ -236,7 +236,7 @@ def test_actor_pool_follows_the_cluster(monkeypatch, device, resources, threads,
 def test_cuda_on_a_cluster_without_gpus_is_a_usage_error():
     import torch
 
-    from parity.runners.ray_engine import _pool
+    from parity.model.ray_engine import _pool
 
     cluster = type("Cluster", (), {"cluster_resources": staticmethod(lambda: {"CPU": 8.0})})
     with pytest.raises(SpecError, match="the Ray cluster has no GPU"):
@@ -248,12 +248,12 @@ def test_an_actor_with_other_weights_stops_the_run(example_spec):
     import torch
 
     from parity.errors import CheckpointError
-    from parity.runners.ray_engine import EmbedActor, _decode
+    from parity.model.ray_engine import EmbedActor, _decode
 
     fixture = load_fixture(example_spec.fixture_root())
     row = fixture.rows[0]
     batches = [[(0, row.name, str(row.image), row.image.sha256)]]
-    from parity.pipeline import build_pipeline
+    from parity.model.pipeline import build_pipeline
 
     driver = build_pipeline(example_spec)
     good = EmbedActor(example_spec, "cpu", None, batches, [row.name], driver.fingerprints)
@@ -275,9 +275,9 @@ def test_ray_runs_a_users_own_head_and_fixture_like_the_local_engine(ray_instanc
     some example images: the Ray workers import the user's class and give the local record."""
     import torch
 
-    from parity.check import judge_run
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.commands.check import judge_run
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from tests.conftest import EXAMPLE_FIXTURES
     from tests.test_user_heads import BatchNormHead, _trained
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from parity.check import run_check
-from parity.checkpoints import read_state_dict
-from parity.fixtures import load_fixture
+from parity.commands.check import run_check
+from parity.store.checkpoints import read_state_dict
+from parity.store.fixtures import load_fixture
 from parity.results import Status
 from reference import build_fixtures
 from reference.models import MultiLabelRegressionNN

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.errors import FixtureError
-from parity.fixtures import load_fixture, stage_fixture
-from parity.images import decode_image
-from parity.pipeline import build_pipeline
+from parity.store.fixtures import load_fixture, stage_fixture
+from parity.store.images import decode_image
+from parity.model.pipeline import build_pipeline
 from parity.results import Status
 from tests.conftest import EXAMPLE_FIXTURES, ROOT, reseal
 
@@ -151,7 +151,7 @@ def test_killed_regeneration_leaves_the_old_fixture_intact(tmp_path):
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     script = (
         "import os, signal, sys\n"
-        "from parity.fixtures import stage_fixture\n"
+        "from parity.store.fixtures import stage_fixture\n"
         f"with stage_fixture({str(dest)!r}, force=True) as stage:\n"
         "    (stage.path / 'data.txt').write_text('half written')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -237,7 +237,7 @@ def test_preprocessing_never_produces_nan(pipeline, tmp_path_factory, mode, widt
 @PROPERTY
 @given(st.floats(min_value=1e-7, max_value=1.0), st.floats(min_value=1.0, max_value=100.0))
 def test_verdicts_are_monotone_in_tolerance(fixture, atol, factor):
-    from parity.compare import compare_arrays
+    from parity.judge.arrays import compare_arrays
     from parity.results import Tolerance
 
     noisy = fixture.embeddings + np.float32(1e-4) * np.sign(fixture.embeddings)
@@ -262,7 +262,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 def _regenerate_in_child(dest: Path, text: str, fault: str) -> subprocess.CompletedProcess:
     script = (
-        "from parity.fixtures import stage_fixture\n"
+        "from parity.store.fixtures import stage_fixture\n"
         f"with stage_fixture({str(dest)!r}, force=True) as stage:\n"
         f"    (stage.path / 'data.txt').write_text({text!r})\n"
     )
@@ -271,7 +271,7 @@ def _regenerate_in_child(dest: Path, text: str, fault: str) -> subprocess.Comple
 
 
 def _data(dest: Path) -> str:
-    from parity.fixtures import _read_manifest, _read_verified
+    from parity.store.fixtures import _read_manifest, _read_verified
 
     manifest = _read_manifest(dest)  # sealed, and every file verifies
     return _read_verified(dest, "data.txt", manifest["files"]["data.txt"]).decode()
@@ -279,7 +279,7 @@ def _data(dest: Path) -> str:
 
 @pytest.mark.parametrize("step", WRITE_STEPS)
 def test_a_regeneration_killed_at_any_step_is_recovered_by_the_next_reader(tmp_path, step):
-    from parity.fixtures import recover_fixture
+    from parity.store.fixtures import recover_fixture
 
     dest = tmp_path / "fx"
     _write(dest, "old", force=False)
@@ -301,7 +301,7 @@ def test_a_kill_between_the_renames_rolls_forward_to_the_sealed_new_version(tmp_
     _write(dest, "old", force=False)
     assert _regenerate_in_child(dest, "new", "between-renames").returncode == 99
     assert not dest.exists()  # the state the kill leaves
-    from parity.fixtures import load_fixture as load  # the reader recovers on its own
+    from parity.store.fixtures import load_fixture as load  # the reader recovers on its own
 
     with pytest.raises(FixtureError, match="does not list"):  # a toy fixture, but present and verified
         load(dest)
@@ -310,7 +310,7 @@ def test_a_kill_between_the_renames_rolls_forward_to_the_sealed_new_version(tmp_
 
 def test_a_kill_while_the_manifest_is_updated_keeps_the_old_manifest(fixture_copy):
     before = (fixture_copy / "manifest.json").read_bytes()
-    script = ("from parity.fixtures import update_manifest\n"
+    script = ("from parity.store.fixtures import update_manifest\n"
               f"update_manifest({str(fixture_copy)!r}, 'calibration', {{'float64': {{}}}}, merge=True)\n")
     env = {**os.environ, "PARITY_FAULT_AT": "manifest-written", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, capture_output=True)
@@ -326,7 +326,7 @@ def test_a_regeneration_holds_its_lock_from_start_to_end(tmp_path):
     _write(dest, "one", force=False)
     with stage_fixture(dest, force=True) as stage:
         (stage.path / "data.txt").write_text("two")
-        script = ("from parity.fixtures import stage_fixture\n"
+        script = ("from parity.store.fixtures import stage_fixture\n"
                   f"with stage_fixture({str(dest)!r}, force=True) as s:\n"
                   "    (s.path / 'data.txt').write_text('three')\n")
         proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120, capture_output=True, text=True,
@@ -337,7 +337,7 @@ def test_a_regeneration_holds_its_lock_from_start_to_end(tmp_path):
 
 def test_concurrent_manifest_updates_all_survive(fixture_copy):
     script = ("import sys, time\n"
-              "from parity.fixtures import update_manifest\n"
+              "from parity.store.fixtures import update_manifest\n"
               "start = float(sys.argv[2])\n"
               "time.sleep(max(0.0, start - time.time()))\n"
               f"update_manifest({str(fixture_copy)!r}, 'calibration', {{sys.argv[1]: {{'writer': sys.argv[1]}}}}, "
@@ -351,7 +351,7 @@ def test_concurrent_manifest_updates_all_survive(fixture_copy):
 
 def test_concurrent_calibrations_of_two_dtypes_both_survive(fixture_copy):
     script = ("import sys\n"
-              "from parity.calibrate import Run, calibrate\n"
+              "from parity.commands.calibrate import Run, calibrate\n"
               "from parity.spec import load_spec\n"
               f"spec = load_spec({str(ROOT / 'specs' / 'clip_dnn.toml')!r})\n"
               "calibrate(spec.replace(runtime={'dtype': sys.argv[1]}), "
@@ -409,7 +409,7 @@ def test_check_racing_a_regeneration_never_mixes_versions(example_spec, fixture_
 _LOG_SCRIPT = """
 import resource, sys
 from parity.errors import FixtureError
-from parity.fixtures import load_logged_samples
+from parity.store.fixtures import load_logged_samples
 try:
     logged = load_logged_samples(sys.argv[1])
     print("rows", len(logged.rows), logged.outputs.shape)
@@ -440,7 +440,7 @@ def test_a_200k_line_log_is_read_in_bounded_memory_and_bad_lines_are_named(tmp_p
 # -- verdicts on bad input -----------------------------------------------------------------------
 
 def test_a_decode_failure_is_not_called_acceptable_by_the_decisions_gate(example_spec, fixture_copy):
-    from parity.report import verdict_line
+    from parity.report.console import verdict_line
 
     (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     reseal(fixture_copy)
@@ -459,7 +459,7 @@ def test_an_absent_backbone_checkpoint_is_said_and_fails_the_weights_stage(examp
 
 
 def test_diagnosis_leaves_unreadable_samples_out_of_its_probes_and_names_them(example_spec, fixture_copy):
-    from parity.diagnose import diagnose
+    from parity.commands.diagnose import diagnose
 
     (fixture_copy / "images" / "coins.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     reseal(fixture_copy)

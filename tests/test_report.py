@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from parity.compare import compare_arrays
-from parity.report import format_stage, render_text, to_json
+from parity.judge.arrays import compare_arrays
+from parity.report.console import format_stage, render_text, to_json
 from parity.results import KeyDiff, Report, StageResult, Status, Tolerance
 
 TOL = Tolerance(atol=1e-5, rtol=0.0)
@@ -75,7 +75,7 @@ def test_a_load_failure_is_drift_without_an_empty_tolerances_line():
 
 
 def test_a_load_cause_reads_as_words_not_nan():
-    from parity.diagnose import Cause, Change
+    from parity.commands.diagnose import Cause, Change
 
     cause = Cause(Change("head", (("key_map", {"module.": ""}),), origin="checkpoint forensics"), "load", "keys",
                   float("nan"), float("nan"), True, "saved from nn.DataParallel / DistributedDataParallel")
@@ -85,7 +85,7 @@ def test_a_load_cause_reads_as_words_not_nan():
 
 
 def test_embedding_width_note_speaks_the_backbones_library():
-    from parity.explain import _embedding_notes
+    from parity.explain.fixes import _embedding_notes
 
     for library, own, foreign in (("transformers", "image_embeds", "timm"), ("open_clip", "encode_image", "timm"),
                                   ("timm", "forward_head", "pooler_output")):

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.check import STAGE_ORDER
+from parity.commands.check import STAGE_ORDER
 from parity.cli import EXIT_DRIFT, EXIT_PASS, EXIT_USAGE, main
-from parity.compare import compare_arrays
-from parity.diagnose import Cause, Change, Diagnosis
-from parity.formats import load_document, render_html, render_junit, render_markdown, write_reports
+from parity.judge.arrays import compare_arrays
+from parity.commands.diagnose import Cause, Change, Diagnosis
+from parity.report.files import load_document, render_html, render_junit, render_markdown, write_reports
 from parity.progress import Progress
 from parity.results import Report, StageResult, Status, Tolerance
-from parity.variants import Cell, CellResult, MatrixReport
+from parity.commands.matrix import Cell, CellResult, MatrixReport
 from tests.conftest import EXAMPLE_SPEC, ROOT, write_spec
 
 DRIFT = {'interpolation = "bicubic"': 'interpolation = "bilinear"'}
@@ -213,7 +213,7 @@ def test_progress_lines_come_at_most_once_per_interval():
 
 
 def _document(result) -> dict:
-    from parity.report import document
+    from parity.report.console import document
 
     return json.loads(json.dumps(document(result)))
 
@@ -304,7 +304,7 @@ def test_diagnosis_report_plots_each_cause_and_fails_one_testcase_per_cause():
 
 
 def test_plugin_writes_the_report_files(runs, pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
-    from parity.formats import plots
+    from parity.report.files import plots
 
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)  # a CI job's own summary is not for this test
 
@@ -322,8 +322,8 @@ def test_plugin_writes_the_report_files(runs, pytester: pytest.Pytester, tmp_pat
 
 
 def test_calibration_and_service_documents_render_in_every_format():
-    from parity.calibrate import Calibration, Run
-    from parity.diagnose import ServiceDiagnosis
+    from parity.commands.calibrate import Calibration, Run
+    from parity.commands.diagnose import ServiceDiagnosis
 
     calibration = Calibration("cpu", "float32", (Run(1, 1), Run(8, 4, shuffled=True)), 4.0,
                               {"embedding": {"max_abs": 2e-7, "min_cosine": 0.99999999}, "outputs": {"max_abs": 0.0}})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-import parity.runners.pipeline as spec_runner
-from parity.check import judge_run, run_check
-from parity.comparator import STAGE_ORDER, compare_run
-from parity.fixtures import load_fixture
+import parity.model.batches as spec_runner
+from parity.commands.check import judge_run, run_check
+from parity.judge.stages import STAGE_ORDER, compare_run
+from parity.store.fixtures import load_fixture
 from parity.results import CandidateRun, Status
 from tests.conftest import reseal, write_spec
 

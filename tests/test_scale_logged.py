@@ -68,7 +68,7 @@ def _service(directory: Path) -> Path:
 
 def _write_log(spec_path: Path, lines: int, path: Path) -> Path:
     """What the service logged: its pipeline's embedding and outputs for each request, repeating the images."""
-    from parity.pipeline import build_pipeline
+    from parity.model.pipeline import build_pipeline
     from parity.spec import load_spec
 
     pipeline = build_pipeline(load_spec(spec_path), fingerprints=False)

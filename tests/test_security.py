@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.checkpoints import read_checkpoint
+from parity.store.checkpoints import read_checkpoint
 from parity.errors import CheckpointError
 
 

@@ -19,16 +19,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity.check import run_check
+from parity.commands.check import run_check
 from parity.cli import EXIT_PASS, EXIT_USAGE, main
-from parity.compare import MAX_SAMPLES, compare_arrays, merge_comparisons
-from parity.fixtures import load_fixture
-from parity.merge import load_partial, merge_reports
-from parity.pipeline import build_pipeline
-from parity.report import write_json
+from parity.judge.arrays import MAX_SAMPLES, compare_arrays, merge_comparisons
+from parity.store.fixtures import load_fixture
+from parity.commands.merge import load_partial, merge_reports
+from parity.model.pipeline import build_pipeline
+from parity.report.console import write_json
 from parity.results import Report, Status, Tolerance
-from parity.shards import parse_shard, shard_rows
-from parity.source import capture_pipeline
+from parity.store.shards import parse_shard, shard_rows
+from parity.commands.capture import capture_pipeline
 from parity.spec import load_spec
 from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, write_spec
 from tests.test_user_heads import BatchNormHead, _trained
@@ -290,7 +290,7 @@ def test_a_logged_replay_merges_to_the_unsharded_replay(tmp_path):
 # -- a sharded matrix -------------------------------------------------------------------------
 
 def test_merged_matrix_shards_equal_the_unsharded_matrix(tmp_path, capsys):
-    from parity.variants import parse_axes, run_matrix
+    from parity.commands.matrix import parse_axes, run_matrix
 
     spec = load_spec(EXAMPLE_SPEC)
     axes = {**spec.matrix, **parse_axes({"extract": ["pre_logits", "cls", "forward"], "interpolation": ["bicubic", "bilinear"],
@@ -320,7 +320,7 @@ def test_merged_matrix_shards_equal_the_unsharded_matrix(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_merged_diagnosis_shards_name_the_unsharded_fix(tmp_path, capsys):
-    from parity.diagnose import diagnose
+    from parity.commands.diagnose import diagnose
 
     spec = load_spec(write_spec(tmp_path, {'interpolation = "bicubic"': 'interpolation = "bilinear"'}))
     whole = diagnose(spec)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from parity.cli import main
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from tests.conftest import EXAMPLE_FIXTURES, ROOT, write_spec
 
 VICTIM = "chelsea.png"

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from parity.check import run_check
-from parity.checkpoints import fingerprint
+from parity.commands.check import run_check
+from parity.store.checkpoints import fingerprint
 from parity.cli import EXIT_PASS, main
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline
 from parity.results import Status
-from parity.source import capture_pipeline
+from parity.commands.capture import capture_pipeline
 from tests.conftest import EXAMPLE_FIXTURES, write_spec
 
 WIDTH = 64  # the example backbone's pre_logits width

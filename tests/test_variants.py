@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from parity.errors import SpecError
-from parity.preprocess import Preprocess
+from parity.preprocess.transform import Preprocess
 from parity.results import Status
 from parity.spec import default_tolerance
-from parity.variants import expand_matrix, parse_axes, run_matrix
+from parity.commands.matrix import expand_matrix, parse_axes, run_matrix
 
 FP32 = default_tolerance("embedding", "float32")
 WIDE = {

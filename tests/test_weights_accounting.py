@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from parity.check import judge_run
-from parity.comparator import compare_run
-from parity.fixtures import load_fixture
-from parity.pipeline import build_pipeline
+from parity.commands.check import judge_run
+from parity.judge.stages import compare_run
+from parity.store.fixtures import load_fixture
+from parity.model.pipeline import build_pipeline
 from parity.results import CandidateRun, Status
 from parity.runners import run_candidate
-from parity.source import capture_pipeline
+from parity.commands.capture import capture_pipeline
 from parity.spec import CandidateSpec, load_spec
 from tests.conftest import EXAMPLE_FIXTURES, write_spec
 

@@ -19,8 +19,8 @@ from parity.libraries.base import Converter, Library, activation_classes, activa
 from parity.libraries.open_clip import OpenClip
 from parity.libraries.timm import Timm
 from parity.libraries.transformers import Transformers
-from parity.preprocess import Preprocess
-from parity.preprocess_config import PreprocessConfig
+from parity.preprocess.transform import Preprocess
+from parity.preprocess.config import PreprocessConfig
 from parity.spec import DEFAULT_LIBRARY, Spec, library_names, register_vocabulary, unregister_vocabulary, vocabulary
 
 __all__ = [
@@ -202,7 +202,7 @@ def describe_record(record: Mapping[str, Any], *, source: str):
     """The comparable description of the preprocessing a manifest or a resolved spec records.
 
     A record names its library (``library``); one without is a timm data config (what older
-    manifests and `parity.source.capture` with ``data_config`` write).
+    manifests and `parity.commands.capture.capture` with ``data_config`` write).
 
     Raises:
         SpecError: the record's library is unknown or the record lacks a field its library needs.

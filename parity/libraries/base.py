@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import SpecError
-from parity.forensics import summarize_structure
-from parity.preprocess import Preprocess
-from parity.preprocess_config import PreprocessConfig
+from parity.store.forensics import summarize_structure
+from parity.preprocess.transform import Preprocess
+from parity.preprocess.config import PreprocessConfig
 from parity.spec import LibraryVocabulary, Spec
 
 __all__ = ["Library", "Converter", "activation_classes", "activation_family"]
@@ -130,7 +130,7 @@ class Library:
         raise SpecError(f"{spec.path}: the variant matrix cannot vary {self.name} preprocessing")
 
     def describe_preprocess(self, record: Mapping[str, Any], *, source: str) -> PreprocessConfig:
-        """The comparable description (`parity.preprocess_config.PreprocessConfig`) of a recorded configuration."""
+        """The comparable description (`parity.preprocess.config.PreprocessConfig`) of a recorded configuration."""
         raise SpecError(f"{source}: parity cannot describe {self.name} preprocessing field by field")
 
     def describe_source(self, prefix: str, rest: str, text: str) -> PreprocessConfig:

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from parity.convert import hf_to_openai
+from parity.libraries.convert import hf_to_openai
 from parity.errors import SpecError
 from parity.extras import require
 from parity.libraries.base import Library
-from parity.preprocess import Preprocess, check_open_clip_options, create_open_clip_preprocess
-from parity.preprocess_config import PreprocessConfig, derived_fields, require_same, size_pair
+from parity.preprocess.transform import Preprocess, check_open_clip_options, create_open_clip_preprocess
+from parity.preprocess.config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
 
 __all__ = ["OpenClip", "TEXT_TOWER", "describe_open_clip", "describe_open_clip_model"]

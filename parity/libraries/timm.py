@@ -8,11 +8,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from parity.convert import hf_to_timm, openai_to_timm
+from parity.libraries.convert import hf_to_timm, openai_to_timm
 from parity.errors import SpecError
 from parity.libraries.base import Library
-from parity.preprocess import RESIZE_BACKENDS, TIMM_DATA_CONFIG_KEYS, Preprocess, create_preprocess
-from parity.preprocess_config import PreprocessConfig, derived_fields, require_same, size_pair
+from parity.preprocess.transform import RESIZE_BACKENDS, TIMM_DATA_CONFIG_KEYS, Preprocess, create_preprocess
+from parity.preprocess.config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
 
 __all__ = ["Timm", "data_config", "describe_timm"]

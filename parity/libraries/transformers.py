@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from parity.convert import openai_to_hf
+from parity.libraries.convert import openai_to_hf
 from parity.errors import CheckpointError, SpecError
 from parity.extras import require
 from parity.libraries.base import Library
-from parity.preprocess import (HF_PROCESSORS, Preprocess, create_hf_preprocess, create_hf_processor,
+from parity.preprocess.transform import (HF_PROCESSORS, Preprocess, create_hf_preprocess, create_hf_processor,
                                describe_data_config, load_preprocessor_config, processor_mean_std)
-from parity.preprocess_config import PreprocessConfig, derived_fields, require_same, size_pair
+from parity.preprocess.config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
 
 __all__ = ["Transformers", "weights_file", "preprocess_record", "describe_preprocess_config", "describe_hf",

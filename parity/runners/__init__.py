@@ -1,6 +1,6 @@
 """Runners turn a candidate into one `CandidateRun` record of what it observed per stage.
 
-The comparator (`parity.comparator`) judges any record the same way, whatever produced it. Each
+The comparator (`parity.judge.stages`) judges any record the same way, whatever produced it. Each
 kind of candidate (`parity.spec.CANDIDATE_KINDS`, plus ``spec`` for the spec-built pipeline) has
 one runner module exposing ``run(spec, fixture, *, device, progress) -> CandidateRun``. A runner
 whose samples are the candidate's own (a service log) declares ``OWN_SAMPLES = True``, takes
@@ -14,16 +14,16 @@ import importlib
 from collections.abc import Callable
 
 from parity.errors import SpecError
-from parity.fixtures import Fixture
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
-from parity.runners.pipeline import run_pipeline, run_spec
+from parity.model.batches import run_pipeline, run_spec
 from parity.spec import Spec
 
 __all__ = ["RUNNERS", "run_candidate", "run_pipeline", "run_spec"]
 
 # kind -> module holding its ``run``; imported only when that kind is gated.
 RUNNERS = {
-    "spec": "parity.runners.pipeline",
+    "spec": "parity.model.batches",
     "python": "parity.runners.python_app",
     "endpoint_handler": "parity.runners.endpoint",
     "onnx": "parity.runners.onnx",

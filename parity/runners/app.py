@@ -2,7 +2,7 @@
 
 Shared by the ``python`` and ``endpoint_handler`` runners. Nothing in the user's code is
 changed: the backbone and the head are recognised among the modules reachable from the
-function (or handler object) by the tensor names the fixture fingerprinted (`parity.runners.discover`),
+function (or handler object) by the tensor names the fixture fingerprinted (`parity.runners.observe`),
 and forward pre-hooks record what enters the backbone, the embedding and the other arguments
 entering the head, and where the user's code called each. Before the first call, every
 reachable tensor is fingerprinted and each part's training flags and dtype are recorded.
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from parity.fixtures import Fixture
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.runners import guard
-from parity.runners.discover import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
+from parity.runners.observe import (PARTS, Recognised, compiled_modules, function_roots, is_library_file,
                                      reachable_modules, recognise, user_call_site)
 from parity.runners.outputs import OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, read
 from parity.spec import DEFAULT_LIBRARY, library_names
@@ -367,7 +367,7 @@ def _inspect(obs: AppObservation, found: Mapping[str, Any]) -> None:
 
     The weights the app loaded, not what a training-mode layer may update later.
     """
-    from parity.checkpoints import fingerprint
+    from parity.store.checkpoints import fingerprint
 
     unique: dict[int, Any] = {}
     names: dict[str, int] = {}
@@ -538,7 +538,7 @@ def _library(module, fixture: Fixture, part: str) -> str:
 def describe(obs: AppObservation, fixture: Fixture) -> dict[str, Any]:
     """What the app's modules show of their configuration, in the manifest's terms (for explain's diff)."""
     from parity.libraries import activation_classes
-    from parity.forensics import summarize_structure
+    from parity.store.forensics import summarize_structure
 
     described: dict[str, Any] = {}
     backbone = obs.recognised.modules.get("backbone")

@@ -43,7 +43,7 @@ import numpy as np
 
 from parity.errors import SpecError
 from parity.extras import require
-from parity.fixtures import Fixture, FixtureRow
+from parity.store.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import function_roots, observe, reachable_modules, read_vector, to_run

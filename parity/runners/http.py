@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from parity.errors import SpecError
-from parity.fixtures import Fixture
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.runners.outputs import (OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, label_scores,
                                     output_map, read)

@@ -1,6 +1,6 @@
 """A service's request log as the candidate: replay what it logged (``[candidate] logged = "requests.jsonl"``).
 
-The log is what `parity.fixtures.load_logged_samples` reads (JSONL or CSV rows with ``image``,
+The log is what `parity.store.fixtures.load_logged_samples` reads (JSONL or CSV rows with ``image``,
 ``input_biases`` and ``embedding`` and/or ``outputs``). Its rows are matched to the fixture's by
 image name, and a match must be the same file (sha256): the fixture is then the reference. When
 the log holds images the fixture does not (or there is no fixture), the spec's pipeline produces
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import FixtureError
-from parity.fixtures import Fixture, load_logged_samples
+from parity.store.fixtures import Fixture, load_logged_samples
 from parity.results import CandidateRun
-from parity.shards import shard_fixture
+from parity.store.shards import shard_fixture
 from parity.spec import Spec
 
 __all__ = ["run", "match_rows", "spec_reference"]
@@ -31,7 +31,7 @@ __all__ = ["run", "match_rows", "spec_reference"]
 Progress = Callable[[int, int], None]
 
 UNOBSERVABLE = "a service log holds only what the service logged"
-OWN_SAMPLES = True  # the log's rows are the samples: a shard is taken of them (parity.shards)
+OWN_SAMPLES = True  # the log's rows are the samples: a shard is taken of them (parity.store.shards)
 
 
 def _digest(path: Path) -> str:
@@ -85,8 +85,8 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
     """
     import torch
 
-    from parity.images import decode_image
-    from parity.pipeline import build_pipeline
+    from parity.store.images import decode_image
+    from parity.model.pipeline import build_pipeline
 
     pipeline = build_pipeline(spec, device=device or spec.runtime.device, fingerprints=False)
     exif, size, total = spec.preprocess.exif_transpose, spec.runtime.batch_size, len(logged.rows)
@@ -135,7 +135,7 @@ def run(spec: Spec, fixture: Fixture | None, *, device: str | None = None,
         progress: Progress | None = None, shard: tuple[int, int] | None = None) -> CandidateRun:
     """The logged values as a candidate record, against the fixture or against the spec's pipeline.
 
-    ``shard``: ``(I, N)``: only the logged rows in shard I of N (`parity.shards`) are replayed.
+    ``shard``: ``(I, N)``: only the logged rows in shard I of N (`parity.store.shards`) are replayed.
     """
     log = Path(spec.candidate.target)
     logged = load_logged_samples(log)

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from parity.checkpoints import StrictLoadError
+from parity.store.checkpoints import StrictLoadError
 from parity.errors import SpecError
-from parity.fixtures import Fixture
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
-from parity.runners.pipeline import Decoded, decoded_batches
+from parity.model.batches import Decoded, decoded_batches
 from parity.spec import Spec
 
 __all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
@@ -159,7 +159,7 @@ def inspect_graph(session, path: Path, *, output_key: str | None = None) -> Onnx
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Run the exported graph over every fixture sample; the parts it lacks come from the spec."""
-    from parity.pipeline import build_pipeline
+    from parity.model.pipeline import build_pipeline
 
     device = device or spec.runtime.device
     path = Path(spec.candidate.target)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.fixtures import METADATA, Fixture, cached_sha256
+from parity.store.fixtures import METADATA, Fixture, cached_sha256
 from parity.spec import CandidateSpec
 
 __all__ = ["OutputMap", "UnreadableOutput", "read", "label_scores", "fixture_labels", "fill_unlisted", "output_map"]

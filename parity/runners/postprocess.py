@@ -1,6 +1,6 @@
 """``[candidate].postprocess``: what the shipped code does after the head, applied to the reference.
 
-The names are the outputs detectors' (`parity.detectors.outputs.POSTPROCESSES`, which a detector
+The names are the outputs detectors' (`parity.explain.detectors.outputs.POSTPROCESSES`, which a detector
 proposes as ``[candidate] postprocess = "..."`` when it reproduces a candidate's outputs); they
 are computed with `scipy.special`, as the comparator sits below the detectors. ``module:function``
 is the user's own, imported from ``[candidate].python_path`` and called on the user-code thread

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import SpecError
-from parity.fixtures import Fixture, FixtureRow
+from parity.store.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import AppObservation, function_roots, observe, open_image, reachable_modules, to_run

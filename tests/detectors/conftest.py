@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from parity.comparator import compare_run
+from parity.judge.stages import compare_run
 from parity.results import CandidateRun, Status
 from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
@@ -22,7 +22,7 @@ def judged(run: CandidateRun, fixture, spec, *, failing: tuple[str, ...] = ()):
 @pytest.fixture(scope="session")
 def dnn():
     """(fixture, spec) of clip_dnn: a timm data config (bicubic, crop_pct 1.0, 336, PIL)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.spec import load_spec
 
     return load_fixture(EXAMPLE_FIXTURES), load_spec(EXAMPLE_SPEC)
@@ -31,7 +31,7 @@ def dnn():
 @pytest.fixture(scope="session")
 def mlp():
     """(fixture, spec) of clip_mlp: a transformers CLIPImageProcessor (fast, shortest_edge 224)."""
-    from parity.fixtures import load_fixture
+    from parity.store.fixtures import load_fixture
     from parity.spec import load_spec
 
     return load_fixture(CLASSIFIER_FIXTURES), load_spec(CLASSIFIER_SPEC)

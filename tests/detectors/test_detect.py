@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity.comparator import STAGE_ORDER
-from parity.detectors import detect
+from parity.judge.stages import STAGE_ORDER
+from parity.explain.detectors import detect
 from parity.results import CandidateRun
 from tests.detectors.conftest import judged
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity.detectors import detect
-from parity.detectors.embeddings import fit_scale
+from parity.explain.detectors import detect
+from parity.explain.detectors.embeddings import fit_scale
 from parity.results import CandidateRun, Tolerance
 from tests.detectors.conftest import judged
 

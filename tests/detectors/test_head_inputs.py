@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity.detectors import detect
-from parity.detectors.head_inputs import column_mapping, training_modules
+from parity.explain.detectors import detect
+from parity.explain.detectors.head_inputs import column_mapping, training_modules
 from parity.results import CandidateRun
 from tests.detectors.conftest import judged
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parity.detectors import SHIPPED_IMAGE_TRANSFORMS, detect
-from parity.detectors.images import image_modes
+from parity.explain.detectors import SHIPPED_IMAGE_TRANSFORMS, detect
+from parity.explain.detectors.images import image_modes
 from parity.results import CandidateRun
 from tests.detectors.conftest import judged
 

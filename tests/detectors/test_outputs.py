@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from parity.detectors import detect
-from parity.detectors.outputs import apply_postprocess, fit_postprocess
+from parity.explain.detectors import detect
+from parity.explain.detectors.outputs import apply_postprocess, fit_postprocess
 from parity.results import CandidateRun, Tolerance
 from tests.detectors.conftest import judged
 

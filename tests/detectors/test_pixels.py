@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from parity.detectors import detect
-from parity.fixtures import Fixture, FixtureRow
+from parity.explain.detectors import detect
+from parity.store.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
 from tests.conftest import CLASSIFIER_FIXTURES
 from tests.detectors.conftest import judged
@@ -182,8 +182,8 @@ def test_jpeg_from_another_encoder_is_an_estimate_within_a_loose_budget(dnn):
 
 
 def test_the_variants_never_include_the_reference_itself(dnn, mlp):
-    from parity.detectors.geometry import geometry_variants
-    from parity.detectors.pixels import Finish, per_pixel_variants, reference_unit
+    from parity.explain.detectors.geometry import geometry_variants
+    from parity.explain.detectors.pixels import Finish, per_pixel_variants, reference_unit
     from parity.libraries import describe_record
 
     reference = Finish("rgb", "unit", "reference", tuple(CLIP_MEAN.tolist()), tuple(CLIP_STD.tolist()))

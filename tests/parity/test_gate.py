@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from parity.check import STAGE_ORDER
+from parity.commands.check import STAGE_ORDER
 from parity.errors import DriftError
-from parity.report import format_stage, verdict_line
+from parity.report.console import format_stage, verdict_line
 from parity.results import Status
 
 

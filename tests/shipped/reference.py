@@ -3,7 +3,7 @@
 Built once per test session (a few seconds): the backbone is timm's ViT-B/16 OpenAI CLIP
 definition shrunk in width and depth with seeded weights, the head is `TagScorer` (BatchNorm,
 Dropout, two ``input_biases`` columns) trained briefly on synthetic tags, and the fixture is
-frozen by `parity.source.capture_pipeline` from the reference spec, the way a training job would.
+frozen by `parity.commands.capture.capture_pipeline` from the reference spec, the way a training job would.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def build_reference(root: Path) -> Reference:
 def _build(root: Path) -> Reference:
     from safetensors.torch import save_file
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
     from tests.shipped.project.photo_tags.heads import TagScorer
 

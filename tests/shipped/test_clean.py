@@ -9,7 +9,7 @@ import json
 import pytest
 
 from parity.cli import EXIT_PASS, main
-from parity.fixtures import load_fixture
+from parity.store.fixtures import load_fixture
 from tests.shipped.bugs import INFERENCE_MODE
 from tests.shipped.findings import findings
 

@@ -173,8 +173,8 @@ def build_reference(root: Path) -> Reference:
     """Model files, images and the frozen fixture under ``root``; one thread, as on any machine."""
     from safetensors.torch import save_file
 
-    from parity.pipeline import build_pipeline
-    from parity.source import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
 
     threads = torch.get_num_threads()

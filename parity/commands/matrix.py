@@ -1,0 +1,298 @@
+"""Variant matrices: extraction mode × preprocessing × device × dtype, sharing work across cells.
+
+Every preprocessing geometry is computed once per image, every per-pixel variant once per
+geometry, one backbone trunk pass (timm's ``forward_features``) runs per distinct
+(pixels, device, dtype, attention backend), and every extraction mode is taken from that
+pass by `parity.libraries.extract_embeddings`, the function the gate's pipeline extracts
+with. Budgets come from `parity.judge.tolerance.cell_tolerance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.judge.arrays import compare_arrays
+from parity.errors import SpecError
+from parity.store.fixtures import files_version, load_fixture
+from parity.store.images import load_image
+from parity.libraries import extract_embeddings
+from parity.libraries import get as library
+from parity.preprocess.transform import create_preprocess
+from parity.results import Cell, CellResult, MatrixReport, Shard, Status, Tolerance
+from parity.store.shards import part_version, shard_fixture
+from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
+from parity.judge.tolerance import cell_tolerance
+
+__all__ = ["AXES", "Cell", "CellResult", "MatrixReport", "expand_matrix", "run_matrix", "parse_axes",
+           "cell_tolerance"]
+
+_ALWAYS_IN_ID = ("extract", "interpolation", "resize_backend", "device", "dtype")
+_GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
+_PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
+_CHUNK = 64  # images whose geometry and pixels are held at once
+_TRUNK = _PIXELS + PRECISION_AXES
+
+
+def _preset_name(mean: Sequence[float], std: Sequence[float]) -> str:
+    for name, (m, s) in MEAN_STD_PRESETS.items():
+        if np.allclose(m, mean) and np.allclose(s, std):
+            return name
+    return "spec"
+
+
+def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | None = None) -> dict[str, Any]:
+    """The spec's own value on every axis: the deployment configuration."""
+    return {
+        "extract": spec.backbone.extract,
+        "interpolation": data_config["interpolation"],
+        "resize_backend": spec.preprocess.resize_backend,
+        "crop_pct": float(data_config["crop_pct"]),
+        "mean_std": _preset_name(data_config["mean"], data_config["std"]),
+        "channel_order": spec.preprocess.channel_order,
+        "value_scale": spec.preprocess.value_scale,
+        "device": "cuda" if (device or spec.runtime.device).startswith("cuda") else "cpu",
+        "dtype": spec.runtime.dtype,
+        "tf32": False,
+        "sdpa": "default",
+    }
+
+
+def resolve_data_config(spec: Spec) -> dict[str, Any]:
+    """The preprocessing configuration without building the model (the matrix library's own resolution)."""
+    return library(spec.preprocess.library).data_config(spec)
+
+
+def unsupported(spec: Spec) -> str | None:
+    """Why the matrix cannot run this spec, or ``None``: its shared passes are timm's."""
+    if not (vocabulary(spec.backbone.library).matrix and vocabulary(spec.preprocess.library).matrix):
+        return (f"the variant matrix derives every extraction mode from one timm forward_features pass and every "
+                f"pixel variant from timm's transform; this spec uses {spec.backbone.library} with "
+                f"{spec.preprocess.library} preprocessing. Check deployment choices one spec at a time with "
+                "`parity check`, and preprocessing with `parity explain-preprocess`")
+    return None
+
+
+def _require_supported(spec: Spec) -> None:
+    reason = unsupported(spec)
+    if reason is not None:
+        raise SpecError(f"{spec.path}: {reason}")
+
+
+def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, device: str | None = None,
+                  data_config: Mapping[str, Any] | None = None) -> list[Cell]:
+    """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value.
+
+    Raises:
+        SpecError: the spec's backbone or preprocessing is not timm's (see `unsupported`).
+    """
+    _require_supported(spec)
+    axes = dict(spec.matrix if axes is None else axes)
+    base = base_values(spec, data_config or resolve_data_config(spec), device=device)
+    names = list(AXES)
+    choices = [axes.get(name, (base[name],)) for name in names]
+    shown = [n for n in names if n in _ALWAYS_IN_ID or len(axes.get(n, ())) > 1]
+    cells = []
+    for combo in itertools.product(*choices):
+        values = dict(zip(names, combo))
+        deployment = all(values[n] == base[n] for n in ("extract",) + _PIXELS)
+        cell_id = "-".join(_id_part(n, values[n]) for n in shown)
+        cells.append(Cell(tuple(values.items()), cell_id, deployment))
+    return cells
+
+
+def _id_part(axis: str, value: Any) -> str:
+    if axis == "crop_pct":
+        return f"crop{value:g}"
+    if axis == "tf32":
+        return "tf32" if value else "notf32"
+    if axis == "sdpa":
+        return f"sdpa_{value}"
+    return str(value)
+
+
+def _precision_context(device: str, precision: str, tf32: bool, sdpa: str):
+    import torch
+
+    stack = contextlib.ExitStack()
+    if precision.startswith("autocast_"):
+        stack.enter_context(torch.autocast(device_type=device, dtype=getattr(torch, precision[len("autocast_"):])))
+    if sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[sdpa]
+        stack.enter_context(sdpa_kernel(backend))
+    if device == "cuda":
+        previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        stack.callback(_restore_tf32, previous)
+    return stack
+
+
+def _restore_tf32(previous: tuple[bool, bool]) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+class _Engine:
+    """Caches shared between cells: converted models for the whole run; decoded images, geometry
+    and pixels for the current chunk of images only, so memory does not grow with the fixture."""
+
+    def __init__(self, pipeline, batch_size: int) -> None:
+        self.pipeline, self.batch_size = pipeline, batch_size
+        self.library = pipeline.spec.backbone.library
+        self.images: list = []
+        self.geometry: dict[tuple, Any] = {}
+        self.pixels: dict[tuple, Any] = {}
+        self.models: dict[tuple, Any] = {}
+
+    def load(self, images: list) -> None:
+        self.images = images
+        self.geometry.clear()
+        self.pixels.clear()
+
+    def unit_pixels(self, values: Mapping[str, Any]):
+        import torch
+
+        key = tuple(values[a] for a in _GEOMETRY)
+        if key not in self.geometry:
+            config = dict(self.pipeline.data_config, interpolation=values["interpolation"], crop_pct=values["crop_pct"])
+            transform = create_preprocess(config, resize_backend=values["resize_backend"])
+            self.geometry[key] = torch.stack([transform.geometry(image) for image in self.images])
+        return self.geometry[key]
+
+    def normalized_pixels(self, values: Mapping[str, Any]):
+        key = tuple(values[a] for a in _PIXELS)
+        if key not in self.pixels:
+            mean, std = MEAN_STD_PRESETS.get(values["mean_std"], (self.pipeline.data_config["mean"],
+                                                                  self.pipeline.data_config["std"]))
+            config = dict(self.pipeline.data_config, mean=mean, std=std)
+            finish = create_preprocess(config, channel_order=values["channel_order"],
+                                       value_scale=values["value_scale"]).finish
+            self.pixels[key] = finish(self.unit_pixels(values))  # per-pixel steps work on a batch too
+        return self.pixels[key]
+
+    def model(self, device: str, precision: str):
+        import torch
+
+        dtype = torch.float32 if precision.startswith("autocast_") else getattr(torch, precision)
+        key = (device, dtype)
+        if key not in self.models:
+            own = self.pipeline.backbone
+            first = next(own.parameters())
+            if first.device.type == device and first.dtype == dtype:
+                self.models[key] = own  # the spec's own device and dtype: no copy
+            else:
+                self.models[key] = copy.deepcopy(own).to(device, dtype).eval()
+        return self.models[key], dtype
+
+    def embeddings(self, values: Mapping[str, Any], modes: Sequence[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = self.normalized_pixels(values)
+        model, dtype = self.model(values["device"], values["dtype"])
+        chunks: dict[str, list] = {m: [] for m in modes}
+        with torch.inference_mode(), _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
+                for mode, out in extract_embeddings(model, batch, modes, library=self.library).items():
+                    chunks[mode].append(out.float().cpu())
+        embeddings = {m: torch.cat(c) for m, c in chunks.items()}
+        if self.pipeline.spec.backbone.normalize == "l2":
+            embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}
+        return {m: e.numpy() for m, e in embeddings.items()}
+
+
+def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,
+               device: str | None = None, tolerance: Tolerance | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               shard: tuple[int, int] | None = None) -> MatrixReport:
+    """Run every cell against the fixture's reference embeddings.
+
+    Args:
+        tolerance: one budget for every cell (default: per precision, see `cell_tolerance`).
+        shard: ``(I, N)``: run shard I of N of the samples (`parity.store.shards`); the report records it
+            for `parity.commands.merge`.
+    """
+    import torch
+
+    from parity.model.pipeline import build_pipeline
+
+    _require_supported(spec)
+    root = spec.fixture_root(fixtures)
+    fixture = load_fixture(root)
+    shard_record = None
+    if shard is not None:
+        whole = len(fixture.rows)
+        fixture, picked = shard_fixture(fixture, *shard)
+        shard_record = Shard(index=shard[0], count=shard[1], of=whole, rows=tuple(picked), names=tuple(fixture.names),
+                             runner="matrix", version=part_version(files_version(fixture.manifest), spec.path))
+    pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
+    cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
+    engine = _Engine(pipeline, spec.runtime.batch_size)
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(tuple(cell[a] for a in _TRUNK), []).append(cell)
+    results: dict[str, CellResult] = {}
+    chunks: dict[tuple, dict[str, list[np.ndarray]]] = {}
+    for key, group in groups.items():
+        if group[0]["device"] == "cuda" and not torch.cuda.is_available():
+            results.update({c.id: CellResult(c, Status.SKIP, reason="CUDA is not available on this machine")
+                            for c in group})
+        elif not fixture.rows:
+            results.update({c.id: CellResult(c, Status.SKIP, reason="no sample falls in this shard") for c in group})
+        else:
+            chunks[key] = {m: [] for m in sorted({c["extract"] for c in group})}
+
+    total, step = len(fixture.rows), max(_CHUNK, spec.runtime.batch_size)
+    for start in range(0, total, step):
+        engine.load([load_image(row.image, exif_transpose=spec.preprocess.exif_transpose)
+                     for row in fixture.rows[start:start + step]])
+        for key, per_mode in chunks.items():
+            group = groups[key]
+            if group[0].id in results:  # already impossible on an earlier chunk
+                continue
+            try:
+                for mode, out in engine.embeddings(dict(group[0].values), list(per_mode)).items():
+                    per_mode[mode].append(out)
+            except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
+                results.update({c.id: CellResult(c, Status.SKIP, reason=f"not possible here: {e}") for c in group})
+        if progress:
+            progress(min(start + step, total), total)
+
+    equivalent: set[tuple[str, ...]] = set()
+    for key, per_mode in chunks.items():
+        if groups[key][0].id in results:
+            continue
+        embeddings = {mode: np.concatenate(parts) for mode, parts in per_mode.items()}
+        equivalent |= _identical_modes(embeddings)
+        for cell in groups[key]:
+            comparison = compare_arrays(embeddings[cell["extract"]], fixture.embeddings, names=fixture.names,
+                                        cosine=True, tolerance=tolerance or cell_tolerance(spec, cell["dtype"]))
+            results[cell.id] = CellResult(cell, Status.PASS if comparison else Status.FAIL, comparison)
+    varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
+    return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
+                        axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype,
+                        shard=shard_record)
+
+
+def _identical_modes(embeddings: Mapping[str, np.ndarray]) -> set[tuple[str, ...]]:
+    """Groups of extraction modes that gave bit-identical embeddings (e.g. pre_logits and cls on CLIP ViTs)."""
+    groups: list[list[str]] = []
+    for mode, array in embeddings.items():
+        for group in groups:
+            first = embeddings[group[0]]
+            if first.shape == array.shape and np.array_equal(first, array):
+                group.append(mode)
+                break
+        else:
+            groups.append([mode])
+    return {tuple(g) for g in groups if len(g) > 1}

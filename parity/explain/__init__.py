@@ -1,0 +1,1 @@
+"""The explainer: what moved, why, and the change that fixes it."""

@@ -1,0 +1,1 @@
+"""The spec's model: the pipeline, the one decode -> embed batch loop, the Ray engine, numerics."""

@@ -1,0 +1,1 @@
+"""Numerics: emulated reduced precision, the referee, and calibrated tolerances."""

@@ -1,0 +1,1 @@
+"""Preprocessing: the library-neutral transform, its config, and how two preprocessings differ."""

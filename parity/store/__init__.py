@@ -1,0 +1,1 @@
+"""Storage: fixtures, checkpoints, images, shards and samples on disk, read and written safely."""
