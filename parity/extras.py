@@ -12,7 +12,8 @@ __all__ = ["EXTRAS", "require"]
 
 # Module name → the optional extra that installs it, as named in pyproject.toml.
 EXTRAS = {"transformers": "hf", "open_clip": "open-clip", "onnxruntime": "onnx", "onnx": "onnx",
-          "fastapi": "service", "uvicorn": "service", "ray": "ray", "mlflow": "mlflow", "kserve": "oip"}
+          "fastapi": "service", "uvicorn": "service", "ray": "ray", "mlflow": "mlflow", "kserve": "oip",
+          "gradio": "gradio", "gradio_client": "gradio"}
 
 
 def require(library: str, purpose: str | None = None) -> ModuleType:

@@ -47,6 +47,7 @@ __all__ = [
     "CANDIDATE_KINDS",
     "CANDIDATE_FORMATS",
     "MLFLOW_SEND",
+    "GRADIO_KINDS",
     "ReferenceSpec",
     "REFERENCE_NUMERICS",
     "parse_candidate",
@@ -292,7 +293,9 @@ class DecisionsSpec:
         return self.threshold is not None or self.argmax or self.verification_threshold is not None
 
 
-CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "oip", "logged", "mlflow_model")
+CANDIDATE_KINDS = ("python", "endpoint_handler", "onnx", "url", "oip", "logged", "mlflow_model", "gradio", "gradio_app")
+# A Gradio app called through gradio_client: running at a URL, or launched from the user's Blocks for the run.
+GRADIO_KINDS = ("gradio", "gradio_app")
 # The numerics a reference may be declared made with ([reference].numerics, `parity freeze --numerics`):
 # plain float32; TF32 convolutions and matmuls (allow_tf32 on a GPU of compute capability >= 8.0); TF32
 # convolutions only (cuDNN's default there); float16 or bfloat16 autocast.
@@ -317,8 +320,9 @@ class CandidateSpec:
     """What ships, when it is not the spec-built pipeline: ``[candidate]`` or ``--candidate KIND:TARGET``.
 
     ``kind`` is ``spec`` (the pipeline this spec builds) or one of `CANDIDATE_KINDS`; ``target`` is
-    ``module:function`` (python), a path (endpoint_handler, onnx, logged, mlflow_model) or a URL (url, oip). Paths
-    are absolute. ``inputs`` maps a python function's positional arguments; ``output_key`` reads the
+    ``module:function`` (python), ``module:demo`` (gradio_app), a path (endpoint_handler, onnx, logged,
+    mlflow_model) or a URL (url, oip, gradio). Paths are absolute. ``inputs`` maps a python function's positional
+    arguments; ``output_key`` reads the
     outputs from a returned mapping; ``send`` is how an image travels (endpoint: ``pil`` or ``bytes``;
     url: ``multipart`` or ``json``; oip: ``bytes`` or ``pixels``; an MLflow request: one of `MLFLOW_SEND`);
     ``timeout`` (seconds) bounds each request of a url or oip candidate and the import, construction and each
@@ -331,6 +335,8 @@ class CandidateSpec:
     ``postprocess``: what the shipped code does after the head (one of `POSTPROCESSES`, or
     ``module:function`` imported from ``python_path``), applied to the reference's outputs before
     comparing. ``name``: the ``[candidates.NAME]`` table it came from ("" for ``[candidate]``).
+    ``api_name``: a Gradio candidate's endpoint (``/predict``; None: the app's only named endpoint);
+    its ``inputs`` may also name one bias, ``input_biases.N``, per input component.
     """
 
     kind: str = "spec"
@@ -358,6 +364,7 @@ class CandidateSpec:
     postprocess: str = "none"
     name: str = ""
     format: str | None = None
+    api_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -770,11 +777,18 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
     for other in CANDIDATE_KINDS:  # accepted as fields, so that an unknown field's message lists them
         table.seen.add(other)
     inputs = table.get("inputs", list, None)
+    gradio = kind in GRADIO_KINDS + ("spec",)  # a table of options only may be for --candidate gradio:URL
     if inputs is not None:
-        unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS]
+        unknown = [entry for entry in inputs if entry not in CANDIDATE_INPUTS
+                   and not (gradio and isinstance(entry, str) and _FORM_SOURCE.fullmatch(entry))]
         if unknown or not inputs:
             raise SpecError(f"{table.path}: {where}.inputs = {inputs!r}: each entry must be one of "
-                            f"{', '.join(CANDIDATE_INPUTS)}")
+                            f"{', '.join(CANDIDATE_INPUTS + (('input_biases.N',) if gradio else ()))}")
+    api_name = table.get("api_name", str, None)
+    if api_name is not None and (kind not in GRADIO_KINDS + ("spec",) or not api_name.startswith("/")):
+        raise SpecError(f"{table.path}: {where}.api_name = {api_name!r}: " + (
+            f"it names a Gradio app's endpoint, which a {kind} candidate has not; remove it" if kind not in GRADIO_KINDS
+            else 'expected the endpoint\'s name with its leading slash, e.g. "/predict"'))
     python_path = _path(base, table.get("python_path", str, "."))
     candidate = CandidateSpec(
         kind=kind,
@@ -790,9 +804,10 @@ def _candidate(table: _Table, base: Path, *, name: str = "") -> CandidateSpec:
         postprocess=_postprocess(table),
         name=name,
         format=table.get("format", str, None, choices=CANDIDATE_FORMATS),
+        api_name=api_name,
     )
     table.finish()
-    if kind == "python" and python_path is not None:
+    if kind in ("python", "gradio_app") and python_path is not None:
         candidate = dataclasses.replace(candidate, python_path=_python_root(candidate.target, python_path))
     if candidate.batch and kind not in ("python", "spec", "mlflow_model"):
         raise SpecError(f"{table.path}: {where}.batch = true is for a python function or an MLflow model that takes "
@@ -818,8 +833,10 @@ def _mapping_fields(table: _Table, kind: str) -> dict[str, Any]:
                                or len(set(labels)) != len(labels)):
         raise SpecError(f"{table.path}: {name('labels')} must be a list of distinct, non-empty label names in "
                         f"the order of the head's outputs, got {labels!r}")
-    # An MLflow model in process takes the scoring server's request: its columns, but no HTTP headers.
-    allowed = {"url": ("field", "form", "headers"), "oip": ("headers",), "mlflow_model": ("field", "form")}.get(kind, ())
+    # An MLflow model in process takes the scoring server's request: its columns, but no HTTP headers; a Gradio
+    # app reached at a URL takes headers (a private Space's token).
+    allowed = {"url": ("field", "form", "headers"), "oip": ("headers",), "mlflow_model": ("field", "form"),
+               "gradio": ("headers",)}.get(kind, ())
     found = [key for key in ("field", "form", "headers") if key in table.data and key not in allowed]
     if found:
         raise SpecError(f"{table.path}: {', '.join(name(k) for k in found)} shape{'s' if len(found) == 1 else ''} "
@@ -870,16 +887,17 @@ def _postprocess(table: _Table) -> str:
 
 
 def _target(kind: str, target: str, base: Path, python_path: Path | None, *, where: str) -> str:
-    """The target as the runner takes it: a URL as is; a path made absolute; a python target
-    ``module:function`` as is, or ``path/to/app.py:function`` made ``module:function`` importable from
-    ``python_path`` (the file's folder when it lies outside it)."""
-    if kind in ("spec", "url", "oip"):
+    """The target as the runner takes it: a URL as is; a path made absolute; a python (gradio_app) target
+    ``module:function`` (``module:demo``) as is, or ``path/to/app.py:function`` made ``/abs/app.py:function``,
+    which the runner imports from ``python_path`` (the file's folder when it lies outside it)."""
+    if kind in ("spec", "url", "oip", "gradio"):
         return target
-    if kind != "python":
+    if kind not in ("python", "gradio_app"):
         return str(_path(base, target))
     module, sep, function = target.rpartition(":")
     if not sep or not module or not function.isidentifier():
-        raise SpecError(f"{where} must be 'module:function' or 'path/to/app.py:function', got {target!r}")
+        name = "demo" if kind == "gradio_app" else "function"
+        raise SpecError(f"{where} must be 'module:{name}' or 'path/to/app.py:{name}', got {target!r}")
     if not module.endswith(".py") and "/" not in module and "\\" not in module:
         return target
     file = (base / module).resolve()
@@ -928,7 +946,8 @@ def parse_candidate(text: str, *, base: Path, options: Mapping[str, Any] | None 
         raise SpecError(f"--candidate {text!r}: expected KIND:TARGET with KIND one of {', '.join(CANDIDATE_KINDS)} "
                         "(e.g. python:app:predict, python:deploy/app.py:predict, endpoint_handler:handler.py, "
                         "onnx:model.onnx, url:http://127.0.0.1:8000/predict, "
-                        "oip:http://127.0.0.1:8080/v2/models/NAME, logged:requests.jsonl, mlflow_model:path/to/model), "
+                        "oip:http://127.0.0.1:8080/v2/models/NAME, logged:requests.jsonl, mlflow_model:path/to/model, "
+                        "gradio:http://127.0.0.1:7860/, gradio_app:app.py:demo), "
                         "or the NAME of a [candidates.NAME] table")
     fields = {k: v for k, v in (options or {}).items() if k not in CANDIDATE_KINDS}
     return _candidate(_Table({**fields, kind: target}, "--candidate", base / "--candidate"), base)

@@ -440,7 +440,8 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     """Find why the candidate drifts and which spec change restores parity.
 
     Shipped code (``python``, ``endpoint_handler``, ``mlflow_model``) is diagnosed by `diagnose_candidate`; a candidate
-    observed only from outside (``url``, ``logged``) by `diagnose_service` / `diagnose_logged`.
+    observed only from outside (``url``, ``oip``, ``logged``) or through a client (``gradio``, ``gradio_app``) by
+    `diagnose_service` / `diagnose_logged`.
 
     Args:
         samples: how many of the most-drifting samples each cheap probe runs on; the
@@ -455,7 +456,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
     if kind in ("python", "endpoint_handler", "mlflow_model"):
         return diagnose_candidate(spec, fixtures=fixtures, device=device, samples=samples, progress=progress,
                                   shard=shard)
-    if kind in ("url", "oip", "logged"):  # run once and observed, never re-run with a changed spec
+    if kind in ("url", "oip", "logged", "gradio", "gradio_app"):  # run once and observed, never re-run with a changed spec
         if shard is not None:
             raise SpecError(f"diagnose of a {kind} candidate does not take --shard: gate it in shards with "
                             "`parity check --shard I/N --json PART.json` and `parity merge`, then diagnose it whole")

@@ -23,10 +23,10 @@ from parity.spec import DEFAULT_LIBRARY, Spec
 __all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "verification_band"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
-# Runners whose head stage runs the head module itself (the one found in the app, handler or MLflow
-# model): what the shipped code does after it ([candidate].postprocess) is not in it. Other runners'
+# Runners whose head stage runs the head module itself (the one found in the app, handler, Gradio app or
+# MLflow model): what the shipped code does after it ([candidate].postprocess) is not in it. Other runners'
 # head (an ONNX head graph) is the exported code, post-processing included.
-_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler", "mlflow_model")
+_HEAD_MODULE_RUNNERS = ("python", "endpoint_handler", "mlflow_model", "gradio_app")
 
 
 def recorded_library(fixture: Fixture) -> str:

@@ -31,6 +31,8 @@ RUNNERS = {
     "oip": "parity.runners.oip",
     "logged": "parity.runners.logged",
     "mlflow_model": "parity.runners.mlflow",
+    "gradio": "parity.runners.gradio",
+    "gradio_app": "parity.runners.gradio",
 }
 
 
