@@ -130,6 +130,16 @@ FIELDS: dict[str, str | tuple[str, str]] = {
     "candidate.onnx": "An ONNX export, relative to the spec.",
     "candidate.url": "A running HTTP service (`http` or `https`).",
     "candidate.logged": "A service log to replay (`.jsonl` or `.csv`).",
+    "candidate.oip": "A model served over the Open Inference Protocol V2 (KServe, Triton, MLServer, Seldon): "
+                     "`http://HOST:PORT/v2/models/NAME`.",
+    "candidate.mlflow_model": "An MLflow pyfunc model folder (holding `MLmodel`), loaded in process.",
+    "candidate.gradio": "A running Gradio app, called through `gradio_client`: `http://HOST:PORT/`.",
+    "candidate.gradio_app": "A Gradio `Blocks`/`Interface` launched on 127.0.0.1 for the run: `app.py:demo` or "
+                            "`module:demo`.",
+    "candidate.api_name": "gradio, gradio_app: the endpoint to call, e.g. `/predict` (default: the app's only one).",
+    "candidate.input_name": "oip: the input tensor to send (default: the one declared input that fits `send`).",
+    "candidate.output_name": "oip: the output tensor holding the outputs (default: the one not named `embedding`).",
+    "candidate.format": "url: `mlflow` speaks the MLflow scoring server's `/invocations` protocol.",
     "candidate.python_path": ("Put first on `sys.path` to import a python candidate.", "the spec's folder"),
     "candidate.inputs": "A python function's positional arguments, in order: "
                         + ", ".join(f"`{name}`" for name in CANDIDATE_INPUTS) + ".",

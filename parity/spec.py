@@ -1070,7 +1070,8 @@ class SpecField:
 
 def _probe_document(library: str) -> dict[str, Any]:
     """A spec that makes the parser read every table it knows: each tolerance stage, each candidate kind."""
-    targets = {"python": "probe:predict", "url": "http://127.0.0.1/probe"}
+    targets = {"python": "probe:predict", "url": "http://127.0.0.1/probe", "oip": "http://127.0.0.1/v2/models/probe",
+               "gradio": "http://127.0.0.1/", "gradio_app": "probe:demo"}
     return {
         "backbone": {"library": library, "model": "probe"},
         "head": {"class": "probe:Probe", "weights": "probe.pth"},
