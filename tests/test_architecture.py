@@ -10,12 +10,14 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "parity"
-# Calls that run the backbone on images (or on their pixels).
-BACKBONE_CALLS = {"embed", "embed_images", "embed_pixels", "extract_embedding", "extract_embeddings",
-                  "forward_features", "forward_head", "get_image_features"}
-# Where they may be written: the one batch loop, the pipeline that defines ``embed``, and the library
-# adapters that define the extraction calls.
-LOOP_HOMES = {"model/batches.py", "model/pipeline.py", "libraries/timm.py", "libraries/transformers.py",
+# Calls that run the backbone on pixels. The loop's own entry points (`embed_pixels`, `embed_images`,
+# `embed_rows`, `embed_batch`, `extract_pixels`) are what every other module calls instead.
+BACKBONE_CALLS = {"embed", "extract_embedding", "extract_embeddings", "forward_features", "forward_head",
+                  "get_image_features", "encode_image"}
+# Where they may be written: the one batch loop, the pipeline that defines ``embed``, layer localisation
+# (two backbones on one batch of pixels the loop made, hooked module by module), and the library adapters
+# that define the extraction calls.
+LOOP_HOMES = {"model/batches.py", "model/pipeline.py", "model/layers.py", "libraries/timm.py", "libraries/transformers.py",
               "libraries/open_clip.py", "libraries/base.py", "libraries/__init__.py"}
 
 
@@ -108,11 +110,30 @@ def test_only_the_batch_loop_runs_the_backbone_on_images():
     assert callers == []
 
 
-@pytest.mark.parametrize("module", ["check", "matrix", "diagnose", "freeze", "capture", "merge", "calibrate"])
-def test_every_command_module_imports(module):
-    import importlib
+def test_the_gate_embeds_through_the_batch_loop(example_spec, monkeypatch):
+    """At run time too: every backbone call of a check comes from `parity.model.batches`."""
+    import sys
 
-    assert importlib.import_module(f"parity.commands.{module}")
+    from parity.commands.check import run_check
+    from parity.model.pipeline import Pipeline
+
+    callers: list[str] = []
+    embed = Pipeline.embed
+
+    def watched(self, pixels):
+        callers.append(sys._getframe(1).f_globals["__name__"])
+        return embed(self, pixels)
+
+    monkeypatch.setattr(Pipeline, "embed", watched)
+    report = run_check(example_spec, sample=4)
+    assert report.passed
+    assert callers and set(callers) == {"parity.model.batches"}
+
+
+def test_the_static_check_finds_a_backbone_call_outside_the_loop(tmp_path):
+    tree = ast.parse("def f(pipeline, x):\n    return pipeline.embed(x)\n")
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") in BACKBONE_CALLS]
+    assert len(calls) == 1
 
 
 def _deferred_imports(tree: ast.Module) -> list[ast.stmt]:

@@ -27,6 +27,7 @@ from parity.judge.arrays import compare_arrays
 from parity.errors import FixtureError, SpecError
 from parity.store.fixtures import (Fixture, cached_sha256, check_fixture_inputs, data_version, files_version, load_fixture,
                              update_manifest)
+from parity.model.batches import embed_images
 from parity.store.images import load_image
 from parity.results import Calibration, Run, Tolerance
 from parity.spec import Spec
@@ -56,7 +57,7 @@ def _run(pipeline, fixture: Fixture, run: Run, order: Sequence[int]) -> dict[str
     exif = pipeline.spec.preprocess.exif_transpose
     with _threads(run.threads):
         images = [load_image(fixture.rows[i].image, exif_transpose=exif) for i in order]
-        embeddings[order] = pipeline.embed_images(images, batch_size=run.batch_size)
+        embeddings[order] = embed_images(pipeline, images, batch_size=run.batch_size)
         biases = fixture.biases()
         outputs = pipeline.run_head(embeddings, biases).numpy()
         head = pipeline.run_head(fixture.embeddings[order], biases[order]).numpy()[np.argsort(order)]
@@ -200,11 +201,11 @@ def _referee(spec: Spec, fixture: Fixture, per_sample: np.ndarray) -> dict[str, 
     Raises:
         SpecError: the error is beyond every rounding of the spec's computation (systematic), with the numbers.
     """
-    from parity.numerics.emulate import _probe_rows
+    from parity.numerics.emulate import probe_rows
     from parity.numerics.referee import referee
 
     worst = [int(i) for i in np.argsort(-per_sample, kind="stable")[:_REFEREE_ROWS]]
-    rows = sorted(set(_probe_rows(fixture, _REFEREE_ROWS)) | set(worst))
+    rows = sorted(set(probe_rows(fixture, _REFEREE_ROWS)) | set(worst))
     verdict = referee(spec, fixture=fixture.subset(rows), samples=len(rows))
     judged = {}
     for stage in verdict.stages:

@@ -31,6 +31,7 @@ from parity.store.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.store.fixtures import (EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, regeneration_lock, sha256_file,
                              stage_fixture)
+from parity.model.batches import embed_pixels
 from parity.spec import DEFAULT_LIBRARY
 from parity.store.provenance import git_revision, known_revision
 
@@ -252,7 +253,7 @@ def capture_pipeline(pipeline, images: Sequence[str | Path], out_dir: str | Path
         cap.manifest["pipeline"] = pipeline.describe()
         for image, bias in zip(images, biases):
             pixels = pipeline.preprocess(image)
-            cap.add(image, embedding=pipeline.embed(pixels[None])[0], input_biases=bias,
+            cap.add(image, embedding=embed_pixels(pipeline, pixels[None])[0], input_biases=bias,
                     pixels=pixels if Path(image).name in golden else None)
         cap.set_outputs(pipeline.run_head(np.stack(cap.embeddings), np.array(biases, dtype=np.int64)))
         cap.attach_head(pipeline.head, class_path=spec.head.class_path, kwargs=dict(spec.head.kwargs),

@@ -17,13 +17,14 @@ import numpy as np
 
 from parity.commands.check import SETTABLE, toml_value, run_check
 from parity.judge.arrays import compare_arrays
+from parity.model.batches import embed_images
+from parity.model.layers import first_divergent_layer
 from parity.judge.stages import STAGE_ORDER
 from parity.numerics.emulate import gate_tolerance
 from parity.judge.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError, SpecError
 from parity.store.fixtures import Fixture, load_fixture
 from parity.store.images import load_image
-from parity.libraries import extract_embedding
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, Finding, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.store.shards import shard_fixture
@@ -301,7 +302,7 @@ class _Prober:
             exif = spec.preprocess.exif_transpose
             # Decoded a chunk at a time: a 200k-sample log must not be one list of images.
             chunk = max(self._CACHED_IMAGES, spec.runtime.batch_size)
-            embeddings = np.concatenate([pipeline.embed_images([self._image(i, exif) for i in self.rows[s:s + chunk]])
+            embeddings = np.concatenate([embed_images(pipeline, [self._image(i, exif) for i in self.rows[s:s + chunk]])
                                          for s in range(0, len(self.rows), chunk)]) if self.rows else \
                 np.zeros((0, 0), np.float32)
         except (ParityError, RuntimeError, ValueError, TypeError, AssertionError):  # a variant the libraries cannot run
@@ -335,58 +336,6 @@ class _Prober:
             return dict(far, embedding=emb.max_abs)
         out = compare_arrays(outputs, outputs if out_target is None else out_target, tolerance=self.tolerance(spec, "outputs"))
         return {"embedding": emb.max_abs, "outputs": out.max_abs, "ok": bool(emb) and bool(out)}
-
-
-# -- layer localisation ----------------------------------------------------------------------
-
-def first_divergent_layer(reference, candidate, pixels, *, atol: float = 1e-5, rtol: float = 1.3e-6,
-                          extract: tuple[str, str] = ("cls", DEFAULT_LIBRARY),
-                          candidate_extract: tuple[str, str] | None = None) -> LayerDivergence | None:
-    """Feed both backbones the same pixels and return the first module whose output diverges.
-
-    ``extract`` is the (mode, library) each backbone runs with (`parity.libraries.extract_embedding`);
-    modules are matched by name, so two libraries' backbones share none.
-
-    The reference's module outputs are kept as they are produced; the candidate's are compared
-    as they are produced and dropped, so memory stays near one forward pass of activations.
-    """
-    import torch
-
-    outputs: dict[str, Any] = {}
-    order: list[str] = []
-
-    def keep(name):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor):
-                outputs[name] = output.detach().float()
-                order.append(name)
-        return hook
-
-    found: list[LayerDivergence] = []
-
-    def check(name):
-        def hook(_module, _inputs, output):
-            ref = outputs.get(name)
-            if found or ref is None or not isinstance(output, torch.Tensor) or ref.shape != output.shape:
-                return
-            delta = (output.detach().float() - ref).abs()
-            if bool((delta > atol + rtol * ref.abs()).any()):
-                found.append(LayerDivergence(name, order.index(name), len(order), float(delta.max())))
-        return hook
-
-    mode, library = extract
-    cand_mode, cand_library = candidate_extract or extract
-    handles = [m.register_forward_hook(keep(n)) for n, m in reference.named_modules() if n]
-    with torch.inference_mode():
-        extract_embedding(reference, pixels, mode, library=library)
-    for h in handles:
-        h.remove()
-    handles = [m.register_forward_hook(check(n)) for n, m in candidate.named_modules() if n]
-    with torch.inference_mode():
-        extract_embedding(candidate, pixels.to(next(candidate.parameters()).dtype), cand_mode, library=cand_library)
-    for h in handles:
-        h.remove()
-    return found[0] if found else None
 
 
 # -- per-sample patterns ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 from parity.errors import FixtureError, SpecError
 from parity.store.fixtures import (MAX_JSON_BYTES, Fixture, FixtureRow, check_head_inputs, check_replaceable, environment,
                              npy_layout, sha256_file)
+from parity.model.batches import embed_pixels
 from parity.results import Comparison
 from parity.commands.capture import capture, git_revision
 
@@ -615,8 +616,7 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
 
     # Golden images of several shapes (a processor without a centre crop) are embedded one by one.
     size = spec.runtime.batch_size if len({tuple(p.shape) for p in pixels.values()}) == 1 else 1
-    again = np.concatenate([pipeline.embed(torch.stack([pixels[i] for i in picked[s:s + size]])).numpy()
-                            for s in range(0, len(picked), size)])
+    again = embed_pixels(pipeline, [pixels[i] for i in picked], batch_size=size)
     goldens = _golden_fixture(rows, stored, picked, declared)
     # The gate's own budget for the embedding stage: the spec's explicit one, else that of the declared
     # reduced precision's emulation, else the dtype's default.

@@ -22,7 +22,7 @@ from parity.judge.arrays import compare_arrays
 from parity.errors import SpecError
 from parity.store.fixtures import files_version, load_fixture
 from parity.store.images import load_image
-from parity.libraries import extract_embeddings
+from parity.model.batches import extract_pixels
 from parity.libraries import get as library
 from parity.preprocess.transform import create_preprocess
 from parity.results import Cell, CellResult, MatrixReport, Shard, Status, Tolerance
@@ -199,16 +199,10 @@ class _Engine:
 
         pixels = self.normalized_pixels(values)
         model, dtype = self.model(values["device"], values["dtype"])
-        chunks: dict[str, list] = {m: [] for m in modes}
-        with torch.inference_mode(), _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
-            for start in range(0, len(pixels), self.batch_size):
-                batch = pixels[start:start + self.batch_size].to(values["device"], dtype)
-                for mode, out in extract_embeddings(model, batch, modes, library=self.library).items():
-                    chunks[mode].append(out.float().cpu())
-        embeddings = {m: torch.cat(c) for m, c in chunks.items()}
-        if self.pipeline.spec.backbone.normalize == "l2":
-            embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}
-        return {m: e.numpy() for m, e in embeddings.items()}
+        with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
+            return extract_pixels(model, pixels, modes, library=self.library, batch_size=self.batch_size,
+                                  device=values["device"], dtype=dtype,
+                                  normalize=self.pipeline.spec.backbone.normalize)
 
 
 def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,

@@ -1,4 +1,10 @@
-"""The spec-built pipeline as a runner: decode, preprocess, backbone, head, each sample once."""
+"""The one decode -> embed loop: every command that runs the spec's backbone on images runs it here.
+
+Samples are decoded once by the shared loader, preprocessed by the spec's transform, and embedded a
+batch at a time (`Pipeline.embed`). The gate's runner, the Ray engine's actors, the logged runner's
+reference, freeze, capture, calibration, emulation, the referee, diagnosis probes and the matrix's
+cells all call the functions below, so a change to how images become embeddings is made once.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parity.store.checkpoints import StrictLoadError
 from parity.errors import FixtureChangedError, FixtureError
 from parity.store.fixtures import Fixture, FixtureRow
 from parity.store.images import decode_image
-from parity.model.pipeline import Pipeline, build_pipeline
-from parity.results import CandidateRun
-from parity.spec import Spec
+from parity.model.pipeline import Pipeline
+from parity.store.images import load_image
+from parity.libraries import extract_embeddings
 
-__all__ = ["run", "run_spec", "run_pipeline", "run_head_twice", "Decoded", "decoded_batches", "BatchResult",
-           "decode_batch", "embed_batch", "batch_rows", "local_batches"]
+__all__ = ["Decoded", "decoded_batches", "BatchResult", "decode_batch", "embed_batch", "batch_rows", "local_batches",
+           "embed_pixels", "embed_images", "embed_rows", "extract_pixels"]
 
 Progress = Callable[[int, int], None]
-
-
-def run_spec(spec: Spec, fixture: Fixture, *, device: str | None = None,
-             progress: Progress | None = None) -> CandidateRun:
-    """Build the spec's pipeline (strict load) and run it over every fixture sample."""
-    try:
-        pipeline = build_pipeline(spec, device=device or spec.runtime.device)
-    except StrictLoadError as e:
-        return CandidateRun("spec", load_failure=e.key_diff)
-    return run_pipeline(pipeline, fixture, progress=progress)
-
-
-def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
-    """The runner entry point for the spec-built pipeline (``[candidate]`` absent)."""
-    return run_spec(spec, fixture, device=device, progress=progress)
-
-
-def run_head_twice(pipeline: Pipeline, embeddings: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The head's outputs and whether a second identical call gave the same (eval mode is deterministic)."""
-    outputs = pipeline.run_head(embeddings, biases).numpy()
-    again = pipeline.run_head(embeddings, biases).numpy()
-    return outputs, bool(np.array_equal(outputs, again, equal_nan=True))
 
 
 @dataclass
@@ -122,7 +105,7 @@ def embed_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]], gold
     result, batch = decode_batch(pipeline, rows, golden)
     if batch and embed:
         try:
-            result.embeddings = pipeline.embed(torch.stack(batch)).numpy()
+            result.embeddings = embed_pixels(pipeline, torch.stack(batch), batch_size=len(batch))
         except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing 224 px in a 336 px model
             result.error = f"the backbone raised {type(e).__name__}: {e}"
     return result
@@ -172,53 +155,63 @@ def local_batches(pipeline: Pipeline, fixture: Fixture, *,
             progress(done, total)
 
 
-def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | None = None) -> CandidateRun:
-    """Every sample decoded once, golden pixels kept, embeddings batched; then the head.
+def embed_pixels(pipeline: Pipeline, pixels, *, batch_size: int | None = None) -> np.ndarray:
+    """Embeddings (N, D) float32 for preprocessed pixels: a (N, 3, H, W) tensor or a sequence of (3, H, W)
+    tensors, embedded ``batch_size`` (default ``[runtime].batch_size``) at a time."""
+    import torch  # deferred: this module is imported by runners that must start without torch
 
-    ``[runtime].engine`` picks who runs the batches: this process (``local``) or a Ray cluster
-    (``ray``, `parity.model.ray_engine`); both give the same record. A sample that does not
-    decode is a per-sample error and the others still run; a backbone that raises fails the
-    embedding stage without losing the decode log.
+    size = max(1, batch_size or pipeline.spec.runtime.batch_size)
+    total = len(pixels)
+    if not total:
+        return np.zeros((0, 0), np.float32)
+    parts = []
+    for start in range(0, total, size):
+        chunk = pixels[start:start + size]
+        parts.append(pipeline.embed(chunk if isinstance(chunk, torch.Tensor) else torch.stack(list(chunk))).numpy())
+    return np.concatenate(parts)
+
+
+def embed_images(pipeline: Pipeline, images: Sequence, *, batch_size: int | None = None) -> np.ndarray:
+    """Embeddings (N, D) float32 for images (any input `Pipeline.decode` accepts), preprocessed and embedded a
+    batch at a time, so only one batch of pixels is held."""
+    size = max(1, batch_size or pipeline.spec.runtime.batch_size)
+    if not images:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate([embed_pixels(pipeline, [pipeline.preprocess(image) for image in images[s:s + size]],
+                                        batch_size=size) for s in range(0, len(images), size)])
+
+
+def embed_rows(pipeline: Pipeline, fixture: Fixture, rows: Sequence[int], *, batch_size: int | None = None,
+               exif_transpose: bool | None = None) -> np.ndarray:
+    """Embeddings (len(rows), D) for fixture rows, decoded a batch at a time by the shared loader.
+
+    Raises:
+        FixtureError: a sample does not decode (these callers measure every row they ask for).
     """
-    if pipeline.spec.runtime.engine == "ray":
-        from parity.model.ray_engine import ray_batches
+    exif = pipeline.spec.preprocess.exif_transpose if exif_transpose is None else exif_transpose
+    size = max(1, batch_size or pipeline.spec.runtime.batch_size)
+    rows = list(rows)
+    if not rows:
+        return np.zeros((0, fixture.embeddings.shape[1]), np.float32)
+    return np.concatenate([embed_images(pipeline, [load_image(fixture.rows[i].image, exif_transpose=exif)
+                                                   for i in rows[s:s + size]], batch_size=size)
+                           for s in range(0, len(rows), size)])
 
-        batches = ray_batches(pipeline, fixture, progress=progress)
-    else:
-        batches = local_batches(pipeline, fixture, progress=progress)
-    decoded = Decoded()
-    chunks: list[np.ndarray] = []
-    errors: dict[str, str] = {}
-    for result in batches:
-        decoded.add(result)
-        if result.error is not None:
-            errors.setdefault("embedding", result.error)  # the first batch's error, in fixture order
-        elif result.embeddings is not None:
-            chunks.append(result.embeddings)
-    rows = decoded.rows
 
-    nondeterministic: list[str] = []
-    head_outputs = outputs = None
-    embeddings = None if "embedding" in errors else (
-        np.concatenate(chunks) if chunks else np.zeros((0, fixture.embeddings.shape[1]), np.float32))
-    try:
-        head_outputs, same = run_head_twice(pipeline, fixture.embeddings, fixture.biases())
-        if not same:
-            nondeterministic.append("head")
-    except (RuntimeError, ValueError, IndexError) as e:
-        errors["head"] = f"the head raised {type(e).__name__}: {e}"
-    if embeddings is not None and embeddings.shape[1:] == fixture.embeddings.shape[1:] and rows:
-        try:
-            outputs, same = run_head_twice(pipeline, embeddings, fixture.biases(rows))
-            if not same:
-                nondeterministic.append("outputs")
-        except (RuntimeError, ValueError, IndexError) as e:
-            errors["outputs"] = f"the head raised {type(e).__name__}: {e}"
-    return CandidateRun(
-        "spec", description=pipeline.describe(), fingerprints=pipeline.fingerprints,
-        modules={"backbone": pipeline.backbone, "head": pipeline.head}, rows=tuple(rows),
-        sample_errors=tuple(decoded.sample_errors), conversions=decoded.conversions, pixels=decoded.pixels,
-        embeddings=embeddings,
-        head_outputs=head_outputs, outputs=outputs, nondeterministic=tuple(nondeterministic), errors=errors,
-        unloaded=() if pipeline.spec.backbone.checkpoint is not None else ("backbone",),
-    )
+def extract_pixels(model, pixels, modes: Sequence[str], *, library: str, batch_size: int, device: str, dtype,
+                   normalize: str = "none") -> dict[str, np.ndarray]:
+    """Every extraction mode's embeddings (N, D) float32 from one trunk pass per batch of ``pixels``, for a
+    model other than the pipeline's own (a matrix cell's device and dtype copy). The caller holds the
+    numerics context (autocast, TF32, attention backend) of the cell."""
+    import torch  # deferred: see embed_pixels
+
+    chunks: dict[str, list] = {m: [] for m in modes}
+    with torch.inference_mode():
+        for start in range(0, len(pixels), max(1, batch_size)):
+            batch = pixels[start:start + batch_size].to(device, dtype)
+            for mode, out in extract_embeddings(model, batch, modes, library=library).items():
+                chunks[mode].append(out.float().cpu())
+    embeddings = {m: torch.cat(c) for m, c in chunks.items()}
+    if normalize == "l2":
+        embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}
+    return {m: e.numpy() for m, e in embeddings.items()}

@@ -117,15 +117,6 @@ class Pipeline:
                 embedding = torch.nn.functional.normalize(embedding, dim=-1)
             return embedding.cpu()
 
-    def embed_images(self, images: Sequence[Image.Image], *, batch_size: int | None = None):
-        """Embeddings (N, D) float32 as numpy for decoded images, batch by batch."""
-        import numpy as np
-        import torch
-
-        size = batch_size or self.spec.runtime.batch_size
-        return np.concatenate([self.embed(torch.stack([self.preprocess(im) for im in images[s:s + size]])).numpy()
-                               for s in range(0, len(images), size)])
-
     def run_head(self, embeddings, input_biases=None):
         """Head outputs (B, L) float32 on the CPU.
 

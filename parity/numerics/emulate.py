@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from parity.judge import tolerance
+from parity.model.batches import embed_rows
 from parity.judge.arrays import compare_arrays
 from parity.model.numerics import describe_reduced, reduced_precision
 from parity.results import Tolerance
@@ -114,11 +115,7 @@ def emulate_reference(reduced: Mapping[str, str], *, device_type: str = "cpu") -
 
 
 def _pipeline_run(pipeline, fixture, rows: Sequence[int], batch_size: int) -> dict[str, np.ndarray]:
-    from parity.store.images import load_image
-
-    exif = pipeline.spec.preprocess.exif_transpose
-    images = [load_image(fixture.rows[i].image, exif_transpose=exif) for i in rows]
-    embeddings = pipeline.embed_images(images, batch_size=batch_size)
+    embeddings = embed_rows(pipeline, fixture, rows, batch_size=batch_size)
     biases = fixture.biases(rows)
     measured = {"embedding": embeddings, "head": pipeline.run_head(fixture.embeddings[list(rows)], biases).numpy()}
     try:
@@ -184,7 +181,7 @@ def reference_emulation(fixture, spec) -> dict[str, str]:
 _CACHE: dict[tuple, tuple[Any, dict[str, dict[str, Any]], int]] = {}
 
 
-def _probe_rows(fixture, probes: int) -> list[int]:
+def probe_rows(fixture, probes: int) -> list[int]:
     # Evenly spread over the fixture: deterministic, and covers its start and end.
     n = len(fixture.rows)
     return sorted(set(np.linspace(0, n - 1, num=min(probes, n)).round().astype(int).tolist()))
@@ -208,7 +205,7 @@ def emulated_tolerance(spec, fixture, stage: str, *, probes: int = PROBES, margi
     if cached is None or cached[0] is not fixture:
         from parity.model.pipeline import build_pipeline
 
-        rows = _probe_rows(fixture, probes)
+        rows = probe_rows(fixture, probes)
         pipeline = build_pipeline(spec, fingerprints=False)
         plain, runs = emulated_runs(pipeline, fixture, rows, fixture.manifest["producer"]["numerics"])
         _CACHE.clear()  # one run at a time: keep only the latest fixture alive

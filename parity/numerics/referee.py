@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.numerics.emulate import _probe_rows, emulate_reference
+from parity.model.batches import embed_rows
+from parity.numerics.emulate import probe_rows, emulate_reference
 from parity.store.fixtures import Fixture, load_fixture
 from parity.model.numerics import reduced_precision
 from parity.results import Referee, RefereeStage
@@ -59,10 +60,7 @@ def judge(stage: str, reference: np.ndarray, fp64: np.ndarray, rounded: Sequence
 
 
 def _runs(pipeline, fixture: Fixture, rows: list[int]) -> dict[str, np.ndarray]:
-    from parity.store.images import load_image
-
-    images = [load_image(fixture.rows[i].image, exif_transpose=pipeline.spec.preprocess.exif_transpose) for i in rows]
-    embeddings = pipeline.embed_images(images, batch_size=len(rows))
+    embeddings = embed_rows(pipeline, fixture, rows, batch_size=len(rows))
     out = {"embedding": embeddings}
     if embeddings.shape[1:] == fixture.embeddings.shape[1:]:
         out["outputs"] = pipeline.run_head(embeddings, fixture.biases(rows)).numpy()
@@ -92,7 +90,7 @@ def referee(spec: Spec, *, fixtures: str | Path | None = None, fixture: Fixture 
     from parity.model.pipeline import build_pipeline
 
     fixture = fixture if fixture is not None else load_fixture(spec.fixture_root(fixtures))
-    rows = _probe_rows(fixture, samples)
+    rows = probe_rows(fixture, samples)
     pipeline = build_pipeline(spec, device=device, fingerprints=False)
     numerics = fixture.manifest.get("producer", {}).get("numerics")
     if numerics:

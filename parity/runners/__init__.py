@@ -16,14 +16,14 @@ from collections.abc import Callable
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
-from parity.model.batches import run_pipeline, run_spec
+from parity.runners.built import run_pipeline, run_spec
 from parity.spec import Spec
 
 __all__ = ["RUNNERS", "run_candidate", "run_pipeline", "run_spec"]
 
 # kind -> module holding its ``run``; imported only when that kind is gated.
 RUNNERS = {
-    "spec": "parity.model.batches",
+    "spec": "parity.runners.built",
     "python": "parity.runners.python_app",
     "endpoint_handler": "parity.runners.endpoint",
     "onnx": "parity.runners.onnx",

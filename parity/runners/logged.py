@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import FixtureError
+from parity.model.batches import local_batches
+from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import Fixture, load_logged_samples
 from parity.results import CandidateRun
 from parity.store.shards import shard_fixture
@@ -83,33 +85,19 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
         CheckpointError: the spec's checkpoints do not load strictly (no reference without them).
         FixtureError: the spec's pipeline cannot embed the images or run its head on the logged input_biases.
     """
-    import torch
-
-    from parity.store.images import decode_image
-    from parity.model.pipeline import build_pipeline
-
     pipeline = build_pipeline(spec, device=device or spec.runtime.device, fingerprints=False)
-    exif, size, total = spec.preprocess.exif_transpose, spec.runtime.batch_size, len(logged.rows)
+    total = len(logged.rows)
     rows: list[int] = []
     failed: list[tuple[str, str]] = []
     embeddings: list[np.ndarray] = []
-    for start in range(0, total, size):
-        batch = []
-        for i in range(start, min(start + size, total)):
-            try:
-                image, _ = decode_image(logged.rows[i].image, exif_transpose=exif)
-                batch.append(pipeline.pixels(image, name=logged.rows[i].image))
-            except FixtureError as e:
-                failed.append((logged.rows[i].name, f"the spec cannot decode it for the reference: {e}"))
-                continue
-            rows.append(i)
-        if batch:
-            try:
-                embeddings.append(pipeline.embed(torch.stack(batch)).numpy())
-            except (RuntimeError, ValueError, AssertionError) as e:
-                raise FixtureError(f"the spec's backbone cannot embed the logged images: {e}") from e
-        if progress:
-            progress(min(start + size, total), total)
+    # The one batch loop, in this process: a log is gated where its reference is computed.
+    for batch in local_batches(pipeline, logged, progress=progress):
+        rows += batch.rows
+        failed += [(name, f"the spec cannot decode it for the reference: {why}") for name, why in batch.sample_errors]
+        if batch.error is not None:
+            raise FixtureError(f"the spec's backbone cannot embed the logged images: {batch.error}")
+        if batch.embeddings is not None:
+            embeddings.append(batch.embeddings)
     embedded = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
     try:
         outputs = pipeline.run_head(embedded, logged.biases(rows)).numpy() if rows else np.zeros((0, 0), np.float32)

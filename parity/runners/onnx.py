@@ -26,7 +26,7 @@ from parity.store.checkpoints import StrictLoadError
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
-from parity.model.batches import Decoded, decoded_batches
+from parity.model.batches import Decoded, decoded_batches, embed_pixels
 from parity.spec import Spec
 
 __all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
@@ -236,14 +236,14 @@ class _Graph:
             raise _RunError(f"onnxruntime raised {type(e).__name__}: {e}") from e
         return [np.asarray(r, dtype=np.float32) for r in results]
 
-    def embed(self, pixels: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def run_pixels(self, pixels: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``(embeddings, outputs)`` of a batch of pixels; either is ``None`` when the graph does not give it."""
         g = self.graph
         if g.pixels is None:
             import torch
 
             try:
-                return self.pipeline.embed(torch.from_numpy(pixels)).numpy(), None
+                return embed_pixels(self.pipeline, torch.from_numpy(pixels), batch_size=len(pixels)), None
             except (RuntimeError, ValueError, AssertionError) as e:
                 raise _RunError(f"the spec's backbone raised {type(e).__name__}: {e}") from e
         wanted = [n for n in (g.embedding_output, g.outputs) if n]
@@ -282,7 +282,7 @@ def _run_rows(runner: _Graph, fixture: Fixture, progress: Progress | None) -> _S
     for batch_rows, batch in decoded_batches(runner.pipeline, fixture, seen, progress=progress):
         if batch and "embedding" not in seen.errors:
             try:
-                embeddings, outputs = runner.embed(torch.stack(batch).numpy(), fixture.biases(batch_rows))
+                embeddings, outputs = runner.run_pixels(torch.stack(batch).numpy(), fixture.biases(batch_rows))
             except _RunError as e:
                 seen.errors["embedding"] = str(e)
             else:

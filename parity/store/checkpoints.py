@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 
-from parity.errors import CheckpointError
-from parity.store.fixtures import verify_pinned_checkpoint
+from parity.errors import CheckpointError, ParityError
+from parity.store.fixtures import Fixture, verify_pinned_checkpoint
 from parity.results import KeyDiff
 
 __all__ = [
+    "trained_shapes",
     "StrictLoadError",
     "read_checkpoint",
     "nested_entries",
@@ -298,3 +299,27 @@ def explain_key_diff(diff: KeyDiff) -> str:
         tuple(f"{k}: {m} vs {c}" for k, m, c in diff.dtype_mismatches),
     )
     return "\n".join(lines)
+
+
+def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
+    """Shape of each trained tensor of ``part``, in the trained module's order where the fixture keeps a copy of its
+    checkpoint (else from its recorded structure, in the manifest's order)."""
+    entry = (fixture.manifest.get("weights") or {}).get(part) or {}
+    names = list(entry.get("tensors") or ())
+    path = fixture.root / entry["file"] if entry.get("file") else None
+    if path is not None and path.is_file():
+        try:
+            state = read_state_dict(path)
+        except ParityError:
+            state = {}
+        wanted = set(names)
+        shapes = {n: tuple(t.shape) for n, t in state.items() if n in wanted}  # in the trained module's order
+        if len(shapes) == len(names):
+            return shapes
+    structure = (fixture.pipeline.get(part) or {}).get("structure") or {}
+    shapes = {}
+    for name in names:
+        text = structure.get(name)
+        if isinstance(text, str) and text.startswith("[") and text.endswith("]"):
+            shapes[name] = tuple(int(x) for x in text[1:-1].split(",") if x.strip())
+    return shapes
