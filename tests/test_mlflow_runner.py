@@ -21,7 +21,7 @@ pytest.importorskip("mlflow")
 from parity.cli import EXIT_DRIFT, EXIT_PASS, main  # noqa: E402
 from parity.errors import SpecError  # noqa: E402
 from parity.runners.http import RequestMap, ServiceError, read_outputs  # noqa: E402
-from parity.runners.mlflow import payload, served_predictions  # noqa: E402
+from parity.runners.mlflow_protocol import payload, served_predictions  # noqa: E402
 from parity.spec import load_spec  # noqa: E402
 from tests.shipped.findings import findings  # noqa: E402
 from tests.support.mlflow_models import BUGS, STYLES, build_style_reference, save_style_model, served  # noqa: E402

@@ -16,7 +16,7 @@ Nothing else of the service is visible: load, weights, pixels and the head are r
 not observable.
 
 ``format = "mlflow"``: an MLflow scoring server's ``/invocations`` (``mlflow models serve``): the
-request and the answer are its own (`parity.runners.mlflow`: ``send`` one of its JSON keys, the
+request and the answer are its own (`parity.runners.mlflow_protocol`: ``send`` one of its JSON keys, the
 image as a base64 column, the outputs read from ``predictions``).
 
 Every request has ``[candidate].timeout`` seconds in all, from connecting to the last byte of
@@ -51,6 +51,8 @@ import numpy as np
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
+from parity.runners import mlflow_protocol
+from parity.runners.request_map import RequestMap
 from parity.runners.outputs import (OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, label_scores,
                                     output_map, read)
 from parity.spec import Spec
@@ -123,31 +125,6 @@ class Request:
     method: str = "POST"
 
 
-@dataclass(frozen=True)
-class RequestMap:
-    """How a fixture sample becomes a request: the file field, the other fields, the headers (values resolved)."""
-
-    field: str = "image"
-    form: Mapping[str, str] | None = None  # request field -> "input_biases" or "input_biases.N"
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-    def fields(self, biases: Sequence[int]) -> dict[str, Any]:
-        """The request's fields besides the image: ``input_biases`` by default, else as ``form`` maps them."""
-        if self.form is None:
-            return {"input_biases": list(biases)} if biases else {}
-        picked: dict[str, Any] = {}
-        for name, source in self.form.items():
-            _, _, index = source.partition(".")
-            if not index:
-                picked[name] = list(biases)
-            elif int(index) < len(biases):
-                picked[name] = int(biases[int(index)])
-            else:
-                raise SpecError(f"[candidate].form.{name} = {source!r}, but the fixture's rows carry "
-                                f"{len(biases)} input_biases")
-        return picked
-
-
 def resolve_headers(headers: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
     """Header values with ``env:NAME`` read from the environment, and the values read so (never to be shown).
 
@@ -181,9 +158,7 @@ def _request(url: str, image: Path, biases: Sequence[int], send: str, mapping: R
              format: str | None = None) -> Request:
     data = image.read_bytes()
     if format == "mlflow":
-        from parity.runners import mlflow
-
-        body = json.dumps(mlflow.payload([(data, biases)], send=send, request=mapping)).encode()
+        body = json.dumps(mlflow_protocol.payload([(data, biases)], send=send, request=mapping)).encode()
         kind = {"Content-Type": "application/json", "Accept": "application/json"}
         return Request(url, body, {**mapping.headers, **kind})
     fields = mapping.fields(biases)
@@ -329,10 +304,8 @@ def read_outputs(body: bytes, output_key: str | OutputMap | None, *,
     key = mapping.key or "outputs"
     embedding = answer.get("embedding") if isinstance(answer, dict) else None
     if format == "mlflow":
-        from parity.runners.mlflow import served_predictions
-
         try:
-            answer, key, embedding = served_predictions(answer), mapping.key or "predictions", None
+            answer, key, embedding = mlflow_protocol.served_predictions(answer), mapping.key or "predictions", None
         except UnreadableOutput as e:
             raise ServiceError(str(e)) from e
     if not isinstance(answer, (dict, list)):
@@ -438,9 +411,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     url = check_url(candidate.target)
     default, sends = "multipart", SENDS
     if candidate.format == "mlflow":
-        from parity.runners import mlflow
-
-        default, sends = mlflow.DEFAULT_SEND, mlflow.SENDS
+        default, sends = mlflow_protocol.DEFAULT_SEND, mlflow_protocol.SENDS
     send = candidate.send or default
     if send not in sends:
         protocol = " with format = \"mlflow\"" if candidate.format else ""
