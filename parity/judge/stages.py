@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from parity.libraries import canonical_names
-from parity.store.checkpoints import read_state_dict
+from parity.store.checkpoints import read_state_dict, trained_shapes
 from parity.judge.arrays import compare_arrays, merge_comparisons
 from parity.judge.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
-from parity.store.fixtures import Fixture, trained_shapes
+from parity.store.fixtures import Fixture
 from parity.results import CandidateRun, DecisionFlips, Finding, StageResult, Status, TensorDiff, Tolerance
 from parity.store.sampling import sample_notes
 from parity.spec import DEFAULT_LIBRARY, Spec
@@ -571,7 +571,7 @@ def _unaccounted(account: _Account, run: CandidateRun, fixture: Fixture) -> tupl
 
 def _trained_shapes(account: _Account, fixture: Fixture) -> dict[str, tuple[int, ...]]:
     """The trained tensors' shapes, in the trained class's order: from the values already read, else as
-    `parity.store.fixtures.trained_shapes` finds them (the recorded structure)."""
+    `parity.store.checkpoints.trained_shapes` finds them (the recorded structure)."""
     names = set(fixture.manifest["weights"][account.part]["tensors"])
     values = account.values()
     if values and names <= set(values):

@@ -22,6 +22,7 @@ import numpy as np
 
 from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.store.hashcache import cached
+from parity.store.images import decode_image
 
 if TYPE_CHECKING:
     from parity.spec import Spec
@@ -1099,8 +1100,6 @@ def _log_entries(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _readable(image: Path, where: str) -> str:
-    from parity.store.images import decode_image
-
     if not image.is_file():
         raise FixtureError(f"{where}: image {image} not found")
     try:
@@ -1206,30 +1205,3 @@ def verify_referenced_checkpoints(fixture: Fixture) -> None:
                 f"{path} has {got}, the manifest records sha256 {entry.get('sha256')} ({entry.get('bytes')} bytes).\n"
                 "Note: the fixture's reference data came from the recorded weights; restore that file, or freeze "
                 "again from the new checkpoint on purpose (--force).")
-
-
-def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
-    """Shape of each trained tensor of ``part``, in the trained module's order where the fixture keeps a copy of its
-    checkpoint (else from its recorded structure, in the manifest's order)."""
-    entry = (fixture.manifest.get("weights") or {}).get(part) or {}
-    names = list(entry.get("tensors") or ())
-    path = fixture.root / entry["file"] if entry.get("file") else None
-    if path is not None and path.is_file():
-        from parity.store.checkpoints import read_state_dict
-        from parity.errors import ParityError
-
-        try:
-            state = read_state_dict(path)
-        except ParityError:
-            state = {}
-        wanted = set(names)
-        shapes = {n: tuple(t.shape) for n, t in state.items() if n in wanted}  # in the trained module's order
-        if len(shapes) == len(names):
-            return shapes
-    structure = (fixture.pipeline.get(part) or {}).get("structure") or {}
-    shapes = {}
-    for name in names:
-        text = structure.get(name)
-        if isinstance(text, str) and text.startswith("[") and text.endswith("]"):
-            shapes[name] = tuple(int(x) for x in text[1:-1].split(",") if x.strip())
-    return shapes
