@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import FixtureError
+from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import Fixture, load_logged_samples
 from parity.results import CandidateRun
+from parity.store.images import decode_image
 from parity.store.shards import shard_fixture
 from parity.spec import Spec
 
@@ -84,9 +86,6 @@ def spec_reference(spec: Spec, logged: Fixture, *, device: str | None = None,
         FixtureError: the spec's pipeline cannot embed the images or run its head on the logged input_biases.
     """
     import torch
-
-    from parity.store.images import decode_image
-    from parity.model.pipeline import build_pipeline
 
     pipeline = build_pipeline(spec, device=device or spec.runtime.device, fingerprints=False)
     exif, size, total = spec.preprocess.exif_transpose, spec.runtime.batch_size, len(logged.rows)
