@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.model.pipeline import build_pipeline
 from parity.numerics.emulate import _probe_rows, emulate_reference
 from parity.store.fixtures import Fixture, load_fixture
 from parity.model.numerics import reduced_precision
-from parity.results import Referee, RefereeStage
+from parity.results import Referee, RefereeStage, Status
 from parity.spec import Spec
+from parity.store.images import load_image
 
 __all__ = ["TOL", "referee", "judge", "multiplier", "numerics_signature", "UNRECORDED_HYPOTHESES"]
 
@@ -59,8 +61,6 @@ def judge(stage: str, reference: np.ndarray, fp64: np.ndarray, rounded: Sequence
 
 
 def _runs(pipeline, fixture: Fixture, rows: list[int]) -> dict[str, np.ndarray]:
-    from parity.store.images import load_image
-
     images = [load_image(fixture.rows[i].image, exif_transpose=pipeline.spec.preprocess.exif_transpose) for i in rows]
     embeddings = pipeline.embed_images(images, batch_size=len(rows))
     out = {"embedding": embeddings}
@@ -89,8 +89,6 @@ def referee(spec: Spec, *, fixtures: str | Path | None = None, fixture: Fixture 
     The reference's recorded reduced precision (``producer.numerics``) is emulated; a fixture that
     records none is tried against `UNRECORDED_HYPOTHESES`.
     """
-    from parity.model.pipeline import build_pipeline
-
     fixture = fixture if fixture is not None else load_fixture(spec.fixture_root(fixtures))
     rows = _probe_rows(fixture, samples)
     pipeline = build_pipeline(spec, device=device, fingerprints=False)
@@ -130,8 +128,6 @@ def numerics_signature(spec: Spec, fixture: Fixture, report, *, device: str | No
 
     Only a drift that starts after the pixels (which match) can be numerics; the referee decides.
     """
-    from parity.results import Status
-
     first = report.first_failure
     if first is None or first.stage not in ("embedding", "head", "outputs") or spec.runtime.dtype != "float32":
         return None
