@@ -20,6 +20,7 @@ import numpy as np
 
 from parity.judge.arrays import compare_arrays
 from parity.errors import SpecError
+from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import files_version, load_fixture
 from parity.store.images import load_image
 from parity.libraries import extract_embeddings
@@ -223,8 +224,6 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
             for `parity.commands.merge`.
     """
     import torch
-
-    from parity.model.pipeline import build_pipeline
 
     _require_supported(spec)
     root = spec.fixture_root(fixtures)
