@@ -181,6 +181,7 @@ def run_pipeline(pipeline: Pipeline, fixture: Fixture, *, progress: Progress | N
     embedding stage without losing the decode log.
     """
     if pipeline.spec.runtime.engine == "ray":
+        # deferred: ray_engine imports this module back (cycle)
         from parity.model.ray_engine import ray_batches
 
         batches = ray_batches(pipeline, fixture, progress=progress)
