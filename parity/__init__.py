@@ -51,6 +51,7 @@ _LAZY = {
 def explain_preprocess(a, b, *, images=(), transform=None):
     """`parity.preprocess.diff.explain_preprocess`, measuring ``images`` with the registered libraries'
     transforms (`parity.libraries.create_transform`) unless ``transform`` is given."""
+    # deferred: the public API loads on first use, so `import parity` (and the pytest plugin) stays cheap
     from parity.preprocess.diff import explain_preprocess as explain
 
     return explain(a, b, images=images, transform=transform or parity.libraries.create_transform)

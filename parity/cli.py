@@ -20,6 +20,27 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from parity.errors import FixtureError, ParityError, ReportError, SpecError
+from parity.judge.tolerance import calibrated_tolerance
+from parity.libraries import (backbone_weights, checkpoint_converter, create_backbone, create_transform,
+                              describe_record, get as library, resolve_preprocess, resolve_source, weights_file)
+from parity.model import ray_engine
+from parity.model.pipeline import construct_module, create_head, preprocess_record
+from parity.numerics.referee import referee
+from parity.preprocess.diff import explain_preprocess
+from parity.progress import Progress
+from parity.report.console import (format_stage, render_config_diffs, render_diagnosis, render_inspection,
+                                   render_matrix, render_preprocess_explanation, render_referee, render_report, to_json,
+                                   write_json)
+from parity.report.files import FILES, load_document, render_saved, write_reports
+from parity.results import Diagnosis, MatrixReport, ServiceDiagnosis, StageResult, Status
+from parity.spec import REFERENCE_NUMERICS, check_ray_address, load_spec, select_candidate
+from parity.store.checkpoints import read_checkpoint
+from parity.store.fixtures import load_fixture
+from parity.store.forensics import diagnose_load, diff_structure, summarize_checkpoint, summarize_structure
+from parity.store.images import decode_image
+from parity.store.shards import parse_shard
+
 __all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 EXIT_PASS, EXIT_DRIFT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -69,9 +90,6 @@ def _apply_engine(spec, args: argparse.Namespace):
     """
     import dataclasses
 
-    from parity.errors import SpecError
-    from parity.spec import check_ray_address
-
     engine = getattr(args, "engine", None) or spec.runtime.engine
     address = getattr(args, "ray_address", None)
     if address is not None:
@@ -84,9 +102,7 @@ def _apply_engine(spec, args: argparse.Namespace):
     else:
         address = spec.runtime.ray_address
     if engine == "ray":
-        from parity.model.ray_engine import import_ray
-
-        import_ray()  # fail before building any model
+        ray_engine.import_ray()  # fail before building any model
     runtime = dataclasses.replace(spec.runtime, engine=engine, ray_address=address)
     return dataclasses.replace(spec, runtime=runtime) if runtime != spec.runtime else spec
 
@@ -98,9 +114,7 @@ def _engine_session(spec, *, used: bool = True):
 
     if not used or spec.runtime.engine != "ray" or spec.candidate.kind != "spec":
         return contextlib.nullcontext()
-    from parity.model.ray_engine import ray_session
-
-    return ray_session(spec.runtime.ray_address)
+    return ray_engine.ray_session(spec.runtime.ray_address)
 
 
 def _report_option(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +127,6 @@ def _write_reports(result, args: argparse.Namespace, console: Console) -> None:
     """The report files, when --report was given."""
     if args.report_dir is None:
         return
-    from parity.report.files import write_reports
 
     paths = write_reports(result, args.report_dir)
     console.print(f"reports written to {args.report_dir}: {', '.join(p.name for p in paths.values())}",
@@ -121,8 +134,6 @@ def _write_reports(result, args: argparse.Namespace, console: Console) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from parity.spec import REFERENCE_NUMERICS
-
     parser = argparse.ArgumentParser(prog="parity", description="Training-inference parity gate for CLIP + head pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     init = commands.add_parser(
@@ -292,8 +303,6 @@ def _axis_values(text: str) -> list:
 
 def _load_spec(args: argparse.Namespace):
     """The spec, with ``--candidate`` (when given) replacing its [candidate]."""
-    from parity.spec import load_spec, select_candidate
-
     spec = load_spec(args.spec)
     if getattr(args, "candidate", None):
         spec = select_candidate(spec, args.candidate, base=Path.cwd())
@@ -301,10 +310,7 @@ def _load_spec(args: argparse.Namespace):
 
 
 def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from parity.errors import SpecError
-    from parity.progress import Progress
-    from parity.report.console import render_matrix, write_json
-    from parity.spec import load_spec
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.matrix import parse_axes, run_matrix
 
     spec = _apply_engine(load_spec(args.spec), args)
@@ -329,11 +335,8 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from parity.commands.diagnose import diagnose
-    from parity.errors import SpecError
-    from parity.progress import Progress
-    from parity.report.console import render_diagnosis, write_json
-    from parity.results import ServiceDiagnosis
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
+    from parity.commands.diagnose import diagnose, diagnose_logged
 
     if args.samples < 1:
         raise SpecError(f"--samples must be >= 1, got {args.samples}")
@@ -345,8 +348,6 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
     with _engine_session(spec, used=args.logged is None), Progress(errors) as progress:
         progress.phase("diagnosing")
         if args.logged is not None:
-            from parity.commands.diagnose import diagnose_logged
-
             result = diagnose_logged(spec, args.logged, device=args.device, samples=max(args.samples, 8),
                                      progress=progress.phase)
         else:  # the spec's pipeline, shipped code, or a service observed from outside (url, logged)
@@ -366,10 +367,8 @@ def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> in
 def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from rich.table import Table
 
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.calibrate import calibrate
-    from parity.progress import Progress
-    from parity.judge.tolerance import calibrated_tolerance
-    from parity.spec import load_spec
 
     spec = load_spec(args.spec)
     with Progress(errors) as progress:
@@ -404,12 +403,6 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
 
 
 def _diff_structure(args: argparse.Namespace, console: Console) -> int:
-    from parity.store.fixtures import load_fixture
-    from parity.store.forensics import diff_structure, summarize_structure
-    from parity.model.pipeline import create_backbone, create_head
-    from parity.report.console import render_config_diffs
-    from parity.spec import load_spec
-
     spec = load_spec(args.spec)
     recorded = load_fixture(spec.fixture_root(args.fixtures)).pipeline
     diffs = ()
@@ -428,13 +421,7 @@ def _diff_structure(args: argparse.Namespace, console: Console) -> int:
 def _inspect(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from parity.store.checkpoints import read_checkpoint
-    from parity.errors import SpecError
-    from parity.store.forensics import diagnose_load, summarize_checkpoint
-    from parity.report.console import render_inspection
-
     if args.checkpoint.is_dir():  # a save_pretrained directory
-        from parity.libraries import weights_file
 
         args.checkpoint = weights_file(args.checkpoint)
     checkpoint = read_checkpoint(args.checkpoint)
@@ -444,8 +431,6 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         return EXIT_PASS
     loading: dict = {}
     if args.class_path is not None:
-        from parity.model.pipeline import construct_module
-
         try:
             kwargs = json.loads(args.kwargs)
         except json.JSONDecodeError as e:
@@ -453,10 +438,6 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         module, section, target = construct_module(args.class_path, kwargs, where="--"), "head", \
             args.class_path
     else:
-        from parity.libraries import backbone_weights, checkpoint_converter, create_backbone
-        from parity.model.pipeline import create_head
-        from parity.spec import load_spec
-
         spec = load_spec(args.against)
         section = args.part or ("backbone" if backbone_weights(spec) == args.checkpoint.resolve() else "head")
         part = getattr(spec, section)
@@ -476,23 +457,14 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 
 def _preprocess_source(text: str):
     """A preprocessing description from a library source, a spec file or a fixture directory."""
-    from parity.errors import SpecError
-    from parity.libraries import describe_record, resolve_source
-
     path = Path(text)
     if path.suffix == ".toml":
-        from parity.libraries import create_backbone, get, resolve_preprocess
-        from parity.model.pipeline import preprocess_record
-        from parity.spec import load_spec
-
         spec = load_spec(path)
         # Shapes only: the preprocessing needs the model's configuration, never its weights.
-        backbone = create_backbone(spec, meta=get(spec.backbone.library).meta_create)
+        backbone = create_backbone(spec, meta=library(spec.backbone.library).meta_create)
         _, config = resolve_preprocess(spec, backbone)
         return describe_record(preprocess_record(spec, config), source=str(path)), []
     if path.is_dir() and (path / "manifest.json").is_file():
-        from parity.store.fixtures import load_fixture
-
         fixture = load_fixture(path)
         record = fixture.pipeline.get("preprocess")
         if not record:
@@ -502,8 +474,6 @@ def _preprocess_source(text: str):
 
 
 def _image_files(paths: Sequence[Path]) -> list[Path]:
-    from parity.errors import SpecError
-
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -516,12 +486,6 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
-    from parity.errors import FixtureError
-    from parity.store.images import decode_image
-    from parity.libraries import create_transform
-    from parity.preprocess.diff import explain_preprocess
-    from parity.report.console import render_preprocess_explanation, write_json
-
     (a, images_a), (b, images_b) = _preprocess_source(args.a), _preprocess_source(args.b)
     files = _image_files(args.images) if args.images is not None else images_a or images_b
     images = []
@@ -538,9 +502,8 @@ def _explain_preprocess(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.check import run_check
-    from parity.progress import Progress
-    from parity.report.console import render_report, write_json
 
     spec = _load_spec(args)
     with _engine_session(spec), Progress(errors) as progress:
@@ -550,17 +513,12 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
     render_report(report, console)
     verdict = None
     if args.referee is not None:  # informative: the gate's exit status is unchanged
-        from parity.numerics.referee import referee
-        from parity.report.console import render_referee
-
         verdict = referee(spec, fixtures=args.fixtures, device=args.device)
         render_referee(verdict, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
         if verdict is not None:
             import json
-
-            from parity.report.console import to_json
 
             data = json.loads(args.json_path.read_text(encoding="utf-8"))
             args.json_path.write_text(json.dumps({**data, "referee": to_json(verdict)}, indent=2) + "\n", encoding="utf-8")
@@ -570,15 +528,12 @@ def _check(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
-    from parity.store.shards import parse_shard
-
     return parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
 
 
 def _merge(args: argparse.Namespace, console: Console) -> int:
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.merge import load_partial, merge_reports
-    from parity.report.console import render_diagnosis, render_matrix, render_report, write_json
-    from parity.results import Diagnosis, MatrixReport
 
     report = merge_reports([load_partial(path) for path in args.parts], sources=args.parts)
     render = render_matrix if isinstance(report, MatrixReport) else render_diagnosis if isinstance(report, Diagnosis) \
@@ -593,10 +548,8 @@ def _merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def _freeze(args: argparse.Namespace, console: Console) -> int:
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.freeze import freeze, parse_field_map
-    from parity.report.console import format_stage
-    from parity.results import StageResult, Status
-    from parity.spec import load_spec
 
     spec = load_spec(args.spec)
     result = freeze(spec, embeddings=args.embeddings, metadata=args.metadata, images=args.images, out=args.out,
@@ -655,6 +608,7 @@ def _freeze(args: argparse.Namespace, console: Console) -> int:
 def _init(args: argparse.Namespace, console: Console) -> int:
     import shlex
 
+    # deferred: a command's module loads when the command runs (`parity --help` never loads scipy)
     from parity.commands.init import init_spec
 
     result = init_spec(args.directory, out=args.out, force=args.force, verify=args.verify)
@@ -680,8 +634,6 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """What the command reads and must never overwrite: ``(what, path)``; a fixture directory
     protects everything under it (its manifest.json first of all)."""
-    from parity.spec import load_spec, select_candidate
-
     found: list[tuple[str, Path | None]] = []
     if getattr(args, "spec", None) is not None:
         spec = load_spec(args.spec)
@@ -704,8 +656,6 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Every file the command will write: ``(option, path)``."""
-    from parity.report.files import FILES
-
     targets = [("--json", args.json_path)] if getattr(args, "json_path", None) is not None else []
     if getattr(args, "report_dir", None) is not None:
         targets += [("--report", args.report_dir / name) for name in FILES.values()]
@@ -741,8 +691,6 @@ def _check_targets(args: argparse.Namespace) -> None:
     Raises:
         SpecError: the option and path that cannot be written, and why.
     """
-    from parity.errors import SpecError
-
     targets = _targets(args)
     if not targets:
         return
@@ -781,9 +729,6 @@ def _check_targets(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from parity.errors import ReportError
-    from parity.report.files import load_document, render_saved
-
     data = load_document(args.json_file)
     outputs = [(path, fmt) for path, fmt in ((args.md, "md"), (args.html, "html"), (args.junit, "junit"))
                if path is not None]
@@ -831,8 +776,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from parity.errors import ParityError
-
     try:
         _check_targets(args)
         if args.command in ("check", "matrix", "diagnose", "calibrate"):

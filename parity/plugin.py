@@ -1,6 +1,8 @@
 """pytest plugin: ``--parity-*`` options and fixtures that run the gate once per session.
 
-Nothing heavy is imported at plugin import time; torch and timm load inside the fixtures.
+pytest imports this plugin in every session of an environment that has parity, so nothing heavy is
+imported at plugin import time: the commands (scipy), the judge and the renderers (rich) load in the
+hooks and fixtures that use them, and torch and timm inside the fixtures.
 """
 
 from __future__ import annotations
@@ -8,6 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from parity.errors import DriftError
+from parity.results import Status
+from parity.spec import load_spec, select_candidate
+from parity.store.shards import parse_shard
 
 _REPORT_KEY = pytest.StashKey[object]()
 _MATRIX_KEY = pytest.StashKey[object]()
@@ -37,7 +44,6 @@ def _shard(config: pytest.Config) -> tuple[int, int] | None:
     """``--parity-shard I/N`` as ``(I, N)``, or None for every sample."""
     if config.option.parity_shard is None:
         return None
-    from parity.store.shards import parse_shard
 
     return parse_shard(config.option.parity_shard)
 
@@ -58,8 +64,6 @@ def _spec_path(config: pytest.Config) -> Path | None:
 @pytest.fixture(scope="session")
 def parity_spec(request: pytest.FixtureRequest):
     """The parsed spec named by ``--parity-spec`` (or the ``parity_spec`` ini value)."""
-    from parity.spec import load_spec
-
     path = _spec_path(request.config)
     if path is None:
         pytest.skip("no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini")
@@ -90,7 +94,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("parity_cell", [pytest.param(None, marks=pytest.mark.skip(
             reason="no parity spec: pass --parity-spec SPEC or set parity_spec in the pytest ini"))], ids=["no-spec"])
         return
-    from parity.spec import load_spec
+    # deferred: a command loads only in a session that gates (check pulls in scipy; module docstring)
     from parity.commands.matrix import expand_matrix, unsupported
 
     spec = load_spec(path)
@@ -106,6 +110,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def parity_matrix(request: pytest.FixtureRequest, parity_spec):
     """Run the spec's matrix once for the session (shared trunk passes) and share the `MatrixReport`."""
+    # deferred: a command loads only in a session that gates (check pulls in scipy; module docstring)
     from parity.commands.matrix import run_matrix
 
     report = run_matrix(parity_spec, fixtures=request.config.option.parity_fixtures,
@@ -117,6 +122,7 @@ def parity_matrix(request: pytest.FixtureRequest, parity_spec):
 @pytest.fixture(scope="session")
 def parity_report(request: pytest.FixtureRequest, parity_spec, parity_device):
     """Run the gate once for the session and share the `Report` between tests."""
+    # deferred: a command loads only in a session that gates (check pulls in scipy; module docstring)
     from parity.commands.check import run_check
 
     report = run_check(parity_spec, fixtures=request.config.option.parity_fixtures, device=parity_device,
@@ -137,8 +143,6 @@ def _report_dirs(config: pytest.Config) -> dict[object, Path]:
 def _targets(config: pytest.Config) -> list[tuple[Path, str | None, str]]:
     """What the session gates: ``(spec path, candidate name or None, id prefix)``, one per candidate of
     each spec: its ``[candidates.NAME]`` tables (ids ``SPEC-NAME``), else its ``[candidate]`` (id ``SPEC``)."""
-    from parity.spec import load_spec
-
     targets = []
     for path in _spec_paths(config):
         spec = load_spec(path)
@@ -150,6 +154,7 @@ def _targets(config: pytest.Config) -> list[tuple[Path, str | None, str]]:
 
 
 def _parametrize_gate(metafunc: pytest.Metafunc) -> None:
+    # deferred: the judge loads only for a parity_gate test (module docstring)
     from parity.judge.stages import STAGE_ORDER
 
     targets = _targets(metafunc.config)
@@ -177,9 +182,8 @@ class ParityGate:
         self.report, self.stage = report, stage
 
     def assert_parity(self) -> None:
-        from parity.errors import DriftError
+        # deferred: the renderers pull in rich, only for a session that gated (module docstring)
         from parity.report.console import format_stage, verdict_line
-        from parity.results import Status
 
         __tracebackhide__ = True
         if self.stage == "gate":
@@ -211,8 +215,8 @@ def _gate_report(request: pytest.FixtureRequest, path: Path, candidate: str | No
     """The gate of one spec and candidate, run once per session (several specs or candidates)."""
     reports = request.config.stash.setdefault(_REPORTS_KEY, {})
     if prefix not in reports:
+        # deferred: a command loads only in a session that gates (check pulls in scipy; module docstring)
         from parity.commands.check import run_check
-        from parity.spec import load_spec, select_candidate
 
         spec = load_spec(path)
         if candidate is not None:
@@ -237,11 +241,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
               for prefix, report in config.stash.get(_REPORTS_KEY, {}).items()]
     for report, title, directory in shown:
         if report is not None:
+            # deferred: the renderers pull in rich, only for a session that gated (module docstring)
             from parity.report.console import render_text
 
             terminalreporter.write_sep("=", title)
             terminalreporter.write(render_text(report))
             if directory is not None:
+                # deferred: the renderers pull in rich, only for a session that gated (module docstring)
                 from parity.report.files import write_reports
 
                 paths = write_reports(report, directory)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.store.forensics import diagnose_load
 from parity.store.checkpoints import read_checkpoint
 from parity.errors import ParityError
 from parity.store.fixtures import MANIFEST, MANIFEST_DIGEST, npy_layout
@@ -78,8 +79,6 @@ class Checkpoint:
     def loads(self, module, *, section: str, target: str) -> tuple[bool, KeyFix | None]:
         """Whether the checkpoint loads into ``module`` with ``strict=True``: as it is (fix None), or with the
         explicit loading fields (``state_dict_key``, ``key_map``, ``drop_keys``) of a verified fix."""
-        from parity.store.forensics import diagnose_load
-
         try:
             state, diff = diagnose_load(self.data, module, section=section, target=target, source=self.rel)
         except ParityError:

@@ -23,8 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from parity.explain.fixes import diff_config
 from parity.judge.arrays import compare_arrays
 from parity.errors import FixtureError, SpecError
+from parity.libraries import backbone_weights
+from parity.model.pipeline import build_pipeline
+from parity.numerics.emulate import add_emulated_noise, probe_rows
+from parity.numerics.referee import referee
 from parity.store.fixtures import (Fixture, cached_sha256, check_fixture_inputs, data_version, files_version, load_fixture,
                              update_manifest)
 from parity.model.batches import embed_images
@@ -72,8 +77,6 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
     Raises:
         SpecError: a margin below 1, or no fixtures.
     """
-    from parity.model.pipeline import build_pipeline
-
     check_margin(margin)
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
@@ -119,8 +122,7 @@ def calibrate(spec: Spec, *, fixtures: str | Path | None = None, margin: float =
              for stage, w in worst.items()}
     for stage, judged in _referee(spec, fixture, worst["embedding"]["per_sample"]).items():
         noise[stage]["referee"] = judged
-    from parity.numerics.emulate import add_emulated_noise  # a reference made in TF32/autocast: add its emulated spread
-
+    # a reference made in TF32/autocast: add its emulated spread
     noise, emulation = add_emulated_noise(noise, pipeline, fixture, spec)
     result = Calibration(device=str(pipeline.device), dtype=spec.runtime.dtype, runs=runs, margin=margin, noise=noise,
                          emulation=emulation)
@@ -150,8 +152,6 @@ def _check_reference_configuration(spec: Spec, fixture: Fixture) -> None:
     Raises:
         SpecError: a checkpoint of the spec has another sha256 than the fixture's record of it.
     """
-    from parity.libraries import backbone_weights
-
     weights = fixture.manifest.get("weights", {})
     for part, path in (("backbone", backbone_weights(spec)), ("head", spec.head.weights)):
         recorded = weights.get(part, {}).get("sha256")
@@ -172,8 +172,6 @@ def _check_recorded_configuration(spec: Spec, pipeline: Any, fixture: Fixture) -
     Raises:
         SpecError: the differing fields, reference and spec values.
     """
-    from parity.explain.fixes import diff_config
-
     recorded = {k: v for k, v in fixture.pipeline.items() if k in ("backbone", "preprocess", "head")}
     described = {k: v for k, v in pipeline.describe().items() if k in recorded}
     for side in (recorded, described):
@@ -201,9 +199,6 @@ def _referee(spec: Spec, fixture: Fixture, per_sample: np.ndarray) -> dict[str, 
     Raises:
         SpecError: the error is beyond every rounding of the spec's computation (systematic), with the numbers.
     """
-    from parity.numerics.emulate import probe_rows
-    from parity.numerics.referee import referee
-
     worst = [int(i) for i in np.argsort(-per_sample, kind="stable")[:_REFEREE_ROWS]]
     rows = sorted(set(probe_rows(fixture, _REFEREE_ROWS)) | set(worst))
     verdict = referee(spec, fixture=fixture.subset(rows), samples=len(rows))

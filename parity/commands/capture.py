@@ -19,7 +19,6 @@ import contextlib
 import inspect
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from parity.libraries import describe_backbone, model_name as infer_model_name, weights_file
+from parity.model.numerics import probe_numerics
+from parity.model.pipeline import describe_head
+from parity.preprocess.transform import describe_data_config
 from parity.store.checkpoints import fingerprint
 from parity.errors import FixtureError
 from parity.store.fixtures import (EMBEDDINGS, METADATA, OUTPUTS, PIXELS, environment, regeneration_lock, sha256_file,
@@ -109,8 +112,6 @@ class Capture:
     def attach_head(self, head, *, class_path: str, kwargs: Mapping[str, Any] | None = None,
                     checkpoint: str | Path | None = None) -> None:
         """Record the head as trained: class, kwargs, structure, fingerprints and its checkpoint file."""
-        from parity.model.pipeline import describe_head
-
         self.manifest.setdefault("pipeline", {})["head"] = {**describe_head(head, class_path=class_path),
                                                             "kwargs": dict(kwargs or {})}
         self._weights("head", head, checkpoint)
@@ -124,8 +125,6 @@ class Capture:
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if checkpoint.is_dir():  # a transformers directory: config.json, model.safetensors, preprocessor config
-                from parity.libraries import weights_file
-
                 self.folders[checkpoint.name] = checkpoint
                 weights = weights_file(checkpoint)
                 entry.update(file=f"{checkpoint.name}/{weights.name}", sha256=sha256_file(weights))
@@ -160,11 +159,6 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
         numerics: fields of the numeric environment to record instead of the probed ones, when the
             data was computed elsewhere (see `parity.model.numerics.probe_numerics`).
     """
-    from parity.libraries import describe_backbone
-    from parity.preprocess.transform import describe_data_config
-
-    from parity.libraries import model_name as infer_model_name
-
     caller = _calling_file()
     cap = Capture(root=Path(out_dir))
     if model is not None:
@@ -223,8 +217,6 @@ def capture(out_dir: str | Path, *, model=None, data_config: Mapping[str, Any] |
 
 def _numerics(model, batch_size: int | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """The numeric environment the reference is computed in: probed here, then the caller's overrides."""
-    from parity.model.numerics import probe_numerics
-
     device = next(model.parameters()).device if model is not None else "cpu"
     return {**probe_numerics(device, batch_size=batch_size), **dict(overrides or {})}
 

@@ -15,21 +15,29 @@ from typing import Any
 
 import numpy as np
 
-from parity.commands.check import SETTABLE, toml_value, run_check
+from parity.commands.check import SETTABLE, judge_run, partial_report, run_check, toml_value
+from parity.explain.detectors import SHIPPED_IMAGE_TRANSFORMS
 from parity.judge.arrays import compare_arrays
 from parity.model.batches import embed_images
 from parity.model.layers import first_divergent_layer
 from parity.judge.stages import STAGE_ORDER
+from parity.model.pipeline import assemble_pipeline, load_backbone, load_head, resolve_device
 from parity.numerics.emulate import gate_tolerance
+from parity.numerics.referee import numerics_signature
 from parity.judge.decisions import argmax_flips, threshold_flips, verification_flips
 from parity.errors import ParityError, SpecError
-from parity.store.fixtures import Fixture, load_fixture
+from parity.runners import run_candidate
+from parity.runners.app import to_run
+from parity.runners.endpoint import load_handler, observe_handler
+from parity.runners.mlflow import load_model, observe_model
+from parity.runners.python_app import load_function, observe_function
+from parity.store.fixtures import Fixture, load_fixture, load_logged_samples, verify_referenced_checkpoints
 from parity.store.images import load_image
 from parity.libraries import get as library
 from parity.results import Cause, Change, DecisionFlips, Diagnosis, Finding, LayerDivergence, Report, ServiceDiagnosis, Status
 from parity.store.shards import shard_fixture
-from parity.spec import (CROP_MODES, DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, Spec,
-                         library_names, vocabulary)
+from parity.spec import (CROP_MODES, DEFAULT_LIBRARY, INTERPOLATIONS, MEAN_STD_PRESETS, RESIZE_BACKENDS, CandidateSpec,
+                         Spec, library_names, vocabulary)
 from parity.spec_toml import load_fixed, spec_document
 
 
@@ -277,8 +285,6 @@ class _Prober:
         return self.budgets.get(stage) or gate_tolerance(spec, self.fixture, stage)
 
     def pipeline(self, spec: Spec):
-        from parity.model.pipeline import assemble_pipeline, load_backbone, load_head, resolve_device
-
         device = resolve_device(self.device)
         bkey, hkey = repr((spec.backbone, spec.runtime)), repr((spec.head, spec.runtime))
         if bkey not in self.backbones:
@@ -444,8 +450,7 @@ def diagnose(spec: Spec, *, fixtures: str | Path | None = None, device: str | No
             f"the {section} module ({fields}) is not the architecture the {section} checkpoint holds; "
             "no key mapping fixes that (see the load stage)",))
 
-    from parity.numerics.referee import numerics_signature  # a reference made in TF32 is not a pipeline change
-
+    # a reference made in TF32 is not a pipeline change
     say("refereeing against a float64 run")
     signature = numerics_signature(spec, fixture, report, device=device, samples=samples)
     if signature is not None:
@@ -577,8 +582,6 @@ def diagnose_logged(spec: Spec, log: str | Path, *, device: str | None = None, s
     The spec is the reference pipeline (what should be deployed); the search looks for the
     spec changes under which it reproduces what the service logged.
     """
-    from parity.store.fixtures import load_logged_samples
-
     say = progress or (lambda _message: None)
     logged = load_logged_samples(log)
     say("gating the log")
@@ -595,10 +598,6 @@ def diagnose_service(spec: Spec, *, fixtures: str | Path | None = None, device: 
     The notes name each probe that could not be tried on such a candidate, and why.
     """
     from dataclasses import replace
-
-    from parity.commands.check import judge_run
-    from parity.store.fixtures import verify_referenced_checkpoints
-    from parity.runners import run_candidate
 
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
@@ -742,10 +741,6 @@ def diagnose_candidate(spec: Spec, *, fixtures: str | Path | None = None, device
     and its embeddings do not, the first backbone module that diverges on those pixels is named.
     """
     from dataclasses import replace
-
-    from parity.commands.check import judge_run, partial_report
-    from parity.runners.app import to_run
-    from parity.spec import CandidateSpec
 
     say = progress or (lambda _message: None)
     device = device or spec.runtime.device
@@ -989,8 +984,6 @@ def _image_search(spec: Spec, probe: _Prober, everyone: _Prober, stage: str, bef
                   who: str) -> Finding | None:
     """The change (or two) a shipped service makes to each image before the model under which the spec's own
     pipeline reproduces what it returned, confirmed on every sample; none when no such change does."""
-    from parity.explain.detectors import SHIPPED_IMAGE_TRANSFORMS
-
     try:
         first = probe.fixture.rows[probe.rows[0]].image
         pipeline = probe.pipeline(spec)
@@ -1051,14 +1044,8 @@ def _observe_shipped(spec: Spec, fixture: Fixture, device: str):
     """The shipped code's full observation (every row, the rows it raised on included), as its runner makes it."""
     candidate = spec.candidate
     if candidate.kind == "python":
-        from parity.runners.python_app import load_function, observe_function
-
         return observe_function(spec, fixture, load_function(candidate.target, candidate.python_path,
                                                              timeout=candidate.timeout))
     if candidate.kind == "mlflow_model":
-        from parity.runners.mlflow import load_model, observe_model
-
         return observe_model(spec, fixture, load_model(Path(candidate.target), timeout=candidate.timeout))
-    from parity.runners.endpoint import load_handler, observe_handler
-
     return observe_handler(spec, fixture, load_handler(Path(candidate.target), timeout=candidate.timeout))

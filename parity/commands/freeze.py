@@ -20,20 +20,26 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from parity.commands.diagnose import (Cause, _current_words, _Editor, _is_current, _Prober, _properties, _resolved,
+                                      _search_changes)
 from parity.errors import FixtureError, SpecError
+from parity.judge.arrays import compare_arrays
+from parity.libraries import backbone_weights
+from parity.model.numerics import describe_reduced
+from parity.model.pipeline import build_pipeline
+from parity.numerics.emulate import (MARGIN, budget_from_spread, describe_emulation, emulated_runs, measure_spread,
+                                     reference_emulation)
+from parity.spec import REFERENCE_NUMERICS, Spec, default_tolerance
 from parity.store.fixtures import (MAX_JSON_BYTES, Fixture, FixtureRow, check_head_inputs, check_replaceable, environment,
                              npy_layout, sha256_file)
 from parity.model.batches import embed_pixels
 from parity.results import Comparison
 from parity.commands.capture import capture, git_revision
-
-if TYPE_CHECKING:
-    from parity.commands.diagnose import Cause
-    from parity.spec import Spec
+from parity.store.images import decode_image
 
 __all__ = ["FieldMap", "SourceRow", "FreezeResult", "parse_field_map", "read_metadata", "read_rows_array",
            "select_golden", "declared_numerics", "check_input_biases", "freeze"]
@@ -292,8 +298,6 @@ def select_golden(images: Sequence[Path], k: int) -> list[int]:
     One image each with an EXIF orientation tag, an alpha channel or palette, a single channel,
     and a non-square shape (in that order), then the first others; returned in row order.
     """
-    from parity.commands.diagnose import _properties
-
     k = min(k, len(images))
     properties = [_properties(path) for path in images]
     chosen: list[int] = []
@@ -331,8 +335,6 @@ def declared_numerics(name: str) -> dict[str, Any]:
     Raises:
         SpecError: ``name`` is not one of `parity.spec.REFERENCE_NUMERICS`.
     """
-    from parity.spec import REFERENCE_NUMERICS
-
     if name not in _DECLARED:
         raise SpecError(f"--numerics {name!r} is not accepted. Accepted values: {', '.join(REFERENCE_NUMERICS)}")
     fields = dict(_DECLARED[name], declared=name)
@@ -406,11 +408,6 @@ def _golden_fixture(rows: Sequence[SourceRow], stored: np.ndarray, golden: Seque
 def _emulated_budget(spec: Spec, pipeline: Any, fixture: Fixture) -> Any:
     """The embedding budget of a reference made with ``fixture``'s recorded numerics, measured as the gate
     measures it (`parity.numerics.emulate`): the spread of emulating them on the golden images, x the margin."""
-    from parity.numerics.emulate import MARGIN, budget_from_spread, describe_emulation, emulated_runs, measure_spread, \
-        reference_emulation
-    from parity.model.numerics import describe_reduced
-    from parity.spec import default_tolerance
-
     reduced = reference_emulation(fixture, spec)
     if not reduced or spec.runtime.dtype != "float32":
         return None
@@ -426,8 +423,6 @@ def _numerics_signature(spec: Spec, pipeline: Any, fixture: Fixture, again: np.n
                         embedding: Comparison) -> str | None:
     """The reduced precision whose emulated spread covers the golden images' residual, when the residual has
     rounding's signature (small everywhere, direction kept, no rescaling or shift in it): ``tf32``, else ``None``."""
-    from parity.judge.arrays import compare_arrays
-
     scale = float(np.abs(fixture.embeddings).max(initial=0.0))
     if not embedding.shapes_match or not scale or embedding.max_abs > _ROUNDING_SCALE * scale or \
             embedding.min_cosine is None or embedding.min_cosine < _ROUNDING_COSINE or \
@@ -469,8 +464,6 @@ def _search(spec: Spec, rows: Sequence[SourceRow], embeddings: np.ndarray, golde
     and those that reproduce it are confirmed on every golden image. A change is applied as its
     printed TOML pasted into the spec; one the spec refuses, or that leaves it as it is, is none.
     """
-    from parity.commands.diagnose import Cause, _current_words, _Editor, _is_current, _Prober, _resolved, _search_changes
-
     fixture = _golden_fixture(rows, embeddings, golden)
     picked = fixture.names
     worst = picked.index(embedding.worst[0].name) if embedding.worst else 0
@@ -565,11 +558,6 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
             head's embedding table (`check_input_biases`); unknown ``numerics``.
         CheckpointError: a checkpoint is unreadable or does not load with ``strict=True``.
     """
-    from parity.judge.arrays import compare_arrays
-    from parity.store.images import decode_image
-    from parity.model.pipeline import build_pipeline
-    from parity.spec import default_tolerance
-
     say = progress or (lambda _message: None)
     out, embeddings, metadata = Path(out), Path(embeddings), Path(metadata)
     if (out.exists() or out.is_symlink()) and not force:
@@ -612,8 +600,6 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
     names = [rows[i].image.name for i in picked]
     say(f"re-embedding {len(picked)} golden images")
     pixels = {i: pipeline.preprocess(rows[i].image) for i in picked}
-    import torch
-
     # Golden images of several shapes (a processor without a centre crop) are embedded one by one.
     size = spec.runtime.batch_size if len({tuple(p.shape) for p in pixels.values()}) == 1 else 1
     again = embed_pixels(pipeline, [pixels[i] for i in picked], batch_size=size)
@@ -679,8 +665,6 @@ def freeze(spec: Spec, *, embeddings: str | Path, metadata: str | Path, images: 
         for part, prints in pipeline.fingerprints.items():
             weights[part]["tensors"] = prints  # taken at load, before any dtype cast, as the gate takes them
         if not copy_checkpoints:
-            from parity.libraries import backbone_weights
-
             for part, path in (("backbone", backbone_weights(spec)), ("head", spec.head.weights)):
                 if path is not None:
                     weights[part].update(_reference(path, out))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.model.pipeline import construct_module
 from parity.commands.artifacts import Checkpoint, strip_wrapper
 from parity.commands.scan import NO_DEFAULT, NOT_LITERAL, ModuleClass
 from parity.errors import ParityError
@@ -104,8 +105,6 @@ def _shape_items(module) -> set[tuple[str, tuple[int, ...]]]:
 def _fit(cls: ModuleClass, checkpoint: Checkpoint, start: Mapping[str, Any]) -> dict[str, Any] | None:
     """Integer and integer-list kwargs that make ``cls`` hold the checkpoint's tensor shapes, found by trying
     the checkpoint's own widths one parameter at a time (a bounded search; None when nothing fits)."""
-    from parity.model.pipeline import construct_module
-
     shapes, _ = strip_wrapper(checkpoint.shapes)
     target = set(shapes.items())
     dims = sorted({d for shape in shapes.values() for d in shape})
@@ -186,8 +185,6 @@ def _ranked_classes(checkpoint: Checkpoint, classes: Sequence[ModuleClass]) -> l
 def _verify_head(checkpoint: Checkpoint, cls: ModuleClass, calls: Sequence[CallSite]) -> tuple[HeadMatch | None, str]:
     """The first kwargs (stored hyperparameters, the user's calls, the defaults, a fit) that build ``cls``
     so that the checkpoint loads strictly; else None and why."""
-    from parity.model.pipeline import construct_module
-
     tried: list[dict[str, Any]] = []
     refused = ""
     built = False

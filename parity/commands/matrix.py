@@ -20,6 +20,7 @@ import numpy as np
 
 from parity.judge.arrays import compare_arrays
 from parity.errors import SpecError
+from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import files_version, load_fixture
 from parity.store.images import load_image
 from parity.model.batches import extract_pixels
@@ -195,8 +196,6 @@ class _Engine:
         return self.models[key], dtype
 
     def embeddings(self, values: Mapping[str, Any], modes: Sequence[str]) -> dict[str, np.ndarray]:
-        import torch
-
         pixels = self.normalized_pixels(values)
         model, dtype = self.model(values["device"], values["dtype"])
         with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
@@ -217,8 +216,6 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
             for `parity.commands.merge`.
     """
     import torch
-
-    from parity.model.pipeline import build_pipeline
 
     _require_supported(spec)
     root = spec.fixture_root(fixtures)

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from parity.errors import ParityError
 from parity.libraries import canonical_names, extraction_hint
 from parity.judge.stages import STAGE_ORDER, recorded_library
 from parity.explain.detectors import detect
+from parity.preprocess.diff import explain_preprocess, format_field_value
 from parity.store.fixtures import Fixture, environment, sha256_file
 from parity.libraries import activation_family, describe_record, equivalent_extract, extraction_point
 from parity.store.forensics import diff_structure
@@ -187,9 +189,6 @@ def _preprocess_notes(recorded: Mapping[str, Any] | None, candidate: Mapping[str
 
     Fields the configuration diff already names (same library, same field) are not repeated.
     """
-    from parity.errors import ParityError
-    from parity.preprocess.diff import explain_preprocess, format_field_value as shown
-
     if not recorded or not candidate:
         return []
     try:
@@ -198,8 +197,8 @@ def _preprocess_notes(recorded: Mapping[str, Any] | None, candidate: Mapping[str
     except ParityError:
         return []  # a record from an older manifest: the configuration diff is all there is
     named = {d.field.removeprefix("preprocess.") for d in diffs if d.field.startswith("preprocess.")}
-    return [f"{d.field}: {shown(d.a, missing='None')} (reference) vs {shown(d.b, missing='None')} (candidate): "
-            f"{d.effect}"
+    return [f"{d.field}: {format_field_value(d.a, missing='None')} (reference) vs "
+            f"{format_field_value(d.b, missing='None')} (candidate): {d.effect}"
             for d in explanation.differences if d.field not in named]
 
 

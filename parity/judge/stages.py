@@ -11,12 +11,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from parity.errors import ParityError
 from parity.libraries import canonical_names
-from parity.store.checkpoints import read_state_dict, trained_shapes
+from parity.store.checkpoints import fingerprint, read_state_dict, trained_shapes
 from parity.judge.arrays import compare_arrays, merge_comparisons
 from parity.judge.decisions import argmax_flips, bound_flip_rates, threshold_flips, verification_flips
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun, DecisionFlips, Finding, StageResult, Status, TensorDiff, Tolerance
+from parity.store.forensics import propose_key_fix
 from parity.store.sampling import sample_notes
 from parity.spec import DEFAULT_LIBRARY, Spec
 
@@ -481,8 +483,6 @@ def _rounded(values: Callable[[], Mapping], wanted: Mapping[str, Sequence[str]])
     """sha256 (as `parity.store.checkpoints.fingerprint` computes it) of each trained tensor cast to each wanted dtype."""
     import torch
 
-    from parity.store.checkpoints import fingerprint
-
     trained = values() if wanted else {}
     out: dict[str, dict[str, str]] = {}
     for dtype in dict.fromkeys(d for ds in wanted.values() for d in ds):
@@ -505,8 +505,6 @@ class _TrainedValues:
         self._values: Mapping | None = None
 
     def __call__(self) -> Mapping:
-        from parity.errors import ParityError
-
         if self._values is None:
             self._values = {}
             if self._path is not None and self._path.is_file():
@@ -583,8 +581,6 @@ def _key_mapping(shapes: Mapping[str, tuple[int, ...]], part: str, module) -> tu
     """How the trained keys map onto the deployed module's, as ``parity inspect --class`` maps them
     (`parity.store.forensics.propose_key_fix`): the renames that would load it strictly, and the causes."""
     import torch
-
-    from parity.store.forensics import propose_key_fix
 
     if not shapes:
         return "", ""

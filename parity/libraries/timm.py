@@ -11,6 +11,7 @@ from typing import Any
 from parity.libraries.convert import hf_to_timm, openai_to_timm
 from parity.errors import SpecError
 from parity.libraries.base import BackboneGuess, CallSite, Library
+from parity.libraries.timm_guess import guess_timm
 from parity.preprocess.transform import RESIZE_BACKENDS, TIMM_DATA_CONFIG_KEYS, Preprocess, create_preprocess
 from parity.preprocess.config import PreprocessConfig, derived_fields, require_same, size_pair
 from parity.spec import LibraryVocabulary, Spec
@@ -162,8 +163,6 @@ class Timm(Library):
 
     def guess_backbones(self, shapes: Mapping[str, tuple[int, ...]], calls: Sequence[CallSite], *,
                         source: str) -> list[BackboneGuess]:
-        from parity.libraries.timm_guess import guess_timm
-
         return guess_timm(shapes, calls, source=source)
 
     def sibling_models(self, model: str) -> tuple[str, ...]:

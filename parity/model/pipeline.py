@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+import parity
 from parity.store.checkpoints import StrictLoadError, explain_key_diff, fingerprint, read_checkpoint
 from parity.errors import SpecError
 from parity.store.forensics import diagnose_load, summarize_structure
@@ -18,7 +19,7 @@ from parity.store.images import check_resize, decode_input
 from parity.libraries import (backbone_weights, checkpoint_converter, create_backbone, describe_backbone,
                               extract_embedding, resolve_preprocess)
 from parity.preprocess.transform import Preprocess, describe_data_config
-from parity.spec import Spec
+from parity.spec import Spec, check_device
 
 __all__ = [
     "Pipeline",
@@ -168,8 +169,6 @@ class Pipeline:
 def resolve_device(name: str):
     import torch
 
-    from parity.spec import check_device
-
     check_device(name)
 
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -240,8 +239,6 @@ def _fingerprint_settings(module, **loading) -> dict[str, Any]:
     the checkpoint's tensors to them); the converter by name and by its compiled code.
     """
     import torch
-
-    import parity
 
     convert = loading.pop("convert")
     signature = sorted((name, str(t.dtype), tuple(t.shape)) for name, t in module.state_dict().items())

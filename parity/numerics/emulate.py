@@ -19,8 +19,10 @@ import numpy as np
 from parity.judge import tolerance
 from parity.model.batches import embed_rows
 from parity.judge.arrays import compare_arrays
-from parity.model.numerics import describe_reduced, reduced_precision
+from parity.model.numerics import describe_reduced, probe_numerics, reduced_precision
+from parity.model.pipeline import build_pipeline
 from parity.results import Tolerance
+from parity.spec import default_tolerance
 
 __all__ = ["gate_tolerance", "gate_budgets", "MANTISSA_BITS", "round_mantissa", "ReducedPrecisionMode", "emulate_reference", "emulated_runs",
            "measure_spread", "emulated_tolerance", "reference_emulation", "add_emulated_noise", "PROBES"]
@@ -165,8 +167,6 @@ def measure_spread(plain: Mapping[str, np.ndarray], runs: Sequence[Mapping[str, 
 
 def reference_emulation(fixture, spec) -> dict[str, str]:
     """The reduced precision the fixture's reference used and the candidate does not, else ``{}``."""
-    from parity.model.numerics import probe_numerics
-
     recorded = fixture.manifest.get("producer", {}).get("numerics")
     reduced = reduced_precision(recorded)
     if not reduced:
@@ -193,8 +193,6 @@ def emulated_tolerance(spec, fixture, stage: str, *, probes: int = PROBES, margi
     The spread between the emulated and the plain float32 run on ``probes`` samples, times
     ``margin``, never below the float32 default. Computed once per fixture and spec in a process.
     """
-    from parity.spec import default_tolerance
-
     if stage not in _STAGES or spec.runtime.dtype != "float32":
         return None
     reduced = reference_emulation(fixture, spec)
@@ -203,8 +201,6 @@ def emulated_tolerance(spec, fixture, stage: str, *, probes: int = PROBES, margi
     key = (id(fixture), repr(spec), probes)
     cached = _CACHE.get(key)
     if cached is None or cached[0] is not fixture:
-        from parity.model.pipeline import build_pipeline
-
         rows = probe_rows(fixture, probes)
         pipeline = build_pipeline(spec, fingerprints=False)
         plain, runs = emulated_runs(pipeline, fixture, rows, fixture.manifest["producer"]["numerics"])

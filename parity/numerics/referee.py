@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from parity.model.batches import embed_rows
-from parity.numerics.emulate import probe_rows, emulate_reference
+from parity.model.pipeline import build_pipeline
+from parity.numerics.emulate import emulate_reference, probe_rows
 from parity.store.fixtures import Fixture, load_fixture
 from parity.model.numerics import reduced_precision
-from parity.results import Referee, RefereeStage
+from parity.results import Referee, RefereeStage, Status
 from parity.spec import Spec
 
 __all__ = ["TOL", "referee", "judge", "multiplier", "numerics_signature", "UNRECORDED_HYPOTHESES"]
@@ -87,8 +88,6 @@ def referee(spec: Spec, *, fixtures: str | Path | None = None, fixture: Fixture 
     The reference's recorded reduced precision (``producer.numerics``) is emulated; a fixture that
     records none is tried against `UNRECORDED_HYPOTHESES`.
     """
-    from parity.model.pipeline import build_pipeline
-
     fixture = fixture if fixture is not None else load_fixture(spec.fixture_root(fixtures))
     rows = probe_rows(fixture, samples)
     pipeline = build_pipeline(spec, device=device, fingerprints=False)
@@ -128,8 +127,6 @@ def numerics_signature(spec: Spec, fixture: Fixture, report, *, device: str | No
 
     Only a drift that starts after the pixels (which match) can be numerics; the referee decides.
     """
-    from parity.results import Status
-
     first = report.first_failure
     if first is None or first.stage not in ("embedding", "head", "outputs") or spec.runtime.dtype != "float32":
         return None

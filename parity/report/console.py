@@ -15,11 +15,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from parity.judge.tolerance import calibrated_tolerance
 from parity.store.checkpoints import explain_key_diff
 from parity.store.forensics import describe_layers, module_source
 from parity.preprocess.diff import PreprocessExplanation, format_field_value
-from parity.results import (REPORT_SCHEMA_VERSION, Change, CheckpointSummary, Comparison, Diagnosis, Finding, KeyDiff,
-                            MatrixReport, Referee, Report, ServiceDiagnosis, StageResult, Status, Verdict)
+from parity.results import (REPORT_SCHEMA_VERSION, Calibration, Change, CheckpointSummary, Comparison, Diagnosis,
+                            Finding, KeyDiff, MatrixReport, Referee, Report, ServiceDiagnosis, StageResult, Status,
+                            Verdict)
 
 __all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
            "render_matrix", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
@@ -540,9 +542,6 @@ def document(result: Any) -> dict[str, Any]:
     Renderers of report.md, report.html and junit.xml read only this, so a saved report.json
     re-renders to the same files.
     """
-    from parity.results import Calibration
-    from parity.judge.tolerance import calibrated_tolerance
-
     if isinstance(result, Calibration):
         data = _plain(result)
         manifest = {"calibration": result.to_manifest()}

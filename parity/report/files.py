@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import ReportError
+from parity.report.console import SCHEMA_VERSION, document
+from parity.report.html import render_html
+from parity.report.junit import render_junit
+from parity.report.markdown import render_markdown
 
 __all__ = ["write_reports", "load_document", "render_saved", "render_markdown", "render_html", "render_junit",
            "FILES", "KINDS"]
@@ -21,28 +25,7 @@ FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit
 KINDS = ("check", "matrix", "diagnosis", "service", "calibration")
 
 
-def render_markdown(data: dict[str, Any]) -> str:
-    from parity.report.markdown import render_markdown as render
-
-    return render(data)
-
-
-def render_html(data: dict[str, Any]) -> str:
-    # matplotlib loads here, only when a page is drawn.
-    from parity.report.html import render_html as render
-
-    return render(data)
-
-
-def render_junit(data: dict[str, Any]) -> str:
-    from parity.report.junit import render_junit as render
-
-    return render(data)
-
-
 def _check_document(data: Any, source: str) -> dict[str, Any]:
-    from parity.report.console import SCHEMA_VERSION
-
     if not isinstance(data, dict) or "schema_version" not in data:
         raise ReportError(f"{source} is not a parity report: no schema_version (expected a report.json written by "
                           "`parity ... --report DIR`); rerun the command with --report to get one")
@@ -104,8 +87,6 @@ def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -
     Raises:
         ReportError: the directory or the step summary cannot be written.
     """
-    from parity.report.console import document
-
     directory = Path(directory)
     # Compact: json's C encoder only runs without indent, and per-sample lists make the file large.
     text = json.dumps(document(result), separators=(",", ":")) + "\n"

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from parity.libraries import activation_classes
+from parity.store.checkpoints import fingerprint
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.runners import guard
@@ -28,6 +30,7 @@ from parity.runners.observe import (PARTS, Recognised, compiled_modules, functio
                                      reachable_modules, recognise, user_call_site)
 from parity.runners.outputs import OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, read
 from parity.spec import DEFAULT_LIBRARY, library_names
+from parity.store.forensics import summarize_structure
 
 __all__ = ["AppObservation", "function_roots", "reachable_modules", "recognise", "observe", "to_array", "to_rows",
            "to_run", "PARTS", "read_vector", "read_rows"]
@@ -367,8 +370,6 @@ def _inspect(obs: AppObservation, found: Mapping[str, Any]) -> None:
 
     The weights the app loaded, not what a training-mode layer may update later.
     """
-    from parity.store.checkpoints import fingerprint
-
     unique: dict[int, Any] = {}
     names: dict[str, int] = {}
     for root, module in found.items():
@@ -537,9 +538,6 @@ def _library(module, fixture: Fixture, part: str) -> str:
 
 def describe(obs: AppObservation, fixture: Fixture) -> dict[str, Any]:
     """What the app's modules show of their configuration, in the manifest's terms (for explain's diff)."""
-    from parity.libraries import activation_classes
-    from parity.store.forensics import summarize_structure
-
     described: dict[str, Any] = {}
     backbone = obs.recognised.modules.get("backbone")
     if backbone is not None:

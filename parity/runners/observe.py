@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity.store.fixtures import Fixture
 from parity.store.checkpoints import trained_shapes
+from parity.store.fixtures import Fixture
 
 __all__ = ["function_roots", "reachable_modules", "recognise", "Recognised", "trained_shapes", "is_library_file",
            "user_call_site", "compiled_modules", "PARTS"]

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from parity.model.batches import Decoded, decoded_batches
+from parity.model.pipeline import assemble_pipeline, load_backbone, preprocess_record, resolve_device
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
@@ -337,9 +339,6 @@ def _check_pixels(image: Tensor | None, pixels: np.ndarray) -> np.ndarray:
 def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np.ndarray]], Any, Any]:
     """Each decodable sample's pixels as the spec's preprocessing makes them, the pipeline that made them
     and its decoding record (`parity.model.batches.Decoded`, filled as the samples are drawn)."""
-    from parity.model.pipeline import assemble_pipeline, load_backbone, resolve_device
-    from parity.model.batches import Decoded, decoded_batches
-
     device = resolve_device("cpu")  # only the preprocessing runs here; the backbone gives its data config
     backbone, _ = load_backbone(spec, device=device, fingerprints=False)
     pipeline = assemble_pipeline(spec, backbone, None, device=device)
@@ -351,8 +350,6 @@ def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Send every fixture sample to the served model and record its outputs (and embedding, when it gives one)."""
-    from parity.model.pipeline import preprocess_record
-
     candidate = spec.candidate
     url = model_url(candidate.target)
     send = candidate.send or "bytes"

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from parity.extras import require
+from parity.model.pipeline import build_pipeline
 from parity.store.checkpoints import StrictLoadError
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
@@ -90,8 +92,6 @@ def open_session(path: Path, device: str):
     Raises:
         SpecError: onnxruntime is not installed, the file is missing or is not a valid model.
     """
-    from parity.extras import require
-
     onnxruntime = require("onnxruntime", "[candidate].onnx")
     if not path.is_file():
         raise SpecError(f"[candidate].onnx: {path} not found; export the model first (see examples/onnx/export.py)")
@@ -159,8 +159,6 @@ def inspect_graph(session, path: Path, *, output_key: str | None = None) -> Onnx
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Run the exported graph over every fixture sample; the parts it lacks come from the spec."""
-    from parity.model.pipeline import build_pipeline
-
     device = device or spec.runtime.device
     path = Path(spec.candidate.target)
     session = open_session(path, device)

@@ -16,6 +16,7 @@ from scipy import special
 
 from parity.errors import SpecError
 from parity.runners import guard
+from parity.runners.python_app import load_function
 from parity.spec import CandidateSpec
 
 __all__ = ["BUILTIN", "postprocess_reference"]
@@ -40,7 +41,6 @@ def postprocess_reference(candidate: CandidateSpec, outputs: np.ndarray) -> np.n
     values = np.asarray(outputs, dtype=np.float64)
     if name in BUILTIN:
         return BUILTIN[name](values)
-    from parity.runners.python_app import load_function
 
     where = f"[candidate].postprocess = {name!r}"
     try:

@@ -15,13 +15,13 @@ from parity.store.fixtures import Fixture, verify_pinned_checkpoint
 from parity.results import KeyDiff
 
 __all__ = [
-    "trained_shapes",
     "StrictLoadError",
     "read_checkpoint",
     "nested_entries",
     "select_state_dict",
     "remap_keys",
     "read_state_dict",
+    "trained_shapes",
     "fingerprint",
     "diff_state_dict",
     "load_state_dict_strict",
@@ -209,6 +209,30 @@ def read_state_dict(path: str | Path, *, key: str | None = None, key_map: Mappin
     return state
 
 
+def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
+    """Shape of each trained tensor of ``part``, in the trained module's order where the fixture keeps a copy of its
+    checkpoint (else from its recorded structure, in the manifest's order)."""
+    entry = (fixture.manifest.get("weights") or {}).get(part) or {}
+    names = list(entry.get("tensors") or ())
+    path = fixture.root / entry["file"] if entry.get("file") else None
+    if path is not None and path.is_file():
+        try:
+            state = read_state_dict(path)
+        except ParityError:
+            state = {}
+        wanted = set(names)
+        shapes = {n: tuple(t.shape) for n, t in state.items() if n in wanted}  # in the trained module's order
+        if len(shapes) == len(names):
+            return shapes
+    structure = (fixture.pipeline.get(part) or {}).get("structure") or {}
+    shapes = {}
+    for name in names:
+        text = structure.get(name)
+        if isinstance(text, str) and text.startswith("[") and text.endswith("]"):
+            shapes[name] = tuple(int(x) for x in text[1:-1].split(",") if x.strip())
+    return shapes
+
+
 def fingerprint(state_dict: Mapping) -> dict[str, str]:
     """sha256 per tensor over dtype, shape and bytes: equal fingerprints mean bit-identical weights."""
     import torch
@@ -299,27 +323,3 @@ def explain_key_diff(diff: KeyDiff) -> str:
         tuple(f"{k}: {m} vs {c}" for k, m, c in diff.dtype_mismatches),
     )
     return "\n".join(lines)
-
-
-def trained_shapes(fixture: Fixture, part: str) -> dict[str, tuple[int, ...]]:
-    """Shape of each trained tensor of ``part``, in the trained module's order where the fixture keeps a copy of its
-    checkpoint (else from its recorded structure, in the manifest's order)."""
-    entry = (fixture.manifest.get("weights") or {}).get(part) or {}
-    names = list(entry.get("tensors") or ())
-    path = fixture.root / entry["file"] if entry.get("file") else None
-    if path is not None and path.is_file():
-        try:
-            state = read_state_dict(path)
-        except ParityError:
-            state = {}
-        wanted = set(names)
-        shapes = {n: tuple(t.shape) for n, t in state.items() if n in wanted}  # in the trained module's order
-        if len(shapes) == len(names):
-            return shapes
-    structure = (fixture.pipeline.get(part) or {}).get("structure") or {}
-    shapes = {}
-    for name in names:
-        text = structure.get(name)
-        if isinstance(text, str) and text.startswith("[") and text.endswith("]"):
-            shapes[name] = tuple(int(x) for x in text[1:-1].split(",") if x.strip())
-    return shapes

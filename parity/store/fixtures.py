@@ -22,6 +22,7 @@ import numpy as np
 
 from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.store.hashcache import cached
+from parity.store.images import decode_image
 
 if TYPE_CHECKING:
     from parity.spec import Spec
@@ -1099,8 +1100,6 @@ def _log_entries(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _readable(image: Path, where: str) -> str:
-    from parity.store.images import decode_image
-
     if not image.is_file():
         raise FixtureError(f"{where}: image {image} not found")
     try:

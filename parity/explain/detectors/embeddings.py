@@ -107,7 +107,7 @@ def _words(found: ScaleFit, reference_unit: bool, at: str) -> tuple[str, str, st
         rows = "the whole set of rows" if found.batch >= len(factors) else f"each batch of {found.batch} rows"
         per_row = ("normalise each row instead, `torch.nn.functional.normalize(x, dim=-1)`" if reference_unit
                    else "remove the normalisation")
-        return (f"the shipped code divides the embeddings by one norm over the whole batch (`x / x.norm()`), so "
+        return ("the shipped code divides the embeddings by one norm over the whole batch (`x / x.norm()`), so "
                 "each sample's embedding depends on the others in its batch",
                 f"the reference embeddings divided by one L2 norm over {rows}",
                 f"Change the shipped code: {per_row}{at}")

@@ -13,6 +13,7 @@ from parity.numerics.emulate import gate_tolerance
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun, StageResult, Status, Tolerance
 from parity.spec import Spec
+from parity.store.images import decode_image
 
 __all__ = ["Evidence", "Fit", "fit", "number", "dtype_name"]
 
@@ -95,8 +96,6 @@ class Evidence:
 
     def image(self, name: str, *, exif_transpose: bool = True):
         """The fixture image ``name`` decoded to RGB by the shared loader (cached), or ``None``."""
-        from parity.store.images import decode_image
-
         key = (name, exif_transpose)
         if key not in self._images:
             path = self.image_path(name)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from parity import libraries
 from parity.explain.detectors.evidence import Evidence
 from parity.explain.detectors.images import SHIPPED_IMAGE_TRANSFORMS, ShippedTransform, composite_white, has_alpha
 from parity.explain.detectors.pixel_fit import Candidate
@@ -49,11 +50,9 @@ def _derived(config: PreprocessConfig, **changes: Any) -> list[PreprocessConfig]
 
 def _build(configs: Sequence[PreprocessConfig]) -> Any:
     """The transform of the first of ``configs`` its library builds as described, or ``None``."""
-    from parity.libraries import create_transform
-
     for config in configs:
         try:
-            return create_transform(config)
+            return libraries.create_transform(config)
         except Exception:  # the library refuses this description: not a candidate
             continue
     return None
@@ -61,8 +60,6 @@ def _build(configs: Sequence[PreprocessConfig]) -> Any:
 
 def _siblings(library: str) -> tuple[str, ...]:
     """The description libraries of the adapter that builds ``library`` (e.g. a fast and a slow processor)."""
-    from parity import libraries
-
     for name in libraries.names():
         try:
             described = libraries.get(name).description_libraries

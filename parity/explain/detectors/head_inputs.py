@@ -14,6 +14,7 @@ import numpy as np
 from parity.explain.detectors.evidence import Evidence, dtype_name, fit, number
 from parity.results import Finding
 from parity.judge.tolerance import default_tolerance, reference_dtype
+from parity.store.fixtures import METADATA
 
 __all__ = ["ColumnMapping", "column_mapping", "training_modules", "STOCHASTIC", "findings"]
 
@@ -84,8 +85,6 @@ def training_modules(states: Sequence[tuple[str, str]]) -> list[tuple[str, str]]
 
 
 def _column_names(evidence: Evidence, k: int) -> list[str]:
-    from parity.store.fixtures import METADATA
-
     try:
         names = json.loads((evidence.fixture.root / METADATA).read_text(encoding="utf-8")).get("bias_names")
     except Exception:
