@@ -192,3 +192,29 @@ def test_every_spec_on_the_candidates_page_is_accepted(tmp_path):
     named = set(re.findall(r"--candidate ([A-Za-z0-9_][A-Za-z0-9_.-]*)(?![\w.:-])", gate)) - {"NAME"}
     assert named and named <= set(shown), named - set(shown)
     assert "mlflow" in gate and 'format = "mlflow"' in gate
+
+
+# -- the architecture page: its diagram is the import-linter layers contract ---------------------------------------
+
+def test_the_architecture_diagram_is_the_layers_contract():
+    """Every module of the layers contract is a node, every arrow points down the contract's order and joins each
+    layer to the next; the other contracts and the architecture tests the page names exist."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    rank = {name.strip(): i for i, layer in enumerate(layers) for name in layer.split("|")}
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    (diagram,) = re.findall(r"^```mermaid\n(.*?)^```$", page, flags=re.MULTILINE | re.DOTALL)
+    nodes = set(re.findall(r"^\s*(\w+)\[", diagram, flags=re.MULTILINE))
+    arrows = re.findall(r"^\s*(\w+) --> (\w+)\s*$", diagram, flags=re.MULTILINE)
+    assert nodes == set(rank), nodes ^ set(rank)
+    assert all(rank[a] < rank[b] for a, b in arrows), [(a, b) for a, b in arrows if rank[a] >= rank[b]]
+    joined = {(rank[a], rank[b]) for a, b in arrows}
+    assert all((i, i + 1) in joined for i in range(len(layers) - 1)), sorted(joined)
+    for contract in contracts:
+        if contract["type"] != "layers":
+            assert contract["name"] in page, contract["name"]
+    tests = (ROOT / "tests" / "test_architecture.py").read_text()
+    named = set(re.findall(r"`(test_\w+)`", page))
+    assert named and all(f"def {name}(" in tests for name in named), named
