@@ -121,3 +121,100 @@ def test_the_readme_is_short_starts_with_the_two_commands_and_links_to_pages_tha
         if anchor:
             headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(encoding="utf-8"), flags=re.MULTILINE)
             assert anchor in {_slug(h) for h in headings}, target
+
+
+# -- "Gate your service": every spec the candidates page shows is one the parser and the runners accept ----------
+
+CANDIDATES_PAGE = ROOT / "docs" / "candidates.md"
+# What a spec holds besides its candidates; the page's tables leave it out (they are pasted next to it).
+REFERENCE_TABLES = {"backbone": {"model": "vit_base_patch16_clip_224"},
+                    "head": {"class": "heads:Scorer", "weights": "head.pth"}}
+
+
+def _toml_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```toml\n(.*?)^```$", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def _runner_refusal(candidate) -> str | None:
+    """What the candidate's runner refuses before its first request, checked with the runner's own code."""
+    from parity.runners import gradio, http, mlflow, oip
+
+    try:
+        if candidate.kind == "url":
+            http.check_url(candidate.target)
+            if candidate.format == "mlflow":
+                mlflow.request_send(candidate.send)
+            elif candidate.send not in (None, *http.SENDS):
+                return f"send = {candidate.send!r}"
+        elif candidate.kind == "oip":
+            oip.model_url(candidate.target)
+            if candidate.send not in (None, *oip.SENDS) or candidate.output_key or candidate.labels:
+                return "send, output_key or labels"
+        elif candidate.kind == "mlflow_model":
+            mlflow.request_send(candidate.send)
+        elif candidate.kind in ("gradio", "gradio_app"):
+            if candidate.kind == "gradio":
+                gradio.check_url(candidate.target)
+            if candidate.send is not None or (candidate.kind == "gradio_app" and candidate.headers):
+                return "send or headers"
+        elif candidate.kind == "endpoint_handler" and candidate.send not in (None, "pil", "bytes"):
+            return f"send = {candidate.send!r}"
+    except SpecError as e:
+        return str(e)
+    return None
+
+
+def test_every_spec_on_the_candidates_page_is_accepted(tmp_path):
+    """Each ```toml block, with a [backbone] and [head] added, parses; its candidates pass their runner's checks;
+    the "Gate your service" section shows every kind, and its commands name the tables it shows."""
+    import tomllib
+
+    from parity.spec import CANDIDATE_KINDS, parse_spec
+
+    page = CANDIDATES_PAGE.read_text(encoding="utf-8")
+    gate = _sections(page)["Gate your service"]
+    shown: dict[str, str] = {}
+    for i, block in enumerate(_toml_blocks(page)):
+        document = tomllib.loads(block)
+        folder = tmp_path / f"block{i}"
+        folder.mkdir()
+        tables = [document.get("candidate", {}), *document.get("candidates", {}).values()]
+        for file in {t[k].rpartition(":")[0] for t in tables for k in ("python", "gradio_app") if k in t}:
+            if file.endswith(".py"):  # a file target must exist to be imported; its code is not what is tested
+                (folder / file).parent.mkdir(parents=True, exist_ok=True)
+                (folder / file).write_text("")
+        spec = parse_spec({**REFERENCE_TABLES, **document}, path=folder / "parity.toml")
+        for candidate in (spec.candidate, *spec.candidates.values()):
+            assert _runner_refusal(candidate) is None, (block, _runner_refusal(candidate))
+        if block in gate:
+            shown.update((name, c.kind) for name, c in spec.candidates.items())
+    assert set(CANDIDATE_KINDS) <= set(shown.values()), set(CANDIDATE_KINDS) - set(shown.values())
+    named = set(re.findall(r"--candidate ([A-Za-z0-9_][A-Za-z0-9_.-]*)(?![\w.:-])", gate)) - {"NAME"}
+    assert named and named <= set(shown), named - set(shown)
+    assert "mlflow" in gate and 'format = "mlflow"' in gate
+
+
+# -- the architecture page: its diagram is the import-linter layers contract ---------------------------------------
+
+def test_the_architecture_diagram_is_the_layers_contract():
+    """Every module of the layers contract is a node, every arrow points down the contract's order and joins each
+    layer to the next; the other contracts and the architecture tests the page names exist."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    rank = {name.strip(): i for i, layer in enumerate(layers) for name in layer.split("|")}
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    (diagram,) = re.findall(r"^```mermaid\n(.*?)^```$", page, flags=re.MULTILINE | re.DOTALL)
+    nodes = set(re.findall(r"^\s*(\w+)\[", diagram, flags=re.MULTILINE))
+    arrows = re.findall(r"^\s*(\w+) --> (\w+)\s*$", diagram, flags=re.MULTILINE)
+    assert nodes == set(rank), nodes ^ set(rank)
+    assert all(rank[a] < rank[b] for a, b in arrows), [(a, b) for a, b in arrows if rank[a] >= rank[b]]
+    joined = {(rank[a], rank[b]) for a, b in arrows}
+    assert all((i, i + 1) in joined for i in range(len(layers) - 1)), sorted(joined)
+    for contract in contracts:
+        if contract["type"] != "layers":
+            assert contract["name"] in page, contract["name"]
+    tests = (ROOT / "tests" / "test_architecture.py").read_text()
+    named = set(re.findall(r"`(test_\w+)`", page))
+    assert named and all(f"def {name}(" in tests for name in named), named
