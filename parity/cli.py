@@ -321,7 +321,9 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
             raise SpecError(f"--axis {item!r}: expected NAME=V1,V2")
         axes.update(parse_axes({name: _axis_values(values)}, where="--axis"))
     if spec.runtime.engine == "ray":  # its cells share decoded images and forwards, in this process
-        errors.print("note: the variant matrix runs on the local engine; --engine ray applies to check and diagnose",
+        errors.print("note: the variant matrix runs in this process, not on Ray: its cells share each image's decode, "
+                     "geometry and one backbone pass per device and precision, which Ray workers would each redo; "
+                     "--engine ray applies to check and diagnose",
                      highlight=False)
     with Progress(errors) as progress:
         progress.phase("matrix over images")
@@ -371,6 +373,9 @@ def _calibrate(args: argparse.Namespace, console: Console, errors: Console) -> i
     from parity.commands.calibrate import calibrate
 
     spec = load_spec(args.spec)
+    if spec.runtime.engine == "ray":  # the noise measured is this machine's: it cannot be measured elsewhere
+        errors.print("note: calibration runs in this process, not on Ray: it measures the noise of the machine the "
+                     "gate runs on (threads, batch sizes, numerics here)", highlight=False)
     with Progress(errors) as progress:
         progress.phase("calibration runs")
         result = calibrate(spec, fixtures=args.fixtures, margin=args.margin, write=not args.dry_run,
