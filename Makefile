@@ -53,5 +53,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_reports.py
 	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)
 	$(BIN)/python bench/bench_app.py
+	$(BIN)/python bench/bench_served.py
 	$(BIN)/python bench/bench_diagnose.py
 	BENCH_IMAGES=$(BENCH_IMAGES) $(BIN)/python bench/bench_scaling.py
