@@ -206,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     choose.add_argument("--budget-ms", type=float, default=None, metavar="X",
                         help="choose only cells whose per-image p50 latency is at most X ms")
     choose.add_argument("--repeat", type=int, default=1, metavar="N", help="timed passes per cell (default 1)")
+    choose.add_argument("--repair", action="store_true",
+                        help="for a CPU float16/bfloat16 cell that drifts, find the backbone modules to keep in "
+                             "float32 so it passes (bisection over module groups, confirmed by re-running the cell)")
     merge = commands.add_parser(
         "merge", help="merge the partial reports of `check --shard I/N` into the whole run's report",
         description="Merge the partial JSON reports of every shard (`parity check --shard I/N --json PART.json`) "
@@ -357,7 +360,7 @@ def _choose(args: argparse.Namespace, console: Console, errors: Console) -> int:
     with Progress(errors) as progress:
         progress.phase("deployment matrix over images")
         choice = choose(spec, fixtures=args.fixtures, device=args.device, budget_ms=args.budget_ms,
-                        repeat=args.repeat, progress=progress.update)
+                        repeat=args.repeat, repair=args.repair, progress=progress.update)
     render_choice(choice, console)
     if args.json_path is not None:
         write_json(choice, args.json_path)

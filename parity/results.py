@@ -40,6 +40,7 @@ __all__ = [
     "CellResult",
     "MatrixReport",
     "Choice",
+    "PrecisionRepair",
     "toml_value",
     "toml_literal",
     "toml_key",
@@ -581,11 +582,40 @@ class Choice:
     chosen: Mapping[str, str | None]
     pareto: tuple[str, ...]
     budget_ms: float | None = None
+    repairs: tuple[PrecisionRepair, ...] = ()
 
     @property
     def passed(self) -> bool:
         """At least one cell passes (within the budget, when given)."""
         return any(cell_id is not None for cell_id in self.chosen.values())
+
+
+@dataclass(frozen=True)
+class PrecisionRepair:
+    """A failing reduced-precision cell, and the modules that kept in float32 make it pass.
+
+    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype,
+    found by bisection over the backbone's module groups; empty with ``confirmed`` False when even
+    every group in float32 does not pass. ``after`` is the confirming re-run of the cell with ``keep``.
+    """
+
+    cell: str
+    dtype: str
+    before: Comparison
+    keep: tuple[str, ...] = ()
+    after: Comparison | None = None
+    confirmed: bool = False
+    tried: int = 0
+
+    def code(self) -> str:
+        """The repair as the code that ships: the kept modules cast back to float32 after the model's cast."""
+        calls = "; ".join(f"model.{_attribute_path(name)}.float()" for name in self.keep)
+        return f"model.to(torch.{self.dtype}); {calls}  # and cast each kept module's inputs to float32"
+
+
+def _attribute_path(name: str) -> str:
+    """``blocks.1.norm1`` as Python reaches it: ``blocks[1].norm1``."""
+    return "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".")).lstrip(".")
 
 
 # -- diagnosis (parity.commands.diagnose) ------------------------------------------------------------

@@ -159,3 +159,4 @@ def test_cuda_cells_skip_with_a_reason_on_cpu(example_spec):
     choice = choose(example_spec, device="cuda")
     assert not choice.passed and choice.chosen == {"cuda": None}
     assert {r.reason for r in choice.report.cells} == {"CUDA is not available on this machine"}
+

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from parity.commands.matrix import run_matrix
+from parity.commands.repair import REPAIRABLE, repair_precision
 from parity.errors import SpecError
 from parity.results import CellResult, Choice, MatrixReport, Status
 from parity.spec import Spec
@@ -41,13 +42,15 @@ def deployment_axes(spec: Spec, device: str | None = None) -> dict[str, dict[str
 
 
 def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None = None,
-           budget_ms: float | None = None, repeat: int = 1,
+           budget_ms: float | None = None, repeat: int = 1, repair: bool = False,
            progress: Callable[[int, int], None] | None = None) -> Choice:
     """Run the deployment matrix and pick, per device, the passing cell with the lowest per-image p50 latency.
 
     Args:
         budget_ms: when given, only cells whose per-image p50 latency is at most this many ms are chosen.
         repeat: timed passes per cell (`run_matrix`).
+        repair: for each CPU float16/bfloat16 cell that drifts from the reference (not from its batch-mates),
+            search the modules to keep in float32 (`parity.commands.repair`), confirmed by re-running the cell.
 
     Raises:
         SpecError: a negative budget, or a spec the matrix cannot run.
@@ -66,7 +69,15 @@ def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None
         best = chosen[name]
         if best is None or result.cost.latency_p50_ms < report.cell(best).cost.latency_p50_ms:
             chosen[name] = result.cell.id
-    return Choice(report=report, chosen=chosen, pareto=pareto_front(report.cells), budget_ms=budget_ms)
+    repairs = []
+    if repair:
+        failing = {(r.cell["dtype"], r.cell["batch_size"]) for r in report.cells
+                   if r.status is Status.FAIL and r.cell["device"] == "cpu" and r.cell["dtype"] in REPAIRABLE
+                   and r.comparison is not None and not r.comparison}
+        repairs = [repair_precision(spec, dtype=dtype, fixtures=fixtures, batch_size=size)
+                   for dtype, size in sorted(failing)]
+    return Choice(report=report, chosen=chosen, pareto=pareto_front(report.cells), budget_ms=budget_ms,
+                  repairs=tuple(repairs))
 
 
 def _eligible(result: CellResult, budget_ms: float | None) -> bool:

@@ -20,7 +20,7 @@ from parity.report.common import COST_COLUMNS, cost_cells
 from parity.store.checkpoints import explain_key_diff
 from parity.store.forensics import describe_layers, module_source
 from parity.preprocess.diff import PreprocessExplanation, format_field_value
-from parity.results import (REPORT_SCHEMA_VERSION, Calibration, Choice, Change, CheckpointSummary, Comparison, Diagnosis,
+from parity.results import (REPORT_SCHEMA_VERSION, Calibration, Choice, PrecisionRepair, Change, CheckpointSummary, Comparison, Diagnosis,
                             Finding, KeyDiff, MatrixReport, Referee, Report, ServiceDiagnosis, StageResult, Status,
                             Verdict)
 
@@ -381,7 +381,23 @@ def render_choice(choice: Choice, console: Console) -> None:
     for result in report.cells:
         if result.reason and result.status is Status.FAIL:
             console.print(f"{result.cell.id}: {result.reason}", style="red", highlight=False, soft_wrap=True)
+    for repair in choice.repairs:
+        console.print(repair_line(repair), style="green" if repair.confirmed else "red", highlight=False,
+                      markup=False, soft_wrap=True)
     console.print(Text(choice_line(choice), style="bold green" if choice.passed else "bold red"), soft_wrap=True)
+
+
+def repair_line(repair: PrecisionRepair) -> str:
+    """A precision repair in one sentence, with its code, or why none was found."""
+    before = f"max abs {_num(repair.before.max_abs)}"
+    if not repair.keep and repair.confirmed:
+        return f"repair {repair.cell}: none needed ({before})"
+    if not repair.confirmed:
+        return (f"repair {repair.cell}: no module set found ({before}); even every module group in float32 does "
+                f"not pass, so the drift is in what stays {repair.dtype} outside them (position embeddings, tokens)")
+    names = ", ".join(f"`{n}`" for n in repair.keep)
+    return (f"repair {repair.cell} ({before}): keep {names} in float32, confirmed by re-running the cell (max abs "
+            f"{_num(repair.after.max_abs)}, {repair.tried} trials). Change the shipped code: {repair.code()}")
 
 
 def choice_line(choice: Choice) -> str:
@@ -650,6 +666,7 @@ def document(result: Any) -> dict[str, Any]:
         kind = "choice"
         data = {"matrix": document(result.report), "chosen": dict(result.chosen), "pareto": list(result.pareto),
                 "budget_ms": result.budget_ms, "rows": _plain(choice_rows(result)), "passed": result.passed,
+                "repairs": [dict(_plain(r), code=r.code(), text=repair_line(r)) for r in result.repairs],
                 "headline": choice_line(result)}
     elif isinstance(result, ServiceDiagnosis):
         data, kind = to_json(result), "service"
