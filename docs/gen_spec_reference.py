@@ -173,6 +173,9 @@ FIELDS: dict[str, str | tuple[str, str]] = {
     "matrix.value_scale": "`unit` (0-1), `byte` (0-255).",
     "matrix.device": "`cuda` cells skip with a reason where CUDA is absent.",
     "matrix.dtype": "Precisions, autocast included.",
+    "matrix.batch_size": "Images per backbone call, whole numbers in [1, 4096]; each cell is also compared with the "
+                         "batch-size-1 run of its configuration, so an output that depends on its batch-mates fails "
+                         "naming batch dependence.",
     "matrix.tf32": "CUDA matmul and cuDNN TF32.",
     "matrix.sdpa": "The attention kernel.",
 }

@@ -30,7 +30,7 @@ from parity.numerics.referee import referee
 from parity.preprocess.diff import explain_preprocess
 from parity.progress import Progress
 from parity.report.console import (format_stage, render_config_diffs, render_diagnosis, render_inspection,
-                                   render_matrix, render_preprocess_explanation, render_referee, render_report, to_json,
+                                   render_choice, render_matrix, render_preprocess_explanation, render_referee, render_report, to_json,
                                    write_json)
 from parity.report.files import FILES, load_document, render_saved, write_reports
 from parity.results import Diagnosis, MatrixReport, ServiceDiagnosis, StageResult, Status
@@ -193,6 +193,22 @@ def _parser() -> argparse.ArgumentParser:
     _engine_options(matrix)
     matrix.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                         help="replace one axis of the spec's matrix, e.g. --axis extract=pre_logits,forward")
+    matrix.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="timed passes per cell for its cost (default 1); timing never changes a verdict")
+    choose = commands.add_parser(
+        "choose", help="name the fastest deployment configuration that still passes, per device",
+        description="Run the deployment matrix (device, dtype, batch size: the spec's [matrix] deployment axes, else "
+                    "float32/bfloat16 (float16 on cuda) at batch sizes 1 and 8), judge every cell as `parity matrix` "
+                    "does, and name per device the passing cell with the lowest per-image p50 latency, with the "
+                    "Pareto table (latency vs max abs vs verdict). Exit 0 when a cell passes, 1 when none does, "
+                    "2 on bad input.")
+    _spec_options(choose, spec_help="TOML spec of the candidate", json_help="also write the choice as JSON")
+    choose.add_argument("--budget-ms", type=float, default=None, metavar="X",
+                        help="choose only cells whose per-image p50 latency is at most X ms")
+    choose.add_argument("--repeat", type=int, default=1, metavar="N", help="timed passes per cell (default 1)")
+    choose.add_argument("--repair", action="store_true",
+                        help="for a CPU float16/bfloat16 cell that drifts, find the backbone modules to keep in "
+                             "float32 so it passes (bisection over module groups, confirmed by re-running the cell)")
     merge = commands.add_parser(
         "merge", help="merge the partial reports of `check --shard I/N` into the whole run's report",
         description="Merge the partial JSON reports of every shard (`parity check --shard I/N --json PART.json`) "
@@ -328,12 +344,27 @@ def _matrix(args: argparse.Namespace, console: Console, errors: Console) -> int:
     with Progress(errors) as progress:
         progress.phase("matrix over images")
         report = run_matrix(spec, fixtures=args.fixtures, axes=axes, device=args.device, progress=progress.update,
-                            shard=_shard(args))
+                            shard=_shard(args), repeat=args.repeat)
     render_matrix(report, console)
     if args.json_path is not None:
         write_json(report, args.json_path)
     _write_reports(report, args, console)
     return EXIT_PASS if report.passed else EXIT_DRIFT
+
+
+def _choose(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    # deferred: a command's module loads when the command runs
+    from parity.commands.choose import choose
+
+    spec = load_spec(args.spec)
+    with Progress(errors) as progress:
+        progress.phase("deployment matrix over images")
+        choice = choose(spec, fixtures=args.fixtures, device=args.device, budget_ms=args.budget_ms,
+                        repeat=args.repeat, repair=args.repair, progress=progress.update)
+    render_choice(choice, console)
+    if args.json_path is not None:
+        write_json(choice, args.json_path)
+    return EXIT_PASS if choice.passed else EXIT_DRIFT
 
 
 def _diagnose(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -783,8 +814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, console: Console, errors: Console) -> int:
     try:
         _check_targets(args)
-        if args.command in ("check", "matrix", "diagnose", "calibrate"):
-            handler = {"check": _check, "matrix": _matrix, "diagnose": _diagnose, "calibrate": _calibrate}
+        if args.command in ("check", "matrix", "choose", "diagnose", "calibrate"):
+            handler = {"check": _check, "matrix": _matrix, "choose": _choose, "diagnose": _diagnose,
+                       "calibrate": _calibrate}
             return handler[args.command](args, console, errors)
         return {"init": _init, "inspect": _inspect, "diff-structure": _diff_structure,
                 "explain-preprocess": _explain_preprocess, "freeze": _freeze,

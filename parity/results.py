@@ -36,8 +36,11 @@ __all__ = [
     "CandidateRun",
     "PRECISION_AXES",
     "Cell",
+    "CellCost",
     "CellResult",
     "MatrixReport",
+    "Choice",
+    "PrecisionRepair",
     "toml_value",
     "toml_literal",
     "toml_key",
@@ -479,7 +482,7 @@ class CandidateRun:
 # -- the variant matrix (parity.commands.matrix) ----------------------------------------------------
 
 # Matrix axes that change how the backbone computes, not what it is fed.
-PRECISION_AXES = ("device", "dtype", "tf32", "sdpa")
+PRECISION_AXES = ("device", "dtype", "tf32", "sdpa", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -495,11 +498,37 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class CellCost:
+    """What one cell's backbone pass cost, measured after a warm-up batch; never part of the verdict.
+
+    Cells that share a trunk pass (extraction modes of one device, dtype and batch size) share its
+    cost. ``latency_*_ms`` are per image at the cell's ``batch_size`` (a batch's wall time divided by
+    its images), over every timed batch of every repeat; ``load_s`` is the cell's model copy and
+    conversion (the pipeline's build for the spec's own device and dtype); ``peak_rss_mb`` is the
+    process's peak resident memory after the pass; ``cuda_peak_mb`` the pass's CUDA max allocated.
+    """
+
+    batch_size: int
+    images: int
+    repeat: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput: float
+    load_s: float
+    peak_rss_mb: float
+    cuda_peak_mb: float | None = None
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
 class CellResult:
     cell: Cell
     status: Status
     comparison: Comparison | None = None
     reason: str = ""
+    cost: CellCost | None = None
+    # the cell's embeddings against the batch-size-1 run of the same configuration (batch_size axis)
+    batch_comparison: Comparison | None = None
 
     def __bool__(self) -> bool:
         return self.status is not Status.FAIL
@@ -538,6 +567,55 @@ class MatrixReport:
         cells = self.cells if axis in PRECISION_AXES else [r for r in self.cells if r.cell["dtype"] == self.reference_dtype]
         values = list(dict.fromkeys(r.cell[axis] for r in self.cells))
         return [v for v in values if any(r.status is Status.PASS and r.cell[axis] == v for r in cells)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """`parity choose`: the deployment matrix, and per device the fastest passing cell.
+
+    ``chosen`` maps a device to the id of its fastest passing cell (by per-image p50 latency,
+    within ``budget_ms`` when given), or to None when none passes; ``pareto`` lists the ids of the
+    cells that ran and that no other cell beats on both latency p50 and max abs.
+    """
+
+    report: MatrixReport
+    chosen: Mapping[str, str | None]
+    pareto: tuple[str, ...]
+    budget_ms: float | None = None
+    repairs: tuple[PrecisionRepair, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """At least one cell passes (within the budget, when given)."""
+        return any(cell_id is not None for cell_id in self.chosen.values())
+
+
+@dataclass(frozen=True)
+class PrecisionRepair:
+    """A failing reduced-precision cell, and the modules that kept in float32 make it pass.
+
+    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype,
+    found by bisection over the backbone's module groups; empty with ``confirmed`` False when even
+    every group in float32 does not pass. ``after`` is the confirming re-run of the cell with ``keep``.
+    """
+
+    cell: str
+    dtype: str
+    before: Comparison
+    keep: tuple[str, ...] = ()
+    after: Comparison | None = None
+    confirmed: bool = False
+    tried: int = 0
+
+    def code(self) -> str:
+        """The repair as the code that ships: the kept modules cast back to float32 after the model's cast."""
+        calls = "; ".join(f"model.{_attribute_path(name)}.float()" for name in self.keep)
+        return f"model.to(torch.{self.dtype}); {calls}  # and cast each kept module's inputs to float32"
+
+
+def _attribute_path(name: str) -> str:
+    """``blocks.1.norm1`` as Python reaches it: ``blocks[1].norm1``."""
+    return "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".")).lstrip(".")
 
 
 # -- diagnosis (parity.commands.diagnose) ------------------------------------------------------------

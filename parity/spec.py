@@ -1011,7 +1011,9 @@ AXES: dict[str, tuple | None] = {
     "dtype": PRECISIONS,
     "tf32": (False, True),
     "sdpa": SDPA_BACKENDS,
+    "batch_size": None,
 }
+MAX_MATRIX_BATCH = 4096
 
 
 def _axis_choices(axis: str) -> tuple | None:
@@ -1022,6 +1024,12 @@ def _axis_choices(axis: str) -> tuple | None:
 
 def _check_value(axis: str, value: Any, where: str) -> Any:
     choices = _axis_choices(axis)
+    if axis == "batch_size":  # images per backbone call; a command-line value arrives as a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                or not 1 <= value <= MAX_MATRIX_BATCH:
+            raise SpecError(f"{where}: batch_size values must be whole numbers in [1, {MAX_MATRIX_BATCH}], "
+                            f"got {value!r}")
+        return int(value)
     if choices is None:  # crop_pct, within the bounds [preprocess].crop_pct has
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_CROP_PCT <= value <= 1:
             raise SpecError(f"{where}: {axis} values must be numbers in [{MIN_CROP_PCT:g}, 1] (below {MIN_CROP_PCT:g} "
@@ -1129,6 +1137,7 @@ def spec_fields(library: str = DEFAULT_LIBRARY) -> dict[str, dict[str, SpecField
                 required=len(typed) == len(found) and all(r["default"] is _REQUIRED for r in typed),
                 default=None if default is _REQUIRED else default, choices=read["choices"], bounds=bounds)
     result["matrix"] = {axis: SpecField(axis, ("array",), choices=_axis_choices(axis),
-                                        bounds=None if _axis_choices(axis) else (MIN_CROP_PCT, 1.0, False))
+                                        bounds=None if _axis_choices(axis) else
+                                        (1, MAX_MATRIX_BATCH, False) if axis == "batch_size" else (MIN_CROP_PCT, 1.0, False))
                         for axis in AXES}
     return result

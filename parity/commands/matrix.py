@@ -5,6 +5,12 @@ geometry, one backbone trunk pass (timm's ``forward_features``) runs per distinc
 (pixels, device, dtype, attention backend), and every extraction mode is taken from that
 pass by `parity.libraries.extract_embeddings`, the function the gate's pipeline extracts
 with. Budgets come from `parity.judge.tolerance.cell_tolerance`.
+
+Every cell carries its cost (`parity.results.CellCost`): its trunk pass is timed batch by batch
+after one untimed warm-up batch, ``repeat`` times, and cells that share a pass (extraction modes of
+one configuration) share its timings. With a ``batch_size`` axis each cell is also compared with the
+batch-size-1 run of its configuration (run apart when 1 is not among the values), so an output that
+depends on its batch-mates fails naming batch dependence. Timing never changes a verdict.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import platform
+import resource
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,7 @@ from parity.store.images import load_image
 from parity.model.batches import extract_pixels
 from parity.libraries import get as library
 from parity.preprocess.transform import create_preprocess
-from parity.results import Cell, CellResult, MatrixReport, Shard, Status, Tolerance
+from parity.results import Cell, CellCost, CellResult, Comparison, MatrixReport, Shard, Status, Tolerance
 from parity.store.shards import part_version, shard_fixture
 from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
 from parity.judge.tolerance import cell_tolerance
@@ -62,6 +72,7 @@ def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | Non
         "dtype": spec.runtime.dtype,
         "tf32": False,
         "sdpa": "default",
+        "batch_size": spec.runtime.batch_size,
     }
 
 
@@ -115,6 +126,8 @@ def _id_part(axis: str, value: Any) -> str:
         return "tf32" if value else "notf32"
     if axis == "sdpa":
         return f"sdpa_{value}"
+    if axis == "batch_size":
+        return f"bs{value}"
     return str(value)
 
 
@@ -147,8 +160,9 @@ class _Engine:
     """Caches shared between cells: converted models for the whole run; decoded images, geometry
     and pixels for the current chunk of images only, so memory does not grow with the fixture."""
 
-    def __init__(self, pipeline, batch_size: int) -> None:
-        self.pipeline, self.batch_size = pipeline, batch_size
+    def __init__(self, pipeline, batch_size: int, build_s: float = 0.0) -> None:
+        self.pipeline, self.batch_size, self.build_s = pipeline, batch_size, build_s
+        self.load_s: dict[tuple, float] = {}
         self.library = pipeline.spec.backbone.library
         self.images: list = []
         self.geometry: dict[tuple, Any] = {}
@@ -189,29 +203,61 @@ class _Engine:
         if key not in self.models:
             own = self.pipeline.backbone
             first = next(own.parameters())
+            began = time.perf_counter()
             if first.device.type == device and first.dtype == dtype:
-                self.models[key] = own  # the spec's own device and dtype: no copy
+                self.models[key] = own  # the spec's own device and dtype: no copy; its load is the pipeline's build
+                self.load_s[key] = self.build_s
             else:
                 self.models[key] = copy.deepcopy(own).to(device, dtype).eval()
+                self.load_s[key] = time.perf_counter() - began
         return self.models[key], dtype
 
-    def embeddings(self, values: Mapping[str, Any], modes: Sequence[str]) -> dict[str, np.ndarray]:
+    def embeddings(self, values: Mapping[str, Any], modes: Sequence[str], *, count: int | None = None,
+                   timings: list[float] | None = None) -> dict[str, np.ndarray]:
+        """The cell's embeddings for the chunk's first ``count`` images (all by default), at its batch size."""
         pixels = self.normalized_pixels(values)
+        if count is not None:
+            pixels = pixels[:count]
         model, dtype = self.model(values["device"], values["dtype"])
         with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
-            return extract_pixels(model, pixels, modes, library=self.library, batch_size=self.batch_size,
+            return extract_pixels(model, pixels, modes, library=self.library, batch_size=values["batch_size"],
                                   device=values["device"], dtype=dtype,
-                                  normalize=self.pipeline.spec.backbone.normalize)
+                                  normalize=self.pipeline.spec.backbone.normalize, timings=timings)
+
+
+class _Meter:
+    """One trunk pass's timings: per-batch seconds and images, peak memory, over every chunk and repeat."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.images: list[int] = []
+        self.cuda_peak: float | None = None
+        self.warm = False
+
+    def cost(self, values: Mapping[str, Any], *, images: int, repeat: int, load_s: float) -> CellCost:
+        import torch
+
+        per_image = np.array(self.seconds) / np.maximum(np.array(self.images), 1) * 1e3
+        total = float(np.sum(self.seconds))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+        cuda = values["device"] == "cuda"
+        name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine() or "cpu")
+        return CellCost(batch_size=int(values["batch_size"]), images=images,
+                        repeat=repeat, latency_p50_ms=float(np.percentile(per_image, 50)) if per_image.size else 0.0,
+                        latency_p95_ms=float(np.percentile(per_image, 95)) if per_image.size else 0.0,
+                        throughput=sum(self.images) / total if total > 0 else 0.0, load_s=load_s,
+                        peak_rss_mb=float(rss), cuda_peak_mb=self.cuda_peak, device_name=name)
 
 
 def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[str, Sequence] | None = None,
                device: str | None = None, tolerance: Tolerance | None = None,
                progress: Callable[[int, int], None] | None = None,
-               shard: tuple[int, int] | None = None) -> MatrixReport:
-    """Run every cell against the fixture's reference embeddings.
+               shard: tuple[int, int] | None = None, repeat: int = 1) -> MatrixReport:
+    """Run every cell against the fixture's reference embeddings, timing each cell's trunk pass.
 
     Args:
         tolerance: one budget for every cell (default: per precision, see `cell_tolerance`).
+        repeat: timed passes over the images per cell (the first one's embeddings are judged).
         shard: ``(I, N)``: run shard I of N of the samples (`parity.store.shards`); the report records it
             for `parity.commands.merge`.
     """
@@ -226,53 +272,134 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
         fixture, picked = shard_fixture(fixture, *shard)
         shard_record = Shard(index=shard[0], count=shard[1], of=whole, rows=tuple(picked), names=tuple(fixture.names),
                              runner="matrix", version=part_version(files_version(fixture.manifest), spec.path))
+    if repeat < 1:
+        raise SpecError(f"--repeat must be at least 1, got {repeat}")
+    began = time.perf_counter()
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)  # the gate proves the weights; matrices compare outputs
+    build_s = time.perf_counter() - began
+    axes = dict(spec.matrix if axes is None else axes)
     cells = expand_matrix(spec, axes, device=device, data_config=resolve_data_config(spec))
-    engine = _Engine(pipeline, spec.runtime.batch_size)
+    engine = _Engine(pipeline, spec.runtime.batch_size, build_s)
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         groups.setdefault(tuple(cell[a] for a in _TRUNK), []).append(cell)
+    # With a batch_size axis, each configuration's batch-size-1 pass is the cell's second reference.
+    solo_of = {key: _solo_key(key) for key in groups if "batch_size" in axes and groups[key][0]["batch_size"] != 1}
+    passes: dict[tuple, dict[str, Any]] = {key: dict(group[0].values) for key, group in groups.items()}
+    modes: dict[tuple, set[str]] = {key: {c["extract"] for c in group} for key, group in groups.items()}
+    for key, solo in solo_of.items():
+        passes.setdefault(solo, dict(passes[key], batch_size=1))
+        modes.setdefault(solo, set()).update(modes[key])
     results: dict[str, CellResult] = {}
+    impossible: dict[tuple, str] = {}
     chunks: dict[tuple, dict[str, list[np.ndarray]]] = {}
-    for key, group in groups.items():
-        if group[0]["device"] == "cuda" and not torch.cuda.is_available():
-            results.update({c.id: CellResult(c, Status.SKIP, reason="CUDA is not available on this machine")
-                            for c in group})
+    for key, values in passes.items():
+        if values["device"] == "cuda" and not torch.cuda.is_available():
+            impossible[key] = "CUDA is not available on this machine"
         elif not fixture.rows:
-            results.update({c.id: CellResult(c, Status.SKIP, reason="no sample falls in this shard") for c in group})
+            impossible[key] = "no sample falls in this shard"
         else:
-            chunks[key] = {m: [] for m in sorted({c["extract"] for c in group})}
+            chunks[key] = {m: [] for m in sorted(modes[key])}
+    meters = {key: _Meter() for key in groups}
 
-    total, step = len(fixture.rows), max(_CHUNK, spec.runtime.batch_size)
+    largest = max(v["batch_size"] for v in passes.values())
+    total, step = len(fixture.rows), largest * -(-_CHUNK // largest)  # whole batches of the largest size per chunk
     for start in range(0, total, step):
         engine.load([load_image(row.image, exif_transpose=spec.preprocess.exif_transpose)
                      for row in fixture.rows[start:start + step]])
         for key, per_mode in chunks.items():
-            group = groups[key]
-            if group[0].id in results:  # already impossible on an earlier chunk
+            if key in impossible:  # already impossible on an earlier chunk
                 continue
+            values, meter = passes[key], meters.get(key)
             try:
-                for mode, out in engine.embeddings(dict(group[0].values), list(per_mode)).items():
-                    per_mode[mode].append(out)
+                if meter is None:  # a batch-size-1 pass kept only to compare with: untimed
+                    out = engine.embeddings(values, list(per_mode))
+                else:
+                    out = _timed(engine, values, list(per_mode), meter, repeat)
+                for mode, array in out.items():
+                    per_mode[mode].append(array)
             except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
-                results.update({c.id: CellResult(c, Status.SKIP, reason=f"not possible here: {e}") for c in group})
+                impossible[key] = f"not possible here: {e}"
         if progress:
             progress(min(start + step, total), total)
 
+    for key, reason in impossible.items():
+        results.update({c.id: CellResult(c, Status.SKIP, reason=reason) for c in groups.get(key, ())})
+    embeddings = {key: {mode: np.concatenate(parts) for mode, parts in per_mode.items()}
+                  for key, per_mode in chunks.items() if key not in impossible}
     equivalent: set[tuple[str, ...]] = set()
-    for key, per_mode in chunks.items():
-        if groups[key][0].id in results:
+    for key, group in groups.items():
+        if key in impossible:
             continue
-        embeddings = {mode: np.concatenate(parts) for mode, parts in per_mode.items()}
-        equivalent |= _identical_modes(embeddings)
-        for cell in groups[key]:
-            comparison = compare_arrays(embeddings[cell["extract"]], fixture.embeddings, names=fixture.names,
-                                        cosine=True, tolerance=tolerance or cell_tolerance(spec, cell["dtype"]))
-            results[cell.id] = CellResult(cell, Status.PASS if comparison else Status.FAIL, comparison)
+        equivalent |= _identical_modes(embeddings[key])
+        cost = meters[key].cost(passes[key], images=total, repeat=repeat, load_s=engine.load_s.get(
+            (passes[key]["device"], _model_dtype(passes[key]["dtype"])), 0.0))
+        solo = embeddings.get(solo_of.get(key))
+        for cell in group:
+            budget = tolerance or cell_tolerance(spec, cell["dtype"])
+            array = embeddings[key][cell["extract"]]
+            comparison = compare_arrays(array, fixture.embeddings, names=fixture.names, cosine=True, tolerance=budget)
+            batch = None if solo is None else compare_arrays(array, solo[cell["extract"]], names=fixture.names,
+                                                            cosine=True, tolerance=budget)
+            status = Status.PASS if comparison and (batch is None or batch) else Status.FAIL
+            results[cell.id] = CellResult(cell, status, comparison, reason=_batch_reason(cell, batch),
+                                          cost=cost, batch_comparison=batch)
     varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
     return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
                         axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype,
                         shard=shard_record)
+
+
+def _solo_key(key: tuple) -> tuple:
+    """The trunk key of the same configuration at batch size 1."""
+    return tuple(1 if axis == "batch_size" else value for axis, value in zip(_TRUNK, key))
+
+
+def _model_dtype(precision: str):
+    import torch
+
+    return torch.float32 if precision.startswith("autocast_") else getattr(torch, precision)
+
+
+def _timed(engine: _Engine, values: Mapping[str, Any], modes: list[str], meter: _Meter,
+           repeat: int) -> dict[str, np.ndarray]:
+    """The pass's embeddings for the chunk, timed batch by batch ``repeat`` times.
+
+    The pass's very first batch is its warm-up (first-call allocations, kernel choice): its outputs
+    count, its time does not. A pass of one batch is run once more to have a timed one.
+    """
+    import torch
+
+    cuda = values["device"] == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    out = None
+    count, size = len(engine.images), values["batch_size"]
+    runs = repeat + (1 if not meter.warm and count <= size else 0)
+    for _ in range(runs):
+        seconds: list[float] = []
+        result = engine.embeddings(values, modes, timings=seconds)
+        images = [min(size, count - start) for start in range(0, count, size)]
+        if not meter.warm:
+            seconds, images, meter.warm = seconds[1:], images[1:], True
+        meter.seconds += seconds
+        meter.images += images
+        out = result if out is None else out
+    if cuda:
+        meter.cuda_peak = max(meter.cuda_peak or 0.0, torch.cuda.max_memory_allocated() / 2 ** 20)
+    return out
+
+
+def _batch_reason(cell: Cell, batch: Comparison | None) -> str:
+    """Names batch dependence when the cell's outputs differ from its batch-size-1 run beyond its budget."""
+    if batch is None or batch:
+        return ""
+    worst = f"max abs {batch.max_abs:.3g}" if batch.shapes_match else "shapes differ"
+    return (f"batch dependence: at batch size {cell['batch_size']} the same images' embeddings differ from the "
+            f"batch-size-1 run of this configuration ({worst}, {batch.mismatched} of {batch.total} values beyond "
+            f"the budget): an output depends on its batch-mates (a module reducing over the batch, e.g. BatchNorm "
+            f"in training mode or a norm taken over the whole batch)")
 
 
 def _identical_modes(embeddings: Mapping[str, np.ndarray]) -> set[tuple[str, ...]]:

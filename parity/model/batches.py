@@ -199,18 +199,28 @@ def embed_rows(pipeline: Pipeline, fixture: Fixture, rows: Sequence[int], *, bat
 
 
 def extract_pixels(model, pixels, modes: Sequence[str], *, library: str, batch_size: int, device: str, dtype,
-                   normalize: str = "none") -> dict[str, np.ndarray]:
+                   normalize: str = "none", timings: list[float] | None = None) -> dict[str, np.ndarray]:
     """Every extraction mode's embeddings (N, D) float32 from one trunk pass per batch of ``pixels``, for a
     model other than the pipeline's own (a matrix cell's device and dtype copy). The caller holds the
-    numerics context (autocast, TF32, attention backend) of the cell."""
+    numerics context (autocast, TF32, attention backend) of the cell.
+
+    Args:
+        timings: when given, each batch's wall seconds (transfer in, pass, copy out) are appended to it.
+    """
+    import time
+
     import torch  # deferred: see embed_pixels
 
     chunks: dict[str, list] = {m: [] for m in modes}
+    size = max(1, batch_size)
     with torch.inference_mode():
-        for start in range(0, len(pixels), max(1, batch_size)):
-            batch = pixels[start:start + batch_size].to(device, dtype)
+        for start in range(0, len(pixels), size):
+            began = time.perf_counter()
+            batch = pixels[start:start + size].to(device, dtype)
             for mode, out in extract_embeddings(model, batch, modes, library=library).items():
-                chunks[mode].append(out.float().cpu())
+                chunks[mode].append(out.float().cpu())  # the copy out waits for the device: the batch's end
+            if timings is not None:
+                timings.append(time.perf_counter() - began)
     embeddings = {m: torch.cat(c) for m, c in chunks.items()}
     if normalize == "l2":
         embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}

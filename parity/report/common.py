@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["number", "stage_headline", "fixes", "evidence", "first_failure", "cause_rows", "worst_samples", "SHOWN_SAMPLES"]
+__all__ = ["COST_COLUMNS", "cost_cells", "number", "stage_headline", "fixes", "evidence", "first_failure", "cause_rows", "worst_samples", "SHOWN_SAMPLES"]
 
 # Per-sample tables show at most this many rows (the worst), with the count of the rest.
 SHOWN_SAMPLES = 20
@@ -64,3 +64,14 @@ def worst_samples(comparison: dict[str, Any], limit: int = SHOWN_SAMPLES) -> tup
     ranked = sorted(samples, key=lambda s: -(s["max_abs"] if s["max_abs"] is not None else math.inf))
     total = comparison["candidate_shape"][0] if comparison.get("candidate_shape") else len(samples)
     return ranked[:limit], max(total, len(samples))
+
+
+# A matrix cell's cost columns (parity.results.CellCost), beside its verdict in every report.
+COST_COLUMNS = ("p50 ms", "p95 ms", "img/s")
+
+
+def cost_cells(cost: dict[str, Any] | None) -> tuple[str, str, str]:
+    """A cell's cost (its JSON form) as the tables show it: per-image p50 and p95 latency in ms, images/s."""
+    if not cost:
+        return ("-", "-", "-")
+    return (f"{cost['latency_p50_ms']:.3g}", f"{cost['latency_p95_ms']:.3g}", f"{cost['throughput']:.4g}")

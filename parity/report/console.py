@@ -16,15 +16,16 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.judge.tolerance import calibrated_tolerance
+from parity.report.common import COST_COLUMNS, cost_cells
 from parity.store.checkpoints import explain_key_diff
 from parity.store.forensics import describe_layers, module_source
 from parity.preprocess.diff import PreprocessExplanation, format_field_value
-from parity.results import (REPORT_SCHEMA_VERSION, Calibration, Change, CheckpointSummary, Comparison, Diagnosis,
+from parity.results import (REPORT_SCHEMA_VERSION, Calibration, Choice, PrecisionRepair, Change, CheckpointSummary, Comparison, Diagnosis,
                             Finding, KeyDiff, MatrixReport, Referee, Report, ServiceDiagnosis, StageResult, Status,
                             Verdict)
 
 __all__ = ["render_report", "render_referee", "render_text", "render_inspection", "render_config_diffs",
-           "render_matrix", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
+           "render_matrix", "render_choice", "choice_line", "choice_rows", "render_diagnosis", "format_stage", "to_json", "write_json", "document", "SCHEMA_VERSION"]
 
 # Version of the JSON layout that `document` writes and the file renderers (parity.report.files) read.
 SCHEMA_VERSION = REPORT_SCHEMA_VERSION
@@ -303,8 +304,8 @@ def render_inspection(summary: CheckpointSummary, console: Console, *, key_diff:
 def render_matrix(report: MatrixReport, console: Console) -> None:
     """The sensitivity table: one row per cell, then which axis values reproduce the reference."""
     table = Table(title=f"parity matrix: {Path(report.spec).name}, {len(report.cells)} cells", title_justify="left")
-    for column in ("cell", "role", "max abs", "min cos", "verdict"):
-        table.add_column(column, no_wrap=True)
+    for column in ("cell", "role", "max abs", "min cos", "verdict", *COST_COLUMNS):
+        table.add_column(column, no_wrap=True, justify="right" if column in COST_COLUMNS else "left")
     tolerances: dict[str, str] = {}
     for result in report.cells:
         c = result.comparison
@@ -316,8 +317,14 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
                        else (f"shape {list(c.candidate_shape[1:])}", "-"))
         verdict = {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[result.status]
         table.add_row(result.cell.id, "deploy" if result.cell.deployment else "probe", *metrics,
-                      Text(verdict, style=_STYLE[result.status]))
+                      Text(verdict, style=_STYLE[result.status]), *cost_cells(_plain(result.cost)))
     console.print(table)
+    note = cost_note(report)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
+    for result in report.cells:
+        if result.reason and result.status is Status.FAIL:
+            console.print(f"{result.cell.id}: {result.reason}", style="red", highlight=False, soft_wrap=True)
     for dtype, tolerance in tolerances.items():
         console.print(f"tolerance for {dtype} cells: {tolerance}", highlight=False)
     skipped = {r.reason for r in report.cells if r.status is Status.SKIP}
@@ -334,6 +341,96 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
         console.print(f"extraction modes {', '.join(group)} gave bit-identical embeddings for this model",
                       highlight=False, soft_wrap=True)
     console.print(Text(matrix_line(report), style="bold green" if report.passed else "bold red"))
+
+
+def choice_rows(choice: Choice) -> list[dict[str, Any]]:
+    """The Pareto table's rows, fastest first: cell, cost, max abs, verdict, on the front, chosen."""
+    rows = []
+    chosen = set(choice.chosen.values())
+    for r in choice.report.cells:
+        if r.cost is None:
+            continue
+        rows.append({"cell": r.cell.id, "device": r.cell["device"], "dtype": r.cell["dtype"],
+                     "batch_size": r.cell["batch_size"], "p50_ms": r.cost.latency_p50_ms,
+                     "p95_ms": r.cost.latency_p95_ms, "throughput": r.cost.throughput,
+                     "max_abs": r.comparison.max_abs if r.comparison is not None else None,
+                     "verdict": {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[r.status],
+                     "pareto": r.cell.id in choice.pareto, "chosen": r.cell.id in chosen, "reason": r.reason})
+    return sorted(rows, key=lambda row: (row["device"], row["p50_ms"]))
+
+
+def render_choice(choice: Choice, console: Console) -> None:
+    """The Pareto table of `parity choose` (latency p50 vs max abs vs verdict), then the chosen cell per device."""
+    report = choice.report
+    table = Table(title=f"parity choose: {Path(report.spec).name}, {len(report.cells)} deployment cells",
+                  title_justify="left")
+    for column in ("cell", "p50 ms", "p95 ms", "img/s", "max abs", "verdict", "pareto", "chosen"):
+        table.add_column(column, no_wrap=True, justify="right" if column in COST_COLUMNS else "left")
+    for row in choice_rows(choice):
+        status = {"PASS": Status.PASS, "DRIFT": Status.FAIL, "SKIP": Status.SKIP}[row["verdict"]]
+        table.add_row(row["cell"], f"{row['p50_ms']:.3g}", f"{row['p95_ms']:.3g}", f"{row['throughput']:.4g}",
+                      _num(row["max_abs"]) if row["max_abs"] is not None else "-",
+                      Text(row["verdict"], style=_STYLE[status]), "*" if row["pareto"] else "",
+                      Text("<- chosen", style="bold green") if row["chosen"] else "")
+    console.print(table)
+    note = cost_note(report)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
+    for reason in sorted({r.reason for r in report.cells if r.status is Status.SKIP}):
+        console.print(f"skipped cells: {reason}", style="yellow", highlight=False, soft_wrap=True)
+    for result in report.cells:
+        if result.reason and result.status is Status.FAIL:
+            console.print(f"{result.cell.id}: {result.reason}", style="red", highlight=False, soft_wrap=True)
+    for repair in choice.repairs:
+        console.print(repair_line(repair), style="green" if repair.confirmed else "red", highlight=False,
+                      markup=False, soft_wrap=True)
+    console.print(Text(choice_line(choice), style="bold green" if choice.passed else "bold red"), soft_wrap=True)
+
+
+def repair_line(repair: PrecisionRepair) -> str:
+    """A precision repair in one sentence, with its code, or why none was found."""
+    before = f"max abs {_num(repair.before.max_abs)}"
+    if not repair.keep and repair.confirmed:
+        return f"repair {repair.cell}: none needed ({before})"
+    if not repair.confirmed:
+        return (f"repair {repair.cell}: no module set found ({before}); even every module group in float32 does "
+                f"not pass, so the drift is in what stays {repair.dtype} outside them (position embeddings, tokens)")
+    names = ", ".join(f"`{n}`" for n in repair.keep)
+    return (f"repair {repair.cell} ({before}): keep {names} in float32, confirmed by re-running the cell (max abs "
+            f"{_num(repair.after.max_abs)}, {repair.tried} trials). Change the shipped code: {repair.code()}")
+
+
+def choice_line(choice: Choice) -> str:
+    """The verdict of `parity choose`: the chosen cell per device, or why none was."""
+    within = f" within {choice.budget_ms:g} ms per image" if choice.budget_ms is not None else ""
+    parts = []
+    for device, cell_id in choice.chosen.items():
+        skipped = {r.reason for r in choice.report.cells if r.cell["device"] == device and r.status is Status.SKIP}
+        ran = any(r.cell["device"] == device and r.status is not Status.SKIP for r in choice.report.cells)
+        if cell_id is None and not ran:
+            parts.append(f"{device}: skipped ({'; '.join(sorted(skipped))})")
+        elif cell_id is None:
+            parts.append(f"{device}: no cell passes{within}")
+        else:
+            cost = choice.report.cell(cell_id).cost
+            parts.append(f"{device}: {cell_id} ({cost.latency_p50_ms:.3g} ms per image p50, "
+                         f"{cost.throughput:.4g} images/s on {cost.device_name})")
+    head = "CHOSEN" if choice.passed else "NONE PASSES"
+    return f"{head}: the fastest passing configuration{within}, per device: " + "; ".join(parts) + "."
+
+
+def cost_note(report: MatrixReport) -> str:
+    """How the cells' costs were measured, in one sentence (empty when no cell ran)."""
+    costs = [r.cost for r in report.cells if r.cost is not None]
+    if not costs:
+        return ""
+    devices = ", ".join(dict.fromkeys(c.device_name for c in costs))
+    loads = ", ".join(dict.fromkeys(f"{c.load_s:.2f} s" for c in costs))
+    cuda = [c.cuda_peak_mb for c in costs if c.cuda_peak_mb is not None]
+    return (f"cost: latency per image at the cell's batch size after a warm-up batch, {costs[0].repeat} timed pass(es) "
+            f"on {devices}; cells of one configuration share its backbone pass and its cost; model load/convert "
+            f"{loads}; peak RSS {max(c.peak_rss_mb for c in costs):.0f} MB"
+            + (f"; CUDA peak allocated {max(cuda):.0f} MB" if cuda else "") + ". Timing never changes a verdict.")
 
 
 def matrix_line(report: MatrixReport) -> str:
@@ -563,7 +660,14 @@ def document(result: Any) -> dict[str, Any]:
                 entry["comparison"]["tolerance"]["text"] = cell.comparison.tolerance.describe()
                 tolerances.setdefault(str(cell.cell["dtype"]), cell.comparison.tolerance.describe())
         data["tolerances"] = tolerances
+        data["cost_note"] = cost_note(result)
         data["headline"] = matrix_line(result)
+    elif isinstance(result, Choice):
+        kind = "choice"
+        data = {"matrix": document(result.report), "chosen": dict(result.chosen), "pareto": list(result.pareto),
+                "budget_ms": result.budget_ms, "rows": _plain(choice_rows(result)), "passed": result.passed,
+                "repairs": [dict(_plain(r), code=r.code(), text=repair_line(r)) for r in result.repairs],
+                "headline": choice_line(result)}
     elif isinstance(result, ServiceDiagnosis):
         data, kind = to_json(result), "service"
         _cause_extras(data["causes"], result.causes)

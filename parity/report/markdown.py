@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from parity.report.common import cause_rows, evidence, first_failure, fixes, number, stage_headline, worst_samples
+from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, first_failure, fixes, number, stage_headline, worst_samples
 
 __all__ = ["render_markdown", "LIMIT"]
 
@@ -161,8 +161,11 @@ def _matrix(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         else:
             metrics = (number(c["max_abs"]), "-" if c["min_cosine"] is None else f"{c['min_cosine']:.6f}")
         rows.append((_code(cell["cell"]["id"]), _text(cell["role"]), *metrics,
-                     f"{_ICON[cell['verdict']]} {cell['verdict']}", _text(cell.get("reason") or "")))
-    lines += _table(("cell", "role", "max abs", "min cos", "verdict", "reason"), rows)
+                     f"{_ICON[cell['verdict']]} {cell['verdict']}", *cost_cells(cell.get("cost")),
+                     _text(cell.get("reason") or "")))
+    lines += _table(("cell", "role", "max abs", "min cos", "verdict", *COST_COLUMNS, "reason"), rows)
+    if data.get("cost_note"):
+        lines += [f"- {_text(data['cost_note'])}"]
     lines += [f"- tolerance for {_text(dtype)} cells: {_text(text)}" for dtype, text in data["tolerances"].items()]
     lines += [f"- {_code(axis)} reproduces the reference with: {', '.join(_code(v) for v in values) or 'none'}"
               for axis, values in data["reproducing"].items()]
