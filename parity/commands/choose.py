@@ -10,7 +10,7 @@ one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from parity.commands.matrix import run_matrix
