@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from parity.errors import FixtureError
-from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal
+from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT
+from tests.support.specs import reseal
 
 MEMORY_LIMIT = 2 << 30
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -133,7 +134,7 @@ def _huge_npy(root: Path) -> None:
 
 
 def _spec(tmp: Path, replacements: dict[str, str], *, raw: bytes | None = None) -> Path:
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     path = write_spec(tmp, replacements)
     if raw is not None:
@@ -347,12 +348,12 @@ MODULES = {
 GROUPS = {"images+specs+checkpoints": IMAGES + SPECS + CHECKPOINTS, "fixtures+logs+cli": FIXTURES + LOGS + CLI}
 
 
-# The case tables of both rounds of the corpus, by module: each entry is one kind of bad input.
+# The case tables of both rounds of the corpus, by module (a path under tests/): each entry is one kind of bad input.
 CORPUS_TABLES = {
-    "test_bad_inputs.py": ("BAD_IMAGES", "SPECS", "FIXTURES", "CHECKPOINTS", "LOGS", "CLI"),
-    "test_bad_inputs_round2.py": ("LOG_CASES", "HOSTILE"),
-    "test_bad_inputs_round2_store.py": ("FREEZE_TARGETS", "FREEZE_INPUTS", "CHECKS"),
-    "test_bad_inputs_round2_runners.py": ("CASES",),
+    "cli/test_bad_inputs.py": ("BAD_IMAGES", "SPECS", "FIXTURES", "CHECKPOINTS", "LOGS", "CLI"),
+    "cli/test_bad_inputs_round2.py": ("LOG_CASES", "HOSTILE"),
+    "store/test_bad_inputs.py": ("FREEZE_TARGETS", "FREEZE_INPUTS", "CHECKS"),
+    "runners/test_bad_inputs.py": ("CASES",),
 }
 
 
@@ -362,7 +363,7 @@ def test_the_corpus_is_broad():
 
     kinds = {}
     for module, tables in CORPUS_TABLES.items():
-        tree = ast.parse((Path(__file__).parent / module).read_text())
+        tree = ast.parse((ROOT / "tests" / module).read_text())
         for node in tree.body:
             target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
             if isinstance(target, ast.Name) and target.id in tables:

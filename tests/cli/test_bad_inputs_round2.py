@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 import parity.runners.http as http_runner
 from parity.errors import ReportError, SpecError
-from tests.conftest import EXAMPLE_FIXTURES, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import write_spec
 from tests.support.corpus import Case, run_corpus, unwritable_directory
 from tests.support.http_service import answer, free_port, stdlib_service, trickling_service, url_spec
 

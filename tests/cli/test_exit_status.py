@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from parity.cli import EXIT_DRIFT, EXIT_INTERNAL, EXIT_PASS, EXIT_USAGE, main
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, reseal, write_spec
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT
+from tests.support.specs import reseal, write_spec
 
 
 def test_check_passes_and_writes_json(tmp_path, capsys):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT, write_spec
+from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT
+from tests.support.specs import write_spec
 
 GATE = (ROOT / "tests" / "parity" / "test_gate.py").read_text()
 

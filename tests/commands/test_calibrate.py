@@ -13,14 +13,14 @@ from parity.commands.check import run_check
 from parity.errors import SpecError
 from parity.store.fixtures import load_fixture
 from parity.results import Status, Tolerance
-from tests.test_diagnose import DRIFTS
+from tests.support.drifts import DRIFTS
 
 
 @pytest.fixture(scope="module")
 def calibrated(example_spec, tmp_path_factory):
     import shutil
 
-    from tests.conftest import EXAMPLE_FIXTURES
+    from tests.support.paths import EXAMPLE_FIXTURES
 
     root = shutil.copytree(EXAMPLE_FIXTURES, tmp_path_factory.mktemp("calibrated") / "clip_dnn")
     calibrate(example_spec, fixtures=root)
@@ -61,7 +61,7 @@ def test_explicit_spec_tolerance_wins(example_spec, calibrated):
 def test_calibrating_a_precision_declares_it_acceptable(example_spec, tmp_path):
     import shutil
 
-    from tests.conftest import EXAMPLE_FIXTURES
+    from tests.support.paths import EXAMPLE_FIXTURES
 
     root = shutil.copytree(EXAMPLE_FIXTURES, tmp_path / "clip_dnn")
     bf16 = example_spec.replace(runtime={"dtype": "bfloat16"})
@@ -103,7 +103,7 @@ def test_a_resealed_oversized_budget_fails_the_check_with_an_error(example_spec,
     import shutil
 
     from parity.errors import FixtureError
-    from tests.conftest import reseal
+    from tests.support.specs import reseal
 
     root = Path(shutil.copytree(calibrated, tmp_path / "edited"))
     reseal(root, lambda m: m["calibration"]["float32"].update(margin=100.0) or
@@ -126,7 +126,7 @@ def test_an_edited_manifest_is_refused_before_anything_is_read(calibrated, tmp_p
 
 def test_calibrate_cli_dry_run_writes_nothing(example_spec, fixture_copy, capsys):
     from parity.cli import main
-    from tests.conftest import EXAMPLE_SPEC
+    from tests.support.paths import EXAMPLE_SPEC
 
     before = (fixture_copy / "manifest.json").read_text()
     assert main(["calibrate", "--spec", str(EXAMPLE_SPEC), "--fixtures", str(fixture_copy), "--dry-run"]) == 0
@@ -144,8 +144,6 @@ def test_calibrate_cli_dry_run_writes_nothing(example_spec, fixture_copy, capsys
 
 def test_a_drifted_candidate_is_refused_not_absorbed(example_spec, fixture_copy):
     """GELU for the fixture's QuickGELU used to be calibrated into an atol of 0.07, and the next check passed."""
-    from tests.test_diagnose import DRIFTS
-
     gelu = example_spec.replace(**DRIFTS["gelu-for-quickgelu"][0])
     before = (fixture_copy / "manifest.json").read_bytes()
     with pytest.raises(SpecError) as info:
@@ -162,7 +160,7 @@ def test_a_systematic_error_under_the_reference_configuration_is_refused(example
     version of the data): the same error in every run, far beyond the rounding of the computation."""
     import numpy as np
 
-    from tests.conftest import reseal
+    from tests.support.specs import reseal
 
     stored = np.load(fixture_copy / "clip.npy")
     offset = np.random.default_rng(0).standard_normal(stored.shape[-1]).astype(np.float32) * np.float32(2e-3)

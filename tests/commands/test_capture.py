@@ -13,7 +13,7 @@ from parity.errors import FixtureError
 from parity.store.fixtures import load_fixture
 from parity.model.pipeline import build_pipeline
 from parity.results import Status
-from tests.conftest import EXAMPLE_FIXTURES, ROOT
+from tests.support.paths import EXAMPLE_FIXTURES, ROOT
 
 HEAD = EXAMPLE_FIXTURES / "dnnV1_model_best.pth"
 BACKBONE = EXAMPLE_FIXTURES / "backbone.safetensors"
@@ -97,7 +97,7 @@ def test_capture_without_model_name_records_the_transformers_class(tmp_path):
     pytest.importorskip("transformers")
     from parity.libraries.transformers import describe_preprocess_config
     from parity.spec import load_spec
-    from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
+    from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
 
     spec = load_spec(CLASSIFIER_SPEC)
     pipeline = build_pipeline(spec)
@@ -169,7 +169,7 @@ def test_capture_pipeline_records_the_callers_script_and_revision(example_spec, 
 
 
 def test_a_spec_outside_git_lists_no_revision_difference(example_spec, captured, tmp_path):
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
     from parity.spec import load_spec
 
     spec = load_spec(write_spec(tmp_path))

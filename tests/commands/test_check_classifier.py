@@ -14,7 +14,7 @@ from parity.model.pipeline import build_pipeline
 from parity.report.console import render_text, verdict_line
 from parity.results import Status, Verdict
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
 
 pytest.importorskip("transformers")
 

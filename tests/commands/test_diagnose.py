@@ -9,10 +9,11 @@ from parity.commands.check import run_check
 from parity.store.checkpoints import read_state_dict
 from parity.commands.diagnose import diagnose, first_divergent_layer
 from parity.model.pipeline import build_pipeline
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.drifts import DRIFTS
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.service_logs import log_service
 
 HEAD = EXAMPLE_FIXTURES / "dnnV1_model_best.pth"
-QUICKGELU = "vit_large_patch14_clip_quickgelu_336.openai"
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +24,6 @@ def other_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("other_run") / "dnnV1_model_best.pth"
     torch.save(state, path)
     return path
-
-
-DRIFTS = {
-    "interpolation": ({"preprocess": {"interpolation": "bilinear"}}, '[preprocess].interpolation = "bicubic"'),
-    "crop_pct": ({"preprocess": {"crop_pct": 0.875}}, "[preprocess].crop_pct = 1.0"),
-    "resize-size": ({"preprocess": {"input_size": (3, 224, 224)}}, "[preprocess].input_size = [3, 336, 336]"),
-    "mean-std-preset": ({"preprocess": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}},
-                        "[preprocess].mean = [0.48145466, 0.4578275, 0.40821073]; "
-                        "[preprocess].std = [0.26862954, 0.26130258, 0.27577711]"),
-    "bgr": ({"preprocess": {"channel_order": "bgr"}}, '[preprocess].channel_order = "rgb"'),
-    "resize-backend": ({"preprocess": {"resize_backend": "tensor"}}, '[preprocess].resize_backend = "pil"'),
-    "extraction-mode": ({"backbone": {"extract": "forward"}}, '[backbone].extract = "pre_logits"'),
-    "gelu-for-quickgelu": ({"backbone": {"model": "vit_large_patch14_clip_336.openai"}},
-                           f'[backbone].model = "{QUICKGELU}"'),
-    "float16": ({"runtime": {"dtype": "float16"}}, '[runtime].dtype = "float32"'),
-    "bfloat16": ({"runtime": {"dtype": "bfloat16"}}, '[runtime].dtype = "float32"'),
-    "exif-ignored": ({"preprocess": {"exif_transpose": False}}, "[preprocess].exif_transpose = true"),
-    # The value the fixture was made without the field stands for (the identity order), not a removal: TOML.
-    "input-biases-order": ({"head": {"input_biases_order": (1, 0)}}, "[head].input_biases_order = [0, 1]"),
-    "l2-one-side": ({"backbone": {"normalize": "l2"}}, '[backbone].normalize = "none"'),
-}
 
 
 @pytest.mark.parametrize(("change", "fix"), DRIFTS.values(), ids=DRIFTS.keys())
@@ -103,7 +83,7 @@ def test_strict_load_failure_is_diagnosed_with_the_key_fix(example_spec, tmp_pat
 
 def test_diagnose_cli(tmp_path, capsys):
     from parity.cli import main
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     spec = write_spec(tmp_path, {'channel_order = "rgb"': 'channel_order = "bgr"'})
     assert main(["diagnose", "--spec", str(spec), "--json", str(tmp_path / "d.json")]) == 1
@@ -115,37 +95,10 @@ def test_diagnose_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text())["fix_toml"] == ['[preprocess]\nchannel_order = "rgb"']
 
 
-def _log_service(spec, path, *, rows=6, embedding=True, outputs=True, csv=False):
-    """Write what a service running ``spec`` would log for the first ``rows`` example images."""
-    import csv as csv_module
-    import json
-
-    from parity.store.fixtures import load_fixture
-
-    pipeline = build_pipeline(spec)
-    records = []
-    for row in load_fixture(EXAMPLE_FIXTURES).rows[:rows]:
-        record = {"image": str(row.image.resolve()), "input_biases": list(row.input_biases)}
-        emb = pipeline.embed(torch.stack([pipeline.preprocess(row.image)]))
-        if embedding:
-            record["embedding"] = emb[0].tolist()
-        if outputs:
-            record["outputs"] = pipeline.run_head(emb, [row.input_biases])[0].tolist()
-        records.append(record)
-    if csv:
-        with open(path, "w", newline="") as f:
-            writer = csv_module.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def test_service_log_from_the_spec_pipeline_matches(example_spec, tmp_path):
     from parity.commands.diagnose import diagnose_logged
 
-    result = diagnose_logged(example_spec, _log_service(example_spec, tmp_path / "service.jsonl"))
+    result = diagnose_logged(example_spec, log_service(example_spec, tmp_path / "service.jsonl"))
     assert result.matches and result.compared == ("embedding", "outputs")
 
 
@@ -157,7 +110,7 @@ def test_service_log_names_the_configuration_the_service_runs(example_spec, tmp_
     from parity.commands.diagnose import diagnose_logged
 
     csv = kind.startswith("csv")
-    log = _log_service(example_spec.replace(**change), tmp_path / f"service.{'csv' if csv else 'jsonl'}",
+    log = log_service(example_spec.replace(**change), tmp_path / f"service.{'csv' if csv else 'jsonl'}",
                        embedding=not csv, csv=csv)
     result = diagnose_logged(example_spec, log)
     assert not result.matches
@@ -185,9 +138,9 @@ def test_bad_service_logs_are_refused_with_the_reason(tmp_path, content, message
 
 def test_diagnose_cli_with_a_service_log(example_spec, tmp_path, capsys):
     from parity.cli import main
-    from tests.conftest import EXAMPLE_SPEC
+    from tests.support.paths import EXAMPLE_SPEC
 
-    log = _log_service(example_spec.replace(preprocess={"interpolation": "bilinear"}), tmp_path / "s.jsonl")
+    log = log_service(example_spec.replace(preprocess={"interpolation": "bilinear"}), tmp_path / "s.jsonl")
     assert main(["diagnose", "--spec", str(EXAMPLE_SPEC), "--logged", str(log)]) == 1
     assert '[preprocess].interpolation = "bilinear" (the spec has "bicubic")' in capsys.readouterr().out
 
@@ -199,7 +152,7 @@ def bilinear_without_pixels(example_spec, tmp_path_factory):
     from parity.store.fixtures import load_fixture
     from parity.commands.capture import capture_pipeline
     from parity.spec import load_spec
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     folder = tmp_path_factory.mktemp("bilinear")
     rows = load_fixture(EXAMPLE_FIXTURES).rows[:6]
@@ -239,7 +192,7 @@ def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
     from safetensors.torch import save_file
 
     from parity.spec import load_spec
-    from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
+    from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC
 
     broken = shutil.copytree(CLASSIFIER_FIXTURES / "backbone", tmp_path / "backbone")
     state = {"vision_model." + k: v for k, v in read_state_dict(broken / "model.safetensors").items()}
@@ -257,7 +210,7 @@ def test_a_preprocessing_library_swap_is_found_and_fixed():
     trained on transformers' image processor. Each library records only its own fields."""
     pytest.importorskip("transformers")
     from parity.spec import load_spec
-    from tests.conftest import CLASSIFIER_SPEC
+    from tests.support.paths import CLASSIFIER_SPEC
 
     candidate = load_spec(CLASSIFIER_SPEC).replace(preprocess={
         "library": "timm", "input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 1.0,
@@ -289,7 +242,7 @@ def test_service_log_with_matching_embeddings_names_the_head_stage(example_spec,
     from parity.report.console import render_diagnosis
     from rich.console import Console
 
-    log = _log_service(example_spec.replace(head={"weights": other_run}), tmp_path / "service.jsonl")
+    log = log_service(example_spec.replace(head={"weights": other_run}), tmp_path / "service.jsonl")
     result = diagnose_logged(example_spec, log)
     assert not result.matches and result.stage == "head"
     assert "the service's head differs from the spec's (the head stage)" in result.notes[0]
@@ -304,9 +257,9 @@ def test_service_log_is_judged_by_the_specs_decisions(example_spec, tmp_path, ca
     """[decisions] threshold = 0.0: outputs scaled by 1.001 drift but flip nothing; a sign change flips."""
     from parity.cli import main
     from parity.commands.diagnose import diagnose_logged
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
-    scaled = _edit_outputs(_log_service(example_spec, tmp_path / "scaled.jsonl"),
+    scaled = _edit_outputs(log_service(example_spec, tmp_path / "scaled.jsonl"),
                            lambda i, out: [v * 1.001 for v in out])
     result = diagnose_logged(example_spec, scaled)
     (threshold,) = result.decisions
@@ -318,7 +271,7 @@ def test_service_log_is_judged_by_the_specs_decisions(example_spec, tmp_path, ca
     assert main(["diagnose", "--spec", str(spec), "--logged", str(scaled)]) == 0
     assert "threshold: 0 flip(s)" in capsys.readouterr().out
 
-    flipped = _edit_outputs(_log_service(example_spec, tmp_path / "flipped.jsonl"),
+    flipped = _edit_outputs(log_service(example_spec, tmp_path / "flipped.jsonl"),
                             lambda i, out: [-out[0], *out[1:]] if i == 0 else out)
     result = diagnose_logged(gated, flipped)
     assert len(result.decisions[0].flips) == 1 and result.decisions[0].flips[0].endswith("[0]")

@@ -20,7 +20,8 @@ from parity.store.fixtures import load_fixture
 from parity.results import Change
 from parity.spec import load_spec, parse_spec, vocabulary
 from parity.spec_toml import apply_toml_fix, load_fixed, render_document, render_spec
-from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, write_spec
+from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT
+from tests.support.specs import write_spec
 
 TIMM_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
@@ -251,9 +252,9 @@ def test_a_squashing_bgr_service_on_a_transformers_spec_gets_no_refused_no_op_or
 def test_a_logged_candidate_is_diagnosed_and_says_what_it_could_not_try(tmp_path):
     """[candidate] logged (no fixture: the spec's pipeline is the reference): the configuration the service runs,
     as TOML that, pasted, makes the log pass; the notes name the probes a log cannot take."""
-    from tests.test_diagnose import _log_service
+    from tests.support.service_logs import log_service
 
-    log = _log_service(load_spec(EXAMPLE_SPEC).replace(preprocess={"interpolation": "bilinear"}),
+    log = log_service(load_spec(EXAMPLE_SPEC).replace(preprocess={"interpolation": "bilinear"}),
                        tmp_path / "service.jsonl", rows=4)
     spec = write_spec(tmp_path)
     text = spec.read_text()
@@ -273,9 +274,9 @@ def test_a_url_candidate_is_observed_once_and_never_crashes(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("multipart")
-    from tests.test_http_runner import _load_example, url_spec, uvicorn_service
+    from tests.support.http_service import load_example_service, url_spec, uvicorn_service
 
-    example = _load_example()
+    example = load_example_service()
     with uvicorn_service(example.create_app(example.Predictor(interpolation="bilinear"))) as url:
         spec = url_spec(tmp_path, url)
         assert main(["diagnose", "--spec", str(spec), "--samples", "2", "--json", str(tmp_path / "d.json")]) == 1

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 WIDTH = 16
 DISTINCT = 12  # distinct images, repeated along the log
@@ -61,7 +61,7 @@ def _service(directory: Path) -> Path:
         'checkpoint = "backbone.safetensors"\nextract = "pre_logits"\n'
         '[preprocess]\ninterpolation = "bilinear"\ncrop_pct = 1.0\ncrop_mode = "center"\ninput_size = [3, 32, 32]\n'
         "mean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n"
-        f'[head]\nclass = "tests.test_scale_logged:TinyHead"\nweights = "head.pth"\nkwargs = {{}}\n'
+        f'[head]\nclass = "{__name__}:TinyHead"\nweights = "head.pth"\nkwargs = {{}}\n'
         "[runtime]\nbatch_size = 256\n")
     return spec
 

@@ -27,57 +27,10 @@ from parity.store.fixtures import load_fixture
 from parity.commands.freeze import FieldMap, freeze, parse_field_map, read_metadata, read_rows_array, select_golden
 from parity.model.pipeline import build_pipeline
 from parity.spec import load_spec
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.training_project import IMAGES, SITES, SiteGradeHead, write_training_spec
 
-IMAGES = ("astronaut.png", "brick.png", "chelsea_exif_rotated.png", "coins.png", "logo.png", "rocket.jpg")
-SITES = (0, 2, 1, 2, 0, 1)
 MAP = ["--map", "image=file", "--map", "input_biases=site", "--map", "labels=grade"]
-
-
-class SiteGradeHead(nn.Module):
-    """A user's head: batch-normalised embedding plus a site embedding, an MLP with BatchNorm."""
-
-    def __init__(self, embedding_dim: int = 64, sites: int = 3, outputs: int = 2) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(embedding_dim)
-        self.site = nn.Embedding(sites, 4)
-        self.mlp = nn.Sequential(nn.Linear(embedding_dim + 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, outputs))
-
-    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([self.norm(embedding), self.site(input_biases[:, 0])], dim=1))
-
-
-SPEC = """\
-name = "site_grade"
-
-[backbone]
-library = "timm"
-model = "vit_large_patch14_clip_quickgelu_336.openai"
-kwargs = {{ embed_dim = 64, depth = 2, num_heads = 2 }}
-checkpoint = "{backbone}"
-extract = "pre_logits"
-
-[preprocess]
-interpolation = "{interpolation}"
-crop_pct = 1.0
-crop_mode = "center"
-input_size = [3, 336, 336]
-mean = [0.48145466, 0.4578275, 0.40821073]
-std = [0.26862954, 0.26130258, 0.27577711]
-
-[head]
-class = "tests.test_freeze:SiteGradeHead"
-weights = "{head}"
-kwargs = {{ embedding_dim = 64, sites = 3, outputs = 2 }}
-"""
-
-
-def write_spec(project: Path, *, interpolation: str = "bicubic", head: Path | None = None,
-               name: str = "training.toml") -> Path:
-    path = project / name
-    path.write_text(SPEC.format(backbone=EXAMPLE_FIXTURES / "backbone.safetensors", interpolation=interpolation,
-                                head=head or project / "models" / "head.pth"))
-    return path
 
 
 def git(project: Path, *args: str) -> str:
@@ -100,7 +53,7 @@ def project(tmp_path_factory) -> Path:
         head(torch.randn(8, 64) * 3 + 1, torch.randint(0, 3, (8, 1)))
     (root / "models").mkdir()
     torch.save(head.state_dict(), root / "models" / "head.pth")
-    spec = write_spec(root)
+    spec = write_training_spec(root)
     pipeline = build_pipeline(load_spec(spec))
     embeddings = np.stack([pipeline.embed(pipeline.preprocess(photos / n)[None])[0].numpy() for n in IMAGES])
     (root / "artifacts").mkdir()
@@ -170,7 +123,7 @@ def test_freeze_user_layout_with_batchnorm_head_passes_check(project, tmp_path, 
 
 
 def test_declared_preprocessing_that_did_not_make_the_embeddings_is_refused(project, tmp_path, capsys):
-    spec = write_spec(tmp_path, interpolation="bilinear", head=project / "models" / "head.pth")
+    spec = write_training_spec(tmp_path, interpolation="bilinear", head=project / "models" / "head.pth")
     out = tmp_path / "never"
     assert freeze_cli(project, out, *MAP, spec=spec) == 1
     printed = capsys.readouterr().out
@@ -319,7 +272,7 @@ def own_head(project, tmp_path) -> tuple[Path, Path]:
     """A spec whose head checkpoint is a private copy, and a fixture frozen from it (referenced)."""
     (tmp_path / "models").mkdir()
     shutil.copyfile(project / "models" / "head.pth", tmp_path / "models" / "head.pth")
-    spec = write_spec(tmp_path)
+    spec = write_training_spec(tmp_path)
     out = tmp_path / "fixture"
     assert freeze_cli(project, out, *MAP, "--golden", "2", spec=spec) == 0
     return spec, out
@@ -381,8 +334,8 @@ def two_tables(project, tmp_path) -> tuple[Path, Path]:
     """A spec whose head takes (site, scanner), and metadata holding both fields."""
     torch.manual_seed(3)
     torch.save(SiteScannerHead().state_dict(), tmp_path / "scanner_head.pth")
-    spec = write_spec(tmp_path, head=tmp_path / "scanner_head.pth")
-    spec.write_text(spec.read_text().replace("tests.test_freeze:SiteGradeHead", "tests.test_freeze:SiteScannerHead")
+    spec = write_training_spec(tmp_path, head=tmp_path / "scanner_head.pth")
+    spec.write_text(spec.read_text().replace(f"{SiteGradeHead.__module__}:SiteGradeHead", f"{__name__}:SiteScannerHead")
                     .replace("embedding_dim = 64, sites = 3, outputs = 2 }", "embedding_dim = 64 }"))
     rows = json.loads((project / "artifacts" / "clip_metadata.json").read_text())
     for i, row in enumerate(rows):
@@ -430,7 +383,7 @@ def test_golden_pixels_of_several_shapes_are_compared_image_by_image(project, tm
     frozen and checked; each golden image is compared with its own reference (exit 3 before)."""
     pytest.importorskip("transformers")
     (tmp_path / "no_crop.json").write_text(json.dumps(NO_CROP))
-    spec = write_spec(tmp_path, head=project / "models" / "head.pth")
+    spec = write_training_spec(tmp_path, head=project / "models" / "head.pth")
     # timm's ViT at any input size: its position embeddings resampled, the last patch padded.
     text = spec.read_text().replace("num_heads = 2 }",
                                     "num_heads = 2, dynamic_img_size = true, dynamic_img_pad = true }")

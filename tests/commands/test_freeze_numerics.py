@@ -1,7 +1,7 @@
 """Reference numerics declared at freeze: embeddings made on a GPU with TF32 become a fixture the gate budgets for.
 
-The training project is a user's own (its BatchNorm head, its field names, from tests/test_freeze.py); its
-embeddings were made with TF32 convolutions and matmuls, as an Ampere GPU with ``allow_tf32`` makes them,
+The training project is a user's own (its BatchNorm head, its field names: tests/support/training_project.py);
+its embeddings were made with TF32 convolutions and matmuls, as an Ampere GPU with ``allow_tf32`` makes them,
 emulated here by rounding every convolution and matmul operand to TF32 (`parity.numerics.emulate`), so that the
 suite runs on any CPU.
 """
@@ -22,8 +22,8 @@ from parity.store.fixtures import load_fixture
 from parity.model.numerics import reduced_precision
 from parity.model.pipeline import build_pipeline
 from parity.spec import REFERENCE_NUMERICS, load_spec
-from tests.conftest import EXAMPLE_FIXTURES
-from tests.test_freeze import IMAGES, SITES, SiteGradeHead, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.training_project import IMAGES, SITES, SiteGradeHead, write_training_spec
 
 MAP = ["--map", "image=file", "--map", "input_biases=site"]
 
@@ -38,7 +38,7 @@ def tf32_project(tmp_path_factory) -> Path:
     torch.manual_seed(11)
     (root / "models").mkdir()
     torch.save(SiteGradeHead().state_dict(), root / "models" / "head.pth")
-    pipeline = build_pipeline(load_spec(write_spec(root)))
+    pipeline = build_pipeline(load_spec(write_training_spec(root)))
     with emulate_reference({"conv": "tf32", "matmul": "tf32"}):
         embeddings = np.stack([pipeline.embed(pipeline.preprocess(photos / n)[None])[0].numpy() for n in IMAGES])
     (root / "artifacts").mkdir()
@@ -80,7 +80,7 @@ def test_declared_tf32_is_recorded_and_the_gate_budgets_for_it(tf32_project, tmp
 
 
 def test_reference_numerics_in_the_spec_is_the_same_declaration(tf32_project, tmp_path):
-    spec = write_spec(tmp_path, head=tf32_project / "models" / "head.pth")
+    spec = write_training_spec(tmp_path, head=tf32_project / "models" / "head.pth")
     spec.write_text(spec.read_text() + '\n[reference]\nnumerics = "tf32"\n')
     assert load_spec(spec).reference.numerics == "tf32"
     assert freeze(tf32_project, tmp_path / "fixture", spec=spec) == 0
@@ -100,7 +100,7 @@ def test_a_freeze_without_a_declaration_records_no_numerics_it_cannot_know(tf32_
 
 
 def test_unknown_numerics_are_refused_with_the_accepted_values(tf32_project, tmp_path, capsys):
-    spec = write_spec(tmp_path, head=tf32_project / "models" / "head.pth")
+    spec = write_training_spec(tmp_path, head=tf32_project / "models" / "head.pth")
     spec.write_text(spec.read_text() + '\n[reference]\nnumerics = "fp8"\n')
     assert freeze(tf32_project, tmp_path / "out", spec=spec) == 2
     assert "[reference].numerics = 'fp8' is not accepted. Accepted values: " + ", ".join(REFERENCE_NUMERICS) \

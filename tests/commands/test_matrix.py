@@ -116,7 +116,7 @@ def test_bad_axes_are_refused_with_the_accepted_values(table, message):
 
 def test_matrix_cli(capsys):
     from parity.cli import main
-    from tests.conftest import EXAMPLE_SPEC
+    from tests.support.paths import EXAMPLE_SPEC
 
     assert main(["matrix", "--spec", str(EXAMPLE_SPEC), "--axis", "extract=pre_logits,forward",
                  "--axis", "device=cpu", "--axis", "dtype=float32"]) == 0

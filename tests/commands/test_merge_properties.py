@@ -25,7 +25,7 @@ from parity.commands.merge import load_partial, merge_reports
 from parity.report.console import document, write_json
 from parity.results import Cause, Change, Diagnosis
 from parity.spec import load_spec
-from tests.conftest import write_spec
+from tests.support.specs import write_spec
 
 SHARDS = 4
 DRIFT = {'interpolation = "bicubic"': 'interpolation = "bilinear"',

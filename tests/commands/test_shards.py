@@ -30,8 +30,9 @@ from parity.results import Report, Status, Tolerance
 from parity.store.shards import parse_shard, shard_rows
 from parity.commands.capture import capture_pipeline
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, write_spec
-from tests.test_user_heads import BatchNormHead, _trained
+from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.specs import write_spec
+from tests.support.heads import BatchNormHead, trained_head
 
 BUDGET = 1e-6
 
@@ -208,7 +209,7 @@ def test_a_drifting_candidate_merges_to_the_same_drift_and_flips(tmp_path):
 
 
 def test_a_sample_that_does_not_decode_is_kept_by_its_shard(tmp_path, fixture_copy):
-    from tests.conftest import reseal
+    from tests.support.specs import reseal
 
     broken = next(p for p in sorted((fixture_copy / "images").iterdir()) if p.suffix == ".jpg")
     broken.write_bytes(b"not an image")
@@ -228,9 +229,9 @@ def batchnorm_fixtures(tmp_path_factory):
     """A BatchNorm head (not the bundled one) frozen over 9 and then 10 of the example images."""
     folder = tmp_path_factory.mktemp("bn")
     weights = folder / "head.pth"
-    torch.save(_trained(BatchNormHead).state_dict(), weights)
+    torch.save(trained_head(BatchNormHead).state_dict(), weights)
     spec_path = write_spec(folder, {
-        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.test_user_heads:BatchNormHead"',
+        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.support.heads:BatchNormHead"',
         f'weights = "{EXAMPLE_FIXTURES}/dnnV1_model_best.pth"': f'weights = "{weights}"',
         "kwargs = { embedding_dim = 64, bias_cardinalities = [3, 4], num_outputs = 5, bias_dim = 8, "
         "hidden_dims = [128, 64], dropout = 0.1 }": "kwargs = {}",

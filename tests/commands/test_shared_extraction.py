@@ -9,7 +9,7 @@ from parity.commands.check import run_check
 from parity.commands.diagnose import _Prober
 from parity.store.fixtures import load_fixture
 from parity.results import Status, Tolerance
-from tests.test_diagnose import DRIFTS
+from tests.support.drifts import DRIFTS
 
 
 def test_the_matrix_deployment_cell_computes_the_gates_embeddings_bit_for_bit(example_spec):

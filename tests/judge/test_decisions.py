@@ -22,7 +22,7 @@ from parity.results import Status
 from parity.runners import run_candidate
 from parity.store.sampling import row_strata, sample_fixture, stratified_rows
 from parity.spec import parse_spec
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
 BILINEAR = {"preprocess": {"interpolation": "bilinear"}}
 

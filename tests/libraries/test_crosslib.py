@@ -16,7 +16,7 @@ from parity.model.pipeline import build_pipeline
 from parity.results import Status, Verdict
 from parity.commands.capture import capture_pipeline
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
+from tests.support.paths import CLASSIFIER_FIXTURES, EXAMPLE_FIXTURES
 
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")

@@ -20,7 +20,7 @@ from parity.libraries import Library
 from parity.preprocess.transform import Preprocess
 from parity.preprocess.config import PreprocessConfig, derived_fields, require_same
 from parity.spec import LibraryVocabulary, load_spec
-from tests.conftest import EXAMPLE_FIXTURES, ROOT
+from tests.support.paths import EXAMPLE_FIXTURES, ROOT
 
 
 class ToyNet(nn.Module):

@@ -15,7 +15,7 @@ from parity.store.forensics import infer_layers, module_source
 from parity.model.pipeline import build_pipeline
 from parity.results import Status
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, ROOT
 
 transformers = pytest.importorskip("transformers")
 

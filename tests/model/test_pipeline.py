@@ -10,7 +10,7 @@ from parity.store.checkpoints import StrictLoadError
 from parity.errors import SpecError
 from parity.store.fixtures import load_fixture
 from parity.model.pipeline import build_pipeline, extract_embedding, import_object
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.paths import EXAMPLE_FIXTURES
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from parity.errors import FixtureChangedError, SpecError
 from parity.store.fixtures import load_fixture
 from parity.runners import run_candidate
 from parity.spec import Spec, load_spec
-from tests.conftest import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT, reseal, write_spec
+from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_SPEC, ROOT
+from tests.support.specs import reseal, write_spec
 
 NOT_INSTALLED = "ray is not installed: pip install 'parity[ray]'"
 
@@ -271,20 +272,20 @@ def test_an_actor_with_other_weights_stops_the_run(example_spec):
 
 
 def test_ray_runs_a_users_own_head_and_fixture_like_the_local_engine(ray_instance, tmp_path):
-    """A BatchNorm head (tests.test_user_heads, not the bundled one) frozen by capture_pipeline over
+    """A BatchNorm head (tests.support.heads, not the bundled one) frozen by capture_pipeline over
     some example images: the Ray workers import the user's class and give the local record."""
     import torch
 
     from parity.commands.check import judge_run
     from parity.model.pipeline import build_pipeline
     from parity.commands.capture import capture_pipeline
-    from tests.conftest import EXAMPLE_FIXTURES
-    from tests.test_user_heads import BatchNormHead, _trained
+    from tests.support.paths import EXAMPLE_FIXTURES
+    from tests.support.heads import BatchNormHead, trained_head
 
     weights = tmp_path / "head.pth"
-    torch.save(_trained(BatchNormHead).state_dict(), weights)
+    torch.save(trained_head(BatchNormHead).state_dict(), weights)
     spec = load_spec(write_spec(tmp_path, {
-        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.test_user_heads:BatchNormHead"',
+        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.support.heads:BatchNormHead"',
         f'weights = "{EXAMPLE_FIXTURES}/dnnV1_model_best.pth"': f'weights = "{weights}"',
         "kwargs = { embedding_dim = 64, bias_cardinalities = [3, 4], num_outputs = 5, bias_dim = 8, "
         "hidden_dims = [128, 64], dropout = 0.1 }": "kwargs = {}",

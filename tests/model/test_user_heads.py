@@ -19,22 +19,9 @@ from parity.store.fixtures import load_fixture
 from parity.model.pipeline import build_pipeline
 from parity.results import Status
 from parity.commands.capture import capture_pipeline
-from tests.conftest import EXAMPLE_FIXTURES, write_spec
-
-WIDTH = 64  # the example backbone's pre_logits width
-
-
-class BatchNormHead(nn.Module):
-    """Linear -> BatchNorm1d -> ReLU -> Linear; ignores the input_biases."""
-
-    def __init__(self, embedding_dim: int = WIDTH, hidden: int = 32, num_outputs: int = 5) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embedding_dim, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
-        self.fc2 = nn.Linear(hidden, num_outputs)
-
-    def forward(self, embedding: torch.Tensor, input_biases: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(torch.relu(self.bn(self.fc1(embedding))))
+from tests.support.heads import WIDTH, BatchNormHead, trained_head
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import write_spec
 
 
 class ScalarHead(nn.Module):
@@ -83,26 +70,15 @@ HEADS = {
 }
 
 
-def _trained(cls) -> nn.Module:
-    """A head with non-default state: a few train-mode passes move BatchNorm's running statistics."""
-    torch.manual_seed(7)
-    head = cls()
-    head.train()
-    with torch.no_grad():
-        for _ in range(3):
-            head(torch.randn(16, WIDTH))
-    return head.eval()
-
-
 @pytest.fixture(scope="module", params=sorted(HEADS))
 def captured_head(request, tmp_path_factory):
     """(spec, fixture directory) for one user head, frozen by `capture_pipeline` over the example images."""
     name = request.param
     folder = tmp_path_factory.mktemp(name)
     weights = folder / "head.pth"
-    torch.save(_trained(HEADS[name]).state_dict(), weights)  # torch.save keeps tied tensors' shared storage
+    torch.save(trained_head(HEADS[name]).state_dict(), weights)  # torch.save keeps tied tensors' shared storage
     spec_path = write_spec(folder, {
-        'class = "reference.models:MultiLabelRegressionNN"': f'class = "tests.test_user_heads:{HEADS[name].__name__}"',
+        'class = "reference.models:MultiLabelRegressionNN"': f'class = "{HEADS[name].__module__}:{HEADS[name].__name__}"',
         f'weights = "{EXAMPLE_FIXTURES}/dnnV1_model_best.pth"': f'weights = "{weights}"',
         "kwargs = { embedding_dim = 64, bias_cardinalities = [3, 4], num_outputs = 5, bias_dim = 8, "
         "hidden_dims = [128, 64], dropout = 0.1 }": "kwargs = {}",
@@ -118,7 +94,7 @@ def captured_head(request, tmp_path_factory):
 
 
 def test_fingerprint_covers_zero_dim_tensors():
-    head = _trained(BatchNormHead)
+    head = trained_head(BatchNormHead)
     prints = fingerprint(head.state_dict())
     assert set(prints) == set(head.state_dict())
     before = prints["bn.num_batches_tracked"]
@@ -162,6 +138,6 @@ def test_user_head_through_the_cli(captured_head, capsys):
 
 
 def test_tied_weights_are_fingerprinted_under_both_names():
-    prints = fingerprint(_trained(TiedHead).state_dict())
+    prints = fingerprint(trained_head(TiedHead).state_dict())
     assert prints["project.weight"] == prints["unproject.weight"]
-    assert np.isfinite(_trained(TiedHead)(torch.zeros(1, WIDTH)).detach().numpy()).all()
+    assert np.isfinite(trained_head(TiedHead)(torch.zeros(1, WIDTH)).detach().numpy()).all()

@@ -21,7 +21,8 @@ from parity.numerics.referee import judge, multiplier, referee
 from parity.report.console import render_text
 from parity.results import Status
 from parity.commands.capture import capture_pipeline
-from tests.conftest import EXAMPLE_FIXTURES, reseal
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import reseal
 
 # What a GPU extraction with PyTorch's defaults records: cuDNN convolutions in TF32, matmuls in float32.
 A100 = {"device": "cuda", "device_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
@@ -196,7 +197,7 @@ def test_referee_tells_a_changed_computation_from_rounding(example_spec):
 
 def test_cli_referee_calls_an_unrecorded_tf32_reference_rounding(example_spec, without_environment, tmp_path, capsys):
     from parity.cli import main
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     spec = write_spec(tmp_path)
     out = tmp_path / "report.json"

@@ -23,11 +23,12 @@ from parity.libraries.timm import describe_timm
 from parity.libraries.transformers import describe_hf
 from parity.preprocess.config import PreprocessConfig, crop_box
 from parity.preprocess.diff import explain_preprocess
+from tests.support.paths import EXAMPLE_FIXTURES
 
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers.models.clip")
 
-IMAGES = Path(__file__).resolve().parents[1] / "fixtures" / "clip_dnn" / "images"
+IMAGES = EXAMPLE_FIXTURES / "images"
 SHIFTED = ("coins.png", "rocket.jpg", "text.png")
 UNSHIFTED = ("astronaut.png", "chelsea.png")
 TIMM_B32 = "timm:vit_base_patch32_clip_quickgelu_224.openai"

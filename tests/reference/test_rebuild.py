@@ -14,7 +14,7 @@ from parity.store.fixtures import load_fixture
 from parity.results import Status
 from reference import build_fixtures
 from reference.models import MultiLabelRegressionNN
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES
 
 
 @pytest.fixture(scope="module")

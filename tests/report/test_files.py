@@ -22,7 +22,8 @@ from parity.report.files import load_document, render_html, render_junit, render
 from parity.progress import Progress
 from parity.results import Report, StageResult, Status, Tolerance
 from parity.commands.matrix import Cell, CellResult, MatrixReport
-from tests.conftest import EXAMPLE_SPEC, ROOT, write_spec
+from tests.support.paths import EXAMPLE_SPEC, ROOT
+from tests.support.specs import write_spec
 
 DRIFT = {'interpolation = "bicubic"': 'interpolation = "bilinear"'}
 FIX = 'set [preprocess].interpolation = "bicubic"'

@@ -17,7 +17,7 @@ from parity.commands.check import run_check
 from parity.cli import main
 from parity.results import Status, Verdict
 from parity.spec import CandidateSpec, load_spec, parse_candidate
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 SPACE = ROOT / "examples" / "hf_space"
 ENDPOINT = ROOT / "examples" / "hf_endpoint"

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from parity.store.fixtures import load_fixture
-from tests.conftest import EXAMPLE_FIXTURES, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import write_spec
 from tests.support.corpus import Case, run_corpus
 
 DECISIONS_GATE = {"threshold = 0.0": 'threshold = 0.0\ngate = "decisions"'}

@@ -21,7 +21,8 @@ import pytest
 
 from parity.cli import main
 from parity.store.fixtures import load_fixture
-from tests.conftest import EXAMPLE_FIXTURES, ROOT, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES, ROOT
+from tests.support.specs import write_spec
 
 VICTIM = "chelsea.png"
 TIMEOUT = 2.0  # [candidate].timeout of the sleeping candidates

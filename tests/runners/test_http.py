@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import importlib.util
 import json
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,8 +17,9 @@ from parity.errors import SpecError
 from parity.store.fixtures import load_fixture
 from parity.results import Status, Verdict
 from parity.spec import load_spec
-from tests.conftest import EXAMPLE_FIXTURES, ROOT
-from tests.support.http_service import answer, free_port, stdlib_service, url_spec
+from tests.support.paths import EXAMPLE_FIXTURES, ROOT
+from tests.support.http_service import (answer, free_port, load_example_service, stdlib_service, url_spec,
+                                        uvicorn_service)
 
 OBSERVABLE_ONLY = ("load", "weights", "pixels", "head")
 
@@ -34,40 +31,12 @@ def quick_backoff(monkeypatch):
 
 # -- the example FastAPI service, served by uvicorn on a free loopback port -------------------
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("http_service_example", ROOT / "examples" / "http_service" / "server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@contextlib.contextmanager
-def uvicorn_service(app) -> Iterator[str]:
-    """uvicorn in a thread on 127.0.0.1; ready within a bounded wait, always stopped."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"the example service did not start on port {port} within 60 s")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/predict"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def example():
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("multipart")
-    return _load_example()
+    return load_example_service()
 
 
 @pytest.mark.parametrize("send", ["multipart", "json"])

@@ -15,7 +15,8 @@ from parity.cli import EXIT_DRIFT, EXIT_PASS, main
 from parity.store.fixtures import load_fixture
 from parity.results import Status, Verdict
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT, write_spec
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT
+from tests.support.specs import write_spec
 
 NOT_LOGGED = ("load", "weights", "pixels", "head")
 

@@ -23,7 +23,8 @@ from parity.results import Status
 from parity.runners import run_candidate
 from parity.errors import SpecError
 from parity.spec import CandidateSpec, load_spec
-from tests.conftest import EXAMPLE_FIXTURES, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import write_spec
 
 ROWS = [1, 2, 4]  # camera.png (grayscale), chelsea.png, rocket.jpg: each has golden pixels
 INNER = ("weights", "decode", "pixels", "embedding", "head", "outputs")

@@ -13,7 +13,8 @@ from parity.commands.check import run_check
 from parity.cli import EXIT_PASS, EXIT_USAGE, main
 from parity.results import Status
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_SPEC, ROOT, write_spec
+from tests.support.paths import CLASSIFIER_SPEC, ROOT
+from tests.support.specs import write_spec
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

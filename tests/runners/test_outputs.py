@@ -16,7 +16,7 @@ from parity.commands.check import run_check
 from parity.cli import EXIT_USAGE, main
 from parity.results import Status
 from parity.spec import load_spec
-from tests.conftest import CLASSIFIER_SPEC, ROOT
+from tests.support.paths import CLASSIFIER_SPEC, ROOT
 from tests.support.http_service import url_spec
 
 MLP = ROOT / "fixtures" / "clip_mlp"
@@ -230,7 +230,7 @@ UPLOAD = ('field = "file"\nform = { source = "input_biases.0", scene = "input_bi
 @pytest.mark.parametrize("route, read", [("/v1/score", 'output_key = "predictions.0.scores"\n'),
                                          ("/v1/pipeline", "")])
 def test_an_upload_file_service_with_form_fields_and_a_token(route, read, tmp_path, monkeypatch):
-    from tests.test_http_runner import uvicorn_service
+    from tests.support.http_service import uvicorn_service
 
     monkeypatch.setenv("SERVICE_TOKEN", "s3cret-value")
     monkeypatch.setenv("PARITY_TEST_BEARER", "Bearer s3cret-value")

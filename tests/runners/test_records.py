@@ -10,7 +10,7 @@ from parity.numerics.emulate import gate_budgets
 from parity.judge.stages import STAGE_ORDER, compare_run
 from parity.store.fixtures import load_fixture
 from parity.results import CandidateRun, Status
-from tests.conftest import reseal, write_spec
+from tests.support.specs import reseal, write_spec
 
 
 def test_each_sample_is_decoded_once_golden_pixels_included(example_spec, monkeypatch):

@@ -23,9 +23,12 @@ from parity.results import CandidateRun, Status
 from parity.runners import run_candidate
 from parity.commands.capture import capture_pipeline
 from parity.spec import CandidateSpec, load_spec
-from tests.conftest import EXAMPLE_FIXTURES, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import write_spec
 
 WIDTH = 64
+# The spec names this module's head by its import path, whatever folder the module is in.
+HEAD_CLASS = f"{__name__}:TagHead"
 
 
 class TagHead(nn.Module):
@@ -62,7 +65,7 @@ def captured(tmp_path_factory):
     weights = folder / "taghead.pth"
     torch.save(head.eval().state_dict(), weights)
     spec = load_spec(write_spec(folder, {
-        'class = "reference.models:MultiLabelRegressionNN"': 'class = "tests.test_weights_accounting:TagHead"',
+        'class = "reference.models:MultiLabelRegressionNN"': f'class = "{HEAD_CLASS}"',
         f'weights = "{EXAMPLE_FIXTURES}/dnnV1_model_best.pth"': f'weights = "{weights}"',
         "kwargs = { embedding_dim = 64, bias_cardinalities = [3, 4], num_outputs = 5, bias_dim = 8, "
         "hidden_dims = [128, 64], dropout = 0.1 }": "kwargs = {}",
@@ -167,7 +170,7 @@ def test_a_head_redeclared_with_renamed_layers_and_loaded_non_strictly_fails_nam
     (finding,) = weights.findings
     assert finding.detector == "weights.unaccounted" and finding.stage == "weights"
     assert finding.fix == ("Change the shipped code: load the head with load_state_dict(..., strict=True) into the "
-                           "trained class (tests.test_weights_accounting:TagHead), or rename its layers to the trained "
+                           f"trained class ({HEAD_CLASS}), or rename its layers to the trained "
                            "names: lookups.0 -> tables.0, lookups.1 -> tables.1, project -> fc1, norm -> bn, "
                            "classify -> fc2")
     assert "layers were renamed; they match one-to-one by tensor names and shapes" in finding.evidence
@@ -192,7 +195,7 @@ def test_a_head_of_another_architecture_loaded_non_strictly_names_what_is_reacha
     assert "no reachable module has the trained head's tensor names or shapes (reachable besides: " \
            "handler.scorer.lookups.0.weight, handler.scorer.lookups.1.weight" in finding.cause
     assert finding.fix == ("Change the shipped code: build the head as the trained class "
-                           "(tests.test_weights_accounting:TagHead) and load its checkpoint with "
+                           f"({HEAD_CLASS}) and load its checkpoint with "
                            "load_state_dict(..., strict=True)")
 
 

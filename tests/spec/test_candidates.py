@@ -21,7 +21,7 @@ from parity.cli import main
 from parity.errors import SpecError
 from parity.store.fixtures import MANIFEST, load_fixture
 from parity.spec import load_spec, select_candidate
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
 HEADS = '''
 import torch

@@ -9,9 +9,7 @@ import pytest
 from parity.errors import ParityError, SpecError
 from parity.results import Tolerance
 from parity.spec import INTERPOLATIONS, Spec, default_tolerance, load_spec
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_SPEC = ROOT / "specs" / "clip_dnn.toml"
+from tests.support.paths import EXAMPLE_SPEC, ROOT
 
 MINIMAL = """\
 [backbone]

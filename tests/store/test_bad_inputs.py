@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from parity.cli import main
 from parity.errors import FixtureError, ParityError
 from parity.store.fixtures import METADATA, load_fixture, stage_fixture
-from tests.conftest import EXAMPLE_FIXTURES, reseal, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import reseal, write_spec
 from tests.support.corpus import Case, run_corpus, snapshot, unwritable_directory
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -428,7 +429,7 @@ def test_a_damaged_fixture_is_still_replaceable_but_nothing_else_is(tmp_path):
 def test_a_processor_config_with_a_zero_crop_size_is_a_spec_error_not_drift(tmp_path, capsys):
     """``crop_size`` 0 in the transformers processor config: exit 2 naming the field, before any image is run."""
     from parity.cli import main
-    from tests.conftest import CLASSIFIER_SPEC, ROOT
+    from tests.support.paths import CLASSIFIER_SPEC, ROOT
 
     backbone = shutil.copytree(ROOT / "fixtures" / "clip_mlp" / "backbone", tmp_path / "backbone")
     config = json.loads((backbone / "preprocessor_config.json").read_text())

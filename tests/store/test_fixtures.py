@@ -12,9 +12,10 @@ import pytest
 
 from parity.errors import FixtureError
 from parity.store.fixtures import MANIFEST_DIGEST, SCHEMA_VERSION, load_fixture, manifest_digest, stage_fixture
-from tests.conftest import reseal
+from tests.support.paths import EXAMPLE_FIXTURES
+from tests.support.specs import reseal
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "clip_dnn"
+EXAMPLE = EXAMPLE_FIXTURES
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from parity.report.console import format_stage
 from parity.results import Status
 from reference.build_fixtures import HEAD_KWARGS
 from reference.models import MultiLabelRegressionNN
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.paths import EXAMPLE_FIXTURES
 
 HEAD = EXAMPLE_FIXTURES / "dnnV1_model_best.pth"
 BACKBONE = EXAMPLE_FIXTURES / "backbone.safetensors"
@@ -209,7 +209,7 @@ def test_old_pickle_with_numpy_scalars_explains_weights_only(tmp_path):
 
 def test_inspect_cli_against_a_spec(tmp_path, capsys):
     from parity.cli import main
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     path = tmp_path / "dp.pth"
     torch.save(_dataparallel(trained_head()), path)
@@ -222,7 +222,7 @@ def test_inspect_cli_against_a_spec(tmp_path, capsys):
 
 def test_diff_structure_cli(tmp_path, capsys):
     from parity.cli import main
-    from tests.conftest import write_spec
+    from tests.support.specs import write_spec
 
     assert main(["diff-structure", "--spec", str(write_spec(tmp_path))]) == 0
     relu = write_spec(tmp_path, {"reference.models:MultiLabelRegressionNN": "tests.support.heads:ReluRegressionNN"},

@@ -24,7 +24,8 @@ from parity.store.fixtures import load_fixture, stage_fixture
 from parity.store.images import decode_image
 from parity.model.pipeline import build_pipeline
 from parity.results import Status
-from tests.conftest import EXAMPLE_FIXTURES, ROOT, reseal
+from tests.support.paths import EXAMPLE_FIXTURES, ROOT
+from tests.support.specs import reseal
 
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

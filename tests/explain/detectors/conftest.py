@@ -1,23 +1,10 @@
-"""The two bundled fixtures and specs (timm- and transformers-described preprocessing), loaded once,
-and a way to judge a hand-made candidate record the way the gate does."""
+"""The two bundled fixtures and specs (timm- and transformers-described preprocessing), loaded once."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
-from parity.numerics.emulate import gate_budgets
-from parity.judge.stages import compare_run
-from parity.results import CandidateRun, Status
-from tests.conftest import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC
-
-
-def judged(run: CandidateRun, fixture, spec, *, failing: tuple[str, ...] = ()):
-    """The comparator's stages for ``run``, with the ``failing`` stages forced to FAIL."""
-    stages = compare_run(run, fixture, spec, budgets=gate_budgets(spec, fixture))
-    return {name: replace(result, status=Status.FAIL) if name in failing else result
-            for name, result in stages.items()}
+from tests.support.paths import CLASSIFIER_FIXTURES, CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from parity.judge.stages import STAGE_ORDER
 from parity.explain.detectors import detect
 from parity.results import CandidateRun
-from tests.detectors.conftest import judged
+from tests.support.judging import judged
 
 
 def test_a_clean_run_of_the_spec_pipeline_has_no_findings(dnn):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from parity.explain.detectors import detect
 from parity.explain.detectors.embeddings import fit_scale
 from parity.results import CandidateRun, Tolerance
-from tests.detectors.conftest import judged
+from tests.support.judging import judged
 
 BUDGET = Tolerance(atol=1e-5, rtol=1.3e-6, min_cosine=0.99999)
 

@@ -8,7 +8,7 @@ import pytest
 from parity.explain.detectors import detect
 from parity.explain.detectors.head_inputs import column_mapping, training_modules
 from parity.results import CandidateRun
-from tests.detectors.conftest import judged
+from tests.support.judging import judged
 
 BIASES = np.array([[0, 0, 4], [1, 2, 0], [2, 3, 1], [0, 1, 2], [1, 3, 3]])
 

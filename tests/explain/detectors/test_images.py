@@ -9,7 +9,7 @@ from PIL import Image
 from parity.explain.detectors import SHIPPED_IMAGE_TRANSFORMS, detect
 from parity.explain.detectors.images import image_modes
 from parity.results import CandidateRun
-from tests.detectors.conftest import judged
+from tests.support.judging import judged
 
 
 def test_modes_that_failed_and_never_passed():

@@ -9,7 +9,7 @@ import torch
 from parity.explain.detectors import detect
 from parity.explain.detectors.outputs import apply_postprocess, fit_postprocess
 from parity.results import CandidateRun, Tolerance
-from tests.detectors.conftest import judged
+from tests.support.judging import judged
 
 BUDGET = Tolerance(atol=1e-5, rtol=1.3e-6)  # the float32 default
 

@@ -15,8 +15,8 @@ from PIL import Image, ImageFilter, ImageOps
 from parity.explain.detectors import detect
 from parity.store.fixtures import Fixture, FixtureRow
 from parity.results import CandidateRun
-from tests.conftest import CLASSIFIER_FIXTURES
-from tests.detectors.conftest import judged
+from tests.support.paths import CLASSIFIER_FIXTURES
+from tests.support.judging import judged
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
