@@ -74,7 +74,8 @@ def test_detect_names_a_batch_wide_norm_and_the_fix(dnn):
     assert finding.detector == "embeddings.batch_norm"
     assert "one norm over the whole batch (`x / x.norm()`)" in finding.cause
     assert "each batch of 8 rows" in finding.evidence and "cosine unchanged" in finding.evidence
-    assert finding.fix == ("Change the shipped code: remove the normalisation (at service.py:88 in embed_and_score)")
+    assert finding.fix.startswith("Change the shipped code: remove the normalisation")
+    assert finding.fix.endswith("(at service.py:88 in embed_and_score)")
 
 
 def test_an_l2_norm_of_rows_of_equal_length_is_still_an_l2_norm(mlp):

@@ -52,10 +52,11 @@ def test_swapped_columns_named_with_their_index_errors(dnn):
     for stage in ("decode", "outputs"):
         finding = found[stage][0]
         assert finding.detector == "head_inputs.columns"
-        assert finding.cause == ("the shipped code passes the input_biases columns in the order ('scene', 'source'); "
-                                 "the head was trained on ('source', 'scene')")
-        assert finding.fix == ("Change the shipped code: pass the columns in the training order ('source', 'scene') "
-                               "(at handler.py:57 in __call__)")
+        shipped, _, trained = finding.cause.partition("; ")
+        assert "input_biases" in shipped and shipped.endswith("('scene', 'source')")
+        assert trained.endswith("('source', 'scene')")
+        assert finding.fix.startswith("Change the shipped code: ") and "('source', 'scene')" in finding.fix
+        assert finding.fix.endswith("(at handler.py:57 in __call__)")
     assert f"{len(raised)} sample(s) raised an index error" in found["decode"][0].evidence
     assert "'source' has 3 rows, 'scene' has 4 rows" in found["decode"][0].evidence
 
@@ -70,8 +71,8 @@ def test_batchnorm_in_training_mode_linked_to_its_error(dnn):
     found = detect(run, fixture, judged(run, fixture, spec), spec)
     (finding,) = found["decode"]
     assert finding.detector == "head_inputs.training_mode"
-    assert finding.fix == "Change the shipped code: call `.eval()` on the head after loading it (body.1, body.3) " \
-                          "(at app.py:20 in predict)"
+    assert finding.fix.startswith("Change the shipped code: ") and "`.eval()`" in finding.fix
+    assert "(body.1, body.3)" in finding.fix and finding.fix.endswith("(at app.py:20 in predict)")
     assert "BatchNorm in training mode raises on a batch of one" in finding.evidence
     assert "body.1 (BatchNorm1d), body.3 (Dropout)" in finding.evidence
 
@@ -98,9 +99,10 @@ def test_a_half_precision_backbone(dnn):
                        call_sites={"backbone": "app.py:12 in <module>"})
     (finding,) = detect(run, fixture, judged(run, fixture, spec), spec)["embedding"]
     assert finding.detector == "head_inputs.dtype"
-    assert finding.cause == "the shipped code runs the backbone in float16 (`.half()`); the reference ran in float32"
-    assert finding.fix.startswith("Change the shipped code: run the backbone in float32 (remove `.half()`) "
-                                  "(at app.py:12 in <module>)")
+    shipped, _, reference = finding.cause.partition("; ")
+    assert "backbone" in shipped and "float16" in shipped and "`.half()`" in shipped and "float32" in reference
+    assert finding.fix.startswith("Change the shipped code: ") and "float32" in finding.fix
+    assert "(at app.py:12 in <module>)" in finding.fix
     # a drift far beyond float16 rounding is not blamed on the dtype
     moved = CandidateRun("python", rows=rows, embeddings=fixture.embeddings + 0.5, dtypes={"backbone": "float16"})
     assert detect(moved, fixture, judged(moved, fixture, spec), spec) == {}
@@ -119,5 +121,5 @@ def test_categories_counted_from_one(dnn):
     rows = tuple(range(len(fixture.rows)))
     run = CandidateRun("python", rows=rows, outputs=fixture.outputs + 0.2, head_inputs=shifted)
     (finding,) = detect(run, fixture, judged(run, fixture, spec), spec)["outputs"]
-    assert finding.cause == "the shipped code re-codes the categories ('source' +1, 'scene' +1: e.g. counting from 1)"
-    assert finding.fix == "Change the shipped code: pass the category indices the head was trained with, unshifted"
+    assert "'source' +1" in finding.cause and "'scene' +1" in finding.cause
+    assert finding.fix.startswith("Change the shipped code: ") and "unshifted" in finding.fix

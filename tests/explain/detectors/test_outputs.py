@@ -75,8 +75,8 @@ def test_detect_names_a_sigmoid_after_the_head_with_its_call_site(dnn):
     assert list(found) == ["outputs"]  # the head itself passes: the change is after it
     (finding,) = found["outputs"]
     assert finding.detector == "outputs.sigmoid"
-    assert finding.cause == "the shipped code applies a sigmoid after the head, which outputs logits"
-    assert finding.fix.startswith("Change the shipped code: return the head's logits, without a sigmoid after the "
-                                  "head call (at deploy/app.py:42 in predict)")
+    assert "sigmoid after the head" in finding.cause and "logits" in finding.cause
+    assert finding.fix.startswith("Change the shipped code: ") and "without a sigmoid" in finding.fix
+    assert "(at deploy/app.py:42 in predict)" in finding.fix
     assert finding.where == "deploy/app.py:42 in predict"
     assert finding.max_abs < 1e-5 and "max abs" in finding.evidence

@@ -69,15 +69,18 @@ def test_bilinear_interpolation(dnn):
     assert finding.detector == "pixels.interpolation"
     assert finding.evidence.startswith("bilinear reproduces the shipped pixels: max abs ")
     assert finding.max_abs < 1e-5
-    assert finding.cause == "The shipped code resizes with bilinear; the reference used bicubic."
-    assert finding.fix == "Change the shipped code: resize with bicubic (at svc/app.py:64 in predict)"
+    shipped, _, reference = finding.cause.partition("; ")
+    assert "bilinear" in shipped and "bicubic" in reference
+    assert finding.fix.startswith("Change the shipped code: ") and "bicubic" in finding.fix
+    assert finding.fix.endswith("(at svc/app.py:64 in predict)")
 
 
 def test_crop_pct(dnn):
     (finding,) = findings_for(*dnn, lambda p: to_pixels(resize_crop(opened(p), short=384)))
     assert finding.detector == "pixels.crop_pct"
-    assert "crop_pct 0.875 (short side to 384, then a 336x336 crop) reproduces" in finding.evidence
-    assert finding.fix.startswith("Change the shipped code: resize the short side to 336, then center-crop 336x336")
+    # The fit, with its parameters: crop_pct 0.875 is a short side of 384 before the 336x336 crop.
+    assert "crop_pct 0.875" in finding.evidence and "384" in finding.evidence and "336x336" in finding.evidence
+    assert finding.fix.startswith("Change the shipped code: ") and "336" in finding.fix and "336x336" in finding.fix
 
 
 def test_exif_orientation_not_applied(dnn):
@@ -117,7 +120,8 @@ def test_bgr_and_a_squash_before_a_transformers_processor(mlp):
 
     (finding,) = findings_for(*mlp, service)
     assert finding.detector == "pixels.squash+channel_order"
-    assert "squash to the model's input size (Pillow bicubic) + BGR channel order reproduces" in finding.evidence
+    fit = finding.evidence.partition(" reproduces")[0]
+    assert "squash" in fit and "bicubic" in fit and "BGR" in fit
     assert "remove the resize before preprocessing" in finding.fix and "cv2.COLOR_BGR2RGB" in finding.fix
 
 
@@ -176,8 +180,9 @@ def test_jpeg_from_another_encoder_is_an_estimate_within_a_loose_budget(dnn):
 
     (finding,) = findings_for(*dnn, lambda p: to_pixels(resize_crop(other_encoder(opened(p), 85))))
     assert finding.detector == "pixels.jpeg"
-    assert finding.evidence.startswith("JPEG re-encoding at about quality 85 comes closest to the shipped pixels")
-    assert "not within the pixel budget, as expected of another JPEG encoder than Pillow's" in finding.evidence
+    # The closest fit is named with its quality, and said not to be within the budget.
+    assert "JPEG" in finding.evidence and "about quality 85" in finding.evidence
+    assert "not within the pixel budget" in finding.evidence
     assert finding.max_abs > 1e-3  # stated, not hidden
 
 
@@ -211,5 +216,6 @@ def test_torch_tensor_resize_without_antialiasing(dnn):
 
     (finding,) = findings_for(*dnn, shipped)
     assert finding.detector == "pixels.resize_backend+antialias"
-    assert finding.cause == ("The shipped code resizes with torch kernels (torchvision on a uint8 tensor) without "
-                             "antialiasing; the reference resized with Pillow (on the PIL image), antialias=True.")
+    shipped_side, _, reference_side = finding.cause.partition("; ")
+    assert "torch" in shipped_side and "without antialiasing" in shipped_side
+    assert "Pillow" in reference_side and "antialias=True" in reference_side
