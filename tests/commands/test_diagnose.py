@@ -170,7 +170,7 @@ def test_skipped_pixels_are_not_reported_as_matching(bilinear_without_pixels):
     assert report.stage("pixels").status.value == "SKIP"
     notes = " ".join(report.stage("embedding").notes)
     assert "the pixels match" not in notes
-    assert "the pixels were not compared (the fixture has no golden pixels)" in notes
+    assert "pixels were not compared" in notes and "no golden pixels" in notes
 
 
 def test_a_field_resolved_from_pretrained_cfg_is_named_with_its_value_and_origin(bilinear_without_pixels):
@@ -179,8 +179,9 @@ def test_a_field_resolved_from_pretrained_cfg_is_named_with_its_value_and_origin
     first = result.causes[0]
     assert first.change.toml() == '[preprocess].interpolation = "bilinear"' and result.confirmed
     assert "the spec has None" not in first.words
-    assert ('(the spec leaves it unset: "bicubic" from the model\'s pretrained_cfg '
-            "(timm.data.resolve_model_data_config))") in first.words
+    # The value the spec resolves to, and where it comes from.
+    resolved = first.words.partition("the spec leaves it unset: ")[2]
+    assert resolved.startswith('"bicubic"') and "pretrained_cfg" in resolved
 
 
 def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
@@ -201,8 +202,9 @@ def test_a_backbone_load_failure_is_diagnosed_in_the_backbone_section(tmp_path):
     result = diagnose(load_spec(CLASSIFIER_SPEC).replace(backbone={"checkpoint": broken}))
     text = " ".join(result.notes)
     assert "head class" not in text and "vision_model." not in text
-    assert "the backbone module ([backbone].model and kwargs) is not the architecture the backbone checkpoint holds" in text
-    assert "layers in the module that the checkpoint lacks: post_layernorm" in text
+    assert "[backbone].model and kwargs" in text and "backbone checkpoint" in text
+    lacking = text.partition("layers in the module that the checkpoint lacks: ")[2]
+    assert lacking.startswith("post_layernorm")
 
 
 def test_a_preprocessing_library_swap_is_found_and_fixed():

@@ -79,7 +79,8 @@ def test_invalid_toml(tmp_path):
 def test_misspelled_field_is_named_with_a_suggestion(tmp_path):
     path = _spec(tmp_path, '[preprocess]\ninterpolaton = "bicubic"\n')
     message = _error(path)
-    assert message.startswith(f"{path}: unknown field [preprocess].interpolaton. Did you mean 'interpolation'? ")
+    assert message.startswith(f"{path}: unknown field [preprocess].interpolaton.")
+    assert "'interpolation'?" in message  # the suggestion
     accepted = message.split("Accepted fields in [preprocess]: ")[1].split(", ")
     assert {"interpolation", "crop_pct", "crop_mode", "input_size", "mean", "std"} <= set(accepted)
 
@@ -90,7 +91,9 @@ def test_unknown_section_is_named(tmp_path):
 
 def test_wrong_type_is_named_with_expected_and_got(tmp_path):
     path = _spec(tmp_path, '[preprocess]\ncrop_pct = "big"\n')
-    assert _error(path) == f"{path}: [preprocess].crop_pct must be int or float, got 'big' (str)"
+    message = _error(path)
+    assert message.startswith(f"{path}: [preprocess].crop_pct ")
+    assert "int or float" in message and "'big' (str)" in message
 
 
 @pytest.mark.parametrize(("toml", "expected"), [
@@ -118,14 +121,16 @@ def test_impossible_values_are_named(tmp_path, toml, expected):
 
 def test_unknown_interpolation_lists_the_accepted_values(tmp_path):
     path = _spec(tmp_path, '[preprocess]\ninterpolation = "cubic"\n')
-    assert _error(path) == (
-        f"{path}: [preprocess].interpolation = 'cubic' is not accepted. Accepted values: {', '.join(INTERPOLATIONS)}"
-    )
+    message = _error(path)
+    assert message.startswith(f"{path}: [preprocess].interpolation = 'cubic' ")
+    assert message.rpartition(": ")[2].split(", ") == list(INTERPOLATIONS)
 
 
 def test_head_class_needs_module_and_class(tmp_path):
     path = _spec(tmp_path, base=MINIMAL.replace("heads:Head", "heads.Head"))
-    assert _error(path) == f"{path}: [head].class must be 'package.module:ClassName' (an absolute module path and a name), got 'heads.Head'"
+    message = _error(path)
+    assert message.startswith(f"{path}: [head].class ")
+    assert "'package.module:ClassName'" in message and message.endswith("got 'heads.Head'")
 
 
 def test_missing_required_field(tmp_path):

@@ -83,9 +83,9 @@ def test_manifest_entry_outside_the_directory_is_refused(copy):
     outside.write_bytes(b"not part of the fixture")
     digest = hashlib.sha256(outside.read_bytes()).hexdigest()
     _edit_json(copy / "manifest.json", lambda m: m["files"].update({"../outside.bin": {"sha256": digest}}))
-    assert _error(copy) == (
-        f"{copy / 'manifest.json'}: file entry '../outside.bin' points outside the fixture directory"
-    )
+    message = _error(copy)
+    assert message.startswith(f"{copy / 'manifest.json'}: ")
+    assert "'../outside.bin'" in message and "outside the fixture directory" in message
 
 
 def test_missing_manifest(copy):
@@ -99,10 +99,9 @@ def test_missing_directory(tmp_path):
 
 def test_wrong_schema_version(copy):
     _edit_json(copy / "manifest.json", lambda m: m.update(schema_version=SCHEMA_VERSION + 1))
-    assert _error(copy) == (
-        f"{copy / 'manifest.json'}: schema_version {SCHEMA_VERSION + 1} is not supported "
-        f"(this parity reads {SCHEMA_VERSION})"
-    )
+    message = _error(copy)
+    assert message.startswith(f"{copy / 'manifest.json'}: schema_version {SCHEMA_VERSION + 1}")
+    assert f"reads {SCHEMA_VERSION})" in message
 
 
 def test_metadata_rows_must_match_the_array_rows(copy):
