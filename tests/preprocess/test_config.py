@@ -72,8 +72,9 @@ def test_timm_crop_pct_against_open_clip(sources, images):
     assert {"resize_size", "crop_pct"} <= set(explanation.fields)
     assert not explanation
     effect = {d.field: d.effect for d in explanation.differences}["resize_size"]
-    assert effect.startswith("timm resizes the short side to 248 and open_clip to 224 before the same 224x224 "
-                             "crop: timm crops tighter")
+    # Each library's resize, the crop they share, and which one zooms in.
+    assert "timm" in effect and "248" in effect and "open_clip" in effect and " 224 " in effect
+    assert "224x224" in effect and "timm crops tighter" in effect
     (astronaut,) = explanation.images
     assert astronaut.shift is None and astronaut.max_abs > 0.5  # different zoom, not a shift
 
@@ -198,8 +199,9 @@ def test_missing_config_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "preprocessor_config.json"
     with pytest.raises(SpecError) as info:
         create_hf_preprocess(missing)
-    assert str(info.value) == (f"preprocessor config not found: {missing}\n"
-                               "Note: pass a preprocessor_config.json or a directory containing one")
+    message = str(info.value)
+    assert message.startswith(f"preprocessor config not found: {missing}\n")
+    assert "preprocessor_config.json" in message.splitlines()[1]  # what to pass instead
     with pytest.raises(SpecError, match="preprocessor config not found"):
         resolve_source(f"hf:{tmp_path}")
 
@@ -207,9 +209,10 @@ def test_missing_config_file_names_the_path(tmp_path):
 def test_unknown_source_prefix_lists_the_forms():
     with pytest.raises(SpecError) as info:
         resolve_source("torchvision:resnet50")
-    assert str(info.value) == ("unknown preprocessing source prefix 'torchvision' in 'torchvision:resnet50'; "
-                               "expected one of timm:MODEL_NAME, hf:PATH, hf-slow:PATH, "
-                               "open_clip:MODEL_NAME[@PRETRAINED_TAG]")
+    message = str(info.value)
+    assert "'torchvision'" in message and "'torchvision:resnet50'" in message
+    assert message.partition("expected one of ")[2].split(", ") == [
+        "timm:MODEL_NAME", "hf:PATH", "hf-slow:PATH", "open_clip:MODEL_NAME[@PRETRAINED_TAG]"]
     with pytest.raises(SpecError, match="is not PREFIX:VALUE"):
         resolve_source("vit_base_patch32_clip_224")
     with pytest.raises(SpecError, match="unknown timm model 'no_such_model'"):
@@ -236,13 +239,16 @@ def test_a_description_its_library_cannot_reproduce_is_refused(sources):
     edited = dataclasses.replace(sources["timm"], crop_offset_rounding="floor")
     with pytest.raises(SpecError) as info:
         create_transform(edited)
-    assert str(info.value) == ("timm cannot reproduce this preprocessing: crop_offset_rounding = 'floor' "
-                               "(the library gives 'round_half_even')")
+    message = str(info.value)
+    assert message.startswith("timm cannot reproduce")
+    assert "crop_offset_rounding = 'floor'" in message and "'round_half_even'" in message
     # The registry knows which library builds a description; an unknown one is refused with the known ones.
     with pytest.raises(SpecError) as info:
         create_transform(dataclasses.replace(sources["timm"], library="tensorflow"))
-    assert str(info.value) == ("no transform for library 'tensorflow'; expected one of "
-                               "('timm', 'transformers-fast', 'transformers-slow', 'open_clip')")
+    message = str(info.value)
+    assert "'tensorflow'" in message
+    assert all(f"'{name}'" in message.partition("expected one of ")[2]
+               for name in ("timm", "transformers-fast", "transformers-slow", "open_clip"))
 
 
 def test_missing_extras_say_what_to_install(monkeypatch):
