@@ -67,7 +67,8 @@ def whole(example_spec, arrays, tmp_path) -> Report:
 @pytest.fixture
 def parts(example_spec, arrays, tmp_path) -> list[Report]:
     """Two shards that interleave the samples, as `shard_rows` does."""
-    return [_part(example_spec, arrays, [0, 2, 3], 1, 2, tmp_path), _part(example_spec, arrays, [1, 4, 5], 2, 2, tmp_path)]
+    return [_part(example_spec, arrays, [0, 2, 3], 1, 2, tmp_path),
+            _part(example_spec, arrays, [1, 4, 5], 2, 2, tmp_path)]
 
 
 def _summary(report: Report) -> dict:
@@ -118,7 +119,8 @@ def test_a_part_of_other_fixture_data_is_refused_naming_it(parts):
 
 
 def test_a_part_of_another_spec_file_is_refused_naming_it(parts):
-    other = replace(parts[0], shard=replace(parts[0].shard, version=json.dumps({"fixture": "f" * 64, "spec": "b" * 64})))
+    edited = json.dumps({"fixture": "f" * 64, "spec": "b" * 64})
+    other = replace(parts[0], shard=replace(parts[0].shard, version=edited))
     with pytest.raises(SpecError, match=r"spec contents .*edited\.json: spec sha256 bbbbbbbbbbbbbbbb"):
         merge_reports([other, parts[1]], sources=["edited.json", "second.json"])
 
