@@ -1,25 +1,20 @@
-"""Shared helpers: the bundled example's spec and fixture, and ways to derive drifted copies."""
+"""Fixtures for the whole suite: a private hash cache, the example's spec and a fixture copy to tamper with.
+
+Builders and paths shared by tests live in `tests.support`; this file holds fixtures and hooks only.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from parity.store.fixtures import MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256_file
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 
 pytest_plugins = ["pytester"]
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_SPEC = ROOT / "specs" / "clip_dnn.toml"
-EXAMPLE_FIXTURES = ROOT / "fixtures" / "clip_dnn"
-# The second bundled example: transformers CLIPVisionModel + MLP classifier.
-CLASSIFIER_SPEC = ROOT / "specs" / "clip_mlp.toml"
-CLASSIFIER_FIXTURES = ROOT / "fixtures" / "clip_mlp"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -40,34 +35,6 @@ def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PARITY_CACHE_DIR", str(tmp_path_factory.mktemp("parity-cache")))
         yield
-
-
-def write_spec(directory: Path, replacements: dict[str, str] | None = None, name: str = "candidate.toml") -> Path:
-    """A copy of the example spec in ``directory`` with absolute paths and text replacements applied."""
-    text = EXAMPLE_SPEC.read_text().replace('"../fixtures/', f'"{ROOT / "fixtures"}/')
-    for old, new in (replacements or {}).items():
-        assert old in text, f"{old!r} not in the example spec"
-        text = text.replace(old, new)
-    path = directory / name
-    path.write_text(text)
-    return path
-
-
-def reseal(fixture_dir: Path, edit=None) -> None:
-    """Recompute the manifest's checksums and its seal after a test edited a fixture on purpose.
-
-    ``edit(manifest)``, if given, changes the manifest itself first.
-    """
-    manifest = json.loads((fixture_dir / MANIFEST).read_text())
-    if edit is not None:
-        edit(manifest)
-    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    for rel, entry in files.items():
-        if isinstance(entry, dict) and isinstance(rel, str) and (fixture_dir / rel).is_file():
-            entry["sha256"] = sha256_file(fixture_dir / rel)
-            entry["bytes"] = (fixture_dir / rel).stat().st_size
-    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
-    (fixture_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 @pytest.fixture

@@ -168,10 +168,12 @@ class Timm(Library):
     def sibling_models(self, model: str) -> tuple[str, ...]:
         """QuickGELU and GELU CLIP variants: identical keys, so strict loading cannot tell them apart."""
         siblings = []
-        for a, b in _ACTIVATION_SWAPS:
-            for old, new in ((a, b), (b, a)):
-                if old in model:
-                    siblings.append(model.replace(old, new, 1))
+        for quick, plain in _ACTIVATION_SWAPS:
+            # A QuickGELU name holds the plain marker too ("_clip_quickgelu_" has "_clip_"): one swap per name.
+            if quick in model:
+                siblings.append(model.replace(quick, plain, 1))
+            elif plain in model:
+                siblings.append(model.replace(plain, quick, 1))
         return tuple(siblings)
 
     def trunk(self, model, pixels, mode: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.paths import EXAMPLE_FIXTURES
 
 SEED = 0
 BACKBONE = "vit_base_patch16_clip_224.openai"

@@ -1,16 +1,21 @@
-"""Services on 127.0.0.1 for the url runner's tests: a threaded stdlib server, a trickling one, a free port."""
+"""Services on 127.0.0.1 for the url runner's tests: a threaded stdlib server, a trickling one, the bundled
+FastAPI example under uvicorn, a free port."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from tests.conftest import write_spec
+from tests.support.paths import ROOT
+from tests.support.specs import write_spec
 
 
 def url_spec(directory: Path, url: str, extra: str = "", name: str = "url.toml") -> Path:
@@ -102,3 +107,32 @@ def trickling_service(every: float = 0.5, *, headers: bool = True, limit: float 
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def load_example_service() -> ModuleType:
+    """The bundled FastAPI example (examples/http_service/server.py), imported from its file."""
+    spec = importlib.util.spec_from_file_location("http_service_example", ROOT / "examples" / "http_service" / "server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def uvicorn_service(app: Any) -> Iterator[str]:
+    """uvicorn in a thread on 127.0.0.1; ready within a bounded wait, always stopped."""
+    import uvicorn  # an optional extra ([service]): imported only by the tests that serve an app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the example service did not start on port {port} within 60 s")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/predict"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
