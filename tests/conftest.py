@@ -37,6 +37,19 @@ def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_user_packages(tmp_path_factory: pytest.TempPathFactory):
+    """Modules the tests' user repositories defined (under the session's tmp folder) are forgotten after each
+    test module: two repositories both holding ``mlcore/heads.py`` must not see each other's."""
+    yield
+    import sys
+
+    base = str(tmp_path_factory.getbasetemp())
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(base):
+            del sys.modules[name]
+
+
 @pytest.fixture
 def fixture_copy(tmp_path: Path) -> Path:
     """A private copy of the example fixture that a test may tamper with."""

@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 from tests.support.http_service import free_port
 
 MODEL, PIXELS_MODEL = "photo-quality", "photo-quality-pixels"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import parity.runners.http as http_runner
-from tests.conftest import EXAMPLE_FIXTURES
+from tests.support.paths import EXAMPLE_FIXTURES
 from tests.support.http_service import answer, stdlib_service, trickling_service
 
 IMAGE = EXAMPLE_FIXTURES / "images" / "astronaut.png"

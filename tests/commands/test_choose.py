@@ -22,7 +22,8 @@ from parity.report.markdown import render_markdown
 from parity.results import Status
 from parity.spec import load_spec, parse_axes
 from parity.store.fixtures import load_fixture
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC, reseal, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.specs import reseal, write_spec
 
 CPU = {"device": ["cpu"], "dtype": ["float32"]}
 

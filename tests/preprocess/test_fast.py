@@ -34,7 +34,7 @@ from parity.preprocess.transform import (create_hf_preprocess, create_open_clip_
 from parity.preprocess.config import PreprocessConfig
 from parity.spec import CHANNEL_ORDERS, CROP_MODES, INTERPOLATIONS, MEAN_STD_PRESETS, VALUE_SCALES, load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (width, height): single pixels, odd sides, both orientations, extreme aspect ratios
 SIZES = ((1, 1), (2, 3), (7, 5), (31, 17), (64, 64), (97, 203), (300, 149), (40, 420))
 VARIANTS = tuple(itertools.product(CHANNEL_ORDERS, VALUE_SCALES, MEAN_STD_PRESETS))

@@ -15,7 +15,8 @@ from parity.model.pipeline import build_pipeline
 from parity.report.console import repair_line
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
-from tests.conftest import EXAMPLE_FIXTURES, EXAMPLE_SPEC, reseal, write_spec
+from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
+from tests.support.specs import reseal, write_spec
 
 
 def _offset_arithmetic(module, inputs, output):
