@@ -39,12 +39,14 @@ def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(autouse=True, scope="module")
 def _forget_user_packages(tmp_path_factory: pytest.TempPathFactory):
-    """Modules the tests' user repositories defined (under the session's tmp folder) are forgotten after each
-    test module: two repositories both holding ``mlcore/heads.py`` must not see each other's."""
+    """Modules the tests' user repositories defined (under the session's tmp folder), and those folders on
+    ``sys.path`` (a spec's folder is appended to it), are forgotten after each test module: two repositories
+    both holding ``mlcore/heads.py`` must not see each other's."""
     yield
     import sys
 
     base = str(tmp_path_factory.getbasetemp())
+    sys.path[:] = [entry for entry in sys.path if not entry.startswith(base)]
     for name, module in list(sys.modules.items()):
         if (getattr(module, "__file__", None) or "").startswith(base):
             del sys.modules[name]
