@@ -158,3 +158,15 @@ def test_a_parity_module_imported_inside_a_function_says_why():
             if "#" not in here and not above.strip().startswith("#"):
                 unexplained.append(f"{relative}:{node.lineno}")
     assert unexplained == []
+
+
+def test_the_layers_contract_covers_every_module():
+    """Every module and package of parity sits in a layer of the import-linter contract, so none escapes it."""
+    import tomllib
+
+    config = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in config if c["type"] == "layers" and c.get("containers") == ["parity"])["layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    present = {p.stem for p in ROOT.glob("*.py") if p.stem != "__init__"} | {
+        p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert present - named == set()
