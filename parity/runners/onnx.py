@@ -29,6 +29,7 @@ from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.model.batches import Decoded, decoded_batches, embed_pixels
+from parity.model.fast_pixels import recorded_pixels
 from parity.spec import Spec
 
 __all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
@@ -163,16 +164,27 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     path = Path(spec.candidate.target)
     session = open_session(path, device)
     graph = inspect_graph(session, path, output_key=spec.candidate.output_key)
-    try:
-        # The spec supplies the preprocessing always, and whichever of backbone/head the graph lacks.
-        pipeline = build_pipeline(spec, device=device)
-    except StrictLoadError as e:
-        return CandidateRun("onnx", load_failure=e.key_diff)
-    runner = _Graph(session, graph, pipeline)
-    description = pipeline.describe()
-    description["candidate"] = {"onnx": str(path), "parts": list(graph.parts), "providers": session.get_providers()}
     in_graph = set(graph.parts)
-    fingerprints = {part: prints for part, prints in pipeline.fingerprints.items() if part not in in_graph}
+    # A whole-pipeline graph needs only the spec's pixels: numpy makes them without torch when the spec
+    # resolves to the fixture's recorded preprocessing; a part the graph lacks is the spec's (torch).
+    source, why = (recorded_pixels(spec, fixture) if in_graph == {"backbone", "head"}
+                   else (None, f"the graph holds only the {'/'.join(graph.parts)}; the rest is the spec's torch module"))
+    pipeline = None
+    if source is None:
+        try:
+            pipeline = build_pipeline(spec, device=device)
+        except StrictLoadError as e:
+            return CandidateRun("onnx", load_failure=e.key_diff)
+    runner = _Graph(session, graph, pipeline, source or pipeline)
+    if pipeline is not None:
+        description = pipeline.describe()
+        fingerprints = {part: prints for part, prints in pipeline.fingerprints.items() if part not in in_graph}
+    else:
+        description, fingerprints = {"preprocess": source.record,
+                                     "runtime": {"device": device, "dtype": spec.runtime.dtype}}, {}
+    description["candidate"] = {"onnx": str(path), "parts": list(graph.parts), "providers": session.get_providers(),
+                                "pixels": "numpy, the fixture's recorded preprocessing" if pipeline is None
+                                else f"the spec's library transform ({why})"}
     unobservable: dict[str, str] = {}
     if in_graph == {"backbone", "head"}:
         unobservable["load"] = _IN_GRAPH
@@ -217,8 +229,10 @@ class _RunError(Exception):
 class _Graph:
     """The graph plus the spec's parts it lacks."""
 
-    def __init__(self, session, graph: OnnxGraph, pipeline) -> None:
-        self.session, self.graph, self.pipeline = session, graph, pipeline
+    def __init__(self, session, graph: OnnxGraph, pipeline, pixels) -> None:
+        # ``pipeline``: the spec's, for the parts the graph lacks (None when it lacks none);
+        # ``pixels``: what preprocesses for it (the pipeline, or numpy pixels)
+        self.session, self.graph, self.pipeline, self.pixels = session, graph, pipeline, pixels
 
     def _call(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         feeds = {name: np.ascontiguousarray(value, dtype=self.graph.dtypes[name]) for name, value in feeds.items()}
@@ -274,13 +288,12 @@ class _Seen(Decoded):
 
 def _run_rows(runner: _Graph, fixture: Fixture, progress: Progress | None) -> _Seen:
     """Each sample decoded once and preprocessed by the spec, then embedded batch by batch."""
-    import torch
-
     seen = _Seen()
-    for batch_rows, batch in decoded_batches(runner.pipeline, fixture, seen, progress=progress):
+    for batch_rows, batch in decoded_batches(runner.pixels, fixture, seen, progress=progress):
         if batch and "embedding" not in seen.errors:
+            pixels = np.stack([x if isinstance(x, np.ndarray) else x.numpy() for x in batch])
             try:
-                embeddings, outputs = runner.run_pixels(torch.stack(batch).numpy(), fixture.biases(batch_rows))
+                embeddings, outputs = runner.run_pixels(pixels, fixture.biases(batch_rows))
             except _RunError as e:
                 seen.errors["embedding"] = str(e)
             else:
