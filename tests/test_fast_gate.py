@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,61 @@ def test_the_local_engine_still_embeds_in_order(graphs, monkeypatch):
     assert rows == list(range(len(fixture.rows)))
     embeddings = np.concatenate([r.embeddings for r in results])
     assert np.abs(embeddings - fixture.embeddings).max() < 1e-4  # float32 budget of this tiny backbone
+
+
+class _NarrowHead:
+    """A head written here, not the example's: embedding (B, 64) + biases (B, 2) -> 4 outputs with BatchNorm."""
+
+    @staticmethod
+    def export(path: Path) -> Path:
+        import torch
+        from torch import nn
+
+        class Head(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(64 + 2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+            def forward(self, embedding, input_biases):
+                return self.body(torch.cat([embedding, input_biases.float()], dim=1))
+
+        head = Head().eval()
+        args = (torch.zeros(2, 64), torch.zeros(2, 2, dtype=torch.long))
+        torch.onnx.export(head, args, str(path), input_names=["embedding", "input_biases"], output_names=["outputs"],
+                          dynamic_axes={"embedding": {0: "batch"}, "input_biases": {0: "batch"},
+                                        "outputs": {0: "batch"}}, dynamo=False)
+        return path
+
+
+def _count_decodes(monkeypatch) -> list:
+    calls: list = []
+    real = batches.decode_image
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "decode_image", counting)
+    return calls
+
+
+def test_a_graph_of_the_wrong_width_fails_before_any_decode(tmp_path, monkeypatch):
+    calls = _count_decodes(monkeypatch)
+    with warnings.catch_warnings():  # the exporter's deprecation notes
+        warnings.simplefilter("ignore")
+        model = _NarrowHead.export(tmp_path / "narrow.onnx")
+    report = run_check(load_spec(gate_spec(tmp_path, model)))
+    assert not report.passed and report.first_failure.stage == "load"
+    assert "4 wide" in report.stage("load").headline and "5 wide" in report.stage("load").headline
+    assert calls == []
+
+
+def test_a_broken_onnx_file_is_refused_before_any_decode(tmp_path, monkeypatch):
+    from parity.cli import EXIT_USAGE, main
+
+    calls = _count_decodes(monkeypatch)
+    model = tmp_path / "broken.onnx"
+    model.write_bytes(b"\x08\x07not a protobuf at all" * 10)
+    assert main(["check", "--spec", str(gate_spec(tmp_path, model))]) == EXIT_USAGE
+    assert calls == []
+

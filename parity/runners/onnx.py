@@ -32,7 +32,7 @@ from parity.model.batches import Decoded, decoded_batches, embed_pixels
 from parity.model.fast_pixels import recorded_pixels
 from parity.spec import Spec
 
-__all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
+__all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for", "shape_misfit"]
 
 Progress = Callable[[int, int], None]
 
@@ -158,12 +158,34 @@ def inspect_graph(session, path: Path, *, output_key: str | None = None) -> Onnx
     return OnnxGraph(path, pixels, embedding, biases, embedding_output, outputs, dtypes, batch)
 
 
+def shape_misfit(session, graph: OnnxGraph, fixture: Fixture, *, postprocess: str = "none") -> str:
+    """Why the graph's declared widths cannot match the fixture's (``""`` when they can, or are dynamic).
+
+    Read from the graph's signature alone, so a wrong export is refused before any sample is decoded.
+    """
+    widths = {node.name: node.shape[-1] for node in [*session.get_inputs(), *session.get_outputs()]
+              if len(node.shape) == 2 and isinstance(node.shape[-1], int)}
+    expected = [(graph.embedding, "input", fixture.embeddings.shape[1], "embeddings"),
+                (graph.embedding_output, "output", fixture.embeddings.shape[1], "embeddings")]
+    if postprocess == "none":  # a postprocess may change the shipped width: the outputs stage judges it then
+        expected.append((graph.outputs, "output", fixture.outputs.shape[1], "head outputs"))
+    for name, role, want, what in expected:
+        if name in widths and widths[name] != want:
+            return (f"the ONNX graph {graph.path.name}'s {role} {name!r} is {widths[name]} wide, the fixture's "
+                    f"{what} are {want} wide: the export is not of the model the fixture was made with; "
+                    f"Change the shipped code: export the trained model (its {what} are {want} wide)")
+    return ""
+
+
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Run the exported graph over every fixture sample; the parts it lacks come from the spec."""
     device = device or spec.runtime.device
     path = Path(spec.candidate.target)
     session = open_session(path, device)
     graph = inspect_graph(session, path, output_key=spec.candidate.output_key)
+    misfit = shape_misfit(session, graph, fixture, postprocess=spec.candidate.postprocess)
+    if misfit:  # before any image is decoded or any torch module built: a broken export fails in a second
+        return CandidateRun("onnx", errors={"load": misfit})
     in_graph = set(graph.parts)
     # A whole-pipeline graph needs only the spec's pixels: numpy makes them without torch when the spec
     # resolves to the fixture's recorded preprocessing; a part the graph lacks is the spec's (torch).
