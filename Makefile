@@ -55,3 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_app.py
 	$(BIN)/python bench/bench_diagnose.py
 	BENCH_IMAGES=$(BENCH_IMAGES) $(BIN)/python bench/bench_scaling.py
+	$(BIN)/python bench/bench_onnx.py
