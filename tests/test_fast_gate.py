@@ -231,3 +231,22 @@ def test_a_broken_onnx_file_is_refused_before_any_decode(tmp_path, monkeypatch):
     assert main(["check", "--spec", str(gate_spec(tmp_path, model))]) == EXIT_USAGE
     assert calls == []
 
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_fixture_changed_under_the_run_still_aborts_it(graphs, workers, monkeypatch):
+    from parity.errors import FixtureChangedError
+
+    monkeypatch.setenv(batches.DECODE_WORKERS_ENV, str(workers))
+    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"]))
+    fixture = load_fixture(ROOT / "fixtures" / "clip_dnn")
+    changed, real = str(fixture.rows[9].image), batches.decode_image
+
+    def decode(path, **kwargs):
+        if str(path) == changed:
+            raise FixtureChangedError(f"{path} changed after its fixture was verified")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(batches, "decode_image", decode)
+    with pytest.raises(FixtureChangedError):
+        list(decoded_batches(recorded_pixels(spec, fixture)[0], fixture, Decoded()))
