@@ -16,6 +16,7 @@ the head's outputs. A part the graph does not hold is the spec's, loaded with ``
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.metadata import version as _version
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,10 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
         description = pipeline.describe()
         fingerprints = {part: prints for part, prints in pipeline.fingerprints.items() if part not in in_graph}
     else:
-        description, fingerprints = {"preprocess": source.record,
+        # what onnxruntime ran with: torch's numerics flags (TF32, SDPA, threads) are not this candidate's
+        numerics = {"device": device.partition(":")[0], "batch_size": spec.runtime.batch_size,
+                    "engine": f"onnxruntime {_version('onnxruntime')}"}
+        description, fingerprints = {"preprocess": source.record, "numerics": numerics,
                                      "runtime": {"device": device, "dtype": spec.runtime.dtype}}, {}
     description["candidate"] = {"onnx": str(path), "parts": list(graph.parts), "providers": session.get_providers(),
                                 "pixels": "numpy, the fixture's recorded preprocessing" if pipeline is None
