@@ -23,7 +23,7 @@ from parity.results import Status
 from parity.runners import onnx as onnx_runner
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
-from tests.conftest import ROOT
+from tests.conftest import ROOT, reseal
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -53,9 +53,19 @@ def graphs(tmp_path_factory) -> dict[str, Path]:
     return {part: export_example.export(backbone, head, out / f"{part}.onnx", part=part) for part in ("both", "head")}
 
 
-def test_a_whole_pipeline_graph_is_gated_without_torch(graphs, tmp_path):
-    """In a fresh interpreter: `parity check` of the whole-pipeline export passes and never imports torch."""
-    spec = gate_spec(tmp_path, graphs["both"])
+NUMERICS = {"autocast_dtype": None, "batch_size": 8, "cpu_capability": "AVX2", "device": "cpu", "device_name": "x86",
+            "float32_matmul_precision": "highest", "matmul_allow_tf32": False, "threads": 1, "torch": "2.5.0"}
+
+
+@pytest.mark.parametrize("records_numerics", [False, True])
+def test_a_whole_pipeline_graph_is_gated_without_torch(graphs, records_numerics, fixture_copy, tmp_path):
+    """In a fresh interpreter: `parity check` of the whole-pipeline export passes and never imports torch, also
+    on a fixture that recorded the torch numerics of its reference (which a torch candidate would probe)."""
+    edit = None
+    if records_numerics:
+        reseal(fixture_copy, lambda manifest: manifest.setdefault("producer", {}).update(numerics=NUMERICS))
+        edit = {f'fixtures = "{ROOT}/fixtures/clip_dnn"': f'fixtures = "{fixture_copy}"'}
+    spec = gate_spec(tmp_path, graphs["both"], edit)
     script = textwrap.dedent(f"""\
         import sys
         from parity.cli import main
