@@ -16,8 +16,8 @@ the head's outputs. A part the graph does not hold is the spec's, loaded with ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib.metadata import version as _version
 from dataclasses import dataclass, field
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,7 @@ def shape_misfit(session, graph: OnnxGraph, fixture: Fixture, *, postprocess: st
     for name, role, want, what in expected:
         if name in widths and widths[name] != want:
             return (f"the ONNX graph {graph.path.name}'s {role} {name!r} is {widths[name]} wide, the fixture's "
-                    f"{what} are {want} wide: the export is not of the model the fixture was made with; "
+                    f"{what} are {want} wide: the export is not of the model the fixture was made with. "
                     f"Change the shipped code: export the trained model (its {what} are {want} wide)")
     return ""
 
