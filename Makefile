@@ -56,3 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_served.py
 	$(BIN)/python bench/bench_diagnose.py
 	BENCH_IMAGES=$(BENCH_IMAGES) $(BIN)/python bench/bench_scaling.py
+	$(BIN)/python bench/bench_onnx.py

@@ -52,7 +52,8 @@ def explain_run(stages: Mapping[str, StageResult], run: CandidateRun, fixture: F
                      provenance={**known_revision(git_revision(spec.path)), **_checkpoint_hashes(spec)})
     if producer.get("numerics"):  # the numeric environments, where the fixture recorded its own
         recorded["numerics"] = producer["numerics"]
-        candidate["numerics"] = candidate_numerics(run, spec)
+        # a runner whose model ran outside torch (onnxruntime) records its own; torch's flags do not apply to it
+        candidate["numerics"] = run.description.get("numerics") or candidate_numerics(run, spec)
     for side in (recorded, candidate):  # one library's classes name the same tower differently
         if "structure" in side.get("backbone", {}):
             library = side["backbone"].get("library", DEFAULT_LIBRARY)

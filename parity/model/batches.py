@@ -8,12 +8,15 @@ cells all call the functions below, so a change to how images become embeddings 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+import os
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from parity.errors import FixtureChangedError, FixtureError
+from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.store.fixtures import Fixture, FixtureRow
 from parity.store.images import decode_image
 from parity.model.pipeline import Pipeline
@@ -21,7 +24,7 @@ from parity.store.images import load_image
 from parity.libraries import extract_embeddings
 
 __all__ = ["Decoded", "decoded_batches", "BatchResult", "decode_batch", "embed_batch", "batch_rows", "local_batches",
-           "embed_pixels", "embed_images", "embed_rows", "extract_pixels"]
+           "decode_workers", "embed_pixels", "embed_images", "embed_rows", "extract_pixels"]
 
 Progress = Callable[[int, int], None]
 
@@ -61,34 +64,106 @@ class BatchResult:
     error: str | None = None
 
 
-def decode_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]],
-                 golden: Container[str]) -> tuple[BatchResult, list]:
-    """Decode and preprocess ``rows`` (fixture index, row) once each: the batch's record and its pixels.
+DECODE_WORKERS_ENV = "PARITY_DECODE_WORKERS"
 
-    A sample that does not decode (or whose resize is refused) is a per-sample error and the others
-    still run; the pixels of samples named in ``golden`` are kept.
+
+def decode_workers() -> int:
+    """Threads that decode and preprocess: one per core this process may use, or ``$PARITY_DECODE_WORKERS``
+    (1: serial, in the calling thread)."""
+    value = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise SpecError(f"${DECODE_WORKERS_ENV} = {value!r} is not a whole number of threads") from None
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _decode_one(pipeline: Pipeline, row: FixtureRow, exif: bool) -> tuple[Any, str, str | None]:
+    """``(pixels, conversion, None)`` for one sample, or ``(None, "", error)`` when it is a bad sample.
 
     Raises:
         FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
     """
-    exif = pipeline.spec.preprocess.exif_transpose
+    try:
+        image, note = decode_image(row.image, exif_transpose=exif)
+        return pipeline.pixels(image, name=row.image), note, None  # a refused resize is this sample's error too
+    except FixtureChangedError:
+        raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
+    except FixtureError as e:
+        return None, "", str(e)
+    except Exception as e:  # PIL and the transform raise ValueError, OSError, ... on a bad image: that sample's
+        return None, "", f"preprocessing {row.image} raised {type(e).__name__}: {e}"
+
+
+def _collect(rows: Sequence[tuple[int, FixtureRow]], decoded: Sequence[tuple[Any, str, str | None]],
+             golden: Container[str]) -> tuple[BatchResult, list]:
     result, batch = BatchResult(), []
-    for i, row in rows:
-        try:
-            image, note = decode_image(row.image, exif_transpose=exif)
-            x = pipeline.pixels(image, name=row.image)  # a resize refused for its size is this sample's error too
-        except FixtureChangedError:
-            raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
-        except FixtureError as e:
-            result.sample_errors.append((row.name, str(e)))
+    for (i, row), (x, note, error) in zip(rows, decoded):
+        if error is not None:
+            result.sample_errors.append((row.name, error))
             continue
         if note:
             result.conversions[row.name] = note
         if row.name in golden:
-            result.pixels[row.name] = x.numpy()
+            result.pixels[row.name] = x if isinstance(x, np.ndarray) else x.numpy()
         batch.append(x)
         result.rows.append(i)
     return result, batch
+
+
+def decode_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]],
+                 golden: Container[str]) -> tuple[BatchResult, list]:
+    """Decode and preprocess ``rows`` (fixture index, row) once each: the batch's record and its pixels.
+
+    A sample that does not decode (or whose resize is refused, or whose preprocessing raises) is a
+    per-sample error and the others still run; the pixels of samples named in ``golden`` are kept.
+    ``pipeline`` is the spec's `Pipeline` (torch pixels) or `parity.model.fast_pixels.NumpyPixels`.
+
+    Raises:
+        FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
+    """
+    batches = _decoded([list(rows)], pipeline, golden)
+    try:
+        return next(batches)[1:]
+    finally:
+        batches.close()
+
+
+def _decoded(batches: Iterable[list[tuple[int, FixtureRow]]], pipeline: Pipeline, golden: Container[str]
+             ) -> Iterator[tuple[list[tuple[int, FixtureRow]], BatchResult, list]]:
+    """``(rows, result, pixels)`` per batch, in order: decoded by `decode_workers` threads, the next batch's
+    samples submitted before this one is handed over, so decoding overlaps the caller's inference and at
+    most two batches of pixels are held. PIL's decode and resize release the GIL."""
+    exif = pipeline.spec.preprocess.exif_transpose
+    workers = decode_workers()
+    if workers == 1:
+        for rows in batches:
+            yield (rows, *_collect(rows, [_decode_one(pipeline, row, exif) for _, row in rows], golden))
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="parity-decode")
+    try:
+        pending = None
+        for rows in batches:
+            submitted = (rows, [pool.submit(_decode_one, pipeline, row, exif) for _, row in rows])
+            if pending is not None:
+                yield (pending[0], *_collect(pending[0], [f.result() for f in pending[1]], golden))
+            pending = submitted
+        if pending is not None:
+            yield (pending[0], *_collect(pending[0], [f.result() for f in pending[1]], golden))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _embed(pipeline: Pipeline, result: BatchResult, batch: list) -> BatchResult:
+    import torch  # deferred: this module is imported by runners that must start without torch
+
+    if batch:
+        try:
+            result.embeddings = embed_pixels(pipeline, torch.stack(batch), batch_size=len(batch))
+        except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing 224 px in a 336 px model
+            result.error = f"the backbone raised {type(e).__name__}: {e}"
+    return result
 
 
 def embed_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]], golden: Container[str], *,
@@ -100,15 +175,8 @@ def embed_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]], gold
     Raises:
         FixtureChangedError: the fixture changed under the run.
     """
-    import torch
-
     result, batch = decode_batch(pipeline, rows, golden)
-    if batch and embed:
-        try:
-            result.embeddings = embed_pixels(pipeline, torch.stack(batch), batch_size=len(batch))
-        except (RuntimeError, ValueError, AssertionError) as e:  # e.g. timm refusing 224 px in a 336 px model
-            result.error = f"the backbone raised {type(e).__name__}: {e}"
-    return result
+    return _embed(pipeline, result, batch) if embed else result
 
 
 def batch_rows(fixture: Fixture, batch_size: int) -> Iterator[list[tuple[int, FixtureRow]]]:
@@ -123,14 +191,15 @@ def decoded_batches(pipeline: Pipeline, fixture: Fixture, decoded: Decoded, *,
     """Every sample decoded once and preprocessed by ``pipeline``, in batches of ``[runtime].batch_size``.
 
     Yields ``(rows, pixels)`` per batch and records into ``decoded`` as it goes: a sample that does
-    not decode (or whose resize is refused) is a per-sample error and the others still run.
+    not decode (or whose resize is refused) is a per-sample error and the others still run. The
+    next batch decodes in worker threads while the caller runs this one.
 
     Raises:
         FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
     """
     done, total = 0, len(fixture.rows)
-    for rows in batch_rows(fixture, pipeline.spec.runtime.batch_size):
-        result, batch = decode_batch(pipeline, rows, fixture.golden_pixels)
+    for rows, result, batch in _decoded(batch_rows(fixture, pipeline.spec.runtime.batch_size), pipeline,
+                                        fixture.golden_pixels):
         decoded.add(result)
         yield result.rows, batch
         done += len(rows)
@@ -140,14 +209,16 @@ def decoded_batches(pipeline: Pipeline, fixture: Fixture, decoded: Decoded, *,
 
 def local_batches(pipeline: Pipeline, fixture: Fixture, *,
                   progress: Progress | None = None) -> Iterator[BatchResult]:
-    """The local engine: `embed_batch` on each batch in turn, in this process.
+    """The local engine: each batch decoded (the next one in worker threads meanwhile), then embedded.
 
     After a batch whose backbone raised, later batches are decoded but not embedded (the embedding
     stage has failed already).
     """
     done, total, failed = 0, len(fixture.rows), False
-    for rows in batch_rows(fixture, pipeline.spec.runtime.batch_size):
-        result = embed_batch(pipeline, rows, fixture.golden_pixels, embed=not failed)
+    for rows, result, batch in _decoded(batch_rows(fixture, pipeline.spec.runtime.batch_size), pipeline,
+                                        fixture.golden_pixels):
+        if not failed:
+            result = _embed(pipeline, result, batch)
         failed = failed or result.error is not None
         yield result
         done += len(rows)

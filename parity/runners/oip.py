@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from parity.model.batches import Decoded, decoded_batches
+from parity.model.fast_pixels import recorded_pixels
 from parity.model.pipeline import assemble_pipeline, load_backbone, preprocess_record, resolve_device
 from parity.errors import SpecError
 from parity.store.fixtures import Fixture
@@ -336,16 +337,22 @@ def _check_pixels(image: Tensor | None, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np.ndarray]], Any, Any]:
-    """Each decodable sample's pixels as the spec's preprocessing makes them, the pipeline that made them
-    and its decoding record (`parity.model.batches.Decoded`, filled as the samples are drawn)."""
-    device = resolve_device("cpu")  # only the preprocessing runs here; the backbone gives its data config
-    backbone, _ = load_backbone(spec, device=device, fingerprints=False)
-    pipeline = assemble_pipeline(spec, backbone, None, device=device)
+def _pixel_samples(spec: Spec, fixture: Fixture) -> tuple[Iterator[tuple[int, np.ndarray]], dict[str, Any], Decoded]:
+    """Each decodable sample's pixels as the spec's preprocessing makes them, the preprocessing record they
+    were made with and the decoding record (`parity.model.batches.Decoded`, filled as the samples are drawn).
+    numpy makes them when the spec resolves to the fixture's recorded preprocessing, without torch."""
+    source, _ = recorded_pixels(spec, fixture)
+    if source is None:
+        device = resolve_device("cpu")  # only the preprocessing runs here; the backbone gives its data config
+        backbone, _ = load_backbone(spec, device=device, fingerprints=False)
+        source = assemble_pipeline(spec, backbone, None, device=device)
+        record = preprocess_record(spec, source.data_config)
+    else:
+        record = source.record
     decoded = Decoded()
-    samples = ((i, x.numpy()) for rows, batch in decoded_batches(pipeline, fixture, decoded)
-               for i, x in zip(rows, batch))
-    return samples, pipeline, decoded
+    samples = ((i, x if isinstance(x, np.ndarray) else x.numpy())
+               for rows, batch in decoded_batches(source, fixture, decoded) for i, x in zip(rows, batch))
+    return samples, record, decoded
 
 
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
@@ -375,8 +382,7 @@ def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Pr
     conversions: Mapping[str, str] = {}
     pixels: Mapping[str, Any] | None = None
     if send == "pixels":
-        samples, pipeline, decoded = _pixel_samples(spec, fixture)
-        description["preprocess"] = preprocess_record(spec, pipeline.data_config)
+        samples, description["preprocess"], decoded = _pixel_samples(spec, fixture)
     else:
         samples = ((i, row.image) for i, row in enumerate(fixture.rows))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,10 @@ from parity.errors import SpecError
 from parity.store.fixtures import Fixture
 from parity.results import CandidateRun
 from parity.model.batches import Decoded, decoded_batches, embed_pixels
+from parity.model.fast_pixels import recorded_pixels
 from parity.spec import Spec
 
-__all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for"]
+__all__ = ["run", "OnnxGraph", "inspect_graph", "providers_for", "shape_misfit"]
 
 Progress = Callable[[int, int], None]
 
@@ -157,22 +159,58 @@ def inspect_graph(session, path: Path, *, output_key: str | None = None) -> Onnx
     return OnnxGraph(path, pixels, embedding, biases, embedding_output, outputs, dtypes, batch)
 
 
+def shape_misfit(session, graph: OnnxGraph, fixture: Fixture, *, postprocess: str = "none") -> str:
+    """Why the graph's declared widths cannot match the fixture's (``""`` when they can, or are dynamic).
+
+    Read from the graph's signature alone, so a wrong export is refused before any sample is decoded.
+    """
+    widths = {node.name: node.shape[-1] for node in [*session.get_inputs(), *session.get_outputs()]
+              if len(node.shape) == 2 and isinstance(node.shape[-1], int)}
+    expected = [(graph.embedding, "input", fixture.embeddings.shape[1], "embeddings"),
+                (graph.embedding_output, "output", fixture.embeddings.shape[1], "embeddings")]
+    if postprocess == "none":  # a postprocess may change the shipped width: the outputs stage judges it then
+        expected.append((graph.outputs, "output", fixture.outputs.shape[1], "head outputs"))
+    for name, role, want, what in expected:
+        if name in widths and widths[name] != want:
+            return (f"the ONNX graph {graph.path.name}'s {role} {name!r} is {widths[name]} wide, the fixture's "
+                    f"{what} are {want} wide: the export is not of the model the fixture was made with. "
+                    f"Change the shipped code: export the trained model (its {what} are {want} wide)")
+    return ""
+
+
 def run(spec: Spec, fixture: Fixture, *, device: str | None = None, progress: Progress | None = None) -> CandidateRun:
     """Run the exported graph over every fixture sample; the parts it lacks come from the spec."""
     device = device or spec.runtime.device
     path = Path(spec.candidate.target)
     session = open_session(path, device)
     graph = inspect_graph(session, path, output_key=spec.candidate.output_key)
-    try:
-        # The spec supplies the preprocessing always, and whichever of backbone/head the graph lacks.
-        pipeline = build_pipeline(spec, device=device)
-    except StrictLoadError as e:
-        return CandidateRun("onnx", load_failure=e.key_diff)
-    runner = _Graph(session, graph, pipeline)
-    description = pipeline.describe()
-    description["candidate"] = {"onnx": str(path), "parts": list(graph.parts), "providers": session.get_providers()}
+    misfit = shape_misfit(session, graph, fixture, postprocess=spec.candidate.postprocess)
+    if misfit:  # before any image is decoded or any torch module built: a broken export fails in a second
+        return CandidateRun("onnx", errors={"load": misfit})
     in_graph = set(graph.parts)
-    fingerprints = {part: prints for part, prints in pipeline.fingerprints.items() if part not in in_graph}
+    # A whole-pipeline graph needs only the spec's pixels: numpy makes them without torch when the spec
+    # resolves to the fixture's recorded preprocessing; a part the graph lacks is the spec's (torch).
+    source, why = (recorded_pixels(spec, fixture) if in_graph == {"backbone", "head"}
+                   else (None, f"the graph holds only the {'/'.join(graph.parts)}; the rest is the spec's torch module"))
+    pipeline = None
+    if source is None:
+        try:
+            pipeline = build_pipeline(spec, device=device)
+        except StrictLoadError as e:
+            return CandidateRun("onnx", load_failure=e.key_diff)
+    runner = _Graph(session, graph, pipeline, source or pipeline)
+    if pipeline is not None:
+        description = pipeline.describe()
+        fingerprints = {part: prints for part, prints in pipeline.fingerprints.items() if part not in in_graph}
+    else:
+        # what onnxruntime ran with: torch's numerics flags (TF32, SDPA, threads) are not this candidate's
+        numerics = {"device": device.partition(":")[0], "batch_size": spec.runtime.batch_size,
+                    "engine": f"onnxruntime {_version('onnxruntime')}"}
+        description, fingerprints = {"preprocess": source.record, "numerics": numerics,
+                                     "runtime": {"device": device, "dtype": spec.runtime.dtype}}, {}
+    description["candidate"] = {"onnx": str(path), "parts": list(graph.parts), "providers": session.get_providers(),
+                                "pixels": "numpy, the fixture's recorded preprocessing" if pipeline is None
+                                else f"the spec's library transform ({why})"}
     unobservable: dict[str, str] = {}
     if in_graph == {"backbone", "head"}:
         unobservable["load"] = _IN_GRAPH
@@ -217,8 +255,10 @@ class _RunError(Exception):
 class _Graph:
     """The graph plus the spec's parts it lacks."""
 
-    def __init__(self, session, graph: OnnxGraph, pipeline) -> None:
-        self.session, self.graph, self.pipeline = session, graph, pipeline
+    def __init__(self, session, graph: OnnxGraph, pipeline, pixels) -> None:
+        # ``pipeline``: the spec's, for the parts the graph lacks (None when it lacks none);
+        # ``pixels``: what preprocesses for it (the pipeline, or numpy pixels)
+        self.session, self.graph, self.pipeline, self.pixels = session, graph, pipeline, pixels
 
     def _call(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         feeds = {name: np.ascontiguousarray(value, dtype=self.graph.dtypes[name]) for name, value in feeds.items()}
@@ -274,13 +314,12 @@ class _Seen(Decoded):
 
 def _run_rows(runner: _Graph, fixture: Fixture, progress: Progress | None) -> _Seen:
     """Each sample decoded once and preprocessed by the spec, then embedded batch by batch."""
-    import torch
-
     seen = _Seen()
-    for batch_rows, batch in decoded_batches(runner.pipeline, fixture, seen, progress=progress):
+    for batch_rows, batch in decoded_batches(runner.pixels, fixture, seen, progress=progress):
         if batch and "embedding" not in seen.errors:
+            pixels = np.stack([x if isinstance(x, np.ndarray) else x.numpy() for x in batch])
             try:
-                embeddings, outputs = runner.run_pixels(torch.stack(batch).numpy(), fixture.biases(batch_rows))
+                embeddings, outputs = runner.run_pixels(pixels, fixture.biases(batch_rows))
             except _RunError as e:
                 seen.errors["embedding"] = str(e)
             else:
