@@ -23,7 +23,8 @@ from parity.results import Status
 from parity.runners import onnx as onnx_runner
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
-from tests.conftest import ROOT, reseal
+from tests.support.paths import ROOT
+from tests.support.specs import reseal
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
