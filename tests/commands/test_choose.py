@@ -22,6 +22,7 @@ from parity.report.markdown import render_markdown
 from parity.results import Status
 from parity.spec import load_spec, parse_axes
 from parity.store.fixtures import load_fixture
+from tests.support.hooked_models import hook_final_norm
 from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 from tests.support.specs import reseal, write_spec
 
@@ -35,17 +36,7 @@ def _normalise_over_the_batch(module, inputs, output):
 
 def _mix_over_the_batch(patch: pytest.MonkeyPatch) -> None:
     """Every timm model built while ``patch`` holds ends its trunk with a norm over the whole batch."""
-    import timm
-
-    original = timm.create_model
-
-    def create_model(*args, **kwargs):
-        model = original(*args, **kwargs)
-        if hasattr(model, "norm"):  # a forward hook adds no weights: the checkpoint still loads strictly
-            model.norm.register_forward_hook(_normalise_over_the_batch)
-        return model
-
-    patch.setattr(timm, "create_model", create_model)
+    hook_final_norm(patch, _normalise_over_the_batch)
 
 
 @pytest.fixture(scope="module")

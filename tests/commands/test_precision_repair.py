@@ -15,6 +15,7 @@ from parity.model.pipeline import build_pipeline
 from parity.report.console import repair_line
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
+from tests.support.hooked_models import hook_final_norm
 from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
 from tests.support.specs import reseal, write_spec
 
@@ -26,17 +27,7 @@ def _offset_arithmetic(module, inputs, output):
 
 def _lossy_norm(patch: pytest.MonkeyPatch) -> None:
     """Every timm model built while ``patch`` holds ends its trunk's final norm with `_offset_arithmetic`."""
-    import timm
-
-    original = timm.create_model
-
-    def create_model(*args, **kwargs):
-        model = original(*args, **kwargs)
-        if hasattr(model, "norm"):  # a forward hook adds no weights: the checkpoint still loads strictly
-            model.norm.register_forward_hook(_offset_arithmetic)
-        return model
-
-    patch.setattr(timm, "create_model", create_model)
+    hook_final_norm(patch, _offset_arithmetic)
 
 
 @pytest.fixture(scope="module")

@@ -61,18 +61,16 @@ class Reference:
         return reference_spec(self.model_dir, self.fixture) + (f"\n[candidate]\n{candidate}" if candidate else "")
 
 
-def reference_spec(model_dir: Path, fixture: Path) -> str:
-    """How the training job made its embeddings and outputs, as a parity spec."""
-    return f"""name = "photo_tags"
-fixtures = "{fixture}"
-
-[backbone]
+def backbone_tables(model_dir: Path, *, extract: str | None = "pre_logits") -> str:
+    """The ``[backbone]`` and ``[preprocess]`` tables of the photo tagger's backbone, which the tests' other user
+    repositories (a Gradio Space, an MLflow model) reuse under heads of their own."""
+    extract_line = f'extract = "{extract}"\n' if extract else ""
+    return f"""[backbone]
 library = "timm"
 model = "{BACKBONE}"
 kwargs = {{ embed_dim = 64, depth = 2, num_heads = 2 }}
 checkpoint = "{model_dir / 'backbone.safetensors'}"
-extract = "pre_logits"
-
+{extract_line}
 [preprocess]
 interpolation = "bicubic"
 crop_pct = {CROP_PCT}
@@ -80,7 +78,15 @@ crop_mode = "center"
 input_size = [3, {IMAGE_SIZE}, {IMAGE_SIZE}]
 mean = {list(CLIP_MEAN)}
 std = {list(CLIP_STD)}
-exif_transpose = true
+"""
+
+
+def reference_spec(model_dir: Path, fixture: Path) -> str:
+    """How the training job made its embeddings and outputs, as a parity spec."""
+    return f"""name = "photo_tags"
+fixtures = "{fixture}"
+
+{backbone_tables(model_dir)}exif_transpose = true
 
 [head]
 class = "{HEAD_CLASS}"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.shipped.reference import (BACKBONE, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
+from tests.shipped.reference import (BACKBONE, backbone_tables, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
                                      IMAGES, SEED, _backbone, _prepare_images)
 
 LABELS = ("portrait", "landscape", "document", "night")
@@ -133,20 +133,7 @@ def reference_spec(model_dir: Path, fixture: Path) -> str:
     return f"""name = "photo_labels"
 fixtures = "{fixture}"
 
-[backbone]
-library = "timm"
-model = "{BACKBONE}"
-kwargs = {{ embed_dim = 64, depth = 2, num_heads = 2 }}
-checkpoint = "{model_dir / 'backbone.safetensors'}"
-
-[preprocess]
-interpolation = "bicubic"
-crop_pct = {CROP_PCT}
-crop_mode = "center"
-input_size = [3, {IMAGE_SIZE}, {IMAGE_SIZE}]
-mean = {list(CLIP_MEAN)}
-std = {list(CLIP_STD)}
-
+{backbone_tables(model_dir, extract=None)}
 [head]
 class = "{HEAD_CLASS}"
 weights = "{model_dir / 'label_head.pth'}"

@@ -42,12 +42,19 @@ def stdlib_service(respond: Callable[[BaseHTTPRequestHandler, bytes], None]) -> 
         def log_message(self, *args) -> None:  # keep the test output clean
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serving(Handler) as port:
+        yield f"http://127.0.0.1:{port}/predict"
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """``handler`` served by a threaded stdlib server on a free 127.0.0.1 port (yielded), stopped on leaving."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/predict"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()

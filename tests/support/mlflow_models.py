@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests.shipped.reference import (BACKBONE, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
+from tests.shipped.reference import (BACKBONE, backbone_tables, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
                                      IMAGES, _backbone, _prepare_images)
 from tests.support.http_service import free_port
 
@@ -159,21 +159,7 @@ def _reference_spec(files: Path, fixture: Path) -> str:
     return f"""name = "style_tags"
 fixtures = "{fixture}"
 
-[backbone]
-library = "timm"
-model = "{BACKBONE}"
-kwargs = {{ embed_dim = 64, depth = 2, num_heads = 2 }}
-checkpoint = "{files / 'backbone.safetensors'}"
-extract = "pre_logits"
-
-[preprocess]
-interpolation = "bicubic"
-crop_pct = {CROP_PCT}
-crop_mode = "center"
-input_size = [3, {IMAGE_SIZE}, {IMAGE_SIZE}]
-mean = {list(CLIP_MEAN)}
-std = {list(CLIP_STD)}
-
+{backbone_tables(files)}
 [head]
 class = "{HEAD_CLASS}"
 weights = "{files / 'style_head.pth'}"

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -304,9 +303,9 @@ def served(repo: Path, *modules: str, meanwhile: Callable[[], object] | None = N
 def stub_model(metadata: dict, infer: Callable[[dict, dict], tuple[int, dict]]) -> Iterator[str]:
     """A stand-in V2 server on 127.0.0.1 (stdlib): ``GET`` answers ``metadata``, ``POST .../infer`` answers
     ``infer(request, headers)`` as ``(status, body)``; yields the model's address. For what KServe will not do."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
-    from tests.support.http_service import answer
+    from tests.support.http_service import answer, serving
 
     name = metadata.get("name", "stub")
 
@@ -323,13 +322,5 @@ def stub_model(metadata: dict, infer: Callable[[dict, dict], tuple[int, dict]]) 
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/{name}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving(Handler) as port:
+        yield f"http://127.0.0.1:{port}/v2/models/{name}"
