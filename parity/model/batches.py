@@ -19,6 +19,7 @@ import numpy as np
 from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.store.fixtures import Fixture, FixtureRow
 from parity.store.images import decode_image
+from parity.model.fast_pixels import NumpyPixels
 from parity.model.pipeline import Pipeline
 from parity.store.images import load_image
 from parity.libraries import extract_embeddings
@@ -132,11 +133,14 @@ def decode_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]],
 
 def _decoded(batches: Iterable[list[tuple[int, FixtureRow]]], pipeline: Pipeline, golden: Container[str]
              ) -> Iterator[tuple[list[tuple[int, FixtureRow]], BatchResult, list]]:
-    """``(rows, result, pixels)`` per batch, in order: decoded by `decode_workers` threads, the next batch's
+    """``(rows, result, pixels)`` per batch, in order: decoded by `decode_workers` threads (numpy pixels; the torch
+    transform decodes in the calling thread), the next batch's
     samples submitted before this one is handed over, so decoding overlaps the caller's inference and at
     most two batches of pixels are held. PIL's decode and resize release the GIL."""
     exif = pipeline.spec.preprocess.exif_transpose
-    workers = decode_workers()
+    # Only numpy pixels are made in threads: torch's transform would start an OpenMP team in every decode
+    # thread (cores x cores threads, each with its own stack and allocator arena).
+    workers = decode_workers() if isinstance(pipeline, NumpyPixels) else 1
     if workers == 1:
         for rows in batches:
             yield (rows, *_collect(rows, [_decode_one(pipeline, row, exif) for _, row in rows], golden))

@@ -126,7 +126,19 @@ def _records(source, fixture, workers: int, monkeypatch) -> tuple:
     return decoded, pixels
 
 
-@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_the_torch_transform_decodes_in_the_calling_thread(graphs, monkeypatch):
+    """torch's transform would start an OpenMP team in each decode thread: it is never run in workers."""
+    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"]))
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a decode thread pool was started for the torch transform")
+
+    monkeypatch.setattr(batches, "ThreadPoolExecutor", no_pool)
+    decoded, pixels = _records(build_pipeline(spec), load_fixture(ROOT / "fixtures" / "clip_dnn"), 4, monkeypatch)
+    assert len(decoded.rows) == sum(len(p) for p in pixels) > 0
+
+
+@pytest.mark.parametrize("kind", ["numpy"])
 def test_parallel_decoding_gives_the_serial_records(graphs, kind, monkeypatch):
     """Worker threads (4, more than this fixture's batches need) and one thread: the same rows, errors,
     conversions and pixels, bit for bit (one process, one machine), in fixture order."""
