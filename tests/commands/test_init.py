@@ -64,7 +64,7 @@ from safetensors.torch import load_file
 
 from mlcore.heads import SiteScorer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "vit_base_patch16_clip_224.openai"
 BACKBONE_KWARGS = dict(embed_dim=48, depth=2, num_heads=3)
 
