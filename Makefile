@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray,docs,mlflow,oip,gradio]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fixtures,hf,open-clip,onnx,service,ray,docs,mlflow,oip,gradio,deploy,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray, MLflow, KServe, Gradio) and the
+"""The optional libraries (transformers, open_clip, onnxruntime, the service stack, Ray, MLflow, KServe, Gradio, OpenVINO, Polygraphy) and the
 extra that installs each."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["EXTRAS", "require"]
 # Module name → the optional extra that installs it, as named in pyproject.toml.
 EXTRAS = {"transformers": "hf", "open_clip": "open-clip", "onnxruntime": "onnx", "onnx": "onnx",
           "fastapi": "service", "uvicorn": "service", "ray": "ray", "mlflow": "mlflow", "kserve": "oip",
-          "gradio": "gradio", "gradio_client": "gradio"}
+          "gradio": "gradio", "gradio_client": "gradio", "openvino": "deploy", "polygraphy": "bench"}
 
 
 def require(library: str, purpose: str | None = None) -> ModuleType:
