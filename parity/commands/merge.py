@@ -12,7 +12,6 @@ order they are given in changes nothing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from parity.judge.stages import STAGE_ORDER, decisions_stage, decode_stage, veri
 from parity.judge.arrays import merge_comparisons
 from parity.judge.decisions import verification_flips
 from parity.errors import SpecError
+from parity.report.files import read_json
 from parity.results import (REPORT_SCHEMA_VERSION, CellResult, DecisionFlips, Diagnosis, MatrixReport, Report, Shard,
                             StageResult, Status, from_plain)
 from parity.store.shards import read_part_version, unpack_vectors
@@ -41,14 +41,8 @@ def load_partial(path: str | Path) -> Partial:
         SpecError: not readable, not JSON, not a check or matrix report, or not a shard's report.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as e:
-        raise SpecError(f"cannot read partial report {path}: {e.strerror or e}") from e
-    except RecursionError as e:
-        raise SpecError(f"{path} nests too deeply to be a parity report") from e
-    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's digit limit
-        raise SpecError(f"{path} is not a JSON report: {str(e)[:200]}") from e
+    data = read_json(path, SpecError, expected="a partial report written by `parity check|matrix|diagnose --shard I/N "
+                                                "--json PART.json`")
     if not isinstance(data, dict):
         raise SpecError(f"{path} is not a `parity check --json` report")
     if data.get("schema_version", REPORT_SCHEMA_VERSION) != REPORT_SCHEMA_VERSION:

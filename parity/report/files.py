@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from parity.errors import ReportError
+from parity.errors import ParityError, ReportError
 from parity.report.console import SCHEMA_VERSION, document
 from parity.report.html import render_html
 from parity.report.junit import render_junit
@@ -36,22 +36,30 @@ def _check_document(data: Any, source: str) -> dict[str, Any]:
     return data
 
 
+def read_json(path: str | Path, error: type[ParityError], *, expected: str) -> Any:
+    """A JSON file's content, or ``error`` saying why it is not one (``expected`` names what should be there).
+
+    Raises:
+        error: the file cannot be read, is not JSON or UTF-8, or nests too deeply to parse.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+    except RecursionError as e:
+        raise error(f"{path} nests too deeply to be {expected}") from e
+    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's digit limit
+        raise error(f"{path} is not a JSON report ({str(e)[:200]}); expected {expected}") from e
+
+
 def load_document(path: str | Path) -> dict[str, Any]:
     """Read a saved report.json and check that this version can render it.
 
     Raises:
         ReportError: the file is not JSON, not a parity report, or of another schema version.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e.strerror or e}") from e
-    except RecursionError as e:
-        raise ReportError(f"{path} nests too deeply to be a report.json; expected one written by --report") from e
-    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's digit limit
-        raise ReportError(f"{path} is not a JSON report ({str(e)[:200]}); expected a report.json written by "
-                          "--report") from e
+    data = read_json(path, ReportError, expected="a report.json written by --report")
     return _check_document(data, str(path))
 
 
