@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,6 +158,41 @@ def _train_scorer(embeddings: torch.Tensor, biases: torch.Tensor) -> dict[str, t
         loss.backward()
         optimizer.step()
     return scorer.eval().state_dict()
+
+
+def freeze_shipped(root: Path, *, files: str, head: torch.nn.Module, head_file: str, config: Mapping[str, Any],
+                   spec: Callable[[Path, Path], str], biases: Sequence[Sequence[int]]) -> tuple[Path, Path, tuple[Path, ...]]:
+    """A deployment's training side under ``root``: the tagger's backbone and ``head`` saved in ``root/files``
+    with their config.json (the backbone's keys plus ``config``), the images, ``reference.toml`` written by
+    ``spec(files_dir, fixture)``, and the fixture frozen from it; one thread, as on any machine.
+
+    Returns:
+        The files' folder, the fixture's folder and the images.
+    """
+    from safetensors.torch import save_file
+
+    from parity.commands.capture import capture_pipeline
+    from parity.model.pipeline import build_pipeline
+    from parity.spec import load_spec
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder, fixture = root / files, root / "fixture"
+        folder.mkdir(parents=True)
+        images = _prepare_images(root / "images")
+        save_file(_backbone().state_dict(), str(folder / "backbone.safetensors"))
+        torch.save(head.state_dict(), folder / head_file)
+        (folder / "config.json").write_text(json.dumps({
+            "backbone": BACKBONE, "backbone_kwargs": BACKBONE_KWARGS, "image_size": IMAGE_SIZE, "crop_pct": CROP_PCT,
+            "mean": CLIP_MEAN, "std": CLIP_STD, **config}, indent=2))
+        spec_path = root / "reference.toml"
+        spec_path.write_text(spec(folder, fixture))
+        capture_pipeline(build_pipeline(load_spec(spec_path)), images, fixture,
+                         input_biases=[list(b) for b in biases], golden=GOLDEN)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, fixture, images
 
 
 def build_reference(root: Path) -> Reference:

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 from torch import nn
 
-from tests.shipped.reference import (BACKBONE, backbone_tables, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
-                                     IMAGES, SEED, _backbone, _prepare_images)
+from tests.shipped.reference import (backbone_tables, IMAGES, SEED, freeze_shipped)
 
 LABELS = ("portrait", "landscape", "document", "night")
 HEAD_CLASS = "tests.support.gradio_apps:LabelHead"
@@ -157,32 +155,12 @@ def _head() -> LabelHead:
 
 
 def build_reference(root: Path) -> Reference:
-    """Model files, images and the frozen fixture under ``root``; one thread, as on any machine."""
-    from safetensors.torch import save_file
-
-    from parity.model.pipeline import build_pipeline
-    from parity.commands.capture import capture_pipeline
-    from parity.spec import load_spec
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model_dir, fixture = root / "model", root / "fixture"
-        model_dir.mkdir(parents=True)
-        images = _prepare_images(root / "images")
-        save_file(_backbone().state_dict(), str(model_dir / "backbone.safetensors"))
-        torch.save(_head().state_dict(), model_dir / "label_head.pth")
-        (model_dir / "config.json").write_text(json.dumps({
-            "backbone": BACKBONE, "backbone_kwargs": BACKBONE_KWARGS, "image_size": IMAGE_SIZE, "crop_pct": CROP_PCT,
-            "mean": CLIP_MEAN, "std": CLIP_STD, "labels": LABELS, "head_kwargs": HEAD_KWARGS}, indent=2))
-        spec = reference_spec(model_dir, fixture)
-        (root / "reference.toml").write_text(spec)
-        biases = np.array([[source, scene] for _, _, source, scene in IMAGES], dtype=np.int64)
-        capture_pipeline(build_pipeline(load_spec(root / "reference.toml")), images, fixture,
-                         input_biases=biases.tolist(), golden=GOLDEN)
-    finally:
-        torch.set_num_threads(threads)
-    return Reference(model_dir=model_dir, fixture=fixture, spec=spec)
+    """Model files, images and the frozen fixture under ``root``."""
+    model_dir, fixture, _ = freeze_shipped(
+        root, files="model", head=_head(), head_file="label_head.pth",
+        config={"labels": LABELS, "head_kwargs": HEAD_KWARGS}, spec=reference_spec,
+        biases=[[source, scene] for _, _, source, scene in IMAGES])
+    return Reference(model_dir=model_dir, fixture=fixture, spec=reference_spec(model_dir, fixture))
 
 
 def write_app(reference: Reference, folder: Path, replacements: Mapping[str, str] | None = None,

@@ -13,7 +13,6 @@ change between a clean and an injected model.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -28,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests.shipped.reference import (BACKBONE, backbone_tables, BACKBONE_KWARGS, CLIP_MEAN, CLIP_STD, CROP_PCT, GOLDEN, IMAGE_SIZE,
-                                     IMAGES, _backbone, _prepare_images)
+from tests.shipped.reference import (backbone_tables, IMAGES, freeze_shipped)
 from tests.support.http_service import free_port
 
 SEED = 3
@@ -190,30 +188,11 @@ def _head() -> StyleHead:
 
 
 def build_style_reference(root: Path) -> StyleReference:
-    """The training side's files under ``root`` and its frozen fixture; one thread, as on any machine."""
-    from safetensors.torch import save_file
-
-    from parity.model.pipeline import build_pipeline
-    from parity.commands.capture import capture_pipeline
-    from parity.spec import load_spec
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        files, fixture = root / "files", root / "fixture"
-        files.mkdir(parents=True)
-        images = _prepare_images(root / "images")
-        save_file(_backbone().state_dict(), str(files / "backbone.safetensors"))
-        torch.save(_head().state_dict(), files / "style_head.pth")
-        (files / "config.json").write_text(json.dumps({
-            "backbone": BACKBONE, "backbone_kwargs": BACKBONE_KWARGS, "image_size": IMAGE_SIZE, "crop_pct": CROP_PCT,
-            "mean": CLIP_MEAN, "std": CLIP_STD, "styles": STYLES, "head_kwargs": HEAD_KWARGS}, indent=2))
-        spec_path = root / "reference.toml"
-        spec_path.write_text(_reference_spec(files, fixture))
-        sources = [[source] for _, _, source, _ in IMAGES]
-        capture_pipeline(build_pipeline(load_spec(spec_path)), images, fixture, input_biases=sources, golden=GOLDEN)
-    finally:
-        torch.set_num_threads(threads)
+    """The training side's files under ``root`` and its frozen fixture."""
+    files, fixture, images = freeze_shipped(
+        root, files="files", head=_head(), head_file="style_head.pth",
+        config={"styles": STYLES, "head_kwargs": HEAD_KWARGS}, spec=_reference_spec,
+        biases=[[source] for _, _, source, _ in IMAGES])
     return StyleReference(root, files, fixture, images)
 
 
