@@ -118,8 +118,8 @@ def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, 
     if runtime in ("eager", "compile"):
         if quantize == "dynamic_int8":
             with warnings.catch_warnings():
-                # torch deprecates its quantized tensor types in favour of torchao, not installed here: a known notice.
-                warnings.simplefilter("ignore", UserWarning)
+                # torch deprecates torch.ao quantization in favour of torchao, not installed here: a known notice.
+                warnings.simplefilter("ignore")
                 module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
         call = _torch_call(module if runtime == "eager" else _compiled(module), first.device, first.dtype)
         if runtime == "compile":
