@@ -196,8 +196,8 @@ def _deploy_key(values: Mapping[str, Any], modes: Sequence[str]) -> tuple:
 
 
 class _Engine:
-    """Caches shared between cells: converted models and runtime deployments for the whole run; decoded images, geometry
-    and pixels for the current chunk of images only, so memory does not grow with the fixture."""
+    """Caches shared between cells: converted models and runtime deployments for the whole run; decoded
+    images, geometry and pixels for the current chunk of images only, so memory does not grow with the fixture."""
 
     def __init__(self, pipeline, batch_size: int, build_s: float = 0.0) -> None:
         self.pipeline, self.batch_size, self.build_s = pipeline, batch_size, build_s
