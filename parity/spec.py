@@ -1150,6 +1150,7 @@ def spec_fields(library: str = DEFAULT_LIBRARY) -> dict[str, dict[str, SpecField
                 default=None if default is _REQUIRED else default, choices=read["choices"], bounds=bounds)
     result["matrix"] = {axis: SpecField(axis, ("array",), choices=_axis_choices(axis),
                                         bounds=None if _axis_choices(axis) else
-                                        (*_WHOLE_AXES[axis], False) if axis in _WHOLE_AXES else (MIN_CROP_PCT, 1.0, False))
+                                        (*_WHOLE_AXES[axis], False) if axis in _WHOLE_AXES
+                                        else (MIN_CROP_PCT, 1.0, False))
                         for axis in AXES}
     return result

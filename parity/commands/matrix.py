@@ -192,7 +192,8 @@ def _deploys(values: Mapping[str, Any]) -> bool:
 
 def _deploy_key(values: Mapping[str, Any], modes: Sequence[str]) -> tuple:
     # tf32 and sdpa are in the key: an export or a compile traces under the pass's numerics context.
-    return tuple(values[a] for a in ("runtime", "device", "dtype", "quantize", "threads", "tf32", "sdpa")) + tuple(modes)
+    axes = ("runtime", "device", "dtype", "quantize", "threads", "tf32", "sdpa")
+    return tuple(values[a] for a in axes) + tuple(modes)
 
 
 class _Engine:
@@ -282,14 +283,16 @@ class _Engine:
         example = (pixels[:min(2, len(pixels))] if exported else pixels[:size]).to(device, dtype)
         calibration = [(pixels[s:s + size].numpy(),) for s in range(0, len(pixels), size)]
         try:
-            with _precision_context(device, precision, values["tf32"], values["sdpa"]), _torch_threads(values["threads"]):
+            with _precision_context(device, precision, values["tf32"], values["sdpa"]), \
+                    _torch_threads(values["threads"]):
                 return deploy(module, runtime, (example,), threads=values["threads"], quantize=values["quantize"],
                               precision=precision if exported else None, calibration=calibration)
         except DeployError as e:
             return e
 
     def load_seconds(self, values: Mapping[str, Any], modes: Sequence[str]) -> float:
-        """The pass's model load: its deployment's export or compile, else its model copy (the build for the spec's own)."""
+        """The pass's model load: its deployment's export or compile, else its model copy (for the spec's own
+        device and dtype, the pipeline's build)."""
         if _deploys(values):
             found = self.deployments.get(_deploy_key(values, modes))
             return found.load_s if isinstance(found, Deployed) else 0.0

@@ -67,7 +67,8 @@ def refusal(runtime: str, quantize: str = "none", *, device: str = "cpu", precis
     if quantize not in QUANTIZATIONS:
         return f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)}"
     if quantize != "none" and runtime not in _QUANTIZED_BY[quantize]:
-        return (f"quantize = {quantize} is made by {'torch' if quantize == 'dynamic_int8' else 'onnxruntime.quantization'} "
+        maker = "torch" if quantize == "dynamic_int8" else "onnxruntime.quantization"
+        return (f"quantize = {quantize} is made by {maker} "
                 f"for runtime {' or '.join(_QUANTIZED_BY[quantize])}, not {runtime}")
     if quantize == "dynamic_int8" and device != "cpu":
         return "torch's dynamic int8 quantization runs on CPU only"
@@ -153,8 +154,9 @@ def _torch_call(module, device, dtype) -> Callable[..., tuple[np.ndarray, ...]]:
 
     def call(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            inputs = [torch.from_numpy(np.asarray(a)).to(device, dtype if np.issubdtype(np.asarray(a).dtype, np.floating)
-                                                        else None) for a in arrays]
+            # floating inputs take the module's dtype; integer ones (indices, categories) keep theirs
+            inputs = [torch.from_numpy(np.asarray(a)) for a in arrays]
+            inputs = [t.to(device, dtype if t.is_floating_point() else None) for t in inputs]
             out = module(*inputs)
             out = out if isinstance(out, (tuple, list)) else (out,)
             return tuple(o.float().cpu().numpy() for o in out)  # the copy out waits for the device
