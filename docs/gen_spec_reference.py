@@ -178,6 +178,14 @@ FIELDS: dict[str, str | tuple[str, str]] = {
                          "naming batch dependence.",
     "matrix.tf32": "CUDA matmul and cuDNN TF32.",
     "matrix.sdpa": "The attention kernel.",
+    "matrix.runtime": "How the backbone is deployed: `eager` (the module), `compile` (`torch.compile`), `onnxruntime` "
+                      "(exported to ONNX by parity), `openvino` (the same ONNX file, OpenVINO on CPU); a runtime that "
+                      "cannot run a cell here skips it with the reason.",
+    "matrix.quantize": "`none`, `dynamic_int8` (torch's dynamic quantization of Linear layers, runtime eager or "
+                       "compile), `int8` (onnxruntime's static quantization of the exported graph, calibrated on the "
+                       "fixture's images; runtime onnxruntime or openvino).",
+    "matrix.threads": "Intra-op threads (torch's, onnxruntime's, OpenVINO's), whole numbers in [1, 1024] (default: "
+                      "this process's torch threads).",
 }
 
 

@@ -8,6 +8,7 @@ __all__ = [
     "FixtureError",
     "FixtureChangedError",
     "CheckpointError",
+    "DeployError",
     "DriftError",
     "ReportError",
 ]
@@ -39,3 +40,8 @@ class DriftError(ParityError, AssertionError):
 
 class ReportError(ParityError, ValueError):
     """A saved report.json cannot be read or was written by an unknown schema version."""
+
+
+class DeployError(ParityError, RuntimeError):
+    """A module cannot be deployed to the runtime asked for: refused for this device, precision or
+    quantization, the runtime is not installed, or its export or compilation failed."""

@@ -482,7 +482,7 @@ class CandidateRun:
 # -- the variant matrix (parity.commands.matrix) ----------------------------------------------------
 
 # Matrix axes that change how the backbone computes, not what it is fed.
-PRECISION_AXES = ("device", "dtype", "tf32", "sdpa", "batch_size")
+PRECISION_AXES = ("device", "dtype", "tf32", "sdpa", "runtime", "quantize", "threads", "batch_size")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ __all__ = [
     "MAX_INPUT_SIDE",
     "AXES",
     "PRECISION_AXES",
+    "RUNTIMES",
+    "QUANTIZATIONS",
     "parse_axes",
     "SpecField",
     "spec_fields",
@@ -997,6 +999,10 @@ def select_candidate(spec: Spec, text: str, *, base: Path) -> Spec:
 
 PRECISIONS = DTYPES + ("autocast_float16", "autocast_bfloat16")
 SDPA_BACKENDS = ("default", "math", "flash", "efficient")
+# How the backbone is deployed (`parity.model.runtimes`): the eager module, torch.compile, or the module
+# exported to ONNX and run by onnxruntime or OpenVINO; and how it is quantized.
+RUNTIMES = ("eager", "compile", "onnxruntime", "openvino")
+QUANTIZATIONS = ("none", "dynamic_int8", "int8")
 # Axis name → accepted values (None: any number in (0, 1]). Order is the order in cell ids. The
 # extract axis takes the extraction modes of the libraries whose vocabulary allows the matrix.
 AXES: dict[str, tuple | None] = {
@@ -1011,9 +1017,15 @@ AXES: dict[str, tuple | None] = {
     "dtype": PRECISIONS,
     "tf32": (False, True),
     "sdpa": SDPA_BACKENDS,
+    "runtime": RUNTIMES,
+    "quantize": QUANTIZATIONS,
+    "threads": None,
     "batch_size": None,
 }
 MAX_MATRIX_BATCH = 4096
+MAX_MATRIX_THREADS = 1024
+# Axes of whole numbers: their bounds.
+_WHOLE_AXES = {"batch_size": (1, MAX_MATRIX_BATCH), "threads": (1, MAX_MATRIX_THREADS)}
 
 
 def _axis_choices(axis: str) -> tuple | None:
@@ -1024,11 +1036,11 @@ def _axis_choices(axis: str) -> tuple | None:
 
 def _check_value(axis: str, value: Any, where: str) -> Any:
     choices = _axis_choices(axis)
-    if axis == "batch_size":  # images per backbone call; a command-line value arrives as a float
+    if axis in _WHOLE_AXES:  # images per backbone call, threads; a command-line value arrives as a float
+        low, high = _WHOLE_AXES[axis]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-                or not 1 <= value <= MAX_MATRIX_BATCH:
-            raise SpecError(f"{where}: batch_size values must be whole numbers in [1, {MAX_MATRIX_BATCH}], "
-                            f"got {value!r}")
+                or not low <= value <= high:
+            raise SpecError(f"{where}: {axis} values must be whole numbers in [{low}, {high}], got {value!r}")
         return int(value)
     if choices is None:  # crop_pct, within the bounds [preprocess].crop_pct has
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_CROP_PCT <= value <= 1:
@@ -1138,6 +1150,7 @@ def spec_fields(library: str = DEFAULT_LIBRARY) -> dict[str, dict[str, SpecField
                 default=None if default is _REQUIRED else default, choices=read["choices"], bounds=bounds)
     result["matrix"] = {axis: SpecField(axis, ("array",), choices=_axis_choices(axis),
                                         bounds=None if _axis_choices(axis) else
-                                        (1, MAX_MATRIX_BATCH, False) if axis == "batch_size" else (MIN_CROP_PCT, 1.0, False))
+                                        (*_WHOLE_AXES[axis], False) if axis in _WHOLE_AXES
+                                        else (MIN_CROP_PCT, 1.0, False))
                         for axis in AXES}
     return result

@@ -22,7 +22,7 @@ from parity.spec import Spec
 __all__ = ["DEPLOYMENT_AXES", "deployment_axes", "choose", "pareto_front"]
 
 # The axes a deployment chooses; the others (preprocessing, extraction) are the spec's.
-DEPLOYMENT_AXES = ("device", "dtype", "batch_size", "tf32", "sdpa")
+DEPLOYMENT_AXES = ("device", "dtype", "batch_size", "tf32", "sdpa", "runtime", "quantize", "threads")
 
 
 def deployment_axes(spec: Spec, device: str | None = None) -> dict[str, dict[str, tuple]]:

@@ -11,6 +11,12 @@ after one untimed warm-up batch, ``repeat`` times, and cells that share a pass (
 one configuration) share its timings. With a ``batch_size`` axis each cell is also compared with the
 batch-size-1 run of its configuration (run apart when 1 is not among the values), so an output that
 depends on its batch-mates fails naming batch dependence. Timing never changes a verdict.
+
+A ``runtime`` other than ``eager`` (or a ``quantize`` other than ``none``) deploys the pass's
+pixels -> embeddings module (`parity.model.batches.extraction_module`) once per runtime, device,
+dtype, quantization and thread count (`parity.model.runtimes.deploy`); its export or compile time is
+the cell's load time, and a deployment that cannot run here skips its cells with the reason. The
+``threads`` axis sets torch's intra-op threads for the cell (restored after) and the runtime's own.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from parity.judge.arrays import compare_arrays
-from parity.errors import SpecError
+from parity.errors import DeployError, SpecError
 from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import files_version, load_fixture
 from parity.store.images import load_image
-from parity.model.batches import extract_pixels
+from parity.model.batches import extract_deployed, extract_pixels, extraction_module
+from parity.model.runtimes import Deployed, deploy, refusal
 from parity.libraries import get as library
 from parity.preprocess.transform import create_preprocess
 from parity.results import Cell, CellCost, CellResult, Comparison, MatrixReport, Shard, Status, Tolerance
@@ -59,7 +66,9 @@ def _preset_name(mean: Sequence[float], std: Sequence[float]) -> str:
 
 
 def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | None = None) -> dict[str, Any]:
-    """The spec's own value on every axis: the deployment configuration."""
+    """The spec's own value on every axis: the deployment configuration (threads: this process's torch threads)."""
+    import torch  # deferred: the matrix's model code needs torch, its grammar does not
+
     return {
         "extract": spec.backbone.extract,
         "interpolation": data_config["interpolation"],
@@ -72,6 +81,9 @@ def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | Non
         "dtype": spec.runtime.dtype,
         "tf32": False,
         "sdpa": "default",
+        "runtime": "eager",
+        "quantize": "none",
+        "threads": torch.get_num_threads(),
         "batch_size": spec.runtime.batch_size,
     }
 
@@ -128,6 +140,8 @@ def _id_part(axis: str, value: Any) -> str:
         return f"sdpa_{value}"
     if axis == "batch_size":
         return f"bs{value}"
+    if axis == "threads":
+        return f"t{value}"
     return str(value)
 
 
@@ -156,9 +170,35 @@ def _restore_tf32(previous: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Torch's intra-op threads for one cell's pass, restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _deploys(values: Mapping[str, Any]) -> bool:
+    """Whether the pass runs a deployed module (`parity.model.runtimes`) rather than the eager copy."""
+    return values["runtime"] != "eager" or values["quantize"] != "none"
+
+
+def _deploy_key(values: Mapping[str, Any], modes: Sequence[str]) -> tuple:
+    # tf32 and sdpa are in the key: an export or a compile traces under the pass's numerics context.
+    axes = ("runtime", "device", "dtype", "quantize", "threads", "tf32", "sdpa")
+    return tuple(values[a] for a in axes) + tuple(modes)
+
+
 class _Engine:
-    """Caches shared between cells: converted models for the whole run; decoded images, geometry
-    and pixels for the current chunk of images only, so memory does not grow with the fixture."""
+    """Caches shared between cells: converted models and runtime deployments for the whole run; decoded
+    images, geometry and pixels for the current chunk of images only, so memory does not grow with the fixture."""
 
     def __init__(self, pipeline, batch_size: int, build_s: float = 0.0) -> None:
         self.pipeline, self.batch_size, self.build_s = pipeline, batch_size, build_s
@@ -168,6 +208,8 @@ class _Engine:
         self.geometry: dict[tuple, Any] = {}
         self.pixels: dict[tuple, Any] = {}
         self.models: dict[tuple, Any] = {}
+        self.deployments: dict[tuple, Deployed | DeployError] = {}
+        self.warmed: dict[tuple, set[int]] = {}
 
     def load(self, images: list) -> None:
         self.images = images
@@ -212,14 +254,66 @@ class _Engine:
                 self.load_s[key] = time.perf_counter() - began
         return self.models[key], dtype
 
+    def deployed(self, values: Mapping[str, Any], modes: Sequence[str], pixels) -> Deployed:
+        """The pass's extraction module deployed to its runtime, once per `_deploy_key` (a failure is kept too).
+
+        Raises:
+            DeployError: the runtime cannot run this pass here (refused, not installed, export or compile failed).
+        """
+        key = _deploy_key(values, modes)
+        if key not in self.deployments:
+            self.deployments[key] = self._deploy(values, modes, pixels)
+        found = self.deployments[key]
+        if isinstance(found, DeployError):
+            raise found
+        return found
+
+    def _deploy(self, values: Mapping[str, Any], modes: Sequence[str], pixels) -> Deployed | DeployError:
+        runtime, device, precision, size = values["runtime"], values["device"], values["dtype"], values["batch_size"]
+        exported = runtime in ("onnxruntime", "openvino")
+        reason = refusal(runtime, values["quantize"], device=device, precision=precision)
+        if reason is None and precision.startswith("autocast_") and runtime != "compile":
+            reason = f"autocast is torch's own mixed precision: runtime eager or compile, not {runtime}"
+        if reason is not None:
+            return DeployError(reason)
+        # Exports and quantizations start from the float32 CPU module; OpenVINO lowers it to its own precision.
+        float32 = exported or values["quantize"] != "none"
+        model, dtype = self.model("cpu", "float32") if float32 else self.model(device, precision)
+        module = extraction_module(model, modes, library=self.library, normalize=self.pipeline.spec.backbone.normalize)
+        example = (pixels[:min(2, len(pixels))] if exported else pixels[:size]).to(device, dtype)
+        calibration = [(pixels[s:s + size].numpy(),) for s in range(0, len(pixels), size)]
+        try:
+            with _precision_context(device, precision, values["tf32"], values["sdpa"]), \
+                    _torch_threads(values["threads"]):
+                return deploy(module, runtime, (example,), threads=values["threads"], quantize=values["quantize"],
+                              precision=precision if exported else None, calibration=calibration)
+        except DeployError as e:
+            return e
+
+    def load_seconds(self, values: Mapping[str, Any], modes: Sequence[str]) -> float:
+        """The pass's model load: its deployment's export or compile, else its model copy (for the spec's own
+        device and dtype, the pipeline's build)."""
+        if _deploys(values):
+            found = self.deployments.get(_deploy_key(values, modes))
+            return found.load_s if isinstance(found, Deployed) else 0.0
+        return self.load_s.get((values["device"], _model_dtype(values["dtype"])), 0.0)
+
     def embeddings(self, values: Mapping[str, Any], modes: Sequence[str], *, count: int | None = None,
                    timings: list[float] | None = None) -> dict[str, np.ndarray]:
         """The cell's embeddings for the chunk's first ``count`` images (all by default), at its batch size."""
         pixels = self.normalized_pixels(values)
         if count is not None:
             pixels = pixels[:count]
+        if _deploys(values):
+            deployed = self.deployed(values, modes, pixels)
+            # torch.compile guards on the numerics context it compiled under: the calls hold the same one.
+            with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]), \
+                    _torch_threads(values["threads"]):
+                return extract_deployed(deployed, pixels, modes, batch_size=values["batch_size"], timings=timings,
+                                        warmed=self.warmed.setdefault(_deploy_key(values, modes), set()))
         model, dtype = self.model(values["device"], values["dtype"])
-        with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
+        with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]), \
+                _torch_threads(values["threads"]):
             return extract_pixels(model, pixels, modes, library=self.library, batch_size=values["batch_size"],
                                   device=values["device"], dtype=dtype,
                                   normalize=self.pipeline.spec.backbone.normalize, timings=timings)
@@ -318,6 +412,8 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
                     out = _timed(engine, values, list(per_mode), meter, repeat)
                 for mode, array in out.items():
                     per_mode[mode].append(array)
+            except DeployError as e:
+                impossible[key] = f"cannot deploy: {e}"
             except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
                 impossible[key] = f"not possible here: {e}"
         if progress:
@@ -332,8 +428,8 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
         if key in impossible:
             continue
         equivalent |= _identical_modes(embeddings[key])
-        cost = meters[key].cost(passes[key], images=total, repeat=repeat, load_s=engine.load_s.get(
-            (passes[key]["device"], _model_dtype(passes[key]["dtype"])), 0.0))
+        cost = meters[key].cost(passes[key], images=total, repeat=repeat,
+                                load_s=engine.load_seconds(passes[key], list(chunks[key])))
         solo = embeddings.get(solo_of.get(key))
         for cell in group:
             budget = tolerance or cell_tolerance(spec, cell["dtype"])

@@ -25,7 +25,8 @@ from parity.store.images import load_image
 from parity.libraries import extract_embeddings
 
 __all__ = ["Decoded", "decoded_batches", "BatchResult", "decode_batch", "embed_batch", "batch_rows", "local_batches",
-           "decode_workers", "embed_pixels", "embed_images", "embed_rows", "extract_pixels"]
+           "decode_workers", "embed_pixels", "embed_images", "embed_rows", "extract_pixels", "extraction_module",
+           "extract_deployed"]
 
 Progress = Callable[[int, int], None]
 
@@ -300,3 +301,57 @@ def extract_pixels(model, pixels, modes: Sequence[str], *, library: str, batch_s
     if normalize == "l2":
         embeddings = {m: torch.nn.functional.normalize(e, dim=-1) for m, e in embeddings.items()}
     return {m: e.numpy() for m, e in embeddings.items()}
+
+
+def extraction_module(model, modes: Sequence[str], *, library: str, normalize: str = "none"):
+    """``pixels -> (embedding per mode, in modes' order)`` as one ``torch.nn.Module``: what `extract_pixels` takes
+    from one trunk pass, in a form a runtime can export or compile (`parity.model.runtimes.deploy`).
+
+    Embeddings come out float32 (l2-normalized after that when ``normalize`` is ``l2``), as `extract_pixels`
+    gives them.
+    """
+    import torch  # deferred: see embed_pixels
+
+    class Extraction(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels):
+            out = extract_embeddings(self.model, pixels, list(modes), library=library)
+            embeddings = [out[m].float() for m in modes]
+            if normalize == "l2":
+                embeddings = [torch.nn.functional.normalize(e, dim=-1) for e in embeddings]
+            return tuple(embeddings)
+
+    return Extraction().eval()
+
+
+def extract_deployed(deployed: Callable[..., tuple[np.ndarray, ...]], pixels, modes: Sequence[str], *,
+                     batch_size: int, timings: list[float] | None = None,
+                     warmed: set[int] | None = None) -> dict[str, np.ndarray]:
+    """`extract_pixels` for a deployed `extraction_module` (`parity.model.runtimes.Deployed`): every mode's
+    embeddings (N, D) float32 for ``pixels`` (N, 3, H, W), a batch of ``batch_size`` per call.
+
+    Args:
+        timings: when given, each batch's wall seconds (the call, inputs in and outputs out) are appended to it.
+        warmed: batch lengths the deployment has run already; a batch of a new length is run once untimed
+            first (a compiled module compiles, a runtime plans, per input shape) and its length added.
+    """
+    import time
+
+    array = pixels.numpy() if hasattr(pixels, "numpy") else np.asarray(pixels)
+    chunks: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    size = max(1, batch_size)
+    for start in range(0, len(array), size):
+        batch = np.ascontiguousarray(array[start:start + size], dtype=np.float32)
+        if warmed is not None and len(batch) not in warmed:
+            deployed(batch)
+            warmed.add(len(batch))
+        began = time.perf_counter()
+        outputs = deployed(batch)
+        if timings is not None:
+            timings.append(time.perf_counter() - began)
+        for mode, out in zip(modes, outputs):
+            chunks[mode].append(out)
+    return {m: np.concatenate(c) if c else np.zeros((0, 0), np.float32) for m, c in chunks.items()}
