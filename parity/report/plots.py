@@ -335,7 +335,7 @@ def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], bud
             ax.set_ylim(y.min() / 3, y.max() * 3)
         ax.set_xlabel("latency per image, p50 (ms)")
         ax.set_ylabel("max abs vs the reference")
-        figure.suptitle(f"{len(shown)} deployment cells: latency against error", x=left / width, y=1 - 0.08 / height,
+        figure.suptitle(f"{len(shown)} deployment cells that ran: latency against error", x=left / width, y=1 - 0.08 / height,
                         ha="left", va="top", fontsize=9)
         ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=5, fontsize=7,
                   handletextpad=0.3, columnspacing=1.0, borderaxespad=0.2)
