@@ -300,10 +300,14 @@ def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], bud
         text = short[i] + (" (exact)" if error[i] == 0 else "") + (" *" if r.get("pareto") else "")
         labels.append(f"chosen on {winners[r['cell']]}: {text}" if r["cell"] in winners else text)
     # Inches: the axes, then the label column sized for the longest label (about 0.055 in per character at 7 pt).
-    gap = 0.15
+    missing = len(rows) - len(shown)  # a shape mismatch or a non-finite output has no max abs to draw
+    title = f"{len(shown)} deployment cells that ran: latency against error" + (
+        f" ({missing} without a finite max abs not drawn)" if missing else "")
+    gap, left = 0.15, 0.75
     column = 0.35 + 0.056 * max(map(len, labels), default=10)
+    column = max(column, left + 0.07 * len(title) - 4.6)  # room for the title too (about 0.07 in per character at 9 pt)
     plot_height = max(2.6, gap * len(shown) + 0.2)
-    width, height, left, bottom, top = 4.6 + column, plot_height + 1.05, 0.75, 0.5, 0.55
+    width, height, bottom, top = 4.6 + column, plot_height + 1.05, 0.5, 0.55
     with matplotlib.rc_context(_RC):
         figure = _figure(width, height, left=left, right=column, bottom=bottom, top=top)
         ax = figure.add_subplot()
@@ -325,7 +329,7 @@ def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], bud
                        label="chosen", zorder=4)
         if budget_ms is not None:
             ax.axvline(budget_ms, color=_SKIP, linestyle="--", linewidth=1, label=f"budget {budget_ms:g} ms")
-        if latency.size and latency.min() > 0 and latency.max() / latency.min() > 10:
+        if latency.size and latency.min() > 0 and latency.max() / latency.min() > 30:  # else linear reads better
             _log(ax, "x")
             ax.set_xlim(latency.min() / 1.6, latency.max() * 1.6)
         else:
@@ -335,10 +339,10 @@ def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], bud
             ax.set_ylim(y.min() / 3, y.max() * 3)
         ax.set_xlabel("latency per image, p50 (ms)")
         ax.set_ylabel("max abs vs the reference")
-        figure.suptitle(f"{len(shown)} deployment cells that ran: latency against error", x=left / width, y=1 - 0.08 / height,
-                        ha="left", va="top", fontsize=9)
-        ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=5, fontsize=7,
-                  handletextpad=0.3, columnspacing=1.0, borderaxespad=0.2)
+        figure.suptitle(title, x=left / width, y=1 - 0.08 / height, ha="left", va="top", fontsize=9)
+        if shown:
+            ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=5, fontsize=7,
+                      handletextpad=0.3, columnspacing=1.0, borderaxespad=0.2)
         # Each label at its point's height in the column, spread apart; a thin line joins them.
         inches = figure.dpi_scale_trans.inverted()
         points = [inches.transform(ax.transData.transform((latency[i], y[i]))) for i in range(len(shown))]
