@@ -47,11 +47,13 @@ clean:
 # Report rendering time for 3,000 samples (budget 5 s), then speed ratios on the full-size
 # ViT-L/14@336 (random init); BENCH_IMAGES=2 for a quicker run. The scaling section (wall time
 # and peak RSS at 100, 1,000 and 3,000 samples, fixed cost, full-size projection) takes about
-# half an hour on 2 cores; BENCH_QUICK=1 runs it at 20, 100 and 300 samples.
+# half an hour on 2 cores; BENCH_QUICK=1 runs it at 20, 100 and 300 samples. bench_choose: one
+# `parity choose` on the bundled example vs its cells' own measured time plus one model load (<= 1.15x).
 BENCH_IMAGES ?= 4
 bench: $(STAMP)
 	$(BIN)/python bench/bench_reports.py
 	$(BIN)/python bench/bench_matrix.py --images $(BENCH_IMAGES)
+	$(BIN)/python bench/bench_choose.py
 	$(BIN)/python bench/bench_app.py
 	$(BIN)/python bench/bench_served.py
 	$(BIN)/python bench/bench_diagnose.py

@@ -32,7 +32,7 @@ from parity.progress import Progress
 from parity.report.console import (format_stage, render_config_diffs, render_diagnosis, render_inspection,
                                    render_choice, render_matrix, render_preprocess_explanation, render_referee, render_report, to_json,
                                    write_json)
-from parity.report.files import FILES, load_document, render_saved, write_reports
+from parity.report.files import FILES, load_document, render_saved, write_html, write_reports
 from parity.results import Diagnosis, MatrixReport, ServiceDiagnosis, StageResult, Status
 from parity.spec import REFERENCE_NUMERICS, check_ray_address, load_spec, select_candidate
 from parity.store.checkpoints import read_checkpoint
@@ -206,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     choose.add_argument("--budget-ms", type=float, default=None, metavar="X",
                         help="choose only cells whose per-image p50 latency is at most X ms")
     choose.add_argument("--repeat", type=int, default=1, metavar="N", help="timed passes per cell (default 1)")
+    choose.add_argument("--html", type=Path, default=None, dest="html_path", metavar="OUT",
+                        help="also write the choice as an HTML page to OUT, with the Pareto plot (latency p50 vs "
+                             "max abs per cell, the chosen cell per device named)")
     choose.add_argument("--repair", action="store_true",
                         help="for a CPU float16/bfloat16 cell that drifts, find the backbone modules to keep in "
                              "float32 so it passes (bisection over module groups, confirmed by re-running the cell)")
@@ -364,6 +367,9 @@ def _choose(args: argparse.Namespace, console: Console, errors: Console) -> int:
     render_choice(choice, console)
     if args.json_path is not None:
         write_json(choice, args.json_path)
+    if args.html_path is not None:
+        write_html(choice, args.html_path)
+        console.print(f"wrote {args.html_path}", highlight=False, soft_wrap=True)
     return EXIT_PASS if choice.passed else EXIT_DRIFT
 
 
@@ -695,6 +701,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path]]:
     targets = [("--json", args.json_path)] if getattr(args, "json_path", None) is not None else []
     if getattr(args, "report_dir", None) is not None:
         targets += [("--report", args.report_dir / name) for name in FILES.values()]
+    if getattr(args, "html_path", None) is not None:
+        targets.append(("--html", args.html_path))
     if args.command == "report":
         targets += [(f"--{name}", getattr(args, name)) for name in ("md", "html", "junit")
                     if getattr(args, name) is not None]

@@ -18,7 +18,7 @@ from parity.report.html import render_html
 from parity.report.junit import render_junit
 from parity.report.markdown import render_markdown
 
-__all__ = ["write_reports", "load_document", "render_saved", "render_markdown", "render_html", "render_junit",
+__all__ = ["write_reports", "write_html", "load_document", "render_saved", "render_markdown", "render_html", "render_junit",
            "FILES", "KINDS"]
 
 FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "junit.xml"}
@@ -115,3 +115,20 @@ def write_reports(result: Any, directory: str | Path, *, summary: bool = True) -
         raise ReportError(f"cannot write the reports: {e.filename or directory}: {e.strerror}; pass a writable "
                           "--report DIR (and a writable GITHUB_STEP_SUMMARY file)") from e
     return paths
+
+
+def write_html(result: Any, path: str | Path) -> Path:
+    """Write ``result``'s HTML page alone to ``path`` (`parity choose --html`), rendered from its JSON document
+    as read back, like `write_reports`; the directory is made when missing.
+
+    Raises:
+        ReportError: the file cannot be written.
+    """
+    path = Path(path)
+    data = json.loads(json.dumps(document(result), separators=(",", ":")))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_html(data), encoding="utf-8")
+    except OSError as e:
+        raise ReportError(f"cannot write {path}: {e.strerror or e}; pass a writable --html path") from e
+    return path

@@ -178,6 +178,24 @@ def _matrix(data: dict[str, Any]) -> str:
             + f"<ul>{''.join(items)}</ul>")
 
 
+def _choice(data: dict[str, Any]) -> str:
+    """`parity choose`: the Pareto plot, the table fastest first per device, repairs, how cost was measured."""
+    matrix = data["matrix"]
+    rows = [(r["cell"], f"{r['p50_ms']:.3g}", f"{r['p95_ms']:.3g}", f"{r['throughput']:.4g}", number(r["max_abs"]),
+             r["verdict"], "*" if r["pareto"] else "", "chosen" if r["chosen"] else "", r.get("reason") or "")
+            for r in data["rows"]]
+    plot = (_figure("pareto", "cells", plots.choice_pareto(data["rows"], data["chosen"], data.get("budget_ms")))
+            if data["rows"] else "")
+    items = [f"<li>{escape(data['matrix']['cost_note'])}</li>"] if matrix.get("cost_note") else []
+    items += [f"<li>skipped cells: {escape(reason)}</li>"
+              for reason in sorted({c["reason"] for c in matrix["cells"] if c["verdict"] == "SKIP"})]
+    items += [f"<li><code>{escape(r['text'])}</code></li>" for r in data["repairs"]]
+    return (f'<p class="meta">{escape(Path(matrix["spec"]).name)}: {len(matrix["cells"])} deployment cells over '
+            f'{escape(", ".join(matrix["axes"]))}</p>' + _banner(data) + plot
+            + _table(("cell", *COST_COLUMNS, "max abs", "verdict", "pareto", "chosen", "reason"), rows, status_column=5)
+            + f"<ul>{''.join(items)}</ul>")
+
+
 def _service(data: dict[str, Any]) -> str:
     reproduced = "; ".join(data["reproduced_by_toml"]) or "no variant of the spec"
     return (f'<p class="meta">{escape(data["log"])}: {data["samples"]} logged samples; compared: '
@@ -194,7 +212,8 @@ def _calibration(data: dict[str, Any]) -> str:
 
 
 _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "check": _check, "matrix": _matrix, "diagnosis": _diagnosis, "service": _service, "calibration": _calibration}
+    "check": _check, "matrix": _matrix, "choice": _choice, "diagnosis": _diagnosis, "service": _service,
+    "calibration": _calibration}
 
 
 def render_html(data: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["error_distribution", "sorted_errors", "sorted_cosines", "pixel_thumbnails", "matrix_heatmap",
-           "cause_effects"]
+           "cause_effects", "choice_pareto"]
 
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "parity", "font.size": 8, "axes.titlesize": 9,
        "font.family": "sans-serif", "axes.spines.top": False, "axes.spines.right": False,
@@ -253,4 +253,106 @@ def cause_effects(causes: list[dict[str, Any]]) -> str:
             _log(ax, "x")
         ax.set_xlabel("error on the probe samples")
         ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2)
+        return _svg(figure)
+
+
+def _short_labels(ids: list[str]) -> list[str]:
+    """Cell ids without the ``-`` parts every cell shares (``pre_logits-bicubic-pil-cpu-float32-bs8`` -> ``float32-bs8``)."""
+    parts = [cell_id.split("-") for cell_id in ids]
+    common = set.intersection(*map(set, parts)) if parts else set()
+    return ["-".join(p for p in split if p not in common) or cell_id for split, cell_id in zip(parts, ids)]
+
+
+def _spread(positions: list[float], gap: float, low: float, high: float) -> list[float]:
+    """Label heights (inches) as near ``positions`` as they can be, at least ``gap`` apart, within [low, high]."""
+    order = sorted(range(len(positions)), key=lambda i: -positions[i])
+    placed: dict[int, float] = {}
+    previous = high + gap
+    for i in order:  # top down: each label at its point's height, or just under the one above
+        previous = placed[i] = min(positions[i], previous - gap)
+    overflow = low - min(placed.values(), default=low)
+    if overflow > 0:  # pushed below the bottom: move the whole stack up (it fits: the figure is sized for it)
+        placed = {i: min(y + overflow, high - gap * rank) for rank, (i, y) in enumerate(
+            sorted(placed.items(), key=lambda item: -item[1]))}
+    return [placed[i] for i in range(len(positions))]
+
+
+def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], budget_ms: float | None = None) -> str:
+    """`parity choose`: per-image latency p50 (x) against max abs (y, log) per cell; passing and failing cells
+    marked apart, the Pareto front joined, the chosen cell of each device named.
+
+    Each cell's label sits in a column right of the plot, joined to its point by a thin line: cells of
+    one dtype often share their max abs and differ little in latency, so labels beside the points overlap.
+    """
+    import matplotlib
+
+    shown = [r for r in rows if r.get("max_abs") is not None and math.isfinite(r["max_abs"])]
+    short = _short_labels([r["cell"] for r in shown])
+    latency = np.array([r["p50_ms"] for r in shown], dtype=float)
+    error = np.array([r["max_abs"] for r in shown], dtype=float)
+    positive = error[error > 0]
+    # A bit-exact cell (max abs 0) has no place on a log axis: it sits on the floor, labelled as exact.
+    floor = positive.min() / 10 if positive.size else 1e-8
+    y = np.where(error > 0, error, floor)
+    winners = {cell_id: device for device, cell_id in chosen.items() if cell_id is not None}
+    labels = []
+    for i, r in enumerate(shown):
+        text = short[i] + (" (exact)" if error[i] == 0 else "") + (" *" if r.get("pareto") else "")
+        labels.append(f"chosen on {winners[r['cell']]}: {text}" if r["cell"] in winners else text)
+    # Inches: the axes, then the label column sized for the longest label (about 0.055 in per character at 7 pt).
+    missing = len(rows) - len(shown)  # a shape mismatch or a non-finite output has no max abs to draw
+    title = f"{len(shown)} deployment cells that ran: latency against error" + (
+        f" ({missing} without a finite max abs not drawn)" if missing else "")
+    gap, left = 0.15, 0.75
+    column = 0.35 + 0.056 * max(map(len, labels), default=10)
+    column = max(column, left + 0.07 * len(title) - 4.6)  # room for the title too (about 0.07 in per character at 9 pt)
+    plot_height = max(2.6, gap * len(shown) + 0.2)
+    width, height, bottom, top = 4.6 + column, plot_height + 1.05, 0.5, 0.55
+    with matplotlib.rc_context(_RC):
+        figure = _figure(width, height, left=left, right=column, bottom=bottom, top=top)
+        ax = figure.add_subplot()
+        passing = np.array([r["verdict"] == "PASS" for r in shown], dtype=bool)
+        front = sorted((i for i, r in enumerate(shown) if r.get("pareto")), key=lambda i: (latency[i], y[i]))
+        if front:
+            # A staircase: the boundary of what the front's cells dominate; rings mark the front's cells.
+            ax.plot(latency[front], y[front], color=_BAR, linewidth=1.2, drawstyle="steps-post", zorder=2)
+            ax.plot(latency[front], y[front], color=_BAR, linestyle="none", marker="o", markersize=10,
+                    markerfacecolor="none", markeredgewidth=1.0, label="Pareto front (*)", zorder=2)
+        if passing.any():
+            ax.scatter(latency[passing], y[passing], s=30, color=_PASS, marker="o", label="passes", zorder=3)
+        if (~passing).any():
+            ax.scatter(latency[~passing], y[~passing], s=40, color=_FAIL, marker="x", linewidths=1.6,
+                       label="fails", zorder=3)
+        picked = [i for i, r in enumerate(shown) if r["cell"] in winners]
+        if picked:
+            ax.scatter(latency[picked], y[picked], s=220, facecolors="none", edgecolors="black", linewidths=1.4,
+                       label="chosen", zorder=4)
+        if budget_ms is not None:
+            ax.axvline(budget_ms, color=_SKIP, linestyle="--", linewidth=1, label=f"budget {budget_ms:g} ms")
+        if latency.size and latency.min() > 0 and latency.max() / latency.min() > 30:  # else linear reads better
+            _log(ax, "x")
+            ax.set_xlim(latency.min() / 1.6, latency.max() * 1.6)
+        else:
+            ax.set_xlim(0, latency.max() * 1.15 if latency.size else 1)
+        if y.size:
+            _log(ax, "y")
+            ax.set_ylim(y.min() / 3, y.max() * 3)
+        ax.set_xlabel("latency per image, p50 (ms)")
+        ax.set_ylabel("max abs vs the reference")
+        figure.suptitle(title, x=left / width, y=1 - 0.08 / height, ha="left", va="top", fontsize=9)
+        if shown:
+            ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=5, fontsize=7,
+                      handletextpad=0.3, columnspacing=1.0, borderaxespad=0.2)
+        # Each label at its point's height in the column, spread apart; a thin line joins them.
+        inches = figure.dpi_scale_trans.inverted()
+        points = [inches.transform(ax.transData.transform((latency[i], y[i]))) for i in range(len(shown))]
+        heights = _spread([p[1] for p in points], gap, bottom + 0.05, height - top)
+        x_text = width - column + 0.3
+        for i, (point, at) in enumerate(zip(points, heights)):
+            ax.annotate(labels[i], xy=(latency[i], y[i]), xycoords="data", xytext=(x_text, at),
+                        textcoords=figure.dpi_scale_trans, fontsize=7, va="center", ha="left",
+                        fontweight="bold" if shown[i]["cell"] in winners else "normal",
+                        color=_PASS if passing[i] else _FAIL, annotation_clip=False,
+                        arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "linewidth": 0.6,
+                                    "shrinkA": 1, "shrinkB": 4})
         return _svg(figure)
