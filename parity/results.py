@@ -482,7 +482,7 @@ class CandidateRun:
 # -- the variant matrix (parity.commands.matrix) ----------------------------------------------------
 
 # Matrix axes that change how the backbone computes, not what it is fed.
-PRECISION_AXES = ("device", "dtype", "tf32", "sdpa", "batch_size")
+PRECISION_AXES = ("device", "dtype", "tf32", "sdpa", "quantize", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -529,6 +529,13 @@ class CellResult:
     cost: CellCost | None = None
     # the cell's embeddings against the batch-size-1 run of the same configuration (batch_size axis)
     batch_comparison: Comparison | None = None
+    # Deployment cells of a spec whose fixture has head outputs: the head run on the cell's embeddings, on
+    # its device and precision, against the fixture's outputs (and against the batch-size-1 run's outputs).
+    outputs: Comparison | None = None
+    batch_outputs: Comparison | None = None
+    # With [decisions]: the largest flip-rate bound over the decision kinds, and the decisions changed.
+    flip_bound: float | None = None
+    flips: int | None = None
 
     def __bool__(self) -> bool:
         return self.status is not Status.FAIL
@@ -606,11 +613,29 @@ class PrecisionRepair:
     after: Comparison | None = None
     confirmed: bool = False
     tried: int = 0
+    # ``dynamic_int8``: ``keep`` names modules left unquantized (float32) instead of kept in float32.
+    quantize: str = "none"
+    # Why the cell failed before and after, beyond ``before``/``after`` (head outputs, decisions); empty when passing.
+    reason_before: str = ""
+    reason_after: str = ""
 
     def code(self) -> str:
-        """The repair as the code that ships: the kept modules cast back to float32 after the model's cast."""
-        calls = "; ".join(f"model.{_attribute_path(name)}.float()" for name in self.keep)
-        return f"model.to(torch.{self.dtype}); {calls}  # and cast each kept module's inputs to float32"
+        """The repair as the code that ships. Names under ``head.`` are the head's modules, others the backbone's."""
+        parts = {"model": [n for n in self.keep if not n.startswith("head.") and n != "head"],
+                 "head": [n.removeprefix("head.") for n in self.keep if n.startswith("head.") or n == "head"]}
+        if self.quantize == "dynamic_int8":
+            calls = []
+            for owner in ("model", "head"):
+                kept = tuple(f"{name}." if name else "" for name in parts[owner])  # "": the whole head
+                spared = (f", **{{n: None for n, _ in {owner}.named_modules() if (n + '.').startswith({kept!r})}}"
+                          if parts[owner] else "")
+                calls.append(f"{owner} = torch.ao.quantization.quantize_dynamic({owner}, {{torch.nn.Linear: "
+                             f"torch.ao.quantization.default_dynamic_qconfig{spared}}}, dtype=torch.qint8)")
+            return "; ".join(calls)
+        calls = "; ".join(f"{owner}{'.' + _attribute_path(name) if name else ''}.float()"
+                          for owner in ("model", "head") for name in parts[owner])
+        return (f"model.to(torch.{self.dtype}); head.to(torch.{self.dtype}); {calls}  "
+                "# and cast each kept module's inputs to float32")
 
 
 def _attribute_path(name: str) -> str:

@@ -997,6 +997,9 @@ def select_candidate(spec: Spec, text: str, *, base: Path) -> Spec:
 
 PRECISIONS = DTYPES + ("autocast_float16", "autocast_bfloat16")
 SDPA_BACKENDS = ("default", "math", "flash", "efficient")
+# ``dynamic_int8``: torch.ao's quantize_dynamic over every nn.Linear of backbone and head (CPU);
+# ``int8``: static int8 through onnxruntime.quantization (the onnxruntime runtime's).
+QUANTIZE_MODES = ("none", "dynamic_int8", "int8")
 # Axis name → accepted values (None: any number in (0, 1]). Order is the order in cell ids. The
 # extract axis takes the extraction modes of the libraries whose vocabulary allows the matrix.
 AXES: dict[str, tuple | None] = {
@@ -1011,6 +1014,7 @@ AXES: dict[str, tuple | None] = {
     "dtype": PRECISIONS,
     "tf32": (False, True),
     "sdpa": SDPA_BACKENDS,
+    "quantize": QUANTIZE_MODES,
     "batch_size": None,
 }
 MAX_MATRIX_BATCH = 4096

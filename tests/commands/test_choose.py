@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,7 @@ from parity.spec import load_spec, parse_axes
 from parity.store.fixtures import load_fixture
 from tests.support.hooked_models import hook_final_norm
 from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
-from tests.support.specs import reseal, write_spec
+from tests.support.specs import replace_reference, write_spec
 
 CPU = {"device": ["cpu"], "dtype": ["float32"]}
 
@@ -48,10 +47,9 @@ def mixing_fixture(tmp_path_factory):
     fixture = load_fixture(fixtures)
     with pytest.MonkeyPatch.context() as patch:
         _mix_over_the_batch(patch)
-        reference = embed_rows(build_pipeline(spec, device="cpu", fingerprints=False), fixture,
-                               range(len(fixture.rows)), batch_size=1)
-    np.save(fixtures / "clip.npy", reference.astype(np.float32))
-    reseal(fixtures)
+        pipeline = build_pipeline(spec, device="cpu", fingerprints=False)
+        reference = embed_rows(pipeline, fixture, range(len(fixture.rows)), batch_size=1)
+    replace_reference(fixtures, pipeline, reference)
     return fixtures
 
 
