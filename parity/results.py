@@ -582,7 +582,7 @@ class Choice:
 
     ``chosen`` maps a device to the id of its fastest passing cell (by per-image p50 latency,
     within ``budget_ms`` when given), or to None when none passes; ``pareto`` lists the ids of the
-    cells that ran and that no other cell beats on both latency p50 and max abs.
+    cells that ran and that no other cell beats on all of latency p50, flip-rate bound and max abs.
     """
 
     report: MatrixReport

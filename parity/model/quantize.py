@@ -34,6 +34,7 @@ def dynamic_int8_copy(module: Any, keep: Sequence[str] = ()) -> Any:
     qconfig.update({name: None for name, _ in model.named_modules() if name and kept(name, keep)})
     if "" in keep:
         return model
-    with warnings.catch_warnings():  # torch announces the quantized tensor types' deprecation on every call
+    with warnings.catch_warnings():  # torch announces torch.ao's deprecation (for torchao) on every call
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
         return torch.ao.quantization.quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=True)
