@@ -178,6 +178,9 @@ FIELDS: dict[str, str | tuple[str, str]] = {
                          "naming batch dependence.",
     "matrix.tf32": "CUDA matmul and cuDNN TF32.",
     "matrix.sdpa": "The attention kernel.",
+    "matrix.quantize": "`none`; `dynamic_int8`: torch.ao `quantize_dynamic` over every `nn.Linear` of backbone and "
+                       "head (CPU, float32 cells); `int8`: static int8 through onnxruntime.quantization, with "
+                       "`runtime = onnxruntime`.",
 }
 
 

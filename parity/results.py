@@ -632,10 +632,14 @@ class PrecisionRepair:
                 calls.append(f"{owner} = torch.ao.quantization.quantize_dynamic({owner}, {{torch.nn.Linear: "
                              f"torch.ao.quantization.default_dynamic_qconfig{spared}}}, dtype=torch.qint8)")
             return "; ".join(calls)
-        calls = "; ".join(f"{owner}{'.' + _attribute_path(name) if name else ''}.float()"
-                          for owner in ("model", "head") for name in parts[owner])
-        return (f"model.to(torch.{self.dtype}); head.to(torch.{self.dtype}); {calls}  "
-                "# and cast each kept module's inputs to float32")
+        # The kept modules are set aside before the cast: cast down and back up, their values would keep the
+        # rounding (or the overflow) of the cell's dtype.
+        kept = [f"{owner}{'.' + _attribute_path(name) if name else ''}" for owner in ("model", "head")
+                for name in parts[owner]]
+        saved = ", ".join(f"copy.deepcopy({e})" for e in kept)
+        back = "; ".join(f"{e} = kept[{i}]" for i, e in enumerate(kept))
+        return (f"kept = [{saved}]; model.to(torch.{self.dtype}); head.to(torch.{self.dtype}); {back}  "
+                f"# and cast each kept module's inputs to float32, its outputs back to {self.dtype}")
 
 
 def _attribute_path(name: str) -> str:

@@ -6,15 +6,17 @@ a passing cell, and a dynamic int8 cell that flips decisions fails on them."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
+import torch
 
 from parity.cli import main
 from parity.commands.matrix import run_matrix
 from parity.commands.repair import module_groups, repair_precision
 from parity.errors import SpecError
 from parity.model.pipeline import build_pipeline
-from parity.model.quantize import INT8_REASON
+from parity.model.quantize import INT8_REASON, dynamic_int8_copy
 from parity.report.console import document, render_text, repair_line
 from parity.report.html import render_html
 from parity.report.markdown import render_markdown
@@ -78,7 +80,8 @@ def test_a_failing_float16_cell_is_repaired_by_keeping_the_head_norm_in_float32(
     repair = repair_precision(spec, dtype="float16", samples=8)
     assert not repair.before or repair.reason_before
     assert repair.keep == ("head.norm",) and repair.confirmed and repair.after and not repair.reason_after
-    assert "head.norm.float()" in repair.code()
+    assert "kept = [copy.deepcopy(head.norm)]; model.to(torch.float16); head.to(torch.float16); head.norm = kept[0]" \
+        in repair.code()
     assert "keep `head.norm` in float32, confirmed by re-running the cell" in repair_line(repair)
 
 
@@ -113,7 +116,23 @@ def test_a_dynamic_int8_cell_that_flips_decisions_fails_and_is_repaired(int8_gra
         assert "flip bound" in text and "out max abs" in text
     repair = repair_precision(spec, dtype="float32", quantize="dynamic_int8", samples=8)
     assert repair.confirmed and "head.fc2" in repair.keep and not repair.reason_after
-    assert "quantize_dynamic(head" in repair.code() and "unquantized" in repair_line(repair)
+    assert "unquantized" in repair_line(repair)
+    # The printed code quantizes exactly what the confirmed cell quantized.
+    pipeline = build_pipeline(spec, fingerprints=False)
+    printed = {"torch": torch, "model": pipeline.backbone, "head": pipeline.head}
+    with warnings.catch_warnings():  # torch.ao announces its move to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exec(repair.code(), printed)  # noqa: S102 - the repair's own code, run as a user would paste it
+    outer = tuple(k.removeprefix("head.") for k in repair.keep if k.startswith("head."))
+    inner = tuple(k for k in repair.keep if not k.startswith("head."))
+    for name in ("model", "head"):
+        expected = dynamic_int8_copy(getattr(build_pipeline(spec, fingerprints=False), "backbone" if name == "model"
+                                             else "head"), inner if name == "model" else outer)
+        assert _quantized(printed[name]) == _quantized(expected)
+
+
+def _quantized(module) -> list[str]:
+    return [n for n, m in module.named_modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__]
 
 
 def test_the_deployment_matrix_runs_on_transformers_but_pixel_axes_are_refused(grader):

@@ -48,7 +48,8 @@ def test_a_failing_bfloat16_cell_is_repaired_by_keeping_the_named_module_in_floa
     repair = repair_precision(load_spec(EXAMPLE_SPEC), dtype="bfloat16", fixtures=lossy_fixture, samples=4)
     assert not repair.before and repair.confirmed and repair.after
     assert repair.keep == ("norm",)
-    assert "model.norm.float()" in repair.code()
+    assert repair.code().startswith("kept = [copy.deepcopy(model.norm)]; model.to(torch.bfloat16); ")
+    assert "; model.norm = kept[0]" in repair.code()
     assert "keep `norm` in float32, confirmed" in repair_line(repair)
 
 
