@@ -376,9 +376,15 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
 
     largest = max(v["batch_size"] for v in passes.values())
     total, step = len(fixture.rows), largest * -(-_CHUNK // largest)  # whole batches of the largest size per chunk
-    for start in range(0, total, step):
+    loaded: list[int] = []
+
+    def load(start: int) -> None:
         engine.load([load_image(row.image, exif_transpose=spec.preprocess.exif_transpose)
                      for row in fixture.rows[start:start + step]], fixture.biases(range(start, min(start + step, total))))
+        loaded[:] = [start]
+
+    for start in range(0, total, step):
+        load(start)
         for key, per_mode in chunks.items():
             if key in impossible:  # already impossible on an earlier chunk
                 continue
@@ -405,6 +411,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
                   for key, per_mode in chunks.items() if key not in impossible}
     head_out = {key: np.concatenate(parts) for key, parts in head_chunks.items() if parts and key not in impossible}
     equivalent: set[tuple[str, ...]] = set()
+    starts: dict[tuple, tuple[Any, Any]] = {}
     for key, group in groups.items():
         if key in impossible:
             continue
@@ -429,7 +436,12 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
                       else Status.FAIL)
             reason = ""
             if (batch is not None and not batch) or (batch_outputs is not None and not batch_outputs):
-                start, module = _batch_start(engine, values, budget, head=cell.deployment and key in head_out)
+                headed_cell = cell.deployment and key in head_out
+                if (key, headed_cell) not in starts:  # cells of one pass share where it starts
+                    if loaded != [0]:  # it is found on the fixture's first images
+                        load(0)
+                    starts[key, headed_cell] = _batch_start(engine, values, budget, head=headed_cell)
+                start, module = starts[key, headed_cell]
                 reason = batch_reason(cell["batch_size"], batch, batch_outputs, start, module)
             reasons = "; ".join(r for r in (reason, "" if verdict is None else verdict.reason) if r)
             results[cell.id] = CellResult(
