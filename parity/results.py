@@ -601,9 +601,12 @@ class Choice:
 class PrecisionRepair:
     """A failing reduced-precision cell, and the modules that kept in float32 make it pass.
 
-    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype,
-    found by bisection over the backbone's module groups; empty with ``confirmed`` False when even
-    every group in float32 does not pass. ``after`` is the confirming re-run of the cell with ``keep``.
+    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype (with
+    ``quantize``: left unquantized while the rest is quantized), found by bisection over the backbone's
+    module groups and then the head's (named ``head.NAME``); empty with ``confirmed`` False when even
+    every group kept does not pass. ``before`` and ``after`` (the confirming re-run of the cell with
+    ``keep``) are the embeddings' comparisons; ``reason_before``/``reason_after`` say how the head's
+    outputs or decisions failed.
     """
 
     cell: str

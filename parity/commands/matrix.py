@@ -10,7 +10,14 @@ Every cell carries its cost (`parity.results.CellCost`): its trunk pass is timed
 after one untimed warm-up batch, ``repeat`` times, and cells that share a pass (extraction modes of
 one configuration) share its timings. With a ``batch_size`` axis each cell is also compared with the
 batch-size-1 run of its configuration (run apart when 1 is not among the values), so an output that
-depends on its batch-mates fails naming batch dependence. Timing never changes a verdict.
+depends on its batch-mates fails naming batch dependence, and the module where it starts
+(`parity.model.layers.first_batch_dependent_module`). Timing never changes a verdict.
+
+Deployment cells (the spec's preprocessing and extraction) also run the spec's head on their
+embeddings when the fixture has head outputs, judged by `parity.commands.deployment` (outputs at the
+cell's budget, decisions as the gate's decisions stage); the head's time counts in the cell's cost.
+The ``quantize`` axis runs ``dynamic_int8`` copies (`parity.model.quantize`). A spec whose backbone or
+preprocessing is not timm's runs a deployment matrix on the pipeline's own pixels.
 """
 
 from __future__ import annotations

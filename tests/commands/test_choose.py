@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,6 +123,10 @@ def test_pareto_front_keeps_cells_no_other_beats_on_both():
 
     assert front([cell("a", 1, 0.1), cell("b", 2, 0.01), cell("c", 3, 0.1), cell("d", 1, 0.1)]) == ("a", "b", "d")
     assert pareto_front is front
+    # the flip-rate bound is a third measure: a slower, no closer cell with fewer flips stays on the front
+    fast, careful = cell("fast", 1, 0.1), cell("careful", 2, 0.1)
+    fast, careful = replace(fast, flip_bound=0.3), replace(careful, flip_bound=0.05)
+    assert front([fast, careful, replace(cell("worse", 3, 0.1), flip_bound=0.05)]) == ("fast", "careful")
 
 
 def test_choose_cli_exit_codes_and_json(tmp_path, capsys):

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from parity.cli import main
+from parity.commands.deployment import describe_module
 from parity.commands.matrix import run_matrix
 from parity.commands.repair import module_groups, repair_precision
 from parity.errors import SpecError
+from parity.model.layers import first_batch_dependent_module
 from parity.model.pipeline import build_pipeline
 from parity.model.quantize import INT8_REASON, dynamic_int8_copy
 from parity.report.console import document, render_text, repair_line
@@ -147,3 +149,22 @@ def test_the_deployment_matrix_runs_on_transformers_but_pixel_axes_are_refused(g
     assert parse_axes({"quantize": ["dynamic_int8"]}, where="t") == {"quantize": ("dynamic_int8",)}
     with pytest.raises(SpecError, match="quantize"):
         parse_axes({"quantize": ["int4"]}, where="t")
+
+
+def test_a_batchnorm_left_in_training_mode_is_named_with_its_mode():
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(6, 5)
+    # features (N, 4 channels, 3 positions): a batch of one still has statistics, over the positions
+    head = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Unflatten(1, (4, 3)), torch.nn.BatchNorm1d(4),
+                               torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    head[2].train()  # the shipped bug: one module back in training mode after .eval()
+    images = torch.randn(4, 6)
+
+    def run(start: int, stop: int) -> None:
+        head(backbone(images[start:stop]))
+
+    start = first_batch_dependent_module({"backbone": backbone, "head": head}, run, 4, atol=1e-5, rtol=1.3e-6)
+    assert start.module == "head.2" and start.max_abs > 1e-2
+    assert describe_module(head[2]).startswith("BatchNorm1d in training mode: it normalises with the batch's")
+    head[2].eval()
+    assert first_batch_dependent_module({"backbone": backbone, "head": head}, run, 4, atol=1e-5, rtol=1.3e-6) is None
