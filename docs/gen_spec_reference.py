@@ -181,8 +181,8 @@ FIELDS: dict[str, str | tuple[str, str]] = {
     "matrix.runtime": "How the backbone is deployed: `eager` (the module), `compile` (`torch.compile`), `onnxruntime` "
                       "(exported to ONNX by parity), `openvino` (the same ONNX file, OpenVINO on CPU); a runtime that "
                       "cannot run a cell here skips it with the reason.",
-    "matrix.quantize": "`none`, `dynamic_int8` (torch's dynamic quantization of Linear layers, runtime eager or "
-                       "compile), `int8` (onnxruntime's static quantization of the exported graph, calibrated on the "
+    "matrix.quantize": "`none`, `dynamic_int8` (torch's dynamic quantization of every `nn.Linear` of backbone and "
+                       "head; CPU float32 cells, runtime eager or compile), `int8` (onnxruntime's static quantization of the exported graph, calibrated on the "
                        "fixture's images; runtime onnxruntime or openvino).",
     "matrix.threads": "Intra-op threads (torch's, onnxruntime's, OpenVINO's), whole numbers in [1, 1024] (default: "
                       "this process's torch threads).",

@@ -529,6 +529,13 @@ class CellResult:
     cost: CellCost | None = None
     # the cell's embeddings against the batch-size-1 run of the same configuration (batch_size axis)
     batch_comparison: Comparison | None = None
+    # Deployment cells of a spec whose fixture has head outputs: the head run on the cell's embeddings, on
+    # its device and precision, against the fixture's outputs (and against the batch-size-1 run's outputs).
+    outputs: Comparison | None = None
+    batch_outputs: Comparison | None = None
+    # With [decisions]: the largest flip-rate bound over the decision kinds, and the decisions changed.
+    flip_bound: float | None = None
+    flips: int | None = None
 
     def __bool__(self) -> bool:
         return self.status is not Status.FAIL
@@ -575,7 +582,7 @@ class Choice:
 
     ``chosen`` maps a device to the id of its fastest passing cell (by per-image p50 latency,
     within ``budget_ms`` when given), or to None when none passes; ``pareto`` lists the ids of the
-    cells that ran and that no other cell beats on both latency p50 and max abs.
+    cells that ran and that no other cell beats on all of latency p50, flip-rate bound and max abs.
     """
 
     report: MatrixReport
@@ -594,9 +601,12 @@ class Choice:
 class PrecisionRepair:
     """A failing reduced-precision cell, and the modules that kept in float32 make it pass.
 
-    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype,
-    found by bisection over the backbone's module groups; empty with ``confirmed`` False when even
-    every group in float32 does not pass. ``after`` is the confirming re-run of the cell with ``keep``.
+    ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype (with
+    ``quantize``: left unquantized while the rest is quantized), found by bisection over the backbone's
+    module groups and then the head's (named ``head.NAME``); empty with ``confirmed`` False when even
+    every group kept does not pass. ``before`` and ``after`` (the confirming re-run of the cell with
+    ``keep``) are the embeddings' comparisons; ``reason_before``/``reason_after`` say how the head's
+    outputs or decisions failed.
     """
 
     cell: str
@@ -606,11 +616,33 @@ class PrecisionRepair:
     after: Comparison | None = None
     confirmed: bool = False
     tried: int = 0
+    # ``dynamic_int8``: ``keep`` names modules left unquantized (float32) instead of kept in float32.
+    quantize: str = "none"
+    # Why the cell failed before and after, beyond ``before``/``after`` (head outputs, decisions); empty when passing.
+    reason_before: str = ""
+    reason_after: str = ""
 
     def code(self) -> str:
-        """The repair as the code that ships: the kept modules cast back to float32 after the model's cast."""
-        calls = "; ".join(f"model.{_attribute_path(name)}.float()" for name in self.keep)
-        return f"model.to(torch.{self.dtype}); {calls}  # and cast each kept module's inputs to float32"
+        """The repair as the code that ships. Names under ``head.`` are the head's modules, others the backbone's."""
+        parts = {"model": [n for n in self.keep if not n.startswith("head.") and n != "head"],
+                 "head": [n.removeprefix("head.") for n in self.keep if n.startswith("head.") or n == "head"]}
+        if self.quantize == "dynamic_int8":
+            calls = []
+            for owner in ("model", "head"):
+                kept = tuple(f"{name}." if name else "" for name in parts[owner])  # "": the whole head
+                spared = (f", **{{n: None for n, _ in {owner}.named_modules() if (n + '.').startswith({kept!r})}}"
+                          if parts[owner] else "")
+                calls.append(f"{owner} = torch.ao.quantization.quantize_dynamic({owner}, {{torch.nn.Linear: "
+                             f"torch.ao.quantization.default_dynamic_qconfig{spared}}}, dtype=torch.qint8)")
+            return "; ".join(calls)
+        # The kept modules are set aside before the cast: cast down and back up, their values would keep the
+        # rounding (or the overflow) of the cell's dtype.
+        kept = [f"{owner}{'.' + _attribute_path(name) if name else ''}" for owner in ("model", "head")
+                for name in parts[owner]]
+        saved = ", ".join(f"copy.deepcopy({e})" for e in kept)
+        back = "; ".join(f"{e} = kept[{i}]" for i, e in enumerate(kept))
+        return (f"kept = [{saved}]; model.to(torch.{self.dtype}); head.to(torch.{self.dtype}); {back}  "
+                f"# and cast each kept module's inputs to float32, its outputs back to {self.dtype}")
 
 
 def _attribute_path(name: str) -> str:

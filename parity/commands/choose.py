@@ -1,11 +1,11 @@
 """`parity choose`: run the deployment matrix and name, per device, the fastest configuration that passes.
 
-The deployment matrix varies only what changes how the backbone computes (device, dtype, batch size
-and, when the spec's ``[matrix]`` lists them, TF32 and the attention kernel), never the
+The deployment matrix varies only what changes how the model computes (device, dtype, batch size
+and, when the spec's ``[matrix]`` lists them, TF32, the attention kernel and quantization), never the
 preprocessing or extraction: those are the spec's. Every cell is judged exactly as `parity matrix`
 judges it (its precision's budget, plus batch dependence), then cells are ranked by their measured
 per-image p50 latency (`parity.results.CellCost`); timing picks among passing cells, it never makes
-one pass.
+one pass. The Pareto front weighs latency against the decisions' flip-rate bound and the max abs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from parity.commands.matrix import run_matrix
 from parity.commands.repair import REPAIRABLE, repair_precision
 from parity.errors import SpecError
+from parity.model.quantize import DYNAMIC_INT8
 from parity.results import CellResult, Choice, MatrixReport, Status
 from parity.spec import Spec
 
@@ -49,8 +50,9 @@ def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None
     Args:
         budget_ms: when given, only cells whose per-image p50 latency is at most this many ms are chosen.
         repeat: timed passes per cell (`run_matrix`).
-        repair: for each CPU float16/bfloat16 cell that drifts from the reference (not from its batch-mates),
-            search the modules to keep in float32 (`parity.commands.repair`), confirmed by re-running the cell.
+        repair: for each CPU float16/bfloat16 (or dynamic_int8) cell that drifts from the reference (not from
+            its batch-mates), search the modules to keep in float32 (or unquantized) (`parity.commands.repair`),
+            confirmed by re-running the cell.
 
     Raises:
         SpecError: a negative budget, or a spec the matrix cannot run.
@@ -71,13 +73,21 @@ def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None
             chosen[name] = result.cell.id
     repairs = []
     if repair:
-        failing = {(r.cell["dtype"], r.cell["batch_size"]) for r in report.cells
-                   if r.status is Status.FAIL and r.cell["device"] == "cpu" and r.cell["dtype"] in REPAIRABLE
-                   and r.comparison is not None and not r.comparison}
-        repairs = [repair_precision(spec, dtype=dtype, fixtures=fixtures, batch_size=size)
-                   for dtype, size in sorted(failing)]
+        failing = {(r.cell["dtype"], r.cell["quantize"], r.cell["batch_size"]) for r in report.cells
+                   if r.status is Status.FAIL and r.cell["device"] == "cpu" and _repairable(r)}
+        repairs = [repair_precision(spec, dtype=dtype, fixtures=fixtures, batch_size=size, quantize=quantize)
+                   for dtype, quantize, size in sorted(failing)]
     return Choice(report=report, chosen=chosen, pareto=pareto_front(report.cells), budget_ms=budget_ms,
                   repairs=tuple(repairs))
+
+
+def _repairable(result: CellResult) -> bool:
+    """A cell that drifts from the reference at reduced precision or quantized, not from its batch-mates."""
+    cell = result.cell
+    reduced = (cell["dtype"] in REPAIRABLE and cell["quantize"] == "none"
+               or cell["quantize"] == DYNAMIC_INT8 and cell["dtype"] == "float32")
+    batched = all(c is None or c for c in (result.batch_comparison, result.batch_outputs))
+    return reduced and batched and result.comparison is not None
 
 
 def _eligible(result: CellResult, budget_ms: float | None) -> bool:
@@ -86,11 +96,12 @@ def _eligible(result: CellResult, budget_ms: float | None) -> bool:
 
 
 def pareto_front(cells: Sequence[CellResult]) -> tuple[str, ...]:
-    """Ids of the cells that ran and that no other cell beats on both p50 latency and max abs (ties kept)."""
+    """Ids of the cells that ran and that no other cell beats on all of p50 latency, flip-rate bound and max abs
+    (ties kept). A cell without a flip-rate bound (no [decisions], no head outputs) counts as 0 on it."""
     ran = [r for r in cells if r.cost is not None and r.comparison is not None and r.comparison.shapes_match]
 
-    def point(r: CellResult) -> tuple[float, float]:
-        return r.cost.latency_p50_ms, r.comparison.max_abs
+    def point(r: CellResult) -> tuple[float, float, float]:
+        return r.cost.latency_p50_ms, r.flip_bound or 0.0, r.comparison.max_abs
 
     front = []
     for r in ran:

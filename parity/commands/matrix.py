@@ -10,13 +10,21 @@ Every cell carries its cost (`parity.results.CellCost`): its trunk pass is timed
 after one untimed warm-up batch, ``repeat`` times, and cells that share a pass (extraction modes of
 one configuration) share its timings. With a ``batch_size`` axis each cell is also compared with the
 batch-size-1 run of its configuration (run apart when 1 is not among the values), so an output that
-depends on its batch-mates fails naming batch dependence. Timing never changes a verdict.
+depends on its batch-mates fails naming batch dependence, and the module where it starts
+(`parity.model.layers.first_batch_dependent_module`). Timing never changes a verdict.
 
-A ``runtime`` other than ``eager`` (or a ``quantize`` other than ``none``) deploys the pass's
-pixels -> embeddings module (`parity.model.batches.extraction_module`) once per runtime, device,
-dtype, quantization and thread count (`parity.model.runtimes.deploy`); its export or compile time is
-the cell's load time, and a deployment that cannot run here skips its cells with the reason. The
-``threads`` axis sets torch's intra-op threads for the cell (restored after) and the runtime's own.
+Deployment cells (the spec's preprocessing and extraction) also run the spec's head on their
+embeddings when the fixture has head outputs, judged by `parity.commands.deployment` (outputs at the
+cell's budget, decisions as the gate's decisions stage); the head's time counts in the cell's cost.
+A spec whose backbone or preprocessing is not timm's runs a deployment matrix on the pipeline's own pixels.
+
+``quantize = "dynamic_int8"`` on the eager runtime runs copies of backbone and head with their Linear
+layers quantized (`parity.model.quantize`). A ``runtime`` other than ``eager`` (or ``quantize =
+"int8"``) deploys the pass's pixels -> embeddings module (`parity.model.batches.extraction_module`)
+once per runtime, device, dtype, quantization and thread count (`parity.model.runtimes.deploy`); its
+export or compile time is the cell's load time, the head runs in torch on the deployed backbone's
+embeddings, and a deployment that cannot run here skips its cells with the reason. The ``threads``
+axis sets torch's intra-op threads for the cell (restored after) and the runtime's own.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from parity.commands.deployment import batch_reason, has_outputs, head_outputs, judge_head
 from parity.judge.arrays import compare_arrays
+from parity.model.layers import first_batch_dependent_module
+from parity.model.quantize import DYNAMIC_INT8, dynamic_int8_copy
 from parity.errors import DeployError, SpecError
 from parity.model.pipeline import build_pipeline
 from parity.store.fixtures import files_version, load_fixture
@@ -43,7 +54,7 @@ from parity.model.batches import extract_deployed, extract_pixels, extraction_mo
 from parity.model.runtimes import Deployed, deploy, refusal
 from parity.libraries import get as library
 from parity.preprocess.transform import create_preprocess
-from parity.results import Cell, CellCost, CellResult, Comparison, MatrixReport, Shard, Status, Tolerance
+from parity.results import Cell, CellCost, CellResult, MatrixReport, Shard, Status, Tolerance
 from parity.store.shards import part_version, shard_fixture
 from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes, vocabulary
 from parity.judge.tolerance import cell_tolerance
@@ -56,19 +67,28 @@ _GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
 _PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
 _CHUNK = 64  # images whose geometry and pixels are held at once
 _TRUNK = _PIXELS + PRECISION_AXES
+_LOCATE_IMAGES = 4  # images of the batch hooked module by module to find where batch dependence starts
 
 
 def _preset_name(mean: Sequence[float], std: Sequence[float]) -> str:
+    if not len(mean):
+        return "spec"
     for name, (m, s) in MEAN_STD_PRESETS.items():
         if np.allclose(m, mean) and np.allclose(s, std):
             return name
     return "spec"
 
 
-def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | None = None) -> dict[str, Any]:
-    """The spec's own value on every axis: the deployment configuration (threads: this process's torch threads)."""
+def base_values(spec: Spec, data_config: Mapping[str, Any] | None, *, device: str | None = None) -> dict[str, Any]:
+    """The spec's own value on every axis: the deployment configuration (threads: this process's torch threads).
+
+    ``data_config`` None: the spec's preprocessing is its library's own (not timm's), whose pixel axes the
+    matrix does not vary; they read ``"spec"``.
+    """
     import torch  # deferred: the matrix's model code needs torch, its grammar does not
 
+    if data_config is None:
+        data_config = {"interpolation": "spec", "crop_pct": 1.0, "mean": (), "std": ()}
     return {
         "extract": spec.backbone.extract,
         "interpolation": data_config["interpolation"],
@@ -88,23 +108,38 @@ def base_values(spec: Spec, data_config: Mapping[str, Any], *, device: str | Non
     }
 
 
-def resolve_data_config(spec: Spec) -> dict[str, Any]:
-    """The preprocessing configuration without building the model (the matrix library's own resolution)."""
+def _timm_passes(spec: Spec) -> bool:
+    """Whether the spec's backbone and preprocessing are the libraries whose shared passes the matrix varies."""
+    return vocabulary(spec.backbone.library).matrix and vocabulary(spec.preprocess.library).matrix
+
+
+def resolve_data_config(spec: Spec) -> dict[str, Any] | None:
+    """The preprocessing configuration without building the model (the matrix library's own resolution);
+    None for another library's preprocessing, which the matrix runs as the pipeline does."""
+    if not _timm_passes(spec):
+        return None
     return library(spec.preprocess.library).data_config(spec)
 
 
-def unsupported(spec: Spec) -> str | None:
-    """Why the matrix cannot run this spec, or ``None``: its shared passes are timm's."""
-    if not (vocabulary(spec.backbone.library).matrix and vocabulary(spec.preprocess.library).matrix):
-        return (f"the variant matrix derives every extraction mode from one timm forward_features pass and every "
-                f"pixel variant from timm's transform; this spec uses {spec.backbone.library} with "
-                f"{spec.preprocess.library} preprocessing. Check deployment choices one spec at a time with "
-                "`parity check`, and preprocessing with `parity explain-preprocess`")
-    return None
+def unsupported(spec: Spec, axes: Mapping[str, Sequence] | None = None) -> str | None:
+    """Why the matrix cannot run this spec over ``axes`` (default: its ``[matrix]``), or ``None``.
+
+    Extraction and pixel variants come from timm's shared passes; a deployment matrix (device, dtype,
+    batch size, TF32, attention kernel, quantization) runs any library, on the pipeline's own pixels.
+    """
+    if _timm_passes(spec):
+        return None
+    varied = [a for a in ("extract",) + _PIXELS if a in dict(spec.matrix if axes is None else axes)]
+    if not varied:
+        return None
+    return (f"the variant matrix derives every extraction mode from one timm forward_features pass and every "
+            f"pixel variant from timm's transform; this spec uses {spec.backbone.library} with "
+            f"{spec.preprocess.library} preprocessing, so only deployment axes (device, dtype, batch_size, tf32, "
+            f"sdpa, quantize) can vary, not {', '.join(varied)}. Check preprocessing with `parity explain-preprocess`")
 
 
-def _require_supported(spec: Spec) -> None:
-    reason = unsupported(spec)
+def _require_supported(spec: Spec, axes: Mapping[str, Sequence] | None = None) -> None:
+    reason = unsupported(spec, axes)
     if reason is not None:
         raise SpecError(f"{spec.path}: {reason}")
 
@@ -114,14 +149,16 @@ def expand_matrix(spec: Spec, axes: Mapping[str, Sequence] | None = None, *, dev
     """All cells of the spec's ``[matrix]`` (or ``axes``); axes not listed keep the spec's value.
 
     Raises:
-        SpecError: the spec's backbone or preprocessing is not timm's (see `unsupported`).
+        SpecError: the axes vary extraction or pixels of a spec whose backbone or preprocessing is not
+            timm's (see `unsupported`).
     """
-    _require_supported(spec)
+    _require_supported(spec, axes)
     axes = dict(spec.matrix if axes is None else axes)
     base = base_values(spec, data_config or resolve_data_config(spec), device=device)
     names = list(AXES)
     choices = [axes.get(name, (base[name],)) for name in names]
-    shown = [n for n in names if n in _ALWAYS_IN_ID or len(axes.get(n, ())) > 1]
+    always = _ALWAYS_IN_ID if _timm_passes(spec) else ("extract", "device", "dtype")
+    shown = [n for n in names if n in always or len(axes.get(n, ())) > 1]
     cells = []
     for combo in itertools.product(*choices):
         values = dict(zip(names, combo))
@@ -142,6 +179,8 @@ def _id_part(axis: str, value: Any) -> str:
         return f"bs{value}"
     if axis == "threads":
         return f"t{value}"
+    if axis == "quantize":
+        return f"q_{value}"
     return str(value)
 
 
@@ -186,8 +225,8 @@ def _torch_threads(threads: int):
 
 
 def _deploys(values: Mapping[str, Any]) -> bool:
-    """Whether the pass runs a deployed module (`parity.model.runtimes`) rather than the eager copy."""
-    return values["runtime"] != "eager" or values["quantize"] != "none"
+    """Whether the pass runs a deployed module (`parity.model.runtimes`) rather than an eager copy."""
+    return values["runtime"] != "eager" or values["quantize"] == "int8"
 
 
 def _deploy_key(values: Mapping[str, Any], modes: Sequence[str]) -> tuple:
@@ -204,15 +243,19 @@ class _Engine:
         self.pipeline, self.batch_size, self.build_s = pipeline, batch_size, build_s
         self.load_s: dict[tuple, float] = {}
         self.library = pipeline.spec.backbone.library
+        self.own_pixels = not _timm_passes(pipeline.spec)
         self.images: list = []
         self.geometry: dict[tuple, Any] = {}
         self.pixels: dict[tuple, Any] = {}
         self.models: dict[tuple, Any] = {}
         self.deployments: dict[tuple, Deployed | DeployError] = {}
         self.warmed: dict[tuple, set[int]] = {}
+        self.heads: dict[tuple, Any] = {}
+        self.biases = np.zeros((0, 0), np.int64)
 
-    def load(self, images: list) -> None:
+    def load(self, images: list, biases: np.ndarray | None = None) -> None:
         self.images = images
+        self.biases = np.zeros((len(images), 0), np.int64) if biases is None else biases
         self.geometry.clear()
         self.pixels.clear()
 
@@ -228,6 +271,10 @@ class _Engine:
 
     def normalized_pixels(self, values: Mapping[str, Any]):
         key = tuple(values[a] for a in _PIXELS)
+        if key not in self.pixels and self.own_pixels:  # the pipeline's own preprocessing, image by image
+            import torch
+
+            self.pixels[key] = torch.stack([self.pipeline.pixels(image) for image in self.images])
         if key not in self.pixels:
             mean, std = MEAN_STD_PRESETS.get(values["mean_std"], (self.pipeline.data_config["mean"],
                                                                   self.pipeline.data_config["std"]))
@@ -237,16 +284,19 @@ class _Engine:
             self.pixels[key] = finish(self.unit_pixels(values))  # per-pixel steps work on a batch too
         return self.pixels[key]
 
-    def model(self, device: str, precision: str):
+    def model(self, device: str, precision: str, quantize: str = "none"):
         import torch
 
         dtype = torch.float32 if precision.startswith("autocast_") else getattr(torch, precision)
-        key = (device, dtype)
+        key = (device, dtype, quantize)
         if key not in self.models:
             own = self.pipeline.backbone
             first = next(own.parameters())
             began = time.perf_counter()
-            if first.device.type == device and first.dtype == dtype:
+            if quantize == DYNAMIC_INT8:
+                self.models[key] = dynamic_int8_copy(own)
+                self.load_s[key] = time.perf_counter() - began
+            elif first.device.type == device and first.dtype == dtype:
                 self.models[key] = own  # the spec's own device and dtype: no copy; its load is the pipeline's build
                 self.load_s[key] = self.build_s
             else:
@@ -296,7 +346,33 @@ class _Engine:
         if _deploys(values):
             found = self.deployments.get(_deploy_key(values, modes))
             return found.load_s if isinstance(found, Deployed) else 0.0
-        return self.load_s.get((values["device"], _model_dtype(values["dtype"])), 0.0)
+        return self.load_s.get((values["device"], _model_dtype(values["dtype"]), values["quantize"]), 0.0)
+
+    def head(self, device: str, precision: str, quantize: str = "none"):
+        """The spec's head on the cell's device, dtype and quantization, its load counted in the model's.
+
+        Only ``dynamic_int8`` quantizes the head: an ``int8`` cell's int8 graph is its deployed backbone,
+        and its head runs unquantized in torch.
+        """
+        dtype = _model_dtype(precision)
+        quantize = quantize if quantize == DYNAMIC_INT8 else "none"
+        key = (device, dtype, quantize)
+        if key not in self.heads:
+            own = self.pipeline.head
+            began = time.perf_counter()
+            self.heads[key] = (dynamic_int8_copy(own) if quantize == DYNAMIC_INT8
+                               else copy.deepcopy(own).to(device, dtype).eval())
+            self.load_s[key] = self.load_s.get(key, 0.0) + time.perf_counter() - began
+        return self.heads[key], dtype
+
+    def outputs(self, values: Mapping[str, Any], embeddings: np.ndarray, *, start: int = 0,
+                timings: list[float] | None = None) -> np.ndarray:
+        """The head's outputs for the cell's embeddings of the chunk's images ``start:``, at its batch size."""
+        head, dtype = self.head(values["device"], values["dtype"], values["quantize"])
+        with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]), \
+                _torch_threads(values["threads"]):
+            return head_outputs(self.pipeline, head, embeddings, self.biases[start:start + len(embeddings)],
+                                device=values["device"], dtype=dtype, batch_size=values["batch_size"], timings=timings)
 
     def embeddings(self, values: Mapping[str, Any], modes: Sequence[str], *, count: int | None = None,
                    timings: list[float] | None = None) -> dict[str, np.ndarray]:
@@ -311,7 +387,7 @@ class _Engine:
                     _torch_threads(values["threads"]):
                 return extract_deployed(deployed, pixels, modes, batch_size=values["batch_size"], timings=timings,
                                         warmed=self.warmed.setdefault(_deploy_key(values, modes), set()))
-        model, dtype = self.model(values["device"], values["dtype"])
+        model, dtype = self.model(values["device"], values["dtype"], values["quantize"])
         with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]), \
                 _torch_threads(values["threads"]):
             return extract_pixels(model, pixels, modes, library=self.library, batch_size=values["batch_size"],
@@ -357,7 +433,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     """
     import torch
 
-    _require_supported(spec)
+    _require_supported(spec, axes)
     root = spec.fixture_root(fixtures)
     fixture = load_fixture(root)
     shard_record = None
@@ -392,29 +468,47 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
             impossible[key] = "CUDA is not available on this machine"
         elif not fixture.rows:
             impossible[key] = "no sample falls in this shard"
+        elif _unquantizable(values):
+            impossible[key] = _unquantizable(values)
         else:
             chunks[key] = {m: [] for m in sorted(modes[key])}
     meters = {key: _Meter() for key in groups}
+    # Deployment cells run the head too when the fixture has its outputs (and so do their batch-size-1 passes).
+    headed = {key for key, group in groups.items() if has_outputs(fixture) and any(c.deployment for c in group)}
+    headed |= {solo_of[key] for key in headed if key in solo_of}
+    head_chunks: dict[tuple, list[np.ndarray]] = {key: [] for key in headed}
+    extract = spec.backbone.extract
 
     largest = max(v["batch_size"] for v in passes.values())
     total, step = len(fixture.rows), largest * -(-_CHUNK // largest)  # whole batches of the largest size per chunk
-    for start in range(0, total, step):
+    loaded: list[int] = []
+
+    def load(start: int) -> None:
         engine.load([load_image(row.image, exif_transpose=spec.preprocess.exif_transpose)
-                     for row in fixture.rows[start:start + step]])
+                     for row in fixture.rows[start:start + step]], fixture.biases(range(start, min(start + step, total))))
+        loaded[:] = [start]
+
+    for start in range(0, total, step):
+        load(start)
         for key, per_mode in chunks.items():
             if key in impossible:  # already impossible on an earlier chunk
                 continue
             values, meter = passes[key], meters.get(key)
+            head = extract if key in headed else None
             try:
                 if meter is None:  # a batch-size-1 pass kept only to compare with: untimed
                     out = engine.embeddings(values, list(per_mode))
+                    outputs = None if head is None else engine.outputs(values, out[head])
                 else:
-                    out = _timed(engine, values, list(per_mode), meter, repeat)
+                    out, outputs = _timed(engine, values, list(per_mode), meter, repeat, head=head)
                 for mode, array in out.items():
                     per_mode[mode].append(array)
+                if outputs is not None:
+                    head_chunks[key].append(outputs)
             except DeployError as e:
                 impossible[key] = f"cannot deploy: {e}"
-            except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. lanczos on tensors without antialias
+            # e.g. lanczos on tensors without antialias; a head's input_biases outside its embedding table
+            except (ValueError, RuntimeError, NotImplementedError, IndexError) as e:
                 impossible[key] = f"not possible here: {e}"
         if progress:
             progress(min(start + step, total), total)
@@ -423,23 +517,45 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
         results.update({c.id: CellResult(c, Status.SKIP, reason=reason) for c in groups.get(key, ())})
     embeddings = {key: {mode: np.concatenate(parts) for mode, parts in per_mode.items()}
                   for key, per_mode in chunks.items() if key not in impossible}
+    head_out = {key: np.concatenate(parts) for key, parts in head_chunks.items() if parts and key not in impossible}
     equivalent: set[tuple[str, ...]] = set()
+    starts: dict[tuple, tuple[Any, Any]] = {}
     for key, group in groups.items():
         if key in impossible:
             continue
         equivalent |= _identical_modes(embeddings[key])
-        cost = meters[key].cost(passes[key], images=total, repeat=repeat,
-                                load_s=engine.load_seconds(passes[key], list(chunks[key])))
+        values = passes[key]
+        cost = meters[key].cost(values, images=total, repeat=repeat, load_s=engine.load_seconds(values, list(chunks[key])))
         solo = embeddings.get(solo_of.get(key))
         for cell in group:
-            budget = tolerance or cell_tolerance(spec, cell["dtype"])
+            budget = tolerance or cell_tolerance(spec, cell["dtype"], quantize=cell["quantize"])
             array = embeddings[key][cell["extract"]]
             comparison = compare_arrays(array, fixture.embeddings, names=fixture.names, cosine=True, tolerance=budget)
             batch = None if solo is None else compare_arrays(array, solo[cell["extract"]], names=fixture.names,
                                                             cosine=True, tolerance=budget)
-            status = Status.PASS if comparison and (batch is None or batch) else Status.FAIL
-            results[cell.id] = CellResult(cell, status, comparison, reason=_batch_reason(cell, batch),
-                                          cost=cost, batch_comparison=batch)
+            verdict = None
+            if cell.deployment and key in head_out:
+                verdict = judge_head(spec, fixture, dict(cell.values), head_out[key], embeddings=array,
+                                     embedding_comparison=comparison, solo_outputs=head_out.get(solo_of.get(key)),
+                                     tolerance=tolerance)
+            batch_outputs = None if verdict is None else verdict.batch_outputs
+            status = (Status.PASS if comparison and (batch is None or batch) and (verdict is None or verdict.passed)
+                      else Status.FAIL)
+            reason = ""
+            if (batch is not None and not batch) or (batch_outputs is not None and not batch_outputs):
+                headed_cell = cell.deployment and key in head_out
+                if (key, headed_cell) not in starts:  # cells of one pass share where it starts
+                    if loaded != [0]:  # it is found on the fixture's first images
+                        load(0)
+                    starts[key, headed_cell] = _batch_start(engine, values, budget, head=headed_cell)
+                start, module = starts[key, headed_cell]
+                reason = batch_reason(cell["batch_size"], batch, batch_outputs, start, module)
+            reasons = "; ".join(r for r in (reason, "" if verdict is None else verdict.reason) if r)
+            results[cell.id] = CellResult(
+                cell, status, comparison, reason=reasons, cost=cost, batch_comparison=batch,
+                outputs=None if verdict is None else verdict.outputs, batch_outputs=batch_outputs,
+                flip_bound=None if verdict is None else verdict.flip_bound,
+                flips=None if verdict is None else verdict.flips)
     varied = tuple(a for a in AXES if len({c[a] for c in cells}) > 1)
     return MatrixReport(spec=str(spec.path), fixtures=str(root), cells=tuple(results[c.id] for c in cells),
                         axes=varied, equivalent_modes=tuple(sorted(equivalent)), reference_dtype=spec.runtime.dtype,
@@ -458,8 +574,9 @@ def _model_dtype(precision: str):
 
 
 def _timed(engine: _Engine, values: Mapping[str, Any], modes: list[str], meter: _Meter,
-           repeat: int) -> dict[str, np.ndarray]:
-    """The pass's embeddings for the chunk, timed batch by batch ``repeat`` times.
+           repeat: int, *, head: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The pass's embeddings for the chunk (and with ``head``, the extraction mode the head takes, its
+    outputs), timed batch by batch ``repeat`` times, a batch's head call counted in its time.
 
     The pass's very first batch is its warm-up (first-call allocations, kernel choice): its outputs
     count, its time does not. A pass of one batch is run once more to have a timed one.
@@ -470,12 +587,17 @@ def _timed(engine: _Engine, values: Mapping[str, Any], modes: list[str], meter: 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    out = None
+    out = outputs = None
     count, size = len(engine.images), values["batch_size"]
     runs = repeat + (1 if not meter.warm and count <= size else 0)
     for _ in range(runs):
         seconds: list[float] = []
         result = engine.embeddings(values, modes, timings=seconds)
+        if head is not None:
+            head_seconds: list[float] = []
+            produced = engine.outputs(values, result[head], timings=head_seconds)
+            outputs = produced if outputs is None else outputs
+            seconds = [a + b for a, b in zip(seconds, head_seconds)]
         images = [min(size, count - start) for start in range(0, count, size)]
         if not meter.warm:
             seconds, images, meter.warm = seconds[1:], images[1:], True
@@ -484,18 +606,45 @@ def _timed(engine: _Engine, values: Mapping[str, Any], modes: list[str], meter: 
         out = result if out is None else out
     if cuda:
         meter.cuda_peak = max(meter.cuda_peak or 0.0, torch.cuda.max_memory_allocated() / 2 ** 20)
-    return out
+    return out, outputs
 
 
-def _batch_reason(cell: Cell, batch: Comparison | None) -> str:
-    """Names batch dependence when the cell's outputs differ from its batch-size-1 run beyond its budget."""
-    if batch is None or batch:
-        return ""
-    worst = f"max abs {batch.max_abs:.3g}" if batch.shapes_match else "shapes differ"
-    return (f"batch dependence: at batch size {cell['batch_size']} the same images' embeddings differ from the "
-            f"batch-size-1 run of this configuration ({worst}, {batch.mismatched} of {batch.total} values beyond "
-            f"the budget): an output depends on its batch-mates (a module reducing over the batch, e.g. BatchNorm "
-            f"in training mode or a norm taken over the whole batch)")
+def _unquantizable(values: Mapping[str, Any]) -> str:
+    """Why a pass's quantization cannot run here, or ``""``."""
+    quantize = values["quantize"]
+    if quantize == DYNAMIC_INT8 and values["device"] != "cpu":
+        return "dynamic_int8 (torch.ao.quantization.quantize_dynamic) runs on the CPU only"
+    if quantize == DYNAMIC_INT8 and values["dtype"] != "float32":
+        return f"dynamic_int8 quantizes a float32 model (its int8 Linear layers take float32 inputs), not {values['dtype']}"
+    return ""
+
+
+def _batch_start(engine: _Engine, values: Mapping[str, Any], budget: Tolerance, *, head: bool) -> tuple[Any, Any]:
+    """Where batch dependence starts: the first module (backbone, then head) whose outputs for the chunk's first
+    images differ between one batch and the images alone, and that module; ``(None, None)`` when none does."""
+    count = min(values["batch_size"], len(engine.images), _LOCATE_IMAGES)
+    if count < 2:
+        return None, None
+    pixels = engine.normalized_pixels(values)
+    model, dtype = engine.model(values["device"], values["dtype"], values["quantize"])
+    parts = {"backbone": model}
+    if head:
+        parts["head"] = engine.head(values["device"], values["dtype"], values["quantize"])[0]
+    extract = engine.pipeline.spec.backbone.extract
+
+    def run(start: int, stop: int) -> None:
+        with _precision_context(values["device"], values["dtype"], values["tf32"], values["sdpa"]):
+            out = extract_pixels(model, pixels[start:stop], [extract], library=engine.library, batch_size=stop - start,
+                                 device=values["device"], dtype=dtype, normalize=engine.pipeline.spec.backbone.normalize)
+        if head:
+            one = dict(values, batch_size=stop - start)
+            engine.outputs(one, out[extract], start=start)
+
+    start = first_batch_dependent_module(parts, run, count, atol=budget.atol, rtol=budget.rtol)
+    if start is None:
+        return None, None
+    prefix, _, name = start.module.partition(".")
+    return start, parts[prefix].get_submodule(name)
 
 
 def _identical_modes(embeddings: Mapping[str, np.ndarray]) -> set[tuple[str, ...]]:

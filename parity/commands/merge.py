@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -272,13 +273,30 @@ def _merge_matrices(reports: Sequence[MatrixReport], position) -> MatrixReport:
             cells.append(next((p for p in parts if "no sample falls" not in p.reason), parts[0]))
             continue
         comparison = merge_comparisons(compared, position)
-        cells.append(CellResult(parts[0].cell, Status.PASS if comparison else Status.FAIL, comparison))
+        ran = [p for p in parts if p.comparison is not None]
+        merged = {name: _merged([getattr(p, name) for p in ran], position)
+                  for name in ("batch_comparison", "outputs", "batch_outputs")}
+        # A part that failed on what is not merged here (its decisions) fails the cell. Flip-rate bounds are
+        # about each part's share: the merged cell keeps the changed decisions, not a bound.
+        passed = comparison and all(p.status is Status.PASS for p in ran) and all(
+            c is None or c for c in merged.values())
+        flips = [p.flips for p in ran if p.flips is not None]
+        reason = "; ".join(dict.fromkeys(f"{p.reason}" for p in ran if p.reason))
+        cells.append(CellResult(parts[0].cell, Status.PASS if passed else Status.FAIL, comparison, reason=reason,
+                                flips=sum(flips) if flips else None, **merged))
     if len({len(r.cells) for r in reports}) > 1:
         raise SpecError("the partial matrix reports have different cells: run every shard with the same axes")
     equivalent = set(reports[0].equivalent_modes)
     for report in reports[1:]:
         equivalent &= set(report.equivalent_modes)
     return replace(reports[0], cells=tuple(cells), equivalent_modes=tuple(sorted(equivalent)), shard=None)
+
+
+def _merged(comparisons: Sequence[Any], position) -> Any:
+    """The parts' comparisons merged, or None when a part has none."""
+    if not comparisons or any(c is None for c in comparisons):
+        return None
+    return merge_comparisons(list(comparisons), position)
 
 
 def _merge_diagnoses(parts: Sequence[Diagnosis], shards: Sequence[Shard], position) -> Diagnosis:

@@ -1,7 +1,8 @@
-"""Mixed-precision repair: which backbone modules to keep in float32 so a failing float16/bfloat16 cell passes.
+"""Mixed-precision repair: which modules to keep in float32 so a failing float16/bfloat16 cell passes, or
+unquantized so a failing dynamic_int8 cell passes.
 
 Like Polygraphy's ``debug precision`` for TensorRT, but on the spec's own torch model: the backbone's
-module groups (its top-level children, with each block of a ``Sequential``/``ModuleList`` apart), in
+and then the head's module groups (its top-level children, with each block of a ``Sequential``/``ModuleList`` apart), in
 data order, are all kept in float32 first; then halves, quarters, ... down to single groups are put
 back into the cell's dtype wherever the cell still passes. A kept module runs in float32 on inputs
 cast up, and its outputs are cast back down, as the shipped code would run it. The kept set is
@@ -17,32 +18,48 @@ from typing import Any
 
 import numpy as np
 
+from parity.commands.deployment import HeadVerdict, has_outputs, head_outputs, judge_head
 from parity.errors import SpecError
 from parity.judge.arrays import compare_arrays
 from parity.judge.tolerance import cell_tolerance
 from parity.model.batches import extract_pixels
 from parity.model.pipeline import build_pipeline
+from parity.model.quantize import DYNAMIC_INT8, dynamic_int8_copy
 from parity.results import Comparison, PrecisionRepair
 from parity.spec import Spec
 from parity.store.fixtures import load_fixture
 from parity.store.images import load_image
 
-__all__ = ["REPAIRABLE", "module_groups", "repair_precision"]
+__all__ = ["REPAIRABLE", "module_groups", "mixed_copy", "repair_precision"]
 
 REPAIRABLE = ("float16", "bfloat16")
 
 
 def module_groups(model: Any) -> list[str]:
-    """The backbone's module groups in data order (registration order), each holding parameters."""
+    """A model's module groups in data order (registration order), each holding parameters: its children,
+    each block of a ``Sequential``/``ModuleList`` apart, looking through a wrapper that holds one child
+    (transformers' ``vision_model``) and into a child that holds the blocks (its ``encoder.layers``)."""
     import torch
 
-    groups = []
-    for name, child in model.named_children():
-        if isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)):
-            groups += [f"{name}.{inner}" for inner, block in child.named_children()
-                       if next(block.parameters(), None) is not None]
-        elif next(child.parameters(), None) is not None:
-            groups.append(name)
+    blocks = (torch.nn.Sequential, torch.nn.ModuleList)
+
+    def holds(module: Any) -> bool:
+        return next(module.parameters(), None) is not None
+
+    groups: list[str] = []
+
+    def walk(module: Any, prefix: str) -> None:
+        children = [(name, child) for name, child in module.named_children() if holds(child)]
+        for name, child in children:
+            inner = [c for c in child.children() if holds(c)]
+            if isinstance(child, blocks):
+                groups.extend(f"{prefix}{name}.{n}" for n, block in child.named_children() if holds(block))
+            elif inner and (len(children) == 1 or any(isinstance(c, blocks) for c in inner)):
+                walk(child, f"{prefix}{name}.")
+            else:
+                groups.append(f"{prefix}{name}")
+
+    walk(model, "")
     return groups
 
 
@@ -62,9 +79,13 @@ def mixed_copy(model: Any, dtype, keep: Sequence[str]) -> Any:
     """A copy of ``model`` in ``dtype`` with the ``keep`` modules in float32, inputs cast up and outputs down."""
     import torch
 
-    mixed = copy.deepcopy(model).to(dtype).eval()
+    mixed = copy.deepcopy(model)
+    # The kept modules' own float32 values: a cast down and back up would keep their rounding (or overflow).
+    own = {name: {k: v.clone() for k, v in mixed.get_submodule(name).state_dict().items()} for name in keep}
+    mixed = mixed.to(dtype).eval()
     for name in keep:
         module = mixed.get_submodule(name).float()
+        module.load_state_dict(own[name], strict=True)
         module.register_forward_pre_hook(lambda _m, args: _cast(args, torch.float32))
         # registered after any hook the model already has: the module's own hooks run in float32 too
         module.register_forward_hook(lambda _m, _args, out: _cast(out, dtype))
@@ -72,61 +93,99 @@ def mixed_copy(model: Any, dtype, keep: Sequence[str]) -> Any:
 
 
 def repair_precision(spec: Spec, *, dtype: str, fixtures: str | Path | None = None, batch_size: int | None = None,
-                     samples: int | None = None, progress: Callable[[int], None] | None = None) -> PrecisionRepair:
-    """Find a small set of backbone modules to keep in float32 so the deployment cell at ``dtype`` passes (CPU).
+                     samples: int | None = None, progress: Callable[[int], None] | None = None,
+                     quantize: str = "none") -> PrecisionRepair:
+    """Find a small set of modules to keep in float32 (or unquantized) so the deployment cell passes (CPU).
+
+    The cell is judged as `parity.commands.matrix` judges a deployment cell: its embeddings, and when the
+    fixture has head outputs, the head's outputs and decisions. The module groups are the backbone's and,
+    then, the head's (named ``head.NAME``).
 
     Args:
-        dtype: the cell's precision (float16 or bfloat16).
+        dtype: the cell's precision (float16 or bfloat16; float32 with ``quantize``).
         batch_size: images per backbone call (default ``[runtime].batch_size``).
         samples: search on the fixture's first ``samples`` samples only (quicker); the confirming re-run
             uses every sample.
         progress: called with the number of trials run so far.
+        quantize: ``dynamic_int8``: the cell quantizes every Linear; kept modules stay unquantized.
 
     Raises:
-        SpecError: ``dtype`` is not a reduced precision.
+        SpecError: ``dtype`` is not a reduced precision (nor float32 with dynamic_int8).
     """
     import torch
 
-    if dtype not in REPAIRABLE:
+    if quantize == DYNAMIC_INT8:
+        if dtype != "float32":
+            raise SpecError(f"a dynamic_int8 repair keeps modules unquantized in a float32 cell, not {dtype!r}")
+    elif quantize != "none":
+        raise SpecError(f"a repair keeps modules unquantized for a {DYNAMIC_INT8} cell, not {quantize!r}")
+    elif dtype not in REPAIRABLE:
         raise SpecError(f"a precision repair keeps modules in float32 for a {' or '.join(REPAIRABLE)} cell, "
                         f"not {dtype!r}")
     fixture = load_fixture(spec.fixture_root(fixtures))
     pipeline = build_pipeline(spec, device="cpu", fingerprints=False)
     pixels = torch.stack([pipeline.preprocess(load_image(row.image, exif_transpose=spec.preprocess.exif_transpose))
                           for row in fixture.rows])
-    own, target, budget = pipeline.backbone, getattr(torch, dtype), cell_tolerance(spec, dtype)
+    own, target = pipeline.backbone, getattr(torch, dtype)
+    budget = cell_tolerance(spec, dtype, quantize=quantize)
+    values = {"dtype": dtype, "quantize": quantize}
     size = batch_size or spec.runtime.batch_size
+    headed = has_outputs(fixture)
+    groups = module_groups(own) + ([f"head.{g}" for g in module_groups(pipeline.head) or [""]] if headed else [])
+    biases = fixture.biases()
+    extract = spec.backbone.extract
     tried = 0
 
-    def judge(keep: Sequence[str], count: int | None = samples) -> Comparison:
+    def copies(keep: Sequence[str]) -> tuple[Any, Any]:
+        inner = [k for k in keep if not k.startswith("head.")]
+        outer = [k.removeprefix("head.") for k in keep if k.startswith("head.")]
+        if quantize == DYNAMIC_INT8:
+            return dynamic_int8_copy(own, inner), dynamic_int8_copy(pipeline.head, outer)
+        return mixed_copy(own, target, inner), mixed_copy(pipeline.head, target, outer)
+
+    def judge(keep: Sequence[str], count: int | None = samples) -> tuple[Comparison, HeadVerdict | None]:
         nonlocal tried
         tried += 1
         if progress:
             progress(tried)
-        out = extract_pixels(mixed_copy(own, target, keep), pixels[:count], [spec.backbone.extract],
-                             library=pipeline.spec.backbone.library, batch_size=size, device="cpu", dtype=target,
-                             normalize=spec.backbone.normalize)[spec.backbone.extract]
-        return compare_arrays(np.asarray(out), fixture.embeddings[:count], names=list(fixture.names)[:count],
-                              cosine=True, tolerance=budget)
+        backbone, head = copies(keep)
+        rows = fixture.subset(range(len(fixture.rows))[:count])
+        out = extract_pixels(backbone, pixels[:count], [extract], library=spec.backbone.library, batch_size=size,
+                             device="cpu", dtype=target, normalize=spec.backbone.normalize)[extract]
+        comparison = compare_arrays(np.asarray(out), rows.embeddings, names=rows.names, cosine=True, tolerance=budget)
+        if not headed:
+            return comparison, None
+        outputs = head_outputs(pipeline, head, out, biases[:count], device="cpu", dtype=target, batch_size=size)
+        return comparison, judge_head(spec, rows, values, outputs, embeddings=out, embedding_comparison=comparison)
 
-    cell = f"{spec.backbone.extract}-cpu-{dtype}-bs{size}"
+    def passes(judged: tuple[Comparison, HeadVerdict | None]) -> bool:
+        comparison, verdict = judged
+        return bool(comparison) and (verdict is None or verdict.passed)
+
+    def reason(judged: tuple[Comparison, HeadVerdict | None]) -> str:
+        return "" if judged[1] is None else judged[1].reason
+
+    cell = f"{extract}-cpu-{dtype}" + (f"-q_{quantize}" if quantize != "none" else "") + f"-bs{size}"
+    found = dict(dtype=dtype, quantize=quantize)
     before = judge((), None)
-    if before:
-        return PrecisionRepair(cell, dtype, before, (), before, confirmed=True, tried=tried)
-    keep = module_groups(own)
-    if not judge(keep):  # parameters outside every group (position embeddings, tokens) stay reduced
-        return PrecisionRepair(cell, dtype, before, (), None, confirmed=False, tried=tried)
+    if passes(before):
+        return PrecisionRepair(cell, before=before[0], keep=(), after=before[0], confirmed=True, tried=tried, **found)
+    keep = list(groups)
+    if not passes(judge(keep)):  # parameters outside every group (position embeddings, tokens) stay reduced
+        return PrecisionRepair(cell, before=before[0], keep=(), after=None, confirmed=False, tried=tried,
+                               reason_before=reason(before), **found)
     chunk = max(1, len(keep) // 2)
     while True:
         start = 0
         while start < len(keep):
             trial = keep[:start] + keep[start + chunk:]
-            if trial != keep and judge(trial):
+            if trial != keep and passes(judge(trial)):
                 keep = trial
             else:
                 start += chunk
         if chunk == 1:
             break
         chunk = max(1, chunk // 2)
-    after = judge(keep, None)  # the confirming re-run: a fresh copy, every sample
-    return PrecisionRepair(cell, dtype, before, tuple(keep), after, confirmed=bool(after), tried=tried)
+    after = judge(keep, None)  # the confirming re-run: fresh copies, every sample
+    return PrecisionRepair(cell, before=before[0], keep=tuple(keep), after=after[0], confirmed=passes(after),
+                           tried=tried, reason_before=reason(before), reason_after=reason(after), **found)

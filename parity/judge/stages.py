@@ -20,9 +20,10 @@ from parity.store.fixtures import Fixture
 from parity.results import CandidateRun, DecisionFlips, Finding, StageResult, Status, TensorDiff, Tolerance
 from parity.store.forensics import propose_key_fix
 from parity.store.sampling import sample_notes
-from parity.spec import DEFAULT_LIBRARY, Spec
+from parity.spec import DEFAULT_LIBRARY, DecisionsSpec, Spec
 
-__all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "verification_band"]
+__all__ = ["STAGE_ORDER", "compare_run", "recorded_library", "decode_stage", "decisions_stage", "decision_flips",
+           "verification_band"]
 
 STAGE_ORDER = ("load", "weights", "decode", "pixels", "embedding", "head", "outputs", "decisions")
 # Runners whose head stage runs the head module itself (the one found in the app, handler, Gradio app or
@@ -169,27 +170,43 @@ def _decision_stage(spec: Spec, fixture: Fixture, stages: Mapping[str, StageResu
     if not run.rows:
         return StageResult("decisions", Status.SKIP, "not run: no sample reached the candidate's outputs")
     kept = list(run.rows)
-    names = [fixture.rows[i].name for i in kept]
+    out_cmp, emb_cmp = stages["outputs"].comparison, stages["embedding"].comparison
+    comparable = run.outputs is not None and out_cmp is not None and out_cmp.shapes_match
+    found, skipped = decision_flips(
+        wanted, [fixture.rows[i].name for i in kept], outputs=(run.outputs, outputs[kept] if comparable else None, out_cmp),
+        embeddings=(run.embeddings, fixture.embeddings[kept], emb_cmp))
+    return decisions_stage(found, skipped, wanted.max_flip_rate, sample_notes(fixture))
+
+
+def decision_flips(wanted: DecisionsSpec, names: Sequence[str], *, outputs: tuple, embeddings: tuple
+                   ) -> tuple[list[DecisionFlips], list[str]]:
+    """The flips of every decision ``wanted`` names, and the kinds that could not be checked (and why).
+
+    Args:
+        outputs: ``(candidate, reference, comparison)`` of the head outputs; the comparison's budget is the
+            near-tie band. A candidate or comparison of None (or of another shape) is not comparable.
+        embeddings: the same for the embeddings (verification decisions).
+    """
     found: list[DecisionFlips] = []
     skipped: list[str] = []
-    out_cmp = stages["outputs"].comparison
+    got, ref, out_cmp = outputs
     if wanted.threshold is not None or wanted.argmax:
-        if run.outputs is None or out_cmp is None or not out_cmp.shapes_match:
+        if got is None or out_cmp is None or not out_cmp.shapes_match:
             skipped.append("no comparable outputs")
         else:
-            ref, band = outputs[kept], out_cmp.tolerance.atol
+            band = out_cmp.tolerance.atol
             if wanted.threshold is not None:
-                found.append(threshold_flips(wanted.threshold, run.outputs, ref, band, names))
+                found.append(threshold_flips(wanted.threshold, got, ref, band, list(names)))
             if wanted.argmax:
-                found.append(argmax_flips(run.outputs, ref, band, names))
+                found.append(argmax_flips(got, ref, band, list(names)))
     if wanted.verification_threshold is not None:
-        emb_cmp = stages["embedding"].comparison
-        if run.embeddings is None or emb_cmp is None or not emb_cmp.shapes_match:
+        got, ref, emb_cmp = embeddings
+        if got is None or emb_cmp is None or not emb_cmp.shapes_match:
             skipped.append("no comparable embeddings")
         else:
-            found.append(verification_flips(wanted.verification_threshold, run.embeddings,
-                                             fixture.embeddings[kept], verification_band(emb_cmp.tolerance), names))
-    return decisions_stage(found, skipped, wanted.max_flip_rate, sample_notes(fixture))
+            found.append(verification_flips(wanted.verification_threshold, got, ref,
+                                             verification_band(emb_cmp.tolerance), list(names)))
+    return found, skipped
 
 
 def verification_band(tolerance: Tolerance) -> float:

@@ -28,6 +28,8 @@ MAX_MARGIN = 100.0
 # (another version of the data, another model), and storing them would let real drift pass.
 MAX_RELATIVE_NOISE = 0.05  # budget atol / the stage's largest reference magnitude
 MAX_COSINE_GAP = 0.01  # 1 - budget min_cosine
+# The budget of a quantized matrix cell is this dtype's default.
+QUANTIZED_BUDGET_DTYPE = "bfloat16"
 
 
 def _number(value: Any, what: str, source: str, *, low: float = 0.0, high: float = math.inf) -> float:
@@ -115,14 +117,17 @@ def stage_tolerance(spec: Spec, fixture: Fixture, stage: str, *,
     return default_tolerance(stage, reference_dtype(fixture))
 
 
-def cell_tolerance(spec: Spec, precision: str) -> Tolerance:
-    """A matrix cell's embedding budget: its precision's default, never tighter than the float32 reference's own.
+def cell_tolerance(spec: Spec, precision: str, stage: str = "embedding", *, quantize: str = "none") -> Tolerance:
+    """A matrix cell's budget for ``stage`` (``embedding`` or ``outputs``): its precision's default, never
+    tighter than the float32 reference's own.
 
-    At the spec's own dtype the spec's explicit embedding budget applies, as in the gate.
+    At the spec's own dtype, unquantized, the spec's explicit budget for the stage applies, as in the gate.
+    A quantized cell (8-bit integers) gets bfloat16's default: the same 8 significant bits.
     """
-    dtype = precision.removeprefix("autocast_")
-    if dtype == spec.runtime.dtype and "embedding" in spec.tolerances:
-        return spec.tolerances["embedding"]
-    own, floor = default_tolerance("embedding", dtype), default_tolerance("embedding", "float32")
-    return Tolerance(atol=max(own.atol, floor.atol), rtol=max(own.rtol, floor.rtol),
-                     min_cosine=min(own.min_cosine, floor.min_cosine), origin=own.origin)
+    dtype = QUANTIZED_BUDGET_DTYPE if quantize != "none" else precision.removeprefix("autocast_")
+    if quantize == "none" and dtype == spec.runtime.dtype and stage in spec.tolerances:
+        return spec.tolerances[stage]
+    own, floor = default_tolerance(stage, dtype), default_tolerance(stage, "float32")
+    cosine = None if own.min_cosine is None else min(own.min_cosine, floor.min_cosine)
+    origin = own.origin if quantize == "none" else f"{quantize}: {own.origin} (8 significant bits)"
+    return Tolerance(atol=max(own.atol, floor.atol), rtol=max(own.rtol, floor.rtol), min_cosine=cosine, origin=origin)

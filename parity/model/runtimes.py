@@ -30,6 +30,7 @@ import numpy as np
 
 from parity.errors import DeployError, SpecError
 from parity.extras import require
+from parity.model.quantize import dynamic_int8_copy
 from parity.spec import QUANTIZATIONS, RUNTIMES
 
 __all__ = ["RUNTIMES", "QUANTIZATIONS", "Deployed", "deploy", "refusal"]
@@ -108,8 +109,6 @@ def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, 
         DeployError: the combination is refused (with the reason), the runtime is not installed, or the
             export, quantization or compilation failed (with the library's own message).
     """
-    import torch  # deferred: this module is imported where torch is not needed yet
-
     first = example[0]
     reason = refusal(runtime, quantize, device=first.device.type, precision=precision)
     if reason is not None:
@@ -118,10 +117,7 @@ def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, 
     began = time.perf_counter()
     if runtime in ("eager", "compile"):
         if quantize == "dynamic_int8":
-            with warnings.catch_warnings():
-                # torch deprecates torch.ao quantization in favour of torchao, not installed here: a known notice.
-                warnings.simplefilter("ignore")
-                module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+            module = dynamic_int8_copy(module)
         call = _torch_call(module if runtime == "eager" else _compiled(module), first.device, first.dtype)
         if runtime == "compile":
             _first_call(call, example)  # torch.compile compiles on its first call: part of the load

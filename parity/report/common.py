@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["COST_COLUMNS", "cost_cells", "number", "stage_headline", "fixes", "evidence", "first_failure", "cause_rows", "worst_samples", "SHOWN_SAMPLES"]
+__all__ = ["COST_COLUMNS", "cost_cells", "head_cells", "number", "stage_headline", "fixes", "evidence", "first_failure", "cause_rows", "worst_samples", "SHOWN_SAMPLES"]
 
 # Per-sample tables show at most this many rows (the worst), with the count of the rest.
 SHOWN_SAMPLES = 20
@@ -75,3 +75,12 @@ def cost_cells(cost: dict[str, Any] | None) -> tuple[str, str, str]:
     if not cost:
         return ("-", "-", "-")
     return (f"{cost['latency_p50_ms']:.3g}", f"{cost['latency_p95_ms']:.3g}", f"{cost['throughput']:.4g}")
+
+
+def head_cells(cell: dict[str, Any]) -> tuple[str, str]:
+    """A matrix cell's head columns (its JSON form): the outputs' max abs, and the flip-rate bound with the
+    changed decisions in brackets; ``-`` where the cell did not run the head or has no decisions."""
+    outputs = cell.get("outputs")
+    bound = cell.get("flip_bound")
+    return ("-" if not outputs else number(outputs["max_abs"]),
+            "-" if bound is None else f"{100 * bound:.3g} % ({cell.get('flips')})")

@@ -304,7 +304,7 @@ def render_inspection(summary: CheckpointSummary, console: Console, *, key_diff:
 def render_matrix(report: MatrixReport, console: Console) -> None:
     """The sensitivity table: one row per cell, then which axis values reproduce the reference."""
     table = Table(title=f"parity matrix: {Path(report.spec).name}, {len(report.cells)} cells", title_justify="left")
-    for column in ("cell", "role", "max abs", "min cos", "verdict", *COST_COLUMNS):
+    for column in ("cell", "role", "max abs", "min cos", "out max abs", "flip bound", "verdict", *COST_COLUMNS):
         table.add_column(column, no_wrap=True, justify="right" if column in COST_COLUMNS else "left")
     tolerances: dict[str, str] = {}
     for result in report.cells:
@@ -316,8 +316,9 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
             metrics = ((_num(c.max_abs), f"{c.min_cosine:.6f}") if c.shapes_match
                        else (f"shape {list(c.candidate_shape[1:])}", "-"))
         verdict = {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[result.status]
-        table.add_row(result.cell.id, "deploy" if result.cell.deployment else "probe", *metrics,
-                      Text(verdict, style=_STYLE[result.status]), *cost_cells(_plain(result.cost)))
+        outputs = "-" if result.outputs is None else _num(result.outputs.max_abs)
+        table.add_row(result.cell.id, "deploy" if result.cell.deployment else "probe", *metrics, outputs,
+                      _bound(result.flip_bound, result.flips), Text(verdict, style=_STYLE[result.status]), *cost_cells(_plain(result.cost)))
     console.print(table)
     note = cost_note(report)
     if note:
@@ -354,6 +355,7 @@ def choice_rows(choice: Choice) -> list[dict[str, Any]]:
                      "batch_size": r.cell["batch_size"], "p50_ms": r.cost.latency_p50_ms,
                      "p95_ms": r.cost.latency_p95_ms, "throughput": r.cost.throughput,
                      "max_abs": r.comparison.max_abs if r.comparison is not None else None,
+                     "flip_bound": r.flip_bound, "flips": r.flips,
                      "verdict": {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[r.status],
                      "pareto": r.cell.id in choice.pareto, "chosen": r.cell.id in chosen, "reason": r.reason})
     return sorted(rows, key=lambda row: (row["device"], row["p50_ms"]))
@@ -364,12 +366,12 @@ def render_choice(choice: Choice, console: Console) -> None:
     report = choice.report
     table = Table(title=f"parity choose: {Path(report.spec).name}, {len(report.cells)} deployment cells",
                   title_justify="left")
-    for column in ("cell", "p50 ms", "p95 ms", "img/s", "max abs", "verdict", "pareto", "chosen"):
+    for column in ("cell", "p50 ms", "p95 ms", "img/s", "max abs", "flip bound", "verdict", "pareto", "chosen"):
         table.add_column(column, no_wrap=True, justify="right" if column in COST_COLUMNS else "left")
     for row in choice_rows(choice):
         status = {"PASS": Status.PASS, "DRIFT": Status.FAIL, "SKIP": Status.SKIP}[row["verdict"]]
         table.add_row(row["cell"], f"{row['p50_ms']:.3g}", f"{row['p95_ms']:.3g}", f"{row['throughput']:.4g}",
-                      _num(row["max_abs"]) if row["max_abs"] is not None else "-",
+                      _num(row["max_abs"]) if row["max_abs"] is not None else "-", _bound(row["flip_bound"], row["flips"]),
                       Text(row["verdict"], style=_STYLE[status]), "*" if row["pareto"] else "",
                       Text("<- chosen", style="bold green") if row["chosen"] else "")
     console.print(table)
@@ -387,16 +389,22 @@ def render_choice(choice: Choice, console: Console) -> None:
     console.print(Text(choice_line(choice), style="bold green" if choice.passed else "bold red"), soft_wrap=True)
 
 
+def _bound(bound: float | None, flips: int | None) -> str:
+    """A cell's flip-rate bound and changed decisions, e.g. ``4.3 % (0)``; ``-`` without decisions."""
+    return "-" if bound is None else f"{100 * bound:.3g} % ({flips})"
+
+
 def repair_line(repair: PrecisionRepair) -> str:
     """A precision repair in one sentence, with its code, or why none was found."""
-    before = f"max abs {_num(repair.before.max_abs)}"
+    before = f"max abs {_num(repair.before.max_abs)}" + (f"; {repair.reason_before}" if repair.reason_before else "")
+    kept = "unquantized (float32)" if repair.quantize != "none" else "in float32"
     if not repair.keep and repair.confirmed:
         return f"repair {repair.cell}: none needed ({before})"
     if not repair.confirmed:
-        return (f"repair {repair.cell}: no module set found ({before}); even every module group in float32 does "
-                f"not pass, so the drift is in what stays {repair.dtype} outside them (position embeddings, tokens)")
+        return (f"repair {repair.cell}: no module set found ({before}); even every module group {kept} does "
+                f"not pass, so the drift is in what stays outside them (position embeddings, tokens)")
     names = ", ".join(f"`{n}`" for n in repair.keep)
-    return (f"repair {repair.cell} ({before}): keep {names} in float32, confirmed by re-running the cell (max abs "
+    return (f"repair {repair.cell} ({before}): keep {names} {kept}, confirmed by re-running the cell (max abs "
             f"{_num(repair.after.max_abs)}, {repair.tried} trials). Change the shipped code: {repair.code()}")
 
 

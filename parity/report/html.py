@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.report import plots
-from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, first_failure, fixes, number, stage_headline, worst_samples
+from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, head_cells, first_failure, fixes, number, stage_headline, worst_samples
 
 __all__ = ["render_html"]
 
@@ -165,7 +165,8 @@ def _matrix(data: dict[str, Any]) -> str:
         c = cell.get("comparison")
         max_abs = "-" if c is None else number(c["max_abs"])
         cosine = "-" if c is None or c.get("min_cosine") is None else f"{c['min_cosine']:.6f}"
-        rows.append((cell["cell"]["id"], cell["role"], max_abs, cosine, cell["verdict"], *cost_cells(cell.get("cost")),
+        rows.append((cell["cell"]["id"], cell["role"], max_abs, cosine, *head_cells(cell), cell["verdict"],
+                     *cost_cells(cell.get("cost")),
                      cell.get("reason") or ""))
     items = [f"<li>tolerance for {escape(d)} cells: {escape(t)}</li>" for d, t in data["tolerances"].items()]
     items += [f"<li>{escape(data['cost_note'])}</li>"] if data.get("cost_note") else []
@@ -174,7 +175,8 @@ def _matrix(data: dict[str, Any]) -> str:
     plot = _figure("matrix", "cells", plots.matrix_heatmap(data["cells"])) if data["cells"] else ""
     return (f'<p class="meta">{escape(Path(data["spec"]).name)}: {len(data["cells"])} cells over '
             f'{escape(", ".join(data["axes"]))}</p>' + _banner(data) + plot
-            + _table(("cell", "role", "max abs", "min cos", "verdict", *COST_COLUMNS, "reason"), rows, status_column=4)
+            + _table(("cell", "role", "max abs", "min cos", "out max abs", "flip bound", "verdict", *COST_COLUMNS,
+                      "reason"), rows, status_column=6)
             + f"<ul>{''.join(items)}</ul>")
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, first_failure, fixes, number, stage_headline, worst_samples
+from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, head_cells, first_failure, fixes, number, stage_headline, worst_samples
 
 __all__ = ["render_markdown", "LIMIT"]
 
@@ -160,10 +160,11 @@ def _matrix(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             metrics = (_text(f"shape {c['candidate_shape'][1:]}"), "-")
         else:
             metrics = (number(c["max_abs"]), "-" if c["min_cosine"] is None else f"{c['min_cosine']:.6f}")
-        rows.append((_code(cell["cell"]["id"]), _text(cell["role"]), *metrics,
+        rows.append((_code(cell["cell"]["id"]), _text(cell["role"]), *metrics, *head_cells(cell),
                      f"{_ICON[cell['verdict']]} {cell['verdict']}", *cost_cells(cell.get("cost")),
                      _text(cell.get("reason") or "")))
-    lines += _table(("cell", "role", "max abs", "min cos", "verdict", *COST_COLUMNS, "reason"), rows)
+    lines += _table(("cell", "role", "max abs", "min cos", "out max abs", "flip bound", "verdict", *COST_COLUMNS,
+                     "reason"), rows)
     if data.get("cost_note"):
         lines += [f"- {_text(data['cost_note'])}"]
     lines += [f"- tolerance for {_text(dtype)} cells: {_text(text)}" for dtype, text in data["tolerances"].items()]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +24,7 @@ from parity.spec import load_spec, parse_axes
 from parity.store.fixtures import load_fixture
 from tests.support.hooked_models import hook_final_norm
 from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
-from tests.support.specs import reseal, write_spec
+from tests.support.specs import replace_reference, write_spec
 
 CPU = {"device": ["cpu"], "dtype": ["float32"]}
 
@@ -48,10 +48,9 @@ def mixing_fixture(tmp_path_factory):
     fixture = load_fixture(fixtures)
     with pytest.MonkeyPatch.context() as patch:
         _mix_over_the_batch(patch)
-        reference = embed_rows(build_pipeline(spec, device="cpu", fingerprints=False), fixture,
-                               range(len(fixture.rows)), batch_size=1)
-    np.save(fixtures / "clip.npy", reference.astype(np.float32))
-    reseal(fixtures)
+        pipeline = build_pipeline(spec, device="cpu", fingerprints=False)
+        reference = embed_rows(pipeline, fixture, range(len(fixture.rows)), batch_size=1)
+    replace_reference(fixtures, pipeline, reference)
     return fixtures
 
 
@@ -124,6 +123,10 @@ def test_pareto_front_keeps_cells_no_other_beats_on_both():
 
     assert front([cell("a", 1, 0.1), cell("b", 2, 0.01), cell("c", 3, 0.1), cell("d", 1, 0.1)]) == ("a", "b", "d")
     assert pareto_front is front
+    # the flip-rate bound is a third measure: a slower, no closer cell with fewer flips stays on the front
+    fast, careful = cell("fast", 1, 0.1), cell("careful", 2, 0.1)
+    fast, careful = replace(fast, flip_bound=0.3), replace(careful, flip_bound=0.05)
+    assert front([fast, careful, replace(cell("worse", 3, 0.1), flip_bound=0.05)]) == ("fast", "careful")
 
 
 def test_choose_cli_exit_codes_and_json(tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from parity.commands.choose import choose
@@ -17,7 +16,7 @@ from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
 from tests.support.hooked_models import hook_final_norm
 from tests.support.paths import EXAMPLE_FIXTURES, EXAMPLE_SPEC
-from tests.support.specs import reseal, write_spec
+from tests.support.specs import replace_reference, write_spec
 
 
 def _offset_arithmetic(module, inputs, output):
@@ -40,8 +39,7 @@ def lossy_fixture(tmp_path_factory):
         _lossy_norm(patch)
         pipeline = build_pipeline(load_spec(EXAMPLE_SPEC), device="cpu", fingerprints=False)
         reference = embed_rows(pipeline, fixture, range(len(fixture.rows)))
-    np.save(fixtures / "clip.npy", reference.astype(np.float32))
-    reseal(fixtures)
+    replace_reference(fixtures, pipeline, reference)
     return fixtures
 
 
@@ -50,7 +48,8 @@ def test_a_failing_bfloat16_cell_is_repaired_by_keeping_the_named_module_in_floa
     repair = repair_precision(load_spec(EXAMPLE_SPEC), dtype="bfloat16", fixtures=lossy_fixture, samples=4)
     assert not repair.before and repair.confirmed and repair.after
     assert repair.keep == ("norm",)
-    assert "model.norm.float()" in repair.code()
+    assert repair.code().startswith("kept = [copy.deepcopy(model.norm)]; model.to(torch.bfloat16); ")
+    assert "; model.norm = kept[0]" in repair.code()
     assert "keep `norm` in float32, confirmed" in repair_line(repair)
 
 

@@ -37,3 +37,16 @@ def reseal(fixture_dir: Path, edit: Callable[[dict[str, Any]], None] | None = No
             entry["bytes"] = (fixture_dir / rel).stat().st_size
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (fixture_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def replace_reference(fixture_dir: Path, pipeline: Any, embeddings: Any) -> None:
+    """Store ``embeddings`` as the fixture's reference and the pipeline's head outputs on them as its outputs
+    (a deployment cell runs the head too), then reseal."""
+    import numpy as np
+
+    from parity.store.fixtures import load_fixture
+
+    fixture = load_fixture(fixture_dir)
+    np.save(fixture_dir / "clip.npy", np.asarray(embeddings, np.float32))
+    np.save(fixture_dir / "outputs.npy", pipeline.run_head(embeddings, fixture.biases()).numpy().astype(np.float32))
+    reseal(fixture_dir)
