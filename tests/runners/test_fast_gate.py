@@ -23,6 +23,7 @@ from parity.results import Status
 from parity.runners import onnx as onnx_runner
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
+from parity.store.images import decode_image
 from tests.support.paths import ROOT
 from tests.support.specs import reseal
 
@@ -126,14 +127,16 @@ def _records(source, fixture, workers: int, monkeypatch) -> tuple:
     return decoded, pixels
 
 
-def test_torch_kernels_run_only_in_the_calling_thread(graphs, monkeypatch):
-    """Decode threads run PIL alone (decode, resize, crop); to-tensor and normalize run in the calling thread,
-    so no decode thread starts an OpenMP team of its own."""
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_torch_kernels_run_only_in_the_calling_thread(graphs, backend, monkeypatch):
+    """Decode threads run PIL alone (decode; resize and crop with the pil backend); to-tensor, a tensor resize
+    and normalize run in the calling thread, so no decode thread starts an OpenMP team of its own."""
     import threading
 
     from parity.preprocess.transform import Preprocess
 
-    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"], {"batch_size = 8": "batch_size = 4"}))
+    edit = {"batch_size = 8": "batch_size = 4", 'resize_backend = "pil"': f'resize_backend = "{backend}"'}
+    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"], edit))
     where: dict[str, set] = {"pil": set(), "tensor": set()}
     pil_part, tensor_part = Preprocess.pil_part, Preprocess.tensor_part
 
@@ -149,6 +152,10 @@ def test_torch_kernels_run_only_in_the_calling_thread(graphs, monkeypatch):
     assert len(decoded.rows) == sum(len(p) for p in pixels) > 0
     assert where["tensor"] == {threading.current_thread().name}
     assert where["pil"] and all(name.startswith("parity-decode") for name in where["pil"])
+    pipeline, image = build_pipeline(spec), decode_image(load_fixture(ROOT / "fixtures" / "clip_dnn").rows[0].image)[0]
+    staged = pipeline.staged(image)
+    assert (staged.size != image.size) is (backend == "pil")  # the tensor backend resizes with torch: not here
+    assert np.array_equal(pipeline.finish_pixels(staged).numpy(), pipeline.transform(image).numpy())
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])

@@ -50,7 +50,8 @@ def _lookup(handler, body: bytes) -> None:
 
 def test_a_url_candidate_is_gated_without_torch(tmp_path):
     with stdlib_service(_lookup) as url:
-        rc, heavy, out = _check_in_a_fresh_interpreter(url_spec(tmp_path, url, 'send = "json"\noutput_key = "scores"\n'))
+        spec = url_spec(tmp_path, url, 'send = "json"\noutput_key = "scores"\n')
+        rc, heavy, out = _check_in_a_fresh_interpreter(spec)
     assert rc == 0, out[-3000:]  # the service answers the fixture's outputs: the gate passes
     assert heavy == [], heavy
 
