@@ -146,10 +146,27 @@ def test_torch_kernels_run_only_in_the_calling_thread(graphs, backend, monkeypat
             return real(self, image)
         return call
 
+    import torch
+
+    torch_in_threads: list[str] = []
+
+    def profile(frame, event, arg):  # every torch function or tensor method a decode thread calls
+        if event == "c_call" and threading.current_thread().name.startswith("parity-decode") and (
+                (getattr(arg, "__module__", None) or "").startswith("torch")
+                or isinstance(getattr(arg, "__self__", None), torch.Tensor)):
+            torch_in_threads.append(getattr(arg, "__qualname__", repr(arg)))
+
     monkeypatch.setattr(Preprocess, "pil_part", spy("pil", pil_part))
     monkeypatch.setattr(Preprocess, "tensor_part", spy("tensor", tensor_part))
-    decoded, pixels = _records(build_pipeline(spec), load_fixture(ROOT / "fixtures" / "clip_dnn"), 2, monkeypatch)
+    threading.setprofile(profile)  # threads started from here on: the decode pool's
+    try:
+        decoded, pixels = _records(build_pipeline(spec), load_fixture(ROOT / "fixtures" / "clip_dnn"), 2, monkeypatch)
+    finally:
+        threading.setprofile(None)
     assert len(decoded.rows) == sum(len(p) for p in pixels) > 0
+    # torchvision's usage log and its jit checks on a PIL image: no tensor is made, no kernel runs
+    bookkeeping = {"_log_api_usage_once", "_get_tracing_state", "_is_tracing"}
+    assert {name.rsplit(".", 1)[-1] for name in torch_in_threads} <= bookkeeping, sorted(set(torch_in_threads))
     assert where["tensor"] == {threading.current_thread().name}
     assert where["pil"] and all(name.startswith("parity-decode") for name in where["pil"])
     pipeline, image = build_pipeline(spec), decode_image(load_fixture(ROOT / "fixtures" / "clip_dnn").rows[0].image)[0]
