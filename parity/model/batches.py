@@ -19,7 +19,6 @@ import numpy as np
 from parity.errors import FixtureChangedError, FixtureError, SpecError
 from parity.store.fixtures import Fixture, FixtureRow
 from parity.store.images import decode_image
-from parity.model.fast_pixels import NumpyPixels
 from parity.model.pipeline import Pipeline
 from parity.store.images import load_image
 from parity.libraries import extract_embeddings
@@ -81,27 +80,44 @@ def decode_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _decode_one(pipeline: Pipeline, row: FixtureRow, exif: bool) -> tuple[Any, str, str | None]:
-    """``(pixels, conversion, None)`` for one sample, or ``(None, "", error)`` when it is a bad sample.
+def _sample(step: Callable[[], Any], row: FixtureRow) -> tuple[Any, str | None]:
+    """``(step(), None)``, or ``(None, error)`` when ``step`` finds a bad sample.
 
     Raises:
         FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
     """
     try:
-        image, note = decode_image(row.image, exif_transpose=exif)
-        return pipeline.pixels(image, name=row.image), note, None  # a refused resize is this sample's error too
+        return step(), None
     except FixtureChangedError:
         raise  # not a bad sample: the fixture changed under the run, nothing may be mixed
     except FixtureError as e:
-        return None, "", str(e)
+        return None, str(e)
     except Exception as e:  # PIL and the transform raise ValueError, OSError, ... on a bad image: that sample's
-        return None, "", f"preprocessing {row.image} raised {type(e).__name__}: {e}"
+        return None, f"preprocessing {row.image} raised {type(e).__name__}: {e}"
 
 
-def _collect(rows: Sequence[tuple[int, FixtureRow]], decoded: Sequence[tuple[Any, str, str | None]],
-             golden: Container[str]) -> tuple[BatchResult, list]:
+def _decode_one(pipeline: Pipeline, row: FixtureRow, exif: bool) -> tuple[Any, str, str | None]:
+    """``(staged, conversion, None)`` for one sample (`Pipeline.staged`: what a decode thread may run), or
+    ``(None, "", error)`` when it is a bad sample (a refused resize too).
+
+    Raises:
+        FixtureChangedError: the fixture changed under the run.
+    """
+    def stage() -> tuple[Any, str]:
+        image, note = decode_image(row.image, exif_transpose=exif)
+        return pipeline.staged(image, name=row.image), note
+
+    staged, error = _sample(stage, row)
+    return (None, "", error) if error is not None else (*staged, None)
+
+
+def _collect(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]],
+             decoded: Sequence[tuple[Any, str, str | None]], golden: Container[str]) -> tuple[BatchResult, list]:
+    """The batch's record and pixels, in fixture order: `Pipeline.finish_pixels` runs here, in the calling thread."""
     result, batch = BatchResult(), []
-    for (i, row), (x, note, error) in zip(rows, decoded):
+    for (i, row), (staged, note, error) in zip(rows, decoded):
+        if error is None:
+            x, error = _sample(lambda: pipeline.finish_pixels(staged), row)  # noqa: B023  (called at once)
         if error is not None:
             result.sample_errors.append((row.name, error))
             continue
@@ -120,31 +136,37 @@ def decode_batch(pipeline: Pipeline, rows: Sequence[tuple[int, FixtureRow]],
 
     A sample that does not decode (or whose resize is refused, or whose preprocessing raises) is a
     per-sample error and the others still run; the pixels of samples named in ``golden`` are kept.
-    ``pipeline`` is the spec's `Pipeline` (torch pixels) or `parity.model.fast_pixels.NumpyPixels`.
+    ``pipeline`` is the spec's `Pipeline` (torch pixels) or `parity.model.fast_pixels.NumpyPixels`. One batch
+    has no next one to overlap, and its caller (a Ray actor) owns only its share of the cores: it decodes in the
+    calling thread.
 
     Raises:
         FixtureChangedError: the fixture changed under the run (never counted as a bad sample).
     """
-    batches = _decoded([list(rows)], pipeline, golden)
+    batches = _decoded([list(rows)], pipeline, golden, workers=1)
     try:
         return next(batches)[1:]
     finally:
         batches.close()
 
 
-def _decoded(batches: Iterable[list[tuple[int, FixtureRow]]], pipeline: Pipeline, golden: Container[str]
-             ) -> Iterator[tuple[list[tuple[int, FixtureRow]], BatchResult, list]]:
-    """``(rows, result, pixels)`` per batch, in order: decoded by `decode_workers` threads (numpy pixels; the torch
-    transform decodes in the calling thread), the next batch's
+def _decoded(batches: Iterable[list[tuple[int, FixtureRow]]], pipeline: Pipeline, golden: Container[str], *,
+             workers: int | None = None) -> Iterator[tuple[list[tuple[int, FixtureRow]], BatchResult, list]]:
+    """``(rows, result, pixels)`` per batch, in order: decoded by `decode_workers` threads, the next batch's
     samples submitted before this one is handed over, so decoding overlaps the caller's inference and at
-    most two batches of pixels are held. PIL's decode and resize release the GIL."""
+    most two batches of pixels are held. PIL's decode and resize release the GIL.
+
+    The threads run `Pipeline.staged` (decode, and with the pil backend resize and crop: PIL alone) and
+    the calling thread `Pipeline.finish_pixels` (to tensor, normalize): a torch kernel in a decode thread
+    would start an OpenMP team of that thread's own (cores x cores threads, each with a stack and an
+    allocator arena), and `torch.set_num_threads` in a thread changes the count every later thread starts
+    with. numpy pixels are made whole in the threads.
+    """
     exif = pipeline.spec.preprocess.exif_transpose
-    # Only numpy pixels are made in threads: torch's transform would start an OpenMP team in every decode
-    # thread (cores x cores threads, each with its own stack and allocator arena).
-    workers = decode_workers() if isinstance(pipeline, NumpyPixels) else 1
+    workers = decode_workers() if workers is None else workers
     if workers == 1:
         for rows in batches:
-            yield (rows, *_collect(rows, [_decode_one(pipeline, row, exif) for _, row in rows], golden))
+            yield (rows, *_collect(pipeline, rows, [_decode_one(pipeline, row, exif) for _, row in rows], golden))
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="parity-decode")
     try:
@@ -152,10 +174,10 @@ def _decoded(batches: Iterable[list[tuple[int, FixtureRow]]], pipeline: Pipeline
         for rows in batches:
             submitted = (rows, [pool.submit(_decode_one, pipeline, row, exif) for _, row in rows])
             if pending is not None:
-                yield (pending[0], *_collect(pending[0], [f.result() for f in pending[1]], golden))
+                yield (pending[0], *_collect(pipeline, pending[0], [f.result() for f in pending[1]], golden))
             pending = submitted
         if pending is not None:
-            yield (pending[0], *_collect(pending[0], [f.result() for f in pending[1]], golden))
+            yield (pending[0], *_collect(pipeline, pending[0], [f.result() for f in pending[1]], golden))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

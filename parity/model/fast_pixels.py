@@ -41,6 +41,15 @@ class NumpyPixels:
         check_resize(rgb.size, _resize_edge(self.record), path=name)
         return self.preprocess(rgb)
 
+    def staged(self, rgb: Image.Image, *, name: str | Path = "image") -> np.ndarray:
+        """`pixels`: numpy starts no OpenMP team, so decode threads make them whole (see `Pipeline.staged`)."""
+        return self.pixels(rgb, name=name)
+
+    @staticmethod
+    def finish_pixels(staged: np.ndarray) -> np.ndarray:
+        """``staged`` itself: `pixels` made all of it."""
+        return staged
+
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

@@ -103,8 +103,21 @@ class Pipeline:
         Raises:
             FixtureError: its resize would be too large.
         """
+        return self.finish_pixels(self.staged(rgb, name=name))
+
+    def staged(self, rgb: Image.Image, *, name: str | Path = "image") -> Image.Image:
+        """The part of `pixels` that runs on PIL alone (resize and crop with the pil backend): a decode thread
+        runs it, as it starts no OpenMP team; `finish_pixels` of its result is `pixels`.
+
+        Raises:
+            FixtureError: its resize would be too large.
+        """
         check_resize(rgb.size, _resize_edge(self.data_config), path=name)
-        return self.transform(rgb)
+        return self.transform.pil_part(rgb)
+
+    def finish_pixels(self, staged: Image.Image):
+        """Pixels (3, H, W) from `staged`'s image: the transform's torch steps, in the calling thread."""
+        return self.transform.tensor_part(staged)
 
     def embed(self, pixels):
         """Embeddings (B, D) float32 on the CPU for pixels (B, 3, H, W)."""

@@ -67,14 +67,32 @@ class Preprocess:
     channel_order: str = "rgb"
     value_scale: str = "unit"
 
+    def pil_part(self, image: Image.Image) -> Image.Image:
+        """The steps that run on PIL alone (the pil backend's resize and crop), the image as is for the others.
+
+        No torch kernel runs here, so a decode thread may call it without starting an OpenMP team of its
+        own; `tensor_part` of its result is exactly this transform's pixels.
+        """
+        if self.resize_backend != "pil":
+            return image  # the tensor backends and the processors resize with torch kernels
+        for step in self.geometric:
+            image = step(image)
+        return image
+
+    def tensor_part(self, staged: Image.Image):
+        """Pixels (3, H, W) float32 from `pil_part`'s image: the rest of the transform (torch kernels)."""
+        return self.finish(self._unit(staged))
+
     def geometry(self, image: Image.Image):
         """Resize and crop; returns float pixels in [0, 1] before any per-pixel step."""
+        return self._unit(self.pil_part(image))
+
+    def _unit(self, image: Image.Image):
+        """[0, 1] pixels from `pil_part`'s image."""
         if self.resize_backend == PROCESSOR_BACKEND:
             (processor,) = self.geometric  # resizes, crops and rescales on its own
             return processor(image)
         if self.resize_backend == "pil":
-            for step in self.geometric:
-                image = step(image)
             return self.to_tensor(image)
         from torchvision.transforms.functional import pil_to_tensor
 

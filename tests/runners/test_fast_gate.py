@@ -23,6 +23,7 @@ from parity.results import Status
 from parity.runners import onnx as onnx_runner
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
+from parity.store.images import decode_image
 from tests.support.paths import ROOT
 from tests.support.specs import reseal
 
@@ -126,19 +127,55 @@ def _records(source, fixture, workers: int, monkeypatch) -> tuple:
     return decoded, pixels
 
 
-def test_the_torch_transform_decodes_in_the_calling_thread(graphs, monkeypatch):
-    """torch's transform would start an OpenMP team in each decode thread: it is never run in workers."""
-    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"]))
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_torch_kernels_run_only_in_the_calling_thread(graphs, backend, monkeypatch):
+    """Decode threads run PIL alone (decode; resize and crop with the pil backend); to-tensor, a tensor resize
+    and normalize run in the calling thread, so no decode thread starts an OpenMP team of its own."""
+    import threading
 
-    def no_pool(*args, **kwargs):
-        raise AssertionError("a decode thread pool was started for the torch transform")
+    from parity.preprocess.transform import Preprocess
 
-    monkeypatch.setattr(batches, "ThreadPoolExecutor", no_pool)
-    decoded, pixels = _records(build_pipeline(spec), load_fixture(ROOT / "fixtures" / "clip_dnn"), 4, monkeypatch)
+    edit = {"batch_size = 8": "batch_size = 4", 'resize_backend = "pil"': f'resize_backend = "{backend}"'}
+    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"], edit))
+    where: dict[str, set] = {"pil": set(), "tensor": set()}
+    pil_part, tensor_part = Preprocess.pil_part, Preprocess.tensor_part
+
+    def spy(part, real):
+        def call(self, image):
+            where[part].add(threading.current_thread().name)
+            return real(self, image)
+        return call
+
+    import torch
+
+    torch_in_threads: list[str] = []
+
+    def profile(frame, event, arg):  # every torch function or tensor method a decode thread calls
+        if event == "c_call" and threading.current_thread().name.startswith("parity-decode") and (
+                (getattr(arg, "__module__", None) or "").startswith("torch")
+                or isinstance(getattr(arg, "__self__", None), torch.Tensor)):
+            torch_in_threads.append(getattr(arg, "__qualname__", repr(arg)))
+
+    monkeypatch.setattr(Preprocess, "pil_part", spy("pil", pil_part))
+    monkeypatch.setattr(Preprocess, "tensor_part", spy("tensor", tensor_part))
+    threading.setprofile(profile)  # threads started from here on: the decode pool's
+    try:
+        decoded, pixels = _records(build_pipeline(spec), load_fixture(ROOT / "fixtures" / "clip_dnn"), 2, monkeypatch)
+    finally:
+        threading.setprofile(None)
     assert len(decoded.rows) == sum(len(p) for p in pixels) > 0
+    # torchvision's usage log and its jit checks on a PIL image: no tensor is made, no kernel runs
+    bookkeeping = {"_log_api_usage_once", "_get_tracing_state", "_is_tracing"}
+    assert {name.rsplit(".", 1)[-1] for name in torch_in_threads} <= bookkeeping, sorted(set(torch_in_threads))
+    assert where["tensor"] == {threading.current_thread().name}
+    assert where["pil"] and all(name.startswith("parity-decode") for name in where["pil"])
+    pipeline, image = build_pipeline(spec), decode_image(load_fixture(ROOT / "fixtures" / "clip_dnn").rows[0].image)[0]
+    staged = pipeline.staged(image)
+    assert (staged.size != image.size) is (backend == "pil")  # the tensor backend resizes with torch: not here
+    assert np.array_equal(pipeline.finish_pixels(staged).numpy(), pipeline.transform(image).numpy())
 
 
-@pytest.mark.parametrize("kind", ["numpy"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_parallel_decoding_gives_the_serial_records(graphs, kind, monkeypatch):
     """Worker threads (4, more than this fixture's batches need) and one thread: the same rows, errors,
     conversions and pixels, bit for bit (one process, one machine), in fixture order."""
@@ -164,6 +201,35 @@ class _Crashing(NumpyPixels):
         if str(name) == self.bad:
             raise ValueError("height and width must be > 0")
         return super().pixels(rgb, name=name)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_torch_step_that_raises_fails_only_its_sample(graphs, workers, monkeypatch):
+    """The torch part of the spec's transform (in the calling thread) raising on one image: that sample's error."""
+    spec = load_spec(gate_spec(Path(graphs["both"]).parent, graphs["both"], {"batch_size = 8": "batch_size = 4"}))
+    fixture = load_fixture(ROOT / "fixtures" / "clip_dnn")
+    pipeline = build_pipeline(spec)
+    bad = fixture.rows[6].image
+    real = pipeline.finish_pixels
+
+    def finish(staged):
+        if getattr(staged, "info", {}).get("bad"):
+            raise RuntimeError("a torch kernel refused this image")
+        return real(staged)
+
+    def staged(rgb, *, name="image"):
+        out = type(pipeline).staged(pipeline, rgb, name=name)
+        if str(name) == str(bad):
+            out.info["bad"] = True  # marks the image for the calling thread's step
+        return out
+
+    monkeypatch.setattr(pipeline, "finish_pixels", finish)
+    monkeypatch.setattr(pipeline, "staged", staged)
+    decoded, pixels = _records(pipeline, fixture, workers, monkeypatch)
+    assert sum(len(p) for p in pixels) == len(fixture.rows) - 1 and 6 not in decoded.rows
+    assert decoded.rows == [i for i in range(len(fixture.rows)) if i != 6]
+    assert decoded.sample_errors == [(fixture.rows[6].name, f"preprocessing {bad} raised RuntimeError: "
+                                                            "a torch kernel refused this image")]
 
 
 @pytest.mark.parametrize("workers", [1, 3])

@@ -3,9 +3,10 @@
 ``python -m tests.support.bad_input_runner CASES.json RESULTS.json``: CASES is a list of
 ``{"name", "argv"}``; for each, `parity.cli.main(argv)` runs exactly as ``python -m parity.cli``
 would, with its output captured. An exception that escapes ``main`` is recorded with its
-traceback, a case past its time limit as a hang. The address space is capped at the size after
-imports plus ``--memory`` bytes, so a case that tries to allocate gigabytes fails instead of
-swapping; the peak RSS is reported.
+traceback, a case past its time limit as a hang. Each case's address space is capped at the size
+when it starts plus ``headroom`` bytes, so a case that tries to allocate gigabytes fails instead
+of swapping; the peak RSS is reported. The cap is set again before each case: what an earlier case
+left mapped (a failed Ray connection keeps ~1.2 GiB of address space) is not the next case's.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ def run(cases: list[dict], *, headroom: int = HEADROOM) -> list[dict]:
 
     import torch  # noqa: F401  (imported before the cap: its mappings are not a case's allocation)
 
-    limit = _vm_size() + headroom
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     signal.signal(signal.SIGALRM, _alarm)
     results = []
     for case in cases:
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        limit = _vm_size() + headroom
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
         out, err = io.StringIO(), io.StringIO()
         start, escaped, rc = time.monotonic(), "", None
         sys.path[:0] = case.get("sys_path", [])  # where a case's own head modules live
