@@ -62,19 +62,19 @@ def test_int8_and_impossible_cells(example_spec, monkeypatch):
     report = run_matrix(example_spec, axes={"device": ["cpu"], "dtype": ["float32", "bfloat16"],
                                             "runtime": ["onnxruntime", "openvino"], "quantize": ["none", "int8"]})
     cells = _by_id(report)
-    exact = cells["pre_logits-bicubic-pil-cpu-float32-onnxruntime-none"]
+    exact = cells["pre_logits-bicubic-pil-cpu-float32-onnxruntime-q_none"]
     assert exact.status is Status.PASS
     # int8 moves the embeddings far beyond the float32 budget: the cell fails on them, it is not skipped
-    int8 = cells["pre_logits-bicubic-pil-cpu-float32-onnxruntime-int8"]
+    int8 = cells["pre_logits-bicubic-pil-cpu-float32-onnxruntime-q_int8"]
     assert int8.status is Status.FAIL and int8.comparison.shapes_match and int8.comparison.max_abs > 1e-2
     assert int8.cost is not None and int8.cost.load_s > 0
     skipped = {cell_id: r.reason for cell_id, r in cells.items() if r.status is Status.SKIP}
     for quantize in ("none", "int8"):
         assert "onnxruntime runs the exported float32 graph" in \
-            skipped[f"pre_logits-bicubic-pil-cpu-bfloat16-onnxruntime-{quantize}"]
-    for cell_id in ("float32-openvino-none", "float32-openvino-int8", "bfloat16-openvino-none"):
+            skipped[f"pre_logits-bicubic-pil-cpu-bfloat16-onnxruntime-q_{quantize}"]
+    for cell_id in ("float32-openvino-q_none", "float32-openvino-q_int8", "bfloat16-openvino-q_none"):
         assert "pip install 'parity[deploy]'" in skipped[f"pre_logits-bicubic-pil-cpu-{cell_id}"]
-    assert "starts from the float32 module" in skipped["pre_logits-bicubic-pil-cpu-bfloat16-openvino-int8"]
+    assert "starts from the float32 module" in skipped["pre_logits-bicubic-pil-cpu-bfloat16-openvino-q_int8"]
     assert all(reason.startswith("cannot deploy: ") for reason in skipped.values())
     assert set(skipped) == {c for c in cells if "openvino" in c or "bfloat16" in c}
     assert not report.passed  # the int8 deployment cell drifts
