@@ -279,7 +279,8 @@ def _spread(positions: list[float], gap: float, low: float, high: float) -> list
 
 def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], budget_ms: float | None = None) -> str:
     """`parity choose`: per-image latency p50 (x) against max abs (y, log) per cell; passing and failing cells
-    marked apart, the Pareto front joined, the chosen cell of each device named.
+    marked apart, the Pareto front's cells ringed (the front is over flip-rate bound too) and joined where
+    they bound what they dominate on the two drawn measures, the chosen cell of each device named.
 
     Each cell's label sits in a column right of the plot, joined to its point by a thin line: cells of
     one dtype often share their max abs and differ little in latency, so labels beside the points overlap.
@@ -314,8 +315,11 @@ def choice_pareto(rows: list[dict[str, Any]], chosen: dict[str, str | None], bud
         passing = np.array([r["verdict"] == "PASS" for r in shown], dtype=bool)
         front = sorted((i for i, r in enumerate(shown) if r.get("pareto")), key=lambda i: (latency[i], y[i]))
         if front:
-            # A staircase: the boundary of what the front's cells dominate; rings mark the front's cells.
-            ax.plot(latency[front], y[front], color=_BAR, linewidth=1.2, drawstyle="steps-post", zorder=2)
+            # The front is over latency, flip-rate bound and max abs; the staircase (what the cells drawn here
+            # dominate) joins the front's cells that no other beats on the two drawn measures alone.
+            stairs = [i for i in front if not any(latency[j] <= latency[i] and y[j] <= y[i]
+                                                  and (latency[j], y[j]) != (latency[i], y[i]) for j in front)]
+            ax.plot(latency[stairs], y[stairs], color=_BAR, linewidth=1.2, drawstyle="steps-post", zorder=2)
             ax.plot(latency[front], y[front], color=_BAR, linestyle="none", marker="o", markersize=10,
                     markerfacecolor="none", markeredgewidth=1.0, label="Pareto front (*)", zorder=2)
         if passing.any():
