@@ -22,7 +22,7 @@ from parity.model.quantize import dynamic_int8_copy
 from parity.report.console import document, render_text, repair_line
 from parity.report.html import render_html
 from parity.report.markdown import render_markdown
-from parity.results import Status
+from parity.results import Status, Tolerance
 from parity.spec import load_spec, parse_axes
 from tests.support.deployment_model import build_grader, write_grader_spec
 
@@ -169,3 +169,20 @@ def test_a_batchnorm_left_in_training_mode_is_named_with_its_mode():
     assert describe_module(head[2]).startswith("BatchNorm1d in training mode: it normalises with the batch's")
     head[2].eval()
     assert first_batch_dependent_module({"backbone": backbone, "head": head}, run, 4, atol=1e-5, rtol=1.3e-6) is None
+
+
+def test_a_decisions_gate_accepts_a_cell_whose_drift_flips_no_decision(grader, tmp_path):
+    """As `parity check` with ``[decisions].gate = "decisions"``: numeric drift that flips no decision passes.
+
+    float16 moves the grader's outputs by about 1e-3 (budget here 1e-5); its smallest reference output is
+    about 5e-3 from the threshold, so no decision flips on any CPU whose float16 error is within 5x of that.
+    """
+    axes, tight = {**CPU, "dtype": ["float16"], "batch_size": [8]}, Tolerance(atol=1e-5, rtol=0.0)
+    decisions_gate = build_grader(tmp_path, decisions='gate = "decisions"\n')
+    (strict,) = run_matrix(load_spec(grader[0]), axes=axes, tolerance=tight).cells
+    (lenient,) = run_matrix(load_spec(decisions_gate), axes=axes, tolerance=tight).cells
+    assert strict.status is Status.FAIL and not strict.outputs and strict.flips == 0
+    assert strict.reason.startswith("outputs: ")
+    assert lenient.status is Status.PASS and not lenient.outputs and not lenient.comparison and lenient.flips == 0
+    assert lenient.reason.startswith("drift whose decisions pass (0 changed")
+    assert 'gate = "decisions"' in lenient.reason and "embeddings: max abs" in lenient.reason
