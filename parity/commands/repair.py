@@ -221,7 +221,7 @@ def repair_precision(spec: Spec, *, dtype: str, fixtures: str | Path | None = No
     after = judge(keep, None)  # the confirming re-run: fresh copies (a fresh export), every sample
     scopes = [scope for scope in excluded if scope.nodes]  # a module that did not run in the export has none
     nodes = tuple(node for scope in scopes for node in scope.nodes)
-    # The kept modules' scopes without the scope of parity's wrapper: as the user's own export of the backbone names them.
+    # The kept modules' scopes without parity's wrapper's: as the user's own export of the backbone names them.
     prefixes = tuple("".join(f"/{c}" for c, name in scope.path if name != _EXTRACTED) + "/" for scope in scopes)
     return PrecisionRepair(cell, before=before[0], keep=tuple(keep), after=after[0], confirmed=passes(after),
                            tried=tried, reason_before=reason(before), reason_after=reason(after), nodes=nodes,

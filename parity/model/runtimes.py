@@ -5,9 +5,10 @@ inductor), ``onnxruntime`` (the module exported to ONNX, run by an ``InferenceSe
 ``openvino`` (the same ONNX file compiled by OpenVINO for the CPU). Quantization is part of the
 deployment: ``dynamic_int8`` is torch's dynamic quantization of ``Linear`` layers (eager, compile),
 ``int8`` is onnxruntime's static quantization of the exported graph, calibrated on given inputs
-(onnxruntime, openvino), optionally with some modules' nodes left unquantized (``exclude``: the ONNX nodes
-the TorchScript exporter scoped under those modules, `exported_scopes`). A combination that cannot run here raises `DeployError` with the reason,
-never a traceback: the variant matrix shows it as a skipped cell.
+(onnxruntime, openvino), optionally with some modules' nodes left unquantized (``exclude``: the ONNX
+nodes the TorchScript exporter scoped under those modules, `exported_scopes`). A combination that
+cannot run here raises `DeployError` with the reason, never a traceback: the variant matrix shows it
+as a skipped cell.
 
 Nothing here knows what the module computes: the matrix deploys a pixels -> embeddings module
 (`parity.model.batches.extraction_module`), and a head can be deployed the same way.
@@ -57,8 +58,8 @@ class ExportedScope:
 
     @property
     def prefix(self) -> str:
-        """Every one of its nodes' names starts with this: ``/blocks/blocks.1/``."""
-        return "".join(f"/{component}" for component, _ in self.path) + "/"
+        """Every one of its nodes' names starts with this: ``/blocks/blocks.1/`` (empty when it has no node)."""
+        return "".join(f"/{component}" for component, _ in self.path) + "/" if self.path else ""
 
 
 @dataclass

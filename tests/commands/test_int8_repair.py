@@ -61,7 +61,8 @@ def _layer(name: str) -> bool:
 
 def test_the_static_int8_cell_fails_and_the_outlier_layer_is_left_unquantized(outlier, repaired):
     spec, _ = outlier
-    cells = {r.cell["quantize"]: r for r in run_matrix(load_spec(spec), axes={**INT8_CELL, "quantize": ["none", "int8"]}).cells}
+    report = run_matrix(load_spec(spec), axes={**INT8_CELL, "quantize": ["none", "int8"]})
+    cells = {r.cell["quantize"]: r for r in report.cells}
     assert cells["none"].status is Status.PASS
     assert cells["int8"].status is Status.FAIL and not cells["int8"].comparison
     repair, seconds = repaired
