@@ -25,7 +25,7 @@ from parity.judge.arrays import compare_arrays
 from parity.judge.tolerance import cell_tolerance
 from parity.model.pipeline import build_pipeline
 from parity.report.console import repair_line
-from parity.results import Status
+from parity.results import Comparison, PrecisionRepair, Status, Tolerance
 from parity.spec import load_spec
 from parity.store.fixtures import load_fixture
 from parity.store.images import load_image
@@ -168,3 +168,13 @@ def test_the_bundled_example_int8_cell_is_honestly_unrepairable(example_spec):
 def test_a_repair_names_the_runtime_its_quantization_needs(example_spec, options, message):
     with pytest.raises(SpecError, match=message):
         repair_precision(example_spec, **{"dtype": "float32", **options})
+
+
+def test_few_excluded_nodes_are_listed_by_name_unless_parity_s_wrapper_names_them():
+    before = Comparison(candidate_shape=(1, 4), reference_shape=(1, 4), tolerance=Tolerance(atol=0.05, rtol=0.05))
+    timm = PrecisionRepair("c", "float32", before, keep=("norm",), quantize="int8", runtime="onnxruntime",
+                           nodes=("/norm/LayerNormalization",), scopes=("/norm/",))
+    assert timm.code().endswith("nodes_to_exclude=['/norm/LayerNormalization'])")
+    wrapped = PrecisionRepair("c", "float32", before, keep=("post_layernorm",), quantize="int8", runtime="onnxruntime",
+                              nodes=("/model/post_layernorm/LayerNormalization",), scopes=("/post_layernorm/",))
+    assert wrapped.code().endswith("if any(scope in node.name for scope in ('/post_layernorm/',))])")
