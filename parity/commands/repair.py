@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from parity.commands.deployment import HeadVerdict, has_outputs, head_outputs, judge_head
+from parity.commands.matrix import CHUNK_IMAGES
 from parity.errors import SpecError
 from parity.judge.arrays import compare_arrays
 from parity.judge.tolerance import cell_tolerance
@@ -117,7 +118,8 @@ def repair_precision(spec: Spec, *, dtype: str, fixtures: str | Path | None = No
         progress: called with the number of trials run so far.
         quantize: ``dynamic_int8``: the cell quantizes every Linear; kept modules stay unquantized.
             ``int8`` (with runtime ``onnxruntime``): onnxruntime's static int8 of the exported backbone,
-            calibrated on the fixture's images at ``batch_size``; kept modules' nodes stay float32.
+            calibrated as the matrix's cell (the fixture's first images, ``CHUNK_IMAGES`` rounded up to whole
+            batches of ``batch_size``); kept modules' nodes stay float32.
         runtime: ``eager``, or ``onnxruntime`` for an ``int8`` cell.
 
     Raises:
@@ -152,7 +154,9 @@ def repair_precision(spec: Spec, *, dtype: str, fixtures: str | Path | None = No
                                    if headed and not exported else [])
     biases = fixture.biases()
     extract = spec.backbone.extract
-    calibration = [(pixels[s:s + size].numpy(),) for s in range(0, len(pixels), size)]  # as the matrix's cell
+    # The matrix's int8 cell calibrates on its first chunk of images, in batches of its size.
+    first = pixels[:size * -(-CHUNK_IMAGES // size)]
+    calibration = [(first[s:s + size].numpy(),) for s in range(0, len(first), size)]
     excluded: list[ExportedScope] = []
     tried = 0
 
