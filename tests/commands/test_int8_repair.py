@@ -10,7 +10,6 @@ rounding elsewhere stays within the 8-bit budget: the outlier layer is the one m
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 from parity.commands.choose import choose
 from parity.commands.matrix import run_matrix
-from parity.commands.repair import repair_precision
+from parity.commands.repair import module_groups, repair_precision
 from parity.errors import SpecError
 from parity.judge.arrays import compare_arrays
 from parity.judge.tolerance import cell_tolerance
@@ -35,8 +34,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 INT8_CELL = {"device": ["cpu"], "dtype": ["float32"], "runtime": ["onnxruntime"], "batch_size": [8]}
-# Wall seconds a repair may take on one slow x86-64 core: each trial exports and quantizes the tiny backbone (~0.5 s).
-REPAIR_BUDGET_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +46,7 @@ def outlier(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repaired(outlier):
     spec, _ = outlier
-    began = time.perf_counter()
-    repair = repair_precision(load_spec(spec), dtype="float32", quantize="int8", runtime="onnxruntime")
-    return repair, time.perf_counter() - began
+    return repair_precision(load_spec(spec), dtype="float32", quantize="int8", runtime="onnxruntime")
 
 
 def _layer(name: str) -> bool:
@@ -65,7 +60,7 @@ def test_the_static_int8_cell_fails_and_the_outlier_layer_is_left_unquantized(ou
     cells = {r.cell["quantize"]: r for r in report.cells}
     assert cells["none"].status is Status.PASS
     assert cells["int8"].status is Status.FAIL and not cells["int8"].comparison
-    repair, seconds = repaired
+    repair = repaired
     # the repair's first trial is the matrix's cell: the same export, calibration and budget
     assert repair.before.max_abs == pytest.approx(cells["int8"].comparison.max_abs, rel=0.05)
     assert repair.cell == "pooler_output-cpu-float32-onnxruntime-q_int8-bs8"
@@ -80,7 +75,7 @@ def test_the_static_int8_cell_fails_and_the_outlier_layer_is_left_unquantized(ou
     assert "quantize_static(model_input, model_output, calibration_data_reader" in line
     assert f"nodes_to_exclude=[node.name for node in onnx.load(model_input).graph.node if any(scope in node.name " \
            f"for scope in {repair.scopes!r})]" in line
-    assert seconds < REPAIR_BUDGET_S
+    assert repair.tried <= 2 * len(module_groups(build_pipeline(load_spec(spec)).backbone)) + 3  # a bisection: before, all kept, halves..., after
 
 
 class _Pooled(torch.nn.Module):
@@ -108,7 +103,7 @@ def test_the_printed_quantize_static_call_on_the_users_own_export_passes(outlier
     import onnxruntime
 
     spec = load_spec(outlier[0])
-    repair, _ = repaired
+    repair = repaired
     pipeline = build_pipeline(spec, fingerprints=False)
     fixture = load_fixture(spec.fixture_root())
     pixels = torch.stack([pipeline.preprocess(load_image(row.image, exif_transpose=spec.preprocess.exif_transpose))
@@ -149,9 +144,7 @@ def test_choose_repairs_the_failing_int8_cell(outlier):
 
 def test_the_bundled_example_int8_cell_is_honestly_unrepairable(example_spec):
     """Its drift is in the root's own nodes (class token, position embeddings), outside every module group."""
-    began = time.perf_counter()
     repair = repair_precision(example_spec, dtype="float32", quantize="int8", runtime="onnxruntime")
-    assert time.perf_counter() - began < REPAIR_BUDGET_S
     assert not repair.confirmed and repair.keep == () and repair.after is None and repair.tried == 2
     assert repair.before.max_abs > 0.5  # far beyond the 8-bit budget (atol 0.05)
     line = repair_line(repair)
