@@ -210,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write the choice as an HTML page to OUT, with the Pareto plot (latency p50 vs "
                              "max abs per cell, the chosen cell per device named)")
     choose.add_argument("--repair", action="store_true",
-                        help="for a CPU float16/bfloat16 cell that drifts, find the backbone modules to keep in "
-                             "float32 so it passes (bisection over module groups, confirmed by re-running the cell)")
+                        help="for a CPU float16/bfloat16 (or dynamic_int8, or onnxruntime int8) cell that drifts, "
+                             "find the modules to keep in float32 (or unquantized: int8's nodes_to_exclude) so it "
+                             "passes (bisection over module groups, confirmed by re-running the cell)")
     merge = commands.add_parser(
         "merge", help="merge the partial reports of `check --shard I/N` into the whole run's report",
         description="Merge the partial JSON reports of every shard (`parity check --shard I/N --json PART.json`) "

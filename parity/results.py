@@ -604,8 +604,9 @@ class PrecisionRepair:
     ``keep``: module names (in data order) run in float32 while the rest stays in the cell's dtype (with
     ``quantize``: left unquantized while the rest is quantized), found by bisection over the backbone's
     module groups and then the head's (named ``head.NAME``); empty with ``confirmed`` False when even
-    every group kept does not pass. ``before`` and ``after`` (the confirming re-run of the cell with
-    ``keep``) are the embeddings' comparisons; ``reason_before``/``reason_after`` say how the head's
+    every group kept does not pass. With ``quantize`` ``int8`` (runtime onnxruntime), ``keep`` names the
+    backbone's modules whose ONNX nodes are left out of the static quantization (``nodes``). ``before`` and
+    ``after`` (the confirming re-run of the cell with ``keep``) are the embeddings' comparisons; ``reason_before``/``reason_after`` say how the head's
     outputs or decisions failed.
     """
 
@@ -621,9 +622,16 @@ class PrecisionRepair:
     # Why the cell failed before and after, beyond ``before``/``after`` (head outputs, decisions); empty when passing.
     reason_before: str = ""
     reason_after: str = ""
+    # ``int8`` (runtime onnxruntime): the kept modules' ONNX nodes, left out of onnxruntime's static quantization:
+    # their names in parity's export, and each kept module's node-name scope (``/blocks/blocks.1/``).
+    runtime: str = "eager"
+    nodes: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
 
     def code(self) -> str:
         """The repair as the code that ships. Names under ``head.`` are the head's modules, others the backbone's."""
+        if self.quantize == "int8":
+            return self._static_int8_code()
         parts = {"model": [n for n in self.keep if not n.startswith("head.") and n != "head"],
                  "head": [n.removeprefix("head.") for n in self.keep if n.startswith("head.") or n == "head"]}
         if self.quantize == "dynamic_int8":
@@ -643,6 +651,25 @@ class PrecisionRepair:
         back = "; ".join(f"{e} = kept[{i}]" for i, e in enumerate(kept))
         return (f"kept = [{saved}]; model.to(torch.{self.dtype}); head.to(torch.{self.dtype}); {back}  "
                 f"# and cast each kept module's inputs to float32, its outputs back to {self.dtype}")
+
+    def _static_int8_code(self) -> str:
+        """The user's own ``quantize_static`` call (the settings the cell was quantized with) with the kept modules'
+        nodes excluded: by name when they are few, else every node under the modules' scopes (the TorchScript
+        exporter's node names, ``/blocks/blocks.1/attn/qkv/MatMul``, which an export of the backbone alone shares)."""
+        # Listed by name only when the names are the backbone's own (no scope of parity's wrapper before them).
+        if len(self.nodes) <= _LISTED_NODES and all(n.startswith(self.scopes) for n in self.nodes):
+            excluded = repr(list(self.nodes))
+        else:
+            excluded = (f"[node.name for node in onnx.load(model_input).graph.node "
+                        f"if any(scope in node.name for scope in {tuple(self.scopes)!r})]")
+        return ("import onnx; from onnxruntime.quantization import QuantFormat, QuantType, quantize_static; "
+                "quantize_static(model_input, model_output, calibration_data_reader, quant_format=QuantFormat.QDQ, "
+                "per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, "
+                f"nodes_to_exclude={excluded})")
+
+
+# A static int8 repair prints up to this many excluded nodes by name, more as a comprehension over their scopes.
+_LISTED_NODES = 8
 
 
 def _attribute_path(name: str) -> str:

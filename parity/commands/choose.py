@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from parity.commands.matrix import run_matrix
-from parity.commands.repair import REPAIRABLE, repair_precision
+from parity.commands.repair import INT8, REPAIRABLE, repair_precision
 from parity.errors import SpecError
 from parity.model.quantize import DYNAMIC_INT8
 from parity.results import CellResult, Choice, MatrixReport, Status
@@ -50,9 +50,9 @@ def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None
     Args:
         budget_ms: when given, only cells whose per-image p50 latency is at most this many ms are chosen.
         repeat: timed passes per cell (`run_matrix`).
-        repair: for each CPU float16/bfloat16 (or dynamic_int8) cell that drifts from the reference (not from
-            its batch-mates), search the modules to keep in float32 (or unquantized) (`parity.commands.repair`),
-            confirmed by re-running the cell.
+        repair: for each CPU float16/bfloat16 (or dynamic_int8, or onnxruntime's static int8) cell that drifts
+            from the reference (not from its batch-mates), search the modules to keep in float32 (or unquantized)
+            (`parity.commands.repair`), confirmed by re-running the cell.
 
     Raises:
         SpecError: a negative budget, or a spec the matrix cannot run.
@@ -73,19 +73,24 @@ def choose(spec: Spec, *, fixtures: str | Path | None = None, device: str | None
             chosen[name] = result.cell.id
     repairs = []
     if repair:
-        failing = {(r.cell["dtype"], r.cell["quantize"], r.cell["batch_size"]) for r in report.cells
+        # eager and compiled cells share the eager repair; a static int8 cell is repaired on onnxruntime
+        failing = {(r.cell["dtype"], r.cell["quantize"], r.cell["batch_size"],
+                    "onnxruntime" if r.cell["quantize"] == INT8 else "eager") for r in report.cells
                    if r.status is Status.FAIL and r.cell["device"] == "cpu" and _repairable(r)}
-        repairs = [repair_precision(spec, dtype=dtype, fixtures=fixtures, batch_size=size, quantize=quantize)
-                   for dtype, quantize, size in sorted(failing)]
+        repairs = [repair_precision(spec, dtype=dtype, fixtures=fixtures, batch_size=size, quantize=quantize,
+                                    runtime=runtime)
+                   for dtype, quantize, size, runtime in sorted(failing)]
     return Choice(report=report, chosen=chosen, pareto=pareto_front(report.cells), budget_ms=budget_ms,
                   repairs=tuple(repairs))
 
 
 def _repairable(result: CellResult) -> bool:
-    """A cell that drifts from the reference at reduced precision or quantized, not from its batch-mates."""
+    """A cell that drifts from the reference at reduced precision or quantized (torch's dynamic int8, or
+    onnxruntime's static int8), not from its batch-mates."""
     cell = result.cell
     reduced = (cell["dtype"] in REPAIRABLE and cell["quantize"] == "none"
-               or cell["quantize"] == DYNAMIC_INT8 and cell["dtype"] == "float32")
+               or cell["quantize"] == DYNAMIC_INT8 and cell["dtype"] == "float32"
+               or cell["quantize"] == INT8 and cell["runtime"] == "onnxruntime" and cell["dtype"] == "float32")
     batched = all(c is None or c for c in (result.batch_comparison, result.batch_outputs))
     return reduced and batched and result.comparison is not None
 

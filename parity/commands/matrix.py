@@ -60,12 +60,13 @@ from parity.spec import AXES, MEAN_STD_PRESETS, PRECISION_AXES, Spec, parse_axes
 from parity.judge.tolerance import cell_tolerance
 
 __all__ = ["AXES", "Cell", "CellResult", "MatrixReport", "expand_matrix", "run_matrix", "parse_axes",
-           "cell_tolerance"]
+           "cell_tolerance", "CHUNK_IMAGES"]
 
 _ALWAYS_IN_ID = ("extract", "interpolation", "resize_backend", "device", "dtype")
 _GEOMETRY = ("interpolation", "resize_backend", "crop_pct")
 _PIXELS = _GEOMETRY + ("mean_std", "channel_order", "value_scale")
-_CHUNK = 64  # images whose geometry and pixels are held at once
+# Images whose geometry and pixels are held at once; a static int8 cell calibrates on its first chunk.
+CHUNK_IMAGES = 64
 _TRUNK = _PIXELS + PRECISION_AXES
 _LOCATE_IMAGES = 4  # images of the batch hooked module by module to find where batch dependence starts
 
@@ -480,7 +481,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
     extract = spec.backbone.extract
 
     largest = max(v["batch_size"] for v in passes.values())
-    total, step = len(fixture.rows), largest * -(-_CHUNK // largest)  # whole batches of the largest size per chunk
+    total, step = len(fixture.rows), largest * -(-CHUNK_IMAGES // largest)  # whole batches of the largest size per chunk
     loaded: list[int] = []
 
     def load(start: int) -> None:

@@ -5,8 +5,10 @@ inductor), ``onnxruntime`` (the module exported to ONNX, run by an ``InferenceSe
 ``openvino`` (the same ONNX file compiled by OpenVINO for the CPU). Quantization is part of the
 deployment: ``dynamic_int8`` is torch's dynamic quantization of ``Linear`` layers (eager, compile),
 ``int8`` is onnxruntime's static quantization of the exported graph, calibrated on given inputs
-(onnxruntime, openvino). A combination that cannot run here raises `DeployError` with the reason,
-never a traceback: the variant matrix shows it as a skipped cell.
+(onnxruntime, openvino), optionally with some modules' nodes left unquantized (``exclude``: the ONNX
+nodes the TorchScript exporter scoped under those modules, `exported_scopes`). A combination that
+cannot run here raises `DeployError` with the reason, never a traceback: the variant matrix shows it
+as a skipped cell.
 
 Nothing here knows what the module computes: the matrix deploys a pixels -> embeddings module
 (`parity.model.batches.extraction_module`), and a head can be deployed the same way.
@@ -33,13 +35,31 @@ from parity.extras import require
 from parity.model.quantize import dynamic_int8_copy
 from parity.spec import QUANTIZATIONS, RUNTIMES
 
-__all__ = ["RUNTIMES", "QUANTIZATIONS", "Deployed", "deploy", "refusal"]
+__all__ = ["RUNTIMES", "QUANTIZATIONS", "Deployed", "ExportedScope", "deploy", "exported_scopes", "refusal"]
 
 _QUANTIZED_BY = {"dynamic_int8": ("eager", "compile"), "int8": ("onnxruntime", "openvino")}
 _EXPORTED = ("onnxruntime", "openvino")
 # OpenVINO's CPU plugin picks bf16 by itself on CPUs with AMX or AVX512-BF16: a precision is always named.
 _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportedScope:
+    """The ONNX nodes that one module of the exported module became.
+
+    ``path``: the scope components of its nodes' names down to the module, each with the module it names
+    (``(("blocks", "model.blocks"), ("blocks.1", "model.blocks.1"))`` for ``/blocks/blocks.1/attn/qkv/MatMul``).
+    """
+
+    module: str
+    path: tuple[tuple[str, str], ...]
+    nodes: tuple[str, ...]
+
+    @property
+    def prefix(self) -> str:
+        """Every one of its nodes' names starts with this: ``/blocks/blocks.1/`` (empty when it has no node)."""
+        return "".join(f"/{component}" for component, _ in self.path) + "/" if self.path else ""
 
 
 @dataclass
@@ -55,6 +75,8 @@ class Deployed:
     call: Callable[..., tuple[np.ndarray, ...]] = field(repr=False)
     quantize: str = "none"
     threads: int | None = None
+    # ``int8`` with ``exclude``: the modules' ONNX nodes left unquantized, in the exported graph's order.
+    excluded: tuple[ExportedScope, ...] = ()
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """The module's outputs (float32) for one batch of inputs."""
@@ -87,7 +109,7 @@ def refusal(runtime: str, quantize: str = "none", *, device: str = "cpu", precis
 
 def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, quantize: str = "none",
            precision: str | None = None, calibration: Iterable[tuple[np.ndarray, ...]] | None = None,
-           workdir: Path | None = None) -> Deployed:
+           workdir: Path | None = None, exclude: Sequence[str] = ()) -> Deployed:
     """Deploy ``module`` (in eval mode) to ``runtime``.
 
     Args:
@@ -104,15 +126,25 @@ def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, 
             ``example``).
         workdir: where the ONNX files are written and kept; by default a temporary directory removed once
             the runtime has loaded them.
+        exclude: with ``int8``, names of ``module``'s submodules (as ``module.named_modules()`` names them)
+            whose ONNX nodes stay float32 (onnxruntime.quantization's ``nodes_to_exclude``); listed in
+            ``Deployed.excluded``.
 
     Raises:
         DeployError: the combination is refused (with the reason), the runtime is not installed, or the
             export, quantization or compilation failed (with the library's own message).
+        SpecError: ``exclude`` without ``int8``, or naming no submodule of ``module``.
     """
     first = example[0]
     reason = refusal(runtime, quantize, device=first.device.type, precision=precision)
     if reason is not None:
         raise DeployError(reason)
+    if exclude and quantize != "int8":
+        raise SpecError(f"exclude leaves modules out of onnxruntime's static int8 quantization (quantize = int8), "
+                        f"not quantize = {quantize}")
+    unknown = sorted(set(exclude) - {name for name, _ in module.named_modules()})
+    if unknown:
+        raise SpecError(f"exclude names no module of the deployed module: {', '.join(unknown)}")
     module = module.eval()
     began = time.perf_counter()
     if runtime in ("eager", "compile"):
@@ -124,12 +156,15 @@ def deploy(module, runtime: str, example: tuple, *, threads: int | None = None, 
         return Deployed(runtime, time.perf_counter() - began, call, quantize, threads)
     with _directory(workdir) as folder:
         path = _export(module, example, folder / "model.onnx")
+        excluded: tuple[ExportedScope, ...] = ()
         if quantize == "int8":
+            excluded = exported_scopes(path, module, exclude) if exclude else ()
             path = _quantize_int8(path, folder / "model.int8.onnx",
-                                  calibration or [tuple(t.detach().cpu().numpy() for t in example)])
+                                  calibration or [tuple(t.detach().cpu().numpy() for t in example)],
+                                  [node for scope in excluded for node in scope.nodes])
         call = _onnxruntime(path, threads) if runtime == "onnxruntime" else \
             _openvino(path, threads, precision or "float32")
-    return Deployed(runtime, time.perf_counter() - began, call, quantize, threads)
+    return Deployed(runtime, time.perf_counter() - began, call, quantize, threads, excluded)
 
 
 @contextlib.contextmanager
@@ -220,6 +255,48 @@ def _export(module, example: tuple, path: Path) -> Path:
     return path
 
 
+def _unqualified(name: str) -> str:
+    """A module's scope component in the TorchScript exporter's node names: its qualified name from the last
+    non-numeric atom on (``blocks.0`` for ``model.blocks.0``), as ``torch.onnx.utils`` scopes modules."""
+    atoms = name.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return name
+
+
+def exported_scopes(path: Path, module, names: Sequence[str]) -> tuple[ExportedScope, ...]:
+    """Per name in ``names`` (submodules of ``module``, the module exported to ``path`` by `deploy`), the ONNX
+    nodes that came from it, from its scope in their names.
+
+    The TorchScript exporter names a node ``/c1/c2/.../Op``, one component per module whose forward ran
+    around it (`_unqualified`; a container iterated rather than called has none). Each component is resolved
+    to the shallowest submodule below the previous one that it names; a node belongs to a module when the
+    module or one of its submodules is on that path. Nodes outside every module (constants, the root's
+    own arithmetic) belong to none; a module whose forward did not run in the export has no node.
+    """
+    onnx = _require("onnx", "quantize = int8")
+    by_component: dict[str, list[str]] = {}
+    for qualified, _ in module.named_modules():
+        if qualified:
+            by_component.setdefault(_unqualified(qualified), []).append(qualified)
+    nodes: dict[str, list[str]] = {name: [] for name in names}
+    paths: dict[str, tuple[tuple[str, str], ...]] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        resolved: list[tuple[str, str]] = []
+        for component in node.name.split("/")[1:-1]:
+            above = resolved[-1][1] + "." if resolved else ""
+            inside = [q for q in by_component.get(component, ()) if q.startswith(above)]
+            if not inside:
+                break
+            resolved.append((component, min(inside, key=lambda q: q.count("."))))
+        for depth, (_, qualified) in enumerate(resolved):
+            if qualified in nodes:
+                nodes[qualified].append(node.name)
+                paths.setdefault(qualified, tuple(resolved[:depth + 1]))
+    return tuple(ExportedScope(name, paths.get(name, ()), tuple(nodes[name])) for name in names)
+
+
 class _Calibration:
     """onnxruntime's calibration reader over numpy batches (duck-typed ``CalibrationDataReader``)."""
 
@@ -230,9 +307,11 @@ class _Calibration:
         return next(self.batches, None)
 
 
-def _quantize_int8(path: Path, out: Path, calibration: Iterable[tuple[np.ndarray, ...]]) -> Path:
+def _quantize_int8(path: Path, out: Path, calibration: Iterable[tuple[np.ndarray, ...]],
+                   exclude: Sequence[str] = ()) -> Path:
     """Static int8 (QDQ), the format onnxruntime recommends for CPU: uint8 activations, int8 per-channel
-    weights with ``reduce_range`` (7-bit weights: no saturation on x86-64 CPUs without VNNI)."""
+    weights with ``reduce_range`` (7-bit weights: no saturation on x86-64 CPUs without VNNI); the ``exclude``
+    nodes stay float32. `parity.results.PrecisionRepair.code` prints the same call."""
     quantization = _require("onnxruntime.quantization", "quantize = int8")
     onnx = _require("onnx", "quantize = int8")
     names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
@@ -243,7 +322,7 @@ def _quantize_int8(path: Path, out: Path, calibration: Iterable[tuple[np.ndarray
         quantization.quantize_static(str(path), str(out), _Calibration(names, calibration),
                                      quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
                                      activation_type=quantization.QuantType.QUInt8,
-                                     weight_type=quantization.QuantType.QInt8)
+                                     weight_type=quantization.QuantType.QInt8, nodes_to_exclude=list(exclude))
     except Exception as e:  # onnxruntime.quantization raises per unsupported graph pattern
         raise DeployError(f"onnxruntime.quantization failed: {_first_line(e)}") from e
     finally:

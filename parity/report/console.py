@@ -400,6 +400,11 @@ def repair_line(repair: PrecisionRepair) -> str:
     kept = "unquantized (float32)" if repair.quantize != "none" else "in float32"
     if not repair.keep and repair.confirmed:
         return f"repair {repair.cell}: none needed ({before})"
+    if not repair.confirmed and repair.keep:
+        after = f"max abs {_num(repair.after.max_abs)}" + (f"; {repair.reason_after}" if repair.reason_after else "")
+        names = ", ".join(f"`{n}`" for n in repair.keep)
+        return (f"repair {repair.cell}: no module set confirmed ({before}); keeping {names} {kept} passed on the "
+                f"samples searched, not on every sample ({after}): search on more samples")
     if not repair.confirmed:
         return (f"repair {repair.cell}: no module set found ({before}); even every module group {kept} does "
                 f"not pass, so the drift is in what stays outside them (position embeddings, tokens)")

@@ -170,3 +170,34 @@ def test_compile_reproduces_the_eager_module(head):
     pixels, bias = _inputs(2, seed=3)
     outputs, reference = deployed(pixels, bias), _eager(head, pixels, bias)
     assert max(float(np.abs(o - r).max()) for o, r in zip(outputs, reference)) <= FLOAT32_MAX_ABS
+
+
+def test_int8_leaves_the_excluded_modules_nodes_unquantized(head, tmp_path):
+    """`exclude` finds a module's nodes by the exporter's scopes (a Sequential's blocks scoped twice)."""
+    import onnx
+
+    calibration = [_inputs(8, seed=s) for s in range(2)]
+    deployed = deploy(head, "onnxruntime", EXAMPLE, quantize="int8", calibration=calibration,
+                      exclude=["features.0", "classify"], workdir=tmp_path)
+    conv, classify = deployed.excluded
+    assert conv.module == "features.0" and conv.prefix == "/features/features.0/"
+    assert conv.path == (("features", "features"), ("features.0", "features.0"))
+    assert conv.nodes == ("/features/features.0/Conv",)
+    assert classify.prefix == "/classify/" and "/classify/classify.0/Gemm" in classify.nodes
+    graph = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    inputs = {n.name: set(n.input) for n in graph.node}
+    assert not inputs["/features/features.0/Conv"] & dequantized  # float32 in, as exported
+    assert inputs["/features/features.3/Conv"] & dequantized  # the other convolution is quantized
+    pixels, bias = _inputs(16, seed=5)
+    partial = max(float(np.abs(o - r).max()) for o, r in zip(deployed(pixels, bias), _eager(head, pixels, bias)))
+    assert partial <= INT8_MAX_ABS
+
+
+def test_exclude_is_refused_without_int8_or_for_an_unknown_module(head):
+    from parity.errors import SpecError
+
+    with pytest.raises(SpecError, match="quantize = none"):
+        deploy(head, "onnxruntime", EXAMPLE, exclude=["features.0"])
+    with pytest.raises(SpecError, match="no module of the deployed module: blocks.0"):
+        deploy(head, "onnxruntime", EXAMPLE, quantize="int8", exclude=["blocks.0"])

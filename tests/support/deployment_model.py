@@ -22,6 +22,7 @@ EMBEDDING = 32
 HIDDEN = 48
 OUTPUTS = 4
 SITES = 3
+SCALE = 0.25
 VISION = {"hidden_size": EMBEDDING, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "image_size": 32, "patch_size": 8}
 
@@ -87,11 +88,22 @@ def grade_head(embeddings: np.ndarray, sites: np.ndarray, *, weakness: str = "no
     return head
 
 
-def _backbone(directory: Path) -> None:
+def _backbone(directory: Path, weakness: str = "none") -> None:
+    """The backbone; ``weakness`` ``"int8"``: one hidden unit of the first layer's MLP is an outlier (~1000,
+    unused by fc2), so per-tensor int8 quantization of fc2's input rounds every other unit away."""
     import transformers
 
     torch.manual_seed(3)
     model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
+    if weakness == "int8":
+        modules = dict(model.named_modules())  # transformers nests the trunk in vision_model or not, by version
+        mlp = next(m for n, m in modules.items() if n.endswith("encoder.layers.0.mlp"))
+        norm = next(m for n, m in modules.items() if n.endswith("post_layernorm"))
+        with torch.no_grad():
+            mlp.fc1.weight[0] = 0.0
+            mlp.fc1.bias[0] = 1000.0
+            mlp.fc2.weight[:, 0] = 0.0
+            norm.weight.mul_(SCALE)
     model.save_pretrained(directory)
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                                     ).save_pretrained(directory)
@@ -135,14 +147,16 @@ def write_grader_spec(root: Path, *, head_class: str = "GradeHead", weights: Pat
     return path
 
 
-def build_grader(root: Path, *, weakness: str = "none", decisions: str = "", extra: str = "") -> Path:
-    """Backbone, images, embeddings, a head with ``weakness`` and its fixture frozen by `parity freeze`: the spec."""
+def build_grader(root: Path, *, weakness: str = "none", decisions: str = "", extra: str = "",
+                 backbone_weakness: str = "none") -> Path:
+    """Backbone (with ``backbone_weakness``, `_backbone`), images, embeddings, a head with ``weakness`` and its
+    fixture frozen by `parity freeze`: the spec."""
     from parity.commands.freeze import FieldMap, freeze
     from parity.model.batches import embed_images
     from parity.model.pipeline import build_pipeline
     from parity.spec import load_spec
 
-    _backbone(root / "backbone")
+    _backbone(root / "backbone", backbone_weakness)
     photos = root / "data" / "photos"
     photos.mkdir(parents=True)
     names = sorted(p.name for p in (EXAMPLE_FIXTURES / "images").iterdir() if p.suffix in (".png", ".jpg"))
