@@ -82,5 +82,9 @@ def head_cells(cell: dict[str, Any]) -> tuple[str, str]:
     changed decisions in brackets; ``-`` where the cell did not run the head or has no decisions."""
     outputs = cell.get("outputs")
     bound = cell.get("flip_bound")
-    return ("-" if not outputs else number(outputs["max_abs"]),
-            "-" if bound is None else f"{100 * bound:.3g} % ({cell.get('flips')})")
+    return ("-" if not outputs else number(outputs["max_abs"]), flip_bound_text(bound, cell.get("flips")))
+
+
+def flip_bound_text(bound: float | None, flips: int | None) -> str:
+    """A cell's flip-rate bound and changed decisions, e.g. ``4.3 % (0)``; ``-`` without decisions."""
+    return "-" if bound is None else f"{100 * bound:.3g} % ({flips})"

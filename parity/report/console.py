@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.judge.tolerance import calibrated_tolerance
-from parity.report.common import COST_COLUMNS, cost_cells
+from parity.report.common import COST_COLUMNS, cost_cells, flip_bound_text
 from parity.store.checkpoints import explain_key_diff
 from parity.store.forensics import describe_layers, module_source
 from parity.preprocess.diff import PreprocessExplanation, format_field_value
@@ -318,7 +318,7 @@ def render_matrix(report: MatrixReport, console: Console) -> None:
         verdict = {Status.PASS: "PASS", Status.FAIL: "DRIFT", Status.SKIP: "SKIP"}[result.status]
         outputs = "-" if result.outputs is None else _num(result.outputs.max_abs)
         table.add_row(result.cell.id, "deploy" if result.cell.deployment else "probe", *metrics, outputs,
-                      _bound(result.flip_bound, result.flips), Text(verdict, style=_STYLE[result.status]), *cost_cells(_plain(result.cost)))
+                      flip_bound_text(result.flip_bound, result.flips), Text(verdict, style=_STYLE[result.status]), *cost_cells(_plain(result.cost)))
     console.print(table)
     note = cost_note(report)
     if note:
@@ -371,7 +371,7 @@ def render_choice(choice: Choice, console: Console) -> None:
     for row in choice_rows(choice):
         status = {"PASS": Status.PASS, "DRIFT": Status.FAIL, "SKIP": Status.SKIP}[row["verdict"]]
         table.add_row(row["cell"], f"{row['p50_ms']:.3g}", f"{row['p95_ms']:.3g}", f"{row['throughput']:.4g}",
-                      _num(row["max_abs"]) if row["max_abs"] is not None else "-", _bound(row["flip_bound"], row["flips"]),
+                      _num(row["max_abs"]) if row["max_abs"] is not None else "-", flip_bound_text(row["flip_bound"], row["flips"]),
                       Text(row["verdict"], style=_STYLE[status]), "*" if row["pareto"] else "",
                       Text("<- chosen", style="bold green") if row["chosen"] else "")
     console.print(table)
@@ -387,11 +387,6 @@ def render_choice(choice: Choice, console: Console) -> None:
         console.print(repair_line(repair), style="green" if repair.confirmed else "red", highlight=False,
                       markup=False, soft_wrap=True)
     console.print(Text(choice_line(choice), style="bold green" if choice.passed else "bold red"), soft_wrap=True)
-
-
-def _bound(bound: float | None, flips: int | None) -> str:
-    """A cell's flip-rate bound and changed decisions, e.g. ``4.3 % (0)``; ``-`` without decisions."""
-    return "-" if bound is None else f"{100 * bound:.3g} % ({flips})"
 
 
 def repair_line(repair: PrecisionRepair) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from parity.report import plots
-from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, head_cells, first_failure, fixes, number, stage_headline, worst_samples
+from parity.report.common import (COST_COLUMNS, cause_rows, cost_cells, evidence, first_failure, fixes, flip_bound_text,
+                                  head_cells, number, stage_headline, worst_samples)
 
 __all__ = ["render_html"]
 
@@ -184,8 +185,8 @@ def _choice(data: dict[str, Any]) -> str:
     """`parity choose`: the Pareto plot, the table fastest first per device, repairs, how cost was measured."""
     matrix = data["matrix"]
     rows = [(r["cell"], f"{r['p50_ms']:.3g}", f"{r['p95_ms']:.3g}", f"{r['throughput']:.4g}", number(r["max_abs"]),
-             r["verdict"], "*" if r["pareto"] else "", "chosen" if r["chosen"] else "", r.get("reason") or "")
-            for r in data["rows"]]
+             flip_bound_text(r.get("flip_bound"), r.get("flips")), r["verdict"], "*" if r["pareto"] else "",
+             "chosen" if r["chosen"] else "", r.get("reason") or "") for r in data["rows"]]
     plot = (_figure("pareto", "cells", plots.choice_pareto(data["rows"], data["chosen"], data.get("budget_ms")))
             if data["rows"] else "")
     items = [f"<li>{escape(data['matrix']['cost_note'])}</li>"] if matrix.get("cost_note") else []
@@ -194,7 +195,8 @@ def _choice(data: dict[str, Any]) -> str:
     items += [f"<li><code>{escape(r['text'])}</code></li>" for r in data["repairs"]]
     return (f'<p class="meta">{escape(Path(matrix["spec"]).name)}: {len(matrix["cells"])} deployment cells over '
             f'{escape(", ".join(matrix["axes"]))}</p>' + _banner(data) + plot
-            + _table(("cell", *COST_COLUMNS, "max abs", "verdict", "pareto", "chosen", "reason"), rows, status_column=5)
+            + _table(("cell", *COST_COLUMNS, "max abs", "flip bound", "verdict", "pareto", "chosen", "reason"), rows,
+                     status_column=6)
             + f"<ul>{''.join(items)}</ul>")
 
 

@@ -101,6 +101,8 @@ def test_choose_writes_the_html_page(tmp_path, capsys):
     chosen = re.search(r"per device: cpu: (\S+) \(", html).group(1)
     label = chosen.split("-")[-1]  # the parts both cells share are dropped: bs1 or bs4
     assert any(text.startswith(f"chosen on cpu: {label}") for text in _svg_text(svg))
+    # the bundled spec has [decisions]: each row shows its flip-rate bound with the changed decisions
+    assert "<th>flip bound</th>" in html and re.search(r"<td>[0-9.]+ % \(0\)</td>", html)
     # A directory where the page goes is refused before any work, exit 2.
     assert main(["choose", "--spec", str(spec), "--device", "cpu", "--html", str(tmp_path)]) == 2
     assert "--html" in capsys.readouterr().err
