@@ -469,7 +469,7 @@ def run_matrix(spec: Spec, *, fixtures: str | Path | None = None, axes: Mapping[
             impossible[key] = "CUDA is not available on this machine"
         elif not fixture.rows:
             impossible[key] = "no sample falls in this shard"
-        elif _unquantizable(values):
+        elif _unquantizable(values):  # an eager quantized copy; a deployment says why it cannot run when made
             impossible[key] = _unquantizable(values)
         else:
             chunks[key] = {m: [] for m in sorted(modes[key])}
@@ -630,13 +630,10 @@ def _embedding_drift(comparison) -> str:
 
 
 def _unquantizable(values: Mapping[str, Any]) -> str:
-    """Why a pass's quantization cannot run here, or ``""``."""
-    quantize = values["quantize"]
-    if quantize == DYNAMIC_INT8 and values["device"] != "cpu":
-        return "dynamic_int8 (torch.ao.quantization.quantize_dynamic) runs on the CPU only"
-    if quantize == DYNAMIC_INT8 and values["dtype"] != "float32":
-        return f"dynamic_int8 quantizes a float32 model (its int8 Linear layers take float32 inputs), not {values['dtype']}"
-    return ""
+    """Why an eager pass's quantized copy cannot run here (the runtimes' own refusal), or ``""``."""
+    if _deploys(values) or values["quantize"] == "none":
+        return ""
+    return refusal("eager", values["quantize"], device=values["device"], precision=values["dtype"]) or ""
 
 
 def _batch_start(engine: _Engine, values: Mapping[str, Any], budget: Tolerance, *, head: bool) -> tuple[Any, Any]:

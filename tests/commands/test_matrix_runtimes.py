@@ -86,6 +86,14 @@ def test_eager_cells_refuse_onnxruntime_quantization(example_spec):
     assert cell.status is Status.SKIP
     assert cell.reason == ("cannot deploy: quantize = int8 is made by onnxruntime.quantization for runtime "
                            "onnxruntime or openvino, not eager")
+    # torch's dynamic int8 copy: a float32 CPU model only, refused per cell with the runtimes' own reason
+    report = run_matrix(example_spec, axes={"device": ["cpu", "cuda"], "dtype": ["float32", "bfloat16"],
+                                            "quantize": ["dynamic_int8"], "batch_size": [8]})
+    reasons = {(r.cell["device"], r.cell["dtype"]): (r.status, r.reason) for r in report.cells}
+    assert reasons["cpu", "float32"][0] is not Status.SKIP
+    assert reasons["cpu", "bfloat16"] == (Status.SKIP, "quantize = dynamic_int8 starts from the float32 module, "
+                                                       "not bfloat16")
+    assert reasons["cuda", "float32"][0] is Status.SKIP
 
 
 @pytest.mark.slow
