@@ -114,13 +114,15 @@ def test_bad_axes_are_refused_with_the_accepted_values(table, message):
     assert message in str(exc.value)
 
 
-def test_matrix_cli(capsys):
+def test_matrix_cli(capsys, monkeypatch):
     from parity.cli import main
     from tests.support.paths import EXAMPLE_SPEC
 
+    monkeypatch.delenv("COLUMNS", raising=False)  # a CI log: stdout is no terminal and says nothing of its width
     assert main(["matrix", "--spec", str(EXAMPLE_SPEC), "--axis", "extract=pre_logits,forward",
                  "--axis", "device=cpu", "--axis", "dtype=float32"]) == 0
     out = capsys.readouterr().out
+    assert "p95 ms" in out and "flip bound" in out and "…" not in out  # every column whole, none cut
     assert "extract: reproduces the reference with pre_logits; drifts with forward" in out
     assert "MATRIX: every deployment cell reproduces the reference." in out
     assert main(["matrix", "--spec", str(EXAMPLE_SPEC), "--axis", "extract"]) == 2
