@@ -211,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     choose.add_argument("--html", type=Path, default=None, dest="html_path", metavar="OUT",
                         help="also write the choice as an HTML page to OUT, with the Pareto plot (latency p50 vs "
                              "max abs per cell, the chosen cell per device named)")
+    _report_option(choose)
     choose.add_argument("--repair", action="store_true",
                         help="for a CPU float16/bfloat16 (or dynamic_int8, or onnxruntime int8) cell that drifts, "
                              "find the modules to keep in float32 (or unquantized: int8's nodes_to_exclude) so it "
@@ -373,6 +374,7 @@ def _choose(args: argparse.Namespace, console: Console, errors: Console) -> int:
     if args.html_path is not None:
         write_html(choice, args.html_path)
         console.print(f"wrote {args.html_path}", highlight=False, soft_wrap=True)
+    _write_reports(choice, args, console)
     return EXIT_PASS if choice.passed else EXIT_DRIFT
 
 

@@ -22,7 +22,7 @@ __all__ = ["write_reports", "write_html", "load_document", "render_saved", "rend
            "FILES", "KINDS"]
 
 FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "junit.xml"}
-KINDS = ("check", "matrix", "diagnosis", "service", "calibration")
+KINDS = ("check", "matrix", "choice", "diagnosis", "service", "calibration")
 
 
 def _check_document(data: Any, source: str) -> dict[str, Any]:

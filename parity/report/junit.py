@@ -71,6 +71,28 @@ def _matrix(suite: ET.Element, data: dict[str, Any], classname: str) -> None:
             _case(suite, classname, name, out=f"reproduces the reference: {measured}")
 
 
+def _choice(suite: ET.Element, data: dict[str, Any], classname: str) -> None:
+    """One testcase per device: its chosen cell, or why none could be chosen (a failure; skipped when none ran)."""
+    cells = data["matrix"]["cells"]
+    for device, chosen in data["chosen"].items():
+        name = f"choose on {device}"
+        mine = [c for c in cells if dict(c["cell"]["values"])["device"] == device]
+        if chosen is not None:
+            row = next(r for r in data["rows"] if r["cell"] == chosen)
+            _case(suite, classname, name, out=f"chosen {chosen}: {row['p50_ms']:.3g} ms per image p50, "
+                                              f"max abs {number(row['max_abs'])}")
+        elif mine and all(c["verdict"] == "SKIP" for c in mine):
+            _case(suite, classname, name, skipped="; ".join(sorted({c.get("reason") or "skipped" for c in mine})))
+        else:
+            budget = data.get("budget_ms")
+            why = "; ".join(f"{c['cell']['id']}: {c.get('reason') or c['verdict']}" for c in mine
+                            if c["verdict"] != "PASS")
+            _case(suite, classname, name,
+                  failure=f"no {device} cell passes" + (f" within {budget:g} ms per image" if budget else "")
+                  + (f": {why}" if why else "") + ". Fix: deploy a configuration that passes, or repair one "
+                  "(parity choose --repair)")
+
+
 def _causes(suite: ET.Element, causes: list[dict[str, Any]], classname: str) -> None:
     for i, cause in enumerate(causes, start=1):
         verdict = "reproduces the reference" if cause["reproduces"] else "moves towards the reference"
@@ -99,12 +121,14 @@ def _calibration(suite: ET.Element, data: dict[str, Any], classname: str) -> Non
         _case(suite, classname, stage, out=f"max abs noise {number(noise['max_abs'])}; budget {data['budgets'][stage]}")
 
 
-_KINDS = {"check": _check, "matrix": _matrix, "diagnosis": _diagnosis, "service": _service, "calibration": _calibration}
+_KINDS = {"check": _check, "matrix": _matrix, "choice": _choice, "diagnosis": _diagnosis, "service": _service,
+          "calibration": _calibration}
 
 
 def render_junit(data: dict[str, Any]) -> str:
     """The JUnit XML for a report document: one testsuite, named after the command and the spec or log."""
-    subject = Path(data.get("spec") or (data.get("report") or {}).get("spec") or data.get("log") or "parity").stem
+    subject = Path(data.get("spec") or (data.get("report") or data.get("matrix") or {}).get("spec") or data.get("log")
+                   or "parity").stem
     classname = f"parity.{data['kind']}.{subject}"
     suite = ET.Element("testsuite", name=f"parity {data['kind']}: {subject}")
     _KINDS[data["kind"]](suite, data, classname)

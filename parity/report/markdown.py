@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from parity.report.common import COST_COLUMNS, cause_rows, cost_cells, evidence, head_cells, first_failure, fixes, number, stage_headline, worst_samples
+from parity.report.common import (COST_COLUMNS, cause_rows, cost_cells, evidence, first_failure, fixes, flip_bound_text,
+                                  head_cells, number, stage_headline, worst_samples)
 
 __all__ = ["render_markdown", "LIMIT"]
 
@@ -175,6 +176,24 @@ def _matrix(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return lines + [""], []
 
 
+def _choice(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """`parity choose`: the verdict, the table fastest first per device, skipped cells, failures, repairs."""
+    matrix = data["matrix"]
+    lines = [_verdict(data), "", f"{_code(Path(matrix['spec']).name)}: {len(matrix['cells'])} deployment cells over "
+             f"{', '.join(_text(axis) for axis in matrix['axes'])}", ""]
+    rows = [(_code(r["cell"]), f"{r['p50_ms']:.3g}", f"{r['p95_ms']:.3g}", f"{r['throughput']:.4g}",
+             "-" if r["max_abs"] is None else number(r["max_abs"]), flip_bound_text(r.get("flip_bound"), r.get("flips")),
+             f"{_ICON[r['verdict']]} {r['verdict']}", "*" if r["pareto"] else "", "chosen" if r["chosen"] else "",
+             _text(r.get("reason") or "")) for r in data["rows"]]
+    lines += _table(("cell", *COST_COLUMNS, "max abs", "flip bound", "verdict", "pareto", "chosen", "reason"), rows)
+    if matrix.get("cost_note"):
+        lines += [f"- {_text(matrix['cost_note'])}"]
+    lines += [f"- skipped cells: {_text(reason)}"
+              for reason in sorted({c["reason"] for c in matrix["cells"] if c["verdict"] == "SKIP"})]
+    blocks = [_details(f"repair {r['cell']}", r["text"]) for r in data["repairs"]]
+    return lines + [""], blocks
+
+
 def _causes(causes: list[dict[str, Any]]) -> list[str]:
     if not causes:
         return []
@@ -238,7 +257,8 @@ def _calibration(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 _KINDS: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[list[str]]]]] = {
-    "check": _check, "matrix": _matrix, "diagnosis": _diagnosis, "service": _service, "calibration": _calibration}
+    "check": _check, "matrix": _matrix, "choice": _choice, "diagnosis": _diagnosis, "service": _service,
+    "calibration": _calibration}
 
 
 def render_markdown(data: dict[str, Any]) -> str:
