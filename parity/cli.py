@@ -45,7 +45,7 @@ __all__ = ["main", "EXIT_PASS", "EXIT_DRIFT", "EXIT_USAGE", "EXIT_INTERNAL", "EX
 
 EXIT_PASS, EXIT_DRIFT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
-# Columns of a log (stdout not a terminal, no $COLUMNS): room for the widest table, the matrix's with its costs.
+# Columns of a log (stdout not a terminal): room for the widest table, the matrix's with its costs.
 LOG_WIDTH = 200
 
 
@@ -808,9 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="on an internal error (exit 3), print the traceback too")
     args = parser.parse_args(argv)
-    # Logs (CI) are not terminals: give tables room (rich's fallback is 80 columns; a matrix or choose table with
-    # its cost columns needs about 150) unless $COLUMNS says how wide the log is.
-    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=LOG_WIDTH)
+    # Logs (CI) are not terminals: give tables room (rich's fallback is $COLUMNS or 80; a matrix or choose table
+    # with its cost columns needs about 150).
+    console = Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
     errors = Console(stderr=True)
     status = _run(args, console, errors)
     guard = sys.modules.get("parity.runners.guard")  # imported only when user code ran
