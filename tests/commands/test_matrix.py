@@ -107,6 +107,13 @@ def test_cell_ids_and_deployment_flags(example_spec):
     ({"crop_pct": [1.5]}, "crop_pct values must be numbers in [0.05, 1]"),
     ({"dtype": "float32"}, "matrix axis dtype must be a non-empty list, got 'float32'"),
     ({"tf32": ["yes"]}, "tf32 = 'yes' is not accepted. Accepted values: False, True"),
+    ({"runtime": ["tensorrt"]}, "runtime = 'tensorrt' is not accepted. Accepted values: eager, compile, onnxruntime, "
+                                "openvino"),
+    ({"quantize": ["int4"]}, "quantize = 'int4' is not accepted. Accepted values: none, dynamic_int8, int8"),
+    ({"threads": [0]}, "threads values must be whole numbers in [1, 1024], got 0"),
+    ({"threads": [1.5]}, "threads values must be whole numbers in [1, 1024], got 1.5"),
+    ({"threads": [True]}, "threads values must be whole numbers in [1, 1024], got True"),
+    ({"threads": ["2"]}, "threads values must be whole numbers in [1, 1024], got '2'"),
 ])
 def test_bad_axes_are_refused_with_the_accepted_values(table, message):
     with pytest.raises(SpecError) as exc:

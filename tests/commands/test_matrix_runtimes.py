@@ -10,7 +10,6 @@ import torch
 
 from parity.commands.choose import DEPLOYMENT_AXES, deployment_axes
 from parity.commands.matrix import expand_matrix, run_matrix
-from parity.errors import SpecError
 from parity.report.console import render_text
 from parity.results import Status
 from parity.spec import load_spec, parse_axes
@@ -127,21 +126,6 @@ def test_runtime_and_threads_axes_in_ids_and_grammar(example_spec):
     assert parse_axes({"threads": [1, 2.0], "runtime": ["compile"], "quantize": ["none", "dynamic_int8", "int8"]},
                       where="t") == {"threads": (1, 2), "runtime": ("compile",),
                                      "quantize": ("none", "dynamic_int8", "int8")}
-
-
-@pytest.mark.parametrize(("table", "message"), [
-    ({"runtime": ["tensorrt"]}, "runtime = 'tensorrt' is not accepted. Accepted values: eager, compile, onnxruntime, "
-                                "openvino"),
-    ({"quantize": ["int4"]}, "quantize = 'int4' is not accepted. Accepted values: none, dynamic_int8, int8"),
-    ({"threads": [0]}, "threads values must be whole numbers in [1, 1024], got 0"),
-    ({"threads": [1.5]}, "threads values must be whole numbers in [1, 1024], got 1.5"),
-    ({"threads": [True]}, "threads values must be whole numbers in [1, 1024], got True"),
-    ({"threads": ["2"]}, "threads values must be whole numbers in [1, 1024], got '2'"),
-])
-def test_bad_runtime_values_are_refused_with_the_accepted_values(table, message):
-    with pytest.raises(SpecError) as error:
-        parse_axes(table, where="m")
-    assert message in str(error.value)
 
 
 def test_choose_varies_runtimes_only_when_the_spec_lists_them(tmp_path, example_spec):
