@@ -9,6 +9,7 @@ importing torch costs more than most cases; two more run as ``python -m parity.c
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -20,7 +21,6 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +31,16 @@ from PIL import Image
 
 from parity.errors import FixtureError
 from tests.support.paths import CLASSIFIER_SPEC, EXAMPLE_FIXTURES, EXAMPLE_SPEC, ROOT
+from tests.support.bad_input_runner import CASE_SECONDS
+from tests.support.corpus import Case as CorpusCase, run_corpus
 from tests.support.specs import reseal
 
 MEMORY_LIMIT = 2 << 30
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@dataclass
-class Case:
-    """One bad input: how to build it, the command line that meets it, and what must come out."""
-
-    name: str
-    build: Callable[[Path], list[str]]
-    expect: tuple[int, ...] = (2,)
-    says: tuple[str, ...] = ()
-    sys_path: list[str] = field(default_factory=list)
+# Round one's cases run at the runner's default time limit (the first import of torch and timm is theirs).
+Case = functools.partial(CorpusCase, seconds=CASE_SECONDS)
 
 
 # -- builders ----------------------------------------------------------------------------------
@@ -376,36 +371,8 @@ def test_the_corpus_is_broad():
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_every_bad_input_ends_in_a_clear_error(tmp_path, group):
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    for name, source in MODULES.items():
-        (modules / f"{name}.py").write_text(source)
-    cases = []
-    for i, case in enumerate(GROUPS[group]):
-        work = tmp_path / f"case{i}"
-        work.mkdir()
-        cases.append({"name": case.name, "argv": case.build(work),
-                      "sys_path": [str(modules) if p == "MODULES" else p for p in case.sys_path]})
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "-m", "tests.support.bad_input_runner", str(tmp_path / "cases.json"),
-                           str(tmp_path / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
-    problems = []
-    for case in GROUPS[group]:
-        r = results[case.name]
-        text = r["stdout"] + r["stderr"]
-        if r["escaped"]:
-            problems.append(f"{case.name}: escaped main():\n{r['escaped'][-1500:]}")
-        elif r["rc"] not in case.expect:
-            problems.append(f"{case.name}: exit {r['rc']}, expected {case.expect}\n{text[-1500:]}")
-        elif "Traceback" in text:
-            problems.append(f"{case.name}: printed a traceback\n{text[-1500:]}")
-        else:
-            problems += [f"{case.name}: output does not say {s!r}\n{text[-1500:]}" for s in case.says if s not in text]
+    problems = run_corpus(GROUPS[group], tmp_path, modules=MODULES, peak_rss=MEMORY_LIMIT)
     assert not problems, "\n\n".join(problems)
-    peak = max(r["maxrss_bytes"] for r in results.values())
-    assert peak < MEMORY_LIMIT, f"peak RSS {peak / 2**30:.2f} GiB"
 
 
 def _cap_memory() -> None:

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ class Case:
     """One bad input: how to build it (returns the argv), what must come out, and how fast.
 
     ``refused``: exit 2 before any work is done, so no verdict may be printed; ``seconds``: the
-    case's own time limit (a hang is a failure, recorded by the runner's alarm).
+    case's own time limit (a hang is a failure, recorded by the runner's alarm); ``sys_path``: where
+    the case's own modules (a user's head class) are imported from.
     """
 
     name: str
@@ -32,6 +33,7 @@ class Case:
     says: tuple[str, ...] = ()
     refused: bool = False
     seconds: int = 60
+    sys_path: tuple[str, ...] = ()  # prepended to sys.path for the case ("MODULES": `run_corpus`'s modules)
 
 
 def snapshot(root: Path) -> dict[Path, bytes]:
@@ -45,13 +47,24 @@ def changed(before: dict[Path, bytes]) -> list[str]:
             if not p.is_file() or p.read_bytes() != data]
 
 
-def run_corpus(cases: list[Case], work: Path, *, timeout: float = 600) -> list[str]:
-    """Build and run every case in one runner process; the problems found (empty: all clean)."""
+def run_corpus(cases: list[Case], work: Path, *, timeout: float = 600, modules: Mapping[str, str] | None = None,
+               peak_rss: int | None = None) -> list[str]:
+    """Build and run every case in one runner process; the problems found (empty: all clean).
+
+    Args:
+        modules: module name -> source, written to one folder that a case's ``sys_path`` names as ``"MODULES"``.
+        peak_rss: bytes the runner process's peak resident memory must stay under, over every case.
+    """
+    folder = work / "modules"
+    folder.mkdir()
+    for name, source in (modules or {}).items():
+        (folder / f"{name}.py").write_text(source)
     runs = []
     for i, case in enumerate(cases):
         directory = work / f"case{i}"
         directory.mkdir()
-        runs.append({"name": case.name, "argv": case.build(directory), "seconds": case.seconds})
+        runs.append({"name": case.name, "argv": case.build(directory), "seconds": case.seconds,
+                     "sys_path": [str(folder) if p == "MODULES" else p for p in case.sys_path]})
     before = snapshot(work)
     (work / "cases.json").write_text(json.dumps(runs))
     proc = subprocess.run([sys.executable, "-m", "tests.support.bad_input_runner", str(work / "cases.json"),
@@ -74,6 +87,9 @@ def run_corpus(cases: list[Case], work: Path, *, timeout: float = 600) -> list[s
         else:
             problems += [f"{case.name}: output does not say {s!r}\n{text[-1500:]}" for s in case.says if s not in text]
     problems += [f"data loss: {line}" for line in changed(before) if "cases.json" not in line]
+    peak = max((r["maxrss_bytes"] for r in results.values()), default=0)
+    if peak_rss is not None and peak >= peak_rss:
+        problems.append(f"peak RSS {peak / 2**30:.2f} GiB, over {peak_rss / 2**30:.2f} GiB")
     return problems
 
 
