@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -48,6 +47,7 @@ from parity.results import CandidateRun
 from parity.runners import guard
 from parity.runners.app import function_roots, observe, reachable_modules, read_vector, to_run
 from parity.runners.http import BACKOFF, GIVE_UP_AFTER, MAX_BACKOFF, redact, resolve_headers
+from parity.runners.http import check_url as http_url
 from parity.runners.outputs import OutputMap, UnreadableOutput, fill_unlisted, fixture_labels, output_map
 from parity.runners.python_app import default_inputs, load_function
 from parity.spec import CandidateSpec, Spec
@@ -69,21 +69,14 @@ STREAM_SILENCE = 20.0
 CANCEL_GRACE = 5.0
 
 
-def check_url(url: str, field: str = "[candidate].gradio") -> str:
-    """``url`` if it is an http(s) URL with a host.
+def check_url(url: str) -> str:
+    """``url`` if it is an http(s) URL with a host (`parity.runners.http.check_url`).
 
     Raises:
         SpecError: anything else (a Space's name is refused: its URL says where the images go).
     """
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a malformed port)
-    except ValueError as e:
-        raise SpecError(f"{field} = {url!r} is not a valid URL: {e}") from e
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SpecError(f"{field} = {url!r}: expected the app's http:// or https:// URL, e.g. http://127.0.0.1:7860/ "
-                        "(a Space's is https://OWNER-NAME.hf.space)")
-    return url
+    return http_url(url, field="gradio",
+                    example="the app's http://127.0.0.1:7860/ (a Space's is https://OWNER-NAME.hf.space)")
 
 
 @contextlib.contextmanager
